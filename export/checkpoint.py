@@ -1,0 +1,159 @@
+"""Lazy, tensor-by-tensor reading of a Hugging Face Switch Transformer checkpoint.
+
+Supports ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``
+and ``pytorch_model.bin`` (memory-mapped). The whole model is never in memory: each
+``get`` reads one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from swapmoe_edge.errors import CheckpointError
+from swapmoe_edge.manifest import ModelConfig
+
+SUPPORTED_ACTS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
+    """Read and check ``config.json``; raise CheckpointError if it is not a usable Switch model."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory. Pass a Hugging Face checkpoint directory.")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model_dir} has no config.json: it is not a Hugging Face checkpoint directory. "
+            "Pass the directory that holds config.json and the weights."
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    model_type = raw.get("model_type")
+    if model_type != "switch_transformers":
+        archs = raw.get("architectures")
+        raise CheckpointError(
+            f"{path} describes model_type={model_type!r} (architectures={archs}); swapmoe exports "
+            "only Switch Transformers (model_type 'switch_transformers', "
+            "SwitchTransformersForConditionalGeneration)."
+        )
+    config = ModelConfig.from_hf_dict(raw)
+    if config.dense_act_fn not in SUPPORTED_ACTS:
+        raise CheckpointError(
+            f"{path}: dense_act_fn={config.dense_act_fn!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ACTS)})."
+        )
+    if config.num_experts < 1 or not config.sparse_layers():
+        raise CheckpointError(f"{path}: the model has no sparse (MoE) layer; nothing to swap.")
+    return raw, config
+
+
+class CheckpointReader:
+    """Maps tensor names to files and reads one tensor at a time as float32/float16 numpy."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self._where: dict[str, Path] = {}
+        self._kind = ""
+        self._bin_state = None
+        self._open: dict[Path, object] = {}
+        single = self.model_dir / "model.safetensors"
+        index = self.model_dir / "model.safetensors.index.json"
+        binfile = self.model_dir / "pytorch_model.bin"
+        if index.is_file():
+            self._kind = "safetensors"
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+            for name, shard in weight_map.items():
+                p = self.model_dir / shard
+                if not p.is_file():
+                    raise CheckpointError(f"{index} names shard {shard}, which is missing from {self.model_dir}.")
+                self._where[name] = p
+        elif single.is_file():
+            self._kind = "safetensors"
+            for name in self._safe(single).keys():
+                self._where[name] = single
+        elif binfile.is_file():
+            self._kind = "bin"
+            self._bin_state = self._load_bin(binfile)
+            for name in self._bin_state:
+                self._where[name] = binfile
+        else:
+            raise CheckpointError(
+                f"{self.model_dir} has no weights: expected model.safetensors, "
+                "model.safetensors.index.json with shards, or pytorch_model.bin."
+            )
+
+    # safetensors: one handle per file, tensors read on demand.
+    def _safe(self, path: Path):
+        handle = self._open.get(path)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(path), framework="np")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(
+                    f"{path} cannot be read as safetensors ({e}); the file is truncated or corrupt. "
+                    "Download or copy the checkpoint again."
+                ) from e
+            self._open[path] = handle
+        return handle
+
+    @staticmethod
+    def _load_bin(path: Path):
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - export extra always has torch
+            raise CheckpointError("reading pytorch_model.bin needs torch: pip install 'swapmoe-edge[export]'") from e
+        try:
+            # mmap keeps tensors on disk until touched; needs the zip format of torch >= 1.6.
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} cannot be loaded lazily ({e}); the file is corrupt or in an old format.") from e
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as a numpy array (float32, or its stored float16/bfloat16 widened to float32)."""
+        path = self._where.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint.")
+        try:
+            if self._kind == "safetensors":
+                arr = self._safe(path).get_tensor(name)
+            else:
+                t = self._bin_state[name]
+                arr = t.float().numpy() if t.dtype != t.new_empty(0).float().dtype else t.numpy()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}: reading tensor {name!r} failed ({e}); the file is truncated or corrupt."
+            ) from e
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float32)
+        return np.ascontiguousarray(arr)
+
+    def get_first(self, *names: str) -> np.ndarray:
+        for n in names:
+            if self.has(n):
+                return self.get(n)
+        raise CheckpointError(f"{self.model_dir}: none of the tensors {names} is in the checkpoint.")
+
+    def source_files(self) -> list[Path]:
+        return sorted(set(self._where.values()))
+
+    def close(self) -> None:
+        self._open.clear()
+        self._bin_state = None

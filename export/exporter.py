@@ -1,0 +1,315 @@
+"""Export a HF Switch Transformer checkpoint into a swapmoe artifact directory.
+
+The artifact is built in a hidden sibling directory, the manifest is written last, and
+only then does the directory take the requested name (an older artifact there is
+replaced in two renames). A crash leaves at most a ``.NAME.partial-*`` directory, never
+something that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from swapmoe_edge.errors import ExportError
+from swapmoe_edge.manifest import (
+    FORMAT_NAME,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    STACK_PREFIX,
+    ExpertKey,
+    ModelConfig,
+    config_to_dict,
+    write_json_atomic,
+)
+
+from . import graphs
+from .checkpoint import CheckpointReader, read_config
+
+ALIGN = 4096  # expert tensors start on page boundaries so plain reads can land in place
+
+
+class Progress:
+    def __init__(self, total: int, quiet: bool, stream=None):
+        self.total, self.quiet, self.done = total, quiet, 0
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            elapsed = time.perf_counter() - self.t0
+            print(f"[export {self.done:>3}/{self.total}] {what}  ({elapsed:.1f}s)", file=self.stream, flush=True)
+
+    def say(self, what: str) -> None:
+        if not self.quiet:
+            print(f"[export] {what}", file=self.stream, flush=True)
+
+
+class ArtifactWriter:
+    """Writes files under a root, recording each file's size and sha256 for the manifest."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        self.files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def write_onnx(self, rel: str, model) -> None:
+        self.write_bytes(rel, model.SerializeToString())
+
+    def write_blocks(self, rel: str, arrays: list[np.ndarray]) -> list[int]:
+        """Write arrays back to back, each at an ALIGN-ed offset; return the offsets."""
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        offsets, pos = [], 0
+        with open(path, "wb") as f:
+            for arr in arrays:
+                pad = (-pos) % ALIGN
+                if pad:
+                    f.write(b"\0" * pad)
+                    h.update(b"\0" * pad)
+                    pos += pad
+                offsets.append(pos)
+                buf = memoryview(np.ascontiguousarray(arr)).cast("B")
+                f.write(buf)
+                h.update(buf)
+                pos += arr.nbytes
+        self.files[rel] = {"size": pos, "sha256": h.hexdigest()}
+        return offsets
+
+
+def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
+    """HF's relative-position bucket for every r in [-max_distance, max_distance], by HF's own code."""
+    import torch
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
+
+    rel = torch.arange(-max_distance, max_distance + 1, dtype=torch.long)
+    buckets = SwitchTransformersAttention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    return buckets.numpy().astype(np.int64)
+
+
+def _prepare_output(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output path {out} is an existing file; pass a directory path (new, or an old artifact).")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ExportError(
+            f"output directory {out} is not empty and holds no swapmoe artifact; refusing to replace it. "
+            "Choose a new or empty directory."
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished artifact into place; an older artifact there is replaced."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _check_disk(reader: CheckpointReader, out_parent: Path, dtype: str) -> None:
+    src = sum(p.stat().st_size for p in reader.source_files())
+    need = int(src * (0.5 if dtype == "float16" else 1.0) * 1.05)
+    free = shutil.disk_usage(out_parent).free
+    if free < need:
+        raise ExportError(
+            f"not enough disk at {out_parent}: the artifact needs about {need / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free. Free space or export elsewhere."
+        )
+
+
+def export_checkpoint(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "float32",
+    validate: bool = True,
+    quiet: bool = False,
+    stream=None,
+) -> Path:
+    """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path."""
+    if dtype not in ("float32", "float16"):
+        raise ExportError(f"--dtype must be float32 or float16, not {dtype!r}")
+    model_dir, out = Path(model_dir), Path(out_dir)
+    raw_cfg, cfg = read_config(model_dir)
+    reader = CheckpointReader(model_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(reader, out.parent, dtype)
+    tmp = _prepare_output(out)
+    try:
+        n_layers = cfg.num_layers + cfg.num_decoder_layers
+        progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
+        writer = ArtifactWriter(tmp)
+        body = _write_subgraphs(reader, cfg, dtype, writer, progress)
+        tok = model_dir / "tokenizer.json"
+        if tok.is_file():
+            writer.write_bytes("tokenizer.json", tok.read_bytes())
+        gen = model_dir / "generation_config.json"
+        generation = {}
+        if gen.is_file():
+            import json
+
+            generation = json.loads(gen.read_text())
+        manifest = {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "created_by": "swapmoe_export 0.1.0",
+            "source": str(model_dir.resolve()),
+            "dtype": dtype,
+            "config": config_to_dict(cfg),
+            "hf_config": raw_cfg,
+            "tokenizer": "tokenizer.json" if tok.is_file() else None,
+            "generation": generation,
+            **body,
+            "files": writer.files,
+            "validation": None,
+        }
+        reader.close()
+        if validate:
+            from .validate import validate_artifact
+
+            # The manifest goes in first so the runtime code can read the unfinished artifact;
+            # the directory is still hidden, so nobody else sees it yet.
+            write_json_atomic(tmp / MANIFEST_NAME, manifest)
+            report = validate_artifact(model_dir, tmp, dtype=dtype)
+            manifest["validation"] = report
+            progress.step(f"validated: max |logit diff| {report['max_abs_diff']:.2e} over {report['compared']} tensors")
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        _install(tmp, out)
+        progress.say(f"wrote {out} ({sum(f['size'] for f in writer.files.values()) / 2**20:.1f} MiB)")
+        return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, writer: ArtifactWriter, progress: Progress) -> dict:
+    subgraphs: dict[str, dict] = {}
+    layers: list[dict] = []
+    experts: list[dict] = []
+    store = np.dtype(dtype)
+
+    def add(name: str, kind: str, model) -> str:
+        rel = f"dense/{name}.onnx"
+        writer.write_onnx(rel, model)
+        ins, outs = graphs.IO[kind]
+        subgraphs[name] = {"file": rel, "inputs": list(ins), "outputs": list(outs)}
+        return name
+
+    shared = reader.get_first("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    add("embed", "embed", graphs.embed_graph(shared, dtype))
+    for stack in ("encoder", "decoder"):
+        # Recent transformers keep untied encoder/decoder embeddings when
+        # tie_word_embeddings is false; when they equal `shared`, both stacks share one file.
+        own = f"{stack}.embed_tokens.weight"
+        table = reader.get(own) if reader.has(own) else shared
+        if table is shared or np.array_equal(table, shared):
+            subgraphs[f"{stack[:3]}.embed"] = dict(subgraphs["embed"])
+        else:
+            add(f"{stack[:3]}.embed", "embed", graphs.embed_graph(table, dtype))
+        del table
+    progress.step("embeddings")
+    for stack, bidir in (("encoder", True), ("decoder", False)):
+        table = bucket_table(bidir, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+        w = reader.get(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        add(f"{stack[:3]}.position_bias", "position_bias",
+            graphs.position_bias_graph(f"/{stack}/position_bias", w, table, cfg.relative_attention_max_distance, dtype))
+    progress.step("relative position bias")
+
+    for stack in ("encoder", "decoder"):
+        for i in range(cfg.depth(stack)):
+            t0 = time.perf_counter()
+            p = f"{stack}.block.{i}.layer"
+            name = f"{STACK_PREFIX[stack]}.L{i:02d}"
+            scope = f"/{stack}/block.{i}"
+            parts: dict[str, str] = {}
+
+            def attn_w(prefix: str) -> dict:
+                return {k: reader.get(f"{prefix}.{k}.weight") for k in "qkvo"}
+
+            sa = attn_w(f"{p}.0.SelfAttention")
+            sa["layer_norm"] = reader.get(f"{p}.0.layer_norm.weight")
+            if stack == "encoder":
+                parts["attn"] = add(f"{name}.attn", "attn", graphs.self_attention_graph(f"{scope}/self_attn", sa, cfg, dtype, with_cache=False))
+                ff = f"{p}.1"
+            else:
+                parts["self_attn"] = add(f"{name}.self_attn", "self_attn", graphs.self_attention_graph(f"{scope}/self_attn", sa, cfg, dtype, with_cache=True))
+                ca = attn_w(f"{p}.1.EncDecAttention")
+                ca["layer_norm"] = reader.get(f"{p}.1.layer_norm.weight")
+                parts["cross_kv"] = add(f"{name}.cross_kv", "cross_kv", graphs.cross_kv_graph(f"{scope}/cross_kv", ca, cfg, dtype))
+                parts["cross_attn"] = add(f"{name}.cross_attn", "cross_attn", graphs.cross_attention_graph(f"{scope}/cross_attn", ca, cfg, dtype))
+                ff = f"{p}.2"
+            del sa
+            norm = reader.get(f"{ff}.layer_norm.weight")
+            sparse = cfg.is_sparse(stack, i)
+            layer = {"stack": stack, "layer": i, "sparse": sparse, "parts": parts}
+            if not sparse:
+                w = {"layer_norm": norm, "wi": reader.get(f"{ff}.mlp.wi.weight"), "wo": reader.get(f"{ff}.mlp.wo.weight")}
+                parts["ffn"] = add(f"{name}.ffn", "ffn", graphs.dense_ffn_graph(f"{scope}/ffn", w, cfg, dtype))
+            else:
+                w = {"layer_norm": norm, "classifier": reader.get(f"{ff}.mlp.router.classifier.weight")}
+                if cfg.router_bias:
+                    w["classifier_bias"] = reader.get(f"{ff}.mlp.router.classifier.bias")
+                parts["router"] = add(f"{name}.router", "router", graphs.router_graph(f"{scope}/moe", w, cfg, dtype))
+                layer["experts"] = list(range(cfg.num_experts))
+                for e in range(cfg.num_experts):
+                    experts.append(_write_expert(reader, cfg, store, writer, ExpertKey(stack, i, e), f"{ff}.mlp.experts.expert_{e}", scope))
+            layers.append(layer)
+            kind = f"sparse, {cfg.num_experts} experts" if sparse else "dense"
+            progress.step(f"{name} ({kind}) {time.perf_counter() - t0:.1f}s")
+
+    add("enc.final_norm", "final_norm", graphs.final_norm_graph("/encoder/final_norm", reader.get("encoder.final_layer_norm.weight"), cfg, dtype))
+    lm = shared if cfg.tie_word_embeddings else reader.get("lm_head.weight")
+    add("lm_head", "lm_head", graphs.lm_head_graph(reader.get("decoder.final_layer_norm.weight"), lm, cfg, dtype))
+    progress.step("final norms and LM head")
+    return {"subgraphs": subgraphs, "layers": layers, "experts": experts}
+
+
+def _write_expert(reader: CheckpointReader, cfg: ModelConfig, store: np.dtype, writer: ArtifactWriter, key: ExpertKey, prefix: str, scope: str) -> dict:
+    wi = reader.get(f"{prefix}.wi.weight")  # [F, D]
+    wo = reader.get(f"{prefix}.wo.weight")  # [D, F]
+    wi_t = np.ascontiguousarray(wi.T.astype(store))  # [D, F], as the graph multiplies
+    wo_t = np.ascontiguousarray(wo.T.astype(store))  # [F, D]
+    bin_rel = f"experts/{key.name}.bin"
+    offsets = writer.write_blocks(bin_rel, [wi_t, wo_t])
+    norm = float(np.sqrt(np.sum(wi_t.astype(np.float64) ** 2) + np.sum(wo_t.astype(np.float64) ** 2)))
+    model = graphs.expert_graph(f"{scope}/moe/expert.{key.expert}", wi, wo, cfg.dense_act_fn, str(store), f"{key.name}.bin", (offsets[0], offsets[1]))
+    onnx_rel = f"experts/{key.name}.onnx"
+    writer.write_onnx(onnx_rel, model)
+    ins, outs = graphs.IO["expert"]
+    return {
+        "stack": key.stack,
+        "layer": key.layer,
+        "expert": key.expert,
+        "graph": {"file": onnx_rel, "inputs": list(ins), "outputs": list(outs)},
+        "weights_file": bin_rel,
+        "nbytes": writer.files[bin_rel]["size"],
+        "norm": norm,
+        "tensors": [
+            {"name": f"{scope}/moe/expert.{key.expert}/wi.weight", "offset": offsets[0], "shape": list(wi_t.shape), "dtype": str(store)},
+            {"name": f"{scope}/moe/expert.{key.expert}/wo.weight", "offset": offsets[1], "shape": list(wo_t.shape), "dtype": str(store)},
+        ],
+    }

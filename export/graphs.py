@@ -1,0 +1,277 @@
+"""ONNX subgraph builders, one function per block kind.
+
+Shapes: B batch, T query tokens, S source (encoder) tokens, P past tokens, D d_model,
+H heads, K d_kv, F d_ff, E experts, V vocab, N routed tokens.
+
+Weights come in as numpy arrays in PyTorch layout (``[out, in]`` for linear layers) and
+are stored transposed (``[in, out]``) so every projection is one MatMul. Node names are
+hierarchical (``/decoder/block.5/self_attn/q/MatMul``) so profiles read well.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+OPSET = 17
+_NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+
+
+class GraphBuilder:
+    """A tiny helper that accumulates nodes and initializers for one subgraph."""
+
+    def __init__(self, scope: str, storage_dtype: str = "float32"):
+        self.scope = scope
+        self.storage = np.dtype(storage_dtype)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._n = 0
+
+    # -- plumbing --------------------------------------------------------------------
+    def _name(self, hint: str) -> str:
+        self._n += 1
+        return f"{self.scope}/{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs) -> str | list[str]:
+        base = f"{self.scope}/{hint or op_type}"
+        outs = [self._name(f"{hint or op_type}_out") for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{base}/{op_type}_{self._n}", **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=np.int64, hint: str = "const") -> str:
+        name = self._name(hint)
+        self.inits.append(helper.make_tensor(name, _onnx_type(np.dtype(dtype)), np.shape(value), np.asarray(value, dtype=dtype).ravel().tolist()))
+        return name
+
+    def weight(self, name: str, array: np.ndarray, external: dict | None = None) -> str:
+        """Add a weight in the storage dtype; return a float32 tensor name (cast if stored as fp16)."""
+        arr = np.ascontiguousarray(array, dtype=self.storage)
+        full = f"{self.scope}/{name}"
+        if external is None:
+            self.inits.append(onnx.numpy_helper.from_array(arr, full))
+        else:
+            t = TensorProto()
+            t.name = full
+            t.data_type = _onnx_type(arr.dtype)
+            t.dims.extend(arr.shape)
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", external["location"]), ("offset", str(external["offset"])), ("length", str(arr.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            self.inits.append(t)
+        if arr.dtype == np.float32:
+            return full
+        return self.op("Cast", [full], hint=f"{name}/cast", to=TensorProto.FLOAT)
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, tensor: str, name: str, elem_type: int, shape: list) -> None:
+        self.nodes.append(helper.make_node("Identity", [tensor], [name], name=f"{self.scope}/{name}/Identity"))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.scope.strip("/").replace("/", "."), self.inputs, self.outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="swapmoe_export")
+        m.ir_version = 8
+        return m
+
+    # -- layers ----------------------------------------------------------------------
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> str:
+        w = self.weight(f"{hint}.weight", weight)
+        sq = self.op("Mul", [x, x], hint=f"{hint}/sq")
+        var = self.op("ReduceMean", [sq], hint=f"{hint}/mean", axes=[-1], keepdims=1)
+        var_eps = self.op("Add", [var, self.const(np.float32(eps), np.float32, "eps")], hint=f"{hint}/eps")
+        inv = self.op("Reciprocal", [self.op("Sqrt", [var_eps], hint=f"{hint}/sqrt")], hint=f"{hint}/rsqrt")
+        return self.op("Mul", [w, self.op("Mul", [x, inv], hint=f"{hint}/scale")], hint=f"{hint}/weight")
+
+    def linear(self, x: str, w_torch: np.ndarray, name: str, bias: np.ndarray | None = None, external: dict | None = None) -> str:
+        w = self.weight(f"{name}.weight", np.ascontiguousarray(w_torch.T), external)
+        y = self.op("MatMul", [x, w], hint=name)
+        if bias is not None:
+            y = self.op("Add", [y, self.weight(f"{name}.bias", bias)], hint=f"{name}/bias")
+        return y
+
+    def act(self, x: str, kind: str) -> str:
+        if kind == "relu":
+            return self.op("Relu", [x], hint="act")
+        if kind == "gelu":  # 0.5 x (1 + erf(x / sqrt 2))
+            e = self.op("Erf", [self.op("Mul", [x, self.const(np.float32(1 / math.sqrt(2)), np.float32)], hint="act")], hint="act")
+            return self.op("Mul", [self.op("Mul", [x, self.const(np.float32(0.5), np.float32)], hint="act"), self.op("Add", [e, self.const(np.float32(1), np.float32)], hint="act")], hint="act")
+        # gelu_new / gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        x3 = self.op("Mul", [self.op("Mul", [x, x], hint="act"), x], hint="act")
+        inner = self.op("Add", [x, self.op("Mul", [x3, self.const(np.float32(0.044715), np.float32)], hint="act")], hint="act")
+        t = self.op("Tanh", [self.op("Mul", [inner, self.const(np.float32(math.sqrt(2 / math.pi)), np.float32)], hint="act")], hint="act")
+        return self.op("Mul", [self.op("Mul", [x, self.const(np.float32(0.5), np.float32)], hint="act"), self.op("Add", [t, self.const(np.float32(1), np.float32)], hint="act")], hint="act")
+
+    def heads(self, x: str, h: int, k: int, hint: str) -> str:
+        """[B, T, H*K] -> [B, H, T, K]"""
+        r = self.op("Reshape", [x, self.const([0, 0, h, k])], hint=f"{hint}/split_heads")
+        return self.op("Transpose", [r], hint=f"{hint}/split_heads", perm=[0, 2, 1, 3])
+
+    def attend(self, q: str, k: str, v: str, bias: str, h: int, kdim: int) -> str:
+        """softmax(q k^T + bias) v, no 1/sqrt(K) scaling (T5 folds it into the weights)."""
+        scores = self.op("MatMul", [q, self.op("Transpose", [k], hint="attn/kT", perm=[0, 1, 3, 2])], hint="attn/scores")
+        probs = self.op("Softmax", [self.op("Add", [scores, bias], hint="attn/bias")], hint="attn/softmax", axis=-1)
+        ctx = self.op("MatMul", [probs, v], hint="attn/context")
+        ctx = self.op("Transpose", [ctx], hint="attn/merge_heads", perm=[0, 2, 1, 3])
+        return self.op("Reshape", [ctx, self.const([0, 0, h * kdim])], hint="attn/merge_heads")
+
+
+def _onnx_type(dt: np.dtype) -> int:
+    if dt in _NP2ONNX:
+        return _NP2ONNX[dt]
+    return helper.np_dtype_to_tensor_dtype(dt)
+
+
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+# -- subgraphs ---------------------------------------------------------------------------
+
+
+def embed_graph(shared: np.ndarray, dtype: str) -> onnx.ModelProto:
+    g = GraphBuilder("/embed", dtype)
+    ids = g.input("input_ids", I64, ["B", "T"])
+    w = g.weight("shared.weight", shared)
+    g.output(g.op("Gather", [w, ids], hint="gather", axis=0), "hidden", F32, ["B", "T", shared.shape[1]])
+    return g.model()
+
+
+def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.ndarray, max_distance: int, dtype: str) -> onnx.ModelProto:
+    """rel_pos[Q, K] (memory - query position) -> bias[1, H, Q, K].
+
+    ``bucket_table[r + max_distance]`` is HF's bucket for relative position r, computed at
+    export by HF's own function, so the runtime reproduces it bit for bit; positions
+    beyond +-max_distance share the edge buckets, as in HF.
+    """
+    g = GraphBuilder(scope, dtype)
+    rel = g.input("rel_pos", I64, ["Q", "K"])
+    shifted = g.op("Add", [rel, g.const(np.int64(max_distance))], hint="shift")
+    clipped = g.op("Clip", [shifted, g.const(np.int64(0)), g.const(np.int64(2 * max_distance))], hint="clip")
+    table = g.const(bucket_table.astype(np.int64), np.int64, "bucket_table")
+    buckets = g.op("Gather", [table, clipped], hint="bucket", axis=0)
+    w = g.weight("relative_attention_bias.weight", bias_weight)
+    vals = g.op("Gather", [w, buckets], hint="bias", axis=0)  # [Q, K, H]
+    out = g.op("Unsqueeze", [g.op("Transpose", [vals], hint="bias", perm=[2, 0, 1]), g.const([0])], hint="bias")
+    g.output(out, "bias", F32, [1, bias_weight.shape[1], "Q", "K"])
+    return g.model()
+
+
+def self_attention_graph(scope: str, w: dict, cfg, dtype: str, with_cache: bool) -> onnx.ModelProto:
+    """hidden + SelfAttention(LayerNorm(hidden)); with_cache adds past/present key and value."""
+    h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
+    g = GraphBuilder(scope, dtype)
+    x = g.input("hidden", F32, ["B", "T", d])
+    bias = g.input("attn_bias", F32, ["b", h, "T", "L"])
+    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
+    q = g.heads(g.linear(n, w["q"], "q"), h, k, "q")
+    key = g.heads(g.linear(n, w["k"], "k"), h, k, "k")
+    val = g.heads(g.linear(n, w["v"], "v"), h, k, "v")
+    if with_cache:
+        past_k = g.input("past_key", F32, ["B", h, "P", k])
+        past_v = g.input("past_value", F32, ["B", h, "P", k])
+        key = g.op("Concat", [past_k, key], hint="cache/key", axis=2)
+        val = g.op("Concat", [past_v, val], hint="cache/value", axis=2)
+    ctx = g.attend(q, key, val, bias, h, k)
+    g.output(g.op("Add", [x, g.linear(ctx, w["o"], "o")], hint="residual"), "hidden_out", F32, ["B", "T", d])
+    if with_cache:
+        g.output(key, "present_key", F32, ["B", h, "L", k])
+        g.output(val, "present_value", F32, ["B", h, "L", k])
+    return g.model()
+
+
+def cross_kv_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
+    """Encoder output -> this layer's cross-attention keys and values, computed once per request."""
+    h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
+    g = GraphBuilder(scope, dtype)
+    enc = g.input("encoder_hidden", F32, ["B", "S", d])
+    g.output(g.heads(g.linear(enc, w["k"], "k"), h, k, "k"), "cross_key", F32, ["B", h, "S", k])
+    g.output(g.heads(g.linear(enc, w["v"], "v"), h, k, "v"), "cross_value", F32, ["B", h, "S", k])
+    return g.model()
+
+
+def cross_attention_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
+    h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
+    g = GraphBuilder(scope, dtype)
+    x = g.input("hidden", F32, ["B", "T", d])
+    bias = g.input("cross_bias", F32, ["B", 1, 1, "S"])
+    ck = g.input("cross_key", F32, ["B", h, "S", k])
+    cv = g.input("cross_value", F32, ["B", h, "S", k])
+    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
+    q = g.heads(g.linear(n, w["q"], "q"), h, k, "q")
+    ctx = g.attend(q, ck, cv, bias, h, k)
+    g.output(g.op("Add", [x, g.linear(ctx, w["o"], "o")], hint="residual"), "hidden_out", F32, ["B", "T", d])
+    return g.model()
+
+
+def dense_ffn_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
+    d = cfg.d_model
+    g = GraphBuilder(scope, dtype)
+    x = g.input("hidden", F32, ["B", "T", d])
+    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
+    y = g.linear(g.act(g.linear(n, w["wi"], "wi"), cfg.dense_act_fn), w["wo"], "wo")
+    g.output(g.op("Add", [x, y], hint="residual"), "hidden_out", F32, ["B", "T", d])
+    return g.model()
+
+
+def router_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
+    """The sparse layer's pre-FFN norm and router logits; experts and the residual run outside."""
+    d, e = cfg.d_model, cfg.num_experts
+    g = GraphBuilder(scope, dtype)
+    x = g.input("hidden", F32, ["B", "T", d])
+    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
+    logits = g.linear(n, w["classifier"], "router/classifier", bias=w.get("classifier_bias"))
+    g.output(n, "normed", F32, ["B", "T", d])
+    g.output(logits, "router_logits", F32, ["B", "T", e])
+    return g.model()
+
+
+def expert_graph(scope: str, wi: np.ndarray, wo: np.ndarray, act: str, dtype: str, location: str, offsets: tuple[int, int]) -> onnx.ModelProto:
+    """x[N, D] -> act(x wi) wo, weights external in one file at the given byte offsets."""
+    g = GraphBuilder(scope, dtype)
+    x = g.input("x", F32, ["N", wi.shape[1]])
+    hid = g.act(g.linear(x, wi, "wi", external={"location": location, "offset": offsets[0]}), act)
+    y = g.linear(hid, wo, "wo", external={"location": location, "offset": offsets[1]})
+    g.output(y, "y", F32, ["N", wo.shape[0]])
+    return g.model()
+
+
+def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str) -> onnx.ModelProto:
+    g = GraphBuilder(scope, dtype)
+    x = g.input("hidden", F32, ["B", "T", cfg.d_model])
+    g.output(g.rms_norm(x, weight, cfg.layer_norm_epsilon, "final_layer_norm"), "hidden_out", F32, ["B", "T", cfg.d_model])
+    return g.model()
+
+
+def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str) -> onnx.ModelProto:
+    """Decoder final norm, the tied-embedding rescale HF applies, and the vocabulary projection."""
+    g = GraphBuilder("/lm_head", dtype)
+    x = g.input("hidden", F32, ["B", "T", cfg.d_model])
+    n = g.rms_norm(x, norm_weight, cfg.layer_norm_epsilon, "decoder/final_layer_norm")
+    if cfg.tie_word_embeddings:
+        n = g.op("Mul", [n, g.const(np.float32(cfg.d_model ** -0.5), np.float32, "scale")], hint="tied_rescale")
+    g.output(g.linear(n, lm_head, "lm_head"), "logits", F32, ["B", "T", cfg.vocab_size])
+    return g.model()
+
+
+# Tensor names each kind of subgraph takes and gives (recorded in the manifest).
+IO = {
+    "embed": (("input_ids",), ("hidden",)),
+    "position_bias": (("rel_pos",), ("bias",)),
+    "attn": (("hidden", "attn_bias"), ("hidden_out",)),
+    "self_attn": (("hidden", "attn_bias", "past_key", "past_value"), ("hidden_out", "present_key", "present_value")),
+    "cross_kv": (("encoder_hidden",), ("cross_key", "cross_value")),
+    "cross_attn": (("hidden", "cross_bias", "cross_key", "cross_value"), ("hidden_out",)),
+    "ffn": (("hidden",), ("hidden_out",)),
+    "router": (("hidden",), ("normed", "router_logits")),
+    "expert": (("x",), ("y",)),
+    "final_norm": (("hidden",), ("hidden_out",)),
+    "lm_head": (("hidden",), ("logits",)),
+}

@@ -1,0 +1,239 @@
+"""Expert importance (SwapMoE, Eq. 1) tracked online, and saved as an offline profile.
+
+    I(E_i) = sum over tokens x routed to i of  ||x|| * G(x)_i * ||E_i||
+
+"Routed to" is the router's *unmasked* choice (argmax over all experts), so an expert
+that is not resident, and therefore masked out of the token loop, still earns
+importance and can win its way back in. ``||x||`` is the norm of the token's hidden
+state as it enters the MoE layer; ``G(x)_i`` its softmax gate probability.
+
+Shapes: N tokens, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import ArtifactError
+from .manifest import STACK_PREFIX, LayerKey, write_json_atomic
+
+PROFILE_NAME = "profile.json"
+PROFILE_FORMAT = "swapmoe-profile"
+PROFILE_SCHEMA_VERSION = 1
+_STACK_OF_PREFIX = {p: s for s, p in STACK_PREFIX.items()}
+
+
+def parse_layer_name(name: str) -> LayerKey:
+    """``"dec.L05"`` -> ``LayerKey("decoder", 5)``; the inverse of ``LayerKey.name``."""
+    prefix, _, rest = name.partition(".L")
+    if prefix not in _STACK_OF_PREFIX or not rest.isdigit():
+        raise ValueError(f"{name!r} is not a layer name like 'enc.L01' or 'dec.L05'")
+    return LayerKey(_STACK_OF_PREFIX[prefix], int(rest))
+
+
+class ImportanceTracker:
+    """Accumulate Eq. 1 importance and routing counts per expert; safe across threads.
+
+    The token loop calls ``observe``; the swapper thread reads ``snapshot``. Between
+    requests, ``decay(f)`` turns the sums into an exponential moving average. Counts
+    decay with importance, so both describe the same window.
+    """
+
+    def __init__(self, layers: Mapping[LayerKey, np.ndarray]) -> None:
+        """``layers`` maps each sparse layer to its experts' weight norms ||E|| [E]."""
+        self._norms = {k: np.asarray(v, dtype=np.float64).copy() for k, v in layers.items()}
+        for key, norms in self._norms.items():
+            if norms.ndim != 1 or norms.size == 0 or not np.all(np.isfinite(norms)) or np.any(norms < 0):
+                raise ValueError(f"{key}: expert norms must be a non-empty 1-D array of finite values >= 0")
+        self._importance = {k: np.zeros_like(v) for k, v in self._norms.items()}
+        self._counts = {k: np.zeros_like(v) for k, v in self._norms.items()}
+        self._lock = threading.Lock()
+
+    @property
+    def layers(self) -> tuple[LayerKey, ...]:
+        return tuple(self._norms)
+
+    def norms(self, layer: LayerKey) -> np.ndarray:
+        return self._norms[layer].copy()
+
+    def observe(
+        self,
+        layer: LayerKey,
+        x_norm: np.ndarray,
+        probs: np.ndarray,
+        valid: np.ndarray | None = None,
+    ) -> None:
+        """Add one batch of tokens: ``x_norm`` [N], ``probs`` [N, E] unmasked softmax, ``valid`` [N] bool."""
+        norms = self._norms[layer]  # E
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.shape[-1] != norms.size:
+            raise ValueError(f"{layer}: router gives {probs.shape[-1]} experts, the layer has {norms.size}")
+        probs = probs.reshape(-1, norms.size)  # N E
+        x_norm = np.asarray(x_norm, dtype=np.float64).reshape(-1)  # N
+        if x_norm.size != probs.shape[0]:
+            raise ValueError(f"{layer}: {x_norm.size} token norms for {probs.shape[0]} router rows")
+        if valid is not None:
+            keep = np.asarray(valid, dtype=bool).reshape(-1)  # N
+            if keep.size != x_norm.size:
+                raise ValueError(f"{layer}: valid mask has {keep.size} entries for {x_norm.size} tokens")
+            probs, x_norm = probs[keep], x_norm[keep]
+        choice = probs.argmax(axis=1)  # N  unmasked top-1
+        gate = probs[np.arange(choice.size), choice]  # N
+        value = np.bincount(choice, weights=x_norm * gate * norms[choice], minlength=norms.size)  # E
+        count = np.bincount(choice, minlength=norms.size)  # E
+        with self._lock:
+            self._importance[layer] += value
+            self._counts[layer] += count
+
+    def decay(self, factor: float) -> None:
+        """Scale everything by ``factor`` in [0, 1]: ``I <- factor * I`` before the next request."""
+        if not (0.0 <= factor <= 1.0):
+            raise ValueError(f"decay factor must be in [0, 1], got {factor}")
+        with self._lock:
+            for key in self._importance:
+                self._importance[key] *= factor
+                self._counts[key] *= factor
+
+    def seed(self, profile: "Profile", weight: float = 1.0) -> None:
+        """Start from an offline profile (scaled by ``weight``) instead of zeros."""
+        with self._lock:
+            for key in self._importance:
+                if key in profile.importance:
+                    self._importance[key] = weight * np.asarray(profile.importance[key], np.float64)
+                    self._counts[key] = weight * np.asarray(profile.counts[key], np.float64)
+
+    def snapshot(self) -> dict[LayerKey, np.ndarray]:
+        """A copy of the importance per layer [E], consistent across layers."""
+        with self._lock:
+            return {k: v.copy() for k, v in self._importance.items()}
+
+    def snapshot_with_counts(self) -> tuple[dict[LayerKey, np.ndarray], dict[LayerKey, np.ndarray]]:
+        """Importance and routing counts, both taken under one lock."""
+        with self._lock:
+            return (
+                {k: v.copy() for k, v in self._importance.items()},
+                {k: v.copy() for k, v in self._counts.items()},
+            )
+
+
+def _frozen(a: Any) -> np.ndarray:
+    arr = np.array(a, dtype=np.float64)  # a copy, so nobody else holds a writable view
+    arr.flags.writeable = False
+    return arr
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-layer importance [E] and routing counts [E]; arrays are read-only.
+
+    ``source`` says where the numbers came from: ``"profile"`` (calibration texts),
+    ``"online"`` (a live tracker) or ``"norms"`` (no profile: ||E||, the pruning order).
+    """
+
+    importance: dict[LayerKey, np.ndarray]
+    counts: dict[LayerKey, np.ndarray]
+    source: str = "profile"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "importance", {k: _frozen(v) for k, v in self.importance.items()})
+        object.__setattr__(self, "counts", {k: _frozen(v) for k, v in self.counts.items()})
+        if set(self.importance) != set(self.counts):
+            raise ValueError("profile importance and counts must cover the same layers")
+        for key, imp in self.importance.items():
+            cnt = self.counts[key]
+            if imp.ndim != 1 or imp.shape != cnt.shape or imp.size == 0:
+                raise ValueError(
+                    f"{key}: importance {imp.shape} and counts {cnt.shape} must be equal 1-D shapes"
+                )
+            if not all(np.all(np.isfinite(a)) and np.all(a >= 0) for a in (imp, cnt)):
+                raise ValueError(f"{key}: importance and counts must be finite and >= 0")
+
+    @classmethod
+    def from_tracker(cls, tracker: ImportanceTracker, meta: dict[str, Any] | None = None) -> "Profile":
+        importance, counts = tracker.snapshot_with_counts()
+        return cls(importance, counts, source="online", meta=dict(meta or {}))
+
+    @classmethod
+    def from_norms(cls, norms: Mapping[LayerKey, np.ndarray]) -> "Profile":
+        """The fallback with no calibration data: importance = ||E||, the pruning baseline's order."""
+        return cls(
+            {k: np.asarray(v, np.float64) for k, v in norms.items()},
+            {k: np.zeros(np.shape(v)) for k, v in norms.items()},
+            source="norms",
+        )
+
+    def check_layers(self, experts_per_layer: Mapping[LayerKey, int], where: str = "profile") -> None:
+        """Raise ArtifactError unless the profile has exactly these sparse layers and expert counts."""
+        want = {k.name: int(n) for k, n in experts_per_layer.items()}
+        have = {k.name: int(v.size) for k, v in self.importance.items()}
+        if want != have:
+            raise ArtifactError(
+                f"{where} does not match the model: it has layers/experts {have}, the artifact has "
+                f"{want}. Run `swapmoe profile` again for this artifact, or delete the profile."
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PROFILE_FORMAT,
+            "schema_version": PROFILE_SCHEMA_VERSION,
+            "source": self.source,
+            "meta": self.meta,
+            "layers": {
+                k.name: {"importance": self.importance[k].tolist(), "counts": self.counts[k].tolist()}
+                for k in self.importance
+            },
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically; a directory means ``DIR/profile.json``. Returns the file."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PROFILE_NAME
+        write_json_atomic(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        """Read a profile (a file, or a directory holding ``profile.json``); ArtifactError if bad."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PROFILE_NAME
+        redo = "Run `swapmoe profile` again, or delete it to fall back to the ||E|| order."
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(
+                f"no importance profile at {path}. Run `swapmoe profile` to make one."
+            ) from None
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{path} is not valid JSON ({e}). {redo}") from e
+        if not isinstance(raw, dict) or raw.get("format") != PROFILE_FORMAT:
+            raise ArtifactError(f"{path} is not a swapmoe importance profile. {redo}")
+        version = raw.get("schema_version")
+        if not isinstance(version, int) or version > PROFILE_SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{path} has schema version {version!r}; this runtime reads up to "
+                f"{PROFILE_SCHEMA_VERSION}. {redo}"
+            )
+        try:
+            importance, counts = {}, {}
+            for name, entry in raw["layers"].items():
+                key = parse_layer_name(name)
+                importance[key] = np.asarray(entry["importance"], dtype=np.float64)
+                counts[key] = np.asarray(entry["counts"], dtype=np.float64)
+            source, meta = str(raw.get("source", "profile")), dict(raw.get("meta") or {})
+            return cls(importance, counts, source=source, meta=meta)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactError(f"{path} is malformed ({type(e).__name__}: {e}). {redo}") from e
+
+    def total_tokens(self) -> dict[LayerKey, float]:
+        return {k: float(v.sum()) for k, v in self.counts.items()}
+

@@ -1,0 +1,417 @@
+"""The artifact contract: ``manifest.json`` read into frozen dataclasses.
+
+The manifest is the only thing the runtime knows about a model. It never looks at
+model code; names, shapes and files all come from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "swapmoe-artifact"
+STACKS = ("encoder", "decoder")
+STACK_PREFIX = {"encoder": "enc", "decoder": "dec"}
+
+
+@dataclass(frozen=True, order=True)
+class ExpertKey:
+    """One expert of one sparse layer: ``ExpertKey("decoder", 5, 17)`` is ``dec.L05.E17``."""
+
+    stack: str
+    layer: int
+    expert: int
+
+    @property
+    def name(self) -> str:
+        return f"{STACK_PREFIX[self.stack]}.L{self.layer:02d}.E{self.expert:02d}"
+
+    @property
+    def layer_key(self) -> "LayerKey":
+        return LayerKey(self.stack, self.layer)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, order=True)
+class LayerKey:
+    stack: str
+    layer: int
+
+    @property
+    def name(self) -> str:
+        return f"{STACK_PREFIX[self.stack]}.L{self.layer:02d}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The subset of a Hugging Face ``SwitchTransformersConfig`` the split model needs."""
+
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_heads: int
+    num_layers: int
+    num_decoder_layers: int
+    num_experts: int
+    encoder_sparse_step: int
+    decoder_sparse_step: int
+    expert_capacity: int
+    relative_attention_num_buckets: int
+    relative_attention_max_distance: int
+    layer_norm_epsilon: float
+    dense_act_fn: str
+    tie_word_embeddings: bool
+    router_bias: bool
+    pad_token_id: int
+    eos_token_id: int
+    decoder_start_token_id: int
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Read a HF ``config.json`` dict, deriving sparse steps exactly as HF does."""
+        num_layers = int(cfg.get("num_layers", 12))
+        num_dec = cfg.get("num_decoder_layers")
+        num_dec = num_layers if num_dec is None else int(num_dec)
+
+        def step(n_layers: int, n_sparse: int | None, saved: int | None) -> int:
+            # HF recomputes the step from num_sparse_*_layers in __post_init__ and
+            # ignores a saved *_sparse_step; old configs may carry only the step.
+            if n_sparse is None:
+                return int(saved) if saved is not None else n_layers
+            n_sparse = int(n_sparse)
+            return n_layers // n_sparse if n_sparse > 0 else n_layers
+
+        eos = cfg.get("eos_token_id", 1)
+        if isinstance(eos, list):
+            eos = eos[0]
+        pad = cfg.get("pad_token_id", 0)
+        pad = 0 if pad is None else int(pad)
+        start = cfg.get("decoder_start_token_id")
+        return cls(
+            vocab_size=int(cfg.get("vocab_size", 32128)),
+            d_model=int(cfg.get("d_model", 768)),
+            d_kv=int(cfg.get("d_kv", 64)),
+            d_ff=int(cfg.get("d_ff", 2048)),
+            num_heads=int(cfg.get("num_heads", 12)),
+            num_layers=num_layers,
+            num_decoder_layers=num_dec,
+            num_experts=int(cfg.get("num_experts", 8)),
+            encoder_sparse_step=step(
+                num_layers, cfg.get("num_sparse_encoder_layers"), cfg.get("encoder_sparse_step")
+            ),
+            decoder_sparse_step=step(
+                num_dec, cfg.get("num_sparse_decoder_layers"), cfg.get("decoder_sparse_step")
+            ),
+            expert_capacity=int(cfg.get("expert_capacity", 64)),
+            relative_attention_num_buckets=int(cfg.get("relative_attention_num_buckets", 32)),
+            relative_attention_max_distance=int(cfg.get("relative_attention_max_distance", 128)),
+            layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-6)),
+            dense_act_fn=str(cfg.get("dense_act_fn", "relu")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            router_bias=bool(cfg.get("router_bias", False)),
+            pad_token_id=pad,
+            eos_token_id=int(1 if eos is None else eos),
+            decoder_start_token_id=int(pad if start is None else start),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def depth(self, stack: str) -> int:
+        return self.num_layers if stack == "encoder" else self.num_decoder_layers
+
+    def is_sparse(self, stack: str, layer: int) -> bool:
+        """HF's rule: ``i % step == 1 or step == 1`` (and no sparse layer when step <= 0)."""
+        step = self.encoder_sparse_step if stack == "encoder" else self.decoder_sparse_step
+        return (layer % step == 1 or step == 1) if step > 0 else False
+
+    def sparse_layers(self) -> list[LayerKey]:
+        return [
+            LayerKey(s, i) for s in STACKS for i in range(self.depth(s)) if self.is_sparse(s, i)
+        ]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Subgraph:
+    """One ONNX file and the tensor names it takes and gives."""
+
+    name: str
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """A weight inside an expert's weight block: ``offset`` bytes from the block's start."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * (2 if self.dtype == "float16" else 4)
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    key: ExpertKey
+    graph: Subgraph
+    weights_file: str
+    nbytes: int  # size of the weight block on disk (tensors plus alignment padding)
+    norm: float  # Frobenius norm of the expert's weights, ||E|| in SwapMoE's Eq. 1
+    tensors: tuple[TensorSlice, ...]
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One transformer block: the names of its dense subgraphs and, if sparse, its experts."""
+
+    key: LayerKey
+    sparse: bool
+    parts: dict[str, str]  # role -> subgraph name, e.g. {"attn": "enc.L00.attn", "router": ...}
+    experts: tuple[ExpertKey, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    schema_version: int
+    dtype: str
+    config: ModelConfig
+    tokenizer: str | None
+    subgraphs: dict[str, Subgraph]
+    layers: tuple[LayerEntry, ...]
+    experts: dict[ExpertKey, ExpertEntry]
+    files: dict[str, FileEntry]
+    generation: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- derived views -------------------------------------------------------------
+    def layer(self, stack: str, index: int) -> LayerEntry:
+        for entry in self.layers:
+            if entry.key == LayerKey(stack, index):
+                return entry
+        raise KeyError(f"{stack} layer {index}")
+
+    def stack_layers(self, stack: str) -> list[LayerEntry]:
+        return [entry for entry in self.layers if entry.key.stack == stack]
+
+    def sparse_layers(self) -> list[LayerEntry]:
+        return [entry for entry in self.layers if entry.sparse]
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(e.nbytes for e in self.experts.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        expert_files = {e.weights_file for e in self.experts.values()} | {
+            e.graph.file for e in self.experts.values()
+        }
+        return sum(f.size for p, f in self.files.items() if p not in expert_files)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def verify_file(self, rel: str, data: bytes | None = None) -> None:
+        """Check one file's size and sha256 against the manifest; raise ArtifactError if not."""
+        entry = self.files.get(rel)
+        if entry is None:
+            raise ArtifactError(f"{self.root}: {rel} is not listed in {MANIFEST_NAME}")
+        path = self.path(rel)
+        if data is None:
+            if not path.is_file():
+                raise ArtifactError(
+                    f"{path} is missing; the artifact is incomplete. Export it again."
+                )
+            data_hash = sha256_file(path)
+            size = path.stat().st_size
+        else:
+            data_hash = hashlib.sha256(data).hexdigest()
+            size = len(data)
+        if size != entry.size or data_hash != entry.sha256:
+            raise ArtifactError(
+                f"{path} is corrupt: size {size} / sha256 {data_hash[:12]}… but the manifest "
+                f"says size {entry.size} / sha256 {entry.sha256[:12]}…. Export the model again "
+                "(or restore the file from a good copy)."
+            )
+
+    def summary(self) -> dict[str, Any]:
+        """What ``swapmoe info`` shows."""
+        c = self.config
+        sparse = self.sparse_layers()
+        return {
+            "artifact": str(self.root),
+            "schema_version": self.schema_version,
+            "dtype": self.dtype,
+            "d_model": c.d_model,
+            "d_ff": c.d_ff,
+            "num_heads": c.num_heads,
+            "vocab_size": c.vocab_size,
+            "encoder_layers": c.num_layers,
+            "decoder_layers": c.num_decoder_layers,
+            "sparse_layers": [e.key.name for e in sparse],
+            "experts_per_layer": c.num_experts,
+            "experts_total": len(self.experts),
+            "expert_capacity": c.expert_capacity,
+            "dense_bytes": self.dense_bytes,
+            "expert_bytes": self.expert_bytes,
+            "bytes_per_expert": (self.expert_bytes // len(self.experts)) if self.experts else 0,
+            "total_bytes": sum(f.size for f in self.files.values()),
+            "tokenizer": self.tokenizer,
+            "validated": bool(self.validation and self.validation.get("passed")),
+        }
+
+
+# -- reading and writing -------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _subgraph(name: str, d: dict[str, Any]) -> Subgraph:
+    return Subgraph(name=name, file=d["file"], inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]))
+
+
+def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
+    """Read ``root/manifest.json``. With ``verify``, hash every file (slow for big models)."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.exists():
+        raise ArtifactError(f"artifact directory {root} does not exist. Run `swapmoe export` first.")
+    if not path.is_file():
+        raise ArtifactError(
+            f"{root} has no {MANIFEST_NAME}: it is not an artifact, or its export did not finish. "
+            "Run `swapmoe export MODEL_DIR -o DIR` again."
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}). Export the model again.") from e
+    if raw.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path} is not a swapmoe artifact manifest (format={raw.get('format')!r}).")
+    version = raw.get("schema_version")
+    if not isinstance(version, int):
+        raise ArtifactError(f"{path} has no integer schema_version.")
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has schema version {version}, newer than this runtime understands "
+            f"({SCHEMA_VERSION}). Upgrade swapmoe-edge, or export the model with this version."
+        )
+    try:
+        subgraphs = {n: _subgraph(n, d) for n, d in raw["subgraphs"].items()}
+        experts: dict[ExpertKey, ExpertEntry] = {}
+        for d in raw["experts"]:
+            key = ExpertKey(d["stack"], int(d["layer"]), int(d["expert"]))
+            experts[key] = ExpertEntry(
+                key=key,
+                graph=_subgraph(key.name, d["graph"]),
+                weights_file=d["weights_file"],
+                nbytes=int(d["nbytes"]),
+                norm=float(d["norm"]),
+                tensors=tuple(
+                    TensorSlice(t["name"], int(t["offset"]), tuple(t["shape"]), t["dtype"])
+                    for t in d["tensors"]
+                ),
+            )
+        layers = tuple(
+            LayerEntry(
+                key=LayerKey(d["stack"], int(d["layer"])),
+                sparse=bool(d["sparse"]),
+                parts=dict(d["parts"]),
+                experts=tuple(ExpertKey(d["stack"], int(d["layer"]), int(i)) for i in d.get("experts", [])),
+            )
+            for d in raw["layers"]
+        )
+        files = {p: FileEntry(p, int(d["size"]), d["sha256"]) for p, d in raw["files"].items()}
+        manifest = Manifest(
+            root=root,
+            schema_version=version,
+            dtype=raw["dtype"],
+            config=ModelConfig.from_dict(raw["config"]),
+            tokenizer=raw.get("tokenizer"),
+            subgraphs=subgraphs,
+            layers=layers,
+            experts=experts,
+            files=files,
+            generation=raw.get("generation", {}),
+            validation=raw.get("validation"),
+            extra=raw.get("extra", {}),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path} is malformed ({type(e).__name__}: {e}). Export the model again.") from e
+    for rel, entry in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise ArtifactError(f"{p} is missing; the artifact is incomplete. Export the model again.")
+        if p.stat().st_size != entry.size:
+            raise ArtifactError(
+                f"{p} has {p.stat().st_size} bytes, the manifest says {entry.size}: the file is "
+                "truncated or replaced. Export the model again."
+            )
+    if verify:
+        for rel in files:
+            manifest.verify_file(rel)
+    return manifest
+
+
+def manifest_to_json(m: dict[str, Any]) -> str:
+    return json.dumps(m, indent=1, sort_keys=False)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON next to ``path`` then rename over it, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def config_to_dict(c: ModelConfig) -> dict[str, Any]:
+    return asdict(c)
+
+
+def expert_keys(config: ModelConfig) -> Iterable[ExpertKey]:
+    for lk in config.sparse_layers():
+        for e in range(config.num_experts):
+            yield ExpertKey(lk.stack, lk.layer, e)

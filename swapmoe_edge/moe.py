@@ -1,0 +1,79 @@
+"""Top-1 routing with expert capacity, as Hugging Face's Switch router does at inference.
+
+Pure numpy, no ONNX Runtime: the policies only change ``allowed`` (which experts a token
+may go to); the arithmetic is the same for all of them.
+Shapes: B batch, T tokens, E experts, D d_model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Routing:
+    probs: np.ndarray  # [B, T, E] softmax of the router logits (float32)
+    first_choice: np.ndarray  # [B, T] unmasked argmax: what the full model would pick
+    choice: np.ndarray  # [B, T] expert actually used (== first_choice unless masked)
+    gate: np.ndarray  # [B, T] weight applied to the expert output
+    keep: np.ndarray  # [B, T] bool: token is processed (False: dropped by capacity or no allowed expert)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def route(
+    logits: np.ndarray,
+    capacity: int,
+    allowed: np.ndarray | None = None,
+    renormalize: bool = False,
+) -> Routing:
+    """Route each token to one expert.
+
+    ``allowed`` ([E] bool) masks experts that are not resident: a token whose first choice
+    is masked goes to its best allowed expert (SwapMoE's virtual experts). The gate is the
+    unmasked probability of the expert used, or with ``renormalize`` that probability
+    divided by the allowed experts' total mass.
+
+    Capacity: HF counts, per sequence, how many tokens chose each expert so far
+    (cumsum over T, padding included) and drops tokens past ``capacity``; a dropped token's
+    FFN output is zero, so the residual passes it through unchanged.
+    """
+    probs = softmax(logits.astype(np.float32))  # [B, T, E]
+    first = probs.argmax(axis=-1)  # [B, T]
+    if allowed is None or allowed.all():
+        choice = first
+        gate = np.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+    else:
+        if not allowed.any():
+            raise ValueError("route(): no expert is allowed in this layer")
+        masked = np.where(allowed, probs, -1.0)
+        choice = masked.argmax(axis=-1)
+        gate = np.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+        if renormalize:
+            gate = gate / probs[..., allowed].sum(axis=-1)
+    e = probs.shape[-1]
+    onehot = np.eye(e, dtype=np.int64)[choice]  # [B, T, E]
+    priority = np.cumsum(onehot, axis=1)  # [B, T, E]
+    keep = np.take_along_axis(priority, choice[..., None], axis=-1)[..., 0] <= capacity
+    return Routing(probs=probs, first_choice=first, choice=choice, gate=gate.astype(np.float32), keep=keep)
+
+
+def dispatch(routing: Routing, normed: np.ndarray, run_expert) -> np.ndarray:
+    """Gate-weighted expert outputs [B, T, D]; ``run_expert(e, x[N, D]) -> y[N, D]``."""
+    out = np.zeros_like(normed)
+    flat_x = normed.reshape(-1, normed.shape[-1])  # [B*T, D]
+    flat_out = out.reshape(-1, out.shape[-1])
+    choice = routing.choice.reshape(-1)
+    keep = routing.keep.reshape(-1)
+    gate = routing.gate.reshape(-1)
+    for e in np.unique(choice[keep]):
+        idx = np.nonzero(keep & (choice == e))[0]
+        y = run_expert(int(e), np.ascontiguousarray(flat_x[idx]))
+        flat_out[idx] = y * gate[idx, None]
+    return out

@@ -1,0 +1,73 @@
+"""ONNX Runtime sessions for the dense subgraphs of an artifact, created on first use."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ArtifactError
+from .manifest import Manifest, Subgraph
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    # The CPU arena keeps freed blocks forever; with many small sessions it inflates RSS
+    # far beyond what the weights need, which breaks a memory budget.
+    opts.enable_cpu_mem_arena = False
+    return opts
+
+
+def open_session(path: Path, opts: ort.SessionOptions, providers: list[str] | None = None) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises several untyped errors for bad files
+        raise ArtifactError(f"ONNX Runtime cannot load {path}: {e}. The artifact is corrupt; export it again.") from e
+
+
+class DenseSessions:
+    """Lazily opened sessions keyed by subgraph name; ``release`` frees one again."""
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None):
+        self.manifest = manifest
+        self.opts = session_options(threads)
+        self.providers = providers
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> ort.InferenceSession:
+        # Keyed by file: two names may share one subgraph (tied embeddings), loaded once.
+        file = self.manifest.subgraphs[name].file
+        sess = self._sessions.get(file)
+        if sess is None:
+            with self._lock:
+                sess = self._sessions.get(file)
+                if sess is None:
+                    sess = open_session(self.manifest.path(file), self.opts, self.providers)
+                    self._sessions[file] = sess
+        return sess
+
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.get(name).run(None, feeds)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._sessions.pop(self.manifest.subgraphs[name].file, None)
+
+    def load_all(self) -> None:
+        for name in self.manifest.subgraphs:
+            self.get(name)
+
+    @property
+    def loaded(self) -> int:
+        return len(self._sessions)
+
+    def subgraph(self, name: str) -> Subgraph:
+        return self.manifest.subgraphs[name]

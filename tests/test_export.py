@@ -1,0 +1,237 @@
+"""Export: parity of the ONNX split with PyTorch, the artifact contract, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from swapmoe_edge.errors import ArtifactError, CheckpointError, ExportError, ValidationError  # noqa: E402
+from swapmoe_edge.manifest import load_manifest  # noqa: E402
+from swapmoe_edge.moe import route  # noqa: E402
+from swapmoe_edge.sessions import open_session, session_options  # noqa: E402
+from swapmoe_export import export_checkpoint  # noqa: E402
+from swapmoe_export.validate import artifact_forward, sample_inputs, validate_artifact  # noqa: E402
+
+from tiny import save_tiny, tiny_model  # noqa: E402
+
+CONFIGS = {
+    "4exp_step2": dict(num_experts=4),
+    "8exp_all_sparse": dict(num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2),
+    "16exp_deep_enc": dict(num_experts=16, num_layers=4, num_decoder_layers=2, num_sparse_encoder_layers=2),
+    "dkv_x_heads_ne_dmodel": dict(d_kv=12, num_heads=3, num_decoder_layers=3, num_sparse_decoder_layers=3),
+    "capacity_overflow": dict(num_experts=4, expert_capacity=2),
+    "untied_gelu": dict(tie_word_embeddings=False, dense_act_fn="gelu_new"),
+}
+
+
+def _hf_logits(model, ids, mask, dec) -> np.ndarray:
+    with torch.no_grad():
+        return model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            decoder_input_ids=torch.from_numpy(dec),
+        ).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (hf model, artifact dir), each exported once per test module."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, overrides in CONFIGS.items():
+        model = tiny_model(seed=1, **overrides)
+        model.save_pretrained(root / name / "ckpt")
+        export_checkpoint(root / name / "ckpt", root / name / "art", quiet=True)
+        out[name] = (model, root / name / "art")
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_split_model_logits_match_pytorch_within_1e4(exported, name):
+    model, art = exported[name]
+    c = model.config
+    ids, mask, dec = sample_inputs(c.vocab_size, c.pad_token_id, c.decoder_start_token_id, seed=3, batch=3, src=20, tgt=7)
+    got, _ = artifact_forward(art, ids, mask, dec)
+    ref = _hf_logits(model, ids, mask, dec)
+    assert got.shape == ref.shape
+    assert np.max(np.abs(got - ref)) < 1e-4
+
+
+def test_capacity_overflow_case_really_drops_tokens(exported):
+    """The overflow config must overflow, else the parity test above proves nothing about it."""
+    model, art = exported["capacity_overflow"]
+    c = model.config
+    ids, mask, dec = sample_inputs(c.vocab_size, c.pad_token_id, c.decoder_start_token_id, seed=3, batch=3, src=20, tgt=7)
+    captured = []
+    with torch.no_grad():
+        router = model.encoder.block[1].layer[1].mlp.router
+        handle = router.register_forward_hook(lambda m, a, out: captured.append(out[2].numpy()))
+        _hf_logits(model, ids, mask, dec)
+        handle.remove()
+    r = route(captured[0], c.expert_capacity)
+    assert (~r.keep).sum() > 0
+
+
+def test_every_expert_subgraph_runs_alone_and_matches_its_pytorch_expert(exported):
+    model, art = exported["8exp_all_sparse"]
+    manifest = load_manifest(art)
+    x = np.random.default_rng(0).standard_normal((5, model.config.d_model)).astype(np.float32)
+    opts = session_options()
+    for key, entry in manifest.experts.items():
+        stack = getattr(model, key.stack)
+        ff = stack.block[key.layer].layer[-1]
+        expert = ff.mlp.experts[f"expert_{key.expert}"]
+        with torch.no_grad():
+            ref = expert(torch.from_numpy(x)).numpy()
+        got = open_session(manifest.path(entry.graph.file), opts).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_manifest_records_sizes_hashes_norms_and_aligned_expert_blocks(exported):
+    model, art = exported["4exp_step2"]
+    manifest = load_manifest(art, verify=True)  # re-hashes every file
+    assert set(manifest.files) == {str(p.relative_to(art)) for p in art.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert len(manifest.experts) == 4 * 2
+    for key, entry in manifest.experts.items():
+        expert = getattr(model, key.stack).block[key.layer].layer[-1].mlp.experts[f"expert_{key.expert}"]
+        norm = float(torch.sqrt(expert.wi.weight.pow(2).sum() + expert.wo.weight.pow(2).sum()))
+        assert entry.norm == pytest.approx(norm, rel=1e-5)
+        assert all(t.offset % 4096 == 0 for t in entry.tensors)
+        assert entry.nbytes == (art / entry.weights_file).stat().st_size
+        raw = (art / entry.weights_file).read_bytes()
+        wi = entry.tensors[0]
+        got = np.frombuffer(raw, np.float32, count=int(np.prod(wi.shape)), offset=wi.offset).reshape(wi.shape)
+        np.testing.assert_array_equal(got, expert.wi.weight.detach().numpy().T)
+    s = manifest.summary()
+    graph_bytes = sum(manifest.files[e.graph.file].size for e in manifest.experts.values())
+    assert s["expert_bytes"] + s["dense_bytes"] + graph_bytes == s["total_bytes"]
+    assert manifest.validation["passed"]
+
+
+@pytest.mark.parametrize("fmt", ["sharded", "bin"])
+def test_sharded_safetensors_and_pytorch_bin_export_the_same_artifact(tmp_path, fmt):
+    model = tiny_model(seed=2)
+    if fmt == "sharded":
+        model.save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
+        assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
+    else:
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+        model.config.save_pretrained(tmp_path / "ckpt")
+        shutil.move(tmp_path / "pytorch_model.bin", tmp_path / "ckpt" / "pytorch_model.bin")
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "art", quiet=True)
+    c = model.config
+    ids, mask, dec = sample_inputs(c.vocab_size, c.pad_token_id, c.decoder_start_token_id)
+    got, _ = artifact_forward(tmp_path / "art", ids, mask, dec)
+    assert np.max(np.abs(got - _hf_logits(model, ids, mask, dec))) < 1e-4
+
+
+def test_float16_export_halves_expert_bytes_and_matches_fp16_rounded_weights(tmp_path):
+    save_tiny(tmp_path / "ckpt", seed=4)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "a32", quiet=True)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "a16", dtype="float16", quiet=True)  # validates vs fp16-rounded torch
+    m32, m16 = load_manifest(tmp_path / "a32"), load_manifest(tmp_path / "a16")
+    e32 = sum(t.nbytes for e in m32.experts.values() for t in e.tensors)
+    e16 = sum(t.nbytes for e in m16.experts.values() for t in e.tensors)
+    assert e16 * 2 == e32
+    assert m16.validation["passed"] and m16.dtype == "float16"
+
+
+def test_reexport_into_the_same_directory_replaces_the_artifact(tmp_path):
+    save_tiny(tmp_path / "a", seed=5)
+    save_tiny(tmp_path / "b", seed=6, num_experts=8)
+    export_checkpoint(tmp_path / "a", tmp_path / "art", quiet=True, validate=False)
+    export_checkpoint(tmp_path / "b", tmp_path / "art", quiet=True, validate=False)
+    assert load_manifest(tmp_path / "art", verify=True).config.num_experts == 8
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_validation_reports_every_mismatch_in_one_typed_error(tmp_path):
+    save_tiny(tmp_path / "a", seed=7)
+    save_tiny(tmp_path / "b", seed=8)
+    export_checkpoint(tmp_path / "a", tmp_path / "art", quiet=True, validate=False)
+    with pytest.raises(ValidationError) as info:
+        validate_artifact(tmp_path / "b", tmp_path / "art")
+    assert len(info.value.mismatches) > 1
+    assert any("logits" in m for m in info.value.mismatches)
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+def _no_artifact_left(parent: Path, out: Path) -> None:
+    assert not (out / "manifest.json").exists()
+    assert [p for p in parent.iterdir() if ".partial-" in p.name] == []
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "art", quiet=True)
+    _no_artifact_left(tmp_path, tmp_path / "art")
+
+
+def test_config_of_another_model_type_is_a_clear_error(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
+    with pytest.raises(CheckpointError, match="only Switch Transformers"):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "art", quiet=True)
+    _no_artifact_left(tmp_path, tmp_path / "art")
+
+
+def test_truncated_safetensors_is_a_clear_error_and_leaves_no_artifact(tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt", seed=9)
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        export_checkpoint(ckpt, tmp_path / "art", quiet=True)
+    _no_artifact_left(tmp_path, tmp_path / "art")
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt", seed=10)
+    (tmp_path / "out").write_text("keep me")
+    with pytest.raises(ExportError, match="existing file"):
+        export_checkpoint(ckpt, tmp_path / "out", quiet=True)
+    assert (tmp_path / "out").read_text() == "keep me"
+
+
+def test_non_artifact_directory_is_never_overwritten(tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt", seed=11)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export_checkpoint(ckpt, tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_truncated_artifact_file_is_caught_at_load(tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt", seed=12)
+    export_checkpoint(ckpt, tmp_path / "art", quiet=True, validate=False)
+    victim = next((tmp_path / "art" / "experts").glob("*.bin"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=victim.name):
+        load_manifest(tmp_path / "art")
+
+
+# -- CLI -------------------------------------------------------------------------------
+
+
+def test_cli_export_and_info(tmp_path):
+    ckpt = save_tiny(tmp_path / "ckpt", seed=13)
+    exe = [sys.executable, "-m", "swapmoe_edge"]
+    r = subprocess.run([*exe, "export", str(ckpt), "-o", str(tmp_path / "art")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "[export" in r.stderr and "validated" in r.stderr
+    r = subprocess.run([*exe, "info", str(tmp_path / "art"), "--json"], capture_output=True, text=True)
+    info = json.loads(r.stdout)
+    assert info["experts_total"] == 8 and info["validated"] is True
+    r = subprocess.run([*exe, "export", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x"), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,40 @@
+"""The runtime must import and run without torch or transformers (DESIGN.md, item 2)."""
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "safetensors", "onnx", "swapmoe_export"):
+                raise ImportError(f"blocked for this test: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def test_runtime_modules_import_with_torch_and_transformers_blocked():
+    code = BLOCKER + textwrap.dedent(
+        """
+        import pkgutil, importlib, swapmoe_edge
+        names = [m.name for m in pkgutil.iter_modules(swapmoe_edge.__path__) if m.name != "__main__"]
+        for name in names:
+            importlib.import_module(f"swapmoe_edge.{name}")
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        print("imported", len(names))
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("imported")
+
+
+def test_blocker_really_blocks_torch():
+    r = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True)
+    assert r.returncode != 0 and "blocked for this test" in r.stderr
