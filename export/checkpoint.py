@@ -90,19 +90,13 @@ class CheckpointReader:
                 "model.safetensors.index.json with shards, or pytorch_model.bin."
             )
 
-    # safetensors: one handle per file, tensors read on demand.
-    def _safe(self, path: Path):
+    # safetensors: parse the header ourselves and read each tensor with a plain read.
+    # (safe_open memory-maps the file; every page touched then counts in this process's
+    # RSS, and reading a whole checkpoint that way makes RSS as big as the checkpoint.)
+    def _safe(self, path: Path) -> "_SafetensorsFile":
         handle = self._open.get(path)
         if handle is None:
-            from safetensors import safe_open
-
-            try:
-                handle = safe_open(str(path), framework="np")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(
-                    f"{path} cannot be read as safetensors ({e}); the file is truncated or corrupt. "
-                    "Download or copy the checkpoint again."
-                ) from e
+            handle = _SafetensorsFile(path)
             self._open[path] = handle
         return handle
 
@@ -131,7 +125,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint.")
         try:
             if self._kind == "safetensors":
-                arr = self._safe(path).get_tensor(name)
+                arr = self._safe(path).read(name)
             else:
                 t = self._bin_state[name]
                 arr = t.float().numpy() if t.dtype != t.new_empty(0).float().dtype else t.numpy()
@@ -157,3 +151,57 @@ class CheckpointReader:
     def close(self) -> None:
         self._open.clear()
         self._bin_state = None
+
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
+
+
+class _SafetensorsFile:
+    """Minimal safetensors reader: 8-byte header length, JSON header, raw little-endian data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{path} cannot be read as safetensors ({e}); the file is truncated or corrupt. "
+                "Download or copy the checkpoint again."
+            ) from e
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self.base + end > size:
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: its header needs {self.base + end} bytes, the file has {size}. "
+                "Download or copy the checkpoint again."
+            )
+
+    def keys(self):
+        return self.entries.keys()
+
+    def read(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        if e["dtype"] == "BF16":
+            raw = self._read(e, np.uint16)
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        if e["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}.")
+        return self._read(e, _ST_DTYPES[e["dtype"]])
+
+    def _read(self, e: dict, dtype) -> np.ndarray:
+        begin, end = e["data_offsets"]
+        out = np.empty(tuple(e["shape"]), dtype=dtype)
+        if out.nbytes != end - begin:
+            raise CheckpointError(f"{self.path}: a tensor's byte range does not match its shape; the file is corrupt.")
+        with open(self.path, "rb") as f:
+            f.seek(self.base + begin)
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise CheckpointError(f"{self.path}: short read; the file is truncated.")
+        return out

@@ -32,6 +32,7 @@ from swapmoe_edge.manifest import (
 
 from . import graphs
 from .checkpoint import CheckpointReader, read_config
+from .reference import bucket_tables_in_child
 
 ALIGN = 4096  # expert tensors start on page boundaries so plain reads can land in place
 
@@ -67,8 +68,19 @@ class ArtifactWriter:
             f.write(data)
         self.files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
-    def write_onnx(self, rel: str, model) -> None:
-        self.write_bytes(rel, model.SerializeToString())
+    def write_onnx(self, rel: str, built: graphs.BuiltGraph) -> None:
+        """Write a subgraph; its big weights go to ``REL.data``, straight from numpy."""
+        if built.blobs:
+            data_rel = rel + ".data"
+            offsets = self.write_blocks(data_rel, [arr for _, arr in built.blobs])
+            where = {name: (off, arr.nbytes) for (name, arr), off in zip(built.blobs, offsets)}
+            for t in built.proto.graph.initializer:
+                if t.name in where:
+                    off, length = where[t.name]
+                    for k, v in (("location", Path(data_rel).name), ("offset", str(off)), ("length", str(length))):
+                        entry = t.external_data.add()
+                        entry.key, entry.value = k, v
+        self.write_bytes(rel, built.proto.SerializeToString())
 
     def write_blocks(self, rel: str, arrays: list[np.ndarray]) -> list[int]:
         """Write arrays back to back, each at an ALIGN-ed offset; return the offsets."""
@@ -90,18 +102,6 @@ class ArtifactWriter:
                 pos += arr.nbytes
         self.files[rel] = {"size": pos, "sha256": h.hexdigest()}
         return offsets
-
-
-def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
-    """HF's relative-position bucket for every r in [-max_distance, max_distance], by HF's own code."""
-    import torch
-    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
-
-    rel = torch.arange(-max_distance, max_distance + 1, dtype=torch.long)
-    buckets = SwitchTransformersAttention._relative_position_bucket(
-        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
-    )
-    return buckets.numpy().astype(np.int64)
 
 
 def _prepare_output(out: Path) -> Path:
@@ -219,7 +219,10 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, wri
         subgraphs[name] = {"file": rel, "inputs": list(ins), "outputs": list(outs)}
         return name
 
-    shared = reader.get_first("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    def shared_weight() -> np.ndarray:
+        return reader.get_first("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+    shared = shared_weight()
     add("embed", "embed", graphs.embed_graph(shared, dtype))
     for stack in ("encoder", "decoder"):
         # Recent transformers keep untied encoder/decoder embeddings when
@@ -231,9 +234,11 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, wri
         else:
             add(f"{stack[:3]}.embed", "embed", graphs.embed_graph(table, dtype))
         del table
+    del shared  # 100 MB at switch-base size: read again for the LM head instead of holding it
     progress.step("embeddings")
-    for stack, bidir in (("encoder", True), ("decoder", False)):
-        table = bucket_table(bidir, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+    tables = bucket_tables_in_child(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+    for stack in ("encoder", "decoder"):
+        table = tables[stack]
         w = reader.get(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
         add(f"{stack[:3]}.position_bias", "position_bias",
             graphs.position_bias_graph(f"/{stack}/position_bias", w, table, cfg.relative_attention_max_distance, dtype))
@@ -282,8 +287,10 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, wri
             progress.step(f"{name} ({kind}) {time.perf_counter() - t0:.1f}s")
 
     add("enc.final_norm", "final_norm", graphs.final_norm_graph("/encoder/final_norm", reader.get("encoder.final_layer_norm.weight"), cfg, dtype))
-    lm = shared if cfg.tie_word_embeddings else reader.get("lm_head.weight")
-    add("lm_head", "lm_head", graphs.lm_head_graph(reader.get("decoder.final_layer_norm.weight"), lm, cfg, dtype))
+    lm = shared_weight() if cfg.tie_word_embeddings else reader.get("lm_head.weight")
+    model = graphs.lm_head_graph(reader.get("decoder.final_layer_norm.weight"), lm, cfg, dtype)
+    del lm  # the graph holds its own copy
+    add("lm_head", "lm_head", model)
     progress.step("final norms and LM head")
     return {"subgraphs": subgraphs, "layers": layers, "experts": experts}
 

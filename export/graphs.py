@@ -11,13 +11,23 @@ hierarchical (``/decoder/block.5/self_attn/q/MatMul``) so profiles read well.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 OPSET = 17
+EXTERNAL_MIN_BYTES = 1 << 20
 _NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+
+
+@dataclass
+class BuiltGraph:
+    """A subgraph and the big weights that go beside it in ``FILE.onnx.data``."""
+
+    proto: onnx.ModelProto
+    blobs: list[tuple[str, np.ndarray]]
 
 
 class GraphBuilder:
@@ -30,6 +40,7 @@ class GraphBuilder:
         self.inits: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.blobs: list[tuple[str, np.ndarray]] = []
         self._n = 0
 
     # -- plumbing --------------------------------------------------------------------
@@ -52,17 +63,22 @@ class GraphBuilder:
         """Add a weight in the storage dtype; return a float32 tensor name (cast if stored as fp16)."""
         arr = np.ascontiguousarray(array, dtype=self.storage)
         full = f"{self.scope}/{name}"
-        if external is None:
+        if external is None and arr.nbytes < EXTERNAL_MIN_BYTES:
             self.inits.append(onnx.numpy_helper.from_array(arr, full))
         else:
+            # Big tensors never enter the protobuf: protobuf copies a message several times
+            # while a model is assembled, which at switch-base size costs hundreds of MB.
             t = TensorProto()
             t.name = full
             t.data_type = _onnx_type(arr.dtype)
             t.dims.extend(arr.shape)
             t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", external["location"]), ("offset", str(external["offset"])), ("length", str(arr.nbytes))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
+            if external is None:
+                self.blobs.append((full, arr))  # the writer fills in location and offset
+            else:
+                for k, v in (("location", external["location"]), ("offset", str(external["offset"])), ("length", str(arr.nbytes))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
             self.inits.append(t)
         if arr.dtype == np.float32:
             return full
@@ -76,11 +92,12 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [tensor], [name], name=f"{self.scope}/{name}/Identity"))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    def model(self) -> onnx.ModelProto:
+    def model(self) -> "BuiltGraph":
         graph = helper.make_graph(self.nodes, self.scope.strip("/").replace("/", "."), self.inputs, self.outputs, self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="swapmoe_export")
         m.ir_version = 8
-        return m
+        return BuiltGraph(m, self.blobs)
+
 
     # -- layers ----------------------------------------------------------------------
     def rms_norm(self, x: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> str:
@@ -136,7 +153,7 @@ F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 # -- subgraphs ---------------------------------------------------------------------------
 
 
-def embed_graph(shared: np.ndarray, dtype: str) -> onnx.ModelProto:
+def embed_graph(shared: np.ndarray, dtype: str) -> BuiltGraph:
     g = GraphBuilder("/embed", dtype)
     ids = g.input("input_ids", I64, ["B", "T"])
     w = g.weight("shared.weight", shared)
@@ -144,7 +161,7 @@ def embed_graph(shared: np.ndarray, dtype: str) -> onnx.ModelProto:
     return g.model()
 
 
-def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.ndarray, max_distance: int, dtype: str) -> onnx.ModelProto:
+def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.ndarray, max_distance: int, dtype: str) -> BuiltGraph:
     """rel_pos[Q, K] (memory - query position) -> bias[1, H, Q, K].
 
     ``bucket_table[r + max_distance]`` is HF's bucket for relative position r, computed at
@@ -164,7 +181,7 @@ def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.nd
     return g.model()
 
 
-def self_attention_graph(scope: str, w: dict, cfg, dtype: str, with_cache: bool) -> onnx.ModelProto:
+def self_attention_graph(scope: str, w: dict, cfg, dtype: str, with_cache: bool) -> BuiltGraph:
     """hidden + SelfAttention(LayerNorm(hidden)); with_cache adds past/present key and value."""
     h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     g = GraphBuilder(scope, dtype)
@@ -187,7 +204,7 @@ def self_attention_graph(scope: str, w: dict, cfg, dtype: str, with_cache: bool)
     return g.model()
 
 
-def cross_kv_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
+def cross_kv_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     """Encoder output -> this layer's cross-attention keys and values, computed once per request."""
     h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     g = GraphBuilder(scope, dtype)
@@ -197,7 +214,7 @@ def cross_kv_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
     return g.model()
 
 
-def cross_attention_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
+def cross_attention_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", d])
@@ -211,7 +228,7 @@ def cross_attention_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelPro
     return g.model()
 
 
-def dense_ffn_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
+def dense_ffn_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     d = cfg.d_model
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", d])
@@ -221,7 +238,7 @@ def dense_ffn_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
     return g.model()
 
 
-def router_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
+def router_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     """The sparse layer's pre-FFN norm and router logits; experts and the residual run outside."""
     d, e = cfg.d_model, cfg.num_experts
     g = GraphBuilder(scope, dtype)
@@ -233,7 +250,7 @@ def router_graph(scope: str, w: dict, cfg, dtype: str) -> onnx.ModelProto:
     return g.model()
 
 
-def expert_graph(scope: str, wi: np.ndarray, wo: np.ndarray, act: str, dtype: str, location: str, offsets: tuple[int, int]) -> onnx.ModelProto:
+def expert_graph(scope: str, wi: np.ndarray, wo: np.ndarray, act: str, dtype: str, location: str, offsets: tuple[int, int]) -> BuiltGraph:
     """x[N, D] -> act(x wi) wo, weights external in one file at the given byte offsets."""
     g = GraphBuilder(scope, dtype)
     x = g.input("x", F32, ["N", wi.shape[1]])
@@ -243,21 +260,28 @@ def expert_graph(scope: str, wi: np.ndarray, wo: np.ndarray, act: str, dtype: st
     return g.model()
 
 
-def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str) -> onnx.ModelProto:
+def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str) -> BuiltGraph:
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", cfg.d_model])
     g.output(g.rms_norm(x, weight, cfg.layer_norm_epsilon, "final_layer_norm"), "hidden_out", F32, ["B", "T", cfg.d_model])
     return g.model()
 
 
-def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str) -> onnx.ModelProto:
+def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str) -> BuiltGraph:
     """Decoder final norm, the tied-embedding rescale HF applies, and the vocabulary projection."""
     g = GraphBuilder("/lm_head", dtype)
     x = g.input("hidden", F32, ["B", "T", cfg.d_model])
     n = g.rms_norm(x, norm_weight, cfg.layer_norm_epsilon, "decoder/final_layer_norm")
     if cfg.tie_word_embeddings:
         n = g.op("Mul", [n, g.const(np.float32(cfg.d_model ** -0.5), np.float32, "scale")], hint="tied_rescale")
-    g.output(g.linear(n, lm_head, "lm_head"), "logits", F32, ["B", "T", cfg.vocab_size])
+    # Kept as [V, D] (PyTorch layout) and used by Gemm with transB: a transposed copy
+    # would cost another 100 MB at switch-base size, at export and again at load.
+    w = g.weight("lm_head.weight", lm_head)
+    flat = g.op("Reshape", [n, g.const([-1, cfg.d_model])], hint="lm_head/flatten")
+    y = g.op("Gemm", [flat, w], hint="lm_head", transB=1)  # [B*T, V]
+    bt = g.op("Slice", [g.op("Shape", [n], hint="lm_head/shape"), g.const([0]), g.const([2])], hint="lm_head/shape")
+    shape = g.op("Concat", [bt, g.const([cfg.vocab_size])], hint="lm_head/shape", axis=0)
+    g.output(g.op("Reshape", [y, shape], hint="lm_head/unflatten"), "logits", F32, ["B", "T", cfg.vocab_size])
     return g.model()
 
 

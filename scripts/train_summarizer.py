@@ -6,7 +6,7 @@ package descriptions (long description -> synopsis), from scratch, on CPU or one
 --data holds train/validation.jsonl from swapmoe_edge.corpus (built there if missing).
 Writes a Hugging Face checkpoint (config.json, model.safetensors in float16, tokenizer.json
 + tokenizer_config.json, generation_config.json) for the best validation ROUGE-2 seen.
-The learning rate warms up linearly, then follows a cosine to 10% over whichever budget
+The learning rate warms up linearly and follows a cosine down to 10% over whichever budget
 binds first, --max-steps or --max-minutes (use --max-minutes 0 for a bit-reproducible run).
 """
 
@@ -51,11 +51,11 @@ def load_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE: every input encodes (no <unk> in practice); </s> closes each sequence."""
+    """Byte-level BPE: any text encodes (no <unk> in practice); </s> closes each sequence."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])  # drop the prefix space
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
@@ -66,7 +66,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def encode(tok: Tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
     tok.enable_truncation(max_len)  # truncation keeps room for the closing </s>
-    return [e.ids for e in tok.encode_batch(texts)]
+    ids = [e.ids for e in tok.encode_batch(texts)]
+    tok.no_truncation()  # not saved into tokenizer.json: serving decides how to truncate
+    return ids
 
 
 def batches(pairs: list[tuple[list[int], list[int]]], batch_size: int, rng: random.Random):
@@ -161,7 +163,15 @@ def save_checkpoint(model, hf_tok: PreTrainedTokenizerFast, out: Path, log: dict
     shutil.rmtree(tmp, ignore_errors=True)
     copy.deepcopy(model).to("cpu", torch.float16).save_pretrained(tmp)
     hf_tok.save_pretrained(tmp)
+    # Readable by older transformers too, which know neither TokenizersBackend nor tokenizer.json alone.
+    config_path = tmp / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "special_tokens_map.json").write_text(json.dumps(dict(zip(("pad_token", "eos_token", "unk_token"),
+                                                                     SPECIALS)), indent=2) + "\n")
     (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -193,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--layers", type=int, default=4, help="per stack; every 2nd layer is sparse")
     p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is faster on a contended machine")
     return p.parse_args(argv)
 
 
@@ -200,6 +212,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not (args.data / "train.jsonl").exists():
         print(f"no corpus in {args.data}: building it from /var/lib/apt/lists", flush=True)

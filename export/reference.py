@@ -1,0 +1,150 @@
+"""The PyTorch side of export: HF's own code for what the split model must reproduce.
+
+Runs in a child process (``python -m swapmoe_export.reference``), so that the exporting
+process never imports torch: torch and transformers alone take ~350 MB of RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from swapmoe_edge.errors import ExportError
+from swapmoe_edge.manifest import LayerKey
+
+from .checkpoint import CheckpointReader
+
+
+def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
+    """HF's relative-position bucket for every r in [-max_distance, max_distance], by HF's own code."""
+    import torch
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
+
+    rel = torch.arange(-max_distance, max_distance + 1, dtype=torch.long)
+    buckets = SwitchTransformersAttention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    return buckets.numpy().astype(np.int64)
+
+
+def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float32"):
+    """Teacher-forced logits of the HF model and each block's output.
+
+    The model is built on the ``meta`` device; each module that owns weights gets them
+    just before it runs and gives them back right after, so about one expert's weights
+    are in memory at a time (plus embeddings and LM head).
+    """
+    import torch
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    config = SwitchTransformersConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = SwitchTransformersForConditionalGeneration(config)
+    model.eval()
+    reader = CheckpointReader(model_dir)
+
+    loaded: dict[str, torch.Tensor] = {}  # tied names share one tensor, as in the real model
+
+    def load(name: str) -> torch.Tensor:
+        alias = {
+            "encoder.embed_tokens.weight": ("shared.weight",),
+            "decoder.embed_tokens.weight": ("shared.weight",),
+            "shared.weight": ("encoder.embed_tokens.weight",),
+            "lm_head.weight": ("shared.weight",) if config.tie_word_embeddings else (),
+        }
+        source = next((n for n in (name, *alias.get(name, ())) if reader.has(n)), name)
+        if source in loaded:
+            return loaded[source]
+        arr = reader.get(source)
+        if round_to == "float16":
+            arr = arr.astype(np.float16).astype(np.float32)
+        tensor = torch.from_numpy(arr)
+        if ".block." not in source:
+            loaded[source] = tensor
+        return tensor
+
+    def assign(module, prefix: str, materialize: bool) -> None:
+        for leaf, param in list(module._parameters.items()):
+            if param is None:  # e.g. a Linear without bias
+                continue
+            value = load(prefix + leaf) if materialize else torch.empty_like(param, device="meta")
+            module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+    # Everything outside the blocks stays (embeddings, final norms, LM head).
+    for pname, _ in list(model.named_parameters(remove_duplicate=False)):
+        if ".block." in pname:
+            continue
+        owner = model.get_submodule(pname.rsplit(".", 1)[0])
+        owner._parameters[pname.rsplit(".", 1)[-1]] = torch.nn.Parameter(load(pname), requires_grad=False)
+
+    # Inside the blocks, each module that owns weights (Linear, LayerNorm, Embedding)
+    # gets them just before it runs and gives them back right after: one expert at a time.
+    for mname, module in model.named_modules():
+        if ".block." in mname and any(p is not None for p in module._parameters.values()):
+            module.register_forward_pre_hook(lambda mod, args, prefix=mname + ".": assign(mod, prefix, True))
+            module.register_forward_hook(lambda mod, args, out: assign(mod, "", False))
+
+    outputs: dict[LayerKey, np.ndarray] = {}
+    for stack_name in ("encoder", "decoder"):
+        for i, block in enumerate(getattr(model, stack_name).block):
+            block.register_forward_hook(
+                lambda mod, args, out, key=LayerKey(stack_name, i): outputs.__setitem__(key, out[0].detach().numpy().copy())
+            )
+    with torch.no_grad():
+        logits = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            decoder_input_ids=torch.from_numpy(dec),
+        ).logits.numpy()
+    reader.close()
+    return logits, outputs
+
+
+
+
+def _child(args: list[str], out: Path) -> dict[str, np.ndarray]:
+    r = subprocess.run([sys.executable, "-m", "swapmoe_export.reference", *args, str(out)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ExportError(f"the PyTorch reference process failed:\n{r.stderr.strip()[-3000:]}")
+    with np.load(out) as z:
+        return {k: z[k] for k in z.files}
+
+
+def bucket_tables_in_child(num_buckets: int, max_distance: int) -> dict[str, np.ndarray]:
+    """{"encoder": table, "decoder": table}, computed by HF's code in a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        z = _child(["tables", str(num_buckets), str(max_distance)], Path(tmp) / "tables.npz")
+    return {"encoder": z["encoder"], "decoder": z["decoder"]}
+
+
+def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32"):
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "inputs.npz"
+        np.savez(inputs, ids=ids, mask=mask, dec=dec)
+        z = _child(["forward", str(model_dir), str(inputs), round_to], Path(tmp) / "ref.npz")
+    logits = z.pop("logits")
+    blocks = {LayerKey(k.split(".")[0], int(k.split(".")[1])): v for k, v in z.items()}
+    return logits, blocks
+
+
+def main(argv: list[str]) -> None:
+    cmd, *rest = argv
+    if cmd == "tables":
+        nb, md, out = int(rest[0]), int(rest[1]), rest[2]
+        np.savez(out, encoder=bucket_table(True, nb, md), decoder=bucket_table(False, nb, md))
+    elif cmd == "forward":
+        model_dir, inputs, round_to, out = rest
+        with np.load(inputs) as z:
+            ids, mask, dec = z["ids"], z["mask"], z["dec"]
+        logits, blocks = streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to)
+        np.savez(out, logits=logits, **{f"{k.stack}.{k.layer}": v for k, v in blocks.items()})
+    else:
+        raise SystemExit(f"unknown command {cmd!r}: {json.dumps(argv)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
