@@ -291,6 +291,7 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, wri
     model = graphs.lm_head_graph(reader.get("decoder.final_layer_norm.weight"), lm, cfg, dtype)
     del lm  # the graph holds its own copy
     add("lm_head", "lm_head", model)
+    add("expert_kernel", "expert_kernel", graphs.expert_kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, dtype))
     progress.step("final norms and LM head")
     return {"subgraphs": subgraphs, "layers": layers, "experts": experts}
 

@@ -260,6 +260,24 @@ def expert_graph(scope: str, wi: np.ndarray, wo: np.ndarray, act: str, dtype: st
     return g.model()
 
 
+def expert_kernel_graph(d_model: int, d_ff: int, act: str, dtype: str) -> BuiltGraph:
+    """The expert computation with its weights as inputs: one session serves every expert.
+
+    x[N, D], wi[D, F], wo[F, D] (storage dtype) -> y[N, D]. The runtime holds each resident
+    expert as two plain arrays read straight from its weight block.
+    """
+    g = GraphBuilder("/expert_kernel", dtype)
+    elem = _onnx_type(np.dtype(dtype))
+    x = g.input("x", F32, ["N", d_model])
+    wi, wo = g.input("wi", elem, [d_model, d_ff]), g.input("wo", elem, [d_ff, d_model])
+    if elem != F32:
+        wi = g.op("Cast", [wi], hint="wi/cast", to=F32)
+        wo = g.op("Cast", [wo], hint="wo/cast", to=F32)
+    hid = g.act(g.op("MatMul", [x, wi], hint="wi"), act)
+    g.output(g.op("MatMul", [hid, wo], hint="wo"), "y", F32, ["N", d_model])
+    return g.model()
+
+
 def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str) -> BuiltGraph:
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", cfg.d_model])
@@ -296,6 +314,7 @@ IO = {
     "ffn": (("hidden",), ("hidden_out",)),
     "router": (("hidden",), ("normed", "router_logits")),
     "expert": (("x",), ("y",)),
+    "expert_kernel": (("x", "wi", "wo"), ("y",)),
     "final_norm": (("hidden",), ("hidden_out",)),
     "lm_head": (("hidden",), ("logits",)),
 }

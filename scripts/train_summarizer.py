@@ -32,6 +32,7 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, SwitchTrans
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swapmoe_edge.corpus import build_debian_corpus  # noqa: E402
+from swapmoe_edge.errors import InputError  # noqa: E402
 
 PAD, EOS, UNK = 0, 1, 2
 SPECIALS = ["<pad>", "</s>", "<unk>"]  # their ids are PAD, EOS, UNK: the trainer adds them first
@@ -221,6 +222,9 @@ def main(argv=None) -> int:
 
     train = load_jsonl(args.data / "train.jsonl", args.limit)
     val = load_jsonl(args.data / "validation.jsonl")
+    if not train or not val:
+        raise InputError(f"{args.data}: train.jsonl or validation.jsonl is empty; rebuild the corpus "
+                         "with swapmoe_edge.corpus.build_debian_corpus.")
     random.Random(args.seed).shuffle(val)
     val = val[:args.eval_docs]
     t0 = time.time()

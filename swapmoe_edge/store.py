@@ -1,0 +1,104 @@
+"""Experts on flash: read one expert's weight block with plain reads, verify it, count it.
+
+An expert is held in memory as two numpy arrays that view one buffer read straight from
+its ``experts/*.bin`` file; the shared expert-kernel session runs any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ArtifactError
+from .manifest import ExpertKey, Manifest
+
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class ExpertReadError(ArtifactError):
+    """An expert's weights could not be read (I/O error, truncated or corrupt file)."""
+
+    def __init__(self, key: ExpertKey, path, why: str):
+        self.key, self.path = key, path
+        super().__init__(f"expert {key} ({path}) cannot be read: {why}")
+
+
+@dataclass(frozen=True)
+class LoadedExpert:
+    """A fully read expert. Only complete ones exist: a half-read expert is never built."""
+
+    key: ExpertKey
+    wi: np.ndarray  # [D, F]
+    wo: np.ndarray  # [F, D]
+    nbytes: int
+
+
+class ExpertStore:
+    """Reads experts from the artifact. Thread-safe; counts bytes, reads and read time.
+
+    ``verify="first"`` checks an expert's sha256 the first time this process reads it
+    (a corrupt file is named in the error); ``"always"`` on every read; ``"never"``.
+    """
+
+    def __init__(self, manifest: Manifest, verify: str = "first"):
+        if verify not in ("first", "always", "never"):
+            raise ValueError(f"verify must be first, always or never, not {verify!r}")
+        self.manifest = manifest
+        self.verify = verify
+        self._verified: set[ExpertKey] = set()
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.reads = 0
+        self.read_seconds = 0.0
+
+    def _read_bytes(self, key: ExpertKey) -> np.ndarray:
+        """The raw weight block (a hook for tests that inject slow or failing flash)."""
+        entry = self.manifest.experts[key]
+        path = self.manifest.path(entry.weights_file)
+        buf = np.empty(entry.nbytes, dtype=np.uint8)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                got = f.readinto(memoryview(buf))
+        except OSError as e:
+            raise ExpertReadError(key, path, str(e)) from e
+        if got != entry.nbytes:
+            raise ExpertReadError(key, path, f"read {got} of {entry.nbytes} bytes; the file is truncated. Export the model again.")
+        return buf
+
+    def read(self, key: ExpertKey) -> LoadedExpert:
+        entry = self.manifest.experts[key]
+        t0 = time.perf_counter()
+        buf = self._read_bytes(key)
+        if self.verify == "always" or (self.verify == "first" and key not in self._verified):
+            digest = hashlib.sha256(buf).hexdigest()
+            expected = self.manifest.files[entry.weights_file].sha256
+            if digest != expected:
+                raise ExpertReadError(
+                    key, self.manifest.path(entry.weights_file),
+                    f"sha256 {digest[:12]}… does not match the manifest's {expected[:12]}…; the file is corrupt. "
+                    "Export the model again or restore the file.",
+                )
+            with self._lock:
+                self._verified.add(key)
+        wi_t, wo_t = entry.tensors
+        wi = _view(buf, wi_t.offset, wi_t.shape, wi_t.dtype)
+        wo = _view(buf, wo_t.offset, wo_t.shape, wo_t.dtype)
+        with self._lock:
+            self.bytes_read += entry.nbytes
+            self.reads += 1
+            self.read_seconds += time.perf_counter() - t0
+        return LoadedExpert(key, wi, wo, entry.nbytes)
+
+    def counters(self) -> dict[str, float]:
+        with self._lock:
+            return {"bytes_read": self.bytes_read, "reads": self.reads, "read_seconds": self.read_seconds}
+
+
+def _view(buf: np.ndarray, offset: int, shape, dtype: str) -> np.ndarray:
+    dt = np.dtype(_DTYPES[dtype])
+    count = int(np.prod(shape))
+    return buf[offset: offset + count * dt.itemsize].view(dt).reshape(shape)
