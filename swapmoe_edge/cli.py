@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -63,3 +64,82 @@ def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     click.echo(f"expert bytes    {summary['expert_bytes']:,} ({summary['expert_bytes'] / gib:.3f} GiB; {summary['bytes_per_expert']:,} each)")
     click.echo(f"tokenizer       {summary['tokenizer'] or 'none'}")
     click.echo(f"validated       {'yes' if summary['validated'] else 'no'}")
+
+
+def _read_inputs(texts: tuple[str, ...], file: str | None) -> list[str]:
+    from .textio import read_documents
+
+    if file and texts:
+        raise click.UsageError("give TEXT arguments or --file, not both")
+    if file:
+        return [d["text"] for d in read_documents(file)]
+    if not texts:
+        raise click.UsageError("nothing to summarise: give TEXT arguments or --file F")
+    return list(texts)
+
+
+def _artifact_or_default(artifact: str | None) -> str:
+    if artifact:
+        return artifact
+    from .embedded import default_artifact
+
+    return str(default_artifact())
+
+
+@main.command("summarize")
+@click.argument("texts", nargs=-1)
+@click.option("--artifact", type=click.Path(path_type=str), help="Artifact directory (default: the embedded model).")
+@click.option("--file", "file", type=click.Path(path_type=str), help="One document per line, or JSONL with a `text` field.")
+@click.option("--budget", default="auto", show_default=True, help="Whole-process bytes (4.7GiB), share of expert bytes (33%), or auto.")
+@click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe"]), default="swapmoe", show_default=True)
+@click.option("--planner", type=click.Choice(["importance", "uniform"]), default="importance", show_default=True)
+@click.option("--num-beams", type=int, default=1, show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Documents generated together.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input: summary, token_ids, exact, stats.")
+def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, as_json) -> None:
+    """Summarise TEXT arguments or the documents of --file inside a memory budget."""
+    from .runtime import Runtime, RuntimeConfig
+    from .budget import format_size
+
+    try:
+        docs = _read_inputs(texts, file)
+        with Runtime(_artifact_or_default(artifact), RuntimeConfig(policy=policy, budget=budget, planner=planner)) as rt:
+            for i in range(0, len(docs), batch_size):
+                for r in rt.summarize(docs[i: i + batch_size], max_new_tokens=max_new_tokens, num_beams=num_beams):
+                    if as_json:
+                        click.echo(json.dumps(r.to_json()))
+                        continue
+                    click.echo(r.summary)
+                    st = r.stats
+                    click.echo(
+                        f"[{st['policy']}, {'exact' if r.exact else 'approximate'}] budget {format_size(st['budget_bytes'])}, "
+                        f"peak RSS {format_size(st['peak_rss_bytes'])}, residents {sum(st['residents'].values())}, "
+                        f"ttft {st['ttft_ms']:.0f} ms, decode {st['decode_ms_per_token']:.1f} ms/token, "
+                        f"read {format_size(st['bytes_read'])}, swaps {st['swaps']}, stall {st['stall_ms']:.0f} ms, "
+                        f"first choice resident {st['first_choice_resident']:.0%}",
+                        err=True,
+                    )
+    except SwapMoEError as e:
+        _fail(e)
+
+
+@main.command("profile")
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--data", required=True, type=click.Path(path_type=str), help="Calibration documents: one per line, or JSONL with `text`.")
+@click.option("--limit", type=int, default=256, show_default=True, help="Use at most this many documents.")
+@click.option("--budget", default="auto", show_default=True, help="Budget for the profiling run (exact, on-demand).")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+def profile_cmd(artifact, data, limit, budget, max_new_tokens) -> None:
+    """Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."""
+    from .runtime import PROFILE_NAME, Runtime, RuntimeConfig
+    from .textio import read_documents
+
+    try:
+        docs = [d["text"] for d in read_documents(data)][:limit]
+        with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget)) as rt:
+            prof = rt.profile_texts(docs, max_new_tokens=max_new_tokens)
+        path = prof.save(Path(artifact) / PROFILE_NAME)
+        click.echo(f"wrote {path} ({len(docs)} documents)", err=True)
+    except SwapMoEError as e:
+        _fail(e)

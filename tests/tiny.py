@@ -30,10 +30,29 @@ def tiny_model(seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "router" in name:
                 p.normal_(0.0, 2.0)
+        # A zero pad/start embedding (tied: pad logit 0) keeps greedy output from being all pad.
+        model.shared.weight[0].zero_()
     return model
+
+
+def tiny_tokenizer(vocab_size: int = TINY_BASE["vocab_size"]):
+    """A word-level tokenizer over "w3".."w{V-1}" with T5's <pad>=0, </s>=1, <unk>=2; appends </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    return tok
+
+
+def words(ids) -> str:
+    return " ".join(f"w{i}" for i in ids)
 
 
 def save_tiny(path: Path, seed: int = 0, safe_serialization: bool = True, **overrides) -> Path:
     model = tiny_model(seed, **overrides)
     model.save_pretrained(path, safe_serialization=safe_serialization)
+    tiny_tokenizer(model.config.vocab_size).save(str(path / "tokenizer.json"))
     return path

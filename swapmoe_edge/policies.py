@@ -1,0 +1,310 @@
+"""What happens when a token's expert is not resident: the four policies of DESIGN.md.
+
+Each policy is the ``moe`` callback of the split model for one sparse layer:
+``moe(layer, normed[B,T,D], router_logits[B,T,E], token_mask) -> ffn_out[B,T,D]``.
+
+| policy     | non-resident first choice            | output |
+|------------|--------------------------------------|--------|
+| full       | never happens (all resident)         | exact  |
+| on-demand  | blocks, reads it (per-layer LRU)     | exact  |
+| prune      | masked to the best resident (fixed)  | lossy  |
+| swapmoe    | masked; a swapper thread brings the  | lossy  |
+|            | important ones in the background     |        |
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import SwapMoEError
+from .importance import ImportanceTracker
+from .manifest import ExpertKey, LayerEntry, LayerKey
+from .moe import dispatch, route
+from .planner import plan_swaps, top_experts
+from .residency import ResidentSet
+from .store import ExpertReadError, ExpertStore, LoadedExpert
+
+log = logging.getLogger(__name__)
+POLICIES = ("full", "on-demand", "prune", "swapmoe")
+KernelFn = Callable[[LoadedExpert, np.ndarray], np.ndarray]
+
+
+class ExpertUnavailableError(SwapMoEError):
+    """An exact policy needed an expert that cannot be read."""
+
+
+@dataclass
+class Counters:
+    """Running totals; the runtime takes differences around each request."""
+
+    stall_s: float = 0.0  # time the token loop waited for expert reads
+    loads: int = 0  # experts read by the token loop (on-demand misses)
+    swaps: int = 0  # experts brought in by the background swapper
+    evictions: int = 0
+    routed: int = 0  # tokens routed in sparse layers (padding excluded)
+    first_choice_resident: int = 0  # ... whose unmasked first choice was resident
+    unavailable_hits: int = 0  # tokens whose first choice could not be read at all
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> dict[str, float]:
+        with self.lock:
+            return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+
+class Policy:
+    """Shared plumbing: the resident set, the store, the kernel and the counters."""
+
+    name = ""
+    exact = True
+
+    def __init__(self, residents: ResidentSet, store: ExpertStore, kernel: KernelFn, capacity: int,
+                 counts: dict[LayerKey, int], order: dict[LayerKey, np.ndarray], renormalize: bool = False):
+        self.residents = residents
+        self.store = store
+        self.kernel = kernel
+        self.capacity = capacity
+        self.counts = dict(counts)
+        self.order = order  # per layer: expert scores deciding who stays (importance or norm)
+        self.renormalize = renormalize
+        self.counters = Counters()
+        self._resize_lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def warm(self) -> None:
+        """Load the start set: the top ``count`` experts of each layer by ``order``."""
+        for lk, n in self.counts.items():
+            for e in top_experts(self.order[lk], n):
+                self._admit(ExpertKey(lk.stack, lk.layer, e))
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def end_request(self) -> None:
+        pass
+
+    # -- budget ---------------------------------------------------------------------------
+    def resize(self, counts: dict[LayerKey, int]) -> None:
+        """New per-layer counts from the budget: shrink at once (weakest first); grow lazily."""
+        with self._resize_lock:
+            self.counts = dict(counts)
+            for lk, n in counts.items():
+                resident = list(self.residents.layer(lk))
+                extra = len(resident) - n
+                if extra > 0:
+                    for e in sorted(resident, key=lambda e: (self.order[lk][e], -e))[:extra]:
+                        if self.residents.drop(ExpertKey(lk.stack, lk.layer, e)):
+                            with self.counters.lock:
+                                self.counters.evictions += 1
+
+    # -- helpers --------------------------------------------------------------------------
+    def _admit(self, key: ExpertKey) -> LoadedExpert | None:
+        if self.residents.is_unavailable(key):
+            return None
+        try:
+            expert = self.store.read(key)
+        except ExpertReadError as e:
+            log.warning("%s; marking it unavailable", e)
+            self.residents.mark_unavailable(key)
+            if self.exact:
+                raise ExpertUnavailableError(f"{e}. The {self.name} policy is exact and cannot go on without it.") from e
+            return None
+        self.residents.put(expert)
+        return expert
+
+    def _count_routing(self, routing, allowed: np.ndarray, layer: LayerEntry, token_mask) -> None:
+        valid = np.ones(routing.first_choice.shape, bool) if token_mask is None else token_mask
+        first = routing.first_choice[valid]
+        hits = int(allowed[first].sum())
+        missing = 0
+        if self.residents.unavailable:
+            bad = np.array([self.residents.is_unavailable(k) for k in layer.experts])
+            missing = int(bad[first].sum())
+        with self.counters.lock:
+            self.counters.routed += int(first.size)
+            self.counters.first_choice_resident += hits
+            self.counters.unavailable_hits += missing
+
+    def _masked_moe(self, layer: LayerEntry, normed, logits, token_mask):
+        m = self.residents.layer(layer.key)  # one consistent snapshot for this layer
+        allowed = np.zeros(logits.shape[-1], dtype=bool)
+        allowed[list(m)] = True
+        if not allowed.any():
+            raise ExpertUnavailableError(f"{layer.key}: no expert is resident or readable; cannot route.")
+        r = route(logits, self.capacity, allowed, self.renormalize)
+        self._count_routing(r, allowed, layer, token_mask)
+        return r, dispatch(r, normed, lambda e, x: self.kernel(m[e], x))
+
+    def residents_per_layer(self) -> dict[str, int]:
+        return self.residents.counts()
+
+
+class FullPolicy(Policy):
+    """Every expert resident: the exact reference and the memory upper bound."""
+
+    name, exact = "full", True
+
+    def __call__(self, layer, normed, logits, token_mask):
+        return self._masked_moe(layer, normed, logits, token_mask)[1]
+
+
+class PrunePolicy(Policy):
+    """The paper's pruning baseline: a fixed set of the largest-norm experts; lossy."""
+
+    name, exact = "prune", False
+
+    def __call__(self, layer, normed, logits, token_mask):
+        return self._masked_moe(layer, normed, logits, token_mask)[1]
+
+    def resize(self, counts):
+        super().resize(counts)
+        for lk, n in counts.items():  # grows back with the next-largest norms
+            for e in top_experts(self.order[lk], n):
+                key = ExpertKey(lk.stack, lk.layer, e)
+                if key not in self.residents and len(self.residents.layer(lk)) < n:
+                    self._admit(key)
+
+
+class OnDemandPolicy(Policy):
+    """Exact: a miss blocks the token loop while the expert is read (per-layer LRU)."""
+
+    name, exact = "on-demand", True
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._lru: dict[LayerKey, OrderedDict[int, None]] = {lk: OrderedDict() for lk in self.counts}
+
+    def warm(self) -> None:
+        super().warm()
+        for lk in self.counts:
+            for e in self.residents.layer(lk):
+                self._lru[lk][e] = None
+
+    def resize(self, counts):
+        with self._resize_lock:
+            self.counts = dict(counts)
+            for lk, n in counts.items():
+                while len(self.residents.layer(lk)) > n and self._lru[lk]:
+                    self._evict_lru(lk)
+
+    def _evict_lru(self, lk: LayerKey) -> None:
+        e, _ = self._lru[lk].popitem(last=False)
+        if self.residents.drop(ExpertKey(lk.stack, lk.layer, e)):
+            with self.counters.lock:
+                self.counters.evictions += 1
+
+    def _get(self, layer: LayerEntry, e: int) -> LoadedExpert:
+        lk = layer.key
+        expert = self.residents.layer(lk).get(e)
+        if expert is not None:
+            self._lru[lk].move_to_end(e, last=True)
+            return expert
+        t0 = time.perf_counter()
+        while len(self.residents.layer(lk)) >= max(1, self.counts[lk]) and self._lru[lk]:
+            self._evict_lru(lk)
+        expert = self._admit(layer.experts[e])
+        self._lru[lk][e] = None
+        with self.counters.lock:
+            self.counters.stall_s += time.perf_counter() - t0
+            self.counters.loads += 1
+        return expert
+
+    def __call__(self, layer, normed, logits, token_mask):
+        r = route(logits, self.capacity)
+        self._count_routing(r, self.residents.allowed(layer.key), layer, token_mask)
+        return dispatch(r, normed, lambda e, x: self.kernel(self._get(layer, e), x))
+
+
+class SwapMoEPolicy(Policy):
+    """SwapMoE: masked routing to resident virtual experts; importance (Eq. 1) kept online
+    and a background thread swaps experts in at a bounded rate, with hysteresis."""
+
+    name, exact = "swapmoe", False
+
+    def __init__(self, *args, tracker: ImportanceTracker, interval_s: float = 0.05,
+                 max_swaps_per_interval: int = 2, hysteresis: float = 0.1, decay: float = 0.5, **kw):
+        super().__init__(*args, **kw)
+        self.tracker = tracker
+        self.interval_s = interval_s
+        self.max_swaps = max_swaps_per_interval
+        self.hysteresis = hysteresis
+        self.decay = decay
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors: list[str] = []
+
+    def __call__(self, layer, normed, logits, token_mask):
+        r, out = self._masked_moe(layer, normed, logits, token_mask)
+        x_norm = np.linalg.norm(normed, axis=-1)  # [B, T]: ||x|| of Eq. 1, the input of the experts
+        self.tracker.observe(layer.key, x_norm, r.probs, token_mask)
+        return out
+
+    def end_request(self) -> None:
+        self.tracker.decay(self.decay)
+
+    # -- the swapper thread -------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="swapmoe-swapper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.swap_once()
+            except Exception as e:  # the swapper must never take the runtime down
+                log.exception("swapper failed")
+                self.errors.append(repr(e))
+
+    def swap_once(self) -> int:
+        """Plan against the current importance and apply up to ``max_swaps`` admissions."""
+        importance = self.tracker.snapshot()
+        for key in self.residents.unavailable:  # never plan to admit what cannot be read
+            importance[key.layer_key][key.expert] = -1.0
+        with self._resize_lock:
+            counts = dict(self.counts)
+            swaps = plan_swaps(self.residents.residents(), importance, counts, self.hysteresis, self.max_swaps)
+        done = 0
+        for s in swaps:
+            if self._stop.is_set():
+                break
+            evict = ExpertKey(s.layer.stack, s.layer.layer, s.evict) if s.evict is not None else None
+            if s.admit is None:
+                if evict is not None and self.residents.drop(evict):
+                    with self.counters.lock:
+                        self.counters.evictions += 1
+                continue
+            key = ExpertKey(s.layer.stack, s.layer.layer, s.admit)
+            if self.residents.is_unavailable(key):
+                continue
+            try:
+                expert = self.store.read(key)  # outside every lock: the token loop goes on
+            except ExpertReadError as e:
+                log.warning("%s; marking it unavailable", e)
+                self.residents.mark_unavailable(key)
+                continue
+            with self._resize_lock:
+                # The budget may have shrunk while we read; only then is the admit dropped.
+                if evict is None and len(self.residents.layer(s.layer)) >= self.counts[s.layer]:
+                    continue
+                self.residents.replace(expert, evict)
+            with self.counters.lock:
+                self.counters.swaps += 1
+                self.counters.evictions += evict is not None
+            done += 1
+        return done

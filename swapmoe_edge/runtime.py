@@ -1,0 +1,306 @@
+"""The budgeted runtime: load an artifact, fit a memory budget, generate, report stats.
+
+    rt = Runtime("artifact/", RuntimeConfig(policy="swapmoe", budget="33%"))
+    results = rt.summarize(["long text ..."], max_new_tokens=32)
+    rt.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import memory
+from .budget import BudgetSpec, MemoryMonitor, check_fits, format_size, parse_budget
+from .errors import ArtifactError, BudgetError, InputError
+from .generate import beam_search, greedy_search
+from .importance import ImportanceTracker, Profile
+from .manifest import LayerKey, Manifest, load_manifest
+from .model import DecoderState, SplitModel
+from .planner import plan_counts
+from .policies import (POLICIES, FullPolicy, OnDemandPolicy, Policy, PrunePolicy,
+                       SwapMoEPolicy)
+from .residency import ResidentSet
+from .sessions import DenseSessions
+from .store import ExpertStore, LoadedExpert
+
+log = logging.getLogger(__name__)
+PROFILE_NAME = "profile.json"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    policy: str = "swapmoe"
+    budget: str = "auto"  # "4.7GiB" (whole process), "33%" (of expert bytes), or "auto"
+    planner: str = "importance"  # per-layer split of the expert budget: importance | uniform
+    reserve_bytes: int = 256 << 20  # kept free for the rest of the system (auto budgets)
+    monitor_period_s: float = 0.25
+    activation_margin: float = 0.05  # of the measured baseline, for larger inputs than the warm-up
+    max_source_tokens: int = 512
+    threads: int | None = None
+    verify: str = "first"
+    renormalize: bool = False  # swapmoe/prune: gate renormalised over residents
+    swap_interval_s: float = 0.05
+    max_swaps_per_interval: int = 2
+    hysteresis: float = 0.1
+    decay: float = 0.5
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise InputError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+@dataclass
+class Result:
+    summary: str | None
+    token_ids: list[int]
+    exact: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Decoder:
+    """Adapts the split model to the search functions' step/reorder protocol."""
+
+    def __init__(self, model: SplitModel):
+        self.model = model
+
+    def step(self, state: DecoderState, next_ids: np.ndarray):
+        logits, state = self.model.decode(next_ids.reshape(-1, 1), state)  # [N, 1, V]
+        return logits[:, -1, :], state
+
+    def reorder(self, state: DecoderState, index: np.ndarray) -> DecoderState:
+        return state.reorder(index)
+
+
+class Runtime:
+    def __init__(self, artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *,
+                 store: ExpertStore | None = None, available_fn: Callable[[], int] | None = None,
+                 rss_fn: Callable[[], int] | None = None, profile: Profile | None = None):
+        self.config = config
+        self.manifest: Manifest = load_manifest(artifact)
+        m, c = self.manifest, self.manifest.config
+        self.sparse = [lay.key for lay in m.sparse_layers()]
+        self.sessions = DenseSessions(m, threads=config.threads)
+        self.sessions.load_all()
+        self.kernel_session = self.sessions.get("expert_kernel")
+        self.store = store or ExpertStore(m, verify=config.verify)
+        self.residents = ResidentSet(self.sparse, c.num_experts)
+        self.tokenizer = self._load_tokenizer()
+
+        self.norms = {lk: np.array([m.experts[k].norm for k in m.layer(lk.stack, lk.layer).experts]) for lk in self.sparse}
+        self.profile = profile or self._load_profile()
+        self.expert_cost = {lk: m.experts[m.layer(lk.stack, lk.layer).experts[0]].nbytes for lk in self.sparse}
+        self.baseline = self._measure_baseline()
+        self.spec: BudgetSpec = parse_budget(config.budget)
+        total_experts = sum(e.nbytes for e in m.experts.values())
+        self.cap = self.spec.process_cap(self.baseline, total_experts)
+        self.monitor = MemoryMonitor(self.cap, reserve=config.reserve_bytes, period_s=config.monitor_period_s,
+                                     on_change=None, available_fn=available_fn, rss_fn=rss_fn)
+        self.budget_bytes = self.monitor.sample_once().budget
+        counts = self._plan(self.budget_bytes, strict=True)
+        self.policy = self._make_policy(counts)
+        self.model = SplitModel(m, self.sessions, self.policy)
+        self.policy.warm()
+        self.policy.start()
+        self.monitor._on_change = self._on_budget
+        self.monitor.start()
+
+    # -- setup ------------------------------------------------------------------------------
+    def _load_tokenizer(self):
+        if not self.manifest.tokenizer:
+            return None
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self.manifest.path(self.manifest.tokenizer)))
+        tok.no_padding()
+        return tok
+
+    def _load_profile(self) -> Profile:
+        path = self.manifest.root / PROFILE_NAME
+        if path.is_file():
+            prof = Profile.load(path)
+            prof.check_layers({lk: self.manifest.config.num_experts for lk in self.sparse})
+            return prof
+        return Profile.from_norms(self.norms)
+
+    def _measure_baseline(self) -> int:
+        """RSS with every dense session loaded and one small pass run (experts contribute zero)."""
+        c = self.manifest.config
+        warm = SplitModel(self.manifest, self.sessions, lambda layer, normed, logits, mask: np.zeros_like(normed))
+        ids = np.full((1, 16), 2, dtype=np.int64)
+        state = warm.start_decoder(warm.encode(ids, np.ones_like(ids)), np.ones_like(ids))
+        warm.decode(np.full((1, 1), c.decoder_start_token_id, dtype=np.int64), state)
+        memory.trim()
+        base = memory.current_rss()
+        return int(base * (1 + self.config.activation_margin))
+
+    def _kernel(self, expert: LoadedExpert, x: np.ndarray) -> np.ndarray:
+        return self.kernel_session.run(None, {"x": x, "wi": expert.wi, "wo": expert.wo})[0]
+
+    def _plan(self, budget: int, strict: bool) -> dict[LayerKey, int]:
+        E = self.manifest.config.num_experts
+        if self.config.policy == "full":
+            need = self.baseline + sum(self.expert_cost[lk] * E for lk in self.sparse)
+            if strict and budget < need:
+                raise BudgetError(
+                    f"the full policy keeps every expert resident: it needs {format_size(need)} "
+                    f"(baseline {format_size(self.baseline)} + experts {format_size(need - self.baseline)}), "
+                    f"the budget is {format_size(budget)}. Use another policy or a larger budget."
+                )
+            return {lk: E for lk in self.sparse}
+        per_layer = [self.expert_cost[lk] for lk in self.sparse]
+        if strict:
+            capacity = check_fits(budget, self.baseline, per_layer)
+        else:
+            capacity = max(budget - self.baseline, sum(per_layer))  # never below one per layer
+        importance = self.norms if self.config.policy == "prune" else dict(self.profile.importance)
+        return plan_counts(importance, self.expert_cost, capacity, method=self.config.planner)
+
+    def _make_policy(self, counts) -> Policy:
+        cfg, c = self.config, self.manifest.config
+        args = (self.residents, self.store, self._kernel, c.expert_capacity, counts)
+        if cfg.policy == "full":
+            return FullPolicy(*args, self.norms)
+        if cfg.policy == "prune":
+            return PrunePolicy(*args, self.norms, renormalize=cfg.renormalize)
+        if cfg.policy == "on-demand":
+            return OnDemandPolicy(*args, dict(self.profile.importance))
+        tracker = ImportanceTracker(self.norms)
+        tracker.seed(self.profile)
+        return SwapMoEPolicy(*args, dict(self.profile.importance), tracker=tracker, renormalize=cfg.renormalize,
+                             interval_s=cfg.swap_interval_s, max_swaps_per_interval=cfg.max_swaps_per_interval,
+                             hysteresis=cfg.hysteresis, decay=cfg.decay)
+
+    def _on_budget(self, budget: int) -> None:
+        """Monitor thread: the live budget moved; shrink residents now (growth is lazy)."""
+        self.budget_bytes = budget
+        if self.config.policy == "full":
+            if budget < self.baseline + self.residents.nbytes:
+                log.warning("full policy is over the live budget (%s); it cannot shrink", format_size(budget))
+            return
+        counts = self._plan(budget, strict=False)
+        if isinstance(self.policy, SwapMoEPolicy):
+            self.policy.order = self.policy.tracker.snapshot()
+        self.policy.resize(counts)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def encode_texts(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        if self.tokenizer is None:
+            raise InputError(f"artifact {self.manifest.root} has no tokenizer.json; pass token ids instead of text.")
+        ids, truncated = [], []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"input {i + 1} is empty; give some text to summarise.")
+            row = self.tokenizer.encode(text).ids
+            cut = len(row) > self.config.max_source_tokens
+            if cut:
+                warnings.warn(f"input {i + 1} has {len(row)} tokens; truncated to the model's limit of "
+                              f"{self.config.max_source_tokens}", stacklevel=3)
+                row = row[: self.config.max_source_tokens - 1] + row[-1:]  # keep the closing </s>
+            ids.append(row)
+            truncated.append(cut)
+        return ids, truncated
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, num_beams: int = 1) -> list[Result]:
+        """Generate for a batch of token-id rows (padded here); one Result per row."""
+        if not input_ids or any(len(r) == 0 for r in input_ids):
+            raise InputError("every input needs at least one token")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        c = self.manifest.config
+        b, s = len(input_ids), max(len(r) for r in input_ids)
+        ids = np.full((b, s), c.pad_token_id, dtype=np.int64)
+        mask = np.zeros((b, s), dtype=np.int64)
+        for i, row in enumerate(input_ids):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        before = (self.policy.counters.snapshot(), self.store.counters())
+        memory.reset_peak_rss()
+        times: list[float] = []
+        t0 = time.perf_counter()
+        enc = self.model.encode(ids, mask, None)
+        state = self.model.start_decoder(enc, mask)
+        kw = dict(start_id=c.decoder_start_token_id, eos_id=c.eos_token_id, pad_id=c.pad_token_id,
+                  max_new_tokens=max_new_tokens, on_token=lambda step: times.append(time.perf_counter()))
+        if num_beams > 1:
+            out = beam_search(_Decoder(self.model), state, b, num_beams=num_beams, **kw)
+        else:
+            out = greedy_search(_Decoder(self.model), state, b, **kw)
+        self.policy.end_request()
+        stats = self._stats(t0, times, before)
+        return [Result(None, list(map(int, row)), self.policy.exact, dict(stats)) for row in out]
+
+    def summarize(self, texts: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1) -> list[Result]:
+        ids, truncated = self.encode_texts(texts)
+        results = self.generate(ids, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        for r, cut in zip(results, truncated):
+            r.summary = self.tokenizer.decode(r.token_ids, skip_special_tokens=True).strip()
+            r.stats["truncated_input"] = cut
+        return results
+
+    def _stats(self, t0: float, times: list[float], before) -> dict[str, Any]:
+        pol0, io0 = before
+        pol1, io1 = self.policy.counters.snapshot(), self.store.counters()
+        ttft = (times[0] - t0) if times else 0.0
+        decode = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        routed = pol1["routed"] - pol0["routed"]
+        return {
+            "policy": self.config.policy,
+            "ttft_ms": ttft * 1e3,
+            "decode_ms_per_token": decode * 1e3,
+            "request_ms": ((times[-1] if times else time.perf_counter()) - t0) * 1e3,
+            "steps": len(times),
+            "peak_rss_bytes": memory.peak_rss(),
+            "budget_bytes": int(self.budget_bytes) if self.budget_bytes is not None else None,
+            "baseline_bytes": self.baseline,
+            "resident_expert_bytes": self.residents.nbytes,
+            "residents": self.residents.counts(),
+            "bytes_read": int(io1["bytes_read"] - io0["bytes_read"]),
+            "loads": int(pol1["loads"] - pol0["loads"]),
+            "swaps": int(pol1["swaps"] - pol0["swaps"]),
+            "stall_ms": (pol1["stall_s"] - pol0["stall_s"]) * 1e3,
+            "first_choice_resident": ((pol1["first_choice_resident"] - pol0["first_choice_resident"]) / routed) if routed else 1.0,
+            "unavailable_experts": sorted(k.name for k in self.residents.unavailable),
+            "exact": self.policy.exact,
+        }
+
+    # -- profile ------------------------------------------------------------------------------------
+    def profile_texts(self, texts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> Profile:
+        """Eq. 1 importance over calibration texts (generation included), observed on every layer."""
+        tracker = ImportanceTracker(self.norms)
+        inner = self.model.moe
+
+        def observing(layer, normed, logits, mask):
+            from .moe import softmax
+
+            tracker.observe(layer.key, np.linalg.norm(normed, axis=-1), softmax(logits), mask)
+            return inner(layer, normed, logits, mask)
+
+        self.model.moe = observing
+        try:
+            for i in range(0, len(texts), batch_size):
+                ids, _ = self.encode_texts(texts[i: i + batch_size])
+                self.generate(ids, max_new_tokens=max_new_tokens)
+        finally:
+            self.model.moe = inner
+        return replace(Profile.from_tracker(tracker, {"texts": len(texts), "max_new_tokens": max_new_tokens}), source="profile")
+
+    def close(self) -> None:
+        self.monitor.stop()
+        self.policy.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,322 @@
+"""The budgeted runtime: exactness, policies, swapping, budgets and bad input."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from swapmoe_edge.errors import ArtifactError, BudgetError, InputError  # noqa: E402
+from swapmoe_edge.manifest import ExpertKey  # noqa: E402
+from swapmoe_edge.policies import ExpertUnavailableError  # noqa: E402
+from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.store import ExpertReadError, ExpertStore  # noqa: E402
+from swapmoe_export import export_checkpoint  # noqa: E402
+
+from tiny import tiny_model, tiny_tokenizer, words  # noqa: E402
+
+CONFIGS = {
+    "8exp_all_sparse": dict(num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2),
+    "4exp_deeper": dict(num_experts=4, num_layers=3, num_decoder_layers=4, num_sparse_decoder_layers=2),
+    "16exp_capacity": dict(num_experts=16, expert_capacity=3),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    out = {}
+    for i, (name, overrides) in enumerate(CONFIGS.items()):
+        model = tiny_model(seed=20 + i, **overrides)
+        model.save_pretrained(root / name / "ckpt")
+        tiny_tokenizer(model.config.vocab_size).save(str(root / name / "ckpt" / "tokenizer.json"))
+        export_checkpoint(root / name / "ckpt", root / name / "art", quiet=True)
+        out[name] = (model, root / name / "art")
+    return out
+
+
+def _rows(seed: int, lengths=(12, 7, 9), vocab: int = 96) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, vocab, n)] + [1] for n in lengths]
+
+
+def _hf_generate(model, rows, max_new_tokens, num_beams=1) -> list[list[int]]:
+    s = max(map(len, rows))
+    ids = torch.zeros((len(rows), s), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+    rows_out = []
+    for row in out.tolist():
+        row = row[1:]  # the decoder start token
+        while row and row[-1] == model.config.pad_token_id:
+            row.pop()
+        rows_out.append(row)
+    return rows_out
+
+
+def _run(art, rows, max_new_tokens=10, num_beams=1, **cfg) -> list:
+    with Runtime(art, RuntimeConfig(**cfg)) as rt:
+        return rt.generate(rows, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+
+# -- exactness ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_full_policy_reproduces_hf_generate_token_for_token(models, name, num_beams):
+    model, art = models[name]
+    for seed in (0, 1):
+        rows = _rows(seed)
+        want = _hf_generate(model, rows, 12, num_beams)
+        got = [r.token_ids for r in _run(art, rows, 12, num_beams, policy="full")]
+        assert got == want
+
+
+@pytest.mark.parametrize("policy", ["on-demand", "swapmoe", "prune"])
+def test_any_policy_whose_budget_holds_every_expert_is_exact(models, policy):
+    model, art = models["8exp_all_sparse"]
+    rows = _rows(2)
+    results = _run(art, rows, 10, policy=policy, budget="100%")
+    assert [r.token_ids for r in results] == _hf_generate(model, rows, 10)
+    assert results[0].stats["first_choice_resident"] == 1.0
+
+
+def test_on_demand_with_one_slot_per_layer_is_exact_and_counts_its_loads(models):
+    model, art = models["8exp_all_sparse"]
+    rt = Runtime(art, RuntimeConfig(policy="on-demand", budget="1%"))  # rounds to one expert per layer
+    try:
+        assert set(rt.residents.counts().values()) == {1}
+        rows = _rows(3)
+        results = rt.generate(rows, max_new_tokens=10)
+        assert [r.token_ids for r in results] == _hf_generate(model, rows, 10)
+        st = results[0].stats
+        assert st["exact"] is True and st["loads"] > 0 and st["bytes_read"] > 0 and st["stall_ms"] > 0
+        assert max(rt.residents.counts().values()) == 1
+    finally:
+        rt.close()
+
+
+# -- swapmoe --------------------------------------------------------------------------------------
+
+
+class SlowStore(ExpertStore):
+    """Flash that takes ``delay`` seconds per expert; counts reads made on the calling thread."""
+
+    def __init__(self, manifest, delay=0.0, fail=(), **kw):
+        super().__init__(manifest, **kw)
+        self.delay, self.fail = delay, set(fail)
+        self.loop_thread: int | None = None
+        self.reads_on_loop = 0
+
+    def _read_bytes(self, key):
+        if threading.get_ident() == self.loop_thread:
+            self.reads_on_loop += 1
+        if key in self.fail:
+            raise ExpertReadError(key, self.manifest.path(self.manifest.experts[key].weights_file), "injected I/O error")
+        time.sleep(self.delay)
+        return super()._read_bytes(key)
+
+
+def _runtime(art, store_kw=None, **cfg) -> Runtime:
+    from swapmoe_edge.manifest import load_manifest
+
+    store = SlowStore(load_manifest(art), **(store_kw or {}))
+    rt = Runtime(art, RuntimeConfig(**cfg), store=store)
+    store.loop_thread = threading.get_ident()
+    return rt
+
+
+def test_swapmoe_never_stalls_the_token_loop_while_flash_is_slow(models):
+    _, art = models["8exp_all_sparse"]
+    rt = _runtime(art, {"delay": 0.3}, policy="swapmoe", budget="25%", swap_interval_s=0.01)
+    try:
+        t0 = time.perf_counter()
+        results = rt.generate(_rows(4), max_new_tokens=8)
+        elapsed = time.perf_counter() - t0
+        st = results[0].stats
+        assert st["stall_ms"] == 0.0 and st["exact"] is False
+        assert rt.store.reads_on_loop == 0  # the generating thread never touched flash
+        assert elapsed < 0.3 * 3  # far less than the reads the swapper is doing meanwhile
+    finally:
+        rt.close()
+
+
+def test_swapmoe_residents_never_exceed_the_per_layer_counts(models):
+    _, art = models["8exp_all_sparse"]
+    rt = _runtime(art, policy="swapmoe", budget="40%", swap_interval_s=0.005, max_swaps_per_interval=8, hysteresis=0.0)
+    seen = []
+    orig_replace, orig_put = rt.residents.replace, rt.residents.put
+
+    def check(fn):
+        def wrapped(*a, **kw):
+            fn(*a, **kw)
+            seen.append({k: v for k, v in rt.residents.counts().items()})
+        return wrapped
+
+    rt.residents.replace, rt.residents.put = check(orig_replace), check(orig_put)
+    try:
+        for seed in range(4):
+            rt.generate(_rows(seed, (20, 20)), max_new_tokens=6)
+            time.sleep(0.05)
+        limits = {lk.name: n for lk, n in rt.policy.counts.items()}
+        assert seen, "the swapper did nothing: the test would prove nothing"
+        for snap in seen:
+            assert all(snap[k] <= limits[k] for k in snap)
+        assert rt.residents.nbytes + rt.baseline <= rt.budget_bytes
+    finally:
+        rt.close()
+
+
+def test_swapmoe_residents_follow_the_input(models):
+    """Inputs that route to other experts bring those experts in (no waiting: swap_once by hand)."""
+    _, art = models["8exp_all_sparse"]
+    rt = _runtime(art, policy="swapmoe", budget="25%", swap_interval_s=3600, hysteresis=0.0, max_swaps_per_interval=16, decay=0.0)
+    try:
+        sets = []
+        for lo, hi in ((3, 30), (60, 96)):
+            rows = [[int(t) for t in np.random.default_rng(lo).integers(lo, hi, 24)] + [1]]
+            rt.generate(rows, max_new_tokens=4)
+            rt.policy.swap_once()
+            after = rt.residents.residents()
+            imp = rt.policy.tracker.snapshot()
+            for lk, res in after.items():  # the residents are now this input's most important experts
+                top = set(np.argsort(-imp[lk], kind="stable")[: len(res)].tolist())
+                assert res == top
+            sets.append(after)
+        assert sets[0] != sets[1]
+        # and the share of first choices served by residents goes up once they are in
+        rows = [[int(t) for t in np.random.default_rng(60).integers(60, 96, 24)] + [1]]
+        assert rt.generate(rows, max_new_tokens=4)[0].stats["first_choice_resident"] > 0.5
+    finally:
+        rt.close()
+
+
+def test_a_failed_expert_read_is_never_run_and_lossy_policies_report_it(models):
+    _, art = models["8exp_all_sparse"]
+    from swapmoe_edge.manifest import load_manifest
+
+    bad = sorted(load_manifest(art).experts)[:8]  # every expert of the first sparse layer but one
+    rt = _runtime(art, {"fail": bad[:7]}, policy="swapmoe", budget="100%")
+    try:
+        res = rt.generate(_rows(5), max_new_tokens=5)
+        st = res[0].stats
+        assert set(st["unavailable_experts"]) == {k.name for k in bad[:7]}
+        assert rt.residents.counts()[bad[0].layer_key.name] == 1  # only the readable one serves the layer
+        assert st["exact"] is False and len(res[0].token_ids) > 0
+    finally:
+        rt.close()
+
+
+def test_exact_policies_fail_loudly_on_an_unreadable_expert(models):
+    _, art = models["8exp_all_sparse"]
+    from swapmoe_edge.manifest import load_manifest
+
+    keys = sorted(load_manifest(art).experts)
+    with pytest.raises(ExpertUnavailableError, match="injected I/O error"):
+        _runtime(art, {"fail": keys[:1]}, policy="full")
+    rt = _runtime(art, policy="on-demand", budget="1%")
+    try:
+        resident = {ExpertKey(lk.stack, lk.layer, e) for lk, es in rt.residents.residents().items() for e in es}
+        rt.store.fail = set(keys) - resident  # the read fails mid-run, on the first miss
+        with pytest.raises(ExpertUnavailableError, match="exact"):
+            rt.generate(_rows(9, (30, 30)), max_new_tokens=10)
+    finally:
+        rt.close()
+
+
+# -- budget -------------------------------------------------------------------------------------
+
+
+def test_residents_shrink_within_one_monitor_period_when_memory_drops(models):
+    _, art = models["8exp_all_sparse"]
+    free = {"bytes": 8 << 30}
+    rt = Runtime(art, RuntimeConfig(policy="swapmoe", budget="auto", monitor_period_s=0.05, reserve_bytes=0),
+                 available_fn=lambda: free["bytes"])
+    try:
+        assert set(rt.residents.counts().values()) == {8}
+        rt.generate(_rows(6), max_new_tokens=4)
+        one = rt.expert_cost[next(iter(rt.expert_cost))]
+        # another app takes memory: only the baseline plus two experts per layer are left
+        from swapmoe_edge import memory
+
+        free["bytes"] = rt.baseline + 2 * one * len(rt.sparse) - memory.current_rss()
+        time.sleep(0.05 * 3)
+        assert max(rt.residents.counts().values()) <= 2
+        res = rt.generate(_rows(7), max_new_tokens=4)  # generation goes on
+        assert len(res[0].token_ids) > 0
+        assert res[0].stats["budget_bytes"] < rt.baseline + 3 * one * len(rt.sparse)
+    finally:
+        rt.close()
+
+
+def test_a_budget_too_small_for_one_expert_per_layer_fails_with_the_numbers(models):
+    _, art = models["8exp_all_sparse"]
+    with pytest.raises(BudgetError) as info:
+        Runtime(art, RuntimeConfig(policy="swapmoe", budget="10MiB"))
+    msg = str(info.value)
+    assert "10.00 MiB" in msg and "minimum" in msg and "short by" in msg
+
+
+def test_full_policy_refuses_a_budget_that_cannot_hold_every_expert(models):
+    _, art = models["8exp_all_sparse"]
+    with pytest.raises(BudgetError, match="full policy"):
+        Runtime(art, RuntimeConfig(policy="full", budget="50%"))
+
+
+def test_share_budget_is_reported_as_whole_process_bytes(models):
+    _, art = models["8exp_all_sparse"]
+    res = _run(art, _rows(8), 3, policy="prune", budget="50%")
+    st = res[0].stats
+    assert st["budget_bytes"] >= st["baseline_bytes"] and st["resident_expert_bytes"] <= st["budget_bytes"] - st["baseline_bytes"]
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+
+def test_an_expert_file_whose_sha256_does_not_match_is_named_in_the_error(models, tmp_path):
+    import shutil
+
+    _, art = models["4exp_deeper"]
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    victim = next((copy / "experts").glob("*.bin"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ExpertUnavailableError, match=victim.name):
+        Runtime(copy, RuntimeConfig(policy="full"))
+
+
+def test_text_inputs_empty_and_too_long(models):
+    _, art = models["8exp_all_sparse"]
+    with Runtime(art, RuntimeConfig(policy="full", max_source_tokens=16)) as rt:
+        with pytest.raises(InputError, match="empty"):
+            rt.summarize(["   "])
+        with pytest.warns(UserWarning, match="truncated"):
+            res = rt.summarize([words(range(3, 60))], max_new_tokens=3)
+        assert res[0].stats["truncated_input"] is True
+        short = rt.summarize([words([5, 6, 7])], max_new_tokens=3)[0]
+        assert short.summary is not None and short.stats["truncated_input"] is False
+
+
+def test_an_artifact_of_a_newer_schema_is_refused(models, tmp_path):
+    import shutil
+
+    _, art = models["4exp_deeper"]
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="schema version 99"):
+        Runtime(copy)
