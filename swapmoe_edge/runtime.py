@@ -158,10 +158,12 @@ class Runtime:
                 )
             return {lk: E for lk in self.sparse}
         per_layer = [self.expert_cost[lk] for lk in self.sparse]
+        # The swapper reads one expert before it evicts the one it replaces: keep room for it.
+        in_flight = max(per_layer) if self.config.policy == "swapmoe" else 0
         if strict:
-            capacity = check_fits(budget, self.baseline, per_layer)
+            capacity = check_fits(budget - in_flight, self.baseline, per_layer)
         else:
-            capacity = max(budget - self.baseline, sum(per_layer))  # never below one per layer
+            capacity = max(budget - in_flight - self.baseline, sum(per_layer))  # never below one per layer
         importance = self.norms if self.config.policy == "prune" else dict(self.profile.importance)
         return plan_counts(importance, self.expert_cost, capacity, method=self.config.planner)
 

@@ -3,3 +3,10 @@ from pathlib import Path
 
 # tests/tiny.py is a shared helper module, imported by name.
 sys.path.insert(0, str(Path(__file__).parent))
+
+try:  # torch's OpenMP threads spin; with another busy process on a 2-core machine a
+    import torch  # tiny model's generate goes from 0.04 s to 6 s. One thread is plenty.
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
