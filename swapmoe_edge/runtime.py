@@ -158,8 +158,10 @@ class Runtime:
                 )
             return {lk: E for lk in self.sparse}
         per_layer = [self.expert_cost[lk] for lk in self.sparse]
-        # The swapper reads one expert before it evicts the one it replaces: keep room for it.
-        in_flight = max(per_layer) if self.config.policy == "swapmoe" else 0
+        # The swapper reads one expert before it evicts the one it replaces: keep room for
+        # it, unless every expert fits anyway (then nothing is ever swapped).
+        everything = sum(self.expert_cost[lk] * E for lk in self.sparse)
+        in_flight = max(per_layer) if self.config.policy == "swapmoe" and budget - self.baseline < everything else 0
         if strict:
             capacity = check_fits(budget - in_flight, self.baseline, per_layer)
         else:

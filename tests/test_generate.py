@@ -65,8 +65,12 @@ class TorchStepDecoder:
 
 
 @functools.lru_cache(maxsize=None)
-def model_and_inputs(seed: int, batch: int):
-    """A tiny model, a padded batch, and an EOS id the model really emits (row 0's third greedy token)."""
+def model_and_inputs(seed: int, batch: int, eos_bias: float):
+    """A tiny model, a padded batch, and an EOS id the model really emits.
+
+    EOS is row 0's third greedy token; ``eos_bias`` is then added to its logit (through an lm_head
+    bias) so that beams end at many different steps and the finished-hypothesis logic has work to do.
+    """
     model = tiny_model(seed, tie_word_embeddings=False)  # untied: a tied head mostly repeats its input
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, 96, (batch, 7), generator=gen)
@@ -74,11 +78,14 @@ def model_and_inputs(seed: int, batch: int):
         ids[row, 7 - 2 * row :] = PAD  # rows of different lengths
     mask = (ids != PAD).long()
     plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, num_beams=1)
-    return model, ids, mask, int(plain[0, 3])
+    eos = int(plain[0, 3])
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = eos_bias
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    return model, ids, mask, eos
 
 
-def hf_outputs(seed, batch, eos, **kwargs) -> list[list[int]]:
-    model, ids, mask, _ = model_and_inputs(seed, batch)
+def hf_outputs(model, ids, mask, eos, **kwargs) -> list[list[int]]:
     seqs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, eos_token_id=eos, **kwargs)
     out = []
     for row in seqs.tolist():
@@ -89,9 +96,10 @@ def hf_outputs(seed, batch, eos, **kwargs) -> list[list[int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def compare(seed, batch, num_beams, max_new_tokens, early_stopping=False, length_penalty=1.0, num_return=1):
-    """(ours, HF's, decoder steps we ran) for one case; cached so the coverage test can reuse it."""
-    model, ids, mask, eos = model_and_inputs(seed, batch)
+def compare(case, num_beams, max_new_tokens, early_stopping=False, length_penalty=1.0, num_return=1):
+    """(ours, HF's, decoder steps we ran, eos) for one case; cached so the coverage test can reuse it."""
+    model, ids, mask, eos = model_and_inputs(*case)
+    batch = ids.shape[0]
     decoder = TorchStepDecoder(model)
     steps = []
     common = dict(start_id=START, eos_id=eos, pad_id=PAD, max_new_tokens=max_new_tokens, on_token=steps.append)
@@ -102,58 +110,64 @@ def compare(seed, batch, num_beams, max_new_tokens, early_stopping=False, length
             decoder, decoder.start(ids, mask), batch, num_beams=num_beams, length_penalty=length_penalty,
             early_stopping=early_stopping, num_return_sequences=num_return, **common,
         )
-    theirs = hf_outputs(
-        seed, batch, eos, max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping,
-        length_penalty=length_penalty, num_return_sequences=num_return,
-    )
-    assert steps == list(range(len(steps)))
+    hf_steps = []
+    hook = model.decoder.register_forward_hook(lambda *_: hf_steps.append(1))
+    try:
+        theirs = hf_outputs(
+            model, ids, mask, eos, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            early_stopping=early_stopping, length_penalty=length_penalty, num_return_sequences=num_return,
+        )
+    finally:
+        hook.remove()
+    assert steps == list(range(len(hf_steps)))  # the same number of decoder steps, on_token once per step
     return ours, theirs, len(steps), eos
 
 
-CASES = [(0, 1), (1, 2), (2, 3), (3, 3), (4, 2)]  # (seed, batch)
-BEAM_CASES = [
-    (seed, batch, k, n, es) for seed, batch in CASES for k in (2, 4) for n in (1, MAX_NEW) for es in (False, True)
-]
+CASES = [(0, 1, 0.0), (1, 2, 6.0), (2, 3, 5.0), (3, 3, 6.0), (4, 2, 4.0), (5, 3, 0.0)]  # (seed, batch, eos_bias)
+BEAM_CASES = [(case, k, n, es) for case in CASES for k in (2, 4) for n in (1, MAX_NEW) for es in (False, True)]
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, MAX_NEW])
-@pytest.mark.parametrize("seed,batch", CASES)
-def test_greedy_matches_hf_generate(seed, batch, max_new_tokens):
-    ours, theirs, _, eos = compare(seed, batch, 1, max_new_tokens)
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_matches_hf_generate(case, max_new_tokens):
+    ours, theirs, _, eos = compare(case, 1, max_new_tokens)
     assert ours == theirs
     if max_new_tokens == MAX_NEW:
         assert ours[0][-1] == eos  # the chosen EOS really ends row 0
 
 
-@pytest.mark.parametrize("seed,batch,num_beams,max_new_tokens,early_stopping", BEAM_CASES)
-def test_beam_search_matches_hf_generate(seed, batch, num_beams, max_new_tokens, early_stopping):
-    ours, theirs, _, _ = compare(seed, batch, num_beams, max_new_tokens, early_stopping)
+@pytest.mark.parametrize("case,num_beams,max_new_tokens,early_stopping", BEAM_CASES)
+def test_beam_search_matches_hf_generate(case, num_beams, max_new_tokens, early_stopping):
+    ours, theirs, _, _ = compare(case, num_beams, max_new_tokens, early_stopping)
     assert ours == theirs
 
 
 @pytest.mark.parametrize(
-    "length_penalty,early_stopping,num_return",
-    [(0.6, False, 1), (2.0, False, 2), (-1.0, True, 1), (1.5, "never", 3), (0.0, "never", 4)],
+    "num_beams,length_penalty,early_stopping,num_return",
+    [(4, 0.6, False, 1), (4, 2.0, False, 2), (4, 1.0, True, 2), (4, 2.0, True, 1), (4, -1.0, True, 1),
+     (4, 1.5, "never", 3), (2, 1.5, "never", 1), (4, 0.0, "never", 4)],
 )
-@pytest.mark.parametrize("seed,batch", [(1, 2), (2, 3)])
-def test_beam_search_options_match_hf_generate(seed, batch, length_penalty, early_stopping, num_return):
-    ours, theirs, _, _ = compare(seed, batch, 4, MAX_NEW, early_stopping, length_penalty, num_return)
-    assert len(ours) == batch * num_return
+# (4, 3, 3.0): with early_stopping=True a full row keeps meeting better EOS candidates that HF refuses.
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], (4, 3, 3.0)])
+def test_beam_search_options_match_hf_generate(case, num_beams, length_penalty, early_stopping, num_return):
+    ours, theirs, _, _ = compare(case, num_beams, MAX_NEW, early_stopping, length_penalty, num_return)
+    assert len(ours) == case[1] * num_return
     assert ours == theirs
 
 
 def test_hf_comparisons_exercise_eos_max_length_and_early_stop():
-    """Not vacuous: beams end by EOS before the limit, others by the limit, and some searches stop early."""
-    results = [compare(seed, batch, k, MAX_NEW, es) for seed, batch, k, n, es in BEAM_CASES if n == MAX_NEW]
-    hyps = [(h, eos) for ours, _, _, eos in results for h in ours]
-    assert sum(h[-1] == eos and len(h) < MAX_NEW for h, eos in hyps) >= 3
-    assert sum(len(h) == MAX_NEW and h[-1] != eos for h, eos in hyps) >= 3
-    assert any(steps < MAX_NEW for _, _, steps, _ in results)
+    """Not vacuous: beams end by EOS at many steps, others by the limit, and searches stop early both ways."""
+    results = {(case, k, es): compare(case, k, MAX_NEW, es) for case, k, n, es in BEAM_CASES if n == MAX_NEW}
+    hyps = [(h, eos) for ours, _, _, eos in results.values() for h in ours]
+    assert len({len(h) for h, eos in hyps if h[-1] == eos and len(h) < MAX_NEW}) >= 5
+    assert sum(len(h) == MAX_NEW and h[-1] != eos for h, eos in hyps) >= 5
+    assert any(steps < MAX_NEW for (_, _, es), (_, _, steps, _) in results.items() if es is True)
+    assert any(steps < MAX_NEW for (_, _, es), (_, _, steps, _) in results.items() if es is False)  # heuristic
 
 
 def test_greedy_feeds_pad_to_finished_rows():
-    ours, _, steps, eos = compare(2, 3, 1, MAX_NEW)
-    model, ids, mask, _ = model_and_inputs(2, 3)
+    ours, _, steps, eos = compare(CASES[2], 1, MAX_NEW)
+    model, ids, mask, _ = model_and_inputs(*CASES[2])
     decoder = TorchStepDecoder(model)
     greedy_search(decoder, decoder.start(ids, mask), 3, start_id=START, eos_id=eos, pad_id=77, max_new_tokens=MAX_NEW)
     fed = np.stack(decoder.fed)  # [steps, B]

@@ -323,3 +323,58 @@ def test_an_artifact_of_a_newer_schema_is_refused(models, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="schema version 99"):
         Runtime(copy)
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "swapmoe_edge", *args], capture_output=True, text=True)
+
+
+def test_cli_summarize_json_has_the_promised_fields(models, tmp_path):
+    _, art = models["8exp_all_sparse"]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": words(r[:-1]), "summary": "x"}) for r in _rows(10)) + "\n")
+    r = _cli("summarize", "--artifact", str(art), "--budget", "50%", "--policy", "swapmoe",
+             "--max-new-tokens", "5", "--json", "--file", str(docs))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert len(lines) == 3
+    for obj in lines:
+        assert {"summary", "token_ids", "exact", "stats"} <= set(obj)
+        assert obj["exact"] is False
+        for k in ("ttft_ms", "decode_ms_per_token", "peak_rss_bytes", "budget_bytes", "bytes_read", "swaps",
+                  "stall_ms", "first_choice_resident"):
+            assert k in obj["stats"]
+        assert obj["stats"]["budget_bytes"] > obj["stats"]["baseline_bytes"]
+
+
+def test_cli_summarize_text_prints_summary_and_a_stats_line(models, tmp_path):
+    _, art = models["8exp_all_sparse"]
+    r = _cli("summarize", "--artifact", str(art), "--policy", "full", "--max-new-tokens", "4", "w5 w6 w7 w8")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1
+    assert "[full, exact] budget" in r.stderr and "ms/token" in r.stderr
+    bad = _cli("summarize", "--artifact", str(art), "")
+    assert bad.returncode == 2 and "empty" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_profile_writes_a_profile_the_runtime_then_uses(models, tmp_path):
+    import shutil
+
+    _, art = models["4exp_deeper"]
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(words(r[:-1]) for r in _rows(11)) + "\n")
+    r = _cli("profile", str(copy), "--data", str(data), "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    prof = json.loads((copy / "profile.json").read_text())
+    assert prof["source"] == "profile" and len(prof["layers"]) == 3  # enc.L01, enc.L03, dec.L01
+    assert sum(sum(v["counts"]) for v in prof["layers"].values()) > 0
+    with Runtime(copy, RuntimeConfig(policy="swapmoe", budget="50%")) as rt:
+        assert rt.profile.source == "profile"
