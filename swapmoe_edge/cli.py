@@ -66,6 +66,25 @@ def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     click.echo(f"validated       {'yes' if summary['validated'] else 'no'}")
 
 
+@main.group("data")
+def data_group() -> None:
+    """Build datasets."""
+
+
+@data_group.command("debian")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Directory for train/validation/test.jsonl.")
+@click.option("--lists-dir", default="/var/lib/apt/lists", show_default=True, help="Where apt keeps *_Translation-en files.")
+def data_debian_cmd(output: str, lists_dir: str) -> None:
+    """Debian package descriptions -> (document, synopsis) pairs, split by source package."""
+    from .corpus import build_debian_corpus
+
+    try:
+        counts = build_debian_corpus(output, lists_dir)
+    except SwapMoEError as e:
+        _fail(e)
+    click.echo(json.dumps(counts))
+
+
 def _read_inputs(texts: tuple[str, ...], file: str | None) -> list[str]:
     from .textio import read_documents
 

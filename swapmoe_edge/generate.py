@@ -39,7 +39,7 @@ def greedy_search(
     decoder: StepDecoder, state: object, batch: int, *, start_id: int, eos_id: int, pad_id: int,
     max_new_tokens: int, on_token: OnToken | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding as HF ``generate(do_sample=False, num_beams=1)``; per row the new tokens, EOS included."""
+    """Greedy decoding as HF ``generate(do_sample=False, num_beams=1)``: each row's tokens, EOS included."""
     _check_common(batch, max_new_tokens)
     out: list[list[int]] = [[] for _ in range(batch)]
     unfinished = np.ones(batch, dtype=bool)  # [B]
@@ -55,7 +55,7 @@ def greedy_search(
         for row in np.flatnonzero(unfinished):
             out[row].append(int(tokens[row]))
         unfinished &= tokens != eos_id
-        if False:
+        if not unfinished.any():
             break
         next_ids = tokens
     return out
@@ -75,7 +75,7 @@ def beam_search(
     """
     _check_common(batch, max_new_tokens)
     if num_beams < 2:
-        raise InputError(f"beam_search needs num_beams >= 2, got {num_beams}; use greedy_search for one beam.")
+        raise InputError(f"beam_search needs num_beams >= 2, got {num_beams}; use greedy_search for 1 beam.")
     if not 1 <= num_return_sequences <= num_beams:
         raise InputError(
             f"num_return_sequences must be between 1 and num_beams={num_beams}, got {num_return_sequences}."
@@ -117,10 +117,12 @@ def beam_search(
         # Live beams for the next step: the best K candidates that did not end.
         live_cand = cand_scores + _penalty(ends)  # [B, C]
         keep = _topk(live_cand, K)[1]  # [B, K]
-        live_seqs, live_scores, live_beam = cand_seqs[rows, keep], live_cand[rows, keep], cand_beam[rows, keep]
+        live_seqs, live_scores = cand_seqs[rows, keep], live_cand[rows, keep]  # [B, K, T], [B, K]
+        live_beam = cand_beam[rows, keep]  # [B, K] the beam each live one grew from
 
-        # Finished hypotheses: only the top K candidates may enter, divided by the generated length
-        # (start token excluded: HF's cur_len + 1 - decoder_prompt_len), and only while the row can improve.
+        # Finished hypotheses: only the top K candidates may enter, scored by sum / length**penalty with
+        # the start token not counted (HF's cur_len + 1 - decoder_prompt_len); none once the row cannot
+        # improve, nor, with early_stopping=True, once it holds K.
         just_done = ends.copy()
         just_done[:, K:] = False
         final = cand_scores / np.float32((t + 1) ** length_penalty)  # [B, C]
@@ -135,7 +137,8 @@ def beam_search(
 
         # HF's stop rule: no row can improve, or (early_stopping=True) every row holds K hypotheses,
         # or every candidate ended (max length).
-        improvable &= _can_improve(live_scores, done_scores, done_real, t + 1, T, length_penalty, early_stopping)
+        improvable &= _can_improve(live_scores, done_scores, done_real, t + 1, T, length_penalty,
+                                   early_stopping)
         if not improvable.any() or (early_stopping is True and done_real.all()) or ends.all():
             break
         state = decoder.reorder(state, (live_beam + rows * K).reshape(-1))
@@ -145,7 +148,8 @@ def beam_search(
     return [[int(tok) for tok in seq if tok >= 0] for seq in chosen]
 
 
-def _can_improve(live_scores, done_scores, done_real, generated, max_new_tokens, length_penalty, early_stopping):
+def _can_improve(live_scores, done_scores, done_real, generated, max_new_tokens, length_penalty,
+                 early_stopping):
     """HF's _check_early_stop_heuristic: can the best live beam still beat the worst finished one? [B, 1]"""
     if early_stopping == "never" and length_penalty > 0.0:
         best_length = max_new_tokens  # a positive penalty favours the longest possible hypothesis
