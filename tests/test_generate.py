@@ -17,7 +17,9 @@ from swapmoe_edge.errors import InputError
 from swapmoe_edge.generate import _log_softmax, _topk, beam_search, greedy_search
 
 torch = pytest.importorskip("torch")
-from transformers.modeling_outputs import MoEModelOutputWithPastAndCrossAttentions as EncoderOutput  # noqa: E402
+from transformers.modeling_outputs import (  # noqa: E402
+    MoEModelOutputWithPastAndCrossAttentions as EncoderOutput,
+)
 
 from tiny import tiny_model  # noqa: E402
 
@@ -27,7 +29,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Tiny matmuls on shared cores: torch's thread pool costs ~100x more than it saves."""
+    """Tiny matmuls on busy shared cores: torch's thread pool made these tests ~100x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -35,7 +37,7 @@ def one_torch_thread():
 
 
 class TorchStepDecoder:
-    """StepDecoder over a HF Switch model; the state is (encoder hidden [N, S, D], mask [N, S], HF cache)."""
+    """StepDecoder over a HF Switch model; state = (encoder hidden [N, S, D], mask [N, S], HF cache)."""
 
     def __init__(self, model):
         self.model = model
@@ -43,7 +45,8 @@ class TorchStepDecoder:
 
     @torch.no_grad()
     def start(self, input_ids, attention_mask):
-        hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        encoder = self.model.get_encoder()
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden, attention_mask, None
 
     @torch.no_grad()
@@ -77,7 +80,7 @@ def model_and_inputs(seed: int, batch: int, eos_bias: float):
     for row in range(1, batch):
         ids[row, 7 - 2 * row :] = PAD  # rows of different lengths
     mask = (ids != PAD).long()
-    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, num_beams=1)
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     eos = int(plain[0, 3])
     bias = torch.zeros(model.config.vocab_size)
     bias[eos] = eos_bias
@@ -102,7 +105,8 @@ def compare(case, num_beams, max_new_tokens, early_stopping=False, length_penalt
     batch = ids.shape[0]
     decoder = TorchStepDecoder(model)
     steps = []
-    common = dict(start_id=START, eos_id=eos, pad_id=PAD, max_new_tokens=max_new_tokens, on_token=steps.append)
+    common = dict(start_id=START, eos_id=eos, pad_id=PAD, max_new_tokens=max_new_tokens,
+                  on_token=steps.append)
     if num_beams == 1:
         ours = greedy_search(decoder, decoder.start(ids, mask), batch, **common)
     else:
@@ -119,12 +123,15 @@ def compare(case, num_beams, max_new_tokens, early_stopping=False, length_penalt
         )
     finally:
         hook.remove()
-    assert steps == list(range(len(hf_steps)))  # the same number of decoder steps, on_token once per step
+    assert steps == list(range(len(hf_steps)))  # as many decoder steps as HF, on_token once per step
     return ours, theirs, len(steps), eos
 
 
-CASES = [(0, 1, 0.0), (1, 2, 6.0), (2, 3, 5.0), (3, 3, 6.0), (4, 2, 4.0), (5, 3, 0.0)]  # (seed, batch, eos_bias)
-BEAM_CASES = [(case, k, n, es) for case in CASES for k in (2, 4) for n in (1, MAX_NEW) for es in (False, True)]
+# (seed, batch, eos_bias)
+CASES = [(0, 1, 0.0), (1, 2, 6.0), (2, 3, 5.0), (3, 3, 6.0), (4, 2, 4.0), (5, 3, 0.0)]
+BEAM_CASES = [
+    (case, k, n, es) for case in CASES for k in (2, 4) for n in (1, MAX_NEW) for es in (False, True)
+]
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, MAX_NEW])
@@ -156,20 +163,22 @@ def test_beam_search_options_match_hf_generate(case, num_beams, length_penalty, 
 
 
 def test_hf_comparisons_exercise_eos_max_length_and_early_stop():
-    """Not vacuous: beams end by EOS at many steps, others by the limit, and searches stop early both ways."""
+    """Not vacuous: beams end by EOS at many lengths, others at the limit; searches stop early both ways."""
     results = {(case, k, es): compare(case, k, MAX_NEW, es) for case, k, n, es in BEAM_CASES if n == MAX_NEW}
     hyps = [(h, eos) for ours, _, _, eos in results.values() for h in ours]
     assert len({len(h) for h, eos in hyps if h[-1] == eos and len(h) < MAX_NEW}) >= 5
     assert sum(len(h) == MAX_NEW and h[-1] != eos for h, eos in hyps) >= 5
-    assert any(steps < MAX_NEW for (_, _, es), (_, _, steps, _) in results.items() if es is True)
-    assert any(steps < MAX_NEW for (_, _, es), (_, _, steps, _) in results.items() if es is False)  # heuristic
+    steps = {key: result[2] for key, result in results.items()}
+    assert any(n < MAX_NEW for (_, _, es), n in steps.items() if es is True)  # all rows hold K hypotheses
+    assert any(n < MAX_NEW for (_, _, es), n in steps.items() if es is False)  # no row can improve
 
 
 def test_greedy_feeds_pad_to_finished_rows():
     ours, _, steps, eos = compare(CASES[2], 1, MAX_NEW)
     model, ids, mask, _ = model_and_inputs(*CASES[2])
     decoder = TorchStepDecoder(model)
-    greedy_search(decoder, decoder.start(ids, mask), 3, start_id=START, eos_id=eos, pad_id=77, max_new_tokens=MAX_NEW)
+    state = decoder.start(ids, mask)
+    greedy_search(decoder, state, 3, start_id=START, eos_id=eos, pad_id=77, max_new_tokens=MAX_NEW)
     fed = np.stack(decoder.fed)  # [steps, B]
     assert (fed[0] == START).all()
     assert any(toks[-1] == eos and len(toks) < steps for toks in ours)
@@ -178,7 +187,7 @@ def test_greedy_feeds_pad_to_finished_rows():
         assert (fed[len(toks) + 1 :, row] == 77).all()  # then pad, once the row has ended
 
 
-# --- the search on its own, with a scripted decoder (no torch needed) ---
+# --- the search on its own, with scripted logits instead of a model ---
 
 
 class ScriptedDecoder:
