@@ -204,15 +204,17 @@ class OnDemandPolicy(Policy):
 
     def _get(self, layer: LayerEntry, e: int) -> LoadedExpert:
         lk = layer.key
-        expert = self.residents.layer(lk).get(e)
-        if expert is not None:
-            self._lru[lk].move_to_end(e, last=True)
-            return expert
-        t0 = time.perf_counter()
-        while len(self.residents.layer(lk)) >= max(1, self.counts[lk]) and self._lru[lk]:
-            self._evict_lru(lk)
-        expert = self._admit(layer.experts[e])
-        self._lru[lk][e] = None
+        # The monitor thread may shrink this layer meanwhile: the LRU is shared with it.
+        with self._resize_lock:
+            expert = self.residents.layer(lk).get(e)
+            if expert is not None:
+                self._lru[lk].move_to_end(e, last=True)
+                return expert
+            t0 = time.perf_counter()
+            while len(self.residents.layer(lk)) >= max(1, self.counts[lk]) and self._lru[lk]:
+                self._evict_lru(lk)
+            expert = self._admit(layer.experts[e])
+            self._lru[lk][e] = None
         with self.counters.lock:
             self.counters.stall_s += time.perf_counter() - t0
             self.counters.loads += 1
@@ -250,6 +252,10 @@ class SwapMoEPolicy(Policy):
 
     def end_request(self) -> None:
         self.tracker.decay(self.decay)
+
+    def resize(self, counts) -> None:
+        self.order = self.tracker.snapshot()  # shrink by today's importance, not the start profile
+        super().resize(counts)
 
     # -- the swapper thread -------------------------------------------------------------------
     def start(self) -> None:

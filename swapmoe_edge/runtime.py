@@ -191,10 +191,7 @@ class Runtime:
             if budget < self.baseline + self.residents.nbytes:
                 log.warning("full policy is over the live budget (%s); it cannot shrink", format_size(budget))
             return
-        counts = self._plan(budget, strict=False)
-        if isinstance(self.policy, SwapMoEPolicy):
-            self.policy.order = self.policy.tracker.snapshot()
-        self.policy.resize(counts)
+        self.policy.resize(self._plan(budget, strict=False))
 
     # -- inputs -------------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
