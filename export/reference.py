@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,31 @@ from swapmoe_edge.errors import ExportError
 from swapmoe_edge.manifest import LayerKey
 
 from .checkpoint import CheckpointReader
+
+
+@dataclass
+class Reference:
+    """The PyTorch model's teacher-forced run: logits, each block's input and output, encoder output."""
+
+    logits: np.ndarray | None
+    block_in: dict[LayerKey, np.ndarray]
+    block_out: dict[LayerKey, np.ndarray]
+    encoder_out: np.ndarray | None
+
+    def to_npz(self) -> dict[str, np.ndarray]:
+        z = {"logits": self.logits, "encoder_out": self.encoder_out}
+        for tag, d in (("in", self.block_in), ("out", self.block_out)):
+            z.update({f"{tag}.{k.stack}.{k.layer}": v for k, v in d.items()})
+        return z
+
+    @classmethod
+    def from_npz(cls, z: dict[str, np.ndarray]) -> "Reference":
+        ref = cls(z["logits"], {}, {}, z["encoder_out"])
+        for name, v in z.items():
+            if name.startswith(("in.", "out.")):
+                tag, stack, layer = name.split(".")
+                (ref.block_in if tag == "in" else ref.block_out)[LayerKey(stack, int(layer))] = v
+        return ref
 
 
 def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -32,7 +58,7 @@ def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np
     return buckets.numpy().astype(np.int64)
 
 
-def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float32"):
+def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float32") -> Reference:
     """Teacher-forced logits of the HF model and each block's output.
 
     The model is built on the ``meta`` device; each module that owns weights gets them
@@ -89,19 +115,29 @@ def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float3
             module.register_forward_pre_hook(lambda mod, args, prefix=mname + ".": assign(mod, prefix, True))
             module.register_forward_hook(lambda mod, args, out: assign(mod, "", False))
 
-    outputs: dict[LayerKey, np.ndarray] = {}
+    # What each block got and gave, so the split model can be checked block by block on
+    # the same inputs (independent end-to-end runs drift apart in deep random models).
+    ref = Reference(logits=None, block_in={}, block_out={}, encoder_out=None)
+
+    def keep(store, key, t) -> None:
+        store[key] = t.detach().numpy().copy()
+
     for stack_name in ("encoder", "decoder"):
         for i, block in enumerate(getattr(model, stack_name).block):
-            block.register_forward_hook(
-                lambda mod, args, out, key=LayerKey(stack_name, i): outputs.__setitem__(key, out[0].detach().numpy().copy())
+            key = LayerKey(stack_name, i)
+            block.register_forward_pre_hook(
+                lambda mod, args, kwargs, key=key: keep(ref.block_in, key, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True,
             )
+            block.register_forward_hook(lambda mod, args, out, key=key: keep(ref.block_out, key, out[0]))
+    model.encoder.register_forward_hook(lambda mod, args, out: setattr(ref, "encoder_out", out[0].detach().numpy().copy()))
     with torch.no_grad():
-        logits = model(
+        ref.logits = model(
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
             decoder_input_ids=torch.from_numpy(dec),
         ).logits.numpy()
     reader.close()
-    return logits, outputs
+    return ref
 
 
 
@@ -121,14 +157,12 @@ def bucket_tables_in_child(num_buckets: int, max_distance: int) -> dict[str, np.
     return {"encoder": z["encoder"], "decoder": z["decoder"]}
 
 
-def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32"):
+def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32") -> Reference:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.npz"
         np.savez(inputs, ids=ids, mask=mask, dec=dec)
         z = _child(["forward", str(model_dir), str(inputs), round_to], Path(tmp) / "ref.npz")
-    logits = z.pop("logits")
-    blocks = {LayerKey(k.split(".")[0], int(k.split(".")[1])): v for k, v in z.items()}
-    return logits, blocks
+    return Reference.from_npz(z)
 
 
 def main(argv: list[str]) -> None:
@@ -140,8 +174,7 @@ def main(argv: list[str]) -> None:
         model_dir, inputs, round_to, out = rest
         with np.load(inputs) as z:
             ids, mask, dec = z["ids"], z["mask"], z["dec"]
-        logits, blocks = streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to)
-        np.savez(out, logits=logits, **{f"{k.stack}.{k.layer}": v for k, v in blocks.items()})
+        np.savez(out, **streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to).to_npz())
     else:
         raise SystemExit(f"unknown command {cmd!r}: {json.dumps(argv)}")
 

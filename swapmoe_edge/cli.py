@@ -162,3 +162,13 @@ def profile_cmd(artifact, data, limit, budget, max_new_tokens) -> None:
         click.echo(f"wrote {path} ({len(docs)} documents)", err=True)
     except SwapMoEError as e:
         _fail(e)
+
+
+from .cli_eval import eval_cmd, sweep_cmd  # noqa: E402
+
+main.add_command(eval_cmd)
+main.add_command(sweep_cmd)
+
+from .cli_devices import devices_cmd  # noqa: E402
+
+main.add_command(devices_cmd)

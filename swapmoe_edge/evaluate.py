@@ -225,7 +225,8 @@ def format_report(res: Mapping[str, Any], baseline: Mapping[str, Any] | None = N
         lines.append(f"fidelity      {r3(fid)} against full ({fid['reference']}); exact match {fid['exact_match']:.0%}")
     lines += [
         f"latency       ttft {res['ttft_ms']:.1f} ms, decode {res['decode_ms_per_token']:.2f} ms/token, "
-        f"request {res['request_ms']:.0f} ms (medians over {res['requests']} requests of up to {res['batch_size']} documents)",
+        f"request {res['request_ms']:.0f} ms (medians over {res['requests']} request{'s' if res['requests'] != 1 else ''} "
+        f"of up to {res['batch_size']} documents)",
         f"memory        peak RSS {format_size(res['peak_rss_bytes'])} (budget {format_size(res['budget_bytes'])}), "
         f"{res['resident_experts']} experts resident, read {format_size(res['bytes_read'])}, {res['loads']} loads, "
         f"{res['swaps']} swaps, stall {res['stall_ms']:.0f} ms, first choice resident {res['first_choice_resident']:.0%}",

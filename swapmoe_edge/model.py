@@ -75,18 +75,24 @@ class SplitModel:
     # -- encoder -----------------------------------------------------------------------
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, capture: Capture | None = None) -> np.ndarray:
         """input_ids, attention_mask [B, S] -> encoder output [B, S, D] (final norm applied)."""
-        s = input_ids.shape[1]
         h = self._run("enc.embed", input_ids=input_ids.astype(np.int64))[0]  # [B, S, D]
-        pos = np.arange(s)
-        pad = (1.0 - attention_mask.astype(np.float32))[:, None, None, :] * NEG  # [B, 1, 1, S]
-        bias = (self._position_bias("encoder", pos, pos) + pad).astype(np.float32)  # [B, H, S, S]
+        bias = self.encoder_bias(attention_mask)  # [B, H, S, S]
         mask = attention_mask.astype(bool)
         for layer in self.enc_layers:
-            h = self._run(layer.parts["attn"], hidden=h, attn_bias=bias)[0]
-            h = self._ffn(layer, h, mask)
+            h = self.encoder_block(layer, h, bias, mask)
             if capture:
                 capture(layer.key, h)
         return self._run("enc.final_norm", hidden=h)[0]
+
+    def encoder_bias(self, attention_mask: np.ndarray) -> np.ndarray:
+        """Relative position bias plus padding mask, shared by every encoder block: [B, H, S, S]."""
+        pos = np.arange(attention_mask.shape[1])
+        pad = (1.0 - attention_mask.astype(np.float32))[:, None, None, :] * NEG  # [B, 1, 1, S]
+        return (self._position_bias("encoder", pos, pos) + pad).astype(np.float32)
+
+    def encoder_block(self, layer: LayerEntry, h: np.ndarray, bias: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        h = self._run(layer.parts["attn"], hidden=h, attn_bias=bias)[0]
+        return self._ffn(layer, h, mask)
 
     # -- decoder -----------------------------------------------------------------------
     def start_decoder(self, encoder_out: np.ndarray, attention_mask: np.ndarray) -> DecoderState:
@@ -103,28 +109,35 @@ class SplitModel:
 
     def decode(self, ids: np.ndarray, state: DecoderState, capture: Capture | None = None) -> tuple[np.ndarray, DecoderState]:
         """ids [B, T] (T new tokens after P cached ones) -> logits [B, T, V] and the grown cache."""
-        t, p = ids.shape[1], state.past_len
         h = self._run("dec.embed", input_ids=ids.astype(np.int64))[0]  # [B, T, D]
-        q_pos, k_pos = np.arange(p, p + t), np.arange(p + t)
-        causal = np.where(k_pos[None, :] <= q_pos[:, None], np.float32(0), NEG)  # [T, L]
-        bias = (self._position_bias("decoder", q_pos, k_pos) + causal).astype(np.float32)  # [1, H, T, L]
+        bias = self.decoder_bias(ids.shape[1], state.past_len)  # [1, H, T, L]
         new_k, new_v = [], []
         for i, layer in enumerate(self.dec_layers):
-            h, pk, pv = self._run(
-                layer.parts["self_attn"], hidden=h, attn_bias=bias,
-                past_key=state.past_key[i], past_value=state.past_value[i],
-            )
+            h, pk, pv = self.decoder_block(i, layer, h, bias, state)
             new_k.append(pk)
             new_v.append(pv)
-            h = self._run(
-                layer.parts["cross_attn"], hidden=h, cross_bias=state.cross_bias,
-                cross_key=state.cross_key[i], cross_value=state.cross_value[i],
-            )[0]
-            h = self._ffn(layer, h, None)
             if capture:
                 capture(layer.key, h)
         logits = self._run("lm_head", hidden=h)[0]
         return logits, DecoderState(new_k, new_v, state.cross_key, state.cross_value, state.cross_bias)
+
+    def decoder_bias(self, t: int, p: int) -> np.ndarray:
+        """Relative position bias plus the causal mask for T new tokens after P cached: [1, H, T, L]."""
+        q_pos, k_pos = np.arange(p, p + t), np.arange(p + t)
+        causal = np.where(k_pos[None, :] <= q_pos[:, None], np.float32(0), NEG)  # [T, L]
+        return (self._position_bias("decoder", q_pos, k_pos) + causal).astype(np.float32)
+
+    def decoder_block(self, i: int, layer: LayerEntry, h: np.ndarray, bias: np.ndarray, state: DecoderState):
+        """Decoder block i: self-attention over cache + new tokens, cross-attention, FFN/MoE."""
+        h, pk, pv = self._run(
+            layer.parts["self_attn"], hidden=h, attn_bias=bias,
+            past_key=state.past_key[i], past_value=state.past_value[i],
+        )
+        h = self._run(
+            layer.parts["cross_attn"], hidden=h, cross_bias=state.cross_bias,
+            cross_key=state.cross_key[i], cross_value=state.cross_value[i],
+        )[0]
+        return self._ffn(layer, h, None), pk, pv
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, capture: Capture | None = None) -> np.ndarray:
         """Teacher-forced logits [B, T, V], as HF's model(input_ids, attention_mask, decoder_input_ids)."""

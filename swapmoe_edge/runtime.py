@@ -18,6 +18,7 @@ import numpy as np
 
 from . import memory
 from .budget import BudgetSpec, MemoryMonitor, check_fits, format_size, parse_budget
+from .devices import detect_profile, get_profile, select_providers
 from .errors import ArtifactError, BudgetError, InputError
 from .generate import beam_search, greedy_search
 from .importance import ImportanceTracker, Profile
@@ -39,11 +40,12 @@ class RuntimeConfig:
     policy: str = "swapmoe"
     budget: str = "auto"  # "4.7GiB" (whole process), "33%" (of expert bytes), or "auto"
     planner: str = "importance"  # per-layer split of the expert budget: importance | uniform
-    reserve_bytes: int = 256 << 20  # kept free for the rest of the system (auto budgets)
+    reserve_bytes: int | None = None  # kept free for the rest of the system; None: the device profile's
     monitor_period_s: float = 0.25
     activation_margin: float = 0.05  # of the measured baseline, for larger inputs than the warm-up
     max_source_tokens: int = 512
-    threads: int | None = None
+    threads: int | None = None  # None: the device profile's (its None: all cores)
+    device: str | None = None  # device profile name or .json path; None: detect this machine
     verify: str = "first"
     renormalize: bool = False  # swapmoe/prune: gate renormalised over residents
     swap_interval_s: float = 0.05
@@ -89,7 +91,14 @@ class Runtime:
         self.manifest: Manifest = load_manifest(artifact)
         m, c = self.manifest, self.manifest.config
         self.sparse = [lay.key for lay in m.sparse_layers()]
-        self.sessions = DenseSessions(m, threads=config.threads)
+        # device profile: providers, threads and reserve, unless the config sets them
+        self.device = get_profile(config.device) if config.device else detect_profile()
+        self.providers, self.device_messages = select_providers(self.device)
+        for msg in self.device_messages:
+            log.warning(msg)
+        threads = config.threads if config.threads is not None else self.device.threads
+        self.reserve_bytes = config.reserve_bytes if config.reserve_bytes is not None else self.device.reserve_bytes
+        self.sessions = DenseSessions(m, threads=threads, providers=self.providers)
         self.sessions.load_all()
         self.kernel_session = self.sessions.get("expert_kernel")
         self.store = store or ExpertStore(m, verify=config.verify)
@@ -103,7 +112,7 @@ class Runtime:
         self.spec: BudgetSpec = parse_budget(config.budget)
         total_experts = sum(e.nbytes for e in m.experts.values())
         self.cap = self.spec.process_cap(self.baseline, total_experts)
-        self.monitor = MemoryMonitor(self.cap, reserve=config.reserve_bytes, period_s=config.monitor_period_s,
+        self.monitor = MemoryMonitor(self.cap, reserve=self.reserve_bytes, period_s=config.monitor_period_s,
                                      on_change=None, available_fn=available_fn, rss_fn=rss_fn)
         self.budget_bytes = self.monitor.sample_once().budget
         counts = self._plan(self.budget_bytes, strict=True)
@@ -162,8 +171,8 @@ class Runtime:
         # it, unless every expert fits anyway (then nothing is ever swapped).
         everything = sum(self.expert_cost[lk] * E for lk in self.sparse)
         in_flight = max(per_layer) if self.config.policy == "swapmoe" and budget - self.baseline < everything else 0
-        if strict:
-            capacity = check_fits(budget - in_flight, self.baseline, per_layer)
+        if strict:  # the in-flight read counts as part of the baseline in the error message
+            capacity = check_fits(budget, self.baseline + in_flight, per_layer)
         else:
             capacity = max(budget - in_flight - self.baseline, sum(per_layer))  # never below one per layer
         importance = self.norms if self.config.policy == "prune" else dict(self.profile.importance)
@@ -257,6 +266,8 @@ class Runtime:
         routed = pol1["routed"] - pol0["routed"]
         return {
             "policy": self.config.policy,
+            "device": self.device.name,
+            "providers": list(self.providers),
             "ttft_ms": ttft * 1e3,
             "decode_ms_per_token": decode * 1e3,
             "request_ms": ((times[-1] if times else time.perf_counter()) - t0) * 1e3,

@@ -1,0 +1,5 @@
+"""Device profiles, one JSON file each; ``swapmoe_edge.devices`` reads them."""
+
+from pathlib import Path
+
+PROFILE_DIR = Path(__file__).resolve().parent

@@ -1,0 +1,183 @@
+"""Evaluation (ROUGE, fidelity to full, aggregated cost) and the resumable budget sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("rouge_score")
+
+from swapmoe_edge.errors import InputError  # noqa: E402
+from swapmoe_edge.evaluate import evaluate, lead_baseline, rouge  # noqa: E402
+from swapmoe_export import export_checkpoint  # noqa: E402
+
+from tiny import tiny_model, tiny_tokenizer, words  # noqa: E402
+
+MEASURES = ("ttft_ms", "decode_ms_per_token", "request_ms", "peak_rss_bytes", "bytes_read", "swaps", "stall_ms",
+            "first_choice_resident", "rouge1", "rouge2", "rougeL", "budget_bytes", "exact")
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalsweep")
+    model = tiny_model(seed=41, num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
+    model.save_pretrained(root / "ckpt")
+    tiny_tokenizer(model.config.vocab_size).save(str(root / "ckpt" / "tokenizer.json"))
+    export_checkpoint(root / "ckpt", root / "art", quiet=True)
+    return root / "art"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Five documents of tiny-vocabulary words; each reference is a few of its words."""
+    rng = np.random.default_rng(7)
+    path = tmp_path_factory.mktemp("evaldata") / "docs.jsonl"
+    recs = []
+    for n in (14, 9, 20, 11, 16):
+        ids = rng.integers(3, 96, n).tolist()
+        recs.append({"text": words(ids), "summary": words(ids[:3])})
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return path
+
+
+def _in_unit(res):
+    return all(0.0 <= res[k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL"))
+
+
+def test_full_scores_in_range_and_is_faithful_to_itself(art, data):
+    res = evaluate(art, data, "full", "auto", max_new_tokens=4, batch_size=2, keep_outputs=True, quiet=True)
+    assert _in_unit(res) and res["exact"] is True and res["documents"] == 5 and res["requests"] == 3
+    assert res["fidelity"]["reference"] == "self"
+    # a second full run, scored against the first one's saved outputs: identical, token for token
+    again = evaluate(art, data, "full", "auto", max_new_tokens=4, batch_size=2, reference_outputs=res["outputs"], quiet=True)
+    fid = again["fidelity"]
+    assert fid["reference"] == "given" and fid["exact_match"] == 1.0
+    assert fid["rouge1"] == fid["rouge2"] == fid["rougeL"] == 1.0
+    for k in MEASURES:
+        assert k in again
+    assert again["peak_rss_bytes"] > 0 and again["budget_bytes"] >= again["baseline_bytes"]
+
+
+def test_a_lossy_policy_at_a_low_budget_says_so_and_measures_fidelity_against_a_full_run(art, data):
+    res = evaluate(art, data, "prune", "13%", max_new_tokens=4, quiet=True)
+    assert res["exact"] is False and _in_unit(res)
+    fid = res["fidelity"]
+    assert fid["reference"] == "full run" and 0.0 <= fid["exact_match"] < 1.0
+    assert all(0.0 <= fid[k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL"))
+    assert res["first_choice_resident"] < 1.0
+
+
+def test_an_exact_policy_matches_full_token_for_token(art, data):
+    res = evaluate(art, data, "on-demand", "13%", max_new_tokens=4, quiet=True)
+    assert res["exact"] is True and res["fidelity"]["exact_match"] == 1.0
+    assert res["loads"] > 0 and res["bytes_read"] > 0 and res["stall_ms"] > 0
+
+
+def test_lead_baseline_matches_a_hand_computed_rouge(tmp_path):
+    path = tmp_path / "lead.jsonl"
+    path.write_text(json.dumps({"text": "a b c d e f g h i j", "summary": "a b x"}) + "\n\n"
+                    + json.dumps({"text": "p q r", "summary": "p q r"}) + "\n")
+    res = lead_baseline(path)
+    # doc 1, lead-8 "a b c d e f g h" vs "a b x": unigrams P 2/8 R 2/3 -> F 4/11; bigrams P 1/7 R 1/2 -> F 2/9;
+    # LCS "a b" as unigrams. Doc 2: the lead is the reference, 1 everywhere.
+    assert res["documents"] == 2 and res["baseline"] == "lead-8"
+    assert res["rouge1"] == pytest.approx((4 / 11 + 1) / 2)
+    assert res["rouge2"] == pytest.approx((2 / 9 + 1) / 2)
+    assert res["rougeL"] == pytest.approx((4 / 11 + 1) / 2)
+    assert lead_baseline(path, n_words=2, limit=1)["rouge1"] == pytest.approx(0.8)  # "a b": P 1, R 2/3
+
+
+def test_fidelity_counts_two_identical_empty_outputs_as_one():
+    # doc 1: both empty -> 1; doc 2: one shared unigram of two, no shared bigram
+    assert rouge(["", "w5 w6"], ["", "w5 w7"], identical_is_one=True) == {"rouge1": 0.75, "rouge2": 0.5, "rougeL": 0.75}
+    assert rouge([""], [""])["rouge1"] == 0.0  # against references rouge-score's own rule stands
+
+
+def test_a_record_without_summary_is_named_by_its_line(art, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "w5 w6", "summary": "w5"}) + "\n\n" + json.dumps({"text": "w7 w8"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:3 has no string field `summary`"):
+        evaluate(art, path, "full", "auto", quiet=True)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("w5 w6\n")
+    with pytest.raises(InputError, match="plain text"):
+        lead_baseline(plain)
+
+
+def test_cli_eval_prints_scores_baseline_and_fidelity(art, data):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "swapmoe_edge", "eval", "--artifact", str(art), "--data", str(data),
+                        "--policy", "swapmoe", "--budget", "25%", "--max-new-tokens", "3", "--limit", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ROUGE-1/2/L" in r.stdout and "lead-8" in r.stdout and "fidelity" in r.stdout and "approximate" in r.stdout
+    assert "3/3 docs" in r.stderr  # progress
+    bad = subprocess.run([sys.executable, "-m", "swapmoe_edge", "eval", "--artifact", str(art), "--data", str(data),
+                          "--limit", "0", "--json"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "limit" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- sweep ----------------------------------------------------------------------------------------
+
+
+def test_sweep_writes_every_measure_and_resumes_without_rerunning_cells(art, data, tmp_path, monkeypatch):
+    from swapmoe_edge import sweep as sweep_mod
+
+    out = tmp_path / "sweep"
+    kw = dict(budgets=("100%", "25%"), policies=("prune", "swapmoe"), planners=("importance",), limit=4,
+              max_new_tokens=3, quiet=True)
+    res = sweep_mod.sweep(art, data, out, **kw)
+    cells = sorted((out / "cells").glob("*.json"))
+    assert [c.stem for c in cells] == ["full__100pct", "prune__100pct__importance", "prune__25pct__importance",
+                                       "swapmoe__100pct__importance", "swapmoe__25pct__importance"]
+    assert not res["failed"] and len(res["cells"]) == 5
+    for c in cells:
+        cell = json.loads(c.read_text())
+        assert "error" not in cell
+        for k in MEASURES:
+            assert cell[k] is not None, (c.name, k)
+        assert cell["peak_rss_bytes"] > 0 and cell["budget_bytes"] > 0
+        assert cell["fidelity"]["exact_match"] is not None and len(cell["outputs"]) == 4
+    full = json.loads((out / "cells" / "full__100pct.json").read_text())
+    low = json.loads((out / "cells" / "swapmoe__25pct__importance.json").read_text())
+    assert full["fidelity"]["exact_match"] == 1.0 and low["exact"] is False
+    assert low["fidelity"]["reference"] == "given"  # the full cell's saved outputs, not a new full run
+
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and all(r["peak_rss_bytes"] and r["budget_bytes"] and r["fidelity_rouge2"] for r in rows)
+    assert {r["policy"] for r in rows} == {"full", "prune", "swapmoe"}
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["lead_baseline"]["documents"] == 4 and "outputs" not in summary["cells"][0]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["decode_ms_vs_budget.png", "peak_rss_vs_budget.png", "rouge2_vs_budget.png"]
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+    # resume: no cell process runs again, and no cell file is rewritten
+    mtimes = {c: c.stat().st_mtime_ns for c in cells}
+
+    def no_process(*a, **k):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(sweep_mod, "_run_cell_process", no_process)
+    again = sweep_mod.sweep(art, data, out, **kw)
+    assert {c: c.stat().st_mtime_ns for c in cells} == mtimes
+    assert [r["cell"] for r in again["cells"]] == [r["cell"] for r in res["cells"]]
+    with pytest.raises(InputError, match="other settings"):
+        sweep_mod.sweep(art, data, out, **{**kw, "max_new_tokens": 5})
+
+
+def test_sweep_plans_full_once_and_on_demand_with_one_planner():
+    from swapmoe_edge.sweep import plan_cells
+
+    cells = plan_cells(["100%", "50%"], ["on-demand", "full", "swapmoe"], ["importance", "uniform"])
+    names = [c.name for c in cells]
+    assert names[0] == "full__100pct" and names.count("full__100pct") == 1
+    assert [n for n in names if n.startswith("on-demand")] == ["on-demand__100pct__importance", "on-demand__50pct__importance"]
+    assert len([n for n in names if n.startswith("swapmoe")]) == 4
