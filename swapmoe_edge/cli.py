@@ -115,15 +115,17 @@ def _artifact_or_default(artifact: str | None) -> str:
 @click.option("--num-beams", type=int, default=1, show_default=True)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Documents generated together.")
+@click.option("--device", default=None, help="Device profile name or .json path (default: detected; see `swapmoe devices`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input: summary, token_ids, exact, stats.")
-def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, as_json) -> None:
+def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json) -> None:
     """Summarise TEXT arguments or the documents of --file inside a memory budget."""
     from .runtime import Runtime, RuntimeConfig
     from .budget import format_size
 
     try:
         docs = _read_inputs(texts, file)
-        with Runtime(_artifact_or_default(artifact), RuntimeConfig(policy=policy, budget=budget, planner=planner)) as rt:
+        config = RuntimeConfig(policy=policy, budget=budget, planner=planner, device=device)
+        with Runtime(_artifact_or_default(artifact), config) as rt:
             for i in range(0, len(docs), batch_size):
                 for r in rt.summarize(docs[i: i + batch_size], max_new_tokens=max_new_tokens, num_beams=num_beams):
                     if as_json:
@@ -149,14 +151,15 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
 @click.option("--limit", type=int, default=256, show_default=True, help="Use at most this many documents.")
 @click.option("--budget", default="auto", show_default=True, help="Budget for the profiling run (exact, on-demand).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-def profile_cmd(artifact, data, limit, budget, max_new_tokens) -> None:
+@click.option("--device", default=None, help="Device profile name or .json path (default: detected).")
+def profile_cmd(artifact, data, limit, budget, max_new_tokens, device) -> None:
     """Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."""
     from .runtime import PROFILE_NAME, Runtime, RuntimeConfig
     from .textio import read_documents
 
     try:
         docs = [d["text"] for d in read_documents(data)][:limit]
-        with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget)) as rt:
+        with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device)) as rt:
             prof = rt.profile_texts(docs, max_new_tokens=max_new_tokens)
         path = prof.save(Path(artifact) / PROFILE_NAME)
         click.echo(f"wrote {path} ({len(docs)} documents)", err=True)

@@ -313,8 +313,7 @@ def select_providers(profile: DeviceProfile, available: Sequence[str] | None = N
         hint = f": {profile.provider_hint}" if profile.provider_hint else ""
         messages.append(f"{p} is not in this onnxruntime build (it offers {', '.join(available) or 'nothing'})"
                         f"{hint}; falling back to {instead}")
-    if chosen[-1] != CPU:
-        chosen.append(CPU)
+    assert chosen[-1] == CPU, "profiles end with the CPU provider, which every build has"
     return chosen, messages
 
 
