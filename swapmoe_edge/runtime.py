@@ -48,8 +48,10 @@ class RuntimeConfig:
     device: str | None = None  # device profile name or .json path; None: detect this machine
     verify: str = "first"
     renormalize: bool = False  # swapmoe/prune: gate renormalised over residents
-    swap_interval_s: float = 0.05
-    max_swaps_per_interval: int = 2
+    # Swap rate: at most this many experts per interval (switch-base: 19 MB each, read and
+    # hashed on the swapper thread, which shares the cores with the token loop).
+    swap_interval_s: float = 0.1
+    max_swaps_per_interval: int = 1
     hysteresis: float = 0.1
     decay: float = 0.5
 
