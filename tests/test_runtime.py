@@ -83,11 +83,12 @@ def test_full_policy_reproduces_hf_generate_token_for_token(models, name, num_be
 
 
 @pytest.mark.parametrize("policy", ["on-demand", "swapmoe", "prune"])
-def test_any_policy_whose_budget_holds_every_expert_is_exact(models, policy):
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_any_policy_whose_budget_holds_every_expert_is_exact(models, policy, num_beams):
     model, art = models["8exp_all_sparse"]
     rows = _rows(2)
-    results = _run(art, rows, 10, policy=policy, budget="100%")
-    assert [r.token_ids for r in results] == _hf_generate(model, rows, 10)
+    results = _run(art, rows, 10, num_beams, policy=policy, budget="100%")
+    assert [r.token_ids for r in results] == _hf_generate(model, rows, 10, num_beams)
     assert results[0].stats["first_choice_resident"] == 1.0
 
 
