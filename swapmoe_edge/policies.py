@@ -15,6 +15,7 @@ Each policy is the ``moe`` callback of the split model for one sparse layer:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -270,6 +271,7 @@ class SwapMoEPolicy(Policy):
             self._thread = None
 
     def _loop(self) -> None:
+        _lower_this_threads_priority()
         while not self._stop.wait(self.interval_s):
             try:
                 self.swap_once()
@@ -314,3 +316,15 @@ class SwapMoEPolicy(Policy):
                 self.counters.evictions += evict is not None
             done += 1
         return done
+
+
+def _lower_this_threads_priority(nice: int = 10) -> None:
+    """Let the token loop preempt the swapper: on Linux a thread has its own nice value.
+
+    Reading and hashing a switch-base expert takes ~20 ms of CPU; on a device whose cores
+    are all busy with the token loop, that time otherwise comes out of decoding.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
