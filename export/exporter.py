@@ -30,7 +30,7 @@ from swapmoe_edge.manifest import (
     write_json_atomic,
 )
 
-from . import graphs
+from . import graphs, quant
 from .checkpoint import CheckpointReader, read_config
 from .reference import bucket_tables_in_child
 
@@ -147,12 +147,16 @@ def export_checkpoint(
     out_dir: str | os.PathLike,
     dtype: str = "float32",
     validate: bool = True,
+    expert_dtype: str | None = None,
     quiet: bool = False,
     stream=None,
 ) -> Path:
     """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path."""
     if dtype not in ("float32", "float16"):
         raise ExportError(f"--dtype must be float32 or float16, not {dtype!r}")
+    expert_dtype = expert_dtype or dtype
+    if expert_dtype not in quant.EXPERT_DTYPES:
+        raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
     model_dir, out = Path(model_dir), Path(out_dir)
     raw_cfg, cfg = read_config(model_dir)
     reader = CheckpointReader(model_dir)
@@ -163,7 +167,7 @@ def export_checkpoint(
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dtype, writer, progress)
+        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress)
         tok = model_dir / "tokenizer.json"
         if tok.is_file():
             writer.write_bytes("tokenizer.json", tok.read_bytes())
@@ -179,6 +183,7 @@ def export_checkpoint(
             "created_by": "swapmoe_export 0.1.0",
             "source": str(model_dir.resolve()),
             "dtype": dtype,
+            "expert_dtype": expert_dtype,
             "config": config_to_dict(cfg),
             "hf_config": raw_cfg,
             "tokenizer": "tokenizer.json" if tok.is_file() else None,
@@ -194,7 +199,7 @@ def export_checkpoint(
             # The manifest goes in first so the runtime code can read the unfinished artifact;
             # the directory is still hidden, so nobody else sees it yet.
             write_json_atomic(tmp / MANIFEST_NAME, manifest)
-            report = validate_artifact(model_dir, tmp, dtype=dtype)
+            report = validate_artifact(model_dir, tmp, dtype=dtype, expert_dtype=expert_dtype)
             manifest["validation"] = report
             progress.step(f"validated: max |logit diff| {report['max_abs_diff']:.2e} over {report['compared']} tensors")
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
@@ -206,11 +211,10 @@ def export_checkpoint(
         raise
 
 
-def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, writer: ArtifactWriter, progress: Progress) -> dict:
+def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, expert_dtype: str, writer: ArtifactWriter, progress: Progress) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []
     experts: list[dict] = []
-    store = np.dtype(dtype)
 
     def add(name: str, kind: str, model) -> str:
         rel = f"dense/{name}.onnx"
@@ -281,7 +285,7 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, wri
                 parts["router"] = add(f"{name}.router", "router", graphs.router_graph(f"{scope}/moe", w, cfg, dtype))
                 layer["experts"] = list(range(cfg.num_experts))
                 for e in range(cfg.num_experts):
-                    experts.append(_write_expert(reader, cfg, store, writer, ExpertKey(stack, i, e), f"{ff}.mlp.experts.expert_{e}", scope))
+                    experts.append(_write_expert(reader, cfg, expert_dtype, writer, ExpertKey(stack, i, e), f"{ff}.mlp.experts.expert_{e}", scope))
             layers.append(layer)
             kind = f"sparse, {cfg.num_experts} experts" if sparse else "dense"
             progress.step(f"{name} ({kind}) {time.perf_counter() - t0:.1f}s")
@@ -291,20 +295,32 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, wri
     model = graphs.lm_head_graph(reader.get("decoder.final_layer_norm.weight"), lm, cfg, dtype)
     del lm  # the graph holds its own copy
     add("lm_head", "lm_head", model)
-    add("expert_kernel", "expert_kernel", graphs.expert_kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, dtype))
+    kernel_io = "expert_kernel_int8" if expert_dtype == "int8" else "expert_kernel"
+    add("expert_kernel", kernel_io, graphs.expert_kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, expert_dtype))
     progress.step("final norms and LM head")
     return {"subgraphs": subgraphs, "layers": layers, "experts": experts}
 
 
-def _write_expert(reader: CheckpointReader, cfg: ModelConfig, store: np.dtype, writer: ArtifactWriter, key: ExpertKey, prefix: str, scope: str) -> dict:
-    wi = reader.get(f"{prefix}.wi.weight")  # [F, D]
-    wo = reader.get(f"{prefix}.wo.weight")  # [D, F]
-    wi_t = np.ascontiguousarray(wi.T.astype(store))  # [D, F], as the graph multiplies
-    wo_t = np.ascontiguousarray(wo.T.astype(store))  # [F, D]
+def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str, writer: ArtifactWriter, key: ExpertKey, prefix: str, scope: str) -> dict:
+    wi_t = np.ascontiguousarray(reader.get(f"{prefix}.wi.weight").T)  # [D, F], as the graph multiplies
+    wo_t = np.ascontiguousarray(reader.get(f"{prefix}.wo.weight").T)  # [F, D]
     bin_rel = f"experts/{key.name}.bin"
-    offsets = writer.write_blocks(bin_rel, [wi_t, wo_t])
-    norm = float(np.sqrt(np.sum(wi_t.astype(np.float64) ** 2) + np.sum(wo_t.astype(np.float64) ** 2)))
-    model = graphs.expert_graph(f"{scope}/moe/expert.{key.expert}", wi, wo, cfg.dense_act_fn, str(store), f"{key.name}.bin", (offsets[0], offsets[1]))
+    name = f"{scope}/moe/expert.{key.expert}"
+    if expert_dtype == "int8":
+        (qi, si), (qo, so) = quant.quantize_int8(wi_t), quant.quantize_int8(wo_t)
+        parts = {"wi": qi, "wi_scale": si, "wo": qo, "wo_scale": so}
+        offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
+        model = graphs.expert_int8_graph(name, parts, cfg.dense_act_fn, f"{key.name}.bin", offs)
+        ran = (quant.dequantize_int8(qi, si), quant.dequantize_int8(qo, so))
+        names = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
+    else:
+        parts = {"wi": wi_t.astype(expert_dtype), "wo": wo_t.astype(expert_dtype)}
+        offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
+        model = graphs.expert_graph(name, wi_t.T, wo_t.T, cfg.dense_act_fn, expert_dtype, f"{key.name}.bin", (offs["wi"], offs["wo"]))
+        ran = (parts["wi"], parts["wo"])
+        names = {"wi": "wi.weight", "wo": "wo.weight"}
+    # ||E|| of SwapMoE's Eq. 1, on the weights that actually run.
+    norm = float(np.sqrt(sum(np.sum(np.asarray(w, np.float64) ** 2) for w in ran)))
     onnx_rel = f"experts/{key.name}.onnx"
     writer.write_onnx(onnx_rel, model)
     ins, outs = graphs.IO["expert"]
@@ -317,7 +333,7 @@ def _write_expert(reader: CheckpointReader, cfg: ModelConfig, store: np.dtype, w
         "nbytes": writer.files[bin_rel]["size"],
         "norm": norm,
         "tensors": [
-            {"name": f"{scope}/moe/expert.{key.expert}/wi.weight", "offset": offsets[0], "shape": list(wi_t.shape), "dtype": str(store)},
-            {"name": f"{scope}/moe/expert.{key.expert}/wo.weight", "offset": offsets[1], "shape": list(wo_t.shape), "dtype": str(store)},
+            {"name": f"{name}/{names[role]}", "role": role, "offset": offs[role], "shape": list(arr.shape), "dtype": str(arr.dtype)}
+            for role, arr in parts.items()
         ],
     }

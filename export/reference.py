@@ -19,6 +19,7 @@ from swapmoe_edge.errors import ExportError
 from swapmoe_edge.manifest import LayerKey
 
 from .checkpoint import CheckpointReader
+from .quant import as_stored
 
 
 @dataclass
@@ -58,7 +59,7 @@ def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np
     return buckets.numpy().astype(np.int64)
 
 
-def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float32") -> Reference:
+def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None) -> Reference:
     """Teacher-forced logits of the HF model and each block's output.
 
     The model is built on the ``meta`` device; each module that owns weights gets them
@@ -87,7 +88,9 @@ def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float3
         if source in loaded:
             return loaded[source]
         arr = reader.get(source)
-        if round_to == "float16":
+        if ".mlp.experts." in source:  # the expert weights the artifact runs ([out, in] here)
+            arr = np.ascontiguousarray(as_stored(arr.T, expert_dtype or round_to).T)
+        elif round_to == "float16":
             arr = arr.astype(np.float16).astype(np.float32)
         tensor = torch.from_numpy(arr)
         if ".block." not in source:
@@ -157,11 +160,11 @@ def bucket_tables_in_child(num_buckets: int, max_distance: int) -> dict[str, np.
     return {"encoder": z["encoder"], "decoder": z["decoder"]}
 
 
-def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32") -> Reference:
+def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None) -> Reference:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.npz"
         np.savez(inputs, ids=ids, mask=mask, dec=dec)
-        z = _child(["forward", str(model_dir), str(inputs), round_to], Path(tmp) / "ref.npz")
+        z = _child(["forward", str(model_dir), str(inputs), round_to, expert_dtype or round_to], Path(tmp) / "ref.npz")
     return Reference.from_npz(z)
 
 
@@ -171,10 +174,10 @@ def main(argv: list[str]) -> None:
         nb, md, out = int(rest[0]), int(rest[1]), rest[2]
         np.savez(out, encoder=bucket_table(True, nb, md), decoder=bucket_table(False, nb, md))
     elif cmd == "forward":
-        model_dir, inputs, round_to, out = rest
+        model_dir, inputs, round_to, expert_dtype, out = rest
         with np.load(inputs) as z:
             ids, mask, dec = z["ids"], z["mask"], z["dec"]
-        np.savez(out, **streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to).to_npz())
+        np.savez(out, **streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype).to_npz())
     else:
         raise SystemExit(f"unknown command {cmd!r}: {json.dumps(argv)}")
 

@@ -98,7 +98,7 @@ def artifact_blockwise(artifact: Path, ref: Reference, ids, mask, dec) -> tuple[
     return out, logits
 
 
-def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", seed: int = 0) -> dict:
+def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", seed: int = 0, expert_dtype: str | None = None) -> dict:
     """Compare the artifact with the HF model; raise ValidationError listing every mismatch.
 
     Two checks. Block by block: every block, and the LM head, on the PyTorch model's own
@@ -112,7 +112,7 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
     ids, mask, dec = sample_inputs(c.vocab_size, c.pad_token_id, c.decoder_start_token_id, seed)
     # The PyTorch side runs in a child process: torch alone takes ~350 MB of RSS, which
     # this process (writing and checking the artifact) then never pays.
-    ref = reference_forward_in_child(Path(model_dir), ids, mask, dec, round_to=dtype)
+    ref = reference_forward_in_child(Path(model_dir), ids, mask, dec, round_to=dtype, expert_dtype=expert_dtype)
     got_blocks, got_logits = artifact_blockwise(artifact, ref, ids, mask, dec)
     mismatches: list[str] = []
     for key in sorted(ref.block_out):

@@ -90,8 +90,8 @@ def main() -> None:
     ex = store.read(key)
     results["kernel"] = {
         "swap_in_ms": med_ms(lambda: store.read(key), args.runs),
-        "run_1_ms": med_ms(lambda: kernel.run(None, {"x": x1, "wi": ex.wi, "wo": ex.wo}), args.runs),
-        "run_64_ms": med_ms(lambda: kernel.run(None, {"x": x64, "wi": ex.wi, "wo": ex.wo}), args.runs),
+        "run_1_ms": med_ms(lambda: kernel.run(None, {"x": x1, **ex.feeds}), args.runs),
+        "run_64_ms": med_ms(lambda: kernel.run(None, {"x": x64, **ex.feeds}), args.runs),
         "rss_per_expert": rss_per_copy(lambda: store.read(key)),
     }
 
@@ -117,7 +117,7 @@ def main() -> None:
         "rss_per_expert": rss_per_copy(bind),
     }
     y_sess = sess.run(None, {"x": x64})[0]
-    y_kernel = kernel.run(None, {"x": x64, "wi": ex.wi, "wo": ex.wo})[0]
+    y_kernel = kernel.run(None, {"x": x64, **ex.feeds})[0]
     results["max_abs_diff_kernel_vs_session"] = float(np.max(np.abs(y_sess - y_kernel)))
     raw = results["raw"]["swap_in_ms"]
     for name in ("session", "kernel", "iobinding"):

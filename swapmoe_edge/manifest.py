@@ -20,6 +20,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "swapmoe-artifact"
 STACKS = ("encoder", "decoder")
 STACK_PREFIX = {"encoder": "enc", "decoder": "dec"}
+_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
 
 
 @dataclass(frozen=True, order=True)
@@ -172,13 +173,14 @@ class TensorSlice:
     offset: int
     shape: tuple[int, ...]
     dtype: str
+    role: str = ""  # the expert kernel's input it feeds: wi, wo, wi_scale, wo_scale
 
     @property
     def nbytes(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * (2 if self.dtype == "float16" else 4)
+        return n * _ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,7 @@ class Manifest:
     root: Path
     schema_version: int
     dtype: str
+    expert_dtype: str
     config: ModelConfig
     tokenizer: str | None
     subgraphs: dict[str, Subgraph]
@@ -274,6 +277,7 @@ class Manifest:
             "artifact": str(self.root),
             "schema_version": self.schema_version,
             "dtype": self.dtype,
+            "expert_dtype": self.expert_dtype,
             "d_model": c.d_model,
             "d_ff": c.d_ff,
             "num_heads": c.num_heads,
@@ -309,6 +313,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def _subgraph(name: str, d: dict[str, Any]) -> Subgraph:
     return Subgraph(name=name, file=d["file"], inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]))
+
+
+def _role(tensor_name: str) -> str:
+    """Schema-1 manifests without roles: ``.../wi.weight`` feeds ``wi``."""
+    leaf = tensor_name.rsplit("/", 1)[-1]
+    return leaf.replace(".weight", "").replace(".scale", "_scale")
 
 
 def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
@@ -348,7 +358,7 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
                 nbytes=int(d["nbytes"]),
                 norm=float(d["norm"]),
                 tensors=tuple(
-                    TensorSlice(t["name"], int(t["offset"]), tuple(t["shape"]), t["dtype"])
+                    TensorSlice(t["name"], int(t["offset"]), tuple(t["shape"]), t["dtype"], t.get("role") or _role(t["name"]))
                     for t in d["tensors"]
                 ),
             )
@@ -366,6 +376,7 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
             root=root,
             schema_version=version,
             dtype=raw["dtype"],
+            expert_dtype=raw.get("expert_dtype", raw["dtype"]),
             config=ModelConfig.from_dict(raw["config"]),
             tokenizer=raw.get("tokenizer"),
             subgraphs=subgraphs,

@@ -152,8 +152,8 @@ class Runtime:
         """
         c = self.manifest.config
         entry = next(iter(self.manifest.experts.values()))
-        dummy = LoadedExpert(entry.key, *(np.zeros(t.shape, dtype=t.dtype) for t in entry.tensors), entry.nbytes)
-        dummy_bytes = dummy.wi.nbytes + dummy.wo.nbytes
+        dummy = LoadedExpert(entry.key, {t.role: np.zeros(t.shape, dtype=t.dtype) for t in entry.tensors}, entry.nbytes)
+        dummy_bytes = sum(a.nbytes for a in dummy.feeds.values())
 
         def moe(layer, normed, logits, mask):
             flat = normed.reshape(-1, normed.shape[-1])  # [B*T, D]: every token through one expert
@@ -178,7 +178,7 @@ class Runtime:
         return int(base * (1 + self.config.activation_margin))
 
     def _kernel(self, expert: LoadedExpert, x: np.ndarray) -> np.ndarray:
-        return self.kernel_session.run(None, {"x": x, "wi": expert.wi, "wo": expert.wo})[0]
+        return self.kernel_session.run(None, {"x": x, **expert.feeds})[0]
 
     def _plan(self, budget: int, strict: bool) -> dict[LayerKey, int]:
         E = self.manifest.config.num_experts

@@ -16,7 +16,7 @@ import numpy as np
 from .errors import ArtifactError
 from .manifest import ExpertKey, Manifest
 
-_DTYPES = {"float32": np.float32, "float16": np.float16}
+_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
 class ExpertReadError(ArtifactError):
@@ -32,9 +32,16 @@ class LoadedExpert:
     """A fully read expert. Only complete ones exist: a half-read expert is never built."""
 
     key: ExpertKey
-    wi: np.ndarray  # [D, F]
-    wo: np.ndarray  # [F, D]
+    feeds: dict[str, np.ndarray]  # the expert kernel's weight inputs: wi[D, F], wo[F, D] (+ int8 scales)
     nbytes: int
+
+    @property
+    def wi(self) -> np.ndarray:
+        return self.feeds["wi"]
+
+    @property
+    def wo(self) -> np.ndarray:
+        return self.feeds["wo"]
 
 
 class ExpertStore:
@@ -84,14 +91,12 @@ class ExpertStore:
                 )
             with self._lock:
                 self._verified.add(key)
-        wi_t, wo_t = entry.tensors
-        wi = _view(buf, wi_t.offset, wi_t.shape, wi_t.dtype)
-        wo = _view(buf, wo_t.offset, wo_t.shape, wo_t.dtype)
+        feeds = {t.role: _view(buf, t.offset, t.shape, t.dtype) for t in entry.tensors}
         with self._lock:
             self.bytes_read += entry.nbytes
             self.reads += 1
             self.read_seconds += time.perf_counter() - t0
-        return LoadedExpert(key, wi, wo, entry.nbytes)
+        return LoadedExpert(key, feeds, entry.nbytes)
 
     def counters(self) -> dict[str, float]:
         with self._lock:

@@ -248,3 +248,21 @@ def test_streamed_pytorch_reference_equals_the_whole_model(exported):
     ref = streamed_hf_forward(ckpt, ids, mask, dec)
     np.testing.assert_array_equal(ref.logits, _hf_logits(model, ids, mask, dec))
     assert set(ref.block_in) == set(ref.block_out) and len(ref.block_out) == c.num_layers + c.num_decoder_layers
+
+
+def test_int8_experts_validate_against_their_own_weights_and_take_about_a_quarter(tmp_path):
+    """int8 is lossy: the artifact must run exactly the quantised weights the reference uses."""
+    from swapmoe_export.quant import dequantize_int8, quantize_int8
+
+    save_tiny(tmp_path / "ckpt", seed=14, d_model=64, d_ff=512, d_kv=16)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "f32", quiet=True)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "i8", expert_dtype="int8", quiet=True)  # raises on mismatch
+    m32, m8 = load_manifest(tmp_path / "f32"), load_manifest(tmp_path / "i8", verify=True)
+    assert m8.expert_dtype == "int8" and m8.dtype == "float32" and m8.validation["passed"]
+    w32 = sum(t.nbytes for e in m32.experts.values() for t in e.tensors)
+    w8 = sum(t.nbytes for e in m8.experts.values() for t in e.tensors)
+    assert w8 < 0.27 * w32  # int8 weights plus one float32 scale per output column
+    assert m8.expert_bytes < 0.3 * m32.expert_bytes
+    w = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+    q, s = quantize_int8(w)
+    assert q.dtype == np.int8 and np.abs(dequantize_int8(q, s) - w).max() <= s.max() / 2 + 1e-6

@@ -381,3 +381,23 @@ def test_cli_profile_writes_a_profile_the_runtime_then_uses(models, tmp_path):
     assert sum(sum(v["counts"]) for v in prof["layers"].values()) > 0
     with Runtime(copy, RuntimeConfig(policy="swapmoe", budget="50%")) as rt:
         assert rt.profile.source == "profile"
+
+
+def test_int8_experts_fit_more_residents_in_the_same_budget(tmp_path):
+    model = tiny_model(seed=40, num_experts=16, d_model=64, d_ff=512, d_kv=16, num_sparse_encoder_layers=2,
+                       num_sparse_decoder_layers=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "f32", quiet=True, validate=False)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "i8", expert_dtype="int8", quiet=True, validate=False)
+    from swapmoe_edge.manifest import load_manifest
+
+    # The same bytes for experts in both (a share is of each artifact's own expert bytes;
+    # the baselines are measured per runtime, so a whole-process cap would compare those).
+    room = 0.25 * load_manifest(tmp_path / "f32").expert_bytes
+    share8 = 100 * room / load_manifest(tmp_path / "i8").expert_bytes
+    with Runtime(tmp_path / "f32", RuntimeConfig(policy="prune", budget="25%")) as rt:
+        n32 = sum(rt.residents.counts().values())
+    with Runtime(tmp_path / "i8", RuntimeConfig(policy="prune", budget=f"{share8:.2f}%")) as rt:
+        n8 = sum(rt.residents.counts().values())
+        res = rt.generate(_rows(12), max_new_tokens=4)
+    assert n8 >= 2 * n32 and len(res[0].token_ids) > 0
