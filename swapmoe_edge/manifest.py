@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import ArtifactError
 
@@ -404,10 +404,6 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
     return manifest
 
 
-def manifest_to_json(m: dict[str, Any]) -> str:
-    return json.dumps(m, indent=1, sort_keys=False)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON next to ``path`` then rename over it, so readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -420,9 +416,3 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def config_to_dict(c: ModelConfig) -> dict[str, Any]:
     return asdict(c)
-
-
-def expert_keys(config: ModelConfig) -> Iterable[ExpertKey]:
-    for lk in config.sparse_layers():
-        for e in range(config.num_experts):
-            yield ExpertKey(lk.stack, lk.layer, e)

@@ -145,9 +145,6 @@ class Policy:
         self._count_routing(r, allowed, layer, token_mask)
         return r, dispatch(r, normed, lambda e, x: self.kernel(m[e], x))
 
-    def residents_per_layer(self) -> dict[str, int]:
-        return self.residents.counts()
-
 
 class FullPolicy(Policy):
     """Every expert resident: the exact reference and the memory upper bound."""

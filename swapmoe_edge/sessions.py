@@ -75,9 +75,5 @@ class DenseSessions:
         for name in self.manifest.subgraphs:
             self.get(name)
 
-    @property
-    def loaded(self) -> int:
-        return len(self._sessions)
-
     def subgraph(self, name: str) -> Subgraph:
         return self.manifest.subgraphs[name]
