@@ -48,17 +48,24 @@ def sample_inputs(vocab: int, pad: int, start: int, seed: int = 0, batch: int = 
     return ids, mask, dec
 
 
-def artifact_forward(artifact: Path, ids, mask, dec):
-    """Teacher-forced logits of the split model in ONNX Runtime, all experts, and block outputs."""
+def _split_model(artifact: Path):
+    """The split model with every expert, each run by its own standalone subgraph.
+
+    Expert sessions are opened per call and dropped: validation holds no resident experts.
+    """
     manifest = load_manifest(artifact)
     sessions = DenseSessions(manifest)
     opts = session_options()
 
     def run_expert(key, x):
-        entry = manifest.experts[key]
-        return open_session(manifest.path(entry.graph.file), opts).run(None, {"x": x})[0]
+        return open_session(manifest.path(manifest.experts[key].graph.file), opts).run(None, {"x": x})[0]
 
-    model = SplitModel(manifest, sessions, full_moe(run_expert, manifest.config.expert_capacity))
+    return manifest, sessions, SplitModel(manifest, sessions, full_moe(run_expert, manifest.config.expert_capacity))
+
+
+def artifact_forward(artifact: Path, ids, mask, dec):
+    """Teacher-forced logits of the split model in ONNX Runtime, all experts, and block outputs."""
+    manifest, sessions, model = _split_model(artifact)
     outputs: dict[LayerKey, np.ndarray] = {}
 
     def capture(key: LayerKey, h: np.ndarray) -> None:
@@ -74,14 +81,7 @@ def artifact_forward(artifact: Path, ids, mask, dec):
 
 def artifact_blockwise(artifact: Path, ref: Reference, ids, mask, dec) -> tuple[dict[LayerKey, np.ndarray], np.ndarray]:
     """Each block of the split model run on the PyTorch block's own input; LM head on its last output."""
-    manifest = load_manifest(artifact)
-    sessions = DenseSessions(manifest)
-    opts = session_options()
-
-    def run_expert(key, x):
-        return open_session(manifest.path(manifest.experts[key].graph.file), opts).run(None, {"x": x})[0]
-
-    model = SplitModel(manifest, sessions, full_moe(run_expert, manifest.config.expert_capacity))
+    _, sessions, model = _split_model(artifact)
     out: dict[LayerKey, np.ndarray] = {}
     enc_bias, enc_mask = model.encoder_bias(mask), mask.astype(bool)
     for layer in model.enc_layers:

@@ -204,7 +204,7 @@ class MemoryMonitor:
         self.reserve = int(reserve)
         self.period_s = float(period_s)
         self.threshold_bytes = int(threshold_bytes)
-        self._on_change = on_change
+        self.on_change = on_change
         self._available_fn = available_fn or _available_bytes
         if rss_fn is None:
             proc = psutil.Process()
@@ -228,8 +228,8 @@ class MemoryMonitor:
             changed = self._reported is None or abs(budget - self._reported) > self.threshold_bytes
             if changed:
                 self._reported = budget
-        if changed and self._on_change is not None:
-            self._on_change(budget)
+        if changed and self.on_change is not None:
+            self.on_change(budget)
         return sample
 
     def current(self) -> int:

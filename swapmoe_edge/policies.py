@@ -137,8 +137,7 @@ class Policy:
 
     def _masked_moe(self, layer: LayerEntry, normed, logits, token_mask):
         m = self.residents.layer(layer.key)  # one consistent snapshot for this layer
-        allowed = np.zeros(logits.shape[-1], dtype=bool)
-        allowed[list(m)] = True
+        allowed = self.residents.allowed(layer.key, m)
         if not allowed.any():
             raise ExpertUnavailableError(f"{layer.key}: no expert is resident or readable; cannot route.")
         r = route(logits, self.capacity, allowed, self.renormalize)

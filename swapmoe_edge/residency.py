@@ -29,9 +29,10 @@ class ResidentSet:
     def layer(self, lk: LayerKey) -> Mapping[int, LoadedExpert]:
         return self._layers[lk]
 
-    def allowed(self, lk: LayerKey) -> np.ndarray:
+    def allowed(self, lk: LayerKey, snapshot: Mapping[int, LoadedExpert] | None = None) -> np.ndarray:
+        """[E] bool: which experts of the layer are resident (in ``snapshot`` when given)."""
         mask = np.zeros(self.num_experts, dtype=bool)
-        mask[list(self._layers[lk])] = True
+        mask[list(self._layers[lk] if snapshot is None else snapshot)] = True
         return mask
 
     def residents(self) -> dict[LayerKey, frozenset[int]]:

@@ -122,7 +122,7 @@ class Runtime:
         self.model = SplitModel(m, self.sessions, self.policy)
         self.policy.warm()
         self.policy.start()
-        self.monitor._on_change = self._on_budget
+        self.monitor.on_change = self._on_budget  # residents exist now: budget moves may resize them
         self.monitor.start()
 
     # -- setup ------------------------------------------------------------------------------
