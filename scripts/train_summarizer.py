@@ -108,9 +108,29 @@ def make_config(args, vocab_size: int) -> SwitchTransformersConfig:
         num_experts=args.experts,
         # capacity is counted per sequence; above any length we train or serve, no token is dropped
         expert_capacity=512,
-        router_aux_loss_coef=0.01, router_z_loss_coef=0.001, dropout_rate=0.1, dense_act_fn="relu",
+        router_aux_loss_coef=0.01, router_z_loss_coef=0.001, dropout_rate=args.dropout, dense_act_fn="relu",
         pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD, tie_word_embeddings=True,
     )
+
+
+def init_switch_weights(model, config: SwitchTransformersConfig, router_scale: float) -> None:
+    """Re-initialise the routers and experts after HF's own initialisation.
+
+    HF draws router weights with std 1.0: with RMS-normalised inputs the router logits then
+    have std ~sqrt(d_model) (~14 at d_model 192), the softmax is saturated, the router gets
+    almost no gradient and routing stays where the random draw put it (the z-loss alone adds
+    ~1 nat to the loss). The Switch paper (Fedus et al. 2021, sec. 2.4) draws weights from a
+    truncated normal with std sqrt(s / fan_in) and recommends s = 0.1; we do that for the
+    routers. Expert output projections get d_ff**-0.5 like the dense FFN's, instead of HF's
+    d_model**-0.5.
+    """
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("router.classifier"):
+                std = math.sqrt(router_scale / config.d_model)
+                torch.nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            elif ".experts.expert_" in name and name.endswith(".wo"):
+                torch.nn.init.normal_(module.weight, std=config.d_ff ** -0.5)
 
 
 def parameter_split(model) -> dict:
@@ -204,6 +224,9 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--layers", type=int, default=4, help="per stack; every 2nd layer is sparse")
     p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--router-init-scale", type=float, default=0.1,
+                   help="router weights: truncated normal, std sqrt(scale / d_model) (Switch paper: 0.1)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a contended machine")
     return p.parse_args(argv)
@@ -239,7 +262,10 @@ def main(argv=None) -> int:
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                      unk_token="<unk>", model_max_length=args.max_source_len)
 
-    model = SwitchTransformersForConditionalGeneration(make_config(args, tok.get_vocab_size())).to(device)
+    config = make_config(args, tok.get_vocab_size())
+    model = SwitchTransformersForConditionalGeneration(config)
+    init_switch_weights(model, config, args.router_init_scale)
+    model.to(device)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=PAD, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=args.max_target_len,
         do_sample=False, num_beams=1)
@@ -278,7 +304,9 @@ def main(argv=None) -> int:
             if step % args.log_every == 0:
                 now = time.time()
                 aux = out.encoder_aux_loss + out.decoder_aux_loss
-                print(f"step {step} epoch {epoch} loss {out.loss.item():.3f} aux {aux.item():.3f} "
+                z = out.encoder_z_loss + out.decoder_z_loss
+                ce = out.loss - model.config.router_aux_loss_coef * aux - model.config.router_z_loss_coef * z
+                print(f"step {step} epoch {epoch} ce {ce.item():.3f} aux {aux.item():.3f} z {z.item():.2f} "
                       f"grad {grad_norm.item():.2f} lr {opt.param_groups[0]['lr']:.2e} "
                       f"{(now - tick) / args.log_every:.2f}s/step", flush=True)
                 tick = now

@@ -3,17 +3,20 @@
 On first use it is exported, like any user checkpoint, into a per-user cache directory
 (``$SWAPMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/swapmoe_edge``, else
 ``~/.cache/swapmoe_edge``) and reused afterwards. Exporting needs the ``export`` extra
-(torch); the README's set-up installs it.
+(torch); the README's set-up installs it. The checkpoint folder may carry ``profile.json``, the
+importance profile measured on the corpus's validation split, which is copied into the export.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from .errors import ArtifactError
+from .importance import PROFILE_NAME
 from .manifest import MANIFEST_NAME
 
 EMBEDDED_NAME = "switch-debian"
@@ -59,4 +62,10 @@ def default_artifact(ckpt: Path | None = None, quiet: bool = False) -> Path:
         ) from e
     if not quiet:
         print(f"[swapmoe] first use: exporting the embedded model into {out} (once)", file=sys.stderr, flush=True)
-    return export_checkpoint(ckpt, out, quiet=quiet)
+    art = export_checkpoint(ckpt, out, quiet=quiet)
+    shipped = ckpt / PROFILE_NAME  # the importance profile measured on the validation split
+    if shipped.is_file():
+        tmp = art / (PROFILE_NAME + ".tmp")
+        shutil.copyfile(shipped, tmp)
+        os.replace(tmp, art / PROFILE_NAME)
+    return art

@@ -26,3 +26,12 @@ def test_missing_embedded_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("SWAPMOE_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(ArtifactError, match="--artifact"):
         embedded.default_artifact(tmp_path / "nothing")
+
+
+def test_a_shipped_importance_profile_is_copied_into_the_export(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWAPMOE_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = save_tiny(tmp_path / embedded.EMBEDDED_NAME, seed=31)
+    (ckpt / "profile.json").write_text('{"marker": 1}\n')
+    art = embedded.default_artifact(ckpt, quiet=True)
+    assert (art / "profile.json").read_text() == '{"marker": 1}\n'
+    assert not list(art.glob("*.tmp"))
