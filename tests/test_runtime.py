@@ -400,3 +400,68 @@ def test_int8_experts_fit_more_residents_in_the_same_budget(tmp_path):
         n8 = sum(rt.residents.counts().values())
         res = rt.generate(_rows(12), max_new_tokens=4)
     assert n8 >= 2 * n32 and len(res[0].token_ids) > 0
+
+
+# -- activation envelope ------------------------------------------------------------------------
+def test_chunks_keep_rows_times_width_within_the_envelope():
+    from swapmoe_edge.runtime import _chunks
+
+    rows = [[1] * n for n in (3, 5, 2, 9, 1, 1, 4)]
+    chunks = _chunks(rows, 10)
+    assert [r for c in chunks for r in c] == rows  # order and content kept
+    assert all(len(c) == 1 or len(c) * max(map(len, c)) <= 10 for c in chunks)
+    assert [len(c) for c in chunks] == [2, 1, 1, 2, 1]  # 3,5 | 2 (2x9 > 10) | 9 | 1,1 (3x4 > 10) | 4
+    assert _chunks([[1] * 20], 10) == [[[1] * 20]]
+
+
+def test_a_batch_beyond_the_envelope_runs_in_chunks_with_the_same_tokens(models):
+    model, art = models["8exp_all_sparse"]
+    rows = _rows(21, lengths=(12, 7, 9, 11))
+    want = _hf_generate(model, rows, 6, num_beams=2)
+    with Runtime(art, RuntimeConfig(policy="full", max_source_tokens=24)) as rt:  # 24 // 2 beams: one row a chunk
+        got = rt.generate(rows, max_new_tokens=6, num_beams=2)
+        assert [r.token_ids for r in got] == want
+        with pytest.raises(InputError, match="more than max_source_tokens"):
+            rt.generate([[5] * 30], max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def int4_pair(tmp_path_factory):
+    """One tiny model (dims multiples of 32) exported with float32 and int4 experts."""
+    root = tmp_path_factory.mktemp("int4")
+    model = tiny_model(seed=41, num_experts=16, d_model=64, d_ff=512, d_kv=16, num_sparse_encoder_layers=2,
+                       num_sparse_decoder_layers=2)
+    model.save_pretrained(root / "ckpt")
+    export_checkpoint(root / "ckpt", root / "f32", quiet=True, validate=False)
+    export_checkpoint(root / "ckpt", root / "i4", expert_dtype="int4", quiet=True, validate=False)
+    return model, root / "f32", root / "i4"
+
+
+def test_int4_full_policy_reproduces_hf_generate_on_the_quantised_weights(int4_pair):
+    """At full budget, int4 experts give what PyTorch gives with every expert weight replaced by as_stored."""
+    from swapmoe_export.quant import as_stored
+
+    model, _, art = int4_pair
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp.experts." in name:
+                p.copy_(torch.from_numpy(as_stored(p.numpy().T, "int4").T.copy()))
+    for seed in (0, 1):
+        rows = _rows(seed)
+        got = [r.token_ids for r in _run(art, rows, 10, policy="full")]
+        assert got == _hf_generate(model, rows, 10)
+
+
+def test_int4_experts_fit_about_seven_times_the_residents_in_the_same_budget(int4_pair):
+    from swapmoe_edge.manifest import load_manifest
+
+    _, f32, i4 = int4_pair
+    m32, m4 = load_manifest(f32), load_manifest(i4)
+    assert 6.5 < m32.expert_bytes / m4.expert_bytes < 7.2  # 7.1 without the tiny model's page padding
+    room = 0.1 * m32.expert_bytes
+    with Runtime(f32, RuntimeConfig(policy="prune", budget="10%")) as rt:
+        n32 = sum(rt.residents.counts().values())
+    with Runtime(i4, RuntimeConfig(policy="prune", budget=f"{100 * room / m4.expert_bytes:.2f}%")) as rt:
+        n4 = sum(rt.residents.counts().values())
+        res = rt.generate(_rows(12), max_new_tokens=4)
+    assert n4 >= 6 * n32 and len(res[0].token_ids) > 0
