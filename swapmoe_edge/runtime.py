@@ -18,12 +18,13 @@ import numpy as np
 
 from . import memory
 from .budget import BudgetSpec, MemoryMonitor, check_fits, format_size, parse_budget
-from .devices import detect_profile, get_profile, select_providers
+from .devices import detect_profile, get_profile, provider_options, select_providers
 from .errors import BudgetError, InputError
 from .generate import beam_search, greedy_search
 from .importance import ImportanceTracker, Profile
 from .manifest import LayerKey, Manifest, load_manifest
 from .model import DecoderState, SplitModel
+from .placement import DeviceKernel, PlacingStore, resolve_placement
 from .planner import plan_counts
 from .policies import (POLICIES, FullPolicy, OnDemandPolicy, Policy, PrunePolicy,
                        SwapMoEPolicy)
@@ -50,6 +51,9 @@ class RuntimeConfig:
     threads: int | None = None  # None: the device profile's (its None: all cores)
     device: str | None = None  # device profile name or .json path; None: detect this machine
     verify: str = "first"
+    # Resident experts: "host" numpy arrays, or "device" OrtValues on the kernel provider's
+    # device (placement.py); "auto": device when the first provider is CUDA.
+    expert_placement: str = "auto"
     renormalize: bool = False  # swapmoe/prune: gate renormalised over residents
     # Swap rate: at most this many experts per interval (switch-base: 19 MB each, read and
     # hashed on the swapper thread, which shares the cores with the token loop).
@@ -115,10 +119,19 @@ class Runtime:
             log.warning(msg)
         threads = config.threads if config.threads is not None else self.device.threads
         self.reserve_bytes = config.reserve_bytes if config.reserve_bytes is not None else self.device.reserve_bytes
-        self.sessions = DenseSessions(m, threads=threads, providers=self.providers)
+        self.placement, ort_device = resolve_placement(config.expert_placement, self.providers)
+        self.spec: BudgetSpec = parse_budget(config.budget)
+        # On a discrete GPU the CUDA arena stops at the profile's limit, else at a byte budget.
+        gpu_cap = self.spec.nbytes if self.spec.kind == "bytes" and not self.device.unified_memory else None
+        self.provider_options = provider_options(self.device, gpu_cap)
+        self.sessions = DenseSessions(m, threads=threads, providers=self.providers,
+                                      provider_options=self.provider_options)
         self.sessions.load_all()
         self.kernel_session = self.sessions.get("expert_kernel")
+        self.device_kernel = DeviceKernel(self.kernel_session, ort_device) if self.placement == "device" else None
         self.store = store or ExpertStore(m, verify=config.verify)
+        if self.device_kernel is not None:
+            self.store = PlacingStore(self.store, self.device_kernel)
         self.residents = ResidentSet(self.sparse, c.num_experts)
         self.tokenizer = self._load_tokenizer()
 
@@ -126,7 +139,6 @@ class Runtime:
         self.profile = profile or self._load_profile()
         self.expert_cost = {lk: m.experts[m.layer(lk.stack, lk.layer).experts[0]].nbytes for lk in self.sparse}
         self.baseline = self._measure_baseline()
-        self.spec: BudgetSpec = parse_budget(config.budget)
         total_experts = sum(e.nbytes for e in m.experts.values())
         self.cap = self.spec.process_cap(self.baseline, total_experts)
         self.monitor = MemoryMonitor(self.cap, reserve=self.reserve_bytes, period_s=config.monitor_period_s,
@@ -174,6 +186,8 @@ class Runtime:
         entry = next(iter(self.manifest.experts.values()))
         dummy = LoadedExpert(entry.key, {t.role: np.zeros(t.shape, dtype=t.dtype) for t in entry.tensors}, entry.nbytes)
         dummy_bytes = sum(a.nbytes for a in dummy.feeds.values())
+        if self.device_kernel is not None:
+            dummy = self.device_kernel.place(dummy)
 
         def moe(layer, normed, logits, mask):
             flat = normed.reshape(-1, normed.shape[-1])  # [B*T, D]: every token through one expert
@@ -199,6 +213,8 @@ class Runtime:
         return int(base * (1 + self.config.activation_margin))
 
     def _kernel(self, expert: LoadedExpert, x: np.ndarray) -> np.ndarray:
+        if self.device_kernel is not None:
+            return self.device_kernel.run(expert, x)
         return self.kernel_session.run(None, {"x": x, **expert.feeds})[0]
 
     def _plan(self, budget: int, strict: bool) -> dict[LayerKey, int]:
@@ -333,6 +349,7 @@ class Runtime:
             "policy": self.config.policy,
             "device": self.device.name,
             "providers": list(self.providers),
+            "expert_placement": self.placement,
             "ttft_ms": ttft * 1e3,
             "decode_ms_per_token": decode * 1e3,
             "request_ms": ((times[-1] if times else time.perf_counter()) - t0) * 1e3,

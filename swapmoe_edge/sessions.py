@@ -28,9 +28,13 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
-def open_session(path: Path, opts: ort.SessionOptions, providers: list[str] | None = None) -> ort.InferenceSession:
+def open_session(path: Path, opts: ort.SessionOptions, providers: list[str] | None = None,
+                 provider_options: dict[str, dict[str, str]] | None = None) -> ort.InferenceSession:
+    """``provider_options``: per provider name (devices.provider_options), e.g. the CUDA arena limit."""
+    names = providers or ["CPUExecutionProvider"]
+    chosen = [(p, (provider_options or {}).get(p, {})) for p in names]
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
     except Exception as e:  # ORT raises several untyped errors for bad files
         raise ArtifactError(f"ONNX Runtime cannot load {path}: {e}. The artifact is corrupt; export it again.") from e
 
@@ -38,7 +42,8 @@ def open_session(path: Path, opts: ort.SessionOptions, providers: list[str] | No
 class DenseSessions:
     """Lazily opened sessions keyed by subgraph name; ``release`` frees one again."""
 
-    def __init__(self, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
+                 provider_options: dict[str, dict[str, str]] | None = None):
         self.manifest = manifest
         self.opts = session_options(threads)
         # The expert kernel runs every expert, and fp16/int8 experts are cast to float32 on
@@ -48,6 +53,7 @@ class DenseSessions:
         self.kernel_opts = session_options(threads)
         self.kernel_opts.enable_cpu_mem_arena = True
         self.providers = providers
+        self.provider_options = provider_options or {}
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
@@ -60,7 +66,7 @@ class DenseSessions:
                 sess = self._sessions.get(file)
                 if sess is None:
                     opts = self.kernel_opts if name == "expert_kernel" else self.opts
-                    sess = open_session(self.manifest.path(file), opts, self.providers)
+                    sess = open_session(self.manifest.path(file), opts, self.providers, self.provider_options)
                     self._sessions[file] = sess
         return sess
 
