@@ -159,6 +159,14 @@ def export_checkpoint(
         raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
     model_dir, out = Path(model_dir), Path(out_dir)
     raw_cfg, cfg = read_config(model_dir)
+    if expert_dtype == "int4":
+        why = [f"wi [{cfg.d_model}, {cfg.d_ff}]: {w}" for w in [quant.int4_shape_error(cfg.d_model, cfg.d_ff)] if w]
+        why += [f"wo [{cfg.d_ff}, {cfg.d_model}]: {w}" for w in [quant.int4_shape_error(cfg.d_ff, cfg.d_model)] if w]
+        if why:
+            raise ExportError(
+                f"--expert-dtype int4 needs d_model and d_ff to be multiples of {quant.INT4_GROUP} "
+                f"(d_model {cfg.d_model}, d_ff {cfg.d_ff}); expert weight {'; '.join(why)}. Use int8 instead."
+            )
     reader = CheckpointReader(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(reader, out.parent, dtype)
@@ -184,6 +192,7 @@ def export_checkpoint(
             "source": str(model_dir.resolve()),
             "dtype": dtype,
             "expert_dtype": expert_dtype,
+            "expert_dtype_lossy": quant.LOSSY[expert_dtype],
             "config": config_to_dict(cfg),
             "hf_config": raw_cfg,
             "tokenizer": "tokenizer.json" if tok.is_file() else None,
@@ -295,7 +304,7 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, exp
     model = graphs.lm_head_graph(reader.get("decoder.final_layer_norm.weight"), lm, cfg, dtype)
     del lm  # the graph holds its own copy
     add("lm_head", "lm_head", model)
-    kernel_io = "expert_kernel_int8" if expert_dtype == "int8" else "expert_kernel"
+    kernel_io = f"expert_kernel_{expert_dtype}" if expert_dtype in ("int8", "int4") else "expert_kernel"
     add("expert_kernel", kernel_io, graphs.expert_kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, expert_dtype))
     progress.step("final norms and LM head")
     return {"subgraphs": subgraphs, "layers": layers, "experts": experts}
@@ -312,6 +321,16 @@ def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str,
         offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
         model = graphs.expert_int8_graph(name, parts, cfg.dense_act_fn, f"{key.name}.bin", offs)
         ran = (quant.dequantize_int8(qi, si), quant.dequantize_int8(qo, so))
+        names = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
+    elif expert_dtype == "int4":
+        try:
+            (pi, si), (po, so) = quant.quantize_int4(wi_t), quant.quantize_int4(wo_t)
+        except ValueError as e:
+            raise ExportError(f"expert {key.name}: {e}. Export with --expert-dtype int8 instead.") from e
+        parts = {"wi": pi, "wi_scale": si, "wo": po, "wo_scale": so}
+        offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
+        model = graphs.expert_int4_graph(name, parts, cfg.dense_act_fn, f"{key.name}.bin", offs)
+        ran = (quant.dequantize_int4(pi, si), quant.dequantize_int4(po, so))
         names = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
     else:
         parts = {"wi": wi_t.astype(expert_dtype), "wo": wo_t.astype(expert_dtype)}

@@ -17,7 +17,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from . import quant
+
 OPSET = 17
+OPSET_INT4 = 18  # BitwiseAnd arrived in opset 18; only int4 expert graphs need it
 EXTERNAL_MIN_BYTES = 1 << 20
 _NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -95,9 +98,9 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [tensor], [name], name=f"{self.scope}/{name}/Identity"))
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    def model(self) -> "BuiltGraph":
+    def model(self, opset: int = OPSET) -> "BuiltGraph":
         graph = helper.make_graph(self.nodes, self.scope.strip("/").replace("/", "."), self.inputs, self.outputs, self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="swapmoe_export")
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="swapmoe_export")
         m.ir_version = 8
         return BuiltGraph(m, self.blobs)
 
@@ -138,6 +141,22 @@ class GraphBuilder:
         tiny expert, against 7e-7 for this form).
         """
         return self.op("Mul", [self.op("Cast", [q], hint=f"{hint}/dequant", to=TensorProto.FLOAT), scale], hint=f"{hint}/dequant")
+
+    def dequantize_int4(self, packed: str, scale: str, n_in: int, n_out: int, hint: str) -> str:
+        """packed uint8 [in, out/2] and float16 scale [in/G, out] -> float32 w [in, out].
+
+        Standard ops only, so every execution provider runs it; op for op what
+        ``quant.dequantize_int4`` computes: (float32(n) - 8) · float32(scale) per group.
+        """
+        h = f"{hint}/dequant"
+        lo = self.op("BitwiseAnd", [packed, self.const(np.uint8(15), np.uint8)], hint=h)  # even columns
+        hi = self.op("BitShift", [packed, self.const(np.uint8(4), np.uint8)], hint=h, direction="RIGHT")  # odd
+        pairs = self.op("Concat", [self.op("Unsqueeze", [x, self.const([2])], hint=h) for x in (lo, hi)], hint=h, axis=2)
+        n = self.op("Reshape", [pairs, self.const([n_in, n_out])], hint=h)  # [in, out/2, 2] -> [in, out]
+        q = self.op("Sub", [self.op("Cast", [n], hint=h, to=F32), self.const(np.float32(8), np.float32)], hint=h)
+        groups = self.op("Reshape", [q, self.const([n_in // quant.INT4_GROUP, quant.INT4_GROUP, n_out])], hint=h)
+        s = self.op("Unsqueeze", [self.op("Cast", [scale], hint=h, to=F32), self.const([1])], hint=h)  # [in/G, 1, out]
+        return self.op("Reshape", [self.op("Mul", [groups, s], hint=h), self.const([n_in, n_out])], hint=h)
 
     def heads(self, x: str, h: int, k: int, hint: str) -> str:
         """[B, T, H*K] -> [B, H, T, K]"""
@@ -276,11 +295,16 @@ def expert_kernel_graph(d_model: int, d_ff: int, act: str, dtype: str) -> BuiltG
     """The expert computation with its weights as inputs: one session serves every expert.
 
     x[N, D], wi[D, F], wo[F, D] (storage dtype; int8 adds wi_scale[F], wo_scale[D]) -> y[N, D].
+    int4: wi[D, F/2], wo[F, D/2] packed uint8, wi_scale[D/G, F], wo_scale[F/G, D] float16.
     The runtime holds each resident expert as plain arrays read straight from its weight block.
     """
     g = GraphBuilder("/expert_kernel", dtype)
     x = g.input("x", F32, ["N", d_model])
-    if dtype == "int8":
+    if dtype == "int4":
+        U8, F16, G = TensorProto.UINT8, TensorProto.FLOAT16, quant.INT4_GROUP
+        wi = g.dequantize_int4(g.input("wi", U8, [d_model, d_ff // 2]), g.input("wi_scale", F16, [d_model // G, d_ff]), d_model, d_ff, "wi")
+        wo = g.dequantize_int4(g.input("wo", U8, [d_ff, d_model // 2]), g.input("wo_scale", F16, [d_ff // G, d_model]), d_ff, d_model, "wo")
+    elif dtype == "int8":
         I8 = TensorProto.INT8
         wi = g.dequantize(g.input("wi", I8, [d_model, d_ff]), g.input("wi_scale", F32, [d_ff]), "wi")
         wo = g.dequantize(g.input("wo", I8, [d_ff, d_model]), g.input("wo_scale", F32, [d_model]), "wo")
@@ -292,7 +316,7 @@ def expert_kernel_graph(d_model: int, d_ff: int, act: str, dtype: str) -> BuiltG
             wo = g.op("Cast", [wo], hint="wo/cast", to=F32)
     hid = g.act(g.op("MatMul", [x, wi], hint="wi"), act)
     g.output(g.op("MatMul", [hid, wo], hint="wo"), "y", F32, ["N", d_model])
-    return g.model()
+    return g.model(OPSET_INT4 if dtype == "int4" else OPSET)
 
 
 def expert_int8_graph(scope: str, tensors: dict, act: str, location: str, offsets: dict) -> BuiltGraph:
@@ -309,6 +333,23 @@ def expert_int8_graph(scope: str, tensors: dict, act: str, location: str, offset
     hid = g.act(g.op("MatMul", [x, dq("wi")], hint="wi"), act)
     g.output(g.op("MatMul", [hid, dq("wo")], hint="wo"), "y", F32, ["N", d])
     return g.model()
+
+
+def expert_int4_graph(scope: str, tensors: dict, act: str, location: str, offsets: dict) -> BuiltGraph:
+    """x[N, D] -> act(x dq(wi)) dq(wo) with packed int4 weights and float16 group scales, all external."""
+    g = GraphBuilder(scope, "float32")
+    d = tensors["wi"].shape[0]
+    x = g.input("x", F32, ["N", d])
+
+    def dq(name: str) -> str:
+        packed = tensors[name]
+        q = g.weight(f"{name}.weight", packed, {"location": location, "offset": offsets[name]}, raw=True)
+        s = g.weight(f"{name}.scale", tensors[f"{name}_scale"], {"location": location, "offset": offsets[f"{name}_scale"]}, raw=True)
+        return g.dequantize_int4(q, s, packed.shape[0], packed.shape[1] * 2, name)
+
+    hid = g.act(g.op("MatMul", [x, dq("wi")], hint="wi"), act)
+    g.output(g.op("MatMul", [hid, dq("wo")], hint="wo"), "y", F32, ["N", d])
+    return g.model(OPSET_INT4)
 
 
 def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str) -> BuiltGraph:
@@ -349,6 +390,7 @@ IO = {
     "expert": (("x",), ("y",)),
     "expert_kernel": (("x", "wi", "wo"), ("y",)),
     "expert_kernel_int8": (("x", "wi", "wi_scale", "wo", "wo_scale"), ("y",)),
+    "expert_kernel_int4": (("x", "wi", "wi_scale", "wo", "wo_scale"), ("y",)),
     "final_norm": (("hidden",), ("hidden_out",)),
     "lm_head": (("hidden",), ("logits",)),
 }

@@ -26,8 +26,10 @@ def main() -> None:
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=str), help="Artifact directory to write.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Storage type of the weights.")
-@click.option("--expert-dtype", type=click.Choice(["float32", "float16", "int8"]), default=None,
-              help="Storage type of the experts (default: --dtype). int8 is weight-only, per-column scales: lossy, 1/4 the bytes.")
+@click.option("--expert-dtype", type=click.Choice(["float32", "float16", "int8", "int4"]), default=None,
+              help="Storage type of the experts (default: --dtype). float16: lossy, 1/2 the bytes. int8: weight-only, "
+                   "per-column scales: lossy, 1/4 the bytes. int4: weight-only, a float16 scale per 32 input rows: "
+                   "lossy (more than int8), 1/7 the bytes; needs d_model and d_ff multiples of 32.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare the split model with PyTorch before installing it.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None, validate: bool, quiet: bool) -> None:
@@ -58,7 +60,8 @@ def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
         click.echo(json.dumps(summary))
         return
     gib = 2**30
-    click.echo(f"artifact        {summary['artifact']}  (schema {summary['schema_version']}, {summary['dtype']}, experts {summary['expert_dtype']})")
+    click.echo(f"artifact        {summary['artifact']}  (schema {summary['schema_version']}, {summary['dtype']}, experts {summary['expert_dtype']}"
+               f"{', lossy' if summary['expert_dtype_lossy'] else ''})")
     click.echo(f"model           d_model {summary['d_model']}, d_ff {summary['d_ff']}, heads {summary['num_heads']}, vocab {summary['vocab_size']}")
     click.echo(f"layers          encoder {summary['encoder_layers']}, decoder {summary['decoder_layers']}; sparse: {', '.join(summary['sparse_layers'])}")
     click.echo(f"experts         {summary['experts_per_layer']} per sparse layer, {summary['experts_total']} in all, capacity {summary['expert_capacity']}")

@@ -20,7 +20,10 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "swapmoe-artifact"
 STACKS = ("encoder", "decoder")
 STACK_PREFIX = {"encoder": "enc", "decoder": "dec"}
-_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
+_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1}
+# Expert types stored with less precision than the float32 checkpoint; int4 packs two
+# weights per uint8 with float16 scales per group of 32 input rows.
+LOSSY_EXPERT_DTYPES = ("float16", "int8", "int4")
 
 
 @dataclass(frozen=True, order=True)
@@ -174,6 +177,7 @@ class TensorSlice:
     shape: tuple[int, ...]
     dtype: str
     role: str = ""  # the expert kernel's input it feeds: wi, wo, wi_scale, wo_scale
+    # int4: wi/wo are uint8 [in, out/2] (two weights a byte), scales float16 [in/32, out]
 
     @property
     def nbytes(self) -> int:
@@ -233,6 +237,11 @@ class Manifest:
         return [entry for entry in self.layers if entry.sparse]
 
     @property
+    def expert_dtype_lossy(self) -> bool:
+        """Whether the experts hold rounded or quantised weights (the output then differs from the checkpoint's)."""
+        return self.expert_dtype in LOSSY_EXPERT_DTYPES
+
+    @property
     def expert_bytes(self) -> int:
         return sum(e.nbytes for e in self.experts.values())
 
@@ -278,6 +287,7 @@ class Manifest:
             "schema_version": self.schema_version,
             "dtype": self.dtype,
             "expert_dtype": self.expert_dtype,
+            "expert_dtype_lossy": self.expert_dtype_lossy,
             "d_model": c.d_model,
             "d_ff": c.d_ff,
             "num_heads": c.num_heads,

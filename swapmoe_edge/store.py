@@ -16,7 +16,7 @@ import numpy as np
 from .errors import ArtifactError
 from .manifest import ExpertKey, Manifest
 
-_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
 
 
 class ExpertReadError(ArtifactError):
@@ -32,7 +32,7 @@ class LoadedExpert:
     """A fully read expert. Only complete ones exist: a half-read expert is never built."""
 
     key: ExpertKey
-    feeds: dict[str, np.ndarray]  # the expert kernel's weight inputs: wi[D, F], wo[F, D] (+ int8 scales)
+    feeds: dict[str, np.ndarray]  # the expert kernel's weight inputs: wi[D, F], wo[F, D] (+ int8/int4 scales)
     nbytes: int
 
     @property
