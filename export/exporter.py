@@ -8,6 +8,8 @@ something that looks complete.
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import os
 import shutil
@@ -142,6 +144,18 @@ def _check_disk(reader: CheckpointReader, out_parent: Path, dtype: str) -> None:
         )
 
 
+def _tokenizer_extra(model_dir: Path) -> dict:
+    """``max_source_tokens``: the tokenizer's ``model_max_length`` (the input length the model
+    was trained on), which the runtime uses as its default input limit. HF writes a huge
+    number there for "no limit"; that is left out."""
+    path = model_dir / "tokenizer_config.json"
+    try:
+        n = json.loads(path.read_text()).get("model_max_length") if path.is_file() else None
+    except ValueError:
+        return {}  # a broken tokenizer config only loses the hint
+    return {"max_source_tokens": int(n)} if isinstance(n, (int, float)) and 0 < n <= 1_000_000 else {}
+
+
 def export_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -182,8 +196,6 @@ def export_checkpoint(
         gen = model_dir / "generation_config.json"
         generation = {}
         if gen.is_file():
-            import json
-
             generation = json.loads(gen.read_text())
         manifest = {
             "format": FORMAT_NAME,
@@ -197,6 +209,7 @@ def export_checkpoint(
             "hf_config": raw_cfg,
             "tokenizer": "tokenizer.json" if tok.is_file() else None,
             "generation": generation,
+            "extra": _tokenizer_extra(model_dir),
             **body,
             "files": writer.files,
             "validation": None,

@@ -28,7 +28,7 @@ except ImportError:  # a source checkout that was not (re)installed
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 FALLBACK = "cpu-x86_64"  # for machines that no profile matches
-_DTYPES = ("float16", "float32")
+_DTYPES = ("float16", "float32", "int8", "int4")
 _ARENA = ("kSameAsRequested", "kNextPowerOfTwo")
 _DETECT_KEYS = {"model_contains", "tegra_release", "memory_gib", "machine", "nvidia_driver"}
 

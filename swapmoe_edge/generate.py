@@ -6,6 +6,10 @@ into next-token logits and can select/repeat its rows. The arithmetic mirrors tr
 float32, so that equal logits give equal tokens. Only exact ties between float32 scores may resolve
 differently: torch's CPU ``topk`` orders them as its partial sort happens to, we keep index order.
 
+``no_repeat_ngram_size`` follows HF's ``NoRepeatNGramLogitsProcessor``: a token that would
+complete an n-gram already in the row (decoder start token included) gets -inf, on the
+logits for greedy and on the log-probabilities for beam search, where HF applies it.
+
 B batch rows, K beams, V vocabulary, C = 2K candidates per row, T max_new_tokens.
 """
 
@@ -35,21 +39,38 @@ class StepDecoder(Protocol):
 OnToken = Callable[[int], None]
 
 
+def ban_repeated_ngrams(seqs: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """-inf in ``scores`` [N, V] for each token that would repeat an n-gram of its row of ``seqs`` [N, L]."""
+    if n <= 0 or seqs.shape[1] < n:
+        return scores
+    scores = scores.copy()
+    length = seqs.shape[1]
+    for r, row in enumerate(seqs):
+        prefix = row[length + 1 - n:]  # the last n-1 tokens
+        windows = np.lib.stride_tricks.sliding_window_view(row, n)  # [L-n+1, n]
+        hits = (windows[:, :-1] == prefix).all(axis=1)
+        banned = windows[hits, -1]
+        scores[r, banned[banned < scores.shape[1]]] = -np.inf
+    return scores
+
+
 def greedy_search(
     decoder: StepDecoder, state: object, batch: int, *, start_id: int, eos_id: int, pad_id: int,
-    max_new_tokens: int, on_token: OnToken | None = None,
+    max_new_tokens: int, on_token: OnToken | None = None, no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
     """Greedy decoding as HF ``generate(do_sample=False, num_beams=1)``: each row's tokens, EOS included."""
     _check_common(batch, max_new_tokens)
     out: list[list[int]] = [[] for _ in range(batch)]
     unfinished = np.ones(batch, dtype=bool)  # [B]
     next_ids = np.full(batch, start_id, dtype=np.int64)  # [B]
+    history = np.full((batch, 1), start_id, dtype=np.int64)  # [B, t+1]: HF's input_ids, pad after EOS
     for t in range(max_new_tokens):
         logits, state = decoder.step(state, next_ids)  # [B, V]
         if on_token is not None:
             on_token(t)
         logits = np.asarray(logits, dtype=np.float32)
         assert logits.ndim == 2 and logits.shape[0] == batch, logits.shape
+        logits = ban_repeated_ngrams(history, logits, no_repeat_ngram_size)
         # Finished rows are fed pad, as HF does; their output is frozen.
         tokens = np.where(unfinished, logits.argmax(-1), pad_id).astype(np.int64)  # [B]
         for row in np.flatnonzero(unfinished):
@@ -58,13 +79,14 @@ def greedy_search(
         if not unfinished.any():
             break
         next_ids = tokens
+        history = np.concatenate([history, tokens[:, None]], axis=1)
     return out
 
 
 def beam_search(
     decoder: StepDecoder, state: object, batch: int, *, num_beams: int, start_id: int, eos_id: int,
     pad_id: int, max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
-    num_return_sequences: int = 1, on_token: OnToken | None = None,
+    num_return_sequences: int = 1, on_token: OnToken | None = None, no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
     """Beam search as HF ``generate(do_sample=False, num_beams=K)``.
 
@@ -105,7 +127,12 @@ def beam_search(
         V = logits.shape[1]
         if K > V:
             raise InputError(f"num_beams={K} exceeds the vocabulary size {V}; use at most {V} beams.")
-        scores = _log_softmax(logits).reshape(B, K, V) + live_scores[:, :, None]  # [B, K, V]
+        log_probs = _log_softmax(logits)  # [B*K, V]
+        if no_repeat_ngram_size:
+            history = np.concatenate([np.full((B * K, 1), start_id, dtype=np.int64),
+                                      live_seqs[:, :, :t].reshape(B * K, t)], axis=1)  # HF's running sequences
+            log_probs = ban_repeated_ngrams(history, log_probs, no_repeat_ngram_size)
+        scores = log_probs.reshape(B, K, V) + live_scores[:, :, None]  # [B, K, V]
 
         # The best C continuations over all beams of a row.
         cand_scores, flat = _topk(scores.reshape(B, K * V), C)  # [B, C]

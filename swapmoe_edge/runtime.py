@@ -47,7 +47,8 @@ class RuntimeConfig:
     # Longest input row, and the activation envelope: the baseline's warm-up runs one row
     # of this many tokens, and generate() runs larger batches in chunks of at most this
     # many rows x beams x tokens, so no request's activations outgrow what was measured.
-    max_source_tokens: int = 512
+    # None: the artifact's (the tokenizer's model_max_length at export), else 512.
+    max_source_tokens: int | None = None
     threads: int | None = None  # None: the device profile's (its None: all cores)
     device: str | None = None  # device profile name or .json path; None: detect this machine
     verify: str = "first"
@@ -104,12 +105,38 @@ def _chunks(rows: Sequence[Sequence[int]], max_cells: int) -> list[Sequence[Sequ
     return out
 
 
+# Generation settings that change HF's output and that generate.py does not implement, with
+# the values at which they do nothing.
+_UNSUPPORTED_GENERATION = {"repetition_penalty": 1.0, "min_length": 0, "min_new_tokens": None,
+                           "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None,
+                           "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                           "do_sample": False}
+
+
+def _generation_settings(generation: dict[str, Any]) -> int:
+    """The checkpoint's ``no_repeat_ngram_size``; warns about settings this runtime ignores."""
+    ignored = {k: generation[k] for k, neutral in _UNSUPPORTED_GENERATION.items()
+               if generation.get(k) not in (None, neutral, [])}
+    if ignored:
+        warnings.warn(f"the checkpoint's generation config sets {ignored}, which this runtime does not apply: "
+                      "its outputs will differ from Hugging Face generate (greedy/beam search and "
+                      "no_repeat_ngram_size are supported)", stacklevel=3)
+    n = generation.get("no_repeat_ngram_size") or 0
+    if not isinstance(n, int) or n < 0:
+        raise InputError(f"generation config: no_repeat_ngram_size must be a non-negative integer, not {n!r}")
+    return n
+
+
 class Runtime:
     def __init__(self, artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *,
                  store: ExpertStore | None = None, available_fn: Callable[[], int] | None = None,
                  rss_fn: Callable[[], int] | None = None, profile: Profile | None = None):
-        self.config = config
         self.manifest: Manifest = load_manifest(artifact)
+        if config.max_source_tokens is None:
+            config = replace(config, max_source_tokens=int(self.manifest.extra.get("max_source_tokens", 512)))
+        if config.max_source_tokens < 1:
+            raise InputError(f"max_source_tokens must be at least 1, not {config.max_source_tokens}")
+        self.config = config
         m, c = self.manifest, self.manifest.config
         self.sparse = [lay.key for lay in m.sparse_layers()]
         # device profile: providers, threads and reserve, unless the config sets them
@@ -134,6 +161,7 @@ class Runtime:
             self.store = PlacingStore(self.store, self.device_kernel)
         self.residents = ResidentSet(self.sparse, c.num_experts)
         self.tokenizer = self._load_tokenizer()
+        self.no_repeat_ngram_size = _generation_settings(self.manifest.generation)
 
         self.norms = {lk: np.array([m.experts[k].norm for k in m.layer(lk.stack, lk.layer).experts]) for lk in self.sparse}
         self.profile = profile or self._load_profile()
@@ -322,14 +350,17 @@ class Runtime:
         enc = self.model.encode(ids, mask, None)
         state = self.model.start_decoder(enc, mask)
         kw = dict(start_id=c.decoder_start_token_id, eos_id=c.eos_token_id, pad_id=c.pad_token_id,
-                  max_new_tokens=max_new_tokens, on_token=lambda step: times.append(time.perf_counter()))
+                  max_new_tokens=max_new_tokens, on_token=lambda step: times.append(time.perf_counter()),
+                  no_repeat_ngram_size=self.no_repeat_ngram_size)
         if num_beams > 1:
             out = beam_search(_Decoder(self.model), state, b, num_beams=num_beams, **kw)
         else:
             out = greedy_search(_Decoder(self.model), state, b, **kw)
         self.policy.end_request()
         stats = self._stats(t0, times, before)
-        return [Result(None, list(map(int, row)), self.policy.exact, dict(stats)) for row in out]
+        # exact: the same tokens as the checkpoint; rounded or quantised experts never are
+        exact = self.policy.exact and not self.manifest.expert_dtype_lossy
+        return [Result(None, list(map(int, row)), exact, dict(stats)) for row in out]
 
     def summarize(self, texts: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1) -> list[Result]:
         ids, truncated = self.encode_texts(texts)
@@ -365,7 +396,8 @@ class Runtime:
             "stall_ms": (pol1["stall_s"] - pol0["stall_s"]) * 1e3,
             "first_choice_resident": ((pol1["first_choice_resident"] - pol0["first_choice_resident"]) / routed) if routed else 1.0,
             "unavailable_experts": sorted(k.name for k in self.residents.unavailable),
-            "exact": self.policy.exact,
+            "exact": self.policy.exact and not self.manifest.expert_dtype_lossy,
+            "expert_dtype": self.manifest.expert_dtype,
         }
 
     # -- profile ------------------------------------------------------------------------------------

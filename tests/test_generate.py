@@ -99,14 +99,14 @@ def hf_outputs(model, ids, mask, eos, **kwargs) -> list[list[int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def compare(case, num_beams, max_new_tokens, early_stopping=False, length_penalty=1.0, num_return=1):
+def compare(case, num_beams, max_new_tokens, early_stopping=False, length_penalty=1.0, num_return=1, ngram=0):
     """(ours, HF's, decoder steps we ran, eos) for one case; cached so the coverage test can reuse it."""
     model, ids, mask, eos = model_and_inputs(*case)
     batch = ids.shape[0]
     decoder = TorchStepDecoder(model)
     steps = []
     common = dict(start_id=START, eos_id=eos, pad_id=PAD, max_new_tokens=max_new_tokens,
-                  on_token=steps.append)
+                  on_token=steps.append, no_repeat_ngram_size=ngram)
     if num_beams == 1:
         ours = greedy_search(decoder, decoder.start(ids, mask), batch, **common)
     else:
@@ -120,6 +120,7 @@ def compare(case, num_beams, max_new_tokens, early_stopping=False, length_penalt
         theirs = hf_outputs(
             model, ids, mask, eos, max_new_tokens=max_new_tokens, num_beams=num_beams,
             early_stopping=early_stopping, length_penalty=length_penalty, num_return_sequences=num_return,
+            no_repeat_ngram_size=ngram,
         )
     finally:
         hook.remove()
@@ -160,6 +161,30 @@ def test_beam_search_options_match_hf_generate(case, num_beams, length_penalty, 
     ours, theirs, _, _ = compare(case, num_beams, MAX_NEW, early_stopping, length_penalty, num_return)
     assert len(ours) == case[1] * num_return
     assert ours == theirs
+
+
+NGRAM_CASES = [(case, k, n) for case in (CASES[0], CASES[2], CASES[5]) for k in (1, 3) for n in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("case,num_beams,ngram", NGRAM_CASES)
+def test_no_repeat_ngram_size_matches_hf_generate(case, num_beams, ngram):
+    ours, theirs, _, _ = compare(case, num_beams, MAX_NEW, ngram=ngram)
+    assert ours == theirs
+
+
+def test_no_repeat_ngram_comparisons_really_ban_something():
+    changed = sum(compare(case, k, MAX_NEW, ngram=n)[0] != compare(case, k, MAX_NEW)[0] for case, k, n in NGRAM_CASES)
+    assert changed >= len(NGRAM_CASES) // 2  # most cases would repeat an n-gram without the ban
+
+
+def test_ban_repeated_ngrams_bans_what_would_complete_a_seen_ngram():
+    from swapmoe_edge.generate import ban_repeated_ngrams
+
+    seqs = np.array([[0, 5, 6, 7, 5, 6], [0, 1, 2, 3, 4, 5]])
+    out = ban_repeated_ngrams(seqs, np.zeros((2, 10), dtype=np.float32), 3)
+    assert np.flatnonzero(np.isinf(out[0])).tolist() == [7]  # "5 6" was followed by 7
+    assert not np.isinf(out[1]).any()
+    assert ban_repeated_ngrams(seqs[:, :2], out, 3) is out  # shorter than n: nothing to ban
 
 
 def test_hf_comparisons_exercise_eos_max_length_and_early_stop():

@@ -448,8 +448,10 @@ def test_int4_full_policy_reproduces_hf_generate_on_the_quantised_weights(int4_p
                 p.copy_(torch.from_numpy(as_stored(p.numpy().T, "int4").T.copy()))
     for seed in (0, 1):
         rows = _rows(seed)
-        got = [r.token_ids for r in _run(art, rows, 10, policy="full")]
-        assert got == _hf_generate(model, rows, 10)
+        results = _run(art, rows, 10, policy="full")
+        assert [r.token_ids for r in results] == _hf_generate(model, rows, 10)
+        # exact means "the checkpoint's tokens": quantised experts never promise that
+        assert all(r.exact is False and r.stats["expert_dtype"] == "int4" for r in results)
 
 
 def test_int4_experts_fit_about_seven_times_the_residents_in_the_same_budget(int4_pair):
@@ -465,3 +467,46 @@ def test_int4_experts_fit_about_seven_times_the_residents_in_the_same_budget(int
         n4 = sum(rt.residents.counts().values())
         res = rt.generate(_rows(12), max_new_tokens=4)
     assert n4 >= 6 * n32 and len(res[0].token_ids) > 0
+
+
+def test_the_input_limit_defaults_to_the_tokenizers_model_max_length(tmp_path):
+    import json as _json
+
+    model = tiny_model(seed=44)
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(_json.dumps({"model_max_length": 20}))
+    art = export_checkpoint(tmp_path / "ckpt", tmp_path / "art", quiet=True, validate=False)
+    with Runtime(art, RuntimeConfig(policy="full")) as rt:
+        assert rt.config.max_source_tokens == 20
+        with pytest.raises(InputError, match="more than max_source_tokens"):
+            rt.generate([[5] * 21], max_new_tokens=2)
+        assert rt.generate([[5] * 20], max_new_tokens=2)[0].exact is True
+    with Runtime(art, RuntimeConfig(policy="full", max_source_tokens=64)) as rt:  # the caller's value wins
+        assert rt.config.max_source_tokens == 64
+    # HF's "no limit" (a huge number) leaves the default
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(_json.dumps({"model_max_length": int(1e30)}))
+    art2 = export_checkpoint(tmp_path / "ckpt", tmp_path / "art2", quiet=True, validate=False)
+    with Runtime(art2, RuntimeConfig(policy="full")) as rt:
+        assert rt.config.max_source_tokens == 512
+
+
+def test_the_checkpoints_no_repeat_ngram_size_is_applied_like_hf(tmp_path):
+    model = tiny_model(seed=45, tie_word_embeddings=False)
+    model.generation_config.no_repeat_ngram_size = 2
+    model.save_pretrained(tmp_path / "ckpt")
+    art = export_checkpoint(tmp_path / "ckpt", tmp_path / "art", quiet=True, validate=False)
+    rows = _rows(5)
+    with Runtime(art, RuntimeConfig(policy="full")) as rt:
+        assert rt.no_repeat_ngram_size == 2
+        for beams in (1, 3):
+            assert [r.token_ids for r in rt.generate(rows, max_new_tokens=12, num_beams=beams)] == \
+                _hf_generate(model, rows, 12, num_beams=beams)
+
+
+def test_generation_settings_the_runtime_ignores_are_named_in_a_warning(tmp_path):
+    model = tiny_model(seed=46)
+    model.generation_config.repetition_penalty = 1.3
+    model.save_pretrained(tmp_path / "ckpt")
+    art = export_checkpoint(tmp_path / "ckpt", tmp_path / "art", quiet=True, validate=False)
+    with pytest.warns(UserWarning, match="repetition_penalty"):
+        Runtime(art, RuntimeConfig(policy="full")).close()
