@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every figure on the embedded model (issues 4, 5, 6): the test-split scores of the model
+# card, the budget sweep, and the expert types. Run from the repository root in the venv.
+#
+#   bash scripts/embedded_results.sh [CORPUS_DIR] [WORK_DIR]
+#
+# CORPUS_DIR: `swapmoe data debian -o CORPUS_DIR` (built here if missing; needs
+# `apt-get update -o Acquire::Languages=en` first). WORK_DIR holds the exports and the raw
+# sweep folders (resumable: finished cells are skipped). Tables and plots are copied into
+# docs/results/. Takes about half an hour on two cores.
+set -euo pipefail
+CORPUS=${1:-/tmp/debcorpus}
+WORK=${2:-/tmp/embedded_results}
+CKPT=swapmoe_edge/model_data/switch-debian
+THREADS=${THREADS:-1}
+mkdir -p "$WORK" docs/results/embedded
+[ -f "$CORPUS/test.jsonl" ] || swapmoe data debian -o "$CORPUS"
+
+for dt in float32 float16 int8 int4; do
+  [ -f "$WORK/art-$dt/manifest.json" ] || swapmoe export "$CKPT" -o "$WORK/art-$dt" --expert-dtype "$dt" --quiet
+  cp "$CKPT/profile.json" "$WORK/art-$dt/profile.json"   # the shipped importance profile
+done
+
+# Issue 4 and 5: 1000 test documents, every policy, budget and planner; lead-8 alongside.
+swapmoe sweep "$WORK/art-float32" --data "$CORPUS/test.jsonl" -o "$WORK/sweep" --limit 1000 \
+  --budgets 100%,75%,50%,33%,25% --threads "$THREADS"
+cp "$WORK"/sweep/sweep.csv "$WORK"/sweep/sweep.json "$WORK"/sweep/*.png docs/results/embedded/
+
+# Issue 6: each expert type at 100, 50 and 25% of its own expert bytes (swapmoe, importance planner).
+for dt in float16 int8 int4; do
+  swapmoe sweep "$WORK/art-$dt" --data "$CORPUS/test.jsonl" -o "$WORK/sweep-$dt" --limit 1000 \
+    --budgets 100%,50%,25% --policies full,swapmoe --planners importance --threads "$THREADS"
+  cp "$WORK/sweep-$dt/sweep.json" "docs/results/embedded/dtype-$dt.json"
+done
