@@ -18,8 +18,13 @@ mkdir -p "$WORK" docs/results/embedded
 
 for dt in float32 float16 int8 int4; do
   [ -f "$WORK/art-$dt/manifest.json" ] || swapmoe export "$CKPT" -o "$WORK/art-$dt" --expert-dtype "$dt" --quiet
-  cp "$CKPT/profile.json" "$WORK/art-$dt/profile.json"   # the shipped importance profile
 done
+# The shipped importance profile (SwapMoE Eq. 1) comes from validation documents.
+if [ ! -f "$CKPT/profile.json" ]; then
+  swapmoe profile "$WORK/art-float32" --data "$CORPUS/validation.jsonl" --limit 512
+  cp "$WORK/art-float32/profile.json" "$CKPT/profile.json"
+fi
+for dt in float32 float16 int8 int4; do cp "$CKPT/profile.json" "$WORK/art-$dt/profile.json"; done
 
 # Issue 4 and 5: 1000 test documents, every policy, budget and planner; lead-8 alongside.
 swapmoe sweep "$WORK/art-float32" --data "$CORPUS/test.jsonl" -o "$WORK/sweep" --limit 1000 \
