@@ -52,6 +52,7 @@ class Counters:
     routed: int = 0  # tokens routed in sparse layers (padding excluded)
     first_choice_resident: int = 0  # ... whose unmasked first choice was resident
     unavailable_hits: int = 0  # tokens whose first choice could not be read at all
+    rerouted: int = 0  # tokens, padding included, sent away from their first choice (0: routing as full's)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> dict[str, float]:
@@ -124,6 +125,7 @@ class Policy:
 
     def _count_routing(self, routing, allowed: np.ndarray, layer: LayerEntry, token_mask) -> None:
         valid = np.ones(routing.first_choice.shape, bool) if token_mask is None else token_mask
+        rerouted = int((~allowed[routing.first_choice]).sum())
         first = routing.first_choice[valid]
         hits = int(allowed[first].sum())
         missing = 0
@@ -134,6 +136,7 @@ class Policy:
             self.counters.routed += int(first.size)
             self.counters.first_choice_resident += hits
             self.counters.unavailable_hits += missing
+            self.counters.rerouted += rerouted
 
     def _masked_moe(self, layer: LayerEntry, normed, logits, token_mask):
         m = self.residents.layer(layer.key)  # one consistent snapshot for this layer

@@ -358,9 +358,7 @@ class Runtime:
             out = greedy_search(_Decoder(self.model), state, b, **kw)
         self.policy.end_request()
         stats = self._stats(t0, times, before)
-        # exact: the same tokens as the checkpoint; rounded or quantised experts never are
-        exact = self.policy.exact and not self.manifest.expert_dtype_lossy
-        return [Result(None, list(map(int, row)), exact, dict(stats)) for row in out]
+        return [Result(None, list(map(int, row)), stats["exact"], dict(stats)) for row in out]
 
     def summarize(self, texts: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1) -> list[Result]:
         ids, truncated = self.encode_texts(texts)
@@ -376,6 +374,12 @@ class Runtime:
         ttft = (times[0] - t0) if times else 0.0
         decode = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
         routed = pol1["routed"] - pol0["routed"]
+        first_choice = (pol1["first_choice_resident"] - pol0["first_choice_resident"]) / routed if routed else 1.0
+        # An approximate policy gave full's tokens if every token, padding included, found its
+        # first choice resident (routing and capacity as full's) and the gate was not
+        # renormalised; rounded or quantised experts never do.
+        as_full = pol1["rerouted"] == pol0["rerouted"] and not self.config.renormalize
+        exact = (self.policy.exact or as_full) and not self.manifest.expert_dtype_lossy
         return {
             "policy": self.config.policy,
             "device": self.device.name,
@@ -394,9 +398,9 @@ class Runtime:
             "loads": int(pol1["loads"] - pol0["loads"]),
             "swaps": int(pol1["swaps"] - pol0["swaps"]),
             "stall_ms": (pol1["stall_s"] - pol0["stall_s"]) * 1e3,
-            "first_choice_resident": ((pol1["first_choice_resident"] - pol0["first_choice_resident"]) / routed) if routed else 1.0,
+            "first_choice_resident": first_choice,
             "unavailable_experts": sorted(k.name for k in self.residents.unavailable),
-            "exact": self.policy.exact and not self.manifest.expert_dtype_lossy,
+            "exact": exact,
             "expert_dtype": self.manifest.expert_dtype,
         }
 

@@ -510,3 +510,14 @@ def test_generation_settings_the_runtime_ignores_are_named_in_a_warning(tmp_path
     art = export_checkpoint(tmp_path / "ckpt", tmp_path / "art", quiet=True, validate=False)
     with pytest.warns(UserWarning, match="repetition_penalty"):
         Runtime(art, RuntimeConfig(policy="full")).close()
+
+
+def test_an_approximate_policy_reports_exact_only_when_no_token_was_rerouted(models):
+    model, art = models["8exp_all_sparse"]
+    rows = _rows(7)
+    with Runtime(art, RuntimeConfig(policy="swapmoe", budget="100%", swap_interval_s=3600)) as rt:
+        res = rt.generate(rows, max_new_tokens=6)  # every expert resident: routing is full's
+        assert all(r.exact for r in res) and [r.token_ids for r in res] == _hf_generate(model, rows, 6)
+    with Runtime(art, RuntimeConfig(policy="prune", budget="25%")) as rt:
+        res = rt.generate(rows, max_new_tokens=6)
+        assert res[0].stats["first_choice_resident"] < 1.0 and not any(r.exact for r in res)
