@@ -11,9 +11,11 @@
 set -euo pipefail
 CORPUS=${1:-/tmp/debcorpus}
 WORK=${2:-/tmp/embedded_results}
-CKPT=swapmoe_edge/model_data/switch-debian
+CKPT=${CKPT:-swapmoe_edge/model_data/switch-debian}
 THREADS=${THREADS:-1}
-mkdir -p "$WORK" docs/results/embedded
+LIMIT=${LIMIT:-1000}   # test documents per cell
+RESULTS=${RESULTS:-docs/results/embedded}
+mkdir -p "$WORK" "$RESULTS"
 [ -f "$CORPUS/test.jsonl" ] || swapmoe data debian -o "$CORPUS"
 
 for dt in float32 float16 int8 int4; do
@@ -27,13 +29,13 @@ fi
 for dt in float32 float16 int8 int4; do cp "$CKPT/profile.json" "$WORK/art-$dt/profile.json"; done
 
 # Issue 4 and 5: 1000 test documents, every policy, budget and planner; lead-8 alongside.
-swapmoe sweep "$WORK/art-float32" --data "$CORPUS/test.jsonl" -o "$WORK/sweep" --limit 1000 \
+swapmoe sweep "$WORK/art-float32" --data "$CORPUS/test.jsonl" -o "$WORK/sweep" --limit "$LIMIT" \
   --budgets 100%,75%,50%,33%,25% --threads "$THREADS"
-cp "$WORK"/sweep/sweep.csv "$WORK"/sweep/sweep.json "$WORK"/sweep/*.png docs/results/embedded/
+cp "$WORK"/sweep/sweep.csv "$WORK"/sweep/sweep.json "$WORK"/sweep/*.png "$RESULTS"/
 
 # Issue 6: each expert type at 100, 50 and 25% of its own expert bytes (swapmoe, importance planner).
 for dt in float16 int8 int4; do
-  swapmoe sweep "$WORK/art-$dt" --data "$CORPUS/test.jsonl" -o "$WORK/sweep-$dt" --limit 1000 \
+  swapmoe sweep "$WORK/art-$dt" --data "$CORPUS/test.jsonl" -o "$WORK/sweep-$dt" --limit "$LIMIT" \
     --budgets 100%,50%,25% --policies full,swapmoe --planners importance --threads "$THREADS"
-  cp "$WORK/sweep-$dt/sweep.json" "docs/results/embedded/dtype-$dt.json"
+  cp "$WORK/sweep-$dt/sweep.json" "$RESULTS/dtype-$dt.json"
 done

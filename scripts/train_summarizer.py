@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swapmoe_edge.corpus import build_debian_corpus  # noqa: E402
 from swapmoe_edge.errors import InputError  # noqa: E402
 
-PAD, EOS, UNK = 0, 1, 2
-SPECIALS = ["<pad>", "</s>", "<unk>"]  # their ids are PAD, EOS, UNK: the trainer adds them first
+PAD, EOS, UNK, COPY = 0, 1, 2, 3
+# their ids are PAD, EOS, UNK, COPY: the trainer adds them first. <copy> opens the inputs of
+# the auxiliary copy task (--copy-fraction); summarisation inputs are plain text.
+SPECIALS = ["<pad>", "</s>", "<unk>", "<copy>"]
 
 
 # ---------------------------------------------------------------- data and tokenizer
@@ -61,7 +63,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
-    assert [tok.token_to_id(t) for t in SPECIALS] == [PAD, EOS, UNK]
+    assert [tok.token_to_id(t) for t in SPECIALS] == [PAD, EOS, UNK, COPY]
     return tok
 
 
@@ -87,6 +89,20 @@ def batches(pairs: list[tuple[list[int], list[int]]], batch_size: int, rng: rand
         input_ids, mask = pad(src, PAD)
         labels, _ = pad(tgt, -100)
         yield input_ids, mask, labels
+
+
+def copy_pairs(tok: Tokenizer, train: list[dict], args, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """Auxiliary task: "<copy> TEXT" -> the text's first --copy-words words.
+
+    Trained from scratch on ~55k pairs, the summariser learned synopsis templates but
+    hardly ever copied a name from its input. Copying the opening words is easy to learn
+    and exercises the same cross-attention path; the task token keeps it apart from
+    summarisation, whose inputs carry none.
+    """
+    rows = rng.sample(train, int(args.copy_fraction * len(train)))
+    src = encode(tok, [r["text"] for r in rows], args.max_source_len - 1)
+    tgt = encode(tok, [" ".join(r["text"].split()[:args.copy_words]) for r in rows], args.max_target_len)
+    return [([COPY] + s, t) for s, t in zip(src, tgt)]
 
 
 def pad(seqs, value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +205,7 @@ def save_checkpoint(model, hf_tok: PreTrainedTokenizerFast, out: Path, log: dict
     config = json.loads(config_path.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "special_tokens_map.json").write_text(json.dumps(dict(zip(("pad_token", "eos_token", "unk_token"),
-                                                                     SPECIALS)), indent=2) + "\n")
+                                                                     SPECIALS[:3])), indent=2) + "\n")
     (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     for f in tmp.iterdir():
         f.chmod(0o644)
@@ -225,6 +241,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4, help="per stack; every 2nd layer is sparse")
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--copy-fraction", type=float, default=0.0,
+                   help="extra '<copy> text -> first words' pairs, as a fraction of the training pairs")
+    p.add_argument("--copy-words", type=int, default=12)
     p.add_argument("--router-init-scale", type=float, default=0.1,
                    help="router weights: truncated normal, std sqrt(scale / d_model) (Switch paper: 0.1)")
     p.add_argument("--threads", type=int, default=0,
@@ -254,6 +273,8 @@ def main(argv=None) -> int:
     tok = train_tokenizer([r["text"] for r in train] + [r["summary"] for r in train], args.vocab_size)
     pairs = list(zip(encode(tok, [r["text"] for r in train], args.max_source_len),
                      encode(tok, [r["summary"] for r in train], args.max_target_len)))
+    if args.copy_fraction > 0:
+        pairs += copy_pairs(tok, train, args, random.Random(args.seed + 1))
     eval_src = encode(tok, [r["text"] for r in val], args.max_source_len)
     refs = [r["summary"] for r in val]
     print(f"{len(pairs)} training pairs, vocab {tok.get_vocab_size()}, tokenized in {time.time() - t0:.0f}s; "

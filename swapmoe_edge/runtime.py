@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import warnings
@@ -162,6 +163,7 @@ class Runtime:
         self.residents = ResidentSet(self.sparse, c.num_experts)
         self.tokenizer = self._load_tokenizer()
         self.no_repeat_ngram_size = _generation_settings(self.manifest.generation)
+        self._request_ids = itertools.count()
 
         self.norms = {lk: np.array([m.experts[k].norm for k in m.layer(lk.stack, lk.layer).experts]) for lk in self.sparse}
         self.profile = profile or self._load_profile()
@@ -389,6 +391,7 @@ class Runtime:
             "decode_ms_per_token": decode * 1e3,
             "request_ms": ((times[-1] if times else time.perf_counter()) - t0) * 1e3,
             "steps": len(times),
+            "request": next(self._request_ids),  # one number per chunk that ran: rows sharing it shared these stats
             "peak_rss_bytes": memory.peak_rss(),
             "budget_bytes": int(self.budget_bytes) if self.budget_bytes is not None else None,
             "baseline_bytes": self.baseline,
