@@ -18,7 +18,7 @@ from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_edge.store import ExpertReadError, ExpertStore  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
 
-from tiny import tiny_model, tiny_tokenizer, words  # noqa: E402
+from tiny import hf_generate, tiny_model, tiny_tokenizer, words  # noqa: E402
 
 CONFIGS = {
     "8exp_all_sparse": dict(num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2),
@@ -45,21 +45,7 @@ def _rows(seed: int, lengths=(12, 7, 9), vocab: int = 96) -> list[list[int]]:
     return [[int(t) for t in rng.integers(3, vocab, n)] + [1] for n in lengths]
 
 
-def _hf_generate(model, rows, max_new_tokens, num_beams=1) -> list[list[int]]:
-    s = max(map(len, rows))
-    ids = torch.zeros((len(rows), s), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-    rows_out = []
-    for row in out.tolist():
-        row = row[1:]  # the decoder start token
-        while row and row[-1] == model.config.pad_token_id:
-            row.pop()
-        rows_out.append(row)
-    return rows_out
+_hf_generate = hf_generate
 
 
 def _run(art, rows, max_new_tokens=10, num_beams=1, **cfg) -> list:

@@ -56,3 +56,29 @@ def save_tiny(path: Path, seed: int = 0, safe_serialization: bool = True, **over
     model.save_pretrained(path, safe_serialization=safe_serialization)
     tiny_tokenizer(model.config.vocab_size).save(str(path / "tokenizer.json"))
     return path
+
+
+def hf_generate(model, rows, max_new_tokens: int, num_beams: int = 1) -> list[list[int]]:
+    """HF ``generate`` on token-id rows (padded here), each output cut as our runtime returns it:
+    no decoder start token, up to and including the first EOS, no padding."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             num_beams=num_beams, do_sample=False)
+    eos, pad = model.generation_config.eos_token_id, model.config.pad_token_id
+    result = []
+    for row in out.tolist():
+        row = row[1:]  # the decoder start token
+        if eos in row:  # HF fills finished rows (beam search: with EOS)
+            row = row[: row.index(eos) + 1]
+        while row and row[-1] == pad:
+            row.pop()
+        result.append(row)
+    return result
