@@ -35,9 +35,10 @@ from swapmoe_edge.corpus import build_debian_corpus  # noqa: E402
 from swapmoe_edge.errors import InputError  # noqa: E402
 
 PAD, EOS, UNK, COPY = 0, 1, 2, 3
-# their ids are PAD, EOS, UNK, COPY: the trainer adds them first. <copy> opens the inputs of
-# the auxiliary copy task (--copy-fraction); summarisation inputs are plain text.
-SPECIALS = ["<pad>", "</s>", "<unk>", "<copy>"]
+SPECIALS = ["<pad>", "</s>", "<unk>"]  # their ids are PAD, EOS, UNK: the trainer adds them first
+# With --copy-fraction, <copy> (id COPY) opens the inputs of the auxiliary copy task;
+# summarisation inputs are plain text. Without it the vocabulary has no <copy>.
+COPY_TOKEN = "<copy>"
 
 
 # ---------------------------------------------------------------- data and tokenizer
@@ -53,17 +54,18 @@ def load_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts: list[str], vocab_size: int, copy_task: bool = False) -> Tokenizer:
     """Byte-level BPE: any text encodes (no <unk> in practice); </s> closes each sequence."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])  # drop the prefix space
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS,
+    specials = SPECIALS + [COPY_TOKEN] * copy_task
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
-    assert [tok.token_to_id(t) for t in SPECIALS] == [PAD, EOS, UNK, COPY]
+    assert [tok.token_to_id(t) for t in specials] == [PAD, EOS, UNK, COPY][:len(specials)]
     return tok
 
 
@@ -205,7 +207,7 @@ def save_checkpoint(model, hf_tok: PreTrainedTokenizerFast, out: Path, log: dict
     config = json.loads(config_path.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "special_tokens_map.json").write_text(json.dumps(dict(zip(("pad_token", "eos_token", "unk_token"),
-                                                                     SPECIALS[:3])), indent=2) + "\n")
+                                                                     SPECIALS)), indent=2) + "\n")
     (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     for f in tmp.iterdir():
         f.chmod(0o644)
@@ -270,7 +272,7 @@ def main(argv=None) -> int:
     random.Random(args.seed).shuffle(val)
     val = val[:args.eval_docs]
     t0 = time.time()
-    tok = train_tokenizer([r["text"] for r in train] + [r["summary"] for r in train], args.vocab_size)
+    tok = train_tokenizer([r["text"] for r in train] + [r["summary"] for r in train], args.vocab_size, args.copy_fraction > 0)
     pairs = list(zip(encode(tok, [r["text"] for r in train], args.max_source_len),
                      encode(tok, [r["summary"] for r in train], args.max_target_len)))
     if args.copy_fraction > 0:
