@@ -34,7 +34,7 @@ for dt in float32 float16 int8 int4; do cp "$CKPT/profile.json" "$WORK/art-$dt/p
   for dt in float16 int8 int4; do
     swapmoe sweep "$WORK/art-$dt" --data "$CORPUS/test.jsonl" -o "$WORK/sweep-$dt" --limit "$LIMIT" \
       --budgets 100%,50%,25% --policies full,swapmoe --planners importance --threads "$THREADS" --quiet
-    cp "$WORK/sweep-$dt/sweep.json" "$RESULTS/dtype-$dt.json"
+    cp "$WORK/sweep-$dt/sweep.json" "$RESULTS/dtype-$dt.json"; cp "$WORK/sweep-$dt/sweep.md" "$RESULTS/dtype-$dt.md"
   done
 ) > "$WORK/dtypes.log" 2>&1 &
 DTYPES=$!
@@ -42,6 +42,6 @@ DTYPES=$!
 # Issues 4 and 5: test documents, every policy, budget and planner; lead-8 alongside.
 swapmoe sweep "$WORK/art-float32" --data "$CORPUS/test.jsonl" -o "$WORK/sweep" --limit "$LIMIT" \
   --budgets 100%,75%,50%,33%,25% --threads "$THREADS"
-cp "$WORK"/sweep/sweep.csv "$WORK"/sweep/sweep.json "$WORK"/sweep/*.png "$RESULTS"/
+cp "$WORK"/sweep/sweep.csv "$WORK"/sweep/sweep.md "$WORK"/sweep/sweep.json "$WORK"/sweep/*.png "$RESULTS"/
 wait "$DTYPES" || { echo "the expert-type sweeps failed: see $WORK/dtypes.log" >&2; exit 1; }
 echo "done: $RESULTS"

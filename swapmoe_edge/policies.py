@@ -233,8 +233,10 @@ class SwapMoEPolicy(Policy):
     name, exact = "swapmoe", False
 
     def __init__(self, *args, tracker: ImportanceTracker, interval_s: float = 0.05,
-                 max_swaps_per_interval: int = 2, hysteresis: float = 0.1, decay: float = 0.5, **kw):
+                 max_swaps_per_interval: int = 2, hysteresis: float = 0.1, decay: float = 0.5,
+                 layer_weight: dict[LayerKey, float] | None = None, **kw):
         super().__init__(*args, **kw)
+        self.layer_weight = layer_weight
         self.tracker = tracker
         self.interval_s = interval_s
         self.max_swaps = max_swaps_per_interval
@@ -285,7 +287,8 @@ class SwapMoEPolicy(Policy):
             importance[key.layer_key][key.expert] = -1.0
         with self._resize_lock:
             counts = dict(self.counts)
-            swaps = plan_swaps(self.residents.residents(), importance, counts, self.hysteresis, self.max_swaps)
+            swaps = plan_swaps(self.residents.residents(), importance, counts, self.hysteresis, self.max_swaps,
+                               self.layer_weight)
         done = 0
         for s in swaps:
             if self._stop.is_set():

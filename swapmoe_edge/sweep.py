@@ -233,11 +233,39 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    (out / "sweep.md").write_text(markdown_table(rows, summary["lead_baseline"]))
     if plots:
         summary["plots"] = [str(p) for p in plot_sweep(rows, out, summary["lead_baseline"])]
     _write_json(out / "sweep.json", summary)
-    say(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'}" + (f" and {len(summary['plots'])} plots" if plots else ""))
+    say(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.json'}"
+        + (f" and {len(summary['plots'])} plots" if plots else ""))
     return summary
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], lead: dict[str, Any] | None = None) -> str:
+    """The sweep as a Markdown table, decode time also as a ratio to the ``full`` cell of the same run."""
+    mib = 1024 * 1024
+    full = next((r for r in rows if r["policy"] == "full" and not r.get("error")), None)
+    head = ("| policy | planner | budget | budget MiB | peak RSS MiB | peak/budget | experts resident | ROUGE-1 "
+            "| ROUGE-2 | ROUGE-L | fidelity ROUGE-2 | same as full | first choice resident | decode ms/token "
+            "| decode / full | TTFT ms | swaps | stall ms |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['policy']} | {r['planner']} | {r['budget']} | failed: {r['error']} |")
+            continue
+        ratio = r["decode_ms_per_token"] / full["decode_ms_per_token"] if full else None
+        cols = [(r["budget_bytes"] / mib, ".1f"), (r["peak_rss_bytes"] / mib, ".1f"),
+                (r["peak_rss_bytes"] / r["budget_bytes"], ".3f"), (r["resident_experts"], ""),
+                (r["rouge1"], ".4f"), (r["rouge2"], ".4f"), (r["rougeL"], ".4f"), (r["fidelity_rouge2"], ".4f"),
+                (r["exact_match"], ".1%"), (r["first_choice_resident"], ".3f"), (r["decode_ms_per_token"], ".2f"),
+                (ratio, ".2f"), (r["ttft_ms"], ".1f"), (r["swaps"], ""), (r["stall_ms"], ".1f")]
+        cells = [r["policy"], r["planner"] or "—", r["budget"]] + ["—" if v is None else format(v, f) for v, f in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    if lead:
+        lines.append(f"\nBaseline, the first {lead['n_words']} words of each document ({lead['documents']} documents): "
+                     f"ROUGE-1 {lead['rouge1']:.4f}, ROUGE-2 {lead['rouge2']:.4f}, ROUGE-L {lead['rougeL']:.4f}.")
+    return "\n".join(lines) + "\n"
 
 
 # -- plots ---------------------------------------------------------------------------------------------

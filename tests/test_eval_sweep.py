@@ -155,6 +155,11 @@ def test_sweep_writes_every_measure_and_resumes_without_rerunning_cells(art, dat
     assert {r["policy"] for r in rows} == {"full", "prune", "swapmoe"}
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["lead_baseline"]["documents"] == 4 and "outputs" not in summary["cells"][0]
+    table = (out / "sweep.md").read_text().splitlines()
+    assert len([ln for ln in table if ln.startswith("| full ") or ln.startswith("| prune ")
+                or ln.startswith("| swapmoe ")]) == 5
+    assert table[2].split(" | ")[14] == "1.00"  # full's decode time against itself
+    assert "first 8 words" in table[-1]
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["decode_ms_vs_budget.png", "peak_rss_vs_budget.png", "rouge2_vs_budget.png"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

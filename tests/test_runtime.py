@@ -507,3 +507,23 @@ def test_an_approximate_policy_reports_exact_only_when_no_token_was_rerouted(mod
     with Runtime(art, RuntimeConfig(policy="prune", budget="25%")) as rt:
         res = rt.generate(rows, max_new_tokens=6)
         assert res[0].stats["first_choice_resident"] < 1.0 and not any(r.exact for r in res)
+
+
+def test_decoder_weight_moves_resident_slots_to_the_decoder_and_reaches_the_swapper(models):
+    _, art = models["8exp_all_sparse"]
+
+    def per_stack(rt):
+        counts = {"encoder": 0, "decoder": 0}
+        for lk, n in rt.policy.counts.items():
+            counts[lk.stack] += n
+        return counts
+
+    with Runtime(art, RuntimeConfig(policy="swapmoe", budget="40%", decoder_weight=1.0)) as rt:
+        even = per_stack(rt)
+    with Runtime(art, RuntimeConfig(policy="swapmoe", budget="40%", decoder_weight=50.0)) as rt:
+        heavy = per_stack(rt)
+        assert {lk.stack: w for lk, w in rt.policy.layer_weight.items()} == {"encoder": 1.0, "decoder": 50.0}
+    assert sum(heavy.values()) == sum(even.values())  # the same budget, split differently
+    assert heavy["decoder"] > even["decoder"] and heavy["encoder"] < even["encoder"]
+    with pytest.raises(InputError, match="decoder_weight"):
+        RuntimeConfig(decoder_weight=0.0)
