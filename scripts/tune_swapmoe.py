@@ -4,8 +4,10 @@
 
 For each budget, policy (prune, swapmoe), decoder weight (RuntimeConfig.decoder_weight) and,
 for swapmoe, importance decay between requests, it generates greedy summaries of the same
-documents and prints how often they equal the ``full`` policy's tokens and their ROUGE-2
-against full's summaries (fidelity). Writes the table as JSON with --json-out.
+documents and prints how often they equal the ``full`` policy's tokens, their ROUGE-2
+against full's summaries (fidelity) and against the references. ``--static`` adds swapmoe
+rows whose swapper never runs (the profile's residents throughout). Writes the table as
+JSON with --json-out.
 """
 
 from __future__ import annotations
@@ -39,30 +41,38 @@ def main(argv=None) -> int:
     p.add_argument("--decays", default="0.5,0.9")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--static", action="store_true", help="also swapmoe without swaps")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
 
-    texts = [d["text"] for d in read_pairs(args.data, args.limit)]
+    docs = read_pairs(args.data, args.limit)
+    texts, refs = [d["text"] for d in docs], [d["summary"] for d in docs]
     ref_ids, ref_text, _ = summaries(args.artifact, texts, args.batch_size, policy="full", budget="100%",
                                      threads=args.threads)
+    print(f"full: ROUGE-2 {rouge(refs, ref_text)['rouge2']:.4f}", flush=True)
     rows = []
     grid = [("prune", w, None) for w in map(float, args.decoder_weights.split(","))]
     grid += [("swapmoe", w, d) for w, d in itertools.product(map(float, args.decoder_weights.split(",")),
                                                              map(float, args.decays.split(",")))]
+    if args.static:
+        grid += [("swapmoe", w, "static") for w in map(float, args.decoder_weights.split(","))]
     print(f"{len(texts)} documents; same = share of summaries identical to full's tokens", flush=True)
     for budget in args.budgets.split(","):
         for policy, weight, decay in grid:
             t0 = time.perf_counter()
-            extra = {"decay": decay} if decay is not None else {}
+            extra = {"decay": decay} if isinstance(decay, float) else {}
+            if decay == "static":
+                extra = {"swap_interval_s": 1e9}
             ids, text, residents = summaries(args.artifact, texts, args.batch_size, policy=policy, budget=budget,
                                              decoder_weight=weight, threads=args.threads, **extra)
             same = sum(a == b for a, b in zip(ids, ref_ids)) / len(ids)
             fid = rouge(ref_text, text, identical_is_one=True)["rouge2"]
+            r2 = rouge(refs, text)["rouge2"]
             row = {"budget": budget, "policy": policy, "decoder_weight": weight, "decay": decay, "same": same,
-                   "fidelity_rouge2": fid, "residents": residents}
+                   "fidelity_rouge2": fid, "rouge2": r2, "residents": residents}
             rows.append(row)
             print(f"{budget:>5} {policy:8s} decoder_weight {weight:4g} decay {decay if decay is not None else '-':>4} "
-                  f"same {same:.3f} fidelity ROUGE-2 {fid:.4f} residents {residents} "
+                  f"same {same:.3f} fidelity ROUGE-2 {fid:.4f} ROUGE-2 {r2:.4f} residents {residents} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps({"documents": len(texts), "data": args.data, "rows": rows}, indent=1) + "\n")
