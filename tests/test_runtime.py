@@ -527,3 +527,27 @@ def test_decoder_weight_moves_resident_slots_to_the_decoder_and_reaches_the_swap
     assert heavy["decoder"] > even["decoder"] and heavy["encoder"] < even["encoder"]
     with pytest.raises(InputError, match="decoder_weight"):
         RuntimeConfig(decoder_weight=0.0)
+
+
+def test_expert_buffers_live_in_their_own_mapping_so_eviction_frees_their_pages(models):
+    import mmap
+
+    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.store import anonymous_buffer
+
+    buf = anonymous_buffer(10_000)
+    assert buf.shape == (10_000,) and buf.flags.writeable and not buf.any()
+    base = buf
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, mmap.mmap)  # not malloc: unmapped when the last view goes
+    _, art = models["8exp_all_sparse"]
+    manifest = load_manifest(art)
+    key = next(iter(manifest.experts))
+    expert = ExpertStore(manifest).read(key)
+    entry = manifest.experts[key]
+    raw = manifest.path(entry.weights_file).read_bytes()[:entry.nbytes]
+    base = expert.wi
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, mmap.mmap) and bytes(base[:entry.nbytes]) == raw
