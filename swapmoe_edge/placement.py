@@ -71,8 +71,8 @@ class PlacingStore:
         self.store = store
         self.kernel = kernel
 
-    def read(self, key) -> LoadedExpert:
-        return self.kernel.place(self.store.read(key))
+    def read(self, key, own_mapping: bool = True) -> LoadedExpert:
+        return self.kernel.place(self.store.read(key, own_mapping))
 
     def __getattr__(self, name: str) -> Any:  # counters(), manifest, bytes_read ... of the wrapped store
         return getattr(self.store, name)

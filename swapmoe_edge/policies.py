@@ -109,11 +109,11 @@ class Policy:
                                 self.counters.evictions += 1
 
     # -- helpers --------------------------------------------------------------------------
-    def _admit(self, key: ExpertKey) -> LoadedExpert | None:
+    def _admit(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert | None:
         if self.residents.is_unavailable(key):
             return None
         try:
-            expert = self.store.read(key)
+            expert = self.store.read(key, own_mapping)
         except ExpertReadError as e:
             log.warning("%s; marking it unavailable", e)
             self.residents.mark_unavailable(key)
@@ -213,7 +213,7 @@ class OnDemandPolicy(Policy):
             t0 = time.perf_counter()
             while len(self.residents.layer(lk)) >= max(1, self.counts[lk]) and self._lru[lk]:
                 self._evict_lru(lk)
-            expert = self._admit(layer.experts[e])
+            expert = self._admit(layer.experts[e], own_mapping=False)  # on the token loop: the cheaper fill
             self._lru[lk][e] = None
         with self.counters.lock:
             self.counters.stall_s += time.perf_counter() - t0

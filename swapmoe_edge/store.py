@@ -63,11 +63,11 @@ class ExpertStore:
         self.reads = 0
         self.read_seconds = 0.0
 
-    def _read_bytes(self, key: ExpertKey) -> np.ndarray:
+    def _read_bytes(self, key: ExpertKey, own_mapping: bool = True) -> np.ndarray:
         """The raw weight block (a hook for tests that inject slow or failing flash)."""
         entry = self.manifest.experts[key]
         path = self.manifest.path(entry.weights_file)
-        buf = anonymous_buffer(entry.nbytes)
+        buf = anonymous_buffer(entry.nbytes) if own_mapping else np.empty(entry.nbytes, dtype=np.uint8)
         try:
             with open(path, "rb", buffering=0) as f:
                 got = f.readinto(memoryview(buf))
@@ -77,10 +77,18 @@ class ExpertStore:
             raise ExpertReadError(key, path, f"read {got} of {entry.nbytes} bytes; the file is truncated. Export the model again.")
         return buf
 
-    def read(self, key: ExpertKey) -> LoadedExpert:
+    def read(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert:
+        """Read, verify and count one expert.
+
+        ``own_mapping``: hold it in an anonymous mapping of its own (see anonymous_buffer),
+        for experts that stay resident a while and leave when the swapper or the budget
+        evicts them. ``False`` takes malloc memory, about 3x cheaper to fill (18 MiB: 3 ms
+        against 10 ms from the page cache: no page faults or zeroing on reused heap), for
+        the on-demand policy's reads on the token loop, which the next load reuses.
+        """
         entry = self.manifest.experts[key]
         t0 = time.perf_counter()
-        buf = self._read_bytes(key)
+        buf = self._read_bytes(key, own_mapping)
         if self.verify == "always" or (self.verify == "first" and key not in self._verified):
             digest = hashlib.sha256(buf).hexdigest()
             expected = self.manifest.files[entry.weights_file].sha256
@@ -112,7 +120,8 @@ def anonymous_buffer(nbytes: int) -> np.ndarray:
     so later expert-sized blocks came from the swapper thread's arena, and as the swapper
     turned experts over RSS crept 2-5% past the budget on the embedded model.
     """
-    return np.frombuffer(mmap.mmap(-1, max(1, nbytes)), dtype=np.uint8)[:nbytes]
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # one fault, not one a page
+    return np.frombuffer(mmap.mmap(-1, max(1, nbytes), flags=flags), dtype=np.uint8)[:nbytes]
 
 
 def _view(buf: np.ndarray, offset: int, shape, dtype: str) -> np.ndarray:
