@@ -20,15 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.evaluate import read_pairs, rouge  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
-
-
-def summaries(artifact: str, texts: list[str], batch: int, **config) -> tuple[list[list[int]], list[str], dict]:
-    with Runtime(artifact, RuntimeConfig(**config)) as rt:
-        results = [r for i in range(0, len(texts), batch) for r in rt.summarize(texts[i:i + batch])]
-        residents = {str(k): len(v) for k, v in rt.policy.residents.residents().items()}
-    return [r.token_ids for r in results], [r.summary for r in results], residents
+from swapmoe_edge.evaluate import evaluate  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,37 +37,33 @@ def main(argv=None) -> int:
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
 
-    docs = read_pairs(args.data, args.limit)
-    texts, refs = [d["text"] for d in docs], [d["summary"] for d in docs]
-    ref_ids, ref_text, _ = summaries(args.artifact, texts, args.batch_size, policy="full", budget="100%",
-                                     threads=args.threads)
-    print(f"full: ROUGE-2 {rouge(refs, ref_text)['rouge2']:.4f}", flush=True)
-    rows = []
-    grid = [("prune", w, None) for w in map(float, args.decoder_weights.split(","))]
-    grid += [("swapmoe", w, d) for w, d in itertools.product(map(float, args.decoder_weights.split(",")),
-                                                             map(float, args.decays.split(",")))]
+    common = dict(limit=args.limit, batch_size=args.batch_size, threads=args.threads, quiet=True)
+    full = evaluate(args.artifact, args.data, "full", "100%", keep_outputs=True, **common)
+    print(f"{full['documents']} documents; full: ROUGE-2 {full['rouge2']:.4f}; "
+          "same = share of summaries identical to full's tokens", flush=True)
+    weights = [float(w) for w in args.decoder_weights.split(",")]
+    decays = [float(d) for d in args.decays.split(",")]
+    # (policy, decay as printed, RuntimeConfig fields besides the decoder weight)
+    grid = [("prune", w, None, {}) for w in weights]
+    grid += [("swapmoe", w, d, {"decay": d}) for w, d in itertools.product(weights, decays)]
     if args.static:
-        grid += [("swapmoe", w, "static") for w in map(float, args.decoder_weights.split(","))]
-    print(f"{len(texts)} documents; same = share of summaries identical to full's tokens", flush=True)
+        grid += [("swapmoe", w, "static", {"swap_interval_s": 1e9}) for w in weights]
+    rows = []
     for budget in args.budgets.split(","):
-        for policy, weight, decay in grid:
+        for policy, weight, decay, config in grid:
             t0 = time.perf_counter()
-            extra = {"decay": decay} if isinstance(decay, float) else {}
-            if decay == "static":
-                extra = {"swap_interval_s": 1e9}
-            ids, text, residents = summaries(args.artifact, texts, args.batch_size, policy=policy, budget=budget,
-                                             decoder_weight=weight, threads=args.threads, **extra)
-            same = sum(a == b for a, b in zip(ids, ref_ids)) / len(ids)
-            fid = rouge(ref_text, text, identical_is_one=True)["rouge2"]
-            r2 = rouge(refs, text)["rouge2"]
-            row = {"budget": budget, "policy": policy, "decoder_weight": weight, "decay": decay, "same": same,
-                   "fidelity_rouge2": fid, "rouge2": r2, "residents": residents}
+            res = evaluate(args.artifact, args.data, policy, budget, reference_outputs=full["outputs"],
+                           config={"decoder_weight": weight, **config}, **common)
+            row = {"budget": budget, "policy": policy, "decoder_weight": weight, "decay": decay,
+                   "same": res["fidelity"]["exact_match"], "fidelity_rouge2": res["fidelity"]["rouge2"],
+                   "rouge2": res["rouge2"], "residents": res["resident_experts_per_layer"]}
             rows.append(row)
             print(f"{budget:>5} {policy:8s} decoder_weight {weight:4g} decay {decay if decay is not None else '-':>4} "
-                  f"same {same:.3f} fidelity ROUGE-2 {fid:.4f} ROUGE-2 {r2:.4f} residents {residents} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"same {row['same']:.3f} fidelity ROUGE-2 {row['fidelity_rouge2']:.4f} ROUGE-2 {row['rouge2']:.4f} "
+                  f"residents {row['residents']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json_out:
-        args.json_out.write_text(json.dumps({"documents": len(texts), "data": args.data, "rows": rows}, indent=1) + "\n")
+        args.json_out.write_text(json.dumps({"documents": full["documents"], "data": args.data, "rows": rows},
+                                            indent=1) + "\n")
     return 0
 
 

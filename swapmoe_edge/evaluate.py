@@ -105,15 +105,20 @@ def _progress(quiet: bool, label: str, done: int, total: int) -> None:
 
 
 def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner: str, max_new_tokens: int,
-              num_beams: int, batch_size: int, threads: int | None, quiet: bool):
-    """Summarise ``texts`` in batches; returns (results, per-request stats, runtime facts)."""
+              num_beams: int, batch_size: int, threads: int | None, quiet: bool,
+              config: Mapping[str, Any] | None = None):
+    """Summarise ``texts`` in batches; returns (results, per-request stats, runtime facts).
+
+    ``config``: further RuntimeConfig fields (``decoder_weight``, ``decay``, ...).
+    """
     from .runtime import Runtime, RuntimeConfig
 
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, not {batch_size}")
     label = f"{policy} {budget}" + (f" {planner}" if policy != "full" else "")
     results, requests = [], []
-    with Runtime(artifact, RuntimeConfig(policy=policy, budget=budget, planner=planner, threads=threads)) as rt:
+    with Runtime(artifact, RuntimeConfig(policy=policy, budget=budget, planner=planner, threads=threads,
+                                         **(config or {}))) as rt:
         facts = {"budget_bytes": int(rt.budget_bytes), "baseline_bytes": int(rt.baseline)}
         _progress(quiet, label, 0, len(texts))
         for i in range(0, len(texts), batch_size):
@@ -126,6 +131,7 @@ def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner:
             requests.extend({r.stats["request"]: r.stats for r in batch}.values())
             _progress(quiet, label, len(results), len(texts))
         facts["resident_experts"] = sum(rt.residents.counts().values())
+        facts["resident_experts_per_layer"] = dict(rt.residents.counts())
         facts["resident_expert_bytes"] = int(rt.residents.nbytes)
     return results, requests, facts
 
@@ -154,14 +160,16 @@ def _outputs(results) -> list[dict]:
 def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: str, planner: str = "importance",
              limit: int | None = None, max_new_tokens: int = 32, num_beams: int = 1, batch_size: int = 8,
              reference_outputs: Sequence[Mapping[str, Any]] | None = None, *, compare_to_full: bool = True,
-             keep_outputs: bool = False, threads: int | None = None, quiet: bool = False) -> dict[str, Any]:
+             keep_outputs: bool = False, threads: int | None = None, quiet: bool = False,
+             config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Summarise the documents of ``data_path`` under ``policy``/``budget``; score and measure.
 
     Fidelity is against ``reference_outputs`` (``{"summary", "token_ids"}`` per document,
     e.g. a saved ``full`` run) when given; else against a ``full`` run made here *after*
     this policy's run, so that this run's memory readings are not disturbed by it. With
     ``compare_to_full=False`` and no reference, fidelity is left out (``None``).
-    Latency medians are over requests (batches of ``batch_size`` documents).
+    Latency medians are over requests (batches of ``batch_size`` documents). ``config``
+    sets further RuntimeConfig fields (``decoder_weight``, ``decay``, ...) of this run.
     """
     docs = read_pairs(data_path, limit)
     texts = [d["text"] for d in docs]
@@ -170,7 +178,7 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
                          "make the reference run with the same data and limit.")
     t0 = time.perf_counter()
     results, requests, facts = _generate(artifact, texts, policy, budget, planner, max_new_tokens, num_beams,
-                                         batch_size, threads, quiet)
+                                         batch_size, threads, quiet, config)
     wall_s = time.perf_counter() - t0
     outputs = _outputs(results)
 

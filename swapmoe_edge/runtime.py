@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import itertools
-import math
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace

@@ -71,6 +71,18 @@ def test_a_lossy_policy_at_a_low_budget_says_so_and_measures_fidelity_against_a_
     assert res["first_choice_resident"] < 1.0
 
 
+def test_runtime_settings_reach_the_evaluated_run_and_residents_are_reported_per_layer(art, data):
+    kw = dict(max_new_tokens=4, compare_to_full=False, quiet=True)
+    even = evaluate(art, data, "swapmoe", "40%", config={"decoder_weight": 1.0}, **kw)
+    heavy = evaluate(art, data, "swapmoe", "40%", config={"decoder_weight": 50.0}, **kw)
+    for res in (even, heavy):
+        assert sum(res["resident_experts_per_layer"].values()) == res["resident_experts"]
+    decoder = lambda res: sum(n for k, n in res["resident_experts_per_layer"].items() if k.startswith("dec."))  # noqa: E731
+    assert decoder(heavy) > decoder(even)
+    with pytest.raises(InputError, match="decoder_weight"):
+        evaluate(art, data, "swapmoe", "40%", config={"decoder_weight": 0.0}, **kw)
+
+
 def test_an_exact_policy_matches_full_token_for_token(art, data):
     res = evaluate(art, data, "on-demand", "13%", max_new_tokens=4, quiet=True)
     assert res["exact"] is True and res["fidelity"]["exact_match"] == 1.0
