@@ -130,8 +130,9 @@ def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner:
             # request each, with its own stats and peak.
             requests.extend({r.stats["request"]: r.stats for r in batch}.values())
             _progress(quiet, label, len(results), len(texts))
-        facts["resident_experts"] = sum(rt.residents.counts().values())
-        facts["resident_experts_per_layer"] = dict(rt.residents.counts())
+        per_layer = dict(rt.residents.counts())
+        facts["resident_experts"] = sum(per_layer.values())
+        facts["resident_experts_per_layer"] = per_layer
         facts["resident_expert_bytes"] = int(rt.residents.nbytes)
     return results, requests, facts
 
