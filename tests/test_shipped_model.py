@@ -46,8 +46,12 @@ def hf_model():
 
 
 def _hf_tokens(model, texts, num_beams, max_new_tokens=32):
+    """HF's tokens for TEXTS cut as the runtime cuts them: to the tokenizer's model_max_length
+    (the model's training length), keeping the closing </s>."""
     tok = Tokenizer.from_file(str(embedded.EMBEDDED_DIR / "tokenizer.json"))
-    return hf_generate(model, [e.ids for e in tok.encode_batch(texts)], max_new_tokens, num_beams), tok
+    limit = json.loads((embedded.EMBEDDED_DIR / "tokenizer_config.json").read_text())["model_max_length"]
+    rows = [e.ids if len(e.ids) <= limit else e.ids[:limit - 1] + e.ids[-1:] for e in tok.encode_batch(texts)]
+    return hf_generate(model, rows, max_new_tokens, num_beams), tok
 
 
 def test_shipped_checkpoint_has_the_promised_shape():
