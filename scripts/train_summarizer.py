@@ -269,8 +269,10 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=20000)
     p.add_argument("--max-minutes", type=float, default=100.0, help="training-loop budget; 0 = none")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adafactor: relative, ~1e-2)")
-    p.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate; default 1e-2 for Adafactor (relative to each tensor's RMS), 1e-3 for AdamW")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adafactor",
+                   help="adafactor: T5's optimizer, far better here (see make_optimizer); adamw: the old default")
     p.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=500, help="steps between validation ROUGE-2")
@@ -299,7 +301,10 @@ def parse_args(argv=None):
                    help="router weights: truncated normal, std sqrt(scale / d_model) (Switch paper: 0.1)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a contended machine")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 1e-2 if args.optimizer == "adafactor" else 1e-3
+    return args
 
 
 def main(argv=None) -> int:
