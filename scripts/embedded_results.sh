@@ -4,8 +4,10 @@
 #
 #   bash scripts/embedded_results.sh [CORPUS_DIR] [WORK_DIR]
 #
-# CORPUS_DIR: `swapmoe data debian -o CORPUS_DIR` (built here if missing; needs
-# `apt-get update -o Acquire::Languages=en` first). WORK_DIR holds the exports and the raw
+# CORPUS_DIR: the model's corpus, `bash scripts/fetch_debian_lists.sh /tmp/apt-multi` then
+# `swapmoe data debian --lists-dir /tmp/apt-multi/lists -o CORPUS_DIR` (see the model card).
+# If missing it is built here from the machine's own apt lists (`apt-get update -o
+# Acquire::Languages=en`), a smaller corpus with a different test split. WORK_DIR holds the exports and the raw
 # sweep folders (resumable: finished cells are skipped). Tables and plots are copied into
 # docs/results/. Takes about 12 minutes on two cores (10-12 measured).
 set -euo pipefail
