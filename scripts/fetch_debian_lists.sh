@@ -12,7 +12,8 @@
 # package's name, so a source is on the same side whatever lists are read. sid changes every
 # day: a corpus built later is close to, not identical with, the one in the model card.
 # Needs apt-get and the Debian archive keyring (any Debian or Ubuntu machine with
-# debian-archive-keyring installed); root is not needed.
+# debian-archive-keyring installed). Everything it writes is under DIR; root is not needed
+# (run as root and as the user nobody).
 set -euo pipefail
 DIR=${1:?usage: fetch_debian_lists.sh DIR}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
@@ -32,5 +33,8 @@ apt-get update -o Acquire::Languages=en \
   -o Dir::Etc::sourcelist="$DIR/sources.list" -o Dir::Etc::sourceparts=/nonexistent \
   -o Dir::State::Lists="$DIR/lists" -o Dir::Cache="$DIR/cache" \
   -o Debug::NoLocking=1 -o APT::Sandbox::User="$(id -un)"
-ls "$DIR"/lists/*Translation-en* > /dev/null
+if ! compgen -G "$DIR/lists/*_Translation-en*" > /dev/null; then
+  echo "error: apt-get update fetched no *_Translation-en files into $DIR/lists; check the mirror ($MIRROR)" >&2
+  exit 1
+fi
 echo "lists in $DIR/lists; next: swapmoe data debian --lists-dir $DIR/lists -o CORPUS_DIR"
