@@ -28,8 +28,7 @@ from .manifest import LayerKey, Manifest, load_manifest
 from .model import DecoderState, SplitModel
 from .placement import DeviceKernel, PlacingStore, resolve_placement
 from .planner import plan_counts
-from .policies import (POLICIES, FullPolicy, OnDemandPolicy, Policy, PrunePolicy,
-                       SwapMoEPolicy)
+from .policies import POLICIES, Policy, make_policy
 from .residency import ResidentSet
 from .sessions import DenseSessions
 from .store import ExpertStore, LoadedExpert
@@ -64,6 +63,7 @@ class RuntimeConfig:
     max_swaps_per_interval: int = 1
     hysteresis: float = 0.1
     decay: float = 0.5
+    prior_documents: float | None = None  # swapmoe: the profile counts as this many documents, always (importance.set_prior)
     # Planner weight of a decoder layer's importance share against an encoder layer's (1).
     # A decoder miss changes the next token, and greedy decoding carries the change through
     # the rest of the summary; an encoder miss perturbs one of the many source states that
@@ -287,20 +287,8 @@ class Runtime:
                            layer_weight=self.config.layer_weights(self.sparse))
 
     def _make_policy(self, counts) -> Policy:
-        cfg, c = self.config, self.manifest.config
-        args = (self.residents, self.store, self._kernel, c.expert_capacity, counts)
-        if cfg.policy == "full":
-            return FullPolicy(*args, self.norms)
-        if cfg.policy == "prune":
-            return PrunePolicy(*args, self.norms, renormalize=cfg.renormalize)
-        if cfg.policy == "on-demand":
-            return OnDemandPolicy(*args, dict(self.profile.importance))
-        tracker = ImportanceTracker(self.norms)
-        tracker.seed(self.profile)
-        return SwapMoEPolicy(*args, dict(self.profile.importance), tracker=tracker, renormalize=cfg.renormalize,
-                             interval_s=cfg.swap_interval_s, max_swaps_per_interval=cfg.max_swaps_per_interval,
-                             hysteresis=cfg.hysteresis, decay=cfg.decay,
-                             layer_weight=cfg.layer_weights(self.sparse))
+        return make_policy(self.config, self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
+                           counts, self.norms, self.profile)
 
     def _on_budget(self, budget: int) -> None:
         """Monitor thread: the live budget moved; shrink residents now (growth is lazy)."""
