@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,8 +173,16 @@ def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections,
         chosen = select_sections(read_documents(data), parse_sections(sections), parse_sections(exclude_sections),
                                  where=str(data))
         docs = [d["text"] for d in chosen][:limit]
-        with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device)) as rt:
+        with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device)) as rt, \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             prof = rt.profile_texts(docs, max_new_tokens=max_new_tokens)
+        cut = [w for w in caught if "tokens; truncated" in str(w.message)]
+        for w in caught:
+            if w not in cut:
+                click.echo(f"warning: {w.message}", err=True)
+        if cut:  # one line instead of one warning per long document
+            click.echo(f"{len(cut)} of {len(docs)} documents were truncated to the model's input limit", err=True)
         if sections or exclude_sections:
             prof = replace(prof, meta={**prof.meta, "sections": list(parse_sections(sections)),
                                        "exclude_sections": list(parse_sections(exclude_sections))})

@@ -312,18 +312,37 @@ class SwapMoEPolicy(Policy):
             self.counters.evictions += evict is not None
         return True
 
+    def begin(self, s: Swap) -> Swap | None:
+        """The part of a planned swap that comes before its read; returns what is left to
+        ``apply`` once the expert is read, or None when nothing is to be read.
+
+        A replacement evicts first: under masked routing a missing expert only sends its
+        tokens to the next-best resident for the length of one read, so the budget needs no
+        room for an expert in flight, and the policy holds as many experts as ``prune``. A
+        layer's last resident is never evicted that way (its tokens would have nowhere to go).
+        """
+        if s.admit is None:
+            self.apply(s, None)
+            return None
+        if self.residents.is_unavailable(ExpertKey(s.layer.stack, s.layer.layer, s.admit)):
+            return None
+        if s.evict is None:
+            return s
+        if len(self.residents.layer(s.layer)) < 2:
+            return None
+        self.apply(Swap(s.layer, None, s.evict), None)
+        return Swap(s.layer, s.admit, None)
+
     def swap_once(self) -> int:
-        """Plan against the current importance and apply up to ``max_swaps`` admissions."""
+        """Plan against the current importance and carry out up to ``max_swaps`` admissions."""
         done = 0
         for s in self.plan():
             if self._stop.is_set():
                 break
-            if s.admit is None:
-                self.apply(s, None)
+            s = self.begin(s)
+            if s is None:
                 continue
             key = ExpertKey(s.layer.stack, s.layer.layer, s.admit)
-            if self.residents.is_unavailable(key):
-                continue
             try:
                 expert = self.store.read(key)  # outside every lock: the token loop goes on
             except ExpertReadError as e:

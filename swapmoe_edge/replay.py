@@ -123,8 +123,7 @@ class _Replay:
             cap = int(spec.nbytes)
         else:
             raise InputError("a replay needs a budget as a share of the experts (50%) or bytes of experts (4GiB), not auto")
-        in_flight = max(self.cost.values()) if policy == "swapmoe" and cap < everything else 0
-        return max(cap - in_flight, sum(self.cost.values()))
+        return max(cap, sum(self.cost.values()))
 
     def counts(self, policy: str) -> dict[LayerKey, int]:
         rc = self.cfg.runtime
@@ -229,8 +228,8 @@ def _swapmoe(r: _Replay) -> ReplayResult:
         if wake <= now and not pending:
             ready = now
             for s in pol.plan():
-                if s.admit is None:
-                    pol.apply(s, None)
+                s = pol.begin(s)
+                if s is None:
                     continue
                 ready += r.read_s[s.layer]
                 res.loads += 1
