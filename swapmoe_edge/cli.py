@@ -180,3 +180,7 @@ main.add_command(sweep_cmd)
 from .cli_devices import devices_cmd  # noqa: E402
 
 main.add_command(devices_cmd)
+
+from .cli_bench import bench_group  # noqa: E402
+
+main.add_command(bench_group)
