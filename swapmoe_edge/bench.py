@@ -51,6 +51,7 @@ class CellSpec:
     duration_s: float | None = None  # serve requests until this much time has passed
     monitor_period_s: float = 0.25
     max_source_tokens: int | None = None
+    baseline_cache: bool = True  # a device's second launch onwards (the first measures and stores it)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,9 @@ def run_worker(spec: CellSpec, box: DeviceBox | None, timeout_s: float, log: Log
         events.append(ev)
         if ev["event"] == "ready":
             at_ready = box.counters() if box else None
-            log(f"    ready after {ev['launch_s']:.1f} s (budget {format_size(ev['budget'])}, {ev['source']})")
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in ev.get("startup", {}).items())
+            log(f"    ready after {ev['launch_s']:.1f} s (import {ev.get('import_s', 0):.1f}, {phases}; "
+                f"budget {format_size(ev['budget'])}, {ev['source']})")
         elif ev["event"] == "request" and ev["request"] < 3:
             log(f"    request {ev['request']}: ttft {ev['ttft_ms']:.0f} ms, decode {ev['decode_ms_per_token']:.1f} ms/token")
         elif ev["event"] == "error":
@@ -128,6 +131,7 @@ def summarize_cell(spec: CellSpec, setting: BoxSetting, raw: dict) -> dict:
         "oom_kills": c["oom_kills"] if c else None,
         "budget_bytes": ready["budget"] if ready else None, "budget_source": ready["source"] if ready else None,
         "launch_s": ready["launch_s"] if ready else None,
+        "startup": dict(ready.get("startup", {}), import_s=ready.get("import_s")) if ready else None,
         "launch_to_first_token_s": reqs[0]["first_token_s"] if reqs else None,
         "first_ttft_ms": reqs[0]["ttft_ms"] if reqs else None,
         "ttft_ms": med("ttft_ms"), "decode_ms_per_token": med("decode_ms_per_token"),
@@ -348,8 +352,8 @@ def write_report(rows: list[dict], out: Path, title: str, meta: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for policy in dict.fromkeys(r["policy"] for r in rows):
         for budget in dict.fromkeys(r["budget"] for r in rows):
-            pts = sorted((r["flash_mbps"], r) for r in rows if r["policy"] == policy and r["budget"] == budget
-                         and r["decode_ms_per_token"] and r["flash_mbps"])
+            pts = sorted(((r["flash_mbps"], r) for r in rows if r["policy"] == policy and r["budget"] == budget
+                          and r["decode_ms_per_token"] and r["flash_mbps"]), key=lambda p: p[0])
             if not pts:
                 continue
             xs = [p[0] for p in pts]

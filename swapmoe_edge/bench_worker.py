@@ -67,13 +67,15 @@ def main(spec: dict) -> None:
     from . import memory
     from .runtime import Runtime, RuntimeConfig
 
+    t_imported = time.time()
     cfg = RuntimeConfig(policy=spec["policy"], budget=spec["budget"], threads=spec.get("threads"),
                         cold_start=spec.get("cold_start", "background"), read_mode=spec.get("read_mode", "direct"),
                         device=spec.get("device"), monitor_period_s=spec.get("monitor_period_s", 0.25),
-                        max_source_tokens=spec.get("max_source_tokens"))
+                        max_source_tokens=spec.get("max_source_tokens"), baseline_cache=spec.get("baseline_cache", True))
     rt = Runtime(spec["artifact"], cfg)
     _emit({"event": "ready", "launch_s": time.time() - t_spawn, "budget": rt.budget_bytes, "source": rt.budget_source,
-           "baseline": rt.baseline, "residents": sum(rt.residents.counts().values())})
+           "baseline": rt.baseline, "residents": sum(rt.residents.counts().values()), "startup": rt.startup,
+           "import_s": t_imported - t_spawn})
     rows, forced, is_text = _inputs(spec, rt)
     stop = threading.Event()
     sampler = None

@@ -62,7 +62,8 @@ def _write(path: Path, value: str) -> None:
 class DeviceBox:
     """A memory limit and a read throttle for the processes started with ``preexec_fn=box.join``."""
 
-    def __init__(self, memory_bytes: int | None, read_bps: float | None, artifact: str | Path, name: str | None = None):
+    def __init__(self, memory_bytes: int | None, read_bps: float | None, artifact: str | Path, name: str | None = None,
+                 cpu_shares: int | None = 8192):
         if not is_root():
             raise BoxUnavailable("the device box needs root (it creates cgroups); run as root, or pass --no-box "
                                  "to measure unconfined (the page cache then holds the artifact).")
@@ -71,10 +72,16 @@ class DeviceBox:
         self.device = block_device(artifact)
         self.name = name or f"swapmoe-box-{os.getpid()}"
         self.dirs: list[Path] = []
+        # cpu_shares: the box's weight against other processes (1024 is the default): on a shared
+        # dev machine a device's cores are its own, so the box's processes get priority.
+        self.cpu_shares = cpu_shares
+        self.cpu: Path | None = None
         mem_v1, blk_v1 = self_cgroup_dir("memory"), self_cgroup_dir("blkio")
         if mem_v1 is not None and blk_v1 is not None:
             self.version = 1
             self.mem, self.blk = mem_v1 / self.name, blk_v1 / self.name
+            cpu_v1 = self_cgroup_dir("cpu")
+            self.cpu = cpu_v1 / self.name if cpu_v1 is not None and cpu_shares else None
         else:
             v2 = unified_dir()
             enabled = set((v2 / "cgroup.subtree_control").read_text().split()) if v2 else set()
@@ -87,8 +94,11 @@ class DeviceBox:
             self.mem = self.blk = v2 / self.name
         self._create()
 
+    def _groups(self) -> list[Path]:
+        return list(dict.fromkeys(d for d in (self.mem, self.blk, self.cpu) if d is not None))
+
     def _create(self) -> None:
-        for d in dict.fromkeys([self.mem, self.blk]):
+        for d in self._groups():
             try:
                 d.mkdir()
             except FileExistsError:
@@ -97,6 +107,8 @@ class DeviceBox:
                 raise BoxUnavailable(f"cannot create cgroup {d}: {e}") from e
             self.dirs.append(d)
         self.set_limits(self.memory_bytes, self.read_bps)
+        if self.cpu is not None:
+            _write(self.cpu / "cpu.shares", str(self.cpu_shares))
 
     def set_limits(self, memory_bytes: int | None, read_bps: float | None) -> None:
         """Change the box's memory limit and read throttle (None: unlimited) between cells."""
@@ -149,7 +161,7 @@ class DeviceBox:
     def join(self) -> None:
         """For ``preexec_fn``: move the calling (child) process into the box before it execs."""
         pid = str(os.getpid())
-        for d in dict.fromkeys([self.mem, self.blk]):
+        for d in self._groups():
             (d / "cgroup.procs").write_text(pid)
 
     def pids(self) -> list[int]:
@@ -193,7 +205,8 @@ class DeviceBox:
 
         mem = format_size(self.memory_bytes) if self.memory_bytes else "no memory limit"
         flash = f"{self.read_bps / 1e6:g} MB/s" if self.read_bps else "unthrottled reads"
-        return f"cgroup v{self.version} box: {mem} (page cache counted), {flash} from {self.device}"
+        cpu = f", cpu.shares {self.cpu_shares}" if self.cpu is not None else ""
+        return f"cgroup v{self.version} box: {mem} (page cache counted), {flash} from {self.device}{cpu}"
 
 
 def _int(path: Path) -> int:

@@ -27,7 +27,8 @@ def _v1_group(d: Path, limit: str, usage: int, inactive_file: int) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "memory.limit_in_bytes").write_text(limit + "\n")
     (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
-    (d / "memory.stat").write_text(f"cache 1\ninactive_file 7\ntotal_inactive_file {inactive_file}\ntotal_active_file 99\n")
+    (d / "memory.stat").write_text(f"cache 1\ninactive_file 7\ntotal_inactive_file {inactive_file}\ntotal_active_file 99\n"
+                                   "total_mapped_file 120\ntotal_dirty 0\n")
 
 
 def test_v1_nested_limits_are_all_found_and_the_tightest_headroom_wins(tmp_path):
@@ -55,14 +56,15 @@ def test_v1_mount_root_inside_a_container_is_stripped(tmp_path):
     assert found.limit == 1536 * MIB and found.headroom == 1036 * MIB
 
 
-def test_v2_limit_is_the_lower_of_max_and_high_and_counts_inactive_file_free(tmp_path):
+def test_v2_limit_is_the_lower_of_max_and_high_and_counts_clean_unmapped_cache_free(tmp_path):
     root = tmp_path / "unified"
     leaf = root / "system.slice" / "app.service"
     leaf.mkdir(parents=True)
     (leaf / "memory.max").write_text(f"{2 * GIB}\n")
     (leaf / "memory.high").write_text("max\n")
     (leaf / "memory.current").write_text(f"{1 * GIB}\n")
-    (leaf / "memory.stat").write_text(f"anon 100\nfile 400\ninactive_file {256 * MIB}\nactive_file 5\n")
+    (leaf / "memory.stat").write_text(f"anon 100\nfile 400\ninactive_file {200 * MIB}\nactive_file {100 * MIB}\n"
+                                      f"file_mapped {40 * MIB}\nfile_dirty {4 * MIB}\n")
     (root / "system.slice" / "memory.max").write_text("max\n")
     (root / "system.slice" / "memory.high").write_text(f"{1536 * MIB}\n")
     (root / "system.slice" / "memory.current").write_text(f"{1400 * MIB}\n")
@@ -70,8 +72,16 @@ def test_v2_limit_is_the_lower_of_max_and_high_and_counts_inactive_file_free(tmp
     found = memory_limits(proc)
     assert [(Path(c.path).name, c.version, c.limit) for c in found] == [
         ("app.service", 2, 2 * GIB), ("system.slice", 2, 1536 * MIB)]
+    assert found[0].reclaimable == (200 + 100 - 40 - 4) * MIB  # clean, unmapped file cache
     assert found[0].headroom == 2 * GIB - (1 * GIB - 256 * MIB)
     assert tightest(found).path.endswith("system.slice")  # 136 MiB of headroom beats 1.25 GiB
+
+
+def test_reclaimable_is_never_below_inactive_file():
+    from swapmoe_edge.cgroup import reclaimable
+
+    assert reclaimable({"total_inactive_file": 50, "total_active_file": 10, "total_mapped_file": 40}, 1) == 50
+    assert reclaimable({"inactive_file": 50, "active_file": 30, "file_mapped": 20}, 2) == 60
 
 
 def test_unlimited_or_missing_hierarchies_give_no_limits(tmp_path):
