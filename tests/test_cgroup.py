@@ -102,6 +102,9 @@ def test_monitor_takes_the_cgroup_headroom_over_the_hosts_free_memory_and_says_s
     assert s.budget == 700 * MIB + (1536 - 800) * MIB - reserve
     assert s.budget < group.limit and "cgroup v1 /sys/fs/cgroup/memory/box" in s.source
     # a user cap below it governs, and says so; without cgroups the machine governs
+    # RSS can hold pages charged elsewhere (shared libraries): the budget still stays under the limit
+    big = MemoryMonitor(None, reserve=1 * GIB, available_fn=lambda: 22 * GIB, rss_fn=lambda: 1400 * MIB, limits_fn=lambda: [group]).sample_once()
+    assert big.budget == 1536 * MIB - reserve
     assert MemoryMonitor(500 * MIB, available_fn=lambda: 22 * GIB, rss_fn=lambda: 0, limits_fn=lambda: [group]).sample_once().source == "cap"
     assert MemoryMonitor(None, available_fn=lambda: 2 * GIB, rss_fn=lambda: 0).sample_once().source == "machine"
 
