@@ -11,11 +11,11 @@
 set -euo pipefail
 SB8=${1:?sb8 artifact}; SB64=${2:?sb64 artifact}; TEST=${3:?test.jsonl}
 OUT=${4:-docs/results/device_box}; PARTS=${5:-"reads sb8 sb64 auto pressure soak"}
-EMB=$(python -c "from swapmoe_edge.embedded import default_artifact; print(default_artifact(quiet=True))")
+EMB=$(${PYTHON:-python} -c "from swapmoe_edge.embedded import default_artifact; print(default_artifact(quiet=True))")
 mkdir -p "$OUT"
 head -1000 "$TEST" > "$OUT/.test1000.jsonl"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
-B="swapmoe bench"
+B="${SWAPMOE:-swapmoe} bench"
 # A first launch measures and caches the baseline; the cells then time a device's later launches.
 if has reads; then  # O_DIRECT against read-then-fadvise(DONTNEED), the on-demand and swapmoe paths
   $B cells "$SB8" --policies on-demand,swapmoe --budgets 33% --memory 1.75GiB --flash-mbps 250 --requests 4 --read-mode fadvise -o "$OUT/reads_fadvise"

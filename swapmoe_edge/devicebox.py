@@ -122,38 +122,39 @@ class DeviceBox:
             _write(self.blk / "io.max", f"{self.device} rbps={self.read_bps or 'max'}")
 
     def reset_counters(self) -> BoxCounters:
-        """Start a new cell's counts (v1 resets the kernel's peak; v2's peak cannot be reset, so a
-        fresh box per cell is needed there for exact peaks). Returns the counts before the reset."""
+        """Start a new cell's counts; returns the counts before the reset.
+
+        v1 resets the kernel's peak and limit-hit counts; read bytes and OOM kills are
+        counted from a saved base (``blkio.reset_stats`` no longer resets the throttle's
+        byte counts on recent kernels). v2's ``memory.peak`` cannot be reset: use a fresh
+        box per cell there for exact peaks.
+        """
         before = self.counters()
         if self.version == 1:
-            for f, v in (("memory.max_usage_in_bytes", "0"), ("memory.failcnt", "0")):
+            for f in ("memory.max_usage_in_bytes", "memory.failcnt"):
                 try:
-                    (self.mem / f).write_text(v)
+                    (self.mem / f).write_text("0")
                 except OSError:
                     pass
-            try:
-                (self.blk / "blkio.reset_stats").write_text("1")
-            except OSError:
-                pass
-        self._base = before if self.version == 2 else BoxCounters(0, 0, before.oom_kills, 0)
+        self._base = self._raw()
         return before
 
     _base = BoxCounters(0, 0, 0, 0)
 
-    def counters(self) -> BoxCounters:
-        """The kernel's counts since the last ``reset_counters``."""
+    def _raw(self) -> BoxCounters:
         if self.version == 1:
-            read = _io_bytes_v1(self.blk / "blkio.throttle.io_service_bytes", self.device)
-            peak = _int(self.mem / "memory.max_usage_in_bytes")
-            hits = _int(self.mem / "memory.failcnt")
-            ooms = _kv(self.mem / "memory.oom_control").get("oom_kill", 0)
-        else:
-            read = _io_bytes_v2(self.blk / "io.stat", self.device)
-            peak = _int(self.mem / "memory.peak")
-            events = _kv(self.mem / "memory.events")
-            hits, ooms = events.get("max", 0), events.get("oom_kill", 0)
-        b = self._base
-        return BoxCounters(read - b.read_bytes, peak, ooms - b.oom_kills, hits - b.limit_hits)
+            return BoxCounters(_io_bytes_v1(self.blk / "blkio.throttle.io_service_bytes", self.device),
+                               _int(self.mem / "memory.max_usage_in_bytes"), _kv(self.mem / "memory.oom_control").get("oom_kill", 0),
+                               _int(self.mem / "memory.failcnt"))
+        events = _kv(self.mem / "memory.events")
+        return BoxCounters(_io_bytes_v2(self.blk / "io.stat", self.device), _int(self.mem / "memory.peak"),
+                           events.get("oom_kill", 0), events.get("max", 0))
+
+    def counters(self) -> BoxCounters:
+        """The kernel's counts since the last ``reset_counters`` (the peak: since the reset on v1)."""
+        raw, b = self._raw(), self._base
+        hits = raw.limit_hits if self.version == 1 else raw.limit_hits - b.limit_hits
+        return BoxCounters(raw.read_bytes - b.read_bytes, raw.peak_memory, raw.oom_kills - b.oom_kills, hits)
 
     def memory_now(self) -> int:
         return _int(self.mem / ("memory.usage_in_bytes" if self.version == 1 else "memory.current"))
