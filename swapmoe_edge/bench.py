@@ -71,8 +71,11 @@ def drop_caches(artifact: str | Path, everything: bool = False) -> int:
 
 
 def run_worker(spec: CellSpec, box: DeviceBox | None, timeout_s: float, log: Log,
-               extra: list[subprocess.Popen] | None = None) -> dict:
-    """Start one worker (in the box), collect its events and the kernel's counters."""
+               on_event: Callable[[dict, float], None] | None = None) -> dict:
+    """Start one worker (in the box), collect its events and the kernel's counters.
+
+    ``on_event(event, spawn_time)`` sees each event as it arrives (the pressure run starts
+    its memory hog from there)."""
     payload = dict(asdict(spec), spawn_time=time.time())
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "swapmoe_edge.bench_worker", json.dumps(payload)]
@@ -89,6 +92,8 @@ def run_worker(spec: CellSpec, box: DeviceBox | None, timeout_s: float, log: Log
         except json.JSONDecodeError:
             continue
         events.append(ev)
+        if on_event is not None:
+            on_event(ev, payload["spawn_time"])
         if ev["event"] == "ready":
             at_ready = box.counters() if box else None
             phases = ", ".join(f"{k} {v:.1f}" for k, v in ev.get("startup", {}).items())
@@ -252,35 +257,28 @@ def run_pressure(spec: CellSpec, setting: BoxSetting, step_bytes: int, steps: in
     with DeviceBox(setting.memory_bytes, (setting.flash_mbps or 0) * 1e6, spec.artifact) as box:
         box.reset_counters()
         log(f"[pressure] {box.describe()}; hog: {steps} x {format_size(step_bytes)} every {interval_s} s")
-        payload = dict(asdict(spec), spawn_time=time.time())
-        worker = subprocess.Popen([sys.executable, "-m", "swapmoe_edge.bench_worker", json.dumps(payload)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=box.join,
-                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        events, hog, hog_steps, t_hog = [], None, [], None
-        assert worker.stdout is not None
-        for line in worker.stdout:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            events.append(ev)
-            if ev["event"] == "request" and hog is None and ev["request"] >= 2:
-                t_hog = time.time() - payload["spawn_time"]
-                hog = subprocess.Popen([sys.executable, "-c", HOG, str(step_bytes), str(steps), str(interval_s), str(hold)],
-                                       stdout=subprocess.PIPE, text=True, preexec_fn=box.join)
-                log(f"[pressure] hog started at {t_hog:.1f} s")
-        stderr = worker.communicate()[1]
-        if hog is not None:
-            hog.kill()
-            out = hog.communicate()[0]
-            hog_steps = [(t_hog + float(a), int(b)) for a, b in (ln.split() for ln in out.splitlines() if ln.strip())]
-        counters = box.counters()
-    reqs = [e for e in events if e["event"] == "request"]
+        hog: list[subprocess.Popen] = []
+        t_hog: list[float] = []
+
+        def start_hog(ev: dict, spawn_time: float) -> None:
+            if ev["event"] == "request" and ev["request"] >= 2 and not hog:
+                t_hog.append(time.time() - spawn_time)
+                hog.append(subprocess.Popen([sys.executable, "-c", HOG, str(step_bytes), str(steps), str(interval_s), str(hold)],
+                                            stdout=subprocess.PIPE, text=True, preexec_fn=box.join))
+                log(f"[pressure] hog started at {t_hog[0]:.1f} s")
+
+        raw = run_worker(spec, box, timeout_s=3600, log=log, on_event=start_hog)
+        hog_steps = []
+        if hog:
+            hog[0].kill()
+            out = hog[0].communicate()[0]
+            hog_steps = [(t_hog[0] + float(a), int(b)) for a, b in (ln.split() for ln in out.splitlines() if ln.strip())]
+    events, counters = raw["events"], raw["counters"]
     return {"spec": asdict(spec), "memory_limit": setting.memory_bytes, "flash_mbps": setting.flash_mbps,
             "hog_step_bytes": step_bytes, "hog_steps": hog_steps, "samples": [e for e in events if e["event"] == "sample"],
-            "requests": reqs, "errors": [e for e in events if e["event"] == "error"],
-            "returncode": worker.returncode, "oom_kills": counters.oom_kills, "peak_memory": counters.peak_memory,
-            "stderr_tail": stderr[-2000:]}
+            "requests": [e for e in events if e["event"] == "request"], "errors": [e for e in events if e["event"] == "error"],
+            "returncode": raw["returncode"], "oom_kills": counters["oom_kills"], "peak_memory": counters["peak_memory"],
+            "stderr_tail": raw["stderr_tail"]}
 
 
 def run_soak(spec: CellSpec, setting: BoxSetting, box: bool = True,
