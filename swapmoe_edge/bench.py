@@ -318,7 +318,8 @@ COLUMNS = [("policy", "policy", "{}"), ("budget", "budget", "{}"), ("flash_mbps"
            ("ttft_ms", "TTFT ms", "{:.0f}"), ("decode_ms_per_token", "decode ms/tok", "{:.1f}"),
            ("decode_vs_prune", "decode / prune", "{:.2f}"), ("ttft_vs_prune", "TTFT / prune", "{:.2f}"),
            ("stall_ms", "stall ms", "{:.0f}"), ("read_bytes_per_token", "read MiB/tok", "mib"),
-           ("peak_memory", "peak", "size"), ("peak_over_limit", "peak/limit", "{:.3f}"), ("exact", "exact", "{}")]
+           ("peak_memory", "peak", "size"), ("peak_over_limit", "peak/limit", "{:.3f}"), ("exact", "exact", "{}"),
+           ("cache_left_after_drop", "cached at start", "size")]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -80,9 +80,12 @@ class Policy:
         self._filler: threading.Thread | None = None
         self._fill_stop = threading.Event()
         self.filled = threading.Event()
-        # Closed while the first request runs up to its first token: on a device its page
-        # faults on the dense weights (mapped lazily by ONNX Runtime) would queue behind
-        # background expert reads on the same flash. The runtime opens it for good then.
+        # Closed while a request runs up to its first token (the encoder pass and the first
+        # decoder step): the filler and the swapper wait. On a device the first request's
+        # page faults on dense weights (mapped lazily by ONNX Runtime) would queue behind
+        # background expert reads on the same flash, and a swap's read, hash and copy take
+        # CPU and memory bandwidth from the prefill (swapmoe's TTFT on switch-base-8 was
+        # 1.6-1.9x prune's at 50% in the box with swaps allowed during prefill).
         self.background_io = threading.Event()
         self.background_io.set()
 

@@ -442,15 +442,15 @@ class Runtime:
         memory.reset_peak_rss()
         times: list[float] = []
         first_ever = not self._served
-        if first_ever:
-            self.policy.background_io.clear()  # see Policy.background_io
+        self.policy.background_io.clear()  # see Policy.background_io: no background reads during prefill
 
         def on_token(step: int) -> None:
             times.append(time.perf_counter())
-            if first_ever and step == 0:
+            if step == 0:
                 self.policy.background_io.set()
-                self._served = True
-                self._drop_dense_cache()
+                if first_ever:
+                    self._served = True
+                    self._drop_dense_cache()
 
         t0 = time.perf_counter()
         try:
