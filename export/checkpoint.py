@@ -53,6 +53,13 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
             f"{path}: dense_act_fn={config.dense_act_fn!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_ACTS)})."
         )
+    nb, md = config.relative_attention_num_buckets, config.relative_attention_max_distance
+    if nb < 4 or md <= nb // 2:
+        raise CheckpointError(
+            f"{path}: relative_attention_num_buckets {nb} and relative_attention_max_distance {md} are not a "
+            "usable T5 setting (needs at least 4 buckets and a max distance above half of them; "
+            "transformers' own bucket function overflows otherwise)."
+        )
     if config.num_experts < 1 or not config.sparse_layers():
         raise CheckpointError(f"{path}: the model has no sparse (MoE) layer; nothing to swap.")
     return raw, config
