@@ -265,6 +265,11 @@ def build_debian_corpus(
                 {"id": key, "package": d.package, "source": source, "text": d.text, "summary": d.synopsis}
             )
 
+    if counts["descriptions"] == 0:
+        raise InputError(
+            f"no package description found in {', '.join(str(p) for p in translations)}: they are not apt "
+            f"Translation-en files (binary or damaged?). Run `{APT_UPDATE_COMMAND}` (as root), then try again."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         rows[name].sort(key=lambda r: r["id"])
