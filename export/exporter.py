@@ -219,6 +219,13 @@ def _tokenizer_extra(model_dir: Path) -> dict:
     return {"max_source_tokens": int(n)} if isinstance(n, (int, float)) and 0 < n <= 1_000_000 else {}
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def export_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -236,7 +243,7 @@ def export_checkpoint(
         raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
     model_dir, out = Path(model_dir), Path(out_dir)
     if validate:
-        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("torch", "transformers") if not _importable(m)]
         if missing:
             raise ExportError(
                 f"validation runs the PyTorch model and needs {' and '.join(missing)} (not installed). Install "
