@@ -314,9 +314,10 @@ class Manifest:
 # -- reading and writing -------------------------------------------------------------
 
 
-def check_inside(root: Path, rel: Any, what: str, base: Path | None = None) -> Path:
+def check_inside(root: Path, rel: Any, what: str, base: Path | None = None, _dirs: dict | None = None) -> Path:
     """``base / rel`` (base defaults to root), or ArtifactError if it leaves ``root``: an absolute
-    path, a ``..`` component, or a symlink (anywhere on the way) that points outside."""
+    path, a ``..`` component, or a symlink (anywhere on the way) that points outside.
+    ``_dirs`` caches resolved folders across calls (thousands of experts share a few)."""
     base = root if base is None else base
     bad = None
     if not isinstance(rel, str) or not rel or "\0" in rel:
@@ -326,8 +327,16 @@ def check_inside(root: Path, rel: Any, what: str, base: Path | None = None) -> P
     elif ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         bad = "climbs out with '..'"
     else:
-        target = (base / rel).resolve()
-        top = root.resolve()
+        dirs = {} if _dirs is None else _dirs
+        path = base / rel
+        if path.parent not in dirs:
+            dirs[path.parent] = path.parent.resolve()
+        target = dirs[path.parent] / path.name
+        if target.is_symlink():
+            target = target.resolve()
+        if root not in dirs:
+            dirs[root] = root.resolve()
+        top = dirs[root]
         if target != top and top not in target.parents:
             bad = f"resolves to {target}, outside the artifact (a symlink out)"
     if bad:
@@ -345,8 +354,9 @@ def _check_paths(root: Path, manifest: "Manifest") -> None:
         named += [(e.graph.file, f"expert {e.key.name}"), (e.weights_file, f"expert {e.key.name}")]
     if manifest.tokenizer is not None:
         named.append((manifest.tokenizer, "tokenizer"))
+    dirs: dict = {}
     for rel, what in named:
-        check_inside(root, rel, what)
+        check_inside(root, rel, what, _dirs=dirs)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
