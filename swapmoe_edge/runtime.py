@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import memory
+from . import memory, pagecache
 from .budget import BudgetSpec, MemoryMonitor, check_fits, format_size, parse_budget
 from .devices import detect_profile, get_profile, provider_options, select_providers
 from .errors import BudgetError, InputError
@@ -32,7 +32,7 @@ from .policies import (POLICIES, FullPolicy, OnDemandPolicy, Policy, PrunePolicy
                        SwapMoEPolicy)
 from .residency import ResidentSet
 from .sessions import DenseSessions
-from .store import ExpertStore, LoadedExpert
+from .store import READ_MODES, ExpertStore, LoadedExpert
 
 log = logging.getLogger(__name__)
 PROFILE_NAME = "profile.json"
@@ -54,6 +54,14 @@ class RuntimeConfig:
     threads: int | None = None  # None: the device profile's (its None: all cores)
     device: str | None = None  # device profile name or .json path; None: detect this machine
     verify: str = "first"
+    # How experts are read from flash (store.py): "fadvise" drops their pages from the page
+    # cache after the read, "direct" bypasses it (O_DIRECT), "cached" leaves them there.
+    read_mode: str = "direct"
+    # "blocking": the start set is resident before the constructor returns (reproducible
+    # runs); "background": lossy policies (and on-demand, whose misses read anyway) start
+    # with one expert per layer and fill the rest on a thread, so a device serves its first
+    # request once the dense part is in. `full` always blocks.
+    cold_start: str = "blocking"
     # Resident experts: "host" numpy arrays, or "device" OrtValues on the kernel provider's
     # device (placement.py); "auto": device when the first provider is CUDA.
     expert_placement: str = "auto"
@@ -76,6 +84,10 @@ class RuntimeConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise InputError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.cold_start not in ("blocking", "background"):
+            raise InputError(f"cold_start must be 'blocking' or 'background', not {self.cold_start!r}")
+        if self.read_mode not in READ_MODES:
+            raise InputError(f"read_mode must be one of {', '.join(READ_MODES)}, not {self.read_mode!r}")
         if not (self.decoder_weight > 0 and math.isfinite(self.decoder_weight)):
             raise InputError(f"decoder_weight must be a positive number, got {self.decoder_weight!r}")
 
@@ -170,9 +182,12 @@ class Runtime:
         self.sessions = DenseSessions(m, threads=threads, providers=self.providers,
                                       provider_options=self.provider_options)
         self.sessions.load_all()
+        # ORT holds what it needs of the dense files now (copies, or mappings that stay):
+        # their pages in the cache would only count against a device's memory limit.
+        pagecache.drop(self.manifest.path(rel) for rel in self.manifest.files if not rel.startswith("experts/"))
         self.kernel_session = self.sessions.get("expert_kernel")
         self.device_kernel = DeviceKernel(self.kernel_session, ort_device) if self.placement == "device" else None
-        self.store = store or ExpertStore(m, verify=config.verify)
+        self.store = store or ExpertStore(m, verify=config.verify, read_mode=config.read_mode)
         if self.device_kernel is not None:
             self.store = PlacingStore(self.store, self.device_kernel)
         self.residents = ResidentSet(self.sparse, c.num_experts)
@@ -188,11 +203,12 @@ class Runtime:
         self.cap = self.spec.process_cap(self.baseline, total_experts)
         self.monitor = MemoryMonitor(self.cap, reserve=self.reserve_bytes, period_s=config.monitor_period_s,
                                      on_change=None, available_fn=available_fn, rss_fn=rss_fn)
-        self.budget_bytes = self.monitor.sample_once().budget
+        first = self.monitor.sample_once()
+        self.budget_bytes, self.budget_source = first.budget, first.source
         counts = self._plan(self.budget_bytes, strict=True)
         self.policy = self._make_policy(counts)
         self.model = SplitModel(m, self.sessions, self.policy)
-        self.policy.warm()
+        self.policy.warm(background=config.cold_start == "background")
         self.policy.start()
         self.monitor.on_change = self._on_budget  # residents exist now: budget moves may resize them
         self.monitor.start()
@@ -305,6 +321,8 @@ class Runtime:
     def _on_budget(self, budget: int) -> None:
         """Monitor thread: the live budget moved; shrink residents now (growth is lazy)."""
         self.budget_bytes = budget
+        last = self.monitor.last_sample()
+        self.budget_source = last.source if last is not None else self.budget_source
         if self.config.policy == "full":
             if budget < self.baseline + self.residents.nbytes:
                 log.warning("full policy is over the live budget (%s); it cannot shrink", format_size(budget))
@@ -330,12 +348,20 @@ class Runtime:
         return ids, truncated
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, num_beams: int = 1) -> list[Result]:
+    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, num_beams: int = 1,
+                 forced_ids: Sequence[Sequence[int]] | None = None) -> list[Result]:
         """Generate for a batch of token-id rows (padded here); one Result per row.
 
         Rows run together in chunks of at most ``max_source_tokens`` rows x beams x tokens
         (the envelope the baseline measured); each Result's stats are its chunk's.
+        ``forced_ids`` (greedy only, one row per input): decoder tokens fed instead of the
+        model's choices, for benchmarks on random weights (generate.greedy_search).
         """
+        if forced_ids is not None:
+            if num_beams != 1 or len(forced_ids) != len(input_ids):
+                raise InputError("forced_ids needs num_beams=1 and one row per input")
+            if any(len(f) < max_new_tokens for f in forced_ids):
+                raise InputError(f"every forced_ids row needs at least max_new_tokens ({max_new_tokens}) tokens")
         if not input_ids or any(len(r) == 0 for r in input_ids):
             raise InputError("every input needs at least one token")
         if max_new_tokens < 1:
@@ -351,10 +377,15 @@ class Runtime:
             raise InputError(f"num_beams {num_beams} exceeds max_source_tokens ({limit}), the activation envelope")
         results: list[Result] = []
         for chunk in _chunks(input_ids, limit // num_beams):
-            results += self._generate_chunk(chunk, max_new_tokens, num_beams)
+            forced = None
+            if forced_ids is not None:
+                start = len(results)
+                forced = np.array([list(r[:max_new_tokens]) for r in forced_ids[start: start + len(chunk)]], dtype=np.int64)
+            results += self._generate_chunk(chunk, max_new_tokens, num_beams, forced)
         return results
 
-    def _generate_chunk(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int, num_beams: int) -> list[Result]:
+    def _generate_chunk(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int, num_beams: int,
+                        forced: np.ndarray | None = None) -> list[Result]:
         c = self.manifest.config
         b, s = len(input_ids), max(len(r) for r in input_ids)
         ids = np.full((b, s), c.pad_token_id, dtype=np.int64)
@@ -374,7 +405,7 @@ class Runtime:
         if num_beams > 1:
             out = beam_search(_Decoder(self.model), state, b, num_beams=num_beams, **kw)
         else:
-            out = greedy_search(_Decoder(self.model), state, b, **kw)
+            out = greedy_search(_Decoder(self.model), state, b, forced=forced, **kw)
         self.policy.end_request()
         stats = self._stats(t0, times, before)
         return [Result(None, list(map(int, row)), stats["exact"], dict(stats)) for row in out]
@@ -411,6 +442,7 @@ class Runtime:
             "request": next(self._request_ids),  # one number per chunk that ran: rows sharing it shared these stats
             "peak_rss_bytes": memory.peak_rss(),
             "budget_bytes": int(self.budget_bytes) if self.budget_bytes is not None else None,
+            "budget_source": self.budget_source,
             "baseline_bytes": self.baseline,
             "resident_expert_bytes": self.residents.nbytes,
             "residents": self.residents.counts(),
@@ -444,6 +476,10 @@ class Runtime:
         finally:
             self.model.moe = inner
         return replace(Profile.from_tracker(tracker, {"texts": len(texts), "max_new_tokens": max_new_tokens}), source="profile")
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until a background cold start has filled the start set (True) or ``timeout`` passed."""
+        return self.policy.wait_filled(timeout)
 
     def close(self) -> None:
         self.monitor.stop()

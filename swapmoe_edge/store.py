@@ -7,7 +7,9 @@ its ``experts/*.bin`` file; the shared expert-kernel session runs any of them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +19,9 @@ import numpy as np
 from .errors import ArtifactError
 from .manifest import ExpertKey, Manifest
 
+log = logging.getLogger(__name__)
+READ_MODES = ("fadvise", "direct", "cached")
+_ALIGN = 4096  # O_DIRECT wants buffer address, length and file offset aligned to the block size
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
 
 
@@ -50,13 +55,25 @@ class ExpertStore:
 
     ``verify="first"`` checks an expert's sha256 the first time this process reads it
     (a corrupt file is named in the error); ``"always"`` on every read; ``"never"``.
+
+    ``read_mode`` decides whether an expert also stays in the page cache after it is read:
+    on a device the cache is charged to the same memory (a cgroup limit counts it) and
+    an expert held twice, once in our buffer and once in the cache, costs the budget
+    double until the kernel reclaims it. ``"fadvise"`` (default) reads through the cache
+    and drops the file's pages at once (``POSIX_FADV_DONTNEED``); ``"direct"`` reads with
+    ``O_DIRECT`` and never fills the cache (falls back to fadvise where the filesystem
+    refuses it, e.g. tmpfs); ``"cached"`` leaves the pages to the kernel (what a dev box
+    whose RAM holds the artifact wants: a re-read is a memory copy).
     """
 
-    def __init__(self, manifest: Manifest, verify: str = "first"):
+    def __init__(self, manifest: Manifest, verify: str = "first", read_mode: str = "fadvise"):
         if verify not in ("first", "always", "never"):
             raise ValueError(f"verify must be first, always or never, not {verify!r}")
+        if read_mode not in READ_MODES:
+            raise ValueError(f"read_mode must be one of {', '.join(READ_MODES)}, not {read_mode!r}")
         self.manifest = manifest
         self.verify = verify
+        self.read_mode = read_mode
         self._verified: set[ExpertKey] = set()
         self._lock = threading.Lock()
         self.bytes_read = 0
@@ -67,15 +84,58 @@ class ExpertStore:
         """The raw weight block (a hook for tests that inject slow or failing flash)."""
         entry = self.manifest.experts[key]
         path = self.manifest.path(entry.weights_file)
+        if self.read_mode == "direct":
+            try:
+                return self._read_direct(key, path, entry.nbytes, own_mapping)
+            except _DirectUnsupported as e:
+                log.warning("O_DIRECT reads are not possible for %s (%s); reading through the page cache and dropping it "
+                            "(read_mode fadvise) from now on", path, e)
+                self.read_mode = "fadvise"
         buf = anonymous_buffer(entry.nbytes) if own_mapping else np.empty(entry.nbytes, dtype=np.uint8)
         try:
             with open(path, "rb", buffering=0) as f:
                 got = f.readinto(memoryview(buf))
+                if self.read_mode == "fadvise":
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as e:
             raise ExpertReadError(key, path, str(e)) from e
         if got != entry.nbytes:
             raise ExpertReadError(key, path, f"read {got} of {entry.nbytes} bytes; the file is truncated. Export the model again.")
         return buf
+
+    def _read_direct(self, key: ExpertKey, path, nbytes: int, own_mapping: bool) -> np.ndarray:
+        """The block read with O_DIRECT into an aligned buffer (rounded up to 4 KiB, viewed to ``nbytes``)."""
+        padded = -(-nbytes // _ALIGN) * _ALIGN
+        # An anonymous mapping is page-aligned; a malloc block is aligned by hand inside a larger one.
+        if own_mapping:
+            whole = anonymous_buffer(padded)
+        else:
+            raw = np.empty(padded + _ALIGN, dtype=np.uint8)
+            start = (-raw.ctypes.data) % _ALIGN
+            whole = raw[start: start + padded]
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError as e:
+            if e.errno == 22:  # EINVAL: this filesystem has no direct I/O
+                raise _DirectUnsupported(str(e)) from e
+            raise ExpertReadError(key, path, str(e)) from e
+        got = 0
+        try:
+            view = memoryview(whole)
+            while got < padded:
+                n = os.preadv(fd, [view[got:]], got)
+                if n == 0:
+                    break
+                got += n
+        except OSError as e:
+            if e.errno == 22 and got == 0:
+                raise _DirectUnsupported(str(e)) from e
+            raise ExpertReadError(key, path, str(e)) from e
+        finally:
+            os.close(fd)
+        if got < nbytes:
+            raise ExpertReadError(key, path, f"read {got} of {nbytes} bytes; the file is truncated. Export the model again.")
+        return whole[:nbytes]
 
     def read(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert:
         """Read, verify and count one expert.
@@ -110,6 +170,10 @@ class ExpertStore:
     def counters(self) -> dict[str, float]:
         with self._lock:
             return {"bytes_read": self.bytes_read, "reads": self.reads, "read_seconds": self.read_seconds}
+
+
+class _DirectUnsupported(Exception):
+    pass
 
 
 def anonymous_buffer(nbytes: int) -> np.ndarray:
