@@ -16,7 +16,18 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
-@click.group()
+class _Main(click.Group):
+    """The verbs' group: a file-system error (a path that is a file, not a folder; no permission;
+    disk full) anywhere below ends in one error line, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            _fail(SwapMoEError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)))
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="swapmoe-edge")
 def main() -> None:
     """Serve Switch Transformer MoE models inside a memory budget (SwapMoE)."""

@@ -75,8 +75,11 @@ def read_lines(path: Path) -> Iterator[str]:
     path = Path(path)
     suffix = path.suffix
     if suffix in _STDLIB_OPENERS:
-        with _STDLIB_OPENERS[suffix](path, "rt", encoding="utf-8", errors="replace") as f:
-            yield from (line.rstrip("\n") for line in f)
+        try:
+            with _STDLIB_OPENERS[suffix](path, "rt", encoding="utf-8", errors="replace") as f:
+                yield from (line.rstrip("\n") for line in f)
+        except (OSError, EOFError, lzma.LZMAError) as e:  # BadGzipFile is an OSError
+            raise InputError(f"{path} is not a readable {suffix}-compressed file ({e}); fetch the lists again.") from e
     elif suffix in _EXTERNAL:
         yield from _read_external(path, _EXTERNAL[suffix])
     else:

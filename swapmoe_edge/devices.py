@@ -174,7 +174,7 @@ def load_profile(path: str | Path) -> DeviceProfile:
     except OSError as e:
         raise InputError(f"cannot read device profile {path}: {e.strerror or e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"device profile {path} is not valid UTF-8 JSON: {e}") from e
+        raise InputError(f"device profile {path} is not valid JSON (UTF-8 text): {e}") from e
     return profile_from_dict(data, where=f"device profile {path}")
 
 

@@ -41,9 +41,16 @@ def _binary_copy(src: Path, dst: Path, name: str) -> Path:
 
 def _cases(root: Path, ckpt: Path, art: Path, tmp: Path):
     b = str(root / "binary.dat")
-    lists = tmp / "lists"
-    lists.mkdir()
-    (lists / "deb.debian.org_debian_dists_sid_main_i18n_Translation-en").write_bytes(BINARY)
+    lists = {}
+    for suffix in ("", ".gz", ".xz", ".lz4"):
+        lists[suffix] = tmp / f"lists{suffix}"
+        lists[suffix].mkdir()
+        (lists[suffix] / f"deb.debian.org_debian_dists_sid_main_i18n_Translation-en{suffix}").write_bytes(BINARY)
+    good_lists = tmp / "good_lists"
+    good_lists.mkdir()
+    (good_lists / "deb.debian.org_debian_dists_sid_main_i18n_Translation-en").write_text(
+        "Package: frob\nDescription-md5: 0\nDescription-en: tool that frobnicates widgets\n"
+        " frob reads widgets from standard input and frobnicates them quickly and well.\n\n")
     return {
         "summarize --file": ["summarize", "--artifact", str(art), "--file", b],
         "summarize --device": ["summarize", "--artifact", str(art), "--device", b, "w5 w6"],
@@ -57,15 +64,65 @@ def _cases(root: Path, ckpt: Path, art: Path, tmp: Path):
         "info ARTIFACT (manifest.json)": ["info", str(_binary_copy(art, tmp / "a4", "manifest.json"))],
         "summarize --artifact (profile.json)": [
             "summarize", "--artifact", str(_binary_copy(art, tmp / "a5", "profile.json")), "w5 w6"],
-        "data debian --lists-dir": ["data", "debian", "--lists-dir", str(lists), "-o", str(tmp / "corpus")],
+        **{f"data debian --lists-dir ({s or 'plain'})": ["data", "debian", "--lists-dir", str(d), "-o", str(tmp / "corpus")]
+           for s, d in lists.items()},
+        "data debian -o onto a binary file": ["data", "debian", "--lists-dir", str(good_lists), "-o", b],
         "export -o onto a binary file": ["export", str(ckpt), "-o", b],
+        "sweep -o onto a binary file": ["sweep", str(art), "--data", str(_pairs(tmp)), "-o", b],
+        "summarize --artifact a binary file": ["summarize", "--artifact", b, "w5 w6"],
+        "eval --artifact a binary file": ["eval", "--artifact", b, "--data", str(_pairs(tmp))],
+        "info a binary file": ["info", b],
+        "profile a binary file": ["profile", b, "--data", str(_pairs(tmp))],
+        "sweep a binary file": ["sweep", b, "--data", str(_pairs(tmp)), "-o", str(tmp / "sweep2")],
     }
+
+
+def _pairs(tmp: Path) -> Path:
+    f = tmp / "pairs.jsonl"
+    f.write_text('{"text": "w5 w6 w7", "summary": "w5"}\n')
+    return f
 
 
 CASES = ["summarize --file", "summarize --device", "profile --data", "eval --data", "sweep --data",
          "export MODEL_DIR (config.json)", "export MODEL_DIR (weights)", "export MODEL_DIR (generation_config.json)",
-         "info ARTIFACT (manifest.json)", "summarize --artifact (profile.json)", "data debian --lists-dir",
-         "export -o onto a binary file"]
+         "info ARTIFACT (manifest.json)", "summarize --artifact (profile.json)",
+         "data debian --lists-dir (plain)", "data debian --lists-dir (.gz)", "data debian --lists-dir (.xz)",
+         "data debian --lists-dir (.lz4)", "data debian -o onto a binary file", "export -o onto a binary file",
+         "sweep -o onto a binary file", "summarize --artifact a binary file", "eval --artifact a binary file",
+         "info a binary file", "profile a binary file", "sweep a binary file"]
+
+# Every file or folder option of every verb, and the cases above that feed it a binary file.
+COVERED = {
+    ("export", "model_dir"): "export MODEL_DIR (config.json)", ("export", "output"): "export -o onto a binary file",
+    ("info", "artifact"): "info a binary file", ("data debian", "output"): "data debian -o onto a binary file",
+    ("data debian", "lists_dir"): "data debian --lists-dir (plain)",
+    ("summarize", "artifact"): "summarize --artifact a binary file", ("summarize", "file"): "summarize --file",
+    ("summarize", "device"): "summarize --device",
+    ("profile", "artifact"): "profile a binary file", ("profile", "data"): "profile --data",
+    ("profile", "device"): "summarize --device",  # the same loader
+    ("eval", "artifact"): "eval --artifact a binary file", ("eval", "data"): "eval --data",
+    ("sweep", "artifact"): "sweep a binary file", ("sweep", "data"): "sweep --data", ("sweep", "out"): "sweep -o onto a binary file",
+}
+FILE_LIKE = {"device", "lists_dir"}  # plain-string options that name a file or folder
+
+
+def _file_options(group, prefix=""):
+    import click
+
+    for name, cmd in group.commands.items():
+        full = f"{prefix}{name}"
+        if isinstance(cmd, click.Group):
+            yield from _file_options(cmd, full + " ")
+            continue
+        for p in cmd.params:
+            if isinstance(p.type, click.Path) or p.name in FILE_LIKE:
+                yield full, p.name
+
+
+def test_every_file_option_of_every_verb_has_a_binary_input_case():
+    missing = sorted(set(_file_options(main)) - set(COVERED))
+    assert not missing, f"add a binary-file case for {missing}"
+    assert set(COVERED.values()) <= set(CASES)
 
 
 @pytest.mark.parametrize("case", CASES)
