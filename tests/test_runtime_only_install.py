@@ -27,9 +27,13 @@ def _offline_prefix() -> list[str]:
 
 @pytest.mark.slow
 def test_runtime_only_install_runs_the_quickstart_offline(tmp_path):
-    # Build the wheel users get; pip's local cache supplies setuptools and the runtime's wheels.
+    # Build the wheel users get, from a clean copy of the tree (setuptools builds in place, and a
+    # stale build/ folder could carry deleted modules into the wheel); pip's cache or index
+    # supplies setuptools and the runtime's wheels.
+    src = Path(shutil.copytree(REPO, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".venv", "build", "*.egg-info", ".git", "__pycache__", ".pytest_cache", "artifacts", "out", "tests", "docs")))
     wheels = tmp_path / "wheels"
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(REPO)],
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(src)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     (wheel,) = wheels.glob("swapmoe_edge-*.whl")
