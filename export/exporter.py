@@ -136,12 +136,17 @@ def remove_stale_partials(out: Path) -> list[Path]:
 
 
 class _TerminatedBySignal(SystemExit):
-    """SIGTERM during export: unwinds like Ctrl-C so the partial directory is removed."""
+    """SIGTERM or SIGHUP during export: unwinds like Ctrl-C so the partial directory is removed."""
+
+
+_UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # kill's default, and a closed terminal or SSH session
 
 
 @contextlib.contextmanager
 def _sigterm_unwinds():
-    """Turn SIGTERM into an exception while exporting (main thread only; elsewhere a no-op)."""
+    """Turn SIGTERM and SIGHUP into an exception while exporting, where they would otherwise
+    kill the process outright (default action; an ignored signal or the caller's own handler
+    stays). Main thread only; elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -149,11 +154,16 @@ def _sigterm_unwinds():
     def handler(signum, frame):
         raise _TerminatedBySignal(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.getsignal(s) for s in _UNWIND_SIGNALS}
+    for s, prev in previous.items():
+        if prev == signal.SIG_DFL:
+            signal.signal(s, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, prev in previous.items():
+            if prev == signal.SIG_DFL:
+                signal.signal(s, prev)
 
 
 def _prepare_output(out: Path) -> Path:
@@ -176,9 +186,9 @@ def _prepare_output(out: Path) -> Path:
 def _install(tmp: Path, out: Path) -> None:
     """Move the finished artifact into place; an older artifact there is replaced.
 
-    SIGTERM and SIGINT wait until both renames are done, so a kill never leaves the old
+    SIGTERM, SIGINT and SIGHUP wait until both renames are done, so a kill never leaves the old
     artifact moved aside and the new one not yet in place."""
-    blocked = {signal.SIGTERM, signal.SIGINT}
+    blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         _rename_into_place(tmp, out)
@@ -318,7 +328,7 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
     except _TerminatedBySignal:
         shutil.rmtree(tmp, ignore_errors=True)
         if not quiet:
-            print(f"[export] stopped by SIGTERM; removed the partial artifact {tmp}", file=stream or sys.stderr, flush=True)
+            print(f"[export] stopped by a signal; removed the partial artifact {tmp}", file=stream or sys.stderr, flush=True)
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
