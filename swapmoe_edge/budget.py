@@ -250,7 +250,9 @@ class MemoryMonitor:
         budget, source = max(0, rss + available - self.reserve), "machine"
         group = tightest(self._limits_fn())
         if group is not None:
-            in_group = max(0, rss + group.headroom - cgroup_reserve(self.reserve, group.limit))
+            # RSS also counts shared-library pages charged to whichever cgroup read them first,
+            # so rss + headroom can exceed the limit itself; the limit bounds the budget too.
+            in_group = max(0, min(rss + group.headroom, group.limit) - cgroup_reserve(self.reserve, group.limit))
             if in_group < budget:
                 budget, source, available = in_group, group.describe(), min(available, group.headroom)
         if self.cap is not None and self.cap <= budget:

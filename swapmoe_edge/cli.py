@@ -113,6 +113,11 @@ def _read_inputs(texts: tuple[str, ...], file: str | None) -> list[str]:
     return list(texts)
 
 
+def _source(source: str) -> str:
+    """Which limit set the budget, in the stats line's words."""
+    return {"cap": "your cap", "machine": "free memory"}.get(source, source)
+
+
 def _artifact_or_default(artifact: str | None, quiet: bool = False) -> str:
     if artifact:
         return artifact
@@ -133,8 +138,12 @@ def _artifact_or_default(artifact: str | None, quiet: bool = False) -> str:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Documents generated together.")
 @click.option("--device", default=None, help="Device profile name or .json path (default: detected; see `swapmoe devices`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input: summary, token_ids, exact, stats.")
+@click.option("--cold-start", type=click.Choice(["blocking", "background"]), default="blocking", show_default=True,
+              help="background: serve once the dense part and one expert per layer are in, fill the rest meanwhile "
+                   "(faster first token on slow flash; lossy policies then route early tokens to fewer experts).")
 @click.option("--quiet", is_flag=True, help="No progress or per-document statistics on stderr.")
-def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json, quiet) -> None:
+def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json,
+                  cold_start, quiet) -> None:
     """Summarise TEXT arguments or the documents of --file inside a memory budget."""
     from .runtime import Runtime, RuntimeConfig
     from .budget import format_size
@@ -142,7 +151,8 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
 
     try:
         docs = _read_inputs(texts, file)
-        config = RuntimeConfig(policy=policy, budget=budget, planner=planner, device=device)
+        config = RuntimeConfig(policy=policy, budget=budget, planner=planner, device=device, cold_start=cold_start,
+                               baseline_cache=True)
         with Runtime(_artifact_or_default(artifact, quiet), config) as rt:
             # Progress for --file on a terminal only: piped stderr stays machine-readable.
             progress = DocumentProgress(len(docs), enabled=bool(file) and not quiet and stderr_is_terminal())
@@ -156,7 +166,8 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
                         continue
                     st = r.stats
                     click.echo(
-                        f"[{st['policy']}, {'exact' if r.exact else 'approximate'}] budget {format_size(st['budget_bytes'])}, "
+                        f"[{st['policy']}, {'exact' if r.exact else 'approximate'}] budget {format_size(st['budget_bytes'])} "
+                        f"({_source(st['budget_source'])}), "
                         f"peak RSS {format_size(st['peak_rss_bytes'])}, residents {sum(st['residents'].values())}, "
                         f"ttft {st['ttft_ms']:.0f} ms, decode {st['decode_ms_per_token']:.1f} ms/token, "
                         f"read {format_size(st['bytes_read'])}, swaps {st['swaps']}, stall {st['stall_ms']:.0f} ms, "
@@ -198,3 +209,7 @@ main.add_command(sweep_cmd)
 from .cli_devices import devices_cmd  # noqa: E402
 
 main.add_command(devices_cmd)
+
+from .cli_bench import bench_group  # noqa: E402
+
+main.add_command(bench_group)

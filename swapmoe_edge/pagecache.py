@@ -57,6 +57,7 @@ def drop(paths: Iterable[str | Path]) -> None:
         except OSError:
             continue
         try:
+            os.fdatasync(fd)  # dirty pages (a file just written) cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

@@ -80,6 +80,11 @@ class Policy:
         self._filler: threading.Thread | None = None
         self._fill_stop = threading.Event()
         self.filled = threading.Event()
+        # Closed while the first request runs up to its first token: on a device its page
+        # faults on the dense weights (mapped lazily by ONNX Runtime) would queue behind
+        # background expert reads on the same flash. The runtime opens it for good then.
+        self.background_io = threading.Event()
+        self.background_io.set()
 
     # -- lifecycle ------------------------------------------------------------------------
     def warm(self, background: bool = False) -> None:
@@ -106,6 +111,9 @@ class Policy:
     def _fill(self, keys: list[ExpertKey]) -> None:
         _lower_this_threads_priority()
         for key in keys:
+            while not self.background_io.wait(0.05):
+                if self._fill_stop.is_set():
+                    return
             if self._fill_stop.is_set():
                 return
             lk = key.layer_key
@@ -339,6 +347,8 @@ class SwapMoEPolicy(Policy):
 
     def swap_once(self) -> int:
         """Plan against the current importance and apply up to ``max_swaps`` admissions."""
+        if not self.background_io.is_set():
+            return 0
         importance = self.tracker.snapshot()
         for key in self.residents.unavailable:  # never plan to admit what cannot be read
             importance[key.layer_key][key.expert] = -1.0

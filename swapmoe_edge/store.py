@@ -79,6 +79,18 @@ class ExpertStore:
         self.bytes_read = 0
         self.reads = 0
         self.read_seconds = 0.0
+        self._prefetched: dict[ExpertKey, LoadedExpert] = {}
+
+    def prefetch(self, key: ExpertKey) -> None:
+        """Read ``key`` now and hand it to the next ``read(key)`` (start-up read-ahead)."""
+        expert = self.read(key)
+        with self._lock:
+            self._prefetched[key] = expert
+
+    @property
+    def prefetched_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._prefetched.values())
 
     def _read_bytes(self, key: ExpertKey, own_mapping: bool = True) -> np.ndarray:
         """The raw weight block (a hook for tests that inject slow or failing flash)."""
@@ -146,6 +158,10 @@ class ExpertStore:
         against 10 ms from the page cache: no page faults or zeroing on reused heap), for
         the on-demand policy's reads on the token loop, which the next load reuses.
         """
+        with self._lock:
+            ready = self._prefetched.pop(key, None)
+        if ready is not None:
+            return ready
         entry = self.manifest.experts[key]
         t0 = time.perf_counter()
         buf = self._read_bytes(key, own_mapping)
@@ -170,6 +186,39 @@ class ExpertStore:
     def counters(self) -> dict[str, float]:
         with self._lock:
             return {"bytes_read": self.bytes_read, "reads": self.reads, "read_seconds": self.read_seconds}
+
+
+class StartupPrefetch:
+    """A thread that reads ahead what a launch needs: the dense files (into the page cache,
+    for ONNX Runtime to find there), then the given experts (into the store)."""
+
+    def __init__(self, store: ExpertStore, dense_files: list, experts: list[ExpertKey]):
+        self.dense_done = threading.Event()
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._run, args=(store, dense_files, experts),
+                                        name="swapmoe-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, store: ExpertStore, dense_files: list, experts: list[ExpertKey]) -> None:
+        chunk = bytearray(8 << 20)
+        try:
+            for path in dense_files:
+                try:
+                    with open(path, "rb", buffering=0) as f:
+                        while f.readinto(chunk):
+                            pass
+                except OSError as e:  # ORT will report a missing file itself
+                    self.errors.append(str(e))
+        finally:
+            self.dense_done.set()
+        for key in experts:
+            try:
+                store.prefetch(key)
+            except Exception as e:  # the warm start reads it again and reports the error there
+                self.errors.append(f"{key}: {e}")
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 class _DirectUnsupported(Exception):
