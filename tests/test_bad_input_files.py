@@ -74,6 +74,17 @@ def _cases(root: Path, ckpt: Path, art: Path, tmp: Path):
         "info a binary file": ["info", b],
         "profile a binary file": ["profile", b, "--data", str(_pairs(tmp))],
         "sweep a binary file": ["sweep", b, "--data", str(_pairs(tmp)), "-o", str(tmp / "sweep2")],
+        # bench: every case fails before a cgroup box would be made.
+        "bench cells --docs": ["bench", "cells", str(art), "--no-box", "--docs", b, "-o", str(tmp / "bench"),
+                               "--requests", "1", "--policies", "prune", "--budgets", "50%"],
+        "bench soak --docs": ["bench", "soak", str(art), "--no-box", "--docs", b, "-o", str(tmp / "soak"), "--requests", "1"],
+        "bench pressure --docs": ["bench", "pressure", str(art), "--docs", b, "-o", str(tmp / "pressure")],
+        "bench cells --device": ["bench", "cells", str(art), "--device", b, "-o", str(tmp / "bench2")],
+        "bench pressure --device": ["bench", "pressure", str(art), "--device", b, "-o", str(tmp / "bench3")],
+        "bench soak --device": ["bench", "soak", str(art), "--device", b, "-o", str(tmp / "bench4")],
+        **{f"bench {v} a binary file": ["bench", v, b, "-o", str(tmp / f"{v}5")] for v in ("cells", "pressure", "soak")},
+        **{f"bench {v} -o onto a binary file": ["bench", v, str(art), "--no-box", "-o", b] if v != "pressure"
+           else ["bench", v, str(art), "-o", b] for v in ("cells", "pressure", "soak")},
     }
 
 
@@ -89,7 +100,10 @@ CASES = ["summarize --file", "summarize --device", "profile --data", "eval --dat
          "data debian --lists-dir (plain)", "data debian --lists-dir (.gz)", "data debian --lists-dir (.xz)",
          "data debian --lists-dir (.lz4)", "data debian -o onto a binary file", "export -o onto a binary file",
          "sweep -o onto a binary file", "summarize --artifact a binary file", "eval --artifact a binary file",
-         "info a binary file", "profile a binary file", "sweep a binary file"]
+         "info a binary file", "profile a binary file", "sweep a binary file",
+         "bench cells --docs", "bench soak --docs", "bench pressure --docs", "bench cells --device", "bench pressure --device",
+         "bench soak --device", *(f"bench {v} a binary file" for v in ("cells", "pressure", "soak")),
+         *(f"bench {v} -o onto a binary file" for v in ("cells", "pressure", "soak"))]
 
 # Every file or folder option of every verb, and the cases above that feed it a binary file.
 COVERED = {
@@ -102,6 +116,11 @@ COVERED = {
     ("profile", "device"): "summarize --device",  # the same loader
     ("eval", "artifact"): "eval --artifact a binary file", ("eval", "data"): "eval --data",
     ("sweep", "artifact"): "sweep a binary file", ("sweep", "data"): "sweep --data", ("sweep", "out"): "sweep -o onto a binary file",
+    **{(f"bench {v}", "artifact"): f"bench {v} a binary file" for v in ("cells", "pressure", "soak")},
+    **{(f"bench {v}", "out"): f"bench {v} -o onto a binary file" for v in ("cells", "pressure", "soak")},
+    **{(f"bench {v}", "device"): f"bench {v} --device" for v in ("cells", "pressure", "soak")},
+    ("bench cells", "docs"): "bench cells --docs", ("bench soak", "docs"): "bench soak --docs",
+    ("bench pressure", "docs"): "bench pressure --docs",
 }
 FILE_LIKE = {"device", "lists_dir"}  # plain-string options that name a file or folder
 
