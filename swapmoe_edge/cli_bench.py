@@ -47,13 +47,25 @@ def _flash(values: tuple[float, ...], device: str | None) -> tuple[float, ...]:
     return ((get_profile(device) if device else detect_profile()).flash_read_mb_s,)
 
 
+def _check_docs(ctx, param, value):
+    """Read --docs now: a bad file is one usage error, not a failure inside every cell's worker."""
+    if value is not None:
+        from .textio import read_documents
+
+        try:
+            read_documents(value)
+        except SwapMoEError as e:
+            raise click.BadParameter(str(e)) from e
+    return value
+
+
 _common = [
     click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=str)),
     click.option("--memory", "memory", multiple=True, help="Cgroup memory limit (page cache counted): SIZE for every budget, or BUDGET=SIZE. Default: the device profile's memory."),
     click.option("--flash-mbps", "flash", multiple=True, type=float, help="Read throttle on the artifact's disk, MB/s (repeat for several). Default: the device profile's."),
     click.option("--device", default=None, help="Device profile (memory and flash defaults; see `swapmoe devices`)."),
     click.option("--threads", type=int, default=1, show_default=True),
-    click.option("--docs", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None, help="Documents (lines or JSONL with `text`); default: random token ids with forced decoder ids."),
+    click.option("--docs", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None, callback=_check_docs, help="Documents (lines or JSONL with `text`); default: random token ids with forced decoder ids."),
     click.option("--max-new-tokens", type=int, default=16, show_default=True),
     click.option("--source-len", type=int, default=64, show_default=True, help="Random inputs: tokens per request."),
     click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Results folder (JSON, markdown, plots)."),
