@@ -150,8 +150,9 @@ def summarize_cell(spec: CellSpec, setting: BoxSetting, raw: dict) -> dict:
     }
     if setting.memory_bytes and row["peak_memory"]:
         row["peak_over_limit"] = row["peak_memory"] / setting.memory_bytes
-    if not reqs and raw["stderr_tail"]:
-        row["failure"] = raw["stderr_tail"].strip().splitlines()[-1][:500]
+    fatal = next((e["error"] for e in ev if e["event"] == "fatal"), None)
+    if fatal or (not reqs and raw["stderr_tail"]):
+        row["failure"] = (fatal or raw["stderr_tail"].strip().splitlines()[-1])[:500]
     return row
 
 
@@ -301,6 +302,7 @@ def run_soak(spec: CellSpec, setting: BoxSetting, box: bool = True,
     out = {"spec": asdict(spec), "memory_limit": setting.memory_bytes, "flash_mbps": setting.flash_mbps,
            "completed": len(reqs), "errors": [e for e in raw["events"] if e["event"] == "error"],
            "returncode": raw["returncode"], "counters": raw["counters"],
+           "stderr_tail": next((e["error"] for e in raw["events"] if e["event"] == "fatal"), raw["stderr_tail"]),
            "rss_first": med(first, "rss"), "rss_last": med(last, "rss"),
            "fds_first": med(first, "fds"), "fds_last": med(last, "fds"),
            "threads_first": med(first, "threads"), "threads_last": med(last, "threads"),

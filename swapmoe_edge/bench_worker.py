@@ -72,7 +72,13 @@ def main(spec: dict) -> None:
                         cold_start=spec.get("cold_start", "background"), read_mode=spec.get("read_mode", "direct"),
                         device=spec.get("device"), monitor_period_s=spec.get("monitor_period_s", 0.25),
                         max_source_tokens=spec.get("max_source_tokens"), baseline_cache=spec.get("baseline_cache", True))
-    rt = Runtime(spec["artifact"], cfg)
+    from .errors import SwapMoEError
+
+    try:
+        rt = Runtime(spec["artifact"], cfg)
+    except SwapMoEError as e:  # e.g. a budget too small for this box: one clear line, not a traceback
+        _emit({"event": "fatal", "error": str(e)})
+        sys.exit(2)
     _emit({"event": "ready", "launch_s": time.time() - t_spawn, "budget": rt.budget_bytes, "source": rt.budget_source,
            "baseline": rt.baseline, "residents": sum(rt.residents.counts().values()), "startup": rt.startup,
            "import_s": t_imported - t_spawn})

@@ -113,7 +113,11 @@ def cells_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, so
                 "read_mode": read_mode, "cold_start": cold_start, "box": not no_box,
                 "medians": "over requests 2..N; the first request is reported apart"}
         write_report(rows, out, f"swapmoe bench: {Path(artifact).name}", meta)
-        click.echo(json.dumps({"out": str(out), "cells": len(rows)}))
+        failed = [f"{r['policy']} {r['budget']} {r['flash_mbps']} MB/s" for r in rows if r["completed"] < r["requests"]]
+        click.echo(json.dumps({"out": str(out), "cells": len(rows), "incomplete": failed}))
+        if failed:  # a cell that did not finish is a result (in the table), but the run did not pass
+            click.echo(f"error: {len(failed)} cell(s) did not complete every request: {', '.join(failed)}; see {out}/cells.md", err=True)
+            raise SystemExit(1)
     except SwapMoEError as e:
         _fail(e)
 
@@ -162,6 +166,10 @@ def soak_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, sou
         result = run_soak(spec, BoxSetting(mem, _flash(flash, device)[0] if not no_box else None), box=not no_box)
         out.mkdir(parents=True, exist_ok=True)
         (out / "soak.json").write_text(json.dumps(result, indent=1))
-        click.echo(json.dumps({k: v for k, v in result.items() if k not in ("rss_series", "spec")}))
+        click.echo(json.dumps({k: v for k, v in result.items() if k not in ("rss_series", "spec", "stderr_tail")}))
+        if result["returncode"] != 0 or result["completed"] < requests:
+            click.echo(f"error: the soak worker stopped after {result['completed']} of {requests} requests "
+                       f"(exit {result['returncode']}): {result['stderr_tail'][-800:]}", err=True)
+            raise SystemExit(1)
     except SwapMoEError as e:
         _fail(e)

@@ -93,3 +93,10 @@ def test_a_killed_cell_keeps_what_it_did():
     raw["returncode"], raw["counters"]["oom_kills"] = -9, 1
     row = summarize_cell(CellSpec("art", "on-demand", "50%", requests=5), BoxSetting(400, 80.0), raw)
     assert row["completed"] == 1 and row["oom_kills"] == 1 and row["returncode"] == -9
+
+
+def test_a_cell_that_cannot_start_says_why():
+    raw = {"events": [{"event": "fatal", "error": "memory budget 1.01 GiB cannot hold the model"}], "returncode": 2,
+           "timed_out": False, "stderr_tail": "", "counters": None, "counters_at_ready": None}
+    row = summarize_cell(CellSpec("art", "swapmoe", "1%", requests=2), BoxSetting(None, None), raw)
+    assert row["completed"] == 0 and "cannot hold the model" in row["failure"]
