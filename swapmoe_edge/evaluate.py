@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 from .budget import format_size
 from .errors import InputError, SwapMoEError
 from .streams import order_documents, select_sections
-from .textio import read_documents
+from .textio import read_documents, read_text_file
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -41,7 +41,7 @@ def read_pairs(data_path: str | Path, limit: int | None = None, order: str = "fi
     docs = read_documents(path)
     if limit is not None and limit < 1:
         raise InputError(f"limit must be at least 1, not {limit}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(path).splitlines()
     line_of = [n for n, ln in enumerate(lines, 1) if ln.strip()]  # read_documents skips blank lines
     if not lines[line_of[0] - 1].lstrip().startswith("{"):
         raise InputError(f"{path} is plain text (one document per line); evaluation needs JSONL records "
