@@ -214,6 +214,10 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
             raise InputError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
     docs = read_pairs(data_path, limit, order, sections, exclude_sections)  # fail on bad data now, not in every cell
     load_manifest(artifact)  # and on a bad artifact
+    if profile is not None:  # and on a bad profile
+        from .importance import Profile
+
+        Profile.load(profile)
     settings = {"artifact": str(Path(artifact).resolve()), "data": str(Path(data_path).resolve()), "limit": limit,
                 "max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_size": batch_size, "threads": threads,
                 "order": order, "sections": list(sections), "exclude_sections": list(exclude_sections),
