@@ -144,19 +144,20 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
     probs: list[np.ndarray] = []
     norms_x: list[np.ndarray] = []
     rows: list[np.ndarray] = []  # [n] row of the chunk each token belongs to
-    state = {"request": -1, "steps": {}}
+    state = {"request": 0, "steps": {}}
 
     with Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads)) as rt:
         names = [lk.name for lk in rt.sparse]
         index = {lk: i for i, lk in enumerate(rt.sparse)}
-        first_enc = next((lk for lk in rt.sparse if lk.stack == "encoder"), None)
-        inner = rt.model.moe
+        inner, inner_end = rt.model.moe, rt.policy.end_request
+
+        def ending():  # the runtime ends every request (chunk) here
+            state["request"] += 1
+            state["steps"] = {}
+            inner_end()
 
         def recording(layer, normed, logits, mask):
             lk = layer.key
-            if lk == first_enc:  # the first sparse encoder layer starts every request
-                state["request"] += 1
-                state["steps"] = {}
             step = 0
             if lk.stack == "decoder":
                 step = state["steps"][lk] = state["steps"].get(lk, 0) + 1
@@ -169,7 +170,7 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
             rows.append(np.nonzero(valid)[0].astype(np.int32))
             return inner(layer, normed, logits, mask)
 
-        rt.model.moe = recording
+        rt.model.moe, rt.policy.end_request = recording, ending
         timings = {"ttft_ms": [], "decode_ms_per_token": []}
         lengths: list[list[int]] = []  # per request: generated tokens (EOS included) of each row
         doc_of_row: list[list[int]] = []
@@ -190,13 +191,13 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
                 if not quiet:
                     print(f"trace: {min(i + batch_size, len(docs))}/{len(docs)} docs", flush=True)
         finally:
-            rt.model.moe = inner
+            rt.model.moe, rt.policy.end_request = inner, inner_end
         expert_bytes = np.array([rt.expert_cost[lk] for lk in rt.sparse], np.int64)
         norms = np.stack([rt.norms[lk] for lk in rt.sparse]).astype(np.float32)
         profile = rt.profile.to_json() if rt.profile.source != "norms" else None
         artifact_dir = str(rt.manifest.root)
 
-    assert state["request"] + 1 == len(lengths), (state["request"], len(lengths))
+    assert state["request"] == len(lengths), (state["request"], len(lengths))
     keep_p, keep_x, keep_doc, ev, offsets = [], [], [], [], [0]
     for (req, layer, step), p, x, r in zip(events, probs, norms_x, rows):
         alive = np.ones(r.size, bool) if step == 0 else np.array(lengths[req])[r] >= step  # rows before their EOS
