@@ -32,7 +32,7 @@ from swapmoe_edge.manifest import (
     write_json_atomic,
 )
 
-from . import graphs, quant
+from . import fused, graphs, quant
 from .checkpoint import CheckpointReader, read_config
 from .reference import bucket_tables_in_child
 
@@ -276,35 +276,29 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, exp
             p = f"{stack}.block.{i}.layer"
             name = f"{STACK_PREFIX[stack]}.L{i:02d}"
             scope = f"/{stack}/block.{i}"
-            parts: dict[str, str] = {}
 
             def attn_w(prefix: str) -> dict:
                 return {k: reader.get(f"{prefix}.{k}.weight") for k in "qkvo"}
 
             sa = attn_w(f"{p}.0.SelfAttention")
             sa["layer_norm"] = reader.get(f"{p}.0.layer_norm.weight")
-            if stack == "encoder":
-                parts["attn"] = add(f"{name}.attn", "attn", graphs.self_attention_graph(f"{scope}/self_attn", sa, cfg, dtype, with_cache=False))
-                ff = f"{p}.1"
-            else:
-                parts["self_attn"] = add(f"{name}.self_attn", "self_attn", graphs.self_attention_graph(f"{scope}/self_attn", sa, cfg, dtype, with_cache=True))
+            ca = None
+            if stack == "decoder":
                 ca = attn_w(f"{p}.1.EncDecAttention")
                 ca["layer_norm"] = reader.get(f"{p}.1.layer_norm.weight")
-                parts["cross_kv"] = add(f"{name}.cross_kv", "cross_kv", graphs.cross_kv_graph(f"{scope}/cross_kv", ca, cfg, dtype))
-                parts["cross_attn"] = add(f"{name}.cross_attn", "cross_attn", graphs.cross_attention_graph(f"{scope}/cross_attn", ca, cfg, dtype))
-                ff = f"{p}.2"
-            del sa
-            norm = reader.get(f"{ff}.layer_norm.weight")
+            ff = f"{p}.{2 if stack == 'decoder' else 1}"
             sparse = cfg.is_sparse(stack, i)
-            layer = {"stack": stack, "layer": i, "sparse": sparse, "parts": parts}
+            w = {"layer_norm": reader.get(f"{ff}.layer_norm.weight")}
             if not sparse:
-                w = {"layer_norm": norm, "wi": reader.get(f"{ff}.mlp.wi.weight"), "wo": reader.get(f"{ff}.mlp.wo.weight")}
-                parts["ffn"] = add(f"{name}.ffn", "ffn", graphs.dense_ffn_graph(f"{scope}/ffn", w, cfg, dtype))
+                w.update(wi=reader.get(f"{ff}.mlp.wi.weight"), wo=reader.get(f"{ff}.mlp.wo.weight"))
             else:
-                w = {"layer_norm": norm, "classifier": reader.get(f"{ff}.mlp.router.classifier.weight")}
+                w["classifier"] = reader.get(f"{ff}.mlp.router.classifier.weight")
                 if cfg.router_bias:
                     w["classifier_bias"] = reader.get(f"{ff}.mlp.router.classifier.bias")
-                parts["router"] = add(f"{name}.router", "router", graphs.router_graph(f"{scope}/moe", w, cfg, dtype))
+            parts = fused.add_layer_graphs(add, name, scope, stack, sa, ca, w, cfg, dtype, sparse)
+            del sa, ca, w
+            layer = {"stack": stack, "layer": i, "sparse": sparse, "parts": parts}
+            if sparse:
                 layer["experts"] = list(range(cfg.num_experts))
                 for e in range(cfg.num_experts):
                     experts.append(_write_expert(reader, cfg, expert_dtype, writer, ExpertKey(stack, i, e), f"{ff}.mlp.experts.expert_{e}", scope))
