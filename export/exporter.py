@@ -164,8 +164,13 @@ def export_checkpoint(
     expert_dtype: str | None = None,
     quiet: bool = False,
     stream=None,
+    fuse_layers: bool = True,
 ) -> Path:
-    """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path."""
+    """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path.
+
+    ``fuse_layers=False`` writes the schema-1 layout (separate attention/FFN subgraphs) for
+    tests and before/after benchmarks; the fused layout decodes with fewer ORT calls.
+    """
     if dtype not in ("float32", "float16"):
         raise ExportError(f"--dtype must be float32 or float16, not {dtype!r}")
     expert_dtype = expert_dtype or dtype
@@ -189,7 +194,7 @@ def export_checkpoint(
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress)
+        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress, fuse_layers)
         tok = model_dir / "tokenizer.json"
         if tok.is_file():
             writer.write_bytes("tokenizer.json", tok.read_bytes())
@@ -199,7 +204,7 @@ def export_checkpoint(
             generation = json.loads(gen.read_text())
         manifest = {
             "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if fuse_layers else 1,
             "created_by": "swapmoe_export 0.1.0",
             "source": str(model_dir.resolve()),
             "dtype": dtype,
@@ -233,7 +238,8 @@ def export_checkpoint(
         raise
 
 
-def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, expert_dtype: str, writer: ArtifactWriter, progress: Progress) -> dict:
+def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, expert_dtype: str, writer: ArtifactWriter,
+                     progress: Progress, fuse_layers: bool = True) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []
     experts: list[dict] = []
@@ -295,7 +301,7 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, exp
                 w["classifier"] = reader.get(f"{ff}.mlp.router.classifier.weight")
                 if cfg.router_bias:
                     w["classifier_bias"] = reader.get(f"{ff}.mlp.router.classifier.bias")
-            parts = fused.add_layer_graphs(add, name, scope, stack, sa, ca, w, cfg, dtype, sparse)
+            parts = fused.add_layer_graphs(add, name, scope, stack, sa, ca, w, cfg, dtype, sparse, fuse_layers)
             del sa, ca, w
             layer = {"stack": stack, "layer": i, "sparse": sparse, "parts": parts}
             if sparse:

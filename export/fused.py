@@ -12,8 +12,9 @@ H heads, K d_kv, E experts.
 
 from __future__ import annotations
 
-from .graphs import (F32, BuiltGraph, GraphBuilder, cross_attention_block, cross_kv_graph, dense_ffn_block,
-                     router_block, self_attention_block)
+from .graphs import (F32, BuiltGraph, GraphBuilder, cross_attention_block, cross_attention_graph, cross_kv_graph,
+                     dense_ffn_block, dense_ffn_graph, router_block, router_graph, self_attention_block,
+                     self_attention_graph)
 
 
 def _ffn_or_router(g: GraphBuilder, x: str, ffn: dict, cfg, sparse: bool) -> None:
@@ -69,13 +70,17 @@ def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict,
 
 
 def add_layer_graphs(add, name: str, scope: str, stack: str, self_attn: dict, cross_attn: dict | None,
-                     ffn: dict, cfg, dtype: str, sparse: bool) -> dict[str, str]:
+                     ffn: dict, cfg, dtype: str, sparse: bool, fuse: bool = True) -> dict[str, str]:
     """Write one layer's dense subgraphs through ``add(name, kind, graph)``; return its manifest parts.
 
-    Encoder: {"block"}. Decoder: {"cross_kv", "step"} (cross_kv runs once per request).
+    Fused (schema 2): encoder {"block"}; decoder {"cross_kv", "step"} (cross_kv runs once
+    per request). ``fuse=False`` writes schema 1's separate parts (attn | self_attn,
+    cross_attn; ffn | router), which the runtime still reads: tests and A/B benchmarks.
     ``ffn`` holds the FFN norm and wi/wo (dense) or the router classifier (sparse).
     """
     suffix = "_sparse" if sparse else ""
+    if not fuse:
+        return _split_layer_graphs(add, name, scope, stack, self_attn, cross_attn, ffn, cfg, dtype, sparse)
     if stack == "encoder":
         return {"block": add(f"{name}.block", f"enc_block{suffix}",
                              encoder_block_graph(scope, self_attn, ffn, cfg, dtype, sparse))}
@@ -84,3 +89,18 @@ def add_layer_graphs(add, name: str, scope: str, stack: str, self_attn: dict, cr
         "step": add(f"{name}.step", f"dec_step{suffix}",
                     decoder_step_graph(scope, self_attn, cross_attn, ffn, cfg, dtype, sparse)),
     }
+
+
+def _split_layer_graphs(add, name, scope, stack, self_attn, cross_attn, ffn, cfg, dtype, sparse) -> dict[str, str]:
+    parts: dict[str, str] = {}
+    if stack == "encoder":
+        parts["attn"] = add(f"{name}.attn", "attn", self_attention_graph(f"{scope}/self_attn", self_attn, cfg, dtype, with_cache=False))
+    else:
+        parts["self_attn"] = add(f"{name}.self_attn", "self_attn", self_attention_graph(f"{scope}/self_attn", self_attn, cfg, dtype, with_cache=True))
+        parts["cross_kv"] = add(f"{name}.cross_kv", "cross_kv", cross_kv_graph(f"{scope}/cross_kv", cross_attn, cfg, dtype))
+        parts["cross_attn"] = add(f"{name}.cross_attn", "cross_attn", cross_attention_graph(f"{scope}/cross_attn", cross_attn, cfg, dtype))
+    if sparse:
+        parts["router"] = add(f"{name}.router", "router", router_graph(f"{scope}/moe", ffn, cfg, dtype))
+    else:
+        parts["ffn"] = add(f"{name}.ffn", "ffn", dense_ffn_graph(f"{scope}/ffn", ffn, cfg, dtype))
+    return parts
