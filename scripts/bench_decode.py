@@ -91,7 +91,7 @@ def phase_bandwidth(threads: int, runs: int = 20) -> dict:
 
 
 def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_len: int,
-               ttft_lengths: list[int], profile: bool) -> dict:
+               ttft_lengths: list[int], profile: bool, prepack: str | None = None) -> dict:
     import numpy as np
 
     from swapmoe_edge import memory
@@ -99,7 +99,8 @@ def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_l
     from swapmoe_edge.runtime import Runtime, RuntimeConfig, _Decoder
 
     t0 = time.perf_counter()
-    rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None))
+    extra = {"prepack_experts": prepack} if prepack else {}  # absent from older trees' RuntimeConfig
+    rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None, **extra))
     load_s = time.perf_counter() - t0
     c = rt.manifest.config
     model = rt.model
@@ -221,8 +222,7 @@ model = SwitchTransformersForConditionalGeneration.from_pretrained(ckpt, dtype=t
 load_s = time.perf_counter() - t0
 c = model.config
 cfg = copy.deepcopy(model.generation_config)
-cfg.eos_token_id = None  # never stop early, as ours (eos_id=-1): both decode exactly n tokens
-cfg.do_sample = False
+cfg.do_sample = False  # min_new_tokens: n steps like ours (eos_id=-1); it bans EOS, so tokens agree up to ours' first EOS
 stamps = []
 class Clock(LogitsProcessor):
     def __call__(self, input_ids, scores):
@@ -231,7 +231,7 @@ class Clock(LogitsProcessor):
 def gen(row, n):
     stamps.clear()
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([row]), generation_config=cfg, max_new_tokens=n,
+        out = model.generate(input_ids=torch.tensor([row]), generation_config=cfg, max_new_tokens=n, min_new_tokens=n,
                              logits_processor=LogitsProcessorList([Clock()]))
     return out[0, 1:].tolist()
 gen(_inputs(c.vocab_size, c.eos_token_id, source_len, 1000), tokens)  # warm-up (weights are mapped lazily)
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--source-len", type=int, default=64)
     ap.add_argument("--ttft-lengths", type=int, nargs="*", default=[64, 512])
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--prepack-experts", choices=["auto", "on", "off"], help="RuntimeConfig.prepack_experts for ours (default: the runtime's)")
     ap.add_argument("--before", help="an artifact to run with --before-tree's code, side by side")
     ap.add_argument("--before-tree", help="source tree (holding swapmoe_edge/) for --before")
     ap.add_argument("--json", help="write the results here too")
@@ -287,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(phase_bandwidth(a.threads[0])))
         return {}
     if a.phase == "ours":
-        print(json.dumps(phase_ours(a.artifact, a.threads[0], a.tokens, a.requests, a.source_len, a.ttft_lengths, a.profile)))
+        print(json.dumps(phase_ours(a.artifact, a.threads[0], a.tokens, a.requests, a.source_len, a.ttft_lengths, a.profile,
+                                    a.prepack_experts)))
         return {}
     if not a.artifact:
         ap.error("give an artifact directory")
@@ -298,9 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
     tb = bytes_per_token(m)
     limit = int(m.extra.get("max_source_tokens", 512))  # the runtime's input limit: HF gets the same inputs
     a.ttft_lengths = sorted({min(n, limit) for n in a.ttft_lengths})
+    a.eos = m.config.eos_token_id
     common = ["--tokens", str(a.tokens), "--requests", str(a.requests), "--source-len", str(a.source_len),
               "--ttft-lengths", *map(str, a.ttft_lengths)]
-    report: dict = {"artifact": str(a.artifact), "bytes_per_token": tb.weights, "bytes_total": tb.total,
+    report: dict = {"artifact": str(a.artifact), "prepack_experts": a.prepack_experts, "bytes_per_token": tb.weights, "bytes_total": tb.total,
                     "ort_calls_per_token": tb.ort_calls, "cores": os.cpu_count(), "runs": {}}
     try:
         import torch  # noqa: F401
@@ -310,15 +313,19 @@ def main(argv: list[str] | None = None) -> dict:
     for threads in a.threads:
         th = ["--threads", str(threads)]
         row: dict = {"bandwidth": _child(_me("bandwidth", *th))}
-        profile = ["--profile"] if threads == 1 and not a.no_profile else []
-        row["ours"] = _child(_me("ours", a.artifact, *th, *common, *profile))
+        pre = ["--prepack-experts", a.prepack_experts] if a.prepack_experts else []
+        row["ours"] = _child(_me("ours", a.artifact, *th, *common, *pre))
+        if threads == 1 and not a.no_profile:  # its own run: the timers add a little to every call
+            row["profile"] = _child(_me("ours", a.artifact, *th, *common, *pre, "--profile"))
         if a.before:
             row["before"] = _child(_me("ours", a.before, *th, *common), Path(a.before_tree) if a.before_tree else None)
-            row["ours_again"] = _child(_me("ours", a.artifact, *th, *common))  # A-B-A: drift shows
+            row["ours_again"] = _child(_me("ours", a.artifact, *th, *common, *pre))  # A-B-A: drift shows
         if a.checkpoint and has_torch:
             row["hf"] = _child([sys.executable, "-c", HF_PHASE, a.checkpoint, str(threads), str(a.tokens),
                                 str(a.requests), str(a.source_len), ",".join(map(str, a.ttft_lengths)), str(ROOT)])
         row["summary"] = _summarise(row, tb.total, tb.cache_per_past_token, a)
+        row["summary"]["ort_calls_per_token"] = tb.ort_calls
+        row["summary"]["empty_call_share"] = tb.ort_calls * row["bandwidth"]["empty_call_us"] / 1e3 / row["summary"]["decode_ms"]
         report["runs"][str(threads)] = row
         _print_row(threads, row["summary"])
     if a.checkpoint and not has_torch:
@@ -346,7 +353,7 @@ def _summarise(row: dict, weights: int, cache_per_token: int, a) -> dict:
         s.update(hf_decode_ms=hf, hf_over_ours_decode=hf / ours,
                  hf_ttft_ms={k: med(v) for k, v in row["hf"]["ttft_ms"].items()},
                  hf_over_ours_ttft={k: med(row["hf"]["ttft_ms"][k]) / med(v) for k, v in row["ours"]["ttft_ms"].items()},
-                 same_tokens_as_hf=row["hf"]["tokens"] == row["ours"]["tokens"])
+                 same_tokens_as_hf=_same_until_eos(row["ours"]["tokens"], row["hf"]["tokens"], a.eos))
     if "before" in row:
         after = med(row["ours"]["decode_ms"] + row["ours_again"]["decode_ms"])
         s.update(before_decode_ms=med(row["before"]["decode_ms"]), after_decode_ms=after,
@@ -355,10 +362,17 @@ def _summarise(row: dict, weights: int, cache_per_token: int, a) -> dict:
                  before_over_after=med(row["before"]["decode_ms"]) / after,
                  before_ttft_ms={k: med(v) for k, v in row["before"]["ttft_ms"].items()},
                  same_tokens_as_before=row["before"]["tokens"] == row["ours"]["tokens"])
-    if "profile_ms_per_token" in row["ours"]:
-        s["profile_ms_per_token"] = row["ours"]["profile_ms_per_token"]
-        s["profile_calls_per_token"] = row["ours"]["profile_calls_per_token"]
+    prof = row.get("profile", row["ours"])
+    if "profile_ms_per_token" in prof:
+        s["profile_ms_per_token"] = prof["profile_ms_per_token"]
+        s["profile_calls_per_token"] = prof["profile_calls_per_token"]
     return s
+
+
+def _same_until_eos(ours: list[int], hf: list[int], eos: int) -> bool:
+    """HF ran with min_new_tokens (EOS banned) to time n steps: compare up to ours' first EOS."""
+    k = ours.index(eos) if eos in ours else len(ours)
+    return ours[:k] == hf[:k]
 
 
 def _print_row(threads: int, s: dict) -> None:
@@ -367,6 +381,8 @@ def _print_row(threads: int, s: dict) -> None:
           f"floor {s['floor_ms']:.2f} ms at {s['gbps_median']:.1f} GB/s (best {s['gbps_best']:.1f}); "
           f"ratio {s['ratio_to_floor']:.2f}x (best/best {s['ratio_best_to_best']:.2f}x); "
           f"TTFT {', '.join(f'{k}: {v:.1f} ms' for k, v in s['ttft_ms'].items())}", flush=True)
+    print(f"  {s['ort_calls_per_token']} ORT calls/token x {s['empty_call_us']:.1f} us (an empty call) = "
+          f"{s['empty_call_share']:.0%} of the token; caches are {s['cache_share_of_bytes']:.1%} of the weight bytes", flush=True)
     if "hf_decode_ms" in s:
         print(f"  HF eager: decode {s['hf_decode_ms']:.2f} ms/token ({s['hf_over_ours_decode']:.2f}x ours); TTFT "
               + ", ".join(f"{k}: {v:.1f} ms ({s['hf_over_ours_ttft'][k]:.2f}x ours)" for k, v in s["hf_ttft_ms"].items())

@@ -11,6 +11,7 @@ import mmap
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ class LoadedExpert:
     key: ExpertKey
     feeds: dict[str, np.ndarray]  # the expert kernel's weight inputs: wi[D, F], wo[F, D] (+ int8/int4 scales)
     nbytes: int
+    session: Any = None  # prepacked.py: the expert's own session (then feeds is empty)
 
     @property
     def wi(self) -> np.ndarray:

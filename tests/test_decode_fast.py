@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from swapmoe_edge.decode_floor import bytes_per_token  # noqa: E402
-from swapmoe_edge.errors import ValidationError  # noqa: E402
+from swapmoe_edge.errors import InputError, ValidationError  # noqa: E402
 from swapmoe_edge.manifest import load_manifest  # noqa: E402
 from swapmoe_edge.moe import dispatch, route, softmax  # noqa: E402
 from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
@@ -129,3 +129,26 @@ def test_bytes_per_token_counts_each_decoder_weight_once(tmp_path):
         art = export_checkpoint(tmp_path / "ckpt", tmp_path / f"art{fuse}", quiet=True, validate=False, fuse_layers=fuse)
         got = bytes_per_token(load_manifest(art)).total
         assert want <= got <= want + 64 * 1024, (fuse, got, want)  # the rest: graph structure, expert alignment
+
+
+def test_prepacked_experts_give_hf_tokens_and_are_budgeted_by_measured_cost(pair):
+    model, fused, _, _ = pair
+    rows = _rows(7)
+    with Runtime(fused, RuntimeConfig(policy="full", budget="100%", prepack_experts="on")) as rt:
+        got = [r.token_ids for r in rt.generate(rows, max_new_tokens=12)]
+        assert rt.prepacked and rt.generate(rows[:1], max_new_tokens=2)[0].stats["prepacked_experts"]
+        block = next(iter(rt.manifest.experts.values())).nbytes
+        assert all(cost >= block for cost in rt.expert_cost.values())
+        assert rt.residents.nbytes == sum(rt.expert_cost[lk] * rt.manifest.config.num_experts for lk in rt.sparse)
+    assert got == hf_generate(model, rows, 12)
+    with Runtime(fused, RuntimeConfig(policy="swapmoe", budget="50%")) as rt:  # auto/off: the shared kernel
+        assert not rt.prepacked
+
+
+def test_prepacked_experts_refuse_quantised_experts_with_a_clear_error(tmp_path):
+    save_tiny(tmp_path / "ckpt", seed=34)
+    art = export_checkpoint(tmp_path / "ckpt", tmp_path / "art", quiet=True, validate=False, expert_dtype="int8")
+    with pytest.raises(InputError, match="int8"):
+        Runtime(art, RuntimeConfig(policy="full", budget="100%", prepack_experts="on"))
+    with Runtime(art, RuntimeConfig(policy="full", budget="100%", prepack_experts="auto")) as rt:
+        assert not rt.prepacked
