@@ -60,8 +60,8 @@ class RuntimeConfig:
     expert_placement: str = "auto"
     renormalize: bool = False  # swapmoe/prune: gate renormalised over residents
     # Resident experts as their own sessions with prepacked weights (prepacked.py): ~30% faster
-    # expert matmuls for one token (~6% of a switch-base token), but the start takes ~2.3x
-    # as long (each expert opened and packed) and each costs up to ~0.6 MiB more. "auto" uses
+    # expert matmuls for one token (~6% of a switch-base token), but the start takes 1.1-2.3x
+    # as long (each expert opened and packed) and each may cost up to ~0.6 MiB more. "auto" uses
     # them for `full` (loads every expert once, never swaps) with float32 experts on the host;
     # "on" wherever possible; "off" (default: sweeps start a `full` cell per process) never.
     prepack_experts: str = "off"
