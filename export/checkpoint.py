@@ -8,6 +8,7 @@ and ``pytorch_model.bin`` (memory-mapped). The whole model is never in memory: e
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,11 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
             "Pass the directory that holds config.json and the weights."
         )
     try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        raise CheckpointError(f"{path} is not valid UTF-8 JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object: it is not a model config.")
     model_type = raw.get("model_type")
     if model_type != "switch_transformers":
         archs = raw.get("architectures")
@@ -41,15 +44,54 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
             "only Switch Transformers (model_type 'switch_transformers', "
             "SwitchTransformersForConditionalGeneration)."
         )
-    config = ModelConfig.from_hf_dict(raw)
+    try:
+        config = ModelConfig.from_hf_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: a size or id field is not a number ({e}).") from e
     if config.dense_act_fn not in SUPPORTED_ACTS:
         raise CheckpointError(
             f"{path}: dense_act_fn={config.dense_act_fn!r} is not supported (supported: "
             f"{', '.join(SUPPORTED_ACTS)})."
         )
+    nb, md = config.relative_attention_num_buckets, config.relative_attention_max_distance
+    if nb < 4 or md <= nb // 2:
+        raise CheckpointError(
+            f"{path}: relative_attention_num_buckets {nb} and relative_attention_max_distance {md} are not a "
+            "usable T5 setting (needs at least 4 buckets and a max distance above half of them; "
+            "transformers' own bucket function overflows otherwise)."
+        )
     if config.num_experts < 1 or not config.sparse_layers():
         raise CheckpointError(f"{path}: the model has no sparse (MoE) layer; nothing to swap.")
     return raw, config
+
+
+_ROUTER = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.router\.classifier\.weight")
+
+
+def check_sparse_layers(model_dir: Path, config: ModelConfig, tensor_names) -> None:
+    """Raise CheckpointError unless the sparse layers config.json implies (by transformers' rule)
+    are exactly the layers whose router weights the checkpoint holds."""
+    found: dict[str, set[int]] = {"encoder": set(), "decoder": set()}
+    for name in tensor_names:
+        m = _ROUTER.fullmatch(name)
+        if m:
+            found[m.group(1)].add(int(m.group(2)))
+    wrong = []
+    for stack in ("encoder", "decoder"):
+        want = {i for i in range(config.depth(stack)) if config.is_sparse(stack, i)}
+        if want != found[stack]:
+            step = config.encoder_sparse_step if stack == "encoder" else config.decoder_sparse_step
+            wrong.append(
+                f"{stack}: config.json gives {stack}_sparse_step {step} over {config.depth(stack)} layers, "
+                f"so sparse layers {sorted(want)}, but the checkpoint has router weights in layers {sorted(found[stack])}"
+            )
+    if wrong:
+        raise CheckpointError(
+            f"{model_dir}: config.json and the checkpoint's tensors disagree on which layers are sparse "
+            f"(transformers' rule: a saved *_sparse_step wins, else num_layers // num_sparse_*_layers):\n  "
+            + "\n  ".join(wrong)
+            + "\nFix config.json (encoder_sparse_step / decoder_sparse_step) to match the weights."
+        )
 
 
 class CheckpointReader:
@@ -67,8 +109,8 @@ class CheckpointReader:
         if index.is_file():
             self._kind = "safetensors"
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
             for name, shard in weight_map.items():
                 p = self.model_dir / shard

@@ -8,19 +8,22 @@ something that looks complete.
 
 from __future__ import annotations
 
-import json
-
+import contextlib
 import hashlib
+import importlib.util
+import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from swapmoe_edge.errors import ExportError
+from swapmoe_edge.errors import CheckpointError, ExportError
 from swapmoe_edge.manifest import (
     FORMAT_NAME,
     MANIFEST_NAME,
@@ -33,8 +36,7 @@ from swapmoe_edge.manifest import (
 )
 
 from . import fused, graphs, quant
-from .checkpoint import CheckpointReader, read_config
-from .reference import bucket_tables_in_child
+from .checkpoint import CheckpointReader, check_sparse_layers, read_config
 
 ALIGN = 4096  # expert tensors start on page boundaries so plain reads can land in place
 
@@ -106,6 +108,64 @@ class ArtifactWriter:
         return offsets
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove ``.NAME.partial-PID`` / ``.NAME.old-PID`` beside ``out`` left by exports that died
+    (SIGKILL, power loss); those of live processes stay. Returns what was removed."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        for tag in (".partial-", ".old-"):
+            prefix = f".{out.name}{tag}"
+            if p.name.startswith(prefix) and p.name[len(prefix):].isdigit():
+                pid = int(p.name[len(prefix):])
+                if pid != os.getpid() and not _pid_alive(pid) and p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+    return removed
+
+
+class _TerminatedBySignal(SystemExit):
+    """SIGTERM or SIGHUP during export: unwinds like Ctrl-C so the partial directory is removed."""
+
+
+_UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # kill's default, and a closed terminal or SSH session
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Turn SIGTERM and SIGHUP into an exception while exporting, where they would otherwise
+    kill the process outright (default action; an ignored signal or the caller's own handler
+    stays). Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _TerminatedBySignal(128 + signum)
+
+    previous = {s: signal.getsignal(s) for s in _UNWIND_SIGNALS}
+    for s, prev in previous.items():
+        if prev == signal.SIG_DFL:
+            signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, prev in previous.items():
+            if prev == signal.SIG_DFL:
+                signal.signal(s, prev)
+
+
 def _prepare_output(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} is an existing file; pass a directory path (new, or an old artifact).")
@@ -115,6 +175,7 @@ def _prepare_output(out: Path) -> Path:
             "Choose a new or empty directory."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -123,7 +184,19 @@ def _prepare_output(out: Path) -> Path:
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Move the finished artifact into place; an older artifact there is replaced."""
+    """Move the finished artifact into place; an older artifact there is replaced.
+
+    SIGTERM, SIGINT and SIGHUP wait until both renames are done, so a kill never leaves the old
+    artifact moved aside and the new one not yet in place."""
+    blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        _rename_into_place(tmp, out)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _rename_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
@@ -156,6 +229,13 @@ def _tokenizer_extra(model_dir: Path) -> dict:
     return {"max_source_tokens": int(n)} if isinstance(n, (int, float)) and 0 < n <= 1_000_000 else {}
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def export_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -177,6 +257,14 @@ def export_checkpoint(
     if expert_dtype not in quant.EXPERT_DTYPES:
         raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
     model_dir, out = Path(model_dir), Path(out_dir)
+    if validate:
+        missing = [m for m in ("torch", "transformers") if not _importable(m)]
+        if missing:
+            raise ExportError(
+                f"validation runs the PyTorch model and needs {' and '.join(missing)} (not installed). Install "
+                "torch==2.13.0 then `pip install 'swapmoe-edge[export]'`, or export with --no-validate "
+                "(the export itself needs neither)."
+            )
     raw_cfg, cfg = read_config(model_dir)
     if expert_dtype == "int4":
         why = [f"wi [{cfg.d_model}, {cfg.d_ff}]: {w}" for w in [quant.int4_shape_error(cfg.d_model, cfg.d_ff)] if w]
@@ -187,8 +275,15 @@ def export_checkpoint(
                 f"(d_model {cfg.d_model}, d_ff {cfg.d_ff}); expert weight {'; '.join(why)}. Use int8 instead."
             )
     reader = CheckpointReader(model_dir)
+    check_sparse_layers(model_dir, cfg, reader.names())
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(reader, out.parent, dtype)
+    with _sigterm_unwinds():
+        return _export_into(reader, model_dir, out, raw_cfg, cfg, dtype, expert_dtype, validate, quiet, stream, fuse_layers)
+
+
+def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dtype: str, expert_dtype: str,
+                 validate: bool, quiet: bool, stream, fuse_layers: bool = True) -> Path:
     tmp = _prepare_output(out)
     try:
         n_layers = cfg.num_layers + cfg.num_decoder_layers
@@ -201,7 +296,10 @@ def export_checkpoint(
         gen = model_dir / "generation_config.json"
         generation = {}
         if gen.is_file():
-            generation = json.loads(gen.read_text())
+            try:
+                generation = json.loads(gen.read_text(encoding="utf-8"))
+            except ValueError as e:  # UnicodeDecodeError is a ValueError too
+                raise CheckpointError(f"{gen} is not valid UTF-8 JSON ({e}). Fix or remove it.") from e
         manifest = {
             "format": FORMAT_NAME,
             "schema_version": SCHEMA_VERSION if fuse_layers else 1,
@@ -233,6 +331,11 @@ def export_checkpoint(
         _install(tmp, out)
         progress.say(f"wrote {out} ({sum(f['size'] for f in writer.files.values()) / 2**20:.1f} MiB)")
         return out
+    except _TerminatedBySignal:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not quiet:
+            print(f"[export] stopped by a signal; removed the partial artifact {tmp}", file=stream or sys.stderr, flush=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -268,9 +371,8 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, exp
         del table
     del shared  # 100 MB at switch-base size: read again for the LM head instead of holding it
     progress.step("embeddings")
-    tables = bucket_tables_in_child(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
     for stack in ("encoder", "decoder"):
-        table = tables[stack]
+        table = graphs.relative_position_buckets(stack == "encoder", cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
         w = reader.get(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
         add(f"{stack[:3]}.position_bias", "position_bias",
             graphs.position_bias_graph(f"/{stack}/position_bias", w, table, cfg.relative_attention_max_distance, dtype))

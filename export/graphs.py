@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
 
+from . import onnx_proto as helper
 from . import quant
+from .onnx_proto import TensorProto
 
 OPSET = 17
 OPSET_INT4 = 18  # BitwiseAnd arrived in opset 18; only int4 expert graphs need it
@@ -30,7 +30,7 @@ _NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Tenso
 class BuiltGraph:
     """A subgraph and the big weights that go beside it in ``FILE.onnx.data``."""
 
-    proto: onnx.ModelProto
+    proto: helper.ModelProto
     blobs: list[tuple[str, np.ndarray]]
 
 
@@ -40,10 +40,10 @@ class GraphBuilder:
     def __init__(self, scope: str, storage_dtype: str = "float32"):
         self.scope = scope
         self.storage = np.dtype(storage_dtype)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
+        self.nodes: list[helper.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.inputs: list[helper.ValueInfoProto] = []
+        self.outputs: list[helper.ValueInfoProto] = []
         self.blobs: list[tuple[str, np.ndarray]] = []
         self._n = 0
 
@@ -81,7 +81,7 @@ class GraphBuilder:
         arr = np.ascontiguousarray(array) if raw else np.ascontiguousarray(array, dtype=self.storage)
         full = f"{self.scope}/{name}"
         if external is None and arr.nbytes < EXTERNAL_MIN_BYTES:
-            self.inits.append(onnx.numpy_helper.from_array(arr, full))
+            self.inits.append(helper.from_array(arr, full))
         else:
             # Big tensors never enter the protobuf: protobuf copies a message several times
             # while a model is assembled, which at switch-base size costs hundreds of MB.
@@ -201,6 +201,29 @@ def embed_graph(shared: np.ndarray, dtype: str) -> BuiltGraph:
     w = g.weight("shared.weight", shared)
     g.output(g.op("Gather", [w, ids], hint="gather", axis=0), "hidden", F32, ["B", "T", shared.shape[1]])
     return g.model()
+
+
+def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
+    """T5's bucket for every relative position r in [-max_distance, max_distance].
+
+    HF's ``_relative_position_bucket`` in numpy, in float32 like HF's torch code (a test
+    compares the two over many settings), so export needs no torch.
+    """
+    rel = np.arange(-max_distance, max_distance + 1, dtype=np.int64)
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).astype(np.int64) * num_buckets
+        rel = np.abs(rel)
+    else:
+        rel = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) where the exact branch applies
+        scaled = np.log(rel.astype(np.float32) / np.float32(max_exact))
+        scaled = scaled / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+        large = max_exact + np.where(np.isfinite(scaled), scaled, 0).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return buckets + np.where(rel < max_exact, rel, large)
 
 
 def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.ndarray, max_distance: int, dtype: str) -> BuiltGraph:

@@ -1,7 +1,8 @@
 """The PyTorch side of export: HF's own code for what the split model must reproduce.
 
 Runs in a child process (``python -m swapmoe_export.reference``), so that the exporting
-process never imports torch: torch and transformers alone take ~350 MB of RSS.
+process never imports torch: torch and transformers alone take ~350 MB of RSS. Only
+validation needs it; export itself needs neither torch nor onnx.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Reference:
 
 
 def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
-    """HF's relative-position bucket for every r in [-max_distance, max_distance], by HF's own code."""
+    """HF's relative-position bucket for every r in [-max_distance, max_distance], by HF's own code
+    (the reference for ``graphs.relative_position_buckets``, which export uses)."""
     import torch
     from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
 
@@ -153,13 +155,6 @@ def _child(args: list[str], out: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def bucket_tables_in_child(num_buckets: int, max_distance: int) -> dict[str, np.ndarray]:
-    """{"encoder": table, "decoder": table}, computed by HF's code in a child process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        z = _child(["tables", str(num_buckets), str(max_distance)], Path(tmp) / "tables.npz")
-    return {"encoder": z["encoder"], "decoder": z["decoder"]}
-
-
 def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None) -> Reference:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.npz"
@@ -170,10 +165,7 @@ def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = 
 
 def main(argv: list[str]) -> None:
     cmd, *rest = argv
-    if cmd == "tables":
-        nb, md, out = int(rest[0]), int(rest[1]), rest[2]
-        np.savez(out, encoder=bucket_table(True, nb, md), decoder=bucket_table(False, nb, md))
-    elif cmd == "forward":
+    if cmd == "forward":
         model_dir, inputs, round_to, expert_dtype, out = rest
         with np.load(inputs) as z:
             ids, mask, dec = z["ids"], z["mask"], z["dec"]

@@ -7,6 +7,9 @@ Three numbers meet here (all bytes, all whole-process):
   KV cache, ONNX Runtime arenas, buffers). It is always resident;
 - the *live budget*: ``min(cap, rss + available - reserve)``, which the monitor keeps
   current so that the runtime shrinks its resident experts when another app takes memory.
+  ``available`` is the tightest of the machine's free memory and the headroom of every
+  memory cgroup on the process's path (cgroup.py): in a container the kernel kills at the
+  container's limit, whatever the host has free.
 
 What is left for experts is ``live budget - baseline``.
 """
@@ -168,14 +171,32 @@ def _available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+# In a cgroup the "rest of the system" is outside the limit, so a machine-sized reserve (the
+# x86 profile keeps 1 GiB) would leave nothing of a 1.5 GiB container. What must stay free
+# inside it: an expert's pages in the page cache between a read and its fadvise (one
+# switch-base expert, 18 MiB), allocator slack and Python's own growth.
+CGROUP_RESERVE_FRACTION = 0.05
+CGROUP_RESERVE_MIN = 32 * MIB
+
+
+def cgroup_reserve(machine_reserve: int, limit: int) -> int:
+    """The reserve when a cgroup limit governs: 5% of the limit (at least 32 MiB), never above the machine's."""
+    return min(int(machine_reserve), max(CGROUP_RESERVE_MIN, int(CGROUP_RESERVE_FRACTION * limit)))
+
+
 @dataclass(frozen=True)
 class MemorySample:
-    """One reading of the monitor: the inputs and the live budget they give."""
+    """One reading of the monitor: the inputs and the live budget they give.
+
+    ``source`` says which limit governs: ``"cap"`` (the user's), ``"machine"`` (free
+    memory), or a cgroup's description (its path and limit).
+    """
 
     time: float
     available: int
     rss: int
     budget: int
+    source: str = "machine"
 
 
 class MemoryMonitor:
@@ -185,7 +206,8 @@ class MemoryMonitor:
     ``sample_once``) at the first sample and whenever the budget has moved by more
     than ``threshold_bytes`` since the last value reported; slow drifts therefore add
     up and are reported too. ``available_fn`` and ``rss_fn`` are injectable so tests
-    can play another app taking memory.
+    can play another app taking memory; ``limits_fn`` returns the memory cgroups on the
+    process's path (default: read them, unless ``available_fn`` is injected).
     """
 
     def __init__(
@@ -197,6 +219,7 @@ class MemoryMonitor:
         available_fn: Callable[[], int] | None = None,
         rss_fn: Callable[[], int] | None = None,
         threshold_bytes: int = 4 * MIB,
+        limits_fn: Callable[[], list] | None = None,
     ) -> None:
         if period_s <= 0:
             raise BudgetError(f"monitor period must be positive, got {period_s} s.")
@@ -205,6 +228,9 @@ class MemoryMonitor:
         self.period_s = float(period_s)
         self.threshold_bytes = int(threshold_bytes)
         self.on_change = on_change
+        if limits_fn is None and available_fn is None:
+            from .cgroup import memory_limits as limits_fn
+        self._limits_fn = limits_fn or (lambda: [])
         self._available_fn = available_fn or _available_bytes
         if rss_fn is None:
             proc = psutil.Process()
@@ -218,11 +244,20 @@ class MemoryMonitor:
 
     def sample_once(self) -> MemorySample:
         """Read memory now, update the live budget, and report it if it moved enough."""
+        from .cgroup import tightest
+
         available, rss = int(self._available_fn()), int(self._rss_fn())
-        budget = max(0, rss + available - self.reserve)
-        if self.cap is not None:
-            budget = min(int(self.cap), budget)
-        sample = MemorySample(time.monotonic(), available, rss, budget)
+        budget, source = max(0, rss + available - self.reserve), "machine"
+        group = tightest(self._limits_fn())
+        if group is not None:
+            # RSS also counts shared-library pages charged to whichever cgroup read them first,
+            # so rss + headroom can exceed the limit itself; the limit bounds the budget too.
+            in_group = max(0, min(rss + group.headroom, group.limit) - cgroup_reserve(self.reserve, group.limit))
+            if in_group < budget:
+                budget, source, available = in_group, group.describe(), min(available, group.headroom)
+        if self.cap is not None and self.cap <= budget:
+            budget, source = int(self.cap), "cap"
+        sample = MemorySample(time.monotonic(), available, rss, budget, source)
         with self._lock:
             self._last = sample
             changed = self._reported is None or abs(budget - self._reported) > self.threshold_bytes

@@ -16,7 +16,18 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
-@click.group()
+class _Main(click.Group):
+    """The verbs' group: a file-system error (a path that is a file, not a folder; no permission;
+    disk full) anywhere below ends in one error line, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            _fail(SwapMoEError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)))
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="swapmoe-edge")
 def main() -> None:
     """Serve Switch Transformer MoE models inside a memory budget (SwapMoE)."""
@@ -37,7 +48,7 @@ def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None
     try:
         from swapmoe_export import export_checkpoint
     except ImportError as e:
-        _fail(SwapMoEError(f"export needs the export extra ({e}). Install torch==2.13.0, then pip install 'swapmoe-edge[export]'."))
+        _fail(SwapMoEError(f"the exporter cannot be imported ({e}); reinstall swapmoe-edge."))
     try:
         export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet)
     except SwapMoEError as e:
@@ -102,12 +113,17 @@ def _read_inputs(texts: tuple[str, ...], file: str | None) -> list[str]:
     return list(texts)
 
 
-def _artifact_or_default(artifact: str | None) -> str:
+def _source(source: str) -> str:
+    """Which limit set the budget, in the stats line's words."""
+    return {"cap": "your cap", "machine": "free memory"}.get(source, source)
+
+
+def _artifact_or_default(artifact: str | None, quiet: bool = False) -> str:
     if artifact:
         return artifact
     from .embedded import default_artifact
 
-    return str(default_artifact())
+    return str(default_artifact(quiet=quiet))
 
 
 @main.command("summarize")
@@ -122,30 +138,43 @@ def _artifact_or_default(artifact: str | None) -> str:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Documents generated together.")
 @click.option("--device", default=None, help="Device profile name or .json path (default: detected; see `swapmoe devices`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input: summary, token_ids, exact, stats.")
-def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json) -> None:
+@click.option("--cold-start", type=click.Choice(["blocking", "background"]), default="blocking", show_default=True,
+              help="background: serve once the dense part and one expert per layer are in, fill the rest meanwhile "
+                   "(faster first token on slow flash; lossy policies then route early tokens to fewer experts).")
+@click.option("--quiet", is_flag=True, help="No progress or per-document statistics on stderr.")
+def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json,
+                  cold_start, quiet) -> None:
     """Summarise TEXT arguments or the documents of --file inside a memory budget."""
     from .runtime import Runtime, RuntimeConfig
     from .budget import format_size
+    from .progress import DocumentProgress, stderr_is_terminal
 
     try:
         docs = _read_inputs(texts, file)
-        config = RuntimeConfig(policy=policy, budget=budget, planner=planner, device=device)
-        with Runtime(_artifact_or_default(artifact), config) as rt:
+        config = RuntimeConfig(policy=policy, budget=budget, planner=planner, device=device, cold_start=cold_start,
+                               baseline_cache=True)
+        with Runtime(_artifact_or_default(artifact, quiet), config) as rt:
+            # Progress for --file on a terminal only: piped stderr stays machine-readable.
+            progress = DocumentProgress(len(docs), enabled=bool(file) and not quiet and stderr_is_terminal())
             for i in range(0, len(docs), batch_size):
                 for r in rt.summarize(docs[i: i + batch_size], max_new_tokens=max_new_tokens, num_beams=num_beams):
                     if as_json:
                         click.echo(json.dumps(r.to_json()))
                         continue
                     click.echo(r.summary)
+                    if quiet:
+                        continue
                     st = r.stats
                     click.echo(
-                        f"[{st['policy']}, {'exact' if r.exact else 'approximate'}] budget {format_size(st['budget_bytes'])}, "
+                        f"[{st['policy']}, {'exact' if r.exact else 'approximate'}] budget {format_size(st['budget_bytes'])} "
+                        f"({_source(st['budget_source'])}), "
                         f"peak RSS {format_size(st['peak_rss_bytes'])}, residents {sum(st['residents'].values())}, "
                         f"ttft {st['ttft_ms']:.0f} ms, decode {st['decode_ms_per_token']:.1f} ms/token, "
                         f"read {format_size(st['bytes_read'])}, swaps {st['swaps']}, stall {st['stall_ms']:.0f} ms, "
                         f"first choice resident {st['first_choice_resident']:.0%}",
                         err=True,
                     )
+                progress.update(min(i + batch_size, len(docs)))
     except SwapMoEError as e:
         _fail(e)
 
@@ -180,3 +209,7 @@ main.add_command(sweep_cmd)
 from .cli_devices import devices_cmd  # noqa: E402
 
 main.add_command(devices_cmd)
+
+from .cli_bench import bench_group  # noqa: E402
+
+main.add_command(bench_group)

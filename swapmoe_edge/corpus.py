@@ -75,8 +75,11 @@ def read_lines(path: Path) -> Iterator[str]:
     path = Path(path)
     suffix = path.suffix
     if suffix in _STDLIB_OPENERS:
-        with _STDLIB_OPENERS[suffix](path, "rt", encoding="utf-8", errors="replace") as f:
-            yield from (line.rstrip("\n") for line in f)
+        try:
+            with _STDLIB_OPENERS[suffix](path, "rt", encoding="utf-8", errors="replace") as f:
+                yield from (line.rstrip("\n") for line in f)
+        except (OSError, EOFError, lzma.LZMAError) as e:  # BadGzipFile is an OSError
+            raise InputError(f"{path} is not a readable {suffix}-compressed file ({e}); fetch the lists again.") from e
     elif suffix in _EXTERNAL:
         yield from _read_external(path, _EXTERNAL[suffix])
     else:
@@ -265,6 +268,11 @@ def build_debian_corpus(
                 {"id": key, "package": d.package, "source": source, "text": d.text, "summary": d.synopsis}
             )
 
+    if counts["descriptions"] == 0:
+        raise InputError(
+            f"no package description found in {', '.join(str(p) for p in translations)}: they are not apt "
+            f"Translation-en files (binary or damaged?). Run `{APT_UPDATE_COMMAND}` (as root), then try again."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
         rows[name].sort(key=lambda r: r["id"])

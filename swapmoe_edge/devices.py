@@ -173,8 +173,8 @@ def load_profile(path: str | Path) -> DeviceProfile:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise InputError(f"cannot read device profile {path}: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"device profile {path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"device profile {path} is not valid JSON (UTF-8 text): {e}") from e
     return profile_from_dict(data, where=f"device profile {path}")
 
 

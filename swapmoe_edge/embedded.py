@@ -2,9 +2,13 @@
 
 On first use it is exported, like any user checkpoint, into a per-user cache directory
 (``$SWAPMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/swapmoe_edge``, else
-``~/.cache/swapmoe_edge``) and reused afterwards. Exporting needs the ``export`` extra
-(torch); the README's set-up installs it. The checkpoint folder may carry ``profile.json``, the
-importance profile measured on the corpus's validation split, which is copied into the export.
+``~/.cache/swapmoe_edge``) and reused afterwards. The export needs neither torch nor onnx
+(``swapmoe_export`` writes ONNX with numpy alone), so the runtime-only install runs the
+embedded model offline on its first call. It is not validated against PyTorch there (that
+needs torch); CI exports the shipped checkpoint the same way, validates it, and checks
+its summaries token for token against Hugging Face ``generate`` (tests/test_shipped_model.py).
+The checkpoint folder may carry ``profile.json``, the importance profile measured on the
+corpus's validation split, which is copied into the export.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from .errors import ArtifactError
 from .importance import PROFILE_NAME
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, SCHEMA_VERSION
 
 EMBEDDED_NAME = "switch-debian"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "model_data" / EMBEDDED_NAME
@@ -32,7 +36,7 @@ def cache_root() -> Path:
 
 def _fingerprint(ckpt: Path) -> str:
     """Cheap identity of the shipped checkpoint: its config and weight files' sizes and heads."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"schema {SCHEMA_VERSION}".encode())  # a new artifact schema exports again
     for p in sorted(ckpt.glob("*")):
         if p.suffix in (".json", ".safetensors"):
             h.update(p.name.encode())
@@ -42,8 +46,8 @@ def _fingerprint(ckpt: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def default_artifact(ckpt: Path | None = None, quiet: bool = False) -> Path:
-    """The exported embedded model, exporting it on the first call."""
+def default_artifact(ckpt: Path | None = None, quiet: bool = False, validate: bool = False) -> Path:
+    """The exported embedded model, exporting it on the first call (``validate`` needs torch)."""
     ckpt = Path(ckpt or EMBEDDED_DIR)
     if not (ckpt / "config.json").is_file():
         raise ArtifactError(
@@ -55,14 +59,20 @@ def default_artifact(ckpt: Path | None = None, quiet: bool = False) -> Path:
         return out
     try:
         from swapmoe_export import export_checkpoint
-    except ImportError as e:
+    except ImportError as e:  # the runtime wheel ships swapmoe_export; only a broken install lands here
         raise ArtifactError(
-            f"the embedded model must be exported once into {out}, which needs the export extra ({e}). "
-            "Install torch==2.13.0 then `pip install 'swapmoe-edge[export]'`, or pass --artifact DIR."
+            f"the embedded model must be exported once into {out}, but the exporter cannot be imported ({e}). "
+            "Reinstall swapmoe-edge, or pass --artifact DIR."
         ) from e
     if not quiet:
         print(f"[swapmoe] first use: exporting the embedded model into {out} (once)", file=sys.stderr, flush=True)
-    art = export_checkpoint(ckpt, out, quiet=quiet)
+    try:
+        art = export_checkpoint(ckpt, out, quiet=quiet, validate=validate)
+    except OSError as e:
+        raise ArtifactError(
+            f"cannot write the embedded model's export into {out} ({e.strerror or e}). "
+            "Set SWAPMOE_CACHE_DIR to a writable folder, or pass --artifact DIR."
+        ) from e
     shipped = ckpt / PROFILE_NAME  # the importance profile measured on the validation split
     if shipped.is_file():
         tmp = art / (PROFILE_NAME + ".tmp")

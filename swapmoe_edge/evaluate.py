@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from .budget import format_size
 from .errors import InputError, SwapMoEError
-from .textio import read_documents
+from .textio import read_documents, read_text_file
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -40,7 +40,7 @@ def read_pairs(data_path: str | Path, limit: int | None = None) -> list[dict]:
         if limit < 1:
             raise InputError(f"limit must be at least 1, not {limit}")
         docs = docs[:limit]
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(path).splitlines()
     line_of = [n for n, ln in enumerate(lines, 1) if ln.strip()]  # read_documents skips blank lines
     if not lines[line_of[0] - 1].lstrip().startswith("{"):
         raise InputError(f"{path} is plain text (one document per line); evaluation needs JSONL records "

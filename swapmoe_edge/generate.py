@@ -57,9 +57,17 @@ def ban_repeated_ngrams(seqs: np.ndarray, scores: np.ndarray, n: int) -> np.ndar
 def greedy_search(
     decoder: StepDecoder, state: object, batch: int, *, start_id: int, eos_id: int, pad_id: int,
     max_new_tokens: int, on_token: OnToken | None = None, no_repeat_ngram_size: int = 0,
+    forced: np.ndarray | None = None,
 ) -> list[list[int]]:
-    """Greedy decoding as HF ``generate(do_sample=False, num_beams=1)``: each row's tokens, EOS included."""
+    """Greedy decoding as HF ``generate(do_sample=False, num_beams=1)``: each row's tokens, EOS included.
+
+    ``forced`` [B, >= max_new_tokens]: feed these tokens instead of the argmax (teacher
+    forcing). Benchmarks on random-weight models use it so that decode routing varies as it
+    does on real text; the logits are still computed, so the work per token is the same.
+    """
     _check_common(batch, max_new_tokens)
+    if forced is not None and (forced.ndim != 2 or forced.shape[0] != batch or forced.shape[1] < max_new_tokens):
+        raise InputError(f"forced decoder ids must be [{batch}, >= {max_new_tokens}], got {forced.shape}")
     out: list[list[int]] = [[] for _ in range(batch)]
     unfinished = np.ones(batch, dtype=bool)  # [B]
     next_ids = np.full(batch, start_id, dtype=np.int64)  # [B]
@@ -72,7 +80,8 @@ def greedy_search(
         assert logits.ndim == 2 and logits.shape[0] == batch, logits.shape
         logits = ban_repeated_ngrams(history, logits, no_repeat_ngram_size)
         # Finished rows are fed pad, as HF does; their output is frozen.
-        tokens = np.where(unfinished, logits.argmax(-1), pad_id).astype(np.int64)  # [B]
+        chosen = logits.argmax(-1) if forced is None else forced[:, t]  # [B]
+        tokens = np.where(unfinished, chosen, pad_id).astype(np.int64)  # [B]
         for row in np.flatnonzero(unfinished):
             out[row].append(int(tokens[row]))
         unfinished &= tokens != eos_id

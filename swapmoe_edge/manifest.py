@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .errors import ArtifactError
@@ -89,17 +89,20 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """Read a HF ``config.json`` dict, deriving sparse steps exactly as HF does."""
+        """Read a HF ``config.json`` dict, deriving sparse steps exactly as transformers does."""
         num_layers = int(cfg.get("num_layers", 12))
-        num_dec = cfg.get("num_decoder_layers")
+        # transformers: a missing key takes the class default (12), an explicit null means "as the encoder".
+        num_dec = cfg.get("num_decoder_layers", 12)
         num_dec = num_layers if num_dec is None else int(num_dec)
 
-        def step(n_layers: int, n_sparse: int | None, saved: int | None) -> int:
-            # HF recomputes the step from num_sparse_*_layers in __post_init__ and
-            # ignores a saved *_sparse_step; old configs may carry only the step.
-            if n_sparse is None:
-                return int(saved) if saved is not None else n_layers
-            n_sparse = int(n_sparse)
+        def step(n_layers: int, n_sparse: Any, saved: Any) -> int:
+            # SwitchTransformersConfig.__post_init__ (5.x; __init__ in 4.x) derives the step from
+            # num_sparse_*_layers (default 3), then sets the remaining saved keys, so a saved
+            # *_sparse_step overrides the derived one. The checkpoint's router tensors are
+            # checked against the result at export (swapmoe_export.checkpoint).
+            if saved is not None:
+                return int(saved)
+            n_sparse = 3 if n_sparse is None else int(n_sparse)
             return n_layers // n_sparse if n_sparse > 0 else n_layers
 
         eos = cfg.get("eos_token_id", 1)
@@ -256,6 +259,7 @@ class Manifest:
         return sum(f.size for p, f in self.files.items() if p not in expert_files)
 
     def path(self, rel: str) -> Path:
+        """``root / rel``; every path the manifest names was checked at load to stay inside root."""
         return self.root / rel
 
     def verify_file(self, rel: str, data: bytes | None = None) -> None:
@@ -311,6 +315,51 @@ class Manifest:
 
 
 # -- reading and writing -------------------------------------------------------------
+
+
+def check_inside(root: Path, rel: Any, what: str, base: Path | None = None, _dirs: dict | None = None) -> Path:
+    """``base / rel`` (base defaults to root), or ArtifactError if it leaves ``root``: an absolute
+    path, a ``..`` component, or a symlink (anywhere on the way) that points outside.
+    ``_dirs`` caches resolved folders across calls (thousands of experts share a few)."""
+    base = root if base is None else base
+    bad = None
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        bad = "is not a relative path"
+    elif PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        bad = "is an absolute path"
+    elif ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        bad = "climbs out with '..'"
+    else:
+        dirs = {} if _dirs is None else _dirs
+        path = base / rel
+        if path.parent not in dirs:
+            dirs[path.parent] = path.parent.resolve()
+        target = dirs[path.parent] / path.name
+        if target.is_symlink():
+            target = target.resolve()
+        if root not in dirs:
+            dirs[root] = root.resolve()
+        top = dirs[root]
+        if target != top and top not in target.parents:
+            bad = f"resolves to {target}, outside the artifact (a symlink out)"
+    if bad:
+        raise ArtifactError(
+            f"{root}: {what} names {rel!r}, which {bad}. An artifact may only refer to files inside "
+            "its own directory; this one is damaged or was made to read other files. Export the model again."
+        )
+    return base / rel
+
+
+def _check_paths(root: Path, manifest: "Manifest") -> None:
+    named = [(rel, f"{MANIFEST_NAME} 'files'") for rel in manifest.files]
+    named += [(g.file, f"subgraph {g.name}") for g in manifest.subgraphs.values()]
+    for e in manifest.experts.values():
+        named += [(e.graph.file, f"expert {e.key.name}"), (e.weights_file, f"expert {e.key.name}")]
+    if manifest.tokenizer is not None:
+        named.append((manifest.tokenizer, "tokenizer"))
+    dirs: dict = {}
+    for rel, what in named:
+        check_inside(root, rel, what, _dirs=dirs)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -400,8 +449,9 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
             validation=raw.get("validation"),
             extra=raw.get("extra", {}),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{path} is malformed ({type(e).__name__}: {e}). Export the model again.") from e
+    _check_paths(root, manifest)
     for rel, entry in files.items():
         p = root / rel
         if not p.is_file():

@@ -78,19 +78,80 @@ class Policy:
         self.counters = Counters()
         self._resize_lock = threading.Lock()
         self._allowed_cache: dict[LayerKey, tuple] = {}
+        self._filler: threading.Thread | None = None
+        self._fill_stop = threading.Event()
+        self.filled = threading.Event()
+        # Closed while a request runs up to its first token (the encoder pass and the first
+        # decoder step): the filler and the swapper wait. On a device the first request's
+        # page faults on dense weights (mapped lazily by ONNX Runtime) would queue behind
+        # background expert reads on the same flash, and a swap's read, hash and copy take
+        # CPU and memory bandwidth from the prefill (swapmoe's TTFT on switch-base-8 was
+        # 1.6-1.9x prune's at 50% in the box with swaps allowed during prefill).
+        self.background_io = threading.Event()
+        self.background_io.set()
 
     # -- lifecycle ------------------------------------------------------------------------
-    def warm(self) -> None:
-        """Load the start set: the top ``count`` experts of each layer by ``order``."""
-        for lk, n in self.counts.items():
-            for e in top_experts(self.order[lk], n):
+    def warm(self, background: bool = False) -> None:
+        """Load the start set: the top ``count`` experts of each layer by ``order``.
+
+        ``background``: load only each layer's best expert now and the rest on a filler
+        thread (rank by rank across layers, at flash speed), so that a device serves its
+        first request once the dense part and one expert per layer are in. Policies whose
+        routing must not change while they fill (``full``) ignore it.
+        """
+        ranked = {lk: top_experts(self.order[lk], n) for lk, n in self.counts.items()}
+        now = {lk: top[:1] for lk, top in ranked.items()} if background and self.fills_in_background else ranked
+        for lk, experts in now.items():
+            for e in experts:
                 self._admit(ExpertKey(lk.stack, lk.layer, e))
+        rest = [ExpertKey(lk.stack, lk.layer, top[r]) for r in range(max(map(len, ranked.values()), default=0))
+                for lk, top in ranked.items() if r < len(top) and top[r] not in now[lk]]
+        if rest:
+            self._filler = threading.Thread(target=self._fill, args=(rest,), name="swapmoe-filler", daemon=True)
+            self._filler.start()
+
+    fills_in_background = True
+
+    def _fill(self, keys: list[ExpertKey]) -> None:
+        _lower_this_threads_priority()
+        for key in keys:
+            while not self.background_io.wait(0.05):
+                if self._fill_stop.is_set():
+                    return
+            if self._fill_stop.is_set():
+                return
+            lk = key.layer_key
+            if key in self.residents or len(self.residents.layer(lk)) >= self.counts.get(lk, 0):
+                continue
+            try:
+                expert = self.store.read(key)  # outside the lock: the token loop goes on
+            except ExpertReadError as e:
+                log.warning("%s; marking it unavailable", e)
+                self.residents.mark_unavailable(key)
+                continue
+            except Exception:
+                log.exception("filler: reading %s failed", key.name)
+                continue
+            with self._resize_lock:  # the budget may have shrunk or another thread admitted it meanwhile
+                if key not in self.residents and len(self.residents.layer(lk)) < self.counts.get(lk, 0):
+                    self.residents.put(expert)
+                    self._admitted(key)
+        self.filled.set()
+
+    def _admitted(self, key: ExpertKey) -> None:
+        """Hook: an expert became resident outside the token loop."""
+
+    def wait_filled(self, timeout: float | None = None) -> bool:
+        """Block until the background fill of the start set is done (True), or the timeout passes."""
+        return self._filler is None or self.filled.wait(timeout)
 
     def start(self) -> None:
         pass
 
     def stop(self) -> None:
-        pass
+        self._fill_stop.set()
+        if self._filler is not None:
+            self._filler.join(timeout=10)
 
     def end_request(self) -> None:
         pass
@@ -161,6 +222,7 @@ class FullPolicy(Policy):
     """Every expert resident: the exact reference and the memory upper bound."""
 
     name, exact = "full", True
+    fills_in_background = False  # routing would differ from full's until every expert is in
 
     def __call__(self, layer, normed, logits, token_mask):
         return self._masked_moe(layer, normed, logits, token_mask)[1]
@@ -192,11 +254,16 @@ class OnDemandPolicy(Policy):
         super().__init__(*args, **kw)
         self._lru: dict[LayerKey, OrderedDict[int, None]] = {lk: OrderedDict() for lk in self.counts}
 
-    def warm(self) -> None:
-        super().warm()
-        for lk in self.counts:
-            for e in self.residents.layer(lk):
-                self._lru[lk][e] = None
+    def warm(self, background: bool = False) -> None:
+        with self._resize_lock:
+            super().warm(background)
+            for lk in self.counts:
+                for e in self.residents.layer(lk):
+                    self._lru[lk].setdefault(e, None)
+
+    def _admitted(self, key: ExpertKey) -> None:
+        self._lru[key.layer_key][key.expert] = None  # least recently used: it has not served a token yet
+        self._lru[key.layer_key].move_to_end(key.expert, last=False)
 
     def resize(self, counts):
         with self._resize_lock:
@@ -275,6 +342,7 @@ class SwapMoEPolicy(Policy):
         self._thread.start()
 
     def stop(self) -> None:
+        super().stop()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -291,6 +359,8 @@ class SwapMoEPolicy(Policy):
 
     def swap_once(self) -> int:
         """Plan against the current importance and apply up to ``max_swaps`` admissions."""
+        if not self.background_io.is_set():
+            return 0
         importance = self.tracker.snapshot()
         for key in self.residents.unavailable:  # never plan to admit what cannot be read
             importance[key.layer_key][key.expert] = -1.0

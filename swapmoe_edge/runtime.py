@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import memory
+from . import memory, pagecache
 from .budget import BudgetSpec, MemoryMonitor, check_fits, format_size, parse_budget
 from .devices import detect_profile, get_profile, provider_options, select_providers
 from .errors import BudgetError, InputError
@@ -33,7 +34,7 @@ from .policies import (POLICIES, FullPolicy, OnDemandPolicy, Policy, PrunePolicy
                        SwapMoEPolicy)
 from .residency import ResidentSet
 from .sessions import DenseSessions
-from .store import ExpertStore, LoadedExpert
+from .store import READ_MODES, ExpertStore, LoadedExpert, StartupPrefetch
 
 log = logging.getLogger(__name__)
 PROFILE_NAME = "profile.json"
@@ -55,6 +56,17 @@ class RuntimeConfig:
     threads: int | None = None  # None: the device profile's (its None: all cores)
     device: str | None = None  # device profile name or .json path; None: detect this machine
     verify: str = "first"
+    # How experts are read from flash (store.py): "fadvise" drops their pages from the page
+    # cache after the read, "direct" bypasses it (O_DIRECT), "cached" leaves them there.
+    read_mode: str = "direct"
+    # "blocking": the start set is resident before the constructor returns (reproducible
+    # runs); "background": lossy policies (and on-demand, whose misses read anyway) start
+    # with one expert per layer and fill the rest on a thread, so a device serves its first
+    # request once the dense part is in. `full` always blocks.
+    cold_start: str = "blocking"
+    # Reuse the baseline measured by an earlier process with the same artifact and settings
+    # (baseline_cache.py) instead of running the warm-up pass: a faster launch on a device.
+    baseline_cache: bool = False
     # Resident experts: "host" numpy arrays, or "device" OrtValues on the kernel provider's
     # device (placement.py); "auto": device when the first provider is CUDA.
     expert_placement: str = "auto"
@@ -85,6 +97,10 @@ class RuntimeConfig:
             raise InputError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.prepack_experts not in ("auto", "on", "off"):
             raise InputError(f"prepack_experts must be auto, on or off, not {self.prepack_experts!r}")
+        if self.cold_start not in ("blocking", "background"):
+            raise InputError(f"cold_start must be 'blocking' or 'background', not {self.cold_start!r}")
+        if self.read_mode not in READ_MODES:
+            raise InputError(f"read_mode must be one of {', '.join(READ_MODES)}, not {self.read_mode!r}")
         if not (self.decoder_weight > 0 and math.isfinite(self.decoder_weight)):
             raise InputError(f"decoder_weight must be a positive number, got {self.decoder_weight!r}")
 
@@ -156,6 +172,8 @@ class Runtime:
     def __init__(self, artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *,
                  store: ExpertStore | None = None, available_fn: Callable[[], int] | None = None,
                  rss_fn: Callable[[], int] | None = None, profile: Profile | None = None):
+        t0 = time.perf_counter()
+        self.startup: dict[str, float] = {}  # seconds per start-up phase (a device reads each from flash)
         self.manifest: Manifest = load_manifest(artifact)
         if config.max_source_tokens is None:
             config = replace(config, max_source_tokens=int(self.manifest.extra.get("max_source_tokens", 512)))
@@ -176,23 +194,42 @@ class Runtime:
         # On a discrete GPU the CUDA arena stops at the profile's limit, else at a byte budget.
         gpu_cap = self.spec.nbytes if self.spec.kind == "bytes" and not self.device.unified_memory else None
         self.provider_options = provider_options(self.device, gpu_cap)
+        self.norms = {lk: np.array([m.experts[k].norm for k in m.layer(lk.stack, lk.layer).experts]) for lk in self.sparse}
+        self.profile = profile or self._load_profile()
+        self.store = store or ExpertStore(m, verify=config.verify, read_mode=config.read_mode)
+        prefetch = None
+        if config.cold_start == "background" and isinstance(self.store, ExpertStore):
+            # While ORT builds sessions (CPU), read ahead the dense files and each layer's first
+            # expert (I/O): on a device the two overlap instead of adding up.
+            first = self.norms if config.policy == "prune" else self.profile.importance
+            # Embedding tables are gathered row by row from ORT's lazy mapping: a request reads
+            # only the rows of its tokens (of 2 x 99 MB at switch-base size), so they stay on flash.
+            lazy = {f for sg in m.subgraphs.values() if sg.name.endswith(".embed") for f in (sg.file, sg.file + ".data")}
+            prefetch = StartupPrefetch(self.store, [m.path(rel) for rel in m.files
+                                                    if not rel.startswith("experts/") and rel not in lazy],
+                                       [m.layer(lk.stack, lk.layer).experts[int(np.argmax(first[lk]))] for lk in self.sparse])
         self.sessions = DenseSessions(m, threads=threads, providers=self.providers,
                                       provider_options=self.provider_options)
         self.sessions.load_all()
+        self.startup["dense_sessions_s"] = time.perf_counter() - t0
+        if prefetch is not None:
+            prefetch.dense_done.wait()
         self.kernel_session = self.sessions.get("expert_kernel")
         self.device_kernel = DeviceKernel(self.kernel_session, ort_device) if self.placement == "device" else None
-        self.store = store or ExpertStore(m, verify=config.verify)
         if self.device_kernel is not None:
             self.store = PlacingStore(self.store, self.device_kernel)
         self.residents = ResidentSet(self.sparse, c.num_experts)
         self.tokenizer = self._load_tokenizer()
         self.no_repeat_ngram_size = _generation_settings(self.manifest.generation)
         self._request_ids = itertools.count()
+        self._served = False
 
-        self.norms = {lk: np.array([m.experts[k].norm for k in m.layer(lk.stack, lk.layer).experts]) for lk in self.sparse}
-        self.profile = profile or self._load_profile()
         self.expert_cost = {lk: m.experts[m.layer(lk.stack, lk.layer).experts[0]].nbytes for lk in self.sparse}
-        self.baseline = self._measure_baseline()
+        t1 = time.perf_counter()
+        if prefetch is not None and not config.baseline_cache:
+            prefetch.join()  # a measured baseline subtracts the prefetched experts: they must all be in
+        self.baseline = self._baseline(threads)
+        self.startup["baseline_s"] = time.perf_counter() - t1
         total_experts = sum(e.nbytes for e in m.experts.values())
         self.prepacked = self._use_prepacked(threads)
         if self.prepacked:  # every expert costs what one measured prepacked session added to RSS
@@ -202,11 +239,16 @@ class Runtime:
         self.cap = self.spec.process_cap(self.baseline, total_experts)
         self.monitor = MemoryMonitor(self.cap, reserve=self.reserve_bytes, period_s=config.monitor_period_s,
                                      on_change=None, available_fn=available_fn, rss_fn=rss_fn)
-        self.budget_bytes = self.monitor.sample_once().budget
+        first = self.monitor.sample_once()
+        self.budget_bytes, self.budget_source = first.budget, first.source
         counts = self._plan(self.budget_bytes, strict=True)
         self.policy = self._make_policy(counts)
         self.model = SplitModel(m, self.sessions, self.policy)
-        self.policy.warm()
+        t1 = time.perf_counter()
+        if prefetch is not None:
+            prefetch.join()
+        self.policy.warm(background=config.cold_start == "background")
+        self.startup["warm_s"] = time.perf_counter() - t1
         self.policy.start()
         self.monitor.on_change = self._on_budget  # residents exist now: budget moves may resize them
         self.monitor.start()
@@ -228,6 +270,24 @@ class Runtime:
             prof.check_layers({lk: self.manifest.config.num_experts for lk in self.sparse})
             return prof
         return Profile.from_norms(self.norms)
+
+    def _baseline(self, threads: int | None) -> int:
+        """The measured baseline, or the one an earlier process measured (``config.baseline_cache``)."""
+        if not self.config.baseline_cache:
+            return self._measure_baseline()
+        from . import baseline_cache
+
+        key = baseline_cache.cache_key(self.manifest.root / "manifest.json", tokens=self.config.max_source_tokens,
+                                       threads=threads, providers=list(self.providers), placement=self.placement,
+                                       margin=self.config.activation_margin, cpus=os.cpu_count())
+        rss = memory.current_rss() - getattr(self.store, "prefetched_bytes", 0)
+        cached = baseline_cache.lookup(key, rss)
+        if cached is not None:
+            self.startup["baseline_cached"] = 1.0
+            return cached
+        measured = self._measure_baseline()
+        baseline_cache.store(key, measured, rss)
+        return measured
 
     def _measure_baseline(self) -> int:
         """Peak RSS of a warm-up pass with every dense session loaded, experts excluded.
@@ -264,11 +324,12 @@ class Runtime:
         ids = np.full((1, self.config.max_source_tokens), 2, dtype=np.int64)
         state = warm.start_decoder(warm.encode(ids, np.ones_like(ids)), np.ones_like(ids))
         warm.decode(np.full((1, 1), c.decoder_start_token_id, dtype=np.int64), state)
-        peak = memory.peak_rss() - dummy_bytes
+        held = getattr(self.store, "prefetched_bytes", 0)  # read ahead for the warm start: experts, not baseline
+        peak = memory.peak_rss() - dummy_bytes - held
         dummy.feeds.clear()  # the zero expert is not part of the baseline
         del state
         memory.trim()
-        base = max(peak, memory.current_rss())
+        base = max(peak, memory.current_rss() - held)
         return int(base * (1 + self.config.activation_margin))
 
     def _use_prepacked(self, threads: int | None) -> bool:
@@ -338,6 +399,8 @@ class Runtime:
     def _on_budget(self, budget: int) -> None:
         """Monitor thread: the live budget moved; shrink residents now (growth is lazy)."""
         self.budget_bytes = budget
+        last = self.monitor.last_sample()
+        self.budget_source = last.source if last is not None else self.budget_source
         if self.config.policy == "full":
             if budget < self.baseline + self.residents.nbytes:
                 log.warning("full policy is over the live budget (%s); it cannot shrink", format_size(budget))
@@ -363,12 +426,20 @@ class Runtime:
         return ids, truncated
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, num_beams: int = 1) -> list[Result]:
+    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, num_beams: int = 1,
+                 forced_ids: Sequence[Sequence[int]] | None = None) -> list[Result]:
         """Generate for a batch of token-id rows (padded here); one Result per row.
 
         Rows run together in chunks of at most ``max_source_tokens`` rows x beams x tokens
         (the envelope the baseline measured); each Result's stats are its chunk's.
+        ``forced_ids`` (greedy only, one row per input): decoder tokens fed instead of the
+        model's choices, for benchmarks on random weights (generate.greedy_search).
         """
+        if forced_ids is not None:
+            if num_beams != 1 or len(forced_ids) != len(input_ids):
+                raise InputError("forced_ids needs num_beams=1 and one row per input")
+            if any(len(f) < max_new_tokens for f in forced_ids):
+                raise InputError(f"every forced_ids row needs at least max_new_tokens ({max_new_tokens}) tokens")
         if not input_ids or any(len(r) == 0 for r in input_ids):
             raise InputError("every input needs at least one token")
         if max_new_tokens < 1:
@@ -384,10 +455,15 @@ class Runtime:
             raise InputError(f"num_beams {num_beams} exceeds max_source_tokens ({limit}), the activation envelope")
         results: list[Result] = []
         for chunk in _chunks(input_ids, limit // num_beams):
-            results += self._generate_chunk(chunk, max_new_tokens, num_beams)
+            forced = None
+            if forced_ids is not None:
+                start = len(results)
+                forced = np.array([list(r[:max_new_tokens]) for r in forced_ids[start: start + len(chunk)]], dtype=np.int64)
+            results += self._generate_chunk(chunk, max_new_tokens, num_beams, forced)
         return results
 
-    def _generate_chunk(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int, num_beams: int) -> list[Result]:
+    def _generate_chunk(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int, num_beams: int,
+                        forced: np.ndarray | None = None) -> list[Result]:
         c = self.manifest.config
         b, s = len(input_ids), max(len(r) for r in input_ids)
         ids = np.full((b, s), c.pad_token_id, dtype=np.int64)
@@ -398,16 +474,30 @@ class Runtime:
         before = (self.policy.counters.snapshot(), self.store.counters())
         memory.reset_peak_rss()
         times: list[float] = []
+        first_ever = not self._served
+        self.policy.background_io.clear()  # see Policy.background_io: no background reads during prefill
+
+        def on_token(step: int) -> None:
+            times.append(time.perf_counter())
+            if step == 0:
+                self.policy.background_io.set()
+                if first_ever:
+                    self._served = True
+                    self._drop_dense_cache()
+
         t0 = time.perf_counter()
-        enc = self.model.encode(ids, mask, None)
-        state = self.model.start_decoder(enc, mask)
-        kw = dict(start_id=c.decoder_start_token_id, eos_id=c.eos_token_id, pad_id=c.pad_token_id,
-                  max_new_tokens=max_new_tokens, on_token=lambda step: times.append(time.perf_counter()),
-                  no_repeat_ngram_size=self.no_repeat_ngram_size)
-        if num_beams > 1:
-            out = beam_search(_Decoder(self.model), state, b, num_beams=num_beams, **kw)
-        else:
-            out = greedy_search(_Decoder(self.model), state, b, **kw)
+        try:
+            enc = self.model.encode(ids, mask, None)
+            state = self.model.start_decoder(enc, mask)
+            kw = dict(start_id=c.decoder_start_token_id, eos_id=c.eos_token_id, pad_id=c.pad_token_id,
+                      max_new_tokens=max_new_tokens, on_token=on_token,
+                      no_repeat_ngram_size=self.no_repeat_ngram_size)
+            if num_beams > 1:
+                out = beam_search(_Decoder(self.model), state, b, num_beams=num_beams, **kw)
+            else:
+                out = greedy_search(_Decoder(self.model), state, b, forced=forced, **kw)
+        finally:
+            self.policy.background_io.set()  # never left closed by a failed request
         self.policy.end_request()
         stats = self._stats(t0, times, before)
         return [Result(None, list(map(int, row)), stats["exact"], dict(stats)) for row in out]
@@ -445,6 +535,7 @@ class Runtime:
             "request": next(self._request_ids),  # one number per chunk that ran: rows sharing it shared these stats
             "peak_rss_bytes": memory.peak_rss(),
             "budget_bytes": int(self.budget_bytes) if self.budget_bytes is not None else None,
+            "budget_source": self.budget_source,
             "baseline_bytes": self.baseline,
             "resident_expert_bytes": self.residents.nbytes,
             "residents": self.residents.counts(),
@@ -478,6 +569,16 @@ class Runtime:
         finally:
             self.model.moe = inner
         return replace(Profile.from_tracker(tracker, {"texts": len(texts), "max_new_tokens": max_new_tokens}), source="profile")
+
+    def _drop_dense_cache(self) -> None:
+        """After the first token ORT has mapped or copied every dense page it needs; the rest
+        of the dense files' cached pages would only count against a device's memory limit.
+        (Dropped earlier, pages ORT maps lazily had to come off flash again in the first request.)"""
+        pagecache.drop(self.manifest.path(rel) for rel in self.manifest.files if not rel.startswith("experts/"))
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until a background cold start has filled the start set (True) or ``timeout`` passed."""
+        return self.policy.wait_filled(timeout)
 
     def close(self) -> None:
         self.monitor.stop()

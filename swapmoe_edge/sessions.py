@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from .errors import ArtifactError
 from .manifest import Manifest, Subgraph
+from .onnx_refs import check_external_data
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -29,8 +30,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def open_session(path: Path, opts: ort.SessionOptions, providers: list[str] | None = None,
-                 provider_options: dict[str, dict[str, str]] | None = None) -> ort.InferenceSession:
-    """``provider_options``: per provider name (devices.provider_options), e.g. the CUDA arena limit."""
+                 provider_options: dict[str, dict[str, str]] | None = None, root: Path | None = None) -> ort.InferenceSession:
+    """``provider_options``: per provider name (devices.provider_options), e.g. the CUDA arena limit.
+    ``root``: the artifact folder that the model's external data must stay inside."""
+    check_external_data(Path(path), Path(root) if root is not None else Path(path).parent)
     names = providers or ["CPUExecutionProvider"]
     chosen = [(p, (provider_options or {}).get(p, {})) for p in names]
     try:
@@ -66,7 +69,7 @@ class DenseSessions:
                 sess = self._sessions.get(file)
                 if sess is None:
                     opts = self.kernel_opts if name == "expert_kernel" else self.opts
-                    sess = open_session(self.manifest.path(file), opts, self.providers, self.provider_options)
+                    sess = open_session(self.manifest.path(file), opts, self.providers, self.provider_options, self.manifest.root)
                     self._sessions[file] = sess
         return sess
 

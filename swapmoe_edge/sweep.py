@@ -191,12 +191,14 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
           plots: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``sweep.csv``, ``sweep.json`` and the plots; returns the JSON."""
     from .evaluate import lead_baseline, read_pairs
+    from .manifest import load_manifest
     from .policies import POLICIES
 
     for p in policies:
         if p not in POLICIES:
             raise InputError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
     docs = read_pairs(data_path, limit)  # fail on bad data now, not in every cell
+    load_manifest(artifact)  # and on a bad artifact
     settings = {"artifact": str(Path(artifact).resolve()), "data": str(Path(data_path).resolve()), "limit": limit,
                 "max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_size": batch_size, "threads": threads}
     out = Path(out_dir)

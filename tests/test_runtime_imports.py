@@ -38,3 +38,28 @@ def test_runtime_modules_import_with_torch_and_transformers_blocked():
 def test_blocker_really_blocks_torch():
     r = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True)
     assert r.returncode != 0 and "blocked for this test" in r.stderr
+
+
+def test_export_needs_neither_torch_nor_onnx_and_validation_says_what_it_needs(tmp_path):
+    blocker = BLOCKER.replace('"onnx", "swapmoe_export"', '"onnx"')
+    code = blocker + textwrap.dedent(
+        f"""
+        from swapmoe_edge.embedded import EMBEDDED_DIR
+        from swapmoe_edge.errors import ExportError
+        from swapmoe_edge.manifest import load_manifest
+        from swapmoe_export import export_checkpoint
+        art = export_checkpoint(EMBEDDED_DIR, {str(tmp_path / "art")!r}, validate=False, quiet=True)
+        print(len(load_manifest(art, verify=True).experts))
+        try:
+            export_checkpoint(EMBEDDED_DIR, {str(tmp_path / "art2")!r}, quiet=True)
+        except ExportError as e:
+            print(e)
+        for name in ("torch", "transformers", "onnx", "safetensors"):
+            assert name not in sys.modules, name
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    n_experts, message = r.stdout.splitlines()[:2]
+    assert int(n_experts) > 0
+    assert "needs torch and transformers" in message and "--no-validate" in message

@@ -33,7 +33,8 @@ def artifact(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("SWAPMOE_CACHE_DIR", str(cache))
     try:
-        yield embedded.default_artifact(quiet=True)
+        # validate: the device exports without torch; here the same export is checked against PyTorch.
+        yield embedded.default_artifact(quiet=True, validate=True)
     finally:
         mp.undo()
 
@@ -60,6 +61,13 @@ def test_shipped_checkpoint_has_the_promised_shape():
     size = sum(p.stat().st_size for p in embedded.EMBEDDED_DIR.glob("*.safetensors"))
     assert size <= 40e6, f"checkpoint is {size / 1e6:.1f} MB; the limit is 40 MB"
     assert (embedded.EMBEDDED_DIR / "README.md").is_file(), "the model card is missing"
+
+
+def test_the_first_use_export_of_the_shipped_checkpoint_validates_against_pytorch(artifact):
+    from swapmoe_edge.manifest import load_manifest
+
+    report = load_manifest(artifact, verify=True).validation
+    assert report and report["passed"] and report["compared"] > 0
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

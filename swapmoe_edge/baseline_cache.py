@@ -1,0 +1,64 @@
+"""Remember a measured baseline, so that a device's next launch skips the warm-up pass.
+
+Measuring the baseline runs a full-length encoder pass and touches every embedding row:
+on switch-base-64 from 250 MB/s flash that is ~2.5 s of a ~8 s launch, and the embedding
+touch alone reads 200 MB that a first request does not need. The number depends on the
+artifact, the input envelope, the thread count, the providers and the library versions,
+so those are the key. A cached value is used only when the process is no bigger after
+loading the dense sessions than the measuring process was at that point (a process that
+imported more, e.g. torch, measures again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+TOLERANCE = 1.05  # RSS after loading may exceed the measuring process's by this factor
+
+
+def cache_path() -> Path:
+    root = os.environ.get("SWAPMOE_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                               "swapmoe_edge")
+    return Path(root) / "baselines.json"
+
+
+def cache_key(manifest_file: Path, **config) -> str:
+    import numpy
+    import onnxruntime
+
+    ident = {"manifest": hashlib.sha256(manifest_file.read_bytes()).hexdigest(), "ort": onnxruntime.__version__,
+             "numpy": numpy.__version__, "python": sys.version.split()[0], "machine": platform.machine(), **config}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def lookup(key: str, rss_after_load: int) -> int | None:
+    """The cached baseline for ``key``, or None (absent, unreadable, or this process is bigger)."""
+    try:
+        entry = json.loads(cache_path().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not entry or rss_after_load > entry["rss_after_load"] * TOLERANCE:
+        return None
+    return int(entry["baseline"])
+
+
+def store(key: str, baseline: int, rss_after_load: int) -> None:
+    """Record a measurement (best effort: a read-only home just means measuring every time)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[key] = {"baseline": int(baseline), "rss_after_load": int(rss_after_load)}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
