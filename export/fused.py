@@ -17,6 +17,9 @@ from .graphs import (F32, BuiltGraph, GraphBuilder, cross_attention_block, cross
                      self_attention_graph)
 
 
+PACKED_QKV = True  # decoder step graphs: q, k, v in one MatMul (bench_decode_pairs: see docs/results/decode.md)
+
+
 def _ffn_or_router(g: GraphBuilder, x: str, ffn: dict, cfg, sparse: bool) -> None:
     d = cfg.d_model
     if not sparse:
@@ -56,7 +59,7 @@ def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict,
     ck = g.input("cross_key", F32, ["B", h, "S", k])
     cv = g.input("cross_value", F32, ["B", h, "S", k])
     with g.sub("self_attn"):
-        x, key, val = self_attention_block(g, x, bias, self_attn, cfg, past)
+        x, key, val = self_attention_block(g, x, bias, self_attn, cfg, past, packed_qkv=PACKED_QKV)
     with g.sub("cross_attn"):
         x = cross_attention_block(g, x, cross_bias, ck, cv, cross_attn, cfg)
     _ffn_or_router(g, x, ffn, cfg, sparse)

@@ -246,13 +246,23 @@ def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.nd
     return g.model()
 
 
-def self_attention_block(g: GraphBuilder, x: str, bias: str, w: dict, cfg, past: tuple[str, str] | None = None) -> tuple[str, str, str]:
-    """x + SelfAttention(LayerNorm(x)) -> (out, key, value); ``past`` (key, value) is concatenated first."""
+def self_attention_block(g: GraphBuilder, x: str, bias: str, w: dict, cfg, past: tuple[str, str] | None = None,
+                         packed_qkv: bool = False) -> tuple[str, str, str]:
+    """x + SelfAttention(LayerNorm(x)) -> (out, key, value); ``past`` (key, value) is concatenated first.
+
+    ``packed_qkv``: one MatMul over [q | k | v] (one longer weight stream for a decoded token)
+    then a Split, instead of three MatMuls.
+    """
     h, k = cfg.num_heads, cfg.d_kv
     n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
-    q = g.heads(g.linear(n, w["q"], "q"), h, k, "q")
-    key = g.heads(g.linear(n, w["k"], "k"), h, k, "k")
-    val = g.heads(g.linear(n, w["v"], "v"), h, k, "v")
+    if packed_qkv:
+        qkv = g.linear(n, np.concatenate([w["q"], w["k"], w["v"]], axis=0), "qkv")  # [B, T, 3*H*K]
+        q, key, val = (g.heads(t, h, k, name) for t, name in
+                       zip(g.op("Split", [qkv, g.const([h * k] * 3)], hint="qkv/split", n_out=3, axis=-1), "qkv"))
+    else:
+        q = g.heads(g.linear(n, w["q"], "q"), h, k, "q")
+        key = g.heads(g.linear(n, w["k"], "k"), h, k, "k")
+        val = g.heads(g.linear(n, w["v"], "v"), h, k, "v")
     if past is not None:
         key = g.op("Concat", [past[0], key], hint="cache/key", axis=2)
         val = g.op("Concat", [past[1], val], hint="cache/value", axis=2)
