@@ -39,7 +39,9 @@ class GraphBuilder:
 
     def __init__(self, scope: str, storage_dtype: str = "float32"):
         self.scope = scope
-        self.storage = np.dtype(storage_dtype)
+        # int4 weights are packed uint8 and always added raw; numpy has no int4 of its own
+        # (only ml_dtypes registers one, and only once something has imported it).
+        self.storage = np.dtype(np.uint8 if storage_dtype == "int4" else storage_dtype)
         self.nodes: list[helper.NodeProto] = []
         self.inits: list[TensorProto] = []
         self.inputs: list[helper.ValueInfoProto] = []

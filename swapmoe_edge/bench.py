@@ -52,6 +52,7 @@ class CellSpec:
     monitor_period_s: float = 0.25
     max_source_tokens: int | None = None
     baseline_cache: bool = True  # a device's second launch onwards (the first measures and stores it)
+    fill_first: bool = True  # after the first (launch) request, wait for the start set before measuring the rest
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def summarize_cell(spec: CellSpec, setting: BoxSetting, raw: dict) -> dict:
     reqs = [e for e in ev if e["event"] == "request"]
     errors = [e for e in ev if e["event"] == "error"]
     warm = reqs[1:] or reqs  # the first request runs while a background cold start fills
+    filled = next((e for e in ev if e["event"] == "filled"), None)
     med = lambda key, rows=warm: statistics.median(r[key] for r in rows) if rows else None  # noqa: E731
     c, c0 = raw["counters"], raw["counters_at_ready"]
     tokens = sum(r["steps"] for r in reqs)
@@ -139,6 +141,7 @@ def summarize_cell(spec: CellSpec, setting: BoxSetting, raw: dict) -> dict:
         "startup": dict(ready.get("startup", {}), import_s=ready.get("import_s")) if ready else None,
         "launch_to_first_token_s": reqs[0]["first_token_s"] if reqs else None,
         "first_ttft_ms": reqs[0]["ttft_ms"] if reqs else None,
+        "fill_wait_s": filled["wait_s"] if filled else None, "filled_at_s": filled["t"] if filled else None,
         "ttft_ms": med("ttft_ms"), "decode_ms_per_token": med("decode_ms_per_token"),
         "stall_ms": med("stall_ms"), "exact": all(r["exact"] for r in reqs) if reqs else None,
         "first_choice_resident": med("first_choice_resident"),
@@ -173,6 +176,7 @@ class BenchPlan:
     box: bool = True
     drop_all_caches: bool = False
     timeout_s: float = 1800.0
+    fill_first: bool = True
 
 
 def run_cells(plan: BenchPlan, log: Log = lambda s: print(s, file=sys.stderr, flush=True)) -> list[dict]:
@@ -193,7 +197,8 @@ def run_cells(plan: BenchPlan, log: Log = lambda s: print(s, file=sys.stderr, fl
                     box.set_limits(setting.memory_bytes, (flash or 0) * 1e6)
                 for policy in plan.policies:
                     spec = CellSpec(plan.artifact, policy, budget, plan.requests, plan.source_len, plan.max_new_tokens,
-                                    plan.docs, True, plan.threads, plan.cold_start, plan.read_mode)
+                                    plan.docs, True, plan.threads, plan.cold_start, plan.read_mode,
+                                    fill_first=plan.fill_first)
                     left = drop_caches(plan.artifact, plan.drop_all_caches)
                     if box:
                         box.reset_counters()
@@ -317,6 +322,7 @@ def run_soak(spec: CellSpec, setting: BoxSetting, box: bool = True,
 COLUMNS = [("policy", "policy", "{}"), ("budget", "budget", "{}"), ("flash_mbps", "flash MB/s", "{:g}"),
            ("memory_limit", "limit", "size"), ("completed", "done", "{}"), ("oom_kills", "OOM", "{}"),
            ("launch_to_first_token_s", "launch→1st token s", "{:.1f}"), ("first_ttft_ms", "1st TTFT ms", "{:.0f}"),
+           ("filled_at_s", "filled at s", "{:.1f}"),
            ("ttft_ms", "TTFT ms", "{:.0f}"), ("decode_ms_per_token", "decode ms/tok", "{:.1f}"),
            ("decode_vs_prune", "decode / prune", "{:.2f}"), ("ttft_vs_prune", "TTFT / prune", "{:.2f}"),
            ("stall_ms", "stall ms", "{:.0f}"), ("read_bytes_per_token", "read MiB/tok", "mib"),

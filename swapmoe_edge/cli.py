@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -186,16 +188,34 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
 @click.option("--budget", default="auto", show_default=True, help="Budget for the profiling run (exact, on-demand).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--device", default=None, help="Device profile name or .json path (default: detected).")
-def profile_cmd(artifact, data, limit, budget, max_new_tokens, device) -> None:
+@click.option("--sections", default="", help="Calibrate on documents of these sections only (comma-separated; JSONL `section`).")
+@click.option("--exclude-sections", default="", help="Leave out documents of these sections (comma-separated).")
+@click.option("-o", "--out", "out", default=None, type=click.Path(path_type=str),
+              help="Where to write the profile  [default: ARTIFACT/profile.json]")
+def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections, exclude_sections, out) -> None:
     """Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."""
     from .runtime import PROFILE_NAME, Runtime, RuntimeConfig
+    from .streams import parse_sections, select_sections
     from .textio import read_documents
 
     try:
-        docs = [d["text"] for d in read_documents(data)][:limit]
-        with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device)) as rt:
+        chosen = select_sections(read_documents(data), parse_sections(sections), parse_sections(exclude_sections),
+                                 where=str(data))
+        docs = [d["text"] for d in chosen][:limit]
+        with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device)) as rt, \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             prof = rt.profile_texts(docs, max_new_tokens=max_new_tokens)
-        path = prof.save(Path(artifact) / PROFILE_NAME)
+        cut = [w for w in caught if "tokens; truncated" in str(w.message)]
+        for w in caught:
+            if w not in cut:
+                click.echo(f"warning: {w.message}", err=True)
+        if cut:  # one line instead of one warning per long document
+            click.echo(f"{len(cut)} of {len(docs)} documents were truncated to the model's input limit", err=True)
+        if sections or exclude_sections:
+            prof = replace(prof, meta={**prof.meta, "sections": list(parse_sections(sections)),
+                                       "exclude_sections": list(parse_sections(exclude_sections))})
+        path = prof.save(Path(out) if out else Path(artifact) / PROFILE_NAME)
         click.echo(f"wrote {path} ({len(docs)} documents)", err=True)
     except SwapMoEError as e:
         _fail(e)
@@ -209,6 +229,10 @@ main.add_command(sweep_cmd)
 from .cli_devices import devices_cmd  # noqa: E402
 
 main.add_command(devices_cmd)
+
+from .cli_trace import trace_group  # noqa: E402
+
+main.add_command(trace_group)
 
 from .cli_bench import bench_group  # noqa: E402
 

@@ -96,8 +96,10 @@ def bench_group() -> None:
 @click.option("--cold-start", type=click.Choice(["background", "blocking"]), default="background", show_default=True)
 @click.option("--no-box", is_flag=True, help="Run unconfined (no cgroup; the page cache may hold the artifact).")
 @click.option("--drop-all-caches", is_flag=True, help="Drop the whole page cache before each cell (root), not only the artifact's pages.")
+@click.option("--fill-first/--no-fill-first", default=True, show_default=True,
+              help="After the first request (the launch), wait until the start set is resident before the measured requests.")
 def cells_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, source_len, out, policies, budgets,
-              requests, read_mode, cold_start, no_box, drop_all_caches) -> None:
+              requests, read_mode, cold_start, no_box, drop_all_caches, fill_first) -> None:
     """Policies x budgets x flash speeds; TTFT, decode, stall, bytes read, peak memory, OOM kills."""
     from .bench import BenchPlan, run_cells, write_report
 
@@ -106,12 +108,14 @@ def cells_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, so
         plan = BenchPlan(artifact, tuple(p.strip() for p in policies.split(",")), budget_list,
                          _flash(flash, device) if not no_box else (None,),
                          _memory_map(memory, budget_list, device) if not no_box else {}, requests, source_len,
-                         max_new_tokens, docs, threads, read_mode, cold_start, not no_box, drop_all_caches)
+                         max_new_tokens, docs, threads, read_mode, cold_start, not no_box, drop_all_caches,
+                         fill_first=fill_first)
         rows = run_cells(plan)
         meta = {"artifact": artifact, "workload": docs or f"random ids, {source_len} tokens, forced decoder ids (fixed, varied)",
                 "max_new_tokens": max_new_tokens, "requests per cell": requests, "threads": threads,
                 "read_mode": read_mode, "cold_start": cold_start, "box": not no_box,
-                "medians": "over requests 2..N; the first request is reported apart"}
+                "medians": "over requests 2..N; the first request is reported apart"
+                + ("; requests 2..N start once the start set is resident" if fill_first else "; no wait for the fill")}
         write_report(rows, out, f"swapmoe bench: {Path(artifact).name}", meta)
         failed = [f"{r['policy']} {r['budget']} {r['flash_mbps']} MB/s" for r in rows if r["completed"] < r["requests"]]
         click.echo(json.dumps({"out": str(out), "cells": len(rows), "incomplete": failed}))

@@ -9,8 +9,23 @@ import click
 
 from .errors import SwapMoEError
 from .policies import POLICIES
+from .streams import ORDERS, parse_sections
 
 PLANNERS = ("importance", "uniform")
+
+
+def stream_options(f):
+    """--order, --sections, --exclude-sections, --profile: which documents, in what order, calibrated how."""
+    for opt in reversed([
+        click.option("--order", type=click.Choice(ORDERS), default="file", show_default=True,
+                     help="Stream order: the file's, a fixed shuffle, or grouped by the documents' `section`."),
+        click.option("--sections", default="", help="Serve only documents of these sections (comma-separated)."),
+        click.option("--exclude-sections", default="", help="Leave out documents of these sections (comma-separated)."),
+        click.option("--profile", "profile", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+                     help="Importance profile to use instead of the artifact's (see `swapmoe profile -o`)."),
+    ]):
+        f = opt(f)
+    return f
 
 
 # cli.py imports this module at its end: importing cli.py back here would be circular.
@@ -49,14 +64,19 @@ def _split(values: tuple[str, ...], default: tuple[str, ...], allowed: tuple[str
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Documents generated together.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with `lead_baseline`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num_beams, batch_size, as_json, quiet) -> None:
+@stream_options
+def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num_beams, batch_size, as_json, quiet,
+             order, sections, exclude_sections, profile) -> None:
     """ROUGE of a policy at a budget on DATA, the lead-8 baseline, and fidelity to the full policy."""
     from .evaluate import evaluate, format_report, lead_baseline
 
     try:
         res = evaluate(_artifact_or_default(artifact), data, policy, budget, planner, limit=limit,
-                       max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, quiet=quiet)
-        base = lead_baseline(data, limit=limit)
+                       max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, quiet=quiet,
+                       order=order, sections=parse_sections(sections), exclude_sections=parse_sections(exclude_sections),
+                       profile=profile)
+        base = lead_baseline(data, limit=limit, sections=parse_sections(sections),
+                             exclude_sections=parse_sections(exclude_sections))
     except SwapMoEError as e:
         _fail(e)
     if as_json:
@@ -78,7 +98,9 @@ def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads per cell.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_tokens, num_beams, batch_size, threads, quiet) -> None:
+@stream_options
+def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_tokens, num_beams, batch_size, threads, quiet,
+              order, sections, exclude_sections, profile) -> None:
     """Every policy x budget x planner on DATA, each in its own process: CSV, JSON and plots in OUT."""
     from .sweep import sweep
 
@@ -88,7 +110,8 @@ def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_t
     try:
         res = sweep(artifact, data, out, budgets=budgets, policies=policies, planners=planners, limit=limit,
                     max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, threads=threads,
-                    quiet=quiet)
+                    quiet=quiet, order=order, sections=parse_sections(sections),
+                    exclude_sections=parse_sections(exclude_sections), profile=profile)
     except SwapMoEError as e:
         _fail(e)
     if res["failed"]:

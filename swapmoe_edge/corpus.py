@@ -13,6 +13,11 @@ else the last stripped name. Stripping removes, repeatedly, one of the suffixes 
 (``libssl3`` -> ``libssl``, ``libfoo-2.0-0`` -> ``libfoo``). Over-grouping is harmless;
 the point is that near-duplicate descriptions of one source land on one side of the split.
 
+Section (the document's topic, for streams grouped by topic): the ``Section:`` field of the
+same stanza, without its component prefix (``contrib/games`` -> ``games``: the component is
+a licence, not a topic), found by the same rule as the source; ``unknown`` when no stanza
+is found or it has no Section.
+
 Stdlib only: apt may keep its lists lz4- or zstd-compressed (``Acquire::GzipIndexes``), and
 those are read through ``apt-helper cat-file`` (or ``lz4cat``/``zstdcat``).
 """
@@ -175,16 +180,33 @@ def read_translations(path: Path) -> Iterator[Description]:
             yield Description(stanza["Package"], stanza.get("Description-md5", ""), synopsis, text)
 
 
-def read_source_map(paths: Iterable[Path]) -> dict[str, str]:
-    """{binary package: source package} from ``*_Packages`` files."""
-    sources: dict[str, str] = {}
-    keep = frozenset({"Package", "Source"})
+UNKNOWN_SECTION = "unknown"
+
+
+def read_package_map(paths: Iterable[Path]) -> dict[str, tuple[str, str]]:
+    """{binary package: (source package, section)} from ``*_Packages`` files (first stanza wins)."""
+    found: dict[str, tuple[str, str]] = {}
+    keep = frozenset({"Package", "Source", "Section"})
     for path in paths:
         for stanza in iter_stanzas(read_lines(path), keep):
-            if "Package" in stanza:
+            if "Package" in stanza and stanza["Package"] not in found:
                 source = stanza.get("Source", "").split(" ")[0] or stanza["Package"]
-                sources.setdefault(stanza["Package"], source)
-    return sources
+                section = stanza.get("Section", "").strip().rsplit("/", 1)[-1] or UNKNOWN_SECTION
+                found[stanza["Package"]] = (source, section)
+    return found
+
+
+def read_source_map(paths: Iterable[Path]) -> dict[str, str]:
+    """{binary package: source package} from ``*_Packages`` files."""
+    return {pkg: source for pkg, (source, _) in read_package_map(paths).items()}
+
+
+def section_of(package: str, package_map: dict[str, tuple[str, str]]) -> str:
+    """The Debian section of ``package`` (same lookup rule as ``source_of``), or ``unknown``."""
+    for name in (package, *stripped_names(package)):
+        if name in package_map:
+            return package_map[name][1]
+    return UNKNOWN_SECTION
 
 
 def stripped_names(package: str) -> list[str]:
@@ -234,7 +256,7 @@ def build_debian_corpus(
     min_words: int = 8,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
 ) -> dict:
-    """Write train/validation/test.jsonl ({id, package, source, text, summary}) to ``out_dir``.
+    """Write train/validation/test.jsonl ({id, package, source, section, text, summary}) to ``out_dir``.
 
     Pairs with the same text and summary are kept once (first in file-name order);
     documents under ``min_words`` words and empty synopses are dropped. Returns counts.
@@ -247,7 +269,8 @@ def build_debian_corpus(
             f"no *_Translation-en files in {lists_dir}: apt has not fetched the English package "
             f"descriptions. Run `{APT_UPDATE_COMMAND}` (as root), then try again."
         )
-    source_map = read_source_map(list_files(lists_dir, "Packages"))
+    package_map = read_package_map(list_files(lists_dir, "Packages"))
+    source_map = {pkg: source for pkg, (source, _) in package_map.items()}
 
     seen: set[str] = set()
     rows: dict[str, list[dict]] = {name: [] for name in SPLITS}
@@ -265,7 +288,8 @@ def build_debian_corpus(
             seen.add(key)
             source = source_of(d.package, source_map)
             rows[split_of(source, fractions)].append(
-                {"id": key, "package": d.package, "source": source, "text": d.text, "summary": d.synopsis}
+                {"id": key, "package": d.package, "source": source, "section": section_of(d.package, package_map),
+                 "text": d.text, "summary": d.synopsis}
             )
 
     if counts["descriptions"] == 0:

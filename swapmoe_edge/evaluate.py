@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from .budget import format_size
 from .errors import InputError, SwapMoEError
+from .streams import order_documents, select_sections
 from .textio import read_documents, read_text_file
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -32,14 +33,14 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 # -- data -------------------------------------------------------------------------------------
 
 
-def read_pairs(data_path: str | Path, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` records of a JSONL file; each must have string ``text`` and ``summary``."""
+def read_pairs(data_path: str | Path, limit: int | None = None, order: str = "file",
+               sections: Sequence[str] = (), exclude_sections: Sequence[str] = ()) -> list[dict]:
+    """Records of a JSONL file, each with string ``text`` and ``summary``: those of the chosen
+    sections (all by default), the first ``limit`` of them, in stream ``order`` (streams.py)."""
     path = Path(data_path)
     docs = read_documents(path)
-    if limit is not None:
-        if limit < 1:
-            raise InputError(f"limit must be at least 1, not {limit}")
-        docs = docs[:limit]
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, not {limit}")
     lines = read_text_file(path).splitlines()
     line_of = [n for n, ln in enumerate(lines, 1) if ln.strip()]  # read_documents skips blank lines
     if not lines[line_of[0] - 1].lstrip().startswith("{"):
@@ -49,7 +50,10 @@ def read_pairs(data_path: str | Path, limit: int | None = None) -> list[dict]:
         if not isinstance(rec.get("summary"), str):
             raise InputError(f"{path}:{line_of[i]} has no string field `summary`; evaluation needs JSONL "
                              "records with `text` (the document) and `summary` (the reference).")
-    return docs
+    docs = select_sections(docs, sections, exclude_sections, where=str(path))
+    if limit is not None:
+        docs = docs[:limit]
+    return order_documents(docs, order, where=str(path))
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -89,9 +93,10 @@ def lead(text: str, n_words: int = 8) -> str:
     return " ".join(text.split()[:n_words])
 
 
-def lead_baseline(data_path: str | Path, n_words: int = 8, limit: int | None = None) -> dict[str, Any]:
+def lead_baseline(data_path: str | Path, n_words: int = 8, limit: int | None = None,
+                  sections: Sequence[str] = (), exclude_sections: Sequence[str] = ()) -> dict[str, Any]:
     """ROUGE of the first ``n_words`` words of each document against its reference (lead-8)."""
-    docs = read_pairs(data_path, limit)
+    docs = read_pairs(data_path, limit, sections=sections, exclude_sections=exclude_sections)
     scores = rouge([d["summary"] for d in docs], [lead(d["text"], n_words) for d in docs])
     return {"baseline": f"lead-{n_words}", "n_words": n_words, "documents": len(docs), **scores}
 
@@ -106,19 +111,24 @@ def _progress(quiet: bool, label: str, done: int, total: int) -> None:
 
 def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner: str, max_new_tokens: int,
               num_beams: int, batch_size: int, threads: int | None, quiet: bool,
-              config: Mapping[str, Any] | None = None):
+              config: Mapping[str, Any] | None = None, profile: str | Path | None = None):
     """Summarise ``texts`` in batches; returns (results, per-request stats, runtime facts).
 
-    ``config``: further RuntimeConfig fields (``decoder_weight``, ``decay``, ...).
+    ``config``: further RuntimeConfig fields (``decoder_weight``, ``decay``, ...); ``profile``:
+    an importance profile file to use instead of the artifact's.
     """
+    from .importance import Profile
     from .runtime import Runtime, RuntimeConfig
 
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, not {batch_size}")
     label = f"{policy} {budget}" + (f" {planner}" if policy != "full" else "")
     results, requests = [], []
+    prof = Profile.load(profile) if profile is not None else None
     with Runtime(artifact, RuntimeConfig(policy=policy, budget=budget, planner=planner, threads=threads,
-                                         **(config or {}))) as rt:
+                                         **(config or {})), profile=prof) as rt:
+        if prof is not None:
+            prof.check_layers({lk: rt.manifest.config.num_experts for lk in rt.sparse}, where=str(profile))
         facts = {"budget_bytes": int(rt.budget_bytes), "baseline_bytes": int(rt.baseline)}
         _progress(quiet, label, 0, len(texts))
         for i in range(0, len(texts), batch_size):
@@ -162,7 +172,8 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
              limit: int | None = None, max_new_tokens: int = 32, num_beams: int = 1, batch_size: int = 8,
              reference_outputs: Sequence[Mapping[str, Any]] | None = None, *, compare_to_full: bool = True,
              keep_outputs: bool = False, threads: int | None = None, quiet: bool = False,
-             config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             config: Mapping[str, Any] | None = None, order: str = "file", sections: Sequence[str] = (),
+             exclude_sections: Sequence[str] = (), profile: str | Path | None = None) -> dict[str, Any]:
     """Summarise the documents of ``data_path`` under ``policy``/``budget``; score and measure.
 
     Fidelity is against ``reference_outputs`` (``{"summary", "token_ids"}`` per document,
@@ -171,15 +182,17 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
     ``compare_to_full=False`` and no reference, fidelity is left out (``None``).
     Latency medians are over requests (batches of ``batch_size`` documents). ``config``
     sets further RuntimeConfig fields (``decoder_weight``, ``decay``, ...) of this run.
+    ``order``, ``sections``, ``exclude_sections``: the stream (read_pairs); ``profile``: an
+    importance profile file instead of the artifact's (e.g. calibrated on other sections).
     """
-    docs = read_pairs(data_path, limit)
+    docs = read_pairs(data_path, limit, order, sections, exclude_sections)
     texts = [d["text"] for d in docs]
     if reference_outputs is not None and len(reference_outputs) != len(docs):
         raise InputError(f"reference_outputs has {len(reference_outputs)} entries for {len(docs)} documents; "
                          "make the reference run with the same data and limit.")
     t0 = time.perf_counter()
     results, requests, facts = _generate(artifact, texts, policy, budget, planner, max_new_tokens, num_beams,
-                                         batch_size, threads, quiet, config)
+                                         batch_size, threads, quiet, config, profile)
     wall_s = time.perf_counter() - t0
     outputs = _outputs(results)
 
@@ -206,6 +219,10 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
         "policy": policy,
         "budget": str(budget),
         "planner": planner,
+        "order": order,
+        "sections": list(sections),
+        "exclude_sections": list(exclude_sections),
+        "profile": str(profile) if profile is not None else None,
         **facts,
         "exact": all(r.exact for r in results),
         "documents": len(docs),

@@ -54,6 +54,7 @@ class ImportanceTracker:
                 raise ValueError(f"{key}: expert norms must be a non-empty 1-D array of finite values >= 0")
         self._importance = {k: np.zeros_like(v) for k, v in self._norms.items()}
         self._counts = {k: np.zeros_like(v) for k, v in self._norms.items()}
+        self._prior: dict[LayerKey, np.ndarray] = {}
         self._lock = threading.Lock()
 
     @property
@@ -109,10 +110,26 @@ class ImportanceTracker:
                     self._importance[key] = weight * np.asarray(profile.importance[key], np.float64)
                     self._counts[key] = weight * np.asarray(profile.counts[key], np.float64)
 
-    def snapshot(self) -> dict[LayerKey, np.ndarray]:
-        """A copy of the importance per layer [E], consistent across layers."""
+    def set_prior(self, profile: "Profile", documents: float) -> None:
+        """Blend a calibrated prior into every ``snapshot``: the profile's importance per document,
+        times ``documents``, is added to the online sums and never decays.
+
+        Without it, ``decay`` washes the seeded profile out after a few requests and the
+        planner chases the last documents; with it, online evidence moves the plan only
+        where it outweighs ``documents`` documents' worth of calibration.
+        """
+        if not (documents >= 0 and np.isfinite(documents)):
+            raise ValueError(f"prior documents must be finite and >= 0, got {documents}")
+        texts = float(profile.meta.get("texts") or 0) or 1.0
         with self._lock:
-            return {k: v.copy() for k, v in self._importance.items()}
+            for key in self._importance:
+                if key in profile.importance:
+                    self._prior[key] = np.asarray(profile.importance[key], np.float64) * (documents / texts)
+
+    def snapshot(self) -> dict[LayerKey, np.ndarray]:
+        """A copy of the importance per layer [E] (prior included), consistent across layers."""
+        with self._lock:
+            return {k: v + self._prior[k] if k in self._prior else v.copy() for k, v in self._importance.items()}
 
     def snapshot_with_counts(self) -> tuple[dict[LayerKey, np.ndarray], dict[LayerKey, np.ndarray]]:
         """Importance and routing counts, both taken under one lock."""

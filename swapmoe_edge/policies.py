@@ -28,7 +28,7 @@ from .errors import SwapMoEError
 from .importance import ImportanceTracker
 from .manifest import ExpertKey, LayerEntry, LayerKey
 from .moe import dispatch, route
-from .planner import plan_swaps, top_experts
+from .planner import Swap, plan_swaps, top_experts
 from .residency import ResidentSet
 from .store import ExpertReadError, ExpertStore, LoadedExpert
 
@@ -357,46 +357,100 @@ class SwapMoEPolicy(Policy):
                 log.exception("swapper failed")
                 self.errors.append(repr(e))
 
-    def swap_once(self) -> int:
-        """Plan against the current importance and apply up to ``max_swaps`` admissions."""
-        if not self.background_io.is_set():
-            return 0
+    def plan(self) -> list[Swap]:
+        """The swapper's decision, a pure function of today's importance, residents and counts.
+
+        The swapper thread and the trace replay (replay.py) both call this, so a replay
+        simulates the runtime's own decisions.
+        """
         importance = self.tracker.snapshot()
         for key in self.residents.unavailable:  # never plan to admit what cannot be read
             importance[key.layer_key][key.expert] = -1.0
         with self._resize_lock:
             counts = dict(self.counts)
-            swaps = plan_swaps(self.residents.residents(), importance, counts, self.hysteresis, self.max_swaps,
-                               self.layer_weight)
+            return plan_swaps(self.residents.residents(), importance, counts, self.hysteresis, self.max_swaps,
+                              self.layer_weight)
+
+    def apply(self, s: Swap, expert: LoadedExpert | None) -> bool:
+        """Carry out one planned swap with ``expert`` (already read; None for a pure eviction)."""
+        evict = ExpertKey(s.layer.stack, s.layer.layer, s.evict) if s.evict is not None else None
+        if expert is None:
+            if evict is not None and self.residents.drop(evict):
+                with self.counters.lock:
+                    self.counters.evictions += 1
+            return False
+        with self._resize_lock:
+            # The budget may have shrunk while we read; only then is the admit dropped.
+            if evict is None and len(self.residents.layer(s.layer)) >= self.counts[s.layer]:
+                return False
+            self.residents.replace(expert, evict)
+        with self.counters.lock:
+            self.counters.swaps += 1
+            self.counters.evictions += evict is not None
+        return True
+
+    def begin(self, s: Swap) -> Swap | None:
+        """The part of a planned swap that comes before its read; returns what is left to
+        ``apply`` once the expert is read, or None when nothing is to be read.
+
+        A replacement evicts first: under masked routing a missing expert only sends its
+        tokens to the next-best resident for the length of one read, so the budget needs no
+        room for an expert in flight, and the policy holds as many experts as ``prune``. A
+        layer's last resident is never evicted that way (its tokens would have nowhere to go).
+        """
+        if s.admit is None:
+            self.apply(s, None)
+            return None
+        if self.residents.is_unavailable(ExpertKey(s.layer.stack, s.layer.layer, s.admit)):
+            return None
+        if s.evict is None:
+            return s
+        if len(self.residents.layer(s.layer)) < 2:
+            return None
+        self.apply(Swap(s.layer, None, s.evict), None)
+        return Swap(s.layer, s.admit, None)
+
+    def swap_once(self) -> int:
+        """Plan against the current importance and carry out up to ``max_swaps`` admissions."""
+        if not self.background_io.is_set():
+            return 0
         done = 0
-        for s in swaps:
+        for s in self.plan():
             if self._stop.is_set():
                 break
-            evict = ExpertKey(s.layer.stack, s.layer.layer, s.evict) if s.evict is not None else None
-            if s.admit is None:
-                if evict is not None and self.residents.drop(evict):
-                    with self.counters.lock:
-                        self.counters.evictions += 1
+            s = self.begin(s)
+            if s is None:
                 continue
             key = ExpertKey(s.layer.stack, s.layer.layer, s.admit)
-            if self.residents.is_unavailable(key):
-                continue
             try:
                 expert = self.store.read(key)  # outside every lock: the token loop goes on
             except ExpertReadError as e:
                 log.warning("%s; marking it unavailable", e)
                 self.residents.mark_unavailable(key)
                 continue
-            with self._resize_lock:
-                # The budget may have shrunk while we read; only then is the admit dropped.
-                if evict is None and len(self.residents.layer(s.layer)) >= self.counts[s.layer]:
-                    continue
-                self.residents.replace(expert, evict)
-            with self.counters.lock:
-                self.counters.swaps += 1
-                self.counters.evictions += evict is not None
-            done += 1
+            done += self.apply(s, expert)
         return done
+
+
+def make_policy(cfg, residents: ResidentSet, store: ExpertStore, kernel: KernelFn, capacity: int,
+                counts: dict[LayerKey, int], norms: dict[LayerKey, np.ndarray], profile) -> Policy:
+    """The policy ``cfg.policy`` (a RuntimeConfig) over ``residents``; the runtime and the trace
+    replay (replay.py) both build theirs here."""
+    args = (residents, store, kernel, capacity, counts)
+    if cfg.policy == "full":
+        return FullPolicy(*args, norms)
+    if cfg.policy == "prune":
+        return PrunePolicy(*args, norms, renormalize=cfg.renormalize)
+    if cfg.policy == "on-demand":
+        return OnDemandPolicy(*args, dict(profile.importance))
+    tracker = ImportanceTracker(norms)
+    tracker.seed(profile)
+    if getattr(cfg, "prior_documents", None) is not None:
+        tracker.seed(profile, 0.0)  # the prior stands in for the seed and does not decay
+        tracker.set_prior(profile, cfg.prior_documents)
+    return SwapMoEPolicy(*args, dict(profile.importance), tracker=tracker, renormalize=cfg.renormalize,
+                         interval_s=cfg.swap_interval_s, max_swaps_per_interval=cfg.max_swaps_per_interval,
+                         hysteresis=cfg.hysteresis, decay=cfg.decay, layer_weight=cfg.layer_weights(list(norms)))
 
 
 def _lower_this_threads_priority(nice: int = 10) -> None:

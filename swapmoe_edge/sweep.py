@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 from .budget import format_size
 from .errors import InputError, SwapMoEError
+from .streams import parse_sections
 
 FULL_BUDGET = "100%"
 PLANNER_FREE = ("full", "on-demand")
@@ -88,6 +89,13 @@ def _cell_command(cell: Cell, settings: dict[str, Any], reference: Path | None, 
         cmd += ["--threads", str(settings["threads"])]
     if reference is not None:
         cmd += ["--reference", str(reference)]
+    cmd += ["--order", settings["order"]]
+    if settings["sections"]:
+        cmd += ["--sections", ",".join(settings["sections"])]
+    if settings["exclude_sections"]:
+        cmd += ["--exclude-sections", ",".join(settings["exclude_sections"])]
+    if settings["profile"] is not None:
+        cmd += ["--profile", settings["profile"]]
     if quiet:
         cmd.append("--quiet")
     return cmd
@@ -125,6 +133,10 @@ def _cell_main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reference", default=None, help="a full cell's JSON: fidelity is measured against its outputs")
+    ap.add_argument("--order", default="file")
+    ap.add_argument("--sections", default="")
+    ap.add_argument("--exclude-sections", default="")
+    ap.add_argument("--profile", default=None)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     policy, budget, planner = args.cell
@@ -133,7 +145,9 @@ def _cell_main(argv: Sequence[str] | None = None) -> None:
         res = evaluate(args.artifact, args.data, policy, budget, "importance" if planner == "-" else planner,
                        limit=args.limit, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                        batch_size=args.batch_size, reference_outputs=reference, compare_to_full=False,
-                       keep_outputs=True, threads=args.threads, quiet=args.quiet)
+                       keep_outputs=True, threads=args.threads, quiet=args.quiet, order=args.order,
+                       sections=parse_sections(args.sections), exclude_sections=parse_sections(args.exclude_sections),
+                       profile=args.profile)
     except SwapMoEError as e:
         res = {"policy": policy, "budget": budget, "error": str(e), "error_type": type(e).__name__}
     print(json.dumps(res), flush=True)
@@ -188,7 +202,8 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
           policies: Sequence[str] = ("full", "on-demand", "prune", "swapmoe"),
           planners: Sequence[str] = ("importance", "uniform"), limit: int | None = 500, max_new_tokens: int = 32,
           num_beams: int = 1, batch_size: int = 8, threads: int | None = None, timeout_s: float | None = None,
-          plots: bool = True, quiet: bool = False) -> dict[str, Any]:
+          plots: bool = True, quiet: bool = False, order: str = "file", sections: Sequence[str] = (),
+          exclude_sections: Sequence[str] = (), profile: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``sweep.csv``, ``sweep.json`` and the plots; returns the JSON."""
     from .evaluate import lead_baseline, read_pairs
     from .manifest import load_manifest
@@ -197,10 +212,16 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
     for p in policies:
         if p not in POLICIES:
             raise InputError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
-    docs = read_pairs(data_path, limit)  # fail on bad data now, not in every cell
+    docs = read_pairs(data_path, limit, order, sections, exclude_sections)  # fail on bad data now, not in every cell
     load_manifest(artifact)  # and on a bad artifact
+    if profile is not None:  # and on a bad profile
+        from .importance import Profile
+
+        Profile.load(profile)
     settings = {"artifact": str(Path(artifact).resolve()), "data": str(Path(data_path).resolve()), "limit": limit,
-                "max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_size": batch_size, "threads": threads}
+                "max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_size": batch_size, "threads": threads,
+                "order": order, "sections": list(sections), "exclude_sections": list(exclude_sections),
+                "profile": str(Path(profile).resolve()) if profile is not None else None}
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -229,7 +250,8 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
             reference = path
         rows.append(_row(cell, res))
 
-    summary = {"settings": settings, "documents": len(docs), "lead_baseline": lead_baseline(data_path, limit=limit),
+    summary = {"settings": settings, "documents": len(docs), "lead_baseline": lead_baseline(data_path, limit=limit, sections=sections,
+                                                                                   exclude_sections=exclude_sections),
                "cells": rows, "failed": failed, "plots": []}
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")

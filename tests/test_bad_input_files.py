@@ -85,7 +85,22 @@ def _cases(root: Path, ckpt: Path, art: Path, tmp: Path):
         **{f"bench {v} a binary file": ["bench", v, b, "-o", str(tmp / f"{v}5")] for v in ("cells", "pressure", "soak")},
         **{f"bench {v} -o onto a binary file": ["bench", v, str(art), "--no-box", "-o", b] if v != "pressure"
            else ["bench", v, str(art), "-o", b] for v in ("cells", "pressure", "soak")},
+        "profile -o into a binary file's folder": ["profile", str(art), "--data", str(_pairs(tmp)), "-o", b + "/p.json"],
+        "eval --profile": ["eval", "--artifact", str(art), "--data", str(_pairs(tmp)), "--profile", b],
+        "sweep --profile": ["sweep", str(art), "--data", str(_pairs(tmp)), "--profile", b, "-o", str(tmp / "sweep3")],
+        "trace record --data": ["trace", "record", str(art), "--data", b, "-o", str(tmp / "t.npz")],
+        "trace record a binary file": ["trace", "record", b, "--data", str(_pairs(tmp)), "-o", str(tmp / "t.npz")],
+        "trace record -o into a binary file's folder": ["trace", "record", str(art), "--data", str(_pairs(tmp)),
+                                                        "--max-new-tokens", "2", "-o", b + "/t.npz"],
+        "trace replay a binary file": ["trace", "replay", b],
+        "trace replay --profile": ["trace", "replay", str(_trace(art, tmp)), "--profile", b],
     }
+
+
+def _trace(art: Path, tmp: Path) -> Path:
+    from swapmoe_edge.trace import record_trace
+
+    return record_trace(art, [{"text": "w5 w6 w7"}], tmp / "good.npz", max_new_tokens=2) and tmp / "good.npz"
 
 
 def _pairs(tmp: Path) -> Path:
@@ -103,7 +118,10 @@ CASES = ["summarize --file", "summarize --device", "profile --data", "eval --dat
          "info a binary file", "profile a binary file", "sweep a binary file",
          "bench cells --docs", "bench soak --docs", "bench pressure --docs", "bench cells --device", "bench pressure --device",
          "bench soak --device", *(f"bench {v} a binary file" for v in ("cells", "pressure", "soak")),
-         *(f"bench {v} -o onto a binary file" for v in ("cells", "pressure", "soak"))]
+         *(f"bench {v} -o onto a binary file" for v in ("cells", "pressure", "soak")),
+         "profile -o into a binary file's folder", "eval --profile", "sweep --profile", "trace record --data",
+         "trace record a binary file", "trace record -o into a binary file's folder", "trace replay a binary file",
+         "trace replay --profile"]
 
 # Every file or folder option of every verb, and the cases above that feed it a binary file.
 COVERED = {
@@ -121,6 +139,11 @@ COVERED = {
     **{(f"bench {v}", "device"): f"bench {v} --device" for v in ("cells", "pressure", "soak")},
     ("bench cells", "docs"): "bench cells --docs", ("bench soak", "docs"): "bench soak --docs",
     ("bench pressure", "docs"): "bench pressure --docs",
+    ("profile", "out"): "profile -o into a binary file's folder",
+    ("eval", "profile"): "eval --profile", ("sweep", "profile"): "sweep --profile",
+    ("trace record", "artifact"): "trace record a binary file", ("trace record", "data"): "trace record --data",
+    ("trace record", "out"): "trace record -o into a binary file's folder",
+    ("trace replay", "trace"): "trace replay a binary file", ("trace replay", "profile"): "trace replay --profile",
 }
 FILE_LIKE = {"device", "lists_dir"}  # plain-string options that name a file or folder
 

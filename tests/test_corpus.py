@@ -15,6 +15,8 @@ from swapmoe_edge.corpus import (
     SPLITS,
     build_debian_corpus,
     parse_description,
+    section_of,
+    read_package_map,
     read_source_map,
     read_translations,
     source_of,
@@ -55,11 +57,13 @@ PACKAGES = """\
 Package: frobnicate
 Source: frob (1.2-3)
 Version: 1.2-3+b1
+Section: contrib/utils
 Description: tool that frobnicates widgets quickly
 
 Package: libfrob1
 Source: frob
 Version: 1.2-3
+Section: libs
 """
 
 
@@ -152,8 +156,10 @@ def test_build_writes_records_and_drops_duplicates_and_short_texts(tmp_path):
     by_package = {r["package"]: r for r in rows}
     assert set(by_package) == {"frobnicate", "libfrob-dev"}
     r = by_package["frobnicate"]
-    assert set(r) == {"id", "package", "source", "text", "summary"}
+    assert set(r) == {"id", "package", "source", "section", "text", "summary"}
     assert r["source"] == "frob" and r["summary"] == "tool that frobnicates widgets quickly"
+    assert r["section"] == "utils"  # the component prefix (contrib/) is a licence, not a topic
+    assert by_package["libfrob-dev"]["section"] == "unknown"  # in no Packages file, nor its stripped names
     assert r["text"].startswith("Frobnicate reads widgets")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "corpus.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
@@ -202,3 +208,27 @@ def test_no_translation_files_raises_with_the_apt_command(tmp_path, make_dir):
     assert APT_UPDATE_COMMAND in str(info.value)
     assert str(lists) in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_section_from_packages_then_stripped_name_else_unknown(tmp_path):
+    lists = _write_lists(tmp_path / "lists")
+    found = read_package_map([next(lists.glob("*_Packages"))])
+    assert found["frobnicate"] == ("frob", "utils") and found["libfrob1"] == ("frob", "libs")
+    assert section_of("libfrob1-dbgsym", found) == "libs"  # not listed: its stripped name is
+    assert section_of("nowhere", found) == "unknown"
+
+
+def test_sections_are_the_same_on_every_build(tmp_path):
+    stanzas = "".join(
+        f"Package: pkg{i}\nDescription-md5: {i:032x}\nDescription-en: summary {i}\n{_long_description(i)}\n"
+        for i in range(30))
+    packages = "".join(f"Package: pkg{i}\nSection: {('games', 'net', 'non-free/sound')[i % 3]}\n\n" for i in range(30))
+    lists = _write_lists(tmp_path / "lists", translation=stanzas, packages=packages)
+    build_debian_corpus(tmp_path / "a", lists)
+    build_debian_corpus(tmp_path / "b", lists)
+    rows = [r for name in SPLITS for r in _read_split(tmp_path / "a", name)]
+    assert {r["section"] for r in rows} == {"games", "net", "sound"}
+    for r in rows:
+        assert r["section"] == ("games", "net", "sound")[int(r["package"][3:]) % 3]
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -1,0 +1,133 @@
+"""Trace replay on hand-made traces whose answers are known, and the optima never beaten."""
+
+import numpy as np
+import pytest
+
+from swapmoe_edge.errors import InputError
+from swapmoe_edge.importance import Profile
+from swapmoe_edge.manifest import LayerKey
+from swapmoe_edge.replay import ReplayConfig, replay
+from swapmoe_edge.runtime import RuntimeConfig
+from swapmoe_edge.trace import Trace, load_trace
+
+COST = 1000  # bytes per expert
+
+
+def make_trace(layers, events, E, norms=None, token_ms=1.0, encoder_ms=1.0):
+    """``events``: (request, layer index, step, [first choice of each token]); probs 0.9 on the choice."""
+    probs, x, tok_doc, offsets = [], [], [], [0]
+    for req, _, _, choices in events:
+        p = np.full((len(choices), E), 0.1 / (E - 1), np.float32)
+        p[np.arange(len(choices)), choices] = 0.9
+        probs.append(p)
+        x.append(np.ones(len(choices), np.float32))
+        tok_doc.append(np.full(len(choices), req, np.int32))
+        offsets.append(offsets[-1] + len(choices))
+    n_docs = max(e[0] for e in events) + 1
+    return Trace(
+        meta={"format": "swapmoe-trace", "version": 1, "token_ms": token_ms, "ttft_ms": encoder_ms},
+        layer_names=tuple(layers), norms=np.asarray(norms if norms is not None else np.ones((len(layers), E)), np.float32),
+        expert_bytes=np.full(len(layers), COST, np.int64),
+        ev_request=np.array([e[0] for e in events], np.int32), ev_layer=np.array([e[1] for e in events], np.int16),
+        ev_step=np.array([e[2] for e in events], np.int32), ev_offset=np.array(offsets, np.int64),
+        probs=np.concatenate(probs).astype(np.float16), x_norm=np.concatenate(x), tok_doc=np.concatenate(tok_doc),
+        doc_id=tuple(f"d{i}" for i in range(n_docs)), doc_section=("",) * n_docs)
+
+
+def profile_of(layers, rows):
+    keys = [LayerKey("decoder" if n.startswith("dec") else "encoder", int(n.split(".L")[1])) for n in layers]
+    return Profile({k: np.asarray(r, float) for k, r in zip(keys, rows)},
+                   {k: np.asarray(r, float) for k, r in zip(keys, rows)}, meta={"texts": 1})
+
+
+def by_name(results):
+    return {r.policy: r for r in results}
+
+
+def test_exact_policies_on_a_known_sequence():
+    # One decoder layer, 4 experts, 50% -> 2 slots, start set {0, 1} from the profile.
+    seq = [2, 0, 1, 2, 0, 1]
+    t = make_trace(["dec.L01"], [(0, 0, i + 1, [e]) for i, e in enumerate(seq)], E=4)
+    res = by_name(replay(t, ["lru", "lfu", "belady"], ReplayConfig(budget="50%", flash_mbps=1.0),
+                         profile_of(["dec.L01"], [[4, 3, 2, 1]])))
+    assert res["lru"].counts == {"dec.L01": 2}
+    assert (res["lru"].hits, res["lru"].loads) == (0, 6)  # LRU evicts exactly the next one needed
+    # Belady: 2 evicts 1 (needed later than 0); 0 hits; 1 evicts 0; 2 hits; 0 evicts 2; 1 hits.
+    assert (res["belady"].hits, res["belady"].loads) == (3, 3)
+    assert res["belady"].bytes_read == 3 * COST
+    assert res["belady"].stall_s == pytest.approx(3 * COST / 1e6)  # 1 MB/s
+    assert res["lfu"].loads >= res["belady"].loads
+
+
+def test_fixed_sets_prune_static_hindsight_and_best_fixed():
+    # Layer choices: expert 3 x5, expert 2 x3, expert 1 x2, expert 0 x0; norms favour 0 and 1.
+    choices = [3] * 5 + [2] * 3 + [1] * 2
+    t = make_trace(["dec.L01"], [(0, 0, 1, choices)], E=4, norms=[[4, 3, 2, 1]])
+    res = by_name(replay(t, ["prune", "static", "hindsight", "best-fixed"], ReplayConfig(budget="50%"),
+                         profile_of(["dec.L01"], [[0, 1, 2, 0.5]])))
+    assert res["prune"].hits == 2  # {0, 1}
+    assert res["static"].hits == 5  # profile's top two {2, 1}
+    assert res["hindsight"].hits == 8 == res["best-fixed"].hits  # {3, 2}
+    assert res["best-fixed"].hit_rate == pytest.approx(0.8)
+
+
+def test_best_fixed_moves_slots_to_the_layer_where_they_hold_most_tokens():
+    layers = ["enc.L01", "dec.L01"]
+    events = [(0, 0, 0, [0, 1, 2, 3, 0, 1, 2, 3]), (0, 1, 1, [0, 0, 0, 0])]
+    t = make_trace(layers, events, E=4)
+    r = by_name(replay(t, ["best-fixed"], ReplayConfig(budget="50%"), profile_of(layers, [[1] * 4, [1] * 4])))
+    # 4 slots: one each, then both spare slots to the encoder (2 tokens each) not the decoder (0).
+    assert r["best-fixed"].counts == {"enc.L01": 3, "dec.L01": 1}
+    assert r["best-fixed"].hits == 6 + 4
+
+
+def test_swapmoe_replay_swaps_in_the_stream_expert_on_the_simulated_clock():
+    # Count 2 of 4 (50%): the profile starts with {0, 1}; every request wants expert 3.
+    n = 8
+    t = make_trace(["dec.L01"], [(i, 0, 1, [3]) for i in range(n)], E=4, token_ms=100.0)
+    cfg = ReplayConfig(budget="50%", flash_mbps=250.0,
+                       runtime=RuntimeConfig(policy="swapmoe", swap_interval_s=0.1, max_swaps_per_interval=1))
+    r = replay(t, ["swapmoe"], cfg, profile_of(["dec.L01"], [[1e-6, 1e-6, 0, 0]]))[0]
+    # t=0: miss (the swapper first wakes at 0.1 s); t=0.1: it plans, evicts 1, reads 3 (4 us);
+    # the read lands after this event, so from t=0.2 on every token hits.
+    assert r.counts == {"dec.L01": 2}
+    assert (r.hits, r.swaps, r.loads) == (n - 2, 1, 1)
+
+
+def test_no_policy_beats_its_bound_on_random_traces():
+    rng = np.random.default_rng(0)
+    layers = ["enc.L01", "dec.L01", "dec.L03"]
+    for seed in range(6):
+        E = int(rng.integers(4, 9))
+        events, req = [], 0
+        for doc in range(30):
+            hot = rng.choice(E, size=2, replace=False)  # each document has its own favourites
+            pick = lambda k: [int(hot[0]) if rng.random() < 0.6 else int(rng.integers(E)) for _ in range(k)]  # noqa: E731
+            events.append((req, 0, 0, pick(int(rng.integers(1, 12)))))
+            for step in range(1, int(rng.integers(2, 6))):
+                events += [(req, 1, step, pick(1)), (req, 2, step, pick(1))]
+            req += 1
+        t = make_trace(layers, events, E=E, norms=rng.random((3, E)) + 0.5)
+        prof = profile_of(layers, rng.random((3, E)) + 0.01)
+        for budget in ("25%", "50%", "75%"):
+            res = by_name(replay(t, cfg=ReplayConfig(budget=budget), profile=prof))
+            for name in ("lru", "lfu"):
+                assert res[name].loads >= res["belady"].loads, (seed, budget, name)
+            for name in ("prune", "static", "hindsight"):
+                assert res[name].hits <= res["best-fixed"].hits, (seed, budget, name)
+            assert res["static"].hits <= res["hindsight"].hits  # same counts, the trace's best experts
+            for r in res.values():
+                assert 0 <= r.hits <= r.tokens == res["best-fixed"].tokens
+
+
+def test_trace_round_trip_and_bad_files(tmp_path):
+    t = make_trace(["enc.L01", "dec.L01"], [(0, 0, 0, [1, 2]), (0, 1, 1, [3])], E=4)
+    path = t.save(tmp_path / "t.npz")
+    back = load_trace(path)
+    assert back.layer_names == t.layer_names and np.array_equal(back.first_choice(), t.first_choice())
+    assert [e[:3] for e in back.events()] == [(0, 0, 0), (0, 1, 1)]
+    (tmp_path / "bad.npz").write_bytes(b"not a trace")
+    with pytest.raises(InputError, match="not a swapmoe trace"):
+        load_trace(tmp_path / "bad.npz")
+    with pytest.raises(InputError, match="unknown replay policy"):
+        replay(t, ["mru"])
