@@ -35,7 +35,7 @@ from swapmoe_edge.manifest import (
     write_json_atomic,
 )
 
-from . import graphs, quant
+from . import fused, graphs, quant
 from .checkpoint import CheckpointReader, check_sparse_layers, read_config
 
 ALIGN = 4096  # expert tensors start on page boundaries so plain reads can land in place
@@ -244,8 +244,13 @@ def export_checkpoint(
     expert_dtype: str | None = None,
     quiet: bool = False,
     stream=None,
+    fuse_layers: bool = True,
 ) -> Path:
-    """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path."""
+    """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path.
+
+    ``fuse_layers=False`` writes the schema-1 layout (separate attention/FFN subgraphs) for
+    tests and before/after benchmarks; the fused layout decodes with fewer ORT calls.
+    """
     if dtype not in ("float32", "float16"):
         raise ExportError(f"--dtype must be float32 or float16, not {dtype!r}")
     expert_dtype = expert_dtype or dtype
@@ -274,16 +279,17 @@ def export_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(reader, out.parent, dtype)
     with _sigterm_unwinds():
-        return _export_into(reader, model_dir, out, raw_cfg, cfg, dtype, expert_dtype, validate, quiet, stream)
+        return _export_into(reader, model_dir, out, raw_cfg, cfg, dtype, expert_dtype, validate, quiet, stream, fuse_layers)
 
 
-def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dtype: str, expert_dtype: str, validate: bool, quiet: bool, stream) -> Path:
+def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dtype: str, expert_dtype: str,
+                 validate: bool, quiet: bool, stream, fuse_layers: bool = True) -> Path:
     tmp = _prepare_output(out)
     try:
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress)
+        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress, fuse_layers)
         tok = model_dir / "tokenizer.json"
         if tok.is_file():
             writer.write_bytes("tokenizer.json", tok.read_bytes())
@@ -296,7 +302,7 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
                 raise CheckpointError(f"{gen} is not valid UTF-8 JSON ({e}). Fix or remove it.") from e
         manifest = {
             "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if fuse_layers else 1,
             "created_by": "swapmoe_export 0.1.0",
             "source": str(model_dir.resolve()),
             "dtype": dtype,
@@ -335,7 +341,8 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         raise
 
 
-def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, expert_dtype: str, writer: ArtifactWriter, progress: Progress) -> dict:
+def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, expert_dtype: str, writer: ArtifactWriter,
+                     progress: Progress, fuse_layers: bool = True) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []
     experts: list[dict] = []
@@ -377,35 +384,29 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, exp
             p = f"{stack}.block.{i}.layer"
             name = f"{STACK_PREFIX[stack]}.L{i:02d}"
             scope = f"/{stack}/block.{i}"
-            parts: dict[str, str] = {}
 
             def attn_w(prefix: str) -> dict:
                 return {k: reader.get(f"{prefix}.{k}.weight") for k in "qkvo"}
 
             sa = attn_w(f"{p}.0.SelfAttention")
             sa["layer_norm"] = reader.get(f"{p}.0.layer_norm.weight")
-            if stack == "encoder":
-                parts["attn"] = add(f"{name}.attn", "attn", graphs.self_attention_graph(f"{scope}/self_attn", sa, cfg, dtype, with_cache=False))
-                ff = f"{p}.1"
-            else:
-                parts["self_attn"] = add(f"{name}.self_attn", "self_attn", graphs.self_attention_graph(f"{scope}/self_attn", sa, cfg, dtype, with_cache=True))
+            ca = None
+            if stack == "decoder":
                 ca = attn_w(f"{p}.1.EncDecAttention")
                 ca["layer_norm"] = reader.get(f"{p}.1.layer_norm.weight")
-                parts["cross_kv"] = add(f"{name}.cross_kv", "cross_kv", graphs.cross_kv_graph(f"{scope}/cross_kv", ca, cfg, dtype))
-                parts["cross_attn"] = add(f"{name}.cross_attn", "cross_attn", graphs.cross_attention_graph(f"{scope}/cross_attn", ca, cfg, dtype))
-                ff = f"{p}.2"
-            del sa
-            norm = reader.get(f"{ff}.layer_norm.weight")
+            ff = f"{p}.{2 if stack == 'decoder' else 1}"
             sparse = cfg.is_sparse(stack, i)
-            layer = {"stack": stack, "layer": i, "sparse": sparse, "parts": parts}
+            w = {"layer_norm": reader.get(f"{ff}.layer_norm.weight")}
             if not sparse:
-                w = {"layer_norm": norm, "wi": reader.get(f"{ff}.mlp.wi.weight"), "wo": reader.get(f"{ff}.mlp.wo.weight")}
-                parts["ffn"] = add(f"{name}.ffn", "ffn", graphs.dense_ffn_graph(f"{scope}/ffn", w, cfg, dtype))
+                w.update(wi=reader.get(f"{ff}.mlp.wi.weight"), wo=reader.get(f"{ff}.mlp.wo.weight"))
             else:
-                w = {"layer_norm": norm, "classifier": reader.get(f"{ff}.mlp.router.classifier.weight")}
+                w["classifier"] = reader.get(f"{ff}.mlp.router.classifier.weight")
                 if cfg.router_bias:
                     w["classifier_bias"] = reader.get(f"{ff}.mlp.router.classifier.bias")
-                parts["router"] = add(f"{name}.router", "router", graphs.router_graph(f"{scope}/moe", w, cfg, dtype))
+            parts = fused.add_layer_graphs(add, name, scope, stack, sa, ca, w, cfg, dtype, sparse, fuse_layers)
+            del sa, ca, w
+            layer = {"stack": stack, "layer": i, "sparse": sparse, "parts": parts}
+            if sparse:
                 layer["experts"] = list(range(cfg.num_experts))
                 for e in range(cfg.num_experts):
                     experts.append(_write_expert(reader, cfg, expert_dtype, writer, ExpertKey(stack, i, e), f"{ff}.mlp.experts.expert_{e}", scope))

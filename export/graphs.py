@@ -11,6 +11,7 @@ hierarchical (``/decoder/block.5/self_attn/q/MatMul``) so profiles read well.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,16 @@ class GraphBuilder:
         self._n = 0
 
     # -- plumbing --------------------------------------------------------------------
+    @contextmanager
+    def sub(self, name: str):
+        """Nodes and weights added inside are named under ``SCOPE/name`` (fused graphs hold several blocks)."""
+        outer = self.scope
+        self.scope = f"{outer}/{name}"
+        try:
+            yield self
+        finally:
+            self.scope = outer
+
     def _name(self, hint: str) -> str:
         self._n += 1
         return f"{self.scope}/{hint}_{self._n}"
@@ -237,23 +248,60 @@ def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.nd
     return g.model()
 
 
+def self_attention_block(g: GraphBuilder, x: str, bias: str, w: dict, cfg, past: tuple[str, str] | None = None,
+                         packed_qkv: bool = False) -> tuple[str, str, str]:
+    """x + SelfAttention(LayerNorm(x)) -> (out, key, value); ``past`` (key, value) is concatenated first.
+
+    ``packed_qkv``: one MatMul over [q | k | v] (one longer weight stream for a decoded token)
+    then a Split, instead of three MatMuls.
+    """
+    h, k = cfg.num_heads, cfg.d_kv
+    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
+    if packed_qkv:
+        qkv = g.linear(n, np.concatenate([w["q"], w["k"], w["v"]], axis=0), "qkv")  # [B, T, 3*H*K]
+        q, key, val = (g.heads(t, h, k, name) for t, name in
+                       zip(g.op("Split", [qkv, g.const([h * k] * 3)], hint="qkv/split", n_out=3, axis=-1), "qkv"))
+    else:
+        q = g.heads(g.linear(n, w["q"], "q"), h, k, "q")
+        key = g.heads(g.linear(n, w["k"], "k"), h, k, "k")
+        val = g.heads(g.linear(n, w["v"], "v"), h, k, "v")
+    if past is not None:
+        key = g.op("Concat", [past[0], key], hint="cache/key", axis=2)
+        val = g.op("Concat", [past[1], val], hint="cache/value", axis=2)
+    ctx = g.attend(q, key, val, bias, h, k)
+    return g.op("Add", [x, g.linear(ctx, w["o"], "o")], hint="residual"), key, val
+
+
+def cross_attention_block(g: GraphBuilder, x: str, bias: str, ck: str, cv: str, w: dict, cfg) -> str:
+    """x + CrossAttention(LayerNorm(x)) over precomputed encoder keys and values."""
+    h, k = cfg.num_heads, cfg.d_kv
+    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
+    q = g.heads(g.linear(n, w["q"], "q"), h, k, "q")
+    ctx = g.attend(q, ck, cv, bias, h, k)
+    return g.op("Add", [x, g.linear(ctx, w["o"], "o")], hint="residual")
+
+
+def dense_ffn_block(g: GraphBuilder, x: str, w: dict, cfg) -> str:
+    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
+    y = g.linear(g.act(g.linear(n, w["wi"], "wi"), cfg.dense_act_fn), w["wo"], "wo")
+    return g.op("Add", [x, y], hint="residual")
+
+
+def router_block(g: GraphBuilder, x: str, w: dict, cfg) -> tuple[str, str]:
+    """The sparse layer's pre-FFN norm and router logits -> (normed, logits)."""
+    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
+    return n, g.linear(n, w["classifier"], "router/classifier", bias=w.get("classifier_bias"))
+
+
 def self_attention_graph(scope: str, w: dict, cfg, dtype: str, with_cache: bool) -> BuiltGraph:
     """hidden + SelfAttention(LayerNorm(hidden)); with_cache adds past/present key and value."""
     h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", d])
     bias = g.input("attn_bias", F32, ["b", h, "T", "L"])
-    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
-    q = g.heads(g.linear(n, w["q"], "q"), h, k, "q")
-    key = g.heads(g.linear(n, w["k"], "k"), h, k, "k")
-    val = g.heads(g.linear(n, w["v"], "v"), h, k, "v")
-    if with_cache:
-        past_k = g.input("past_key", F32, ["B", h, "P", k])
-        past_v = g.input("past_value", F32, ["B", h, "P", k])
-        key = g.op("Concat", [past_k, key], hint="cache/key", axis=2)
-        val = g.op("Concat", [past_v, val], hint="cache/value", axis=2)
-    ctx = g.attend(q, key, val, bias, h, k)
-    g.output(g.op("Add", [x, g.linear(ctx, w["o"], "o")], hint="residual"), "hidden_out", F32, ["B", "T", d])
+    past = (g.input("past_key", F32, ["B", h, "P", k]), g.input("past_value", F32, ["B", h, "P", k])) if with_cache else None
+    out, key, val = self_attention_block(g, x, bias, w, cfg, past)
+    g.output(out, "hidden_out", F32, ["B", "T", d])
     if with_cache:
         g.output(key, "present_key", F32, ["B", h, "L", k])
         g.output(val, "present_value", F32, ["B", h, "L", k])
@@ -277,10 +325,7 @@ def cross_attention_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     bias = g.input("cross_bias", F32, ["B", 1, 1, "S"])
     ck = g.input("cross_key", F32, ["B", h, "S", k])
     cv = g.input("cross_value", F32, ["B", h, "S", k])
-    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
-    q = g.heads(g.linear(n, w["q"], "q"), h, k, "q")
-    ctx = g.attend(q, ck, cv, bias, h, k)
-    g.output(g.op("Add", [x, g.linear(ctx, w["o"], "o")], hint="residual"), "hidden_out", F32, ["B", "T", d])
+    g.output(cross_attention_block(g, x, bias, ck, cv, w, cfg), "hidden_out", F32, ["B", "T", d])
     return g.model()
 
 
@@ -288,9 +333,7 @@ def dense_ffn_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     d = cfg.d_model
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", d])
-    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
-    y = g.linear(g.act(g.linear(n, w["wi"], "wi"), cfg.dense_act_fn), w["wo"], "wo")
-    g.output(g.op("Add", [x, y], hint="residual"), "hidden_out", F32, ["B", "T", d])
+    g.output(dense_ffn_block(g, x, w, cfg), "hidden_out", F32, ["B", "T", d])
     return g.model()
 
 
@@ -299,8 +342,7 @@ def router_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     d, e = cfg.d_model, cfg.num_experts
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", d])
-    n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
-    logits = g.linear(n, w["classifier"], "router/classifier", bias=w.get("classifier_bias"))
+    n, logits = router_block(g, x, w, cfg)
     g.output(n, "normed", F32, ["B", "T", d])
     g.output(logits, "router_logits", F32, ["B", "T", e])
     return g.model()
@@ -417,5 +459,12 @@ IO = {
     "expert_kernel_int8": (("x", "wi", "wi_scale", "wo", "wo_scale"), ("y",)),
     "expert_kernel_int4": (("x", "wi", "wi_scale", "wo", "wo_scale"), ("y",)),
     "final_norm": (("hidden",), ("hidden_out",)),
+    # fused.py: one session per layer (schema 2)
+    "enc_block": (("hidden", "attn_bias"), ("hidden_out",)),
+    "enc_block_sparse": (("hidden", "attn_bias"), ("hidden_out", "normed", "router_logits")),
+    "dec_step": (("hidden", "attn_bias", "past_key", "past_value", "cross_bias", "cross_key", "cross_value"),
+                 ("hidden_out", "present_key", "present_value")),
+    "dec_step_sparse": (("hidden", "attn_bias", "past_key", "past_value", "cross_bias", "cross_key", "cross_value"),
+                        ("hidden_out", "present_key", "present_value", "normed", "router_logits")),
     "lm_head": (("hidden",), ("logits",)),
 }

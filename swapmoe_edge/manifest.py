@@ -15,7 +15,10 @@ from typing import Any
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = 1
+# 1: a layer's dense parts are separate subgraphs (attn | self_attn, cross_attn; ffn | router).
+# 2: one fused subgraph per layer, "block" (encoder) or "step" (decoder, beside cross_kv); the
+#    runtime reads both.
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "swapmoe-artifact"
 STACKS = ("encoder", "decoder")

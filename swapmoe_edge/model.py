@@ -57,6 +57,7 @@ class SplitModel:
         self.moe = moe
         self.enc_layers = manifest.stack_layers("encoder")
         self.dec_layers = manifest.stack_layers("decoder")
+        self._step_bias_table: np.ndarray | None = None  # [1, H, 1, M]: relative positions -(M-1)..0
 
     # -- pieces ------------------------------------------------------------------------
     def _run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
@@ -67,6 +68,12 @@ class SplitModel:
             return self._run(layer.parts["ffn"], hidden=h)[0]
         normed, logits = self._run(layer.parts["router"], hidden=h)
         return h + self.moe(layer, normed, logits, token_mask)
+
+    def _experts(self, layer: LayerEntry, out: list[np.ndarray], token_mask: np.ndarray | None) -> np.ndarray:
+        """A fused layer's outputs (hidden_out[, normed, router_logits]) -> the block output."""
+        if not layer.sparse:
+            return out[0]
+        return out[0] + self.moe(layer, out[-2], out[-1], token_mask)
 
     def _position_bias(self, stack: str, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
         rel = (k_pos[None, :] - q_pos[:, None]).astype(np.int64)  # [Q, K]
@@ -91,6 +98,8 @@ class SplitModel:
         return (self._position_bias("encoder", pos, pos) + pad).astype(np.float32)
 
     def encoder_block(self, layer: LayerEntry, h: np.ndarray, bias: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if "block" in layer.parts:  # schema 2: attention and FFN/router in one graph
+            return self._experts(layer, self._run(layer.parts["block"], hidden=h, attn_bias=bias), mask)
         h = self._run(layer.parts["attn"], hidden=h, attn_bias=bias)[0]
         return self._ffn(layer, h, mask)
 
@@ -123,12 +132,32 @@ class SplitModel:
 
     def decoder_bias(self, t: int, p: int) -> np.ndarray:
         """Relative position bias plus the causal mask for T new tokens after P cached: [1, H, T, L]."""
+        if t == 1:
+            return self._step_bias(p)
         q_pos, k_pos = np.arange(p, p + t), np.arange(p + t)
         causal = np.where(k_pos[None, :] <= q_pos[:, None], np.float32(0), NEG)  # [T, L]
         return (self._position_bias("decoder", q_pos, k_pos) + causal).astype(np.float32)
 
+    def _step_bias(self, p: int) -> np.ndarray:
+        """decoder_bias(1, p) from a table made once: one new token sees keys at relative
+        positions -p..0, and no key lies in its future, so its causal mask is all zeros."""
+        table = self._step_bias_table
+        if table is None or table.shape[-1] < p + 1:
+            m = max(64, 2 * (p + 1))
+            table = self._run("dec.position_bias", rel_pos=np.arange(1 - m, 1, dtype=np.int64)[None, :])[0]
+            self._step_bias_table = table  # [1, H, 1, m]
+        m = table.shape[-1]
+        return np.ascontiguousarray(table[..., m - 1 - p:])  # [1, H, 1, p + 1]
+
     def decoder_block(self, i: int, layer: LayerEntry, h: np.ndarray, bias: np.ndarray, state: DecoderState):
         """Decoder block i: self-attention over cache + new tokens, cross-attention, FFN/MoE."""
+        if "step" in layer.parts:  # schema 2: the whole layer up to the experts in one graph
+            out = self._run(
+                layer.parts["step"], hidden=h, attn_bias=bias, past_key=state.past_key[i],
+                past_value=state.past_value[i], cross_bias=state.cross_bias,
+                cross_key=state.cross_key[i], cross_value=state.cross_value[i],
+            )  # hidden_out, present_key, present_value[, normed, router_logits]
+            return self._experts(layer, [out[0]] + out[3:], None), out[1], out[2]
         h, pk, pv = self._run(
             layer.parts["self_attn"], hidden=h, attn_bias=bias,
             past_key=state.past_key[i], past_value=state.past_value[i],

@@ -27,6 +27,16 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def pick(a: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """a[..., index[...]] along the last axis: a [B, T, E], index [B, T] -> [B, T].
+
+    Plain fancy indexing; ``np.take_along_axis`` gives the same values but builds index
+    grids on every call, which cost more than the rest of a one-token route together.
+    """
+    flat = a.reshape(-1, a.shape[-1])
+    return flat[np.arange(flat.shape[0]), index.reshape(-1)].reshape(index.shape)
+
+
 def route(
     logits: np.ndarray,
     capacity: int,
@@ -48,24 +58,32 @@ def route(
     first = probs.argmax(axis=-1)  # [B, T]
     if allowed is None or allowed.all():
         choice = first
-        gate = np.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+        gate = pick(probs, choice)
     else:
         if not allowed.any():
             raise ValueError("route(): no expert is allowed in this layer")
         masked = np.where(allowed, probs, -1.0)
         choice = masked.argmax(axis=-1)
-        gate = np.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+        gate = pick(probs, choice)
         if renormalize:
             gate = gate / probs[..., allowed].sum(axis=-1)
-    e = probs.shape[-1]
-    onehot = np.eye(e, dtype=np.int64)[choice]  # [B, T, E]
-    priority = np.cumsum(onehot, axis=1)  # [B, T, E]
-    keep = np.take_along_axis(priority, choice[..., None], axis=-1)[..., 0] <= capacity
+    if probs.shape[1] == 1:  # one token a row (decoding): it is its expert's first, never over capacity
+        keep = np.full(choice.shape, capacity >= 1)
+    else:
+        e = probs.shape[-1]
+        onehot = np.eye(e, dtype=np.int64)[choice]  # [B, T, E]
+        priority = np.cumsum(onehot, axis=1)  # [B, T, E]
+        keep = pick(priority, choice) <= capacity
     return Routing(probs=probs, first_choice=first, choice=choice, gate=gate.astype(np.float32), keep=keep)
 
 
 def dispatch(routing: Routing, normed: np.ndarray, run_expert) -> np.ndarray:
     """Gate-weighted expert outputs [B, T, D]; ``run_expert(e, x[N, D]) -> y[N, D]``."""
+    if routing.choice.size == 1:  # one token (greedy decoding of one row): no gather or scatter
+        if not routing.keep.flat[0]:
+            return np.zeros_like(normed)
+        y = run_expert(int(routing.choice.flat[0]), normed.reshape(1, -1))
+        return (y * routing.gate.reshape(1, 1)).reshape(normed.shape)
     out = np.zeros_like(normed)
     flat_x = normed.reshape(-1, normed.shape[-1])  # [B*T, D]
     flat_out = out.reshape(-1, out.shape[-1])

@@ -77,6 +77,7 @@ class Policy:
         self.renormalize = renormalize
         self.counters = Counters()
         self._resize_lock = threading.Lock()
+        self._allowed_cache: dict[LayerKey, tuple] = {}
         self._filler: threading.Thread | None = None
         self._fill_stop = threading.Event()
         self.filled = threading.Event()
@@ -185,10 +186,9 @@ class Policy:
         return expert
 
     def _count_routing(self, routing, allowed: np.ndarray, layer: LayerEntry, token_mask) -> None:
-        valid = np.ones(routing.first_choice.shape, bool) if token_mask is None else token_mask
-        rerouted = int((~allowed[routing.first_choice]).sum())
-        first = routing.first_choice[valid]
-        hits = int(allowed[first].sum())
+        first = routing.first_choice.ravel() if token_mask is None else routing.first_choice[token_mask]
+        rerouted = routing.first_choice.size - int(np.count_nonzero(allowed[routing.first_choice]))
+        hits = int(np.count_nonzero(allowed[first]))
         missing = 0
         if self.residents.unavailable:
             bad = np.array([self.residents.is_unavailable(k) for k in layer.experts])
@@ -199,9 +199,18 @@ class Policy:
             self.counters.unavailable_hits += missing
             self.counters.rerouted += rerouted
 
+    def _allowed(self, lk: LayerKey, snapshot) -> np.ndarray:
+        """[E] bool of ``snapshot``'s experts, remembered while the layer's snapshot stays the same
+        object (the resident set publishes a new one on every change). Read-only."""
+        cached = self._allowed_cache.get(lk)
+        if cached is None or cached[0] is not snapshot:
+            cached = (snapshot, self.residents.allowed(lk, snapshot))
+            self._allowed_cache[lk] = cached
+        return cached[1]
+
     def _masked_moe(self, layer: LayerEntry, normed, logits, token_mask):
         m = self.residents.layer(layer.key)  # one consistent snapshot for this layer
-        allowed = self.residents.allowed(layer.key, m)
+        allowed = self._allowed(layer.key, m)
         if not allowed.any():
             raise ExpertUnavailableError(f"{layer.key}: no expert is resident or readable; cannot route.")
         r = route(logits, self.capacity, allowed, self.renormalize)

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,7 @@ class LoadedExpert:
     key: ExpertKey
     feeds: dict[str, np.ndarray]  # the expert kernel's weight inputs: wi[D, F], wo[F, D] (+ int8/int4 scales)
     nbytes: int
+    session: Any = None  # prepacked.py: the expert's own session (then feeds is empty)
 
     @property
     def wi(self) -> np.ndarray:

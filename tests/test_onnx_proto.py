@@ -11,7 +11,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("torch")
 
-from swapmoe_export import graphs, onnx_proto  # noqa: E402
+from swapmoe_export import fused, graphs, onnx_proto  # noqa: E402
 from swapmoe_export.reference import bucket_table  # noqa: E402
 
 CFG = SimpleNamespace(num_heads=2, d_kv=4, d_model=8, d_ff=64, num_experts=4, layer_norm_epsilon=1e-6,
@@ -45,6 +45,11 @@ def _every_kind_of_subgraph():
         *(graphs.expert_kernel_graph(32, 64, "gelu", dt) for dt in ("float32", "float16", "int8", "int4")),
         graphs.final_norm_graph("/encoder/final_norm", w(8), CFG, "float32"),
         graphs.lm_head_graph(w(8), w(20, 8), CFG, "float32"),
+        # issue 17: one graph per layer
+        fused.encoder_block_graph("/encoder/block.0", attn, {"layer_norm": w(8), "wi": w(64, 8), "wo": w(8, 64)}, CFG, "float32", False),
+        fused.encoder_block_graph("/encoder/block.1", attn, {"layer_norm": w(8), "classifier": w(4, 8)}, CFG, "float16", True),
+        fused.decoder_step_graph("/decoder/block.0", attn, attn, {"layer_norm": w(8), "wi": w(64, 8), "wo": w(8, 64)}, CFG, "float32", False),
+        fused.decoder_step_graph("/decoder/block.1", attn, attn, {"layer_norm": w(8), "classifier": w(4, 8), "classifier_bias": w(4)}, CFG, "float32", True),
     ]
 
 
@@ -65,7 +70,7 @@ def test_every_subgraph_serializes_to_the_onnx_packages_bytes(monkeypatch):
     monkeypatch.setattr(graphs, "helper", _onnx_package_helper())
     monkeypatch.setattr(graphs, "TensorProto", onnx.TensorProto)
     theirs = [g.proto.SerializeToString() for g in _every_kind_of_subgraph()]
-    assert len(ours) == len(theirs) == 18
+    assert len(ours) == len(theirs) == 22
     for a, b in zip(ours, theirs):
         assert a == b
     for a in ours:

@@ -1,0 +1,109 @@
+"""Fused subgraphs: a whole encoder block, or a whole decoder step of one layer, in one graph.
+
+Decoding one token is memory-bound, and each ONNX Runtime call costs tens of microseconds
+of Python and ORT bookkeeping on top of the weights it reads: a decoder layer used to be
+three calls (self-attention, cross-attention, FFN or router), now it is one. A sparse
+layer's graph ends at its router: it returns the residual stream (``hidden_out``), the
+normed FFN input and the router logits; the runtime adds the experts' output.
+
+Shapes: B batch, T query tokens, S source tokens, P past tokens, L = P + T, D d_model,
+H heads, K d_kv, E experts.
+"""
+
+from __future__ import annotations
+
+from .graphs import (F32, BuiltGraph, GraphBuilder, cross_attention_block, cross_attention_graph, cross_kv_graph,
+                     dense_ffn_block, dense_ffn_graph, router_block, router_graph, self_attention_block,
+                     self_attention_graph)
+
+
+PACKED_QKV = True  # decoder step graphs: q, k, v in one MatMul (bench_decode_pairs: see docs/results/decode.md)
+
+
+def _ffn_or_router(g: GraphBuilder, x: str, ffn: dict, cfg, sparse: bool) -> None:
+    d = cfg.d_model
+    if not sparse:
+        with g.sub("ffn"):
+            g.output(dense_ffn_block(g, x, ffn, cfg), "hidden_out", F32, ["B", "T", d])
+        return
+    with g.sub("moe"):
+        normed, logits = router_block(g, x, ffn, cfg)
+    g.output(x, "hidden_out", F32, ["B", "T", d])  # the residual the experts' output is added to
+    g.output(normed, "normed", F32, ["B", "T", d])
+    g.output(logits, "router_logits", F32, ["B", "T", cfg.num_experts])
+
+
+def encoder_block_graph(scope: str, attn: dict, ffn: dict, cfg, dtype: str, sparse: bool) -> BuiltGraph:
+    """hidden[B,S,D], attn_bias[B,H,S,S] -> hidden_out (dense) or hidden_out, normed, router_logits (sparse)."""
+    g = GraphBuilder(scope, dtype)
+    x = g.input("hidden", F32, ["B", "S", cfg.d_model])
+    bias = g.input("attn_bias", F32, ["B", cfg.num_heads, "S", "S"])
+    with g.sub("self_attn"):
+        x = self_attention_block(g, x, bias, attn, cfg)[0]
+    _ffn_or_router(g, x, ffn, cfg, sparse)
+    return g.model()
+
+
+def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict, cfg, dtype: str, sparse: bool) -> BuiltGraph:
+    """One decoder layer for T new tokens over a cache of P: self-attention (cache grows),
+    cross-attention, then the dense FFN or the sparse layer's norm and router.
+
+    Outputs: hidden_out, present_key/value [B,H,L,K], and if sparse normed, router_logits.
+    """
+    h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
+    g = GraphBuilder(scope, dtype)
+    x = g.input("hidden", F32, ["B", "T", d])
+    bias = g.input("attn_bias", F32, ["b", h, "T", "L"])
+    past = (g.input("past_key", F32, ["B", h, "P", k]), g.input("past_value", F32, ["B", h, "P", k]))
+    cross_bias = g.input("cross_bias", F32, ["B", 1, 1, "S"])
+    ck = g.input("cross_key", F32, ["B", h, "S", k])
+    cv = g.input("cross_value", F32, ["B", h, "S", k])
+    with g.sub("self_attn"):
+        x, key, val = self_attention_block(g, x, bias, self_attn, cfg, past, packed_qkv=PACKED_QKV)
+    with g.sub("cross_attn"):
+        x = cross_attention_block(g, x, cross_bias, ck, cv, cross_attn, cfg)
+    _ffn_or_router(g, x, ffn, cfg, sparse)
+    g.output(key, "present_key", F32, ["B", h, "L", k])
+    g.output(val, "present_value", F32, ["B", h, "L", k])
+    # Output order is the IO table's: hidden_out, present_key, present_value[, normed, router_logits].
+    order = ["hidden_out", "present_key", "present_value"] + (["normed", "router_logits"] if sparse else [])
+    outs = {o.name: o for o in g.outputs}
+    g.outputs[:] = [outs[n] for n in order]
+    return g.model()
+
+
+def add_layer_graphs(add, name: str, scope: str, stack: str, self_attn: dict, cross_attn: dict | None,
+                     ffn: dict, cfg, dtype: str, sparse: bool, fuse: bool = True) -> dict[str, str]:
+    """Write one layer's dense subgraphs through ``add(name, kind, graph)``; return its manifest parts.
+
+    Fused (schema 2): encoder {"block"}; decoder {"cross_kv", "step"} (cross_kv runs once
+    per request). ``fuse=False`` writes schema 1's separate parts (attn | self_attn,
+    cross_attn; ffn | router), which the runtime still reads: tests and A/B benchmarks.
+    ``ffn`` holds the FFN norm and wi/wo (dense) or the router classifier (sparse).
+    """
+    suffix = "_sparse" if sparse else ""
+    if not fuse:
+        return _split_layer_graphs(add, name, scope, stack, self_attn, cross_attn, ffn, cfg, dtype, sparse)
+    if stack == "encoder":
+        return {"block": add(f"{name}.block", f"enc_block{suffix}",
+                             encoder_block_graph(scope, self_attn, ffn, cfg, dtype, sparse))}
+    return {
+        "cross_kv": add(f"{name}.cross_kv", "cross_kv", cross_kv_graph(f"{scope}/cross_kv", cross_attn, cfg, dtype)),
+        "step": add(f"{name}.step", f"dec_step{suffix}",
+                    decoder_step_graph(scope, self_attn, cross_attn, ffn, cfg, dtype, sparse)),
+    }
+
+
+def _split_layer_graphs(add, name, scope, stack, self_attn, cross_attn, ffn, cfg, dtype, sparse) -> dict[str, str]:
+    parts: dict[str, str] = {}
+    if stack == "encoder":
+        parts["attn"] = add(f"{name}.attn", "attn", self_attention_graph(f"{scope}/self_attn", self_attn, cfg, dtype, with_cache=False))
+    else:
+        parts["self_attn"] = add(f"{name}.self_attn", "self_attn", self_attention_graph(f"{scope}/self_attn", self_attn, cfg, dtype, with_cache=True))
+        parts["cross_kv"] = add(f"{name}.cross_kv", "cross_kv", cross_kv_graph(f"{scope}/cross_kv", cross_attn, cfg, dtype))
+        parts["cross_attn"] = add(f"{name}.cross_attn", "cross_attn", cross_attention_graph(f"{scope}/cross_attn", cross_attn, cfg, dtype))
+    if sparse:
+        parts["router"] = add(f"{name}.router", "router", router_graph(f"{scope}/moe", ffn, cfg, dtype))
+    else:
+        parts["ffn"] = add(f"{name}.ffn", "ffn", dense_ffn_graph(f"{scope}/ffn", ffn, cfg, dtype))
+    return parts

@@ -1,0 +1,407 @@
+"""Decode speed against the memory-bandwidth floor, and against HF eager, for one artifact.
+
+    python scripts/bench_decode.py ARTIFACT [--checkpoint HF_DIR] [--threads 1 2 0]
+        [--tokens 32] [--requests 5] [--source-len 64] [--ttft-lengths 64 512]
+        [--before ARTIFACT2 --before-tree SRC] [--json OUT]
+
+For each thread count (0: all cores), each in a fresh process:
+- bandwidth: ONNX Runtime streaming 256 MiB of float32 MatMul weights for one token
+  (16 constant [1024, 4096] matrices, prepacked as the runtime's own) -> GB/s;
+- ours: the `full` policy at 100%, greedy decoding of --tokens tokens (no stop at EOS) on
+  --requests random inputs -> decode ms/token; TTFT (generate, one token) at each
+  --ttft-lengths; with --profile (thread count 1), where a token's time goes;
+- hf: HF eager `generate` on --checkpoint, same inputs and threads (when torch is installed).
+The floor is bytes_per_token / bandwidth (weights only; the caches' share is printed).
+``--before ART2 --before-tree SRC`` runs the `ours` step again with the code of another
+source tree (e.g. a worktree of an older commit) on ART2, alternating with ours, so that
+before/after are measured side by side.
+
+Times are medians (and minima) over requests; on a shared machine read the ratios, which
+come from one run, more than the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _inputs(vocab: int, eos: int, length: int, seed: int) -> list[int]:
+    import numpy as np
+
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, length - 1)] + [eos]
+
+
+# -- phases (each runs in its own process) -------------------------------------------------------
+
+
+def phase_bandwidth(threads: int, runs: int = 20) -> dict:
+    """ORT's streaming rate for one token through big constant MatMuls, and the cost of one call."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from swapmoe_edge.sessions import session_options
+
+    d, f, n = 1024, 4096, 16
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((d, f), dtype=np.float32), f"w{i}") for i in range(n)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(n)]
+    nodes.append(helper.make_node("Sum", [f"y{i}" for i in range(n)], ["y"]))
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, f])
+    model = helper.make_model(helper.make_graph(nodes, "stream", [x_info], [y_info], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    opts = session_options(threads or None)
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del inits, model
+    x = np.ones((1, d), np.float32)
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t)
+    nbytes = d * f * 4 * n
+    # One ORT call that does nothing: the fixed price of a session run from Python.
+    ident = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x_info],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, d])]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    ident.ir_version = 8
+    tiny = ort.InferenceSession(ident.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    call = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(1000):
+            tiny.run(None, {"x": x})
+        call.append((time.perf_counter() - t) / 1000)
+    return {"bytes": nbytes, "gbps_median": nbytes / statistics.median(times) / 1e9,
+            "gbps_best": nbytes / min(times) / 1e9, "empty_call_us": min(call) * 1e6}
+
+
+def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_len: int,
+               ttft_lengths: list[int], profile: bool, prepack: str | None = None) -> dict:
+    import numpy as np
+
+    from swapmoe_edge import memory
+    from swapmoe_edge.generate import greedy_search
+    from swapmoe_edge.runtime import Runtime, RuntimeConfig, _Decoder
+
+    t0 = time.perf_counter()
+    extra = {"prepack_experts": prepack} if prepack else {}  # absent from older trees' RuntimeConfig
+    rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None, **extra))
+    load_s = time.perf_counter() - t0
+    c = rt.manifest.config
+    model = rt.model
+    timers = _install_profile(rt) if profile else None
+
+    def decode_once(seed: int) -> tuple[list[int], float]:
+        row = np.array([_inputs(c.vocab_size, c.eos_token_id, source_len, seed)])
+        mask = np.ones_like(row)
+        state = model.start_decoder(model.encode(row, mask), mask)
+        stamps: list[float] = []
+        out = greedy_search(_Decoder(model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1,
+                            pad_id=c.pad_token_id, max_new_tokens=tokens, no_repeat_ngram_size=rt.no_repeat_ngram_size,
+                            on_token=lambda step: stamps.append(time.perf_counter()))
+        return out[0], (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+
+    decode_once(1000)  # warm-up
+    if timers is not None:
+        timers.clear()
+    per_request, first_tokens = [], None
+    for i in range(requests):
+        toks, ms = decode_once(i)
+        per_request.append(ms)
+        first_tokens = first_tokens or toks
+    result = {"load_s": load_s, "decode_ms": per_request, "tokens": first_tokens,
+              "baseline_bytes": rt.baseline, "peak_rss_bytes": memory.peak_rss()}
+    if timers is not None:
+        steps = requests * tokens  # decode() of every step, the first included
+        result["profile_ms_per_token"] = {k: v * 1e3 / steps for k, v in timers.items()}
+        result["profile_calls_per_token"] = {k: n / steps for k, n in timers.counts.items()}
+    ttft = {}
+    for length in ttft_lengths:
+        length = min(length, rt.config.max_source_tokens)
+        rows = [_inputs(c.vocab_size, c.eos_token_id, length, 500 + i) for i in range(requests + 1)]
+        ms = [rt.generate([r], max_new_tokens=1)[0].stats["ttft_ms"] for r in rows]
+        ttft[str(length)] = ms[1:]
+    result["ttft_ms"] = ttft
+    rt.close()
+    return result
+
+
+class _Timers(dict):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, dt: float, calls: int = 1) -> None:
+        self[key] = self.get(key, 0.0) + dt
+        self.counts[key] = self.counts.get(key, 0) + calls
+
+    def clear(self) -> None:
+        super().clear()
+        self.counts.clear()
+
+
+def _install_profile(rt) -> _Timers:
+    """Time every decoder-side ORT call by subgraph kind, the expert kernel, and the routing glue.
+
+    The encoder's calls are timed too but only decode steps are counted per token: the profile
+    wraps only calls made while a decode step runs.
+    """
+    timers = _Timers()
+    sessions, policy, model = rt.sessions, rt.policy, rt.model
+    run, kernel, decode = sessions.run, policy.kernel, model.decode
+    active = [False]
+    in_moe = [0.0]
+
+    def timed_run(name, feeds):
+        if not active[0]:
+            return run(name, feeds)
+        t = time.perf_counter()
+        out = run(name, feeds)
+        timers.add(f"ort:{name.rsplit('.', 1)[-1]}", time.perf_counter() - t)
+        return out
+
+    def timed_kernel(expert, x):
+        t = time.perf_counter()
+        out = kernel(expert, x)
+        dt = time.perf_counter() - t
+        if active[0]:
+            timers.add("ort:expert_kernel", dt)
+            in_moe[0] += dt
+        return out
+
+    moe = model.moe
+
+    def timed_moe(layer, normed, logits, mask):
+        in_moe[0] = 0.0
+        t = time.perf_counter()
+        out = moe(layer, normed, logits, mask)
+        if active[0]:
+            timers.add("python:routing+dispatch", time.perf_counter() - t - in_moe[0])
+        return out
+
+    def timed_decode(ids, state, capture=None):
+        active[0] = True
+        t = time.perf_counter()
+        try:
+            return decode(ids, state, capture)
+        finally:
+            active[0] = False
+            timers.add("decode() total", time.perf_counter() - t)
+
+    sessions.run, policy.kernel, model.moe, model.decode = timed_run, timed_kernel, timed_moe, timed_decode
+    return timers
+
+
+HF_PHASE = r"""
+import copy, json, sys, time, statistics
+sys.path.insert(0, sys.argv[7])
+import numpy as np, torch
+from transformers import LogitsProcessor, LogitsProcessorList, SwitchTransformersForConditionalGeneration
+from scripts.bench_decode import _inputs
+ckpt, threads, tokens, requests, source_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+lengths = [int(x) for x in sys.argv[6].split(",") if x]
+if threads > 0:
+    torch.set_num_threads(threads)
+t0 = time.perf_counter()
+model = SwitchTransformersForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+load_s = time.perf_counter() - t0
+c = model.config
+cfg = copy.deepcopy(model.generation_config)
+cfg.do_sample = False  # min_new_tokens: n steps like ours (eos_id=-1); it bans EOS, so tokens agree up to ours' first EOS
+stamps = []
+class Clock(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        stamps.append(time.perf_counter())
+        return scores
+def gen(row, n):
+    stamps.clear()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([row]), generation_config=cfg, max_new_tokens=n, min_new_tokens=n,
+                             logits_processor=LogitsProcessorList([Clock()]))
+    return out[0, 1:].tolist()
+gen(_inputs(c.vocab_size, c.eos_token_id, source_len, 1000), tokens)  # warm-up (weights are mapped lazily)
+decode, first = [], None
+for i in range(requests):
+    toks = gen(_inputs(c.vocab_size, c.eos_token_id, source_len, i), tokens)
+    first = first or toks
+    decode.append((stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3)
+ttft = {}
+for n in lengths:
+    ms = []
+    for i in range(requests + 1):
+        row = _inputs(c.vocab_size, c.eos_token_id, n, 500 + i)
+        t = time.perf_counter(); gen(row, 1); ms.append((time.perf_counter() - t) * 1e3)
+    ttft[str(n)] = ms[1:]
+print(json.dumps({"load_s": load_s, "decode_ms": decode, "tokens": first, "ttft_ms": ttft}))
+"""
+
+
+# -- orchestration -----------------------------------------------------------------------------------
+
+
+def _child(args: list[str], tree: Path | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree or ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_decode: child {' '.join(args[:4])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _me(phase: str, *extra: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--phase", phase, *extra]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", nargs="?")
+    ap.add_argument("--checkpoint", help="the HF checkpoint of the artifact: adds HF eager generate")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 0], help="thread counts (0: all cores)")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--source-len", type=int, default=64)
+    ap.add_argument("--ttft-lengths", type=int, nargs="*", default=[64, 512])
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--prepack-experts", choices=["auto", "on", "off"], help="RuntimeConfig.prepack_experts for ours (default: the runtime's)")
+    ap.add_argument("--before", help="an artifact to run with --before-tree's code, side by side")
+    ap.add_argument("--before-tree", help="source tree (holding swapmoe_edge/) for --before")
+    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--phase", choices=["bandwidth", "ours", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.phase == "bandwidth":
+        print(json.dumps(phase_bandwidth(a.threads[0])))
+        return {}
+    if a.phase == "ours":
+        print(json.dumps(phase_ours(a.artifact, a.threads[0], a.tokens, a.requests, a.source_len, a.ttft_lengths, a.profile,
+                                    a.prepack_experts)))
+        return {}
+    if not a.artifact:
+        ap.error("give an artifact directory")
+    from swapmoe_edge.decode_floor import bytes_per_token
+    from swapmoe_edge.manifest import load_manifest
+
+    m = load_manifest(a.artifact)
+    tb = bytes_per_token(m)
+    limit = int(m.extra.get("max_source_tokens", 512))  # the runtime's input limit: HF gets the same inputs
+    a.ttft_lengths = sorted({min(n, limit) for n in a.ttft_lengths})
+    a.eos = m.config.eos_token_id
+    common = ["--tokens", str(a.tokens), "--requests", str(a.requests), "--source-len", str(a.source_len),
+              "--ttft-lengths", *map(str, a.ttft_lengths)]
+    report: dict = {"artifact": str(a.artifact), "prepack_experts": a.prepack_experts, "bytes_per_token": tb.weights, "bytes_total": tb.total,
+                    "ort_calls_per_token": tb.ort_calls, "cores": os.cpu_count(), "runs": {}}
+    try:
+        import torch  # noqa: F401
+        has_torch = True
+    except ImportError:
+        has_torch = False
+    for threads in a.threads:
+        th = ["--threads", str(threads)]
+        row: dict = {"bandwidth": _child(_me("bandwidth", *th))}
+        pre = ["--prepack-experts", a.prepack_experts] if a.prepack_experts else []
+        row["ours"] = _child(_me("ours", a.artifact, *th, *common, *pre))
+        if threads == 1 and not a.no_profile:  # its own run: the timers add a little to every call
+            row["profile"] = _child(_me("ours", a.artifact, *th, *common, *pre, "--profile"))
+        if a.before:
+            row["before"] = _child(_me("ours", a.before, *th, *common), Path(a.before_tree) if a.before_tree else None)
+            row["ours_again"] = _child(_me("ours", a.artifact, *th, *common, *pre))  # A-B-A: drift shows
+        if a.checkpoint and has_torch:
+            row["hf"] = _child([sys.executable, "-c", HF_PHASE, a.checkpoint, str(threads), str(a.tokens),
+                                str(a.requests), str(a.source_len), ",".join(map(str, a.ttft_lengths)), str(ROOT)])
+        row["summary"] = _summarise(row, tb.total, tb.cache_per_past_token, a)
+        row["summary"]["ort_calls_per_token"] = tb.ort_calls
+        row["summary"]["empty_call_share"] = tb.ort_calls * row["bandwidth"]["empty_call_us"] / 1e3 / row["summary"]["decode_ms"]
+        report["runs"][str(threads)] = row
+        _print_row(threads, row["summary"])
+    if a.checkpoint and not has_torch:
+        report["hf"] = "not measured: torch is not installed"
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _summarise(row: dict, weights: int, cache_per_token: int, a) -> dict:
+    med = statistics.median
+    bw = row["bandwidth"]
+    ours = med(row["ours"]["decode_ms"])
+    floor = weights / (bw["gbps_median"] * 1e9) * 1e3
+    floor_best = weights / (bw["gbps_best"] * 1e3 * 1e6) * 1e3
+    mean_past = a.tokens / 2
+    s = {"decode_ms": ours, "decode_ms_min": min(row["ours"]["decode_ms"]), "floor_ms": floor,
+         "floor_ms_best_bandwidth": floor_best, "ratio_to_floor": ours / floor,
+         "ratio_best_to_best": min(row["ours"]["decode_ms"]) / floor_best,
+         "gbps_median": bw["gbps_median"], "gbps_best": bw["gbps_best"], "empty_call_us": bw["empty_call_us"],
+         "cache_share_of_bytes": cache_per_token * (mean_past + a.source_len) / weights,
+         "ttft_ms": {k: med(v) for k, v in row["ours"]["ttft_ms"].items()}}
+    if "hf" in row:
+        hf = med(row["hf"]["decode_ms"])
+        s.update(hf_decode_ms=hf, hf_over_ours_decode=hf / ours,
+                 hf_ttft_ms={k: med(v) for k, v in row["hf"]["ttft_ms"].items()},
+                 hf_over_ours_ttft={k: med(row["hf"]["ttft_ms"][k]) / med(v) for k, v in row["ours"]["ttft_ms"].items()},
+                 same_tokens_as_hf=_same_until_eos(row["ours"]["tokens"], row["hf"]["tokens"], a.eos))
+    if "before" in row:
+        after = med(row["ours"]["decode_ms"] + row["ours_again"]["decode_ms"])
+        s.update(before_decode_ms=med(row["before"]["decode_ms"]), after_decode_ms=after,
+                 before_decode_ms_min=min(row["before"]["decode_ms"]),
+                 after_decode_ms_min=min(row["ours"]["decode_ms"] + row["ours_again"]["decode_ms"]),
+                 before_over_after=med(row["before"]["decode_ms"]) / after,
+                 before_ttft_ms={k: med(v) for k, v in row["before"]["ttft_ms"].items()},
+                 same_tokens_as_before=row["before"]["tokens"] == row["ours"]["tokens"])
+    prof = row.get("profile", row["ours"])
+    if "profile_ms_per_token" in prof:
+        s["profile_ms_per_token"] = prof["profile_ms_per_token"]
+        s["profile_calls_per_token"] = prof["profile_calls_per_token"]
+    return s
+
+
+def _same_until_eos(ours: list[int], hf: list[int], eos: int) -> bool:
+    """HF ran with min_new_tokens (EOS banned) to time n steps: compare up to ours' first EOS."""
+    k = ours.index(eos) if eos in ours else len(ours)
+    return ours[:k] == hf[:k]
+
+
+def _print_row(threads: int, s: dict) -> None:
+    label = threads or f"all ({os.cpu_count()})"
+    print(f"threads {label}: decode {s['decode_ms']:.2f} ms/token (min {s['decode_ms_min']:.2f}); "
+          f"floor {s['floor_ms']:.2f} ms at {s['gbps_median']:.1f} GB/s (best {s['gbps_best']:.1f}); "
+          f"ratio {s['ratio_to_floor']:.2f}x (best/best {s['ratio_best_to_best']:.2f}x); "
+          f"TTFT {', '.join(f'{k}: {v:.1f} ms' for k, v in s['ttft_ms'].items())}", flush=True)
+    print(f"  {s['ort_calls_per_token']} ORT calls/token x {s['empty_call_us']:.1f} us (an empty call) = "
+          f"{s['empty_call_share']:.0%} of the token; caches are {s['cache_share_of_bytes']:.1%} of the weight bytes", flush=True)
+    if "hf_decode_ms" in s:
+        print(f"  HF eager: decode {s['hf_decode_ms']:.2f} ms/token ({s['hf_over_ours_decode']:.2f}x ours); TTFT "
+              + ", ".join(f"{k}: {v:.1f} ms ({s['hf_over_ours_ttft'][k]:.2f}x ours)" for k, v in s["hf_ttft_ms"].items())
+              + f"; same tokens: {s['same_tokens_as_hf']}", flush=True)
+    if "before_decode_ms" in s:
+        print(f"  before: decode {s['before_decode_ms']:.2f} ms/token (min {s['before_decode_ms_min']:.2f}), "
+              f"after {s['after_decode_ms']:.2f} (min {s['after_decode_ms_min']:.2f}): {s['before_over_after']:.2f}x; "
+              f"TTFT before {', '.join(f'{k}: {v:.1f} ms' for k, v in s['before_ttft_ms'].items())}; "
+              f"same tokens: {s['same_tokens_as_before']}", flush=True)
+    if "profile_ms_per_token" in s:
+        prof = s["profile_ms_per_token"]
+        total = prof.get("decode() total", 0.0)
+        parts = {k: v for k, v in prof.items() if k != "decode() total"}
+        print(f"  profile of decode() ({total:.2f} ms/token; the search loop outside it is the rest of the token):")
+        for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+            calls = s["profile_calls_per_token"].get(k, 0)
+            print(f"    {k:28s} {v:7.3f} ms  ({calls:.1f} calls)")
+        print(f"    {'python: layer loop, other':28s} {total - sum(parts.values()):7.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
