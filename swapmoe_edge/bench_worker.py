@@ -90,7 +90,7 @@ def main(spec: dict) -> None:
         sampler.start()
     deadline = time.time() + spec["duration_s"] if spec.get("duration_s") else None
     i = 0
-    while i < len(rows) or deadline is not None:
+    while i < spec["requests"] or deadline is not None:  # requests cycle through the input pool
         if deadline is not None and time.time() > deadline:
             break
         k = i % len(rows)
