@@ -34,7 +34,7 @@ def main() -> None:
                 tokens = r["read_bytes_per_token"] or 0
                 print(f"  on-demand {r['budget']:>6} {r['flash_mbps']:>6g} MB/s: decode/prune {r['decode_vs_prune']:.2f}, "
                       f"TTFT/prune {r['ttft_vs_prune']:.1f}, stall {r['stall_ms']:.0f} ms/request, "
-                      f"{tokens / 2**20:.0f} MiB read per token")
+                      f"{tokens / 2**20:.0f} MiB read per token (fill included)")
         for r in rows:
             if r["budget"] == "4.7GiB" and r["flash_mbps"] == 250:
                 print(f"  launch->first token {r['policy']} 4.7GiB 250 MB/s: {r['launch_to_first_token_s']:.2f} s")
