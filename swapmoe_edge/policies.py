@@ -124,19 +124,26 @@ class Policy:
             if key in self.residents or len(self.residents.layer(lk)) >= self.counts.get(lk, 0):
                 continue
             try:
-                expert = self.store.read(key)  # outside the lock: the token loop goes on
-            except ExpertReadError as e:
-                log.warning("%s; marking it unavailable", e)
-                self.residents.mark_unavailable(key)
-                continue
+                expert = self._read_off_loop(key)  # outside the lock: the token loop goes on
             except Exception:
                 log.exception("filler: reading %s failed", key.name)
+                continue
+            if expert is None:
                 continue
             with self._resize_lock:  # the budget may have shrunk or another thread admitted it meanwhile
                 if key not in self.residents and len(self.residents.layer(lk)) < self.counts.get(lk, 0):
                     self.residents.put(expert)
                     self._admitted(key)
         self.filled.set()
+
+    def _read_off_loop(self, key: ExpertKey) -> LoadedExpert | None:
+        """Read ``key`` on a background thread; an unreadable expert is marked so (never planned again)."""
+        try:
+            return self.store.read(key)
+        except ExpertReadError as e:
+            log.warning("%s; marking it unavailable", e)
+            self.residents.mark_unavailable(key)
+            return None
 
     def _admitted(self, key: ExpertKey) -> None:
         """Hook: an expert became resident outside the token loop."""
@@ -421,12 +428,8 @@ class SwapMoEPolicy(Policy):
             s = self.begin(s)
             if s is None:
                 continue
-            key = ExpertKey(s.layer.stack, s.layer.layer, s.admit)
-            try:
-                expert = self.store.read(key)  # outside every lock: the token loop goes on
-            except ExpertReadError as e:
-                log.warning("%s; marking it unavailable", e)
-                self.residents.mark_unavailable(key)
+            expert = self._read_off_loop(ExpertKey(s.layer.stack, s.layer.layer, s.admit))  # outside every lock
+            if expert is None:
                 continue
             done += self.apply(s, expert)
         return done
