@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,7 +83,10 @@ def run_worker(spec: CellSpec, box: DeviceBox | None, timeout_s: float, log: Log
     cmd = [sys.executable, "-m", "swapmoe_edge.bench_worker", json.dumps(payload)]
     events: list[dict] = []
     at_ready = at_filled = None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    # stderr goes to a file, not a pipe: nobody reads it while the worker runs, and a long run's
+    # warnings (one per truncated input) would fill a pipe and block the worker.
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
                             preexec_fn=box.join if box else None)
     deadline = time.time() + timeout_s
     timed_out = False
@@ -111,10 +115,13 @@ def run_worker(spec: CellSpec, box: DeviceBox | None, timeout_s: float, log: Log
             proc.kill()
             break
     try:
-        stderr = proc.communicate(timeout=30)[1]
+        proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        stderr = proc.communicate()[1]
+        proc.communicate()
+    with err:
+        err.seek(0)
+        stderr = err.read()
     return {"events": events, "returncode": proc.returncode, "timed_out": timed_out, "stderr_tail": stderr[-2000:],
             "counters": asdict(box.counters()) if box else None,
             "counters_at_ready": asdict(at_ready) if at_ready else None,

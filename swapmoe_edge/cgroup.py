@@ -104,8 +104,9 @@ def _mounts(mountinfo: str) -> list[tuple[str, str, str, set[str]]]:
     return out
 
 
-def _cgroup_dirs(proc_cgroup: str, mountinfo: str) -> list[tuple[int, Path, Path]]:
-    """(version, leaf directory, mount point) for the memory hierarchies this process is in."""
+def _cgroup_dirs(proc_cgroup: str, mountinfo: str, controller: str = "memory") -> list[tuple[int, Path, Path]]:
+    """(version, leaf directory, mount point) for the v2 hierarchy and the v1 hierarchy of
+    ``controller`` that this process is in."""
     mounts = _mounts(mountinfo)
     found = []
     for line in proc_cgroup.splitlines():
@@ -115,8 +116,8 @@ def _cgroup_dirs(proc_cgroup: str, mountinfo: str) -> list[tuple[int, Path, Path
         hid, controllers, path = parts
         if hid == "0" and controllers == "":
             version, matches = 2, [m for m in mounts if m[0] == "cgroup2"]
-        elif "memory" in controllers.split(","):
-            version, matches = 1, [m for m in mounts if m[0] == "cgroup" and "memory" in m[3]]
+        elif controller in controllers.split(","):
+            version, matches = 1, [m for m in mounts if m[0] == "cgroup" and controller in m[3]]
         else:
             continue
         for _, root, point, _ in matches:
@@ -157,12 +158,8 @@ def memory_limits(proc: str | Path = "/proc/self") -> list[CgroupMemory]:
     limit (a container's, a systemd slice's) binds its children too. Returns [] when no
     cgroup filesystem is mounted or nothing is limited.
     """
-    proc = Path(proc)
-    try:
-        dirs = _cgroup_dirs((proc / "cgroup").read_text(), (proc / "mountinfo").read_text())
-    except OSError:
-        return []
     out = []
+    dirs = _self_dirs(proc, "memory")
     for version, leaf, point in dirs:
         d = leaf
         while True:
@@ -180,33 +177,22 @@ def tightest(limits: list[CgroupMemory]) -> CgroupMemory | None:
     return min(limits, key=lambda c: c.headroom, default=None)
 
 
-def self_cgroup_dir(controller: str, proc: str | Path = "/proc/self") -> Path | None:
-    """This process's directory in the v1 hierarchy of ``controller`` (``memory``, ``blkio``), or None."""
+def _self_dirs(proc: str | Path, controller: str) -> list[tuple[int, Path, Path]]:
     proc = Path(proc)
     try:
-        mounts = _mounts((proc / "mountinfo").read_text())
-        lines = (proc / "cgroup").read_text().splitlines()
+        return _cgroup_dirs((proc / "cgroup").read_text(), (proc / "mountinfo").read_text(), controller)
     except OSError:
-        return None
-    for line in lines:
-        parts = line.strip().split(":", 2)
-        if len(parts) == 3 and controller in parts[1].split(","):
-            for fstype, root, point, opts in mounts:
-                if fstype == "cgroup" and controller in opts:
-                    rel = parts[2][len(root):] if root != "/" and parts[2].startswith(root) else parts[2]
-                    d = Path(point) / rel.lstrip("/")
-                    return d if d.is_dir() else Path(point)
-    return None
+        return []
+
+
+def self_cgroup_dir(controller: str, proc: str | Path = "/proc/self") -> Path | None:
+    """This process's directory in the v1 hierarchy of ``controller`` (``memory``, ``blkio``), or None."""
+    return next((leaf for v, leaf, _ in _self_dirs(proc, controller) if v == 1), None)
 
 
 def unified_dir(proc: str | Path = "/proc/self") -> Path | None:
     """This process's cgroup v2 directory, or None where there is no v2 hierarchy."""
-    proc = Path(proc)
-    try:
-        dirs = _cgroup_dirs((proc / "cgroup").read_text(), (proc / "mountinfo").read_text())
-    except OSError:
-        return None
-    return next((leaf for v, leaf, _ in dirs if v == 2), None)
+    return next((leaf for v, leaf, _ in _self_dirs(proc, "memory") if v == 2), None)
 
 
 def is_root() -> bool:

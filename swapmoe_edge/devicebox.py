@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cgroup import _mounts, is_root, self_cgroup_dir, unified_dir
+from .cgroup import is_root, self_cgroup_dir, unified_dir
 from .errors import SwapMoEError
 
 
@@ -156,9 +156,6 @@ class DeviceBox:
         hits = raw.limit_hits if self.version == 1 else raw.limit_hits - b.limit_hits
         return BoxCounters(raw.read_bytes - b.read_bytes, raw.peak_memory, raw.oom_kills - b.oom_kills, hits)
 
-    def memory_now(self) -> int:
-        return _int(self.mem / ("memory.usage_in_bytes" if self.version == 1 else "memory.current"))
-
     def join(self) -> None:
         """For ``preexec_fn``: move the calling (child) process into the box before it execs."""
         pid = str(os.getpid())
@@ -250,14 +247,3 @@ def _io_bytes_v2(path: Path, device: str) -> int:
     except OSError:
         pass
     return 0
-
-
-def controllers_summary() -> str:
-    """What this machine offers, for error messages and `swapmoe bench --check`."""
-    try:
-        mounts = _mounts(Path("/proc/self/mountinfo").read_text())
-    except OSError:
-        return "no /proc/self/mountinfo"
-    v1 = sorted({c for t, _, _, opts in mounts if t == "cgroup" for c in opts if c in ("memory", "blkio")})
-    v2 = unified_dir()
-    return f"cgroup v1 controllers: {', '.join(v1) or 'none'}; cgroup v2: {v2 or 'not mounted'}; root: {is_root()}"

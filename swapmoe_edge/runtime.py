@@ -203,6 +203,7 @@ class Runtime:
         self.norms = {lk: np.array([m.experts[k].norm for k in m.layer(lk.stack, lk.layer).experts]) for lk in self.sparse}
         self.profile = profile or self._load_profile()
         self.store = store or ExpertStore(m, verify=config.verify, read_mode=config.read_mode)
+        self._dense_files = [rel for rel in m.files if not rel.startswith("experts/")]
         prefetch = None
         if config.cold_start == "background" and isinstance(self.store, ExpertStore):
             # While ORT builds sessions (CPU), read ahead the dense files and each layer's first
@@ -211,8 +212,7 @@ class Runtime:
             # Embedding tables are gathered row by row from ORT's lazy mapping: a request reads
             # only the rows of its tokens (of 2 x 99 MB at switch-base size), so they stay on flash.
             lazy = {f for sg in m.subgraphs.values() if sg.name.endswith(".embed") for f in (sg.file, sg.file + ".data")}
-            prefetch = StartupPrefetch(self.store, [m.path(rel) for rel in m.files
-                                                    if not rel.startswith("experts/") and rel not in lazy],
+            prefetch = StartupPrefetch(self.store, [m.path(rel) for rel in self._dense_files if rel not in lazy],
                                        [m.layer(lk.stack, lk.layer).experts[int(np.argmax(first[lk]))] for lk in self.sparse])
         self.sessions = DenseSessions(m, threads=threads, providers=self.providers,
                                       provider_options=self.provider_options)
@@ -566,7 +566,7 @@ class Runtime:
         """After the first token ORT has mapped or copied every dense page it needs; the rest
         of the dense files' cached pages would only count against a device's memory limit.
         (Dropped earlier, pages ORT maps lazily had to come off flash again in the first request.)"""
-        pagecache.drop(self.manifest.path(rel) for rel in self.manifest.files if not rel.startswith("experts/"))
+        pagecache.drop(self.manifest.path(rel) for rel in self._dense_files)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until a background cold start has filled the start set (True) or ``timeout`` passed."""

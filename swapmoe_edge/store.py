@@ -124,7 +124,7 @@ class ExpertStore:
         except OSError as e:
             raise ExpertReadError(key, path, str(e)) from e
         if got != entry.nbytes:
-            raise ExpertReadError(key, path, f"read {got} of {entry.nbytes} bytes; the file is truncated. Export the model again.")
+            raise _truncated(key, path, got, entry.nbytes)
         return buf
 
     def _read_direct(self, key: ExpertKey, path, nbytes: int, own_mapping: bool) -> np.ndarray:
@@ -158,7 +158,7 @@ class ExpertStore:
         finally:
             os.close(fd)
         if got < nbytes:
-            raise ExpertReadError(key, path, f"read {got} of {nbytes} bytes; the file is truncated. Export the model again.")
+            raise _truncated(key, path, got, nbytes)
         return whole[:nbytes]
 
     def read(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert:
@@ -235,6 +235,10 @@ class StartupPrefetch:
 
 class _DirectUnsupported(Exception):
     pass
+
+
+def _truncated(key: ExpertKey, path, got: int, nbytes: int) -> ExpertReadError:
+    return ExpertReadError(key, path, f"read {got} of {nbytes} bytes; the file is truncated. Export the model again.")
 
 
 def anonymous_buffer(nbytes: int) -> np.ndarray:
