@@ -15,14 +15,14 @@ from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_edge.store import ExpertStore  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
 
-from tiny import tiny_model  # noqa: E402
+from tiny import save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
     root = tmp_path_factory.mktemp("devstart")
-    tiny_model(seed=41, num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2).save_pretrained(root / "ckpt")
-    export_checkpoint(root / "ckpt", root / "art", quiet=True)
+    ckpt = save_tiny(root / "ckpt", seed=41, num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
+    export_checkpoint(ckpt, root / "art", quiet=True)
     return root / "art"
 
 
