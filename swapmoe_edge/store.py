@@ -66,7 +66,8 @@ class ExpertStore:
     ``read_mode`` decides whether an expert also stays in the page cache after it is read:
     on a device the cache is charged to the same memory (a cgroup limit counts it) and
     an expert held twice, once in our buffer and once in the cache, costs the budget
-    double until the kernel reclaims it. ``"fadvise"`` (default) reads through the cache
+    double until the kernel reclaims it. ``"fadvise"`` (this class's default; the runtime's,
+    ``RuntimeConfig.read_mode``, is ``"direct"``) reads through the cache
     and drops the file's pages at once (``POSIX_FADV_DONTNEED``); ``"direct"`` reads with
     ``O_DIRECT`` and never fills the cache (falls back to fadvise where the filesystem
     refuses it, e.g. tmpfs); ``"cached"`` leaves the pages to the kernel (what a dev box
