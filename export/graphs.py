@@ -22,6 +22,7 @@ from .onnx_proto import TensorProto
 
 OPSET = 17
 OPSET_INT4 = 18  # BitwiseAnd arrived in opset 18; only int4 expert graphs need it
+MS = "com.microsoft"  # ONNX Runtime's contrib ops (fused attention and RMS norm), version 1
 EXTERNAL_MIN_BYTES = 1 << 20
 _NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -113,7 +114,10 @@ class GraphBuilder:
 
     def model(self, opset: int = OPSET) -> "BuiltGraph":
         graph = helper.make_graph(self.nodes, self.scope.strip("/").replace("/", "."), self.inputs, self.outputs, self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="swapmoe_export")
+        opsets = [helper.make_opsetid("", opset)]
+        if any(n.domain == MS for n in self.nodes):
+            opsets.append(helper.make_opsetid(MS, 1))
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="swapmoe_export")
         m.ir_version = 8
         return BuiltGraph(m, self.blobs)
 
@@ -126,6 +130,30 @@ class GraphBuilder:
         var_eps = self.op("Add", [var, self.const(np.float32(eps), np.float32, "eps")], hint=f"{hint}/eps")
         inv = self.op("Reciprocal", [self.op("Sqrt", [var_eps], hint=f"{hint}/sqrt")], hint=f"{hint}/rsqrt")
         return self.op("Mul", [w, self.op("Mul", [x, inv], hint=f"{hint}/scale")], hint=f"{hint}/weight")
+
+    def rms_norm_op(self, x: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> str:
+        """``rms_norm`` as one ONNX Runtime node (SimplifiedLayerNormalization): x / sqrt(mean(x^2) + eps) * w."""
+        w = self.weight(f"{hint}.weight", weight)
+        return self.op("SimplifiedLayerNormalization", [x, w], hint=hint, axis=-1, epsilon=float(eps), stash_type=1)
+
+    def skip_rms_norm(self, x: str, skip: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> tuple[str, str]:
+        """(x + skip, rms_norm(x + skip)) as one node: a residual add and the next block's norm."""
+        w = self.weight(f"{hint}.weight", weight)
+        normed, total = self._name(f"{hint}_out"), self._name(f"{hint}_sum")
+        self.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, skip, w], [normed, "", "", total],
+                                           name=f"{self.scope}/{hint}/SkipSimplifiedLayerNormalization_{self._n}",
+                                           domain=MS, epsilon=float(eps)))
+        return total, normed
+
+    def mha(self, q: str, k: str, v: str, bias: str, h: int, past: tuple[str, str] | None = None,
+            hint: str = "attn") -> list[str]:
+        """softmax(q k^T + bias) v over H heads in one node (com.microsoft MultiHeadAttention), no
+        1/sqrt(K) scaling. q [B,T,H*K]; k, v [B,T,H*K] (then ``past`` [B,H,P,K] is prepended and
+        the grown [B,H,L,K] are returned too) or already split [B,H,S,K]; bias [B|1, H|1, T, L].
+        Returns [context [B,T,H*K]] or [context, key, value]."""
+        ins = [q, k, v, "", "", bias] + (list(past) if past else [])
+        out = self.op("MultiHeadAttention", ins, hint=hint, n_out=3 if past else 1, domain=MS, num_heads=h, scale=1.0)
+        return [out] if isinstance(out, str) else out
 
     def linear(self, x: str, w_torch: np.ndarray, name: str, bias: np.ndarray | None = None, external: dict | None = None) -> str:
         w = self.weight(f"{name}.weight", np.ascontiguousarray(w_torch.T), external)
