@@ -20,9 +20,10 @@ from .graphs import (F32, BuiltGraph, GraphBuilder, cross_attention_block, cross
 
 
 PACKED_QKV = True  # decoder step graphs: q, k, v in one MatMul (bench_decode_pairs: see docs/results/decode.md)
-# Decoder step graphs from ONNX Runtime's fused nodes (MultiHeadAttention, SimplifiedLayerNormalization,
-# SkipSimplifiedLayerNormalization): 14 nodes a dense layer instead of 56. After each weight stream
-# the caches are cold, and every small node then costs several microseconds (docs/results/decode.md).
+# Layer graphs (encoder blocks, decoder steps) from ONNX Runtime's fused nodes (MultiHeadAttention,
+# SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization): 18 nodes a dense decoder layer instead
+# of 56. After each weight stream the caches are cold, and every small node then costs several
+# microseconds (docs/results/decode.md). False: standard ONNX ops only (tests, A/B runs).
 CONTRIB_OPS = True
 
 
@@ -44,9 +45,17 @@ def encoder_block_graph(scope: str, attn: dict, ffn: dict, cfg, dtype: str, spar
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "S", cfg.d_model])
     bias = g.input("attn_bias", F32, ["B", cfg.num_heads, "S", "S"])
+    if not CONTRIB_OPS:
+        with g.sub("self_attn"):
+            x = self_attention_block(g, x, bias, attn, cfg)[0]
+        _ffn_or_router(g, x, ffn, cfg, sparse)
+        return g.model()
+    h, eps = cfg.num_heads, cfg.layer_norm_epsilon
     with g.sub("self_attn"):
-        x = self_attention_block(g, x, bias, attn, cfg)[0]
-    _ffn_or_router(g, x, ffn, cfg, sparse)
+        n = g.rms_norm_op(x, attn["layer_norm"], eps)
+        q, k, v = (g.linear(n, attn[t], t) for t in "qkv")
+        attn_out = g.linear(g.mha(q, k, v, bias, h)[0], attn["o"], "o")
+    _ffn_or_router_contrib(g, x, attn_out, ffn, cfg, sparse)
     return g.model()
 
 
@@ -105,19 +114,25 @@ def _decoder_step_contrib(g, x, bias, past, cross_bias, ck, cv, self_attn, cross
         cbias = g.op("Expand", [cross_bias, shape], hint="bias/expand")
         ctx = g.mha(g.linear(n, cross_attn["q"], "q"), ck, cv, cbias, h)[0]
         attn_out = g.linear(ctx, cross_attn["o"], "o")
+    _ffn_or_router_contrib(g, x, attn_out, ffn, cfg, sparse)
+    return key, val
+
+
+def _ffn_or_router_contrib(g: GraphBuilder, x: str, attn_out: str, ffn: dict, cfg, sparse: bool) -> None:
+    """x + attn_out, then the dense FFN (output hidden_out) or the router (hidden_out, normed, router_logits)."""
+    d, eps = cfg.d_model, cfg.layer_norm_epsilon
     if not sparse:
         with g.sub("ffn"):
             x, n = g.skip_rms_norm(attn_out, x, ffn["layer_norm"], eps)
             y = g.linear(g.act(g.linear(n, ffn["wi"], "wi"), cfg.dense_act_fn), ffn["wo"], "wo")
             g.output(g.op("Add", [x, y], hint="residual"), "hidden_out", F32, ["B", "T", d])
-        return key, val
+        return
     with g.sub("moe"):
         x, n = g.skip_rms_norm(attn_out, x, ffn["layer_norm"], eps)
         logits = g.linear(n, ffn["classifier"], "router/classifier", bias=ffn.get("classifier_bias"))
     g.output(x, "hidden_out", F32, ["B", "T", d])
     g.output(n, "normed", F32, ["B", "T", d])
     g.output(logits, "router_logits", F32, ["B", "T", cfg.num_experts])
-    return key, val
 
 
 def add_layer_graphs(add, name: str, scope: str, stack: str, self_attn: dict, cross_attn: dict | None,

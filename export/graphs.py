@@ -454,11 +454,13 @@ def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str) -> BuiltGr
     return g.model()
 
 
-def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str) -> BuiltGraph:
-    """Decoder final norm, the tied-embedding rescale HF applies, and the vocabulary projection."""
+def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str, fused_norm: bool = False) -> BuiltGraph:
+    """Decoder final norm, the tied-embedding rescale HF applies, and the vocabulary projection.
+    ``fused_norm``: the norm as one ONNX Runtime node (``rms_norm_op``)."""
     g = GraphBuilder("/lm_head", dtype)
     x = g.input("hidden", F32, ["B", "T", cfg.d_model])
-    n = g.rms_norm(x, norm_weight, cfg.layer_norm_epsilon, "decoder/final_layer_norm")
+    norm = g.rms_norm_op if fused_norm else g.rms_norm
+    n = norm(x, norm_weight, cfg.layer_norm_epsilon, "decoder/final_layer_norm")
     if cfg.tie_word_embeddings:
         n = g.op("Mul", [n, g.const(np.float32(cfg.d_model ** -0.5), np.float32, "scale")], hint="tied_rescale")
     # Kept as [V, D] (PyTorch layout) and used by Gemm with transB: a transposed copy
