@@ -44,15 +44,19 @@ def _inputs(vocab: int, eos: int, length: int, seed: int) -> list[int]:
 # -- phases (each runs in its own process) -------------------------------------------------------
 
 
-def phase_bandwidth(threads: int, runs: int = 20) -> dict:
-    """ORT's streaming rate for one token through big constant MatMuls, and the cost of one call."""
+PROBE_D, PROBE_F, PROBE_N = 1024, 4096, 16  # 16 float32 [1024, 4096] MatMul weights: 256 MiB
+PROBE_BYTES = PROBE_D * PROBE_F * 4 * PROBE_N
+
+
+def probe_session(threads: int):
+    """A session that streams PROBE_BYTES of prepacked float32 MatMul weights for one token."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from swapmoe_edge.sessions import session_options
 
-    d, f, n = 1024, 4096, 16
+    d, f, n = PROBE_D, PROBE_F, PROBE_N
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((d, f), dtype=np.float32), f"w{i}") for i in range(n)]
     nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(n)]
@@ -62,9 +66,22 @@ def phase_bandwidth(threads: int, runs: int = 20) -> dict:
     model = helper.make_model(helper.make_graph(nodes, "stream", [x_info], [y_info], inits),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads or None),
+                                providers=["CPUExecutionProvider"])
+
+
+def phase_bandwidth(threads: int, runs: int = 20) -> dict:
+    """ORT's streaming rate for one token through big constant MatMuls, and the cost of one call."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from swapmoe_edge.sessions import session_options
+
+    d, f = PROBE_D, PROBE_F
+    sess = probe_session(threads)
     opts = session_options(threads or None)
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del inits, model
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])
     x = np.ones((1, d), np.float32)
     for _ in range(3):
         sess.run(None, {"x": x})
@@ -73,7 +90,7 @@ def phase_bandwidth(threads: int, runs: int = 20) -> dict:
         t = time.perf_counter()
         sess.run(None, {"x": x})
         times.append(time.perf_counter() - t)
-    nbytes = d * f * 4 * n
+    nbytes = PROBE_BYTES
     # One ORT call that does nothing: the fixed price of a session run from Python.
     ident = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x_info],
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, d])]),
@@ -91,7 +108,7 @@ def phase_bandwidth(threads: int, runs: int = 20) -> dict:
 
 
 def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_len: int,
-               ttft_lengths: list[int], profile: bool, prepack: str | None = None) -> dict:
+               ttft_lengths: list[int], profile: bool, prepack: str | None = None, paired_floor: bool = True) -> dict:
     import numpy as np
 
     from swapmoe_edge import memory
@@ -126,6 +143,8 @@ def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_l
         first_tokens = first_tokens or toks
     result = {"load_s": load_s, "decode_ms": per_request, "tokens": first_tokens,
               "baseline_bytes": rt.baseline, "peak_rss_bytes": memory.peak_rss()}
+    if paired_floor and timers is None:
+        result["paired"] = _paired_floor(model, c, threads, tokens, requests, source_len, rt.no_repeat_ngram_size)
     if timers is not None:
         steps = requests * tokens  # decode() of every step, the first included
         result["profile_ms_per_token"] = {k: v * 1e3 / steps for k, v in timers.items()}
@@ -139,6 +158,41 @@ def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_l
     result["ttft_ms"] = ttft
     rt.close()
     return result
+
+
+def _paired_floor(model, c, threads: int, tokens: int, requests: int, source_len: int, ngram: int) -> dict:
+    """Decode tokens and the bandwidth probe alternately, in this process: after every token
+    the probe streams PROBE_BYTES once. Each token is set against the probe run next to it,
+    so both see the same load on a shared machine. (The probe adds 256 MiB to this process,
+    after peak_rss_bytes was read.)"""
+    import numpy as np
+
+    from swapmoe_edge.generate import greedy_search
+    from swapmoe_edge.runtime import _Decoder
+
+    probe = probe_session(threads)
+    x = {"x": np.ones((1, PROBE_D), np.float32)}
+    for _ in range(2):
+        probe.run(None, x)
+    token_ms, probe_ms = [], []
+    for i in range(requests):
+        row = np.array([_inputs(c.vocab_size, c.eos_token_id, source_len, 2000 + i)])
+        mask = np.ones_like(row)
+        state = model.start_decoder(model.encode(row, mask), mask)
+        last = [0.0]
+
+        def on_token(step: int) -> None:
+            t = time.perf_counter()
+            if step > 0:  # the first step follows the encoder, not a probe
+                token_ms.append((t - last[0]) * 1e3)
+            probe.run(None, x)
+            last[0] = time.perf_counter()
+            if step > 0:
+                probe_ms.append((last[0] - t) * 1e3)
+
+        greedy_search(_Decoder(model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1, pad_id=c.pad_token_id,
+                      max_new_tokens=tokens, no_repeat_ngram_size=ngram, on_token=on_token)
+    return {"token_ms": token_ms, "probe_ms": probe_ms, "probe_bytes": PROBE_BYTES}
 
 
 class _Timers(dict):
@@ -348,6 +402,14 @@ def _summarise(row: dict, weights: int, cache_per_token: int, a) -> dict:
          "gbps_median": bw["gbps_median"], "gbps_best": bw["gbps_best"], "empty_call_us": bw["empty_call_us"],
          "cache_share_of_bytes": cache_per_token * (mean_past + a.source_len) / weights,
          "ttft_ms": {k: med(v) for k, v in row["ours"]["ttft_ms"].items()}}
+    if "paired" in row["ours"]:
+        p = row["ours"]["paired"]
+        tok, prb = p["token_ms"], p["probe_ms"]
+        # token time / (weights / the bandwidth of the probe run right after it)
+        ratios = [t / (weights * pm / p["probe_bytes"]) for t, pm in zip(tok, prb)]
+        s.update(paired_decode_ms=med(tok), paired_gbps=p["probe_bytes"] / (med(prb) * 1e-3) / 1e9,
+                 paired_ratio_to_floor=med(ratios), paired_ratio_p25_p75=[_pct(ratios, 25), _pct(ratios, 75)],
+                 paired_tokens=len(tok))
     if "hf" in row:
         hf = med(row["hf"]["decode_ms"])
         s.update(hf_decode_ms=hf, hf_over_ours_decode=hf / ours,
@@ -369,6 +431,11 @@ def _summarise(row: dict, weights: int, cache_per_token: int, a) -> dict:
     return s
 
 
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
 def _same_until_eos(ours: list[int], hf: list[int], eos: int) -> bool:
     """HF ran with min_new_tokens (EOS banned) to time n steps: compare up to ours' first EOS."""
     k = ours.index(eos) if eos in ours else len(ours)
@@ -381,6 +448,11 @@ def _print_row(threads: int, s: dict) -> None:
           f"floor {s['floor_ms']:.2f} ms at {s['gbps_median']:.1f} GB/s (best {s['gbps_best']:.1f}); "
           f"ratio {s['ratio_to_floor']:.2f}x (best/best {s['ratio_best_to_best']:.2f}x); "
           f"TTFT {', '.join(f'{k}: {v:.1f} ms' for k, v in s['ttft_ms'].items())}", flush=True)
+    if "paired_ratio_to_floor" in s:
+        lo, hi = s["paired_ratio_p25_p75"]
+        print(f"  paired with the probe ({s['paired_tokens']} tokens, each next to a probe run): decode "
+              f"{s['paired_decode_ms']:.2f} ms/token, probe {s['paired_gbps']:.1f} GB/s; ratio to the floor "
+              f"{s['paired_ratio_to_floor']:.2f}x (p25 {lo:.2f}, p75 {hi:.2f})", flush=True)
     print(f"  {s['ort_calls_per_token']} ORT calls/token x {s['empty_call_us']:.1f} us (an empty call) = "
           f"{s['empty_call_share']:.0%} of the token; caches are {s['cache_share_of_bytes']:.1%} of the weight bytes", flush=True)
     if "hf_decode_ms" in s:

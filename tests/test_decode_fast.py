@@ -108,6 +108,42 @@ def test_route_and_dispatch_fast_paths_agree_with_the_general_ones(shape):
     np.testing.assert_array_equal(got, want)
 
 
+def _route_general(logits, capacity, allowed, renormalize):
+    """route()'s arithmetic for any shape, written out (masks and renormalisation included)."""
+    probs = softmax(logits.astype(np.float32))
+    first = probs.argmax(-1)
+    if allowed is None or allowed.all():
+        choice = first
+        gate = np.take_along_axis(probs, choice[..., None], -1)[..., 0]
+    else:
+        choice = np.where(allowed, probs, -1.0).argmax(-1)
+        gate = np.take_along_axis(probs, choice[..., None], -1)[..., 0]
+        if renormalize:
+            gate = gate / probs[..., allowed].sum(-1)
+    priority = np.cumsum(np.eye(probs.shape[-1], dtype=np.int64)[choice], axis=1)
+    keep = np.take_along_axis(priority, choice[..., None], -1)[..., 0] <= capacity
+    return dict(probs=probs, first_choice=first, choice=choice, gate=gate.astype(np.float32), keep=keep)
+
+
+@pytest.mark.parametrize("experts", [8, 64])
+def test_one_token_route_equals_the_general_arithmetic_with_masks_and_renormalisation(experts):
+    """route() of one token takes its own path (fewer numpy calls); every field must equal the
+    general arithmetic on the same [1, 1, E] input, bit for bit."""
+    rng = np.random.default_rng(experts)
+    for trial in range(20):
+        one = rng.normal(size=(1, 1, experts)).astype(np.float32)
+        allowed = rng.random(experts) < 0.5
+        allowed[rng.integers(experts)] = True
+        for mask in (None, np.ones(experts, bool), allowed):
+            for renorm in (False, True):
+                fast, want = route(one, 4, mask, renorm), _route_general(one, 4, mask, renorm)
+                for field, value in want.items():
+                    np.testing.assert_array_equal(getattr(fast, field), value, err_msg=field)
+                    assert getattr(fast, field).shape == value.shape, field
+    with pytest.raises(ValueError, match="no expert is allowed"):
+        route(np.zeros((1, 1, experts), np.float32), 4, np.zeros(experts, bool))
+
+
 def test_bytes_per_token_counts_each_decoder_weight_once(tmp_path):
     # Wide enough that counting any weight twice (the smallest: one layer's cross-attention
     # keys, 256 KiB) dwarfs the graphs' own structure.
