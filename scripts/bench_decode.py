@@ -261,6 +261,80 @@ def _install_profile(rt) -> _Timers:
     return timers
 
 
+def phase_hfpair(artifact: str, checkpoint: str, threads: int, tokens: int, requests: int, source_len: int,
+                 ttft_lengths: list[int]) -> dict:
+    """Ours and HF eager in one process, request by request in alternating order (ours first on
+    odd requests), so that each pair of requests sees the same load. Needs memory for both models."""
+    import copy
+
+    import numpy as np
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList, SwitchTransformersForConditionalGeneration
+
+    from swapmoe_edge.generate import greedy_search
+    from swapmoe_edge.runtime import Runtime, RuntimeConfig, _Decoder
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None))
+    hf = SwitchTransformersForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    c = rt.manifest.config
+    cfg = copy.deepcopy(hf.generation_config)
+    cfg.do_sample = False
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    def run_hf(row: list[int], n: int) -> list[int]:
+        with torch.no_grad():  # min_new_tokens: n steps, as ours with no EOS stop
+            out = hf.generate(input_ids=torch.tensor([row]), generation_config=cfg, max_new_tokens=n,
+                              min_new_tokens=n, logits_processor=LogitsProcessorList([Clock()]))
+        return out[0, 1:].tolist()
+
+    def run_ours(row: list[int], n: int) -> list[int]:
+        ids = np.array([row])
+        mask = np.ones_like(ids)
+        state = rt.model.start_decoder(rt.model.encode(ids, mask), mask)
+        out = greedy_search(_Decoder(rt.model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1,
+                            pad_id=c.pad_token_id, max_new_tokens=n, no_repeat_ngram_size=rt.no_repeat_ngram_size,
+                            on_token=lambda step: stamps.append(time.perf_counter()))
+        return out[0]
+
+    def per_token(fn, row) -> tuple[list[int], float]:
+        stamps.clear()
+        toks = fn(row, tokens)
+        return toks, (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+
+    warm = _inputs(c.vocab_size, c.eos_token_id, source_len, 1000)
+    per_token(run_ours, warm), per_token(run_hf, warm)
+    ours_ms, hf_ms, same = [], [], True
+    for i in range(requests):
+        row = _inputs(c.vocab_size, c.eos_token_id, source_len, i)
+        res = {}
+        for name in (("ours", "hf") if i % 2 else ("hf", "ours")):
+            res[name] = per_token(run_ours if name == "ours" else run_hf, row)
+        ours_ms.append(res["ours"][1])
+        hf_ms.append(res["hf"][1])
+        same &= _same_until_eos(res["ours"][0], res["hf"][0], c.eos_token_id)
+    ttft = {}
+    for n in ttft_lengths:
+        pairs = []
+        for i in range(requests + 1):
+            row = _inputs(c.vocab_size, c.eos_token_id, n, 500 + i)
+            t = {}
+            for name in (("ours", "hf") if i % 2 else ("hf", "ours")):
+                t0 = time.perf_counter()
+                (run_ours if name == "ours" else run_hf)(row, 1)
+                t[name] = (time.perf_counter() - t0) * 1e3
+            pairs.append((t["ours"], t["hf"]))
+        ttft[str(n)] = pairs[1:]  # the first pair warms this length up
+    rt.close()
+    return {"ours_decode_ms": ours_ms, "hf_decode_ms": hf_ms, "same_tokens": same, "ttft_ms_pairs": ttft}
+
+
 HF_PHASE = r"""
 import copy, json, sys, time, statistics
 sys.path.insert(0, sys.argv[7])
@@ -335,11 +409,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--before", help="an artifact to run with --before-tree's code, side by side")
     ap.add_argument("--before-tree", help="source tree (holding swapmoe_edge/) for --before")
     ap.add_argument("--json", help="write the results here too")
-    ap.add_argument("--phase", choices=["bandwidth", "ours", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--hf-paired", action="store_true",
+                    help="HF eager and ours in one process, alternating requests (needs memory for both)")
+    ap.add_argument("--phase", choices=["bandwidth", "ours", "hf", "hfpair"], help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.phase == "bandwidth":
         print(json.dumps(phase_bandwidth(a.threads[0])))
+        return {}
+    if a.phase == "hfpair":
+        print(json.dumps(phase_hfpair(a.artifact, a.checkpoint, a.threads[0], a.tokens, a.requests, a.source_len,
+                                      a.ttft_lengths)))
         return {}
     if a.phase == "ours":
         print(json.dumps(phase_ours(a.artifact, a.threads[0], a.tokens, a.requests, a.source_len, a.ttft_lengths, a.profile,
@@ -374,7 +454,9 @@ def main(argv: list[str] | None = None) -> dict:
         if a.before:
             row["before"] = _child(_me("ours", a.before, *th, *common), Path(a.before_tree) if a.before_tree else None)
             row["ours_again"] = _child(_me("ours", a.artifact, *th, *common, *pre))  # A-B-A: drift shows
-        if a.checkpoint and has_torch:
+        if a.checkpoint and has_torch and a.hf_paired:
+            row["hfpair"] = _child(_me("hfpair", a.artifact, "--checkpoint", a.checkpoint, *th, *common))
+        elif a.checkpoint and has_torch:
             row["hf"] = _child([sys.executable, "-c", HF_PHASE, a.checkpoint, str(threads), str(a.tokens),
                                 str(a.requests), str(a.source_len), ",".join(map(str, a.ttft_lengths)), str(ROOT)])
         row["summary"] = _summarise(row, tb.total, tb.cache_per_past_token, a)
@@ -410,6 +492,13 @@ def _summarise(row: dict, weights: int, cache_per_token: int, a) -> dict:
         s.update(paired_decode_ms=med(tok), paired_gbps=p["probe_bytes"] / (med(prb) * 1e-3) / 1e9,
                  paired_ratio_to_floor=med(ratios), paired_ratio_p25_p75=[_pct(ratios, 25), _pct(ratios, 75)],
                  paired_tokens=len(tok))
+    if "hfpair" in row:
+        hp = row["hfpair"]
+        s.update(hf_paired_decode_ms=med(hp["hf_decode_ms"]), ours_paired_decode_ms=med(hp["ours_decode_ms"]),
+                 hf_over_ours_decode_paired=med([h / o for h, o in zip(hp["hf_decode_ms"], hp["ours_decode_ms"])]),
+                 hf_over_ours_ttft_paired={k: med([h / o for o, h in v]) for k, v in hp["ttft_ms_pairs"].items()},
+                 ttft_paired_ms={k: [med([o for o, _ in v]), med([h for _, h in v])] for k, v in hp["ttft_ms_pairs"].items()},
+                 same_tokens_as_hf=hp["same_tokens"])
     if "hf" in row:
         hf = med(row["hf"]["decode_ms"])
         s.update(hf_decode_ms=hf, hf_over_ours_decode=hf / ours,
@@ -458,6 +547,12 @@ def _print_row(threads: int, s: dict) -> None:
     if "hf_decode_ms" in s:
         print(f"  HF eager: decode {s['hf_decode_ms']:.2f} ms/token ({s['hf_over_ours_decode']:.2f}x ours); TTFT "
               + ", ".join(f"{k}: {v:.1f} ms ({s['hf_over_ours_ttft'][k]:.2f}x ours)" for k, v in s["hf_ttft_ms"].items())
+              + f"; same tokens: {s['same_tokens_as_hf']}", flush=True)
+    if "hf_over_ours_decode_paired" in s:
+        print(f"  HF eager, paired in one process: decode {s['hf_paired_decode_ms']:.2f} against ours "
+              f"{s['ours_paired_decode_ms']:.2f} ms/token: HF/ours {s['hf_over_ours_decode_paired']:.2f}x; TTFT "
+              + ", ".join(f"{k}: ours {v[0]:.1f} / HF {v[1]:.1f} ms ({s['hf_over_ours_ttft_paired'][k]:.2f}x)"
+                          for k, v in s["ttft_paired_ms"].items())
               + f"; same tokens: {s['same_tokens_as_hf']}", flush=True)
     if "before_decode_ms" in s:
         print(f"  before: decode {s['before_decode_ms']:.2f} ms/token (min {s['before_decode_ms_min']:.2f}), "
