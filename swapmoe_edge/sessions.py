@@ -58,6 +58,7 @@ class DenseSessions:
         self.providers = providers
         self.provider_options = provider_options or {}
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._outputs: dict[int, tuple[ort.InferenceSession, list[str]]] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str) -> ort.InferenceSession:
@@ -74,11 +75,19 @@ class DenseSessions:
         return sess
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.get(name).run(None, feeds)
+        sess = self.get(name)
+        # ORT lists the output names from its metadata on every run(None, ...); decoding calls
+        # each layer's graph once a token, so the list is made once per session.
+        names = self._outputs.get(id(sess))
+        if names is None or names[0] is not sess:
+            names = self._outputs[id(sess)] = (sess, [o.name for o in sess.get_outputs()])
+        return sess.run(names[1], feeds)
 
     def release(self, name: str) -> None:
         with self._lock:
-            self._sessions.pop(self.manifest.subgraphs[name].file, None)
+            sess = self._sessions.pop(self.manifest.subgraphs[name].file, None)
+            if sess is not None:
+                self._outputs.pop(id(sess), None)
 
     def load_all(self) -> None:
         for name in self.manifest.subgraphs:
