@@ -19,6 +19,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if threads != 1:
+        # ORT's pool threads spin between ops by default. On an edge device whose cores are
+        # shared (the swapper, other apps) they burn the cores the token needs: switch-base-8 at
+        # two threads on this two-core shared machine decoded at 0.28x the time without
+        # spinning (paired, median; docs/results/decode.md). One thread has no pool.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     # The CPU arena keeps freed blocks forever; with many small sessions it inflates RSS
     # far beyond what the weights need, which breaks a memory budget.
