@@ -43,16 +43,21 @@ def main() -> None:
               help="Storage type of the experts (default: --dtype). float16: lossy, 1/2 the bytes. int8: weight-only, "
                    "per-column scales: lossy, 1/4 the bytes. int4: weight-only, a float16 scale per 32 input rows: "
                    "lossy (more than int8), 1/7 the bytes; needs d_model and d_ff multiples of 32.")
+@click.option("--ladder", "ladder_", type=click.Choice(["auto", "int4", "int8", "int4,int8", "none"]), default="auto", show_default=True,
+              help="Low-bit copies of every expert for the `ladder` policy (lossy rungs below the experts' own type). "
+                   "auto: int4 when the experts are float32 or float16. int4 adds ~1/7 of float32's expert bytes on disk.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare the split model with PyTorch before installing it.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None, validate: bool, quiet: bool) -> None:
+def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None, ladder_: str, validate: bool, quiet: bool) -> None:
     """Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact."""
     try:
         from swapmoe_export import export_checkpoint
     except ImportError as e:
         _fail(SwapMoEError(f"the exporter cannot be imported ({e}); reinstall swapmoe-edge."))
     try:
-        export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet)
+        rungs = None if ladder_ == "auto" else () if ladder_ == "none" else tuple(ladder_.split(","))
+        export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet,
+                          ladder_rungs=rungs)
     except SwapMoEError as e:
         _fail(e)
 
@@ -80,6 +85,8 @@ def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     click.echo(f"experts         {summary['experts_per_layer']} per sparse layer, {summary['experts_total']} in all, capacity {summary['expert_capacity']}")
     click.echo(f"dense bytes     {summary['dense_bytes']:,} ({summary['dense_bytes'] / gib:.3f} GiB)")
     click.echo(f"expert bytes    {summary['expert_bytes']:,} ({summary['expert_bytes'] / gib:.3f} GiB; {summary['bytes_per_expert']:,} each)")
+    rungs = [f"{name} {r['bytes']:,} bytes ({r['share_of_expert_bytes']:.0%} of the experts', lossy)" for name, r in summary["ladder"].items()]
+    click.echo(f"ladder          {'; '.join(rungs) or 'none (export again, or `swapmoe ladder add`, for the ladder policy)'}")
     click.echo(f"tokenizer       {summary['tokenizer'] or 'none'}")
     click.echo(f"validated       {'yes' if summary['validated'] else 'no'}")
 
