@@ -28,10 +28,13 @@ from .importance import ImportanceTracker, Profile
 from .manifest import LayerKey, Manifest, load_manifest
 from .model import DecoderState, SplitModel
 from .placement import DeviceKernel, PlacingStore, resolve_placement
+from .ladder_plan import PRIMARY, QUALITY, Rung
+from .ladder_policy import LadderPolicy
 from .prepacked import PrepackedStore
 from .planner import plan_counts
 from .policies import POLICIES, Policy, make_policy
 from .residency import ResidentSet
+from .rungs import RungRunner
 from .sessions import DenseSessions
 from .store import READ_MODES, ExpertStore, LoadedExpert, StartupPrefetch
 
@@ -97,6 +100,13 @@ class RuntimeConfig:
     # the experts swapmoe matched full on 29% of validation documents, prune on 46%; with
     # 8, swapmoe matched 71% (scripts/tune_swapmoe.py; 2-64 measured, NOTES.md).
     decoder_weight: float = 8.0
+    # The `ladder` policy (ladder_policy.py): which of the artifact's low-bit rungs to use
+    # ("auto": all it has; or e.g. "int4"), whether the artifact's own precision is the top
+    # rung (False: experts are only ever held as low-bit copies), and how copies run
+    # (rungs.py: "nbits" ORT's MatMulNBits, "standard" dequantising ops, "auto" nbits where it runs).
+    ladder_rungs: str = "auto"
+    ladder_primary: bool = True
+    lowbit_kernel: str = "auto"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -221,6 +231,7 @@ class Runtime:
         if prefetch is not None:
             prefetch.dense_done.wait()
         self.kernel_session = self.sessions.get("expert_kernel")
+        self.runners = self._rung_runners(threads) if config.policy == "ladder" else {}
         self.device_kernel = DeviceKernel(self.kernel_session, ort_device) if self.placement == "device" else None
         if self.device_kernel is not None:
             self.store = PlacingStore(self.store, self.device_kernel)
@@ -242,6 +253,7 @@ class Runtime:
             cost = self.store.measure_cost(next(iter(m.experts)))
             self.expert_cost = {lk: cost for lk in self.sparse}
             total_experts = cost * len(m.experts)
+        self.rungs = self._measure_rungs() if self.runners else []
         self.cap = self.spec.process_cap(self.baseline, total_experts)
         self.monitor = MemoryMonitor(self.cap, reserve=self.reserve_bytes, period_s=config.monitor_period_s,
                                      on_change=None, available_fn=available_fn, rss_fn=rss_fn)
@@ -314,9 +326,16 @@ class Runtime:
         if self.device_kernel is not None:
             dummy = self.device_kernel.place(dummy)
 
+        # Low-bit copies run on the standard-op kernel dequantise on every call: its buffers are
+        # part of every request's peak too (MatMulNBits sessions are measured per copy instead).
+        standard = [(r, {t.role: np.zeros(t.shape, dtype=t.dtype) for t in entry.rungs[name].tensors})
+                    for name, r in self.runners.items() if r.mode == "standard"]
+
         def moe(layer, normed, logits, mask):
-            flat = normed.reshape(-1, normed.shape[-1])  # [B*T, D]: every token through one expert
-            return self._kernel(dummy, np.ascontiguousarray(flat)).reshape(normed.shape) * 0
+            flat = np.ascontiguousarray(normed.reshape(-1, normed.shape[-1]))  # [B*T, D]: every token through one expert
+            for runner, feeds in standard:
+                self.sessions.run(runner.info.kernel, {"x": flat, **feeds})
+            return self._kernel(dummy, flat).reshape(normed.shape) * 0
 
         warm = SplitModel(self.manifest, self.sessions, moe)
         # ORT memory-maps big external initializers; the embedding table's pages become
@@ -355,15 +374,55 @@ class Runtime:
         self.store = PrepackedStore(self.store, threads, self.providers)
         return True
 
+    def _rung_runners(self, threads: int | None) -> dict[str, RungRunner]:
+        have = list(self.manifest.ladder)
+        want = have if self.config.ladder_rungs == "auto" else [r.strip() for r in self.config.ladder_rungs.split(",")]
+        if not want:
+            raise InputError(f"{self.manifest.root} has no precision ladder: the ladder policy needs one. Export the model "
+                             "again (its int4 rung is the default) or add one: swapmoe ladder add ARTIFACT --rung int4.")
+        if self.placement != "host":
+            raise InputError("the ladder policy holds experts on the host for now; use expert_placement=host")
+        return {r: RungRunner(self.manifest, r, self.sessions, threads, list(self.providers), self.config.lowbit_kernel)
+                for r in want}
+
+    def _measure_rungs(self) -> list[Rung]:
+        """The ladder's rungs, lowest first, each with its measured cost per expert."""
+        rungs = [Rung(name, runner.measure_cost(lambda k, name=name: self.store.read(k, rung=name)), QUALITY[name])
+                 for name, runner in self.runners.items()]
+        if self.config.ladder_primary:
+            top = max(self.expert_cost.values())
+            rungs.append(Rung(PRIMARY, top, QUALITY[PRIMARY]))
+        rungs.sort(key=lambda r: (r.cost, -r.quality))
+        kept: list[Rung] = []
+        for r in rungs:  # a rung that costs more than a better one is never worth holding
+            if kept and r.quality <= kept[-1].quality:
+                log.warning("ladder: the %s rung costs %s an expert as measured, more than the better %s rung (%s); "
+                            "not used", r.name or self.manifest.expert_dtype, format_size(r.cost),
+                            kept[-1].name or self.manifest.expert_dtype, format_size(kept[-1].cost))
+                continue
+            kept.append(r)
+        return kept
+
     def _kernel(self, expert: LoadedExpert, x: np.ndarray) -> np.ndarray:
+        if expert.rung is not None:
+            return self.runners[expert.rung].run(expert, x)
         if expert.session is not None:
             return expert.session.run(None, {"x": x})[0]
         if self.device_kernel is not None:
             return self.device_kernel.run(expert, x)
         return self.kernel_session.run(None, {"x": x, **expert.feeds})[0]
 
+    def _ladder_capacity(self, budget: int, strict: bool) -> int:
+        """Bytes for expert copies under ``budget``; strict: fail unless one lowest copy per layer fits."""
+        floor = self.rungs[0].cost * len(self.sparse)
+        if strict:
+            return check_fits(budget, self.baseline, [self.rungs[0].cost] * len(self.sparse))
+        return max(budget - self.baseline, floor)
+
     def _plan(self, budget: int, strict: bool) -> dict[LayerKey, int]:
         E = self.manifest.config.num_experts
+        if self.config.policy == "ladder":
+            return {lk: 0 for lk in self.sparse}  # placed by bytes (LadderPolicy), not counts
         if self.config.policy == "full":
             need = self.baseline + sum(self.expert_cost[lk] * E for lk in self.sparse)
             if strict and budget < need:
@@ -385,6 +444,18 @@ class Runtime:
                            layer_weight=self.config.layer_weights(self.sparse))
 
     def _make_policy(self, counts) -> Policy:
+        if self.config.policy == "ladder":
+            cfg = self.config
+            tracker = ImportanceTracker(self.norms)
+            tracker.seed(self.profile, 0.0 if cfg.prior_documents is not None else 1.0)
+            if cfg.prior_documents is not None:
+                tracker.set_prior(self.profile, cfg.prior_documents)
+            return LadderPolicy(self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
+                                dict(self.profile.importance), tracker=tracker, rungs=self.rungs, runners=self.runners,
+                                capacity_bytes=self._ladder_capacity(self.budget_bytes, strict=True),
+                                layer_weight=cfg.layer_weights(self.sparse), interval_s=cfg.swap_interval_s,
+                                bytes_per_interval=cfg.max_swaps_per_interval * max(self.expert_cost.values()),
+                                hysteresis=cfg.hysteresis, decay=cfg.decay)
         return make_policy(self.config, self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
                            counts, self.norms, self.profile)
 
@@ -396,6 +467,9 @@ class Runtime:
         if self.config.policy == "full":
             if budget < self.baseline + self.residents.nbytes:
                 log.warning("full policy is over the live budget (%s); it cannot shrink", format_size(budget))
+            return
+        if isinstance(self.policy, LadderPolicy):
+            self.policy.set_capacity(self._ladder_capacity(budget, strict=False))
             return
         self.policy.resize(self._plan(budget, strict=False))
 
@@ -512,7 +586,8 @@ class Runtime:
         # An approximate policy gave full's tokens if every token, padding included, found its
         # first choice resident (routing and capacity as full's) and the gate was not
         # renormalised; rounded or quantised experts never do.
-        as_full = pol1["rerouted"] == pol0["rerouted"] and not self.config.renormalize
+        lowbit = pol1["lowbit_tokens"] - pol0["lowbit_tokens"]
+        as_full = pol1["rerouted"] == pol0["rerouted"] and not self.config.renormalize and lowbit == 0
         exact = (self.policy.exact or as_full) and not self.manifest.expert_dtype_lossy
         return {
             "policy": self.config.policy,
@@ -536,10 +611,20 @@ class Runtime:
             "swaps": int(pol1["swaps"] - pol0["swaps"]),
             "stall_ms": (pol1["stall_s"] - pol0["stall_s"]) * 1e3,
             "first_choice_resident": first_choice,
+            "low_precision_tokens": int(lowbit),  # ran a low-bit copy of their expert (ladder; lossy)
+            "residents_by_rung": self._residents_by_rung(),
             "unavailable_experts": sorted(k.name for k in self.residents.unavailable),
             "exact": exact,
             "expert_dtype": self.manifest.expert_dtype,
         }
+
+    def _residents_by_rung(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lk in self.sparse:
+            for ex in self.residents.layer(lk).values():
+                name = ex.rung or self.manifest.expert_dtype
+                out[name] = out.get(name, 0) + 1
+        return out
 
     # -- profile ------------------------------------------------------------------------------------
     def profile_texts(self, texts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> Profile:

@@ -1,0 +1,235 @@
+"""The ``ladder`` policy: every expert resident at one precision or not at all.
+
+The planner (ladder_plan.py) places (expert, rung) pairs under the byte budget by
+importance; a token runs its first choice at whatever rung that expert is resident;
+only a token whose first choice has no resident copy is rerouted to the best resident
+expert (as ``swapmoe`` does). A background thread moves experts up and down the ladder
+as importance (SwapMoE's Eq. 1, kept online as for ``swapmoe``) and the budget move; the
+token loop never waits for it.
+
+A move unpublishes the expert's old copy before it reads the new one (like swapmoe's
+evict-before-read): no room is kept for a copy in flight, and the layer's other experts
+serve its tokens meanwhile. A layer's last resident is replaced in one publish instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Mapping
+
+import numpy as np
+
+from .importance import ImportanceTracker
+from .ladder_plan import PRIMARY, Placement, Rung, plan_ladder
+from .manifest import ExpertKey, LayerKey
+from .policies import Policy, _lower_this_threads_priority
+from .store import ExpertReadError, LoadedExpert
+
+log = logging.getLogger(__name__)
+
+
+class LadderPolicy(Policy):
+    name, exact = "ladder", False
+
+    def __init__(self, residents, store, kernel, capacity: int, order, *, tracker: ImportanceTracker,
+                 rungs: list[Rung], runners: Mapping[str, object], capacity_bytes: int,
+                 layer_weight: dict[LayerKey, float] | None = None, interval_s: float = 0.1,
+                 bytes_per_interval: int = 1, hysteresis: float = 0.1, decay: float = 0.8):
+        super().__init__(residents, store, kernel, capacity, {lk: 0 for lk in order}, order)
+        self.tracker = tracker
+        self.rungs = list(rungs)  # lowest first; PRIMARY (if used) last
+        self.runners = dict(runners)  # rung name -> RungRunner (PRIMARY has none)
+        self.capacity_bytes = int(capacity_bytes)
+        self.layer_weight = layer_weight
+        self.interval_s = interval_s
+        self.bytes_per_interval = max(1, int(bytes_per_interval))
+        self.hysteresis = hysteresis
+        self.decay = decay
+        self._cost = {r.name: r.cost for r in self.rungs}
+        self._low_cache: dict[LayerKey, tuple] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors: list[str] = []
+        self.filled = threading.Event()
+
+    # -- the token loop ------------------------------------------------------------------
+    def __call__(self, layer, normed, logits, token_mask):
+        snapshot = self.residents.layer(layer.key)
+        r, out = self._masked_moe(layer, normed, logits, token_mask)
+        low = self._low(layer.key, snapshot)
+        ran_low = low[r.choice] & r.keep
+        if token_mask is not None:
+            ran_low = ran_low & token_mask.astype(bool)
+        n_low = int(np.count_nonzero(ran_low))
+        if n_low:
+            with self.counters.lock:
+                self.counters.lowbit_tokens += n_low
+        self.tracker.observe(layer.key, np.linalg.norm(normed, axis=-1), r.probs, token_mask)
+        return out
+
+    def _low(self, lk: LayerKey, snapshot) -> np.ndarray:
+        """[E] bool: which experts of ``snapshot`` are low-bit copies (cached per snapshot object)."""
+        cached = self._low_cache.get(lk)
+        if cached is None or cached[0] is not snapshot:
+            low = np.zeros(self.residents.num_experts, dtype=bool)
+            for e, ex in snapshot.items():
+                low[e] = ex.rung is not None
+            cached = (snapshot, low)
+            self._low_cache[lk] = cached
+        return cached[1]
+
+    def end_request(self) -> None:
+        self.tracker.decay(self.decay)
+
+    # -- placement ----------------------------------------------------------------------
+    def placement(self) -> Placement:
+        """Where every resident expert is now: {layer: {expert: rung}}."""
+        return {lk: {e: ex.rung or PRIMARY for e, ex in self.residents.layer(lk).items()} for lk in self.order}
+
+    def target(self) -> Placement:
+        importance = self.tracker.snapshot()
+        unavailable = frozenset((k.layer_key, k.expert) for k in self.residents.unavailable)
+        return plan_ladder(importance, self.rungs, self.capacity_bytes, self.layer_weight, self.placement(),
+                           self.hysteresis, unavailable)
+
+    def steps(self, target: Placement) -> list[tuple[ExpertKey, str | None]]:
+        """What to change, in order: drops and moves down first (they free room), then moves
+        up and admissions by value. ``(key, None)`` drops ``key``; ``(key, rung)`` puts it on ``rung``."""
+        rank = {r.name: i for i, r in enumerate(self.rungs)}
+        importance = self.tracker.snapshot()
+        down, up = [], []
+        for lk, want in target.items():
+            have = {e: ex.rung or PRIMARY for e, ex in self.residents.layer(lk).items()}
+            w = (self.layer_weight or {}).get(lk, 1.0)
+            row = importance[lk]
+            shares = row / row.sum() if row.sum() > 0 else np.full(row.size, 1.0 / row.size)
+            for e in have:
+                if e not in want:
+                    down.append((ExpertKey(lk.stack, lk.layer, e), None))
+                elif rank[want[e]] < rank[have[e]]:
+                    down.append((ExpertKey(lk.stack, lk.layer, e), want[e]))
+            for e, rung in want.items():
+                if e not in have or rank[rung] > rank[have[e]]:
+                    up.append((-w * shares[e], lk.stack, lk.layer, e, rung))
+        up.sort()
+        return down + [(ExpertKey(s, lay, e), rung) for _, s, lay, e, rung in up]
+
+    # -- moving experts ---------------------------------------------------------------------
+    def _read(self, key: ExpertKey, rung: str) -> LoadedExpert | None:
+        """Read ``key`` at ``rung`` off the token loop; an unreadable copy marks the expert unavailable."""
+        try:
+            if rung == PRIMARY:
+                return self.store.read(key)
+            return self.runners[rung].load(self.store.read(key, rung=rung))
+        except ExpertReadError as e:
+            log.warning("%s; marking it unavailable", e)
+            self.residents.mark_unavailable(key)
+            return None
+
+    def _apply(self, key: ExpertKey, rung: str | None) -> int:
+        """Carry out one step; return the bytes it read."""
+        lk = key.layer_key
+        if rung is None:
+            if len(self.residents.layer(lk)) > 1 and self.residents.drop(key):
+                with self.counters.lock:
+                    self.counters.evictions += 1
+            return 0
+        alone = len(self.residents.layer(lk)) == 1 and key in self.residents
+        held = self.residents.layer(lk).get(key.expert)
+        old = self._cost[held.rung or PRIMARY] if held is not None else 0
+        if self.residents.nbytes - old + self._cost[rung] > self.capacity_bytes and not alone:
+            return 0  # the budget fell since the plan; the next plan will say what fits
+        if held is not None and not alone:
+            self.residents.drop(key)  # evict before read: its tokens go to the layer's others meanwhile
+        expert = self._read(key, rung)
+        if expert is None:
+            return 0
+        with self._resize_lock:
+            if self.residents.nbytes - (old if alone else 0) + expert.nbytes > self.capacity_bytes and not alone:
+                return 0
+            self.residents.put(expert)
+        with self.counters.lock:
+            self.counters.swaps += 1
+        return self.store.manifest.experts[key].rungs[rung].nbytes if rung != PRIMARY else \
+            self.store.manifest.experts[key].nbytes
+
+    def swap_once(self, limit_bytes: int | None = None) -> int:
+        """Plan against today's importance and budget; carry out steps up to ``limit_bytes`` read."""
+        if not self.background_io.is_set():
+            return 0
+        limit = self.bytes_per_interval if limit_bytes is None else limit_bytes
+        done = read = 0
+        for key, rung in self.steps(self.target()):
+            if self._stop.is_set() or (rung is not None and read >= limit):
+                break
+            got = self._apply(key, rung)
+            read += got
+            done += rung is None or got > 0
+        return done
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def warm(self, background: bool = False) -> None:
+        """Place the start plan: all of it now, or (``background``) each layer's first expert now
+        and the rest on the swapper thread without its rate limit."""
+        steps = self.steps(self.target())
+        if background:
+            seen: set[LayerKey] = set()
+            for key, rung in steps:
+                if rung is not None and key.layer_key not in seen:
+                    seen.add(key.layer_key)
+                    self._apply(key, rung)
+            return
+        for key, rung in steps:
+            self._apply(key, rung)
+        self.filled.set()
+
+    def wait_filled(self, timeout: float | None = None) -> bool:
+        return self.filled.wait(timeout)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="swapmoe-ladder", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        _lower_this_threads_priority()
+        while not self._stop.wait(0 if not self.filled.is_set() else self.interval_s):
+            try:
+                if not self.filled.is_set():
+                    if self.background_io.wait(0.05) and self.swap_once(limit_bytes=1 << 62) == 0:
+                        self.filled.set()
+                else:
+                    self.swap_once()
+            except Exception as e:  # the swapper must never take the runtime down
+                log.exception("ladder swapper failed")
+                self.errors.append(repr(e))
+
+    # -- budget -----------------------------------------------------------------------------
+    def set_capacity(self, capacity_bytes: int) -> None:
+        """The live budget moved: drop what no longer fits at once; the swapper refills lower rungs."""
+        with self._resize_lock:
+            self.capacity_bytes = int(capacity_bytes)
+        if self.residents.nbytes <= self.capacity_bytes:
+            return
+        target = self.target()
+        for key, rung in self.steps(target):
+            if self.residents.nbytes <= self.capacity_bytes:
+                break
+            lk = key.layer_key
+            held = self.residents.layer(lk).get(key.expert)
+            if held is None or len(self.residents.layer(lk)) <= 1:
+                continue
+            if rung is None or rung != (held.rung or PRIMARY):
+                if self.residents.drop(key):
+                    with self.counters.lock:
+                        self.counters.evictions += 1
+
+    def resize(self, counts) -> None:  # count-based budgets do not apply to the ladder
+        raise AssertionError("the ladder is resized by bytes: set_capacity()")
