@@ -140,7 +140,8 @@ def _artifact_or_default(artifact: str | None, quiet: bool = False) -> str:
 @click.option("--artifact", type=click.Path(path_type=str), help="Artifact directory (default: the embedded model).")
 @click.option("--file", "file", type=click.Path(path_type=str), help="One document per line, or JSONL with a `text` field.")
 @click.option("--budget", default="auto", show_default=True, help="Whole-process bytes (4.7GiB), share of expert bytes (33%), or auto.")
-@click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe"]), default="swapmoe", show_default=True)
+@click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe", "ladder"]), default="swapmoe", show_default=True,
+              help="ladder: every expert resident at int4 or full precision by importance (lossy; needs an artifact with a ladder).")
 @click.option("--planner", type=click.Choice(["importance", "uniform"]), default="importance", show_default=True)
 @click.option("--num-beams", type=int, default=1, show_default=True)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -240,6 +241,28 @@ main.add_command(devices_cmd)
 from .cli_trace import trace_group  # noqa: E402
 
 main.add_command(trace_group)
+
+@main.group("ladder")
+def ladder_group() -> None:
+    """The precision ladder: low-bit copies of every expert."""
+
+
+@ladder_group.command("add")
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--rung", "rungs", multiple=True, type=click.Choice(["int4", "int8"]), default=("int4",), show_default=True,
+              help="Rung to add (repeat for several).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def ladder_add_cmd(artifact: str, rungs: tuple[str, ...], quiet: bool) -> None:
+    """Write low-bit copies of every expert into an artifact exported without them."""
+    from swapmoe_export.add_rungs import add_rungs
+
+    try:
+        entries = add_rungs(artifact, tuple(rungs), quiet=quiet)
+    except SwapMoEError as e:
+        _fail(e)
+    if not quiet:
+        click.echo(f"{artifact}: ladder rungs {', '.join(entries)}")
+
 
 from .cli_bench import bench_group  # noqa: E402
 

@@ -93,27 +93,28 @@ class LadderPolicy(Policy):
         return plan_ladder(importance, self.rungs, self.capacity_bytes, self.layer_weight, self.placement(),
                            self.hysteresis, unavailable)
 
-    def steps(self, target: Placement) -> list[tuple[ExpertKey, str | None]]:
-        """What to change, in order: drops and moves down first (they free room), then moves
-        up and admissions by value. ``(key, None)`` drops ``key``; ``(key, rung)`` puts it on ``rung``."""
+    def steps(self, target: Placement) -> tuple[list[ExpertKey], list[tuple[ExpertKey, str]]]:
+        """How to get from here to ``target``: the experts to drop (least valuable first) and the
+        copies to read (moves down first, as they free room, then moves up and admissions by value)."""
         rank = {r.name: i for i, r in enumerate(self.rungs)}
         importance = self.tracker.snapshot()
-        down, up = [], []
+        drops, down, up = [], [], []
         for lk, want in target.items():
             have = {e: ex.rung or PRIMARY for e, ex in self.residents.layer(lk).items()}
-            w = (self.layer_weight or {}).get(lk, 1.0)
-            row = importance[lk]
-            shares = row / row.sum() if row.sum() > 0 else np.full(row.size, 1.0 / row.size)
+            row = np.asarray(importance[lk], dtype=np.float64)
+            value = (self.layer_weight or {}).get(lk, 1.0) * (row / row.sum() if row.sum() > 0 else np.full(row.size, 1.0 / row.size))
             for e in have:
                 if e not in want:
-                    down.append((ExpertKey(lk.stack, lk.layer, e), None))
+                    drops.append((value[e], lk.stack, lk.layer, e))
                 elif rank[want[e]] < rank[have[e]]:
                     down.append((ExpertKey(lk.stack, lk.layer, e), want[e]))
             for e, rung in want.items():
                 if e not in have or rank[rung] > rank[have[e]]:
-                    up.append((-w * shares[e], lk.stack, lk.layer, e, rung))
+                    up.append((-value[e], lk.stack, lk.layer, e, rung))
+        drops.sort()
         up.sort()
-        return down + [(ExpertKey(s, lay, e), rung) for _, s, lay, e, rung in up]
+        return ([ExpertKey(s, lay, e) for _, s, lay, e in drops],
+                down + [(ExpertKey(s, lay, e), rung) for _, s, lay, e, rung in up])
 
     # -- moving experts ---------------------------------------------------------------------
     def _read(self, key: ExpertKey, rung: str) -> LoadedExpert | None:
@@ -127,62 +128,69 @@ class LadderPolicy(Policy):
             self.residents.mark_unavailable(key)
             return None
 
-    def _apply(self, key: ExpertKey, rung: str | None) -> int:
-        """Carry out one step; return the bytes it read."""
+    def _drop(self, key: ExpertKey) -> bool:
+        """Evict ``key`` unless it is its layer's last resident (its tokens would have nowhere to go)."""
+        if len(self.residents.layer(key.layer_key)) > 1 and self.residents.drop(key):
+            with self.counters.lock:
+                self.counters.evictions += 1
+            return True
+        return False
+
+    def _move(self, key: ExpertKey, rung: str, drops: list[ExpertKey]) -> int:
+        """Put ``key`` on ``rung``, evicting from ``drops`` (in order) only as much as that needs;
+        return the bytes read (0: it does not fit yet, or the read failed)."""
         lk = key.layer_key
-        if rung is None:
-            if len(self.residents.layer(lk)) > 1 and self.residents.drop(key):
-                with self.counters.lock:
-                    self.counters.evictions += 1
-            return 0
-        alone = len(self.residents.layer(lk)) == 1 and key in self.residents
         held = self.residents.layer(lk).get(key.expert)
-        old = self._cost[held.rung or PRIMARY] if held is not None else 0
-        if self.residents.nbytes - old + self._cost[rung] > self.capacity_bytes and not alone:
-            return 0  # the budget fell since the plan; the next plan will say what fits
+        need = self._cost[rung] - (held.nbytes if held is not None else 0)
+        while self.residents.nbytes + need > self.capacity_bytes and drops:
+            self._drop(drops.pop(0))
+        if self.residents.nbytes + need > self.capacity_bytes:
+            return 0  # the budget fell since the plan; the next plan says what fits
+        alone = held is not None and len(self.residents.layer(lk)) == 1
         if held is not None and not alone:
             self.residents.drop(key)  # evict before read: its tokens go to the layer's others meanwhile
         expert = self._read(key, rung)
         if expert is None:
             return 0
         with self._resize_lock:
-            if self.residents.nbytes - (old if alone else 0) + expert.nbytes > self.capacity_bytes and not alone:
-                return 0
-            self.residents.put(expert)
+            if self.residents.nbytes - (held.nbytes if alone else 0) + expert.nbytes > self.capacity_bytes and not alone:
+                return 0  # the budget fell during the read
+            self.residents.put(expert)  # replaces a layer's last copy in one publish
         with self.counters.lock:
             self.counters.swaps += 1
-        return self.store.manifest.experts[key].rungs[rung].nbytes if rung != PRIMARY else \
-            self.store.manifest.experts[key].nbytes
+        entry = self.store.manifest.experts[key]
+        return entry.nbytes if rung == PRIMARY else entry.rungs[rung].nbytes
 
     def swap_once(self, limit_bytes: int | None = None) -> int:
-        """Plan against today's importance and budget; carry out steps up to ``limit_bytes`` read."""
+        """Plan against today's importance and budget; read copies up to ``limit_bytes`` (at least one)."""
         if not self.background_io.is_set():
             return 0
         limit = self.bytes_per_interval if limit_bytes is None else limit_bytes
+        drops, moves = self.steps(self.target())
         done = read = 0
-        for key, rung in self.steps(self.target()):
-            if self._stop.is_set() or (rung is not None and read >= limit):
+        for key, rung in moves:
+            if self._stop.is_set() or read >= limit:
                 break
-            got = self._apply(key, rung)
+            got = self._move(key, rung, drops)
+            if got == 0 and self.residents.nbytes + self._cost[rung] > self.capacity_bytes:
+                break  # nothing later fits either until the next plan
             read += got
-            done += rung is None or got > 0
+            done += got > 0
         return done
 
     # -- lifecycle --------------------------------------------------------------------------
     def warm(self, background: bool = False) -> None:
-        """Place the start plan: all of it now, or (``background``) each layer's first expert now
+        """Place the start plan: all of it now, or (``background``) each layer's first copy now
         and the rest on the swapper thread without its rate limit."""
-        steps = self.steps(self.target())
-        if background:
-            seen: set[LayerKey] = set()
-            for key, rung in steps:
-                if rung is not None and key.layer_key not in seen:
-                    seen.add(key.layer_key)
-                    self._apply(key, rung)
-            return
-        for key, rung in steps:
-            self._apply(key, rung)
-        self.filled.set()
+        drops, moves = self.steps(self.target())
+        seen: set[LayerKey] = set()
+        for key, rung in moves:
+            if background and key.layer_key in seen:
+                continue
+            seen.add(key.layer_key)
+            self._move(key, rung, drops)
+        if not background:
+            self.filled.set()
 
     def wait_filled(self, timeout: float | None = None) -> bool:
         return self.filled.wait(timeout)
@@ -213,23 +221,18 @@ class LadderPolicy(Policy):
 
     # -- budget -----------------------------------------------------------------------------
     def set_capacity(self, capacity_bytes: int) -> None:
-        """The live budget moved: drop what no longer fits at once; the swapper refills lower rungs."""
+        """The live budget moved: drop what no longer fits at once (least valuable first, copies
+        the new plan puts lower included); the swapper refills lower rungs."""
         with self._resize_lock:
             self.capacity_bytes = int(capacity_bytes)
         if self.residents.nbytes <= self.capacity_bytes:
             return
-        target = self.target()
-        for key, rung in self.steps(target):
+        drops, moves = self.steps(self.target())
+        lowered = [key for key, _ in moves if key in self.residents]
+        for key in drops + lowered:
             if self.residents.nbytes <= self.capacity_bytes:
                 break
-            lk = key.layer_key
-            held = self.residents.layer(lk).get(key.expert)
-            if held is None or len(self.residents.layer(lk)) <= 1:
-                continue
-            if rung is None or rung != (held.rung or PRIMARY):
-                if self.residents.drop(key):
-                    with self.counters.lock:
-                        self.counters.evictions += 1
+            self._drop(key)
 
     def resize(self, counts) -> None:  # count-based budgets do not apply to the ladder
         raise AssertionError("the ladder is resized by bytes: set_capacity()")

@@ -80,7 +80,7 @@ class RungRunner:
         # (64 int4 experts of the embedded model: ~109 KiB a session at ENABLE_ALL, ~82 KiB without).
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_external_initializers_from_files_in_memory([self.info.data_name], [block], [block.nbytes])
-        return ort.InferenceSession(self.template, sess_options=opts, providers=self.providers)
+        return ort.InferenceSession(str(self.manifest.path(self.info.session_graph)), sess_options=opts, providers=self.providers)
 
     def load(self, expert: LoadedExpert) -> LoadedExpert:
         """A read rung block -> an expert the kernel runs (a session of its own in ``nbits`` mode)."""

@@ -612,13 +612,13 @@ class Runtime:
             "stall_ms": (pol1["stall_s"] - pol0["stall_s"]) * 1e3,
             "first_choice_resident": first_choice,
             "low_precision_tokens": int(lowbit),  # ran a low-bit copy of their expert (ladder; lossy)
-            "residents_by_rung": self._residents_by_rung(),
+            "residents_by_rung": self.residents_by_rung(),
             "unavailable_experts": sorted(k.name for k in self.residents.unavailable),
             "exact": exact,
             "expert_dtype": self.manifest.expert_dtype,
         }
 
-    def _residents_by_rung(self) -> dict[str, int]:
+    def residents_by_rung(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for lk in self.sparse:
             for ex in self.residents.layer(lk).values():
