@@ -28,7 +28,7 @@ from . import memory
 from .errors import ArtifactError, InputError
 from .manifest import ExpertKey, LadderRung, Manifest
 from .sessions import session_options
-from .store import LoadedExpert
+from .store import ExpertReadError, LoadedExpert
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "nbits", "standard")
@@ -99,8 +99,15 @@ class RungRunner:
     def measure_cost(self, read) -> int:
         """Resident bytes one copy adds (RSS per session, averaged over enough copies to rise
         above RSS noise), at least its block size. ``read(key)`` reads one rung block."""
-        key = next(iter(self.manifest.experts))
-        raw = read(key)
+        raw = None
+        for key in self.manifest.experts:  # an unreadable copy is the policy's to report, not the start's
+            try:
+                raw = read(key)
+                break
+            except ExpertReadError as e:
+                log.warning("%s; measuring the %s rung's cost on another expert", e, self.rung)
+        if raw is None:
+            raise ArtifactError(f"{self.manifest.root}: no expert's {self.rung} copy can be read; export the model again.")
         nbytes = raw.nbytes
         if self.mode == "standard":
             self.cost = nbytes
