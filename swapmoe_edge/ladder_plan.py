@@ -46,26 +46,30 @@ Placement = dict[LayerKey, dict[int, str]]  # layer -> {expert: rung name}
 
 def plan_ladder(
     importance: Mapping[LayerKey, np.ndarray],
-    rungs: Sequence[Rung],
+    rungs: Sequence[Rung] | Mapping[LayerKey, Sequence[Rung]],
     capacity_bytes: int,
     layer_weight: Mapping[LayerKey, float] | None = None,
     current: Mapping[LayerKey, Mapping[int, str]] | None = None,
     hysteresis: float = 0.0,
     unavailable: frozenset = frozenset(),
 ) -> Placement:
-    """The (expert, rung) pairs to hold within ``capacity_bytes``; rungs lowest first.
+    """The (expert, rung) pairs to hold within ``capacity_bytes``; rungs lowest first, the
+    same for every layer or per layer (a copy's cost may differ by stack: rungs.py).
 
     ``current`` with ``hysteresis``: an expert held now counts ``1 + hysteresis`` times its
     value, so near-equal experts do not trade places on every plan. ``unavailable``: (layer,
     expert) pairs that cannot be read; never planned.
     """
-    if not rungs:
-        raise ValueError("plan_ladder needs at least one rung")
-    costs = [int(r.cost) for r in rungs]
-    quality = [float(r.quality) for r in rungs]
-    if any(c <= 0 for c in costs) or costs != sorted(costs) or quality != sorted(quality) or not all(0 < q <= 1 for q in quality):
-        raise ValueError(f"rungs must go up in cost and quality (0 < q <= 1), got {list(rungs)}")
     layers = list(importance)
+    per_layer = rungs if isinstance(rungs, Mapping) else {lk: rungs for lk in layers}
+    costs, quality = {}, {}
+    for lk in layers:
+        ladder = per_layer[lk]
+        costs[lk] = [int(r.cost) for r in ladder]
+        quality[lk] = [float(r.quality) for r in ladder]
+        c, q = costs[lk], quality[lk]
+        if not ladder or any(x <= 0 for x in c) or c != sorted(c) or q != sorted(q) or not all(0 < x <= 1 for x in q):
+            raise ValueError(f"{lk}: rungs must go up in cost and quality (0 < q <= 1), got {list(ladder)}")
     weight = _weights(layers, layer_weight)
     value = {}
     for lk in layers:
@@ -75,20 +79,24 @@ def plan_ladder(
 
     level: dict[tuple[LayerKey, int], int] = {}
     left = int(capacity_bytes)
-    need = costs[0] * len(layers)
+    need = sum(costs[lk][0] for lk in layers)
     if need > left:
+        lowest = per_layer[layers[0]][0].name or "full-precision"
         raise BudgetError(
-            f"expert capacity {format_size(left)} cannot hold one {rungs[0].name or 'full-precision'} expert copy "
+            f"expert capacity {format_size(left)} cannot hold one {lowest} expert copy "
             f"for each of the {len(layers)} sparse layers ({format_size(need)}). Raise the budget by at least "
             f"{format_size(need - left)}.")
     heap: list[tuple[float, int, int, int, LayerKey]] = []  # (-value per byte, layer position, expert, to level, layer)
 
+    def step(lk: LayerKey, to: int) -> tuple[float, int]:
+        q, c = quality[lk], costs[lk]
+        return q[to] - (q[to - 1] if to > 0 else 0.0), c[to] - (c[to - 1] if to > 0 else 0)
+
     def push(pos: int, lk: LayerKey, e: int, to: int) -> None:
-        if to >= len(rungs):
+        if to >= len(costs[lk]):
             return
-        gain = value[lk][e] * (quality[to] - (quality[to - 1] if to > 0 else 0.0))
-        extra = costs[to] - (costs[to - 1] if to > 0 else 0)
-        heapq.heappush(heap, (-gain / max(extra, 1), pos, e, to, lk))
+        gain, extra = step(lk, to)
+        heapq.heappush(heap, (-value[lk][e] * gain / max(extra, 1), pos, e, to, lk))
 
     for pos, lk in enumerate(layers):
         order = [e for e in np.argsort(-value[lk], kind="stable") if (lk, int(e)) not in unavailable]
@@ -96,13 +104,13 @@ def plan_ladder(
             raise BudgetError(f"{lk}: every expert is unavailable (unreadable); cannot route.")
         first = int(order[0])
         level[(lk, first)] = 0
-        left -= costs[0]
+        left -= costs[lk][0]
         push(pos, lk, first, 1)
         for e in order[1:]:
             push(pos, lk, int(e), 0)
     while heap:
         _, pos, e, to, lk = heapq.heappop(heap)
-        extra = costs[to] - (costs[to - 1] if to > 0 else 0)
+        extra = step(lk, to)[1]
         if extra > left:
             continue  # this expert stays where it is; cheaper steps of others may still fit
         level[(lk, e)] = to
@@ -110,10 +118,11 @@ def plan_ladder(
         push(pos, lk, e, to + 1)
     plan: Placement = {lk: {} for lk in layers}
     for (lk, e), lv in level.items():
-        plan[lk][e] = rungs[lv].name
+        plan[lk][e] = per_layer[lk][lv].name
     return plan
 
 
-def placement_bytes(placement: Mapping[LayerKey, Mapping[int, str]], rungs: Sequence[Rung]) -> int:
-    cost = {r.name: r.cost for r in rungs}
-    return sum(cost[r] for row in placement.values() for r in row.values())
+def placement_bytes(placement: Mapping[LayerKey, Mapping[int, str]],
+                    rungs: Sequence[Rung] | Mapping[LayerKey, Sequence[Rung]]) -> int:
+    per_layer = rungs if isinstance(rungs, Mapping) else {lk: rungs for lk in placement}
+    return sum({r.name: r.cost for r in per_layer[lk]}[name] for lk, row in placement.items() for name in row.values())

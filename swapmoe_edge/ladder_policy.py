@@ -33,12 +33,12 @@ class LadderPolicy(Policy):
     name, exact = "ladder", False
 
     def __init__(self, residents, store, kernel, capacity: int, order, *, tracker: ImportanceTracker,
-                 rungs: list[Rung], runners: Mapping[str, object], capacity_bytes: int,
+                 rungs: Mapping[LayerKey, list[Rung]], runners: Mapping[str, object], capacity_bytes: int,
                  layer_weight: dict[LayerKey, float] | None = None, interval_s: float = 0.1,
                  bytes_per_interval: int = 1, hysteresis: float = 0.1, decay: float = 0.8):
         super().__init__(residents, store, kernel, capacity, {lk: 0 for lk in order}, order)
         self.tracker = tracker
-        self.rungs = list(rungs)  # lowest first; PRIMARY (if used) last
+        self.rungs = {lk: list(r) for lk, r in rungs.items()}  # per layer, lowest first; PRIMARY (if used) last
         self.runners = dict(runners)  # rung name -> RungRunner (PRIMARY has none)
         self.capacity_bytes = int(capacity_bytes)
         self.layer_weight = layer_weight
@@ -46,7 +46,7 @@ class LadderPolicy(Policy):
         self.bytes_per_interval = max(1, int(bytes_per_interval))
         self.hysteresis = hysteresis
         self.decay = decay
-        self._cost = {r.name: r.cost for r in self.rungs}
+        self._cost = {(lk, r.name): r.cost for lk, ladder in self.rungs.items() for r in ladder}
         self._low_cache: dict[LayerKey, tuple] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -96,10 +96,10 @@ class LadderPolicy(Policy):
     def steps(self, target: Placement) -> tuple[list[ExpertKey], list[tuple[ExpertKey, str]]]:
         """How to get from here to ``target``: the experts to drop (least valuable first) and the
         copies to read (moves down first, as they free room, then moves up and admissions by value)."""
-        rank = {r.name: i for i, r in enumerate(self.rungs)}
         importance = self.tracker.snapshot()
         drops, down, up = [], [], []
         for lk, want in target.items():
+            rank = {r.name: i for i, r in enumerate(self.rungs[lk])}
             have = {e: ex.rung or PRIMARY for e, ex in self.residents.layer(lk).items()}
             row = np.asarray(importance[lk], dtype=np.float64)
             value = (self.layer_weight or {}).get(lk, 1.0) * (row / row.sum() if row.sum() > 0 else np.full(row.size, 1.0 / row.size))
@@ -141,7 +141,7 @@ class LadderPolicy(Policy):
         return the bytes read (0: it does not fit yet, or the read failed)."""
         lk = key.layer_key
         held = self.residents.layer(lk).get(key.expert)
-        need = self._cost[rung] - (held.nbytes if held is not None else 0)
+        need = self._cost[(lk, rung)] - (held.nbytes if held is not None else 0)
         while self.residents.nbytes + need > self.capacity_bytes and drops:
             self._drop(drops.pop(0))
         if self.residents.nbytes + need > self.capacity_bytes:
@@ -172,7 +172,7 @@ class LadderPolicy(Policy):
             if self._stop.is_set() or read >= limit:
                 break
             got = self._move(key, rung, drops)
-            if got == 0 and self.residents.nbytes + self._cost[rung] > self.capacity_bytes:
+            if got == 0 and self.residents.nbytes + self._cost[(key.layer_key, rung)] > self.capacity_bytes:
                 break  # nothing later fits either until the next plan
             read += got
             done += got > 0

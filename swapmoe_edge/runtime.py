@@ -242,6 +242,8 @@ class Runtime:
         self._served = False
 
         self.expert_cost = {lk: m.experts[m.layer(lk.stack, lk.layer).experts[0]].nbytes for lk in self.sparse}
+        # before the baseline: the cost measurement settles which stacks run the standard kernel
+        self.rungs = self._measure_rungs() if self.runners else {}
         t1 = time.perf_counter()
         if prefetch is not None and not config.baseline_cache:
             prefetch.join()  # a measured baseline subtracts the prefetched experts: they must all be in
@@ -253,7 +255,6 @@ class Runtime:
             cost = self.store.measure_cost(next(iter(m.experts)))
             self.expert_cost = {lk: cost for lk in self.sparse}
             total_experts = cost * len(m.experts)
-        self.rungs = self._measure_rungs() if self.runners else []
         self.cap = self.spec.process_cap(self.baseline, total_experts)
         self.monitor = MemoryMonitor(self.cap, reserve=self.reserve_bytes, period_s=config.monitor_period_s,
                                      on_change=None, available_fn=available_fn, rss_fn=rss_fn)
@@ -329,7 +330,7 @@ class Runtime:
         # Low-bit copies run on the standard-op kernel dequantise on every call: its buffers are
         # part of every request's peak too (MatMulNBits sessions are measured per copy instead).
         standard = [(r, {t.role: np.zeros(t.shape, dtype=t.dtype) for t in entry.rungs[name].tensors})
-                    for name, r in self.runners.items() if r.mode == "standard"]
+                    for name, r in self.runners.items() if "standard" in r.modes.values()]
 
         def moe(layer, normed, logits, mask):
             flat = np.ascontiguousarray(normed.reshape(-1, normed.shape[-1]))  # [B*T, D]: every token through one expert
@@ -385,23 +386,27 @@ class Runtime:
         return {r: RungRunner(self.manifest, r, self.sessions, threads, list(self.providers), self.config.lowbit_kernel)
                 for r in want}
 
-    def _measure_rungs(self) -> list[Rung]:
-        """The ladder's rungs, lowest first, each with its measured cost per expert."""
-        rungs = [Rung(name, runner.measure_cost(lambda k, name=name: self.store.read(k, rung=name)), QUALITY[name])
-                 for name, runner in self.runners.items()]
-        if self.config.ladder_primary:
-            top = max(self.expert_cost.values())
-            rungs.append(Rung(PRIMARY, top, QUALITY[PRIMARY]))
-        rungs.sort(key=lambda r: (r.cost, -r.quality))
-        kept: list[Rung] = []
-        for r in rungs:  # a rung that costs more than a better one is never worth holding
-            if kept and r.quality <= kept[-1].quality:
-                log.warning("ladder: the %s rung costs %s an expert as measured, more than the better %s rung (%s); "
-                            "not used", r.name or self.manifest.expert_dtype, format_size(r.cost),
-                            kept[-1].name or self.manifest.expert_dtype, format_size(kept[-1].cost))
-                continue
-            kept.append(r)
-        return kept
+    def _measure_rungs(self) -> dict[LayerKey, list[Rung]]:
+        """Each sparse layer's ladder, lowest first, with the measured cost of one copy per rung
+        (a copy may cost more in one stack than the other: rungs.py)."""
+        costs = {name: runner.measure_cost(lambda k, name=name: self.store.read(k, rung=name))
+                 for name, runner in self.runners.items()}
+        ladders = {}
+        for lk in self.sparse:
+            rungs = [Rung(name, c[lk.stack], QUALITY[name]) for name, c in costs.items()]
+            if self.config.ladder_primary:
+                rungs.append(Rung(PRIMARY, self.expert_cost[lk], QUALITY[PRIMARY]))
+            rungs.sort(key=lambda r: (r.cost, -r.quality))
+            kept: list[Rung] = []
+            for r in rungs:  # a rung that costs more than a better one is never worth holding
+                if kept and r.quality <= kept[-1].quality:
+                    log.warning("ladder: in %s the %s rung costs %s an expert as measured, more than the better %s "
+                                "rung (%s); not used", lk.name, r.name or self.manifest.expert_dtype, format_size(r.cost),
+                                kept[-1].name or self.manifest.expert_dtype, format_size(kept[-1].cost))
+                    continue
+                kept.append(r)
+            ladders[lk] = kept
+        return ladders
 
     def _kernel(self, expert: LoadedExpert, x: np.ndarray) -> np.ndarray:
         if expert.rung is not None:
@@ -414,10 +419,10 @@ class Runtime:
 
     def _ladder_capacity(self, budget: int, strict: bool) -> int:
         """Bytes for expert copies under ``budget``; strict: fail unless one lowest copy per layer fits."""
-        floor = self.rungs[0].cost * len(self.sparse)
+        lowest = [self.rungs[lk][0].cost for lk in self.sparse]
         if strict:
-            return check_fits(budget, self.baseline, [self.rungs[0].cost] * len(self.sparse))
-        return max(budget - self.baseline, floor)
+            return check_fits(budget, self.baseline, lowest)
+        return max(budget - self.baseline, sum(lowest))
 
     def _plan(self, budget: int, strict: bool) -> dict[LayerKey, int]:
         E = self.manifest.config.num_experts

@@ -250,7 +250,9 @@ def test_a_copy_being_read_is_never_run_and_tokens_go_on(art):
         assert res[0].token_ids
         store.gate.set()
         t.join(10)
-        assert key in rt.residents and rt.residents.layer(lk)[key.expert].session is not None
+        assert key in rt.residents
+        ex = rt.residents.layer(lk)[key.expert]  # published complete: a session, or every array of the copy
+        assert ex.rung == "int4" and (ex.session is not None or set(ex.feeds) == {"wi", "wi_scale", "wo", "wo_scale"})
 
 
 def test_an_unreadable_copy_marks_the_expert_and_serving_goes_on(art):
@@ -276,3 +278,16 @@ def test_a_falling_budget_is_honoured_at_once(art):
         assert rt.residents.nbytes <= before // 3
         assert "int4" in rt.residents_by_rung()
         assert rt.generate(INPUTS[:1], max_new_tokens=4)[0].token_ids
+
+
+def test_small_encoder_copies_skip_the_session_overhead(art):
+    """ORT keeps ~25-50 KiB per session: for experts this small an int4 session costs well over its
+    bytes, so encoder copies (run once a request) use the standard kernel and cost their bytes;
+    decoder copies (run every token) keep the fast kernel."""
+    with Runtime(art, _cfg(policy="ladder", budget="50%")) as rt:
+        runner = rt.runners["int4"]
+        block = rt.manifest.experts[next(iter(rt.manifest.experts))].rungs["int4"].nbytes
+        assert runner.modes == {"encoder": "standard", "decoder": "nbits"}
+        assert runner.costs["encoder"] == block < runner.costs["decoder"]
+        enc = [lk for lk in rt.sparse if lk.stack == "encoder"][0]
+        assert rt.rungs[enc][0].cost == block
