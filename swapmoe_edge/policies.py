@@ -10,6 +10,9 @@ Each policy is the ``moe`` callback of the split model for one sparse layer:
 | prune      | masked to the best resident (fixed)  | lossy  |
 | swapmoe    | masked; a swapper thread brings the  | lossy  |
 |            | important ones in the background     |        |
+| ladder     | runs at the best resident precision; | lossy  |
+|            | masked only when no copy is resident |        |
+|            | (ladder_policy.py)                   |        |
 """
 
 from __future__ import annotations
