@@ -8,7 +8,8 @@ the shared float32 kernel (weights fed as inputs), int4 on standard ONNX ops as 
 the rung's MatMulNBits session (after). Whole model: `full` (float32 experts) against
 `ladder` with every expert an int4 copy (`ladder_primary=False`), on MatMulNBits and on
 standard ops, decode ms/token over random 64-token inputs with forced decoder ids,
-interleaved round by round, medians. Runs on a shared machine move absolute times: read
+interleaved round by round, medians. (The cells share one process, so no memory figures
+here: `swapmoe sweep` and `swapmoe bench` measure memory, one process per cell.) Runs on a shared machine move absolute times: read
 the ratios, which are measured side by side.
 """
 
@@ -88,7 +89,6 @@ def whole_model(art: Path, threads: int, rounds: int, requests: int, new_tokens:
     }
     runs: dict[str, list[float]] = {k: [] for k in cells}
     ttft: dict[str, list[float]] = {k: [] for k in cells}
-    peak: dict[str, int] = {}
     for rnd in range(rounds):
         for name, kw in cells.items():
             with Runtime(art, RuntimeConfig(threads=threads, read_mode="cached", **kw)) as rt:
@@ -97,13 +97,12 @@ def whole_model(art: Path, threads: int, rounds: int, requests: int, new_tokens:
                     s = rt.generate(ids[i: i + 1], max_new_tokens=new_tokens, forced_ids=forced[i: i + 1])[0].stats
                     runs[name].append(s["decode_ms_per_token"])
                     ttft[name].append(s["ttft_ms"])
-                    peak[name] = max(peak.get(name, 0), s["peak_rss_bytes"])
                 by_rung = rt.residents_by_rung()
             print(f"round {rnd + 1}/{rounds} {name}: decode {statistics.median(runs[name][-requests:]):.2f} ms/token "
                   f"{by_rung}", file=sys.stderr, flush=True)
     base = statistics.median(runs["full_float32"])
     return {name: {"decode_ms_per_token": statistics.median(v), "ratio_to_full": statistics.median(v) / base,
-                   "ttft_ms": statistics.median(ttft[name]), "peak_rss_mib": peak[name] / 2**20, "requests": len(v)}
+                   "ttft_ms": statistics.median(ttft[name]), "requests": len(v)}
             for name, v in runs.items()}
 
 

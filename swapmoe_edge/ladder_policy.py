@@ -10,12 +10,18 @@ token loop never waits for it.
 A move unpublishes the expert's old copy before it reads the new one (like swapmoe's
 evict-before-read): no room is kept for a copy in flight, and the layer's other experts
 serve its tokens meanwhile. A layer's last resident is replaced in one publish instead.
+
+``wait=True`` (the user asks for routing as the full model's): a token whose first choice
+has no resident copy waits while the token loop reads that expert's lowest copy, evicting
+the layer's least important residents to make room (as ``on-demand`` does); no token is
+rerouted, and results are exact where no token ran a low-bit copy either.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Mapping
 
 import numpy as np
@@ -35,7 +41,7 @@ class LadderPolicy(Policy):
     def __init__(self, residents, store, kernel, capacity: int, order, *, tracker: ImportanceTracker,
                  rungs: Mapping[LayerKey, list[Rung]], runners: Mapping[str, object], capacity_bytes: int,
                  layer_weight: dict[LayerKey, float] | None = None, interval_s: float = 0.1,
-                 bytes_per_interval: int = 1, hysteresis: float = 0.1, decay: float = 0.8):
+                 bytes_per_interval: int = 1, hysteresis: float = 0.1, decay: float = 0.8, wait: bool = False):
         super().__init__(residents, store, kernel, capacity, {lk: 0 for lk in order}, order)
         self.tracker = tracker
         self.rungs = {lk: list(r) for lk, r in rungs.items()}  # per layer, lowest first; PRIMARY (if used) last
@@ -46,6 +52,7 @@ class LadderPolicy(Policy):
         self.bytes_per_interval = max(1, int(bytes_per_interval))
         self.hysteresis = hysteresis
         self.decay = decay
+        self.wait = wait
         self._cost = {(lk, r.name): r.cost for lk, ladder in self.rungs.items() for r in ladder}
         self._low_cache: dict[LayerKey, tuple] = {}
         self._stop = threading.Event()
@@ -55,6 +62,8 @@ class LadderPolicy(Policy):
 
     # -- the token loop ------------------------------------------------------------------
     def __call__(self, layer, normed, logits, token_mask):
+        if self.wait:
+            self._load_missing(layer, logits)
         snapshot = self.residents.layer(layer.key)
         r, out = self._masked_moe(layer, normed, logits, token_mask)
         low = self._low(layer.key, snapshot)
@@ -67,6 +76,50 @@ class LadderPolicy(Policy):
                 self.counters.lowbit_tokens += n_low
         self.tracker.observe(layer.key, np.linalg.norm(normed, axis=-1), r.probs, token_mask)
         return out
+
+    def _load_missing(self, layer, logits) -> None:
+        """``wait``: read the lowest copy of every first choice (padding included, as routing and
+        capacity count it) that has none resident, on the token loop; counted as stall."""
+        lk = layer.key
+        first = np.unique(logits.argmax(axis=-1))  # the softmax's argmax: the unmasked first choices
+        missing = [int(e) for e in first if int(e) not in self.residents.layer(lk)
+                   and not self.residents.is_unavailable(layer.experts[int(e)])]
+        if not missing:
+            return
+        t0 = time.perf_counter()
+        lowest = self.rungs[lk][0]
+        keep = {int(x) for x in first}
+        loaded = 0
+        with self._resize_lock:
+            victims = self._victims(lk, keep)
+            for e in missing:
+                while self.residents.nbytes + lowest.cost > self.capacity_bytes and victims:
+                    self._drop(victims.pop(0))
+                if self.residents.nbytes + lowest.cost > self.capacity_bytes:
+                    break  # nothing left to evict: the rest are rerouted (the result says it is not exact)
+                expert = self._read(layer.experts[e], lowest.name)
+                if expert is not None:
+                    self.residents.put(expert)
+                    loaded += 1
+        with self.counters.lock:
+            self.counters.stall_s += time.perf_counter() - t0
+            self.counters.loads += loaded
+
+    def _victims(self, lk: LayerKey, keep: set[int]) -> list[ExpertKey]:
+        """Residents to evict for a waited-for read, least valuable first: this layer's others
+        before any other layer's (planner value: layer weight times importance share)."""
+        importance = self.tracker.snapshot()
+        out = []
+        for other, row in importance.items():
+            row = np.asarray(row, dtype=np.float64)
+            share = row / row.sum() if row.sum() > 0 else np.full(row.size, 1.0 / row.size)
+            w = (self.layer_weight or {}).get(other, 1.0)
+            for e in self.residents.layer(other):
+                if other == lk and e in keep:
+                    continue
+                out.append((other != lk, w * share[e], other.stack, other.layer, e))
+        out.sort()
+        return [ExpertKey(s, lay, e) for _, _, s, lay, e in out]
 
     def _low(self, lk: LayerKey, snapshot) -> np.ndarray:
         """[E] bool: which experts of ``snapshot`` are low-bit copies (cached per snapshot object)."""

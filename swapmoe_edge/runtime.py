@@ -107,6 +107,9 @@ class RuntimeConfig:
     ladder_rungs: str = "auto"
     ladder_primary: bool = True
     lowbit_kernel: str = "auto"
+    # ladder: a token whose first choice has no resident copy waits while its lowest copy is
+    # read (routing as the full model's, with on-demand's stalls) instead of being rerouted
+    ladder_wait: bool = False
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -460,7 +463,7 @@ class Runtime:
                                 capacity_bytes=self._ladder_capacity(self.budget_bytes, strict=True),
                                 layer_weight=cfg.layer_weights(self.sparse), interval_s=cfg.swap_interval_s,
                                 bytes_per_interval=cfg.max_swaps_per_interval * max(self.expert_cost.values()),
-                                hysteresis=cfg.hysteresis, decay=cfg.decay)
+                                hysteresis=cfg.hysteresis, decay=cfg.decay, wait=cfg.ladder_wait)
         return make_policy(self.config, self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
                            counts, self.norms, self.profile)
 

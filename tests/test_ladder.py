@@ -291,3 +291,17 @@ def test_small_encoder_copies_skip_the_session_overhead(art):
         assert runner.costs["encoder"] == block < runner.costs["decoder"]
         enc = [lk for lk in rt.sparse if lk.stack == "encoder"][0]
         assert rt.rungs[enc][0].cost == block
+
+
+def test_waiting_for_missing_experts_routes_as_full(art):
+    """ladder_wait: no token is rerouted (first choices are waited for), so a small budget of int4
+    copies gives the tokens of every expert resident as an int4 copy; the reads count as stall."""
+    with Runtime(art, _cfg(policy="ladder", budget="100%", ladder_primary=False)) as rt:
+        ref = rt.generate(INPUTS, max_new_tokens=8)
+        assert sum(rt.residents.counts().values()) == 16
+    with Runtime(art, _cfg(policy="ladder", budget="15%", ladder_primary=False, ladder_wait=True, swap_interval_s=1000)) as rt:
+        assert sum(rt.residents.counts().values()) < 16
+        got = rt.generate(INPUTS, max_new_tokens=8)
+        assert rt.residents.nbytes <= rt.policy.capacity_bytes
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert sum(r.stats["loads"] for r in got) > 0 and all(r.stats["stall_ms"] > 0 for r in got[:1])
