@@ -41,7 +41,8 @@ class LadderPolicy(Policy):
     def __init__(self, residents, store, kernel, capacity: int, order, *, tracker: ImportanceTracker,
                  rungs: Mapping[LayerKey, list[Rung]], runners: Mapping[str, object], capacity_bytes: int,
                  layer_weight: dict[LayerKey, float] | None = None, interval_s: float = 0.1,
-                 bytes_per_interval: int = 1, hysteresis: float = 0.1, decay: float = 0.8, wait: bool = False):
+                 bytes_per_interval: int = 1, max_moves: int = 1, hysteresis: float = 0.1, decay: float = 0.8,
+                 wait: bool = False):
         super().__init__(residents, store, kernel, capacity, {lk: 0 for lk in order}, order)
         self.tracker = tracker
         self.rungs = {lk: list(r) for lk, r in rungs.items()}  # per layer, lowest first; PRIMARY (if used) last
@@ -50,6 +51,7 @@ class LadderPolicy(Policy):
         self.layer_weight = layer_weight
         self.interval_s = interval_s
         self.bytes_per_interval = max(1, int(bytes_per_interval))
+        self.max_moves = max(1, int(max_moves))
         self.hysteresis = hysteresis
         self.decay = decay
         self.wait = wait
@@ -215,14 +217,20 @@ class LadderPolicy(Policy):
         return entry.nbytes if rung == PRIMARY else entry.rungs[rung].nbytes
 
     def swap_once(self, limit_bytes: int | None = None) -> int:
-        """Plan against today's importance and budget; read copies up to ``limit_bytes`` (at least one)."""
+        """Plan against today's importance and budget; read copies up to ``limit_bytes`` and
+        ``max_moves`` (at least one); ``limit_bytes`` given: no move limit (the start fill)."""
         if not self.background_io.is_set():
             return 0
         limit = self.bytes_per_interval if limit_bytes is None else limit_bytes
+        # Each copy also costs a session build (MatMulNBits prepacking: ~10-20 ms of CPU for a
+        # switch-base expert), so the steady rate is counted in copies as well as bytes.
+        moves_limit = self.max_moves if limit_bytes is None else 1 << 30
         drops, moves = self.steps(self.target())
         done = read = 0
         for key, rung in moves:
-            if self._stop.is_set() or read >= limit:
+            # A request's prefill closes the gate: a copy's read and session build would take
+            # flash and CPU from it (as for swapmoe's swapper, Policy.background_io).
+            if self._stop.is_set() or read >= limit or done >= moves_limit or not self.background_io.is_set():
                 break
             got = self._move(key, rung, drops)
             if got == 0 and self.residents.nbytes + self._cost[(key.layer_key, rung)] > self.capacity_bytes:
