@@ -260,6 +260,9 @@ def ladder_add_cmd(artifact: str, rungs: tuple[str, ...], quiet: bool) -> None:
         entries = add_rungs(artifact, tuple(rungs), quiet=quiet)
     except SwapMoEError as e:
         _fail(e)
+    except OSError as e:  # a read-only artifact, a full disk: the old manifest still stands
+        _fail(SwapMoEError(f"cannot write the ladder into {artifact}: {e}. The artifact is unchanged (its manifest "
+                           "does not name the new files); free space or make it writable and run again."))
     if not quiet:
         click.echo(f"{artifact}: ladder rungs {', '.join(entries)}")
 
