@@ -181,7 +181,9 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
                         f"peak RSS {format_size(st['peak_rss_bytes'])}, residents {sum(st['residents'].values())}, "
                         f"ttft {st['ttft_ms']:.0f} ms, decode {st['decode_ms_per_token']:.1f} ms/token, "
                         f"read {format_size(st['bytes_read'])}, swaps {st['swaps']}, stall {st['stall_ms']:.0f} ms, "
-                        f"first choice resident {st['first_choice_resident']:.0%}",
+                        f"first choice resident {st['first_choice_resident']:.0%}"
+                        + (f", residents by precision {st['residents_by_rung']}, low-bit tokens {st['low_precision_tokens']}"
+                           if st["policy"] == "ladder" else ""),
                         err=True,
                     )
                 progress.update(min(i + batch_size, len(docs)))
