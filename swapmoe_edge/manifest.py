@@ -274,13 +274,16 @@ class Manifest:
     def expert_bytes(self) -> int:
         return sum(e.nbytes for e in self.experts.values())
 
+    def ladder_files(self) -> set[str]:
+        """Every file of the precision ladder: the copies, each rung's session template and kernel."""
+        files = {r.weights_file for e in self.experts.values() for r in e.rungs.values()}
+        files |= {r.session_graph for r in self.ladder.values()}
+        return files | {self.subgraphs[r.kernel].file for r in self.ladder.values() if r.kernel in self.subgraphs}
+
     @property
     def dense_bytes(self) -> int:
-        expert_files = {e.weights_file for e in self.experts.values()} | {
-            e.graph.file for e in self.experts.values()
-        } | {r.weights_file for e in self.experts.values() for r in e.rungs.values()}
-        expert_files |= {r.session_graph for r in self.ladder.values()}
-        expert_files |= {self.subgraphs[r.kernel].file for r in self.ladder.values() if r.kernel in self.subgraphs}
+        expert_files = {e.weights_file for e in self.experts.values()} | {e.graph.file for e in self.experts.values()}
+        expert_files |= self.ladder_files()
         return sum(f.size for p, f in self.files.items() if p not in expert_files)
 
     def rung_bytes(self, rung: str) -> int:
@@ -340,6 +343,7 @@ class Manifest:
             "total_bytes": sum(f.size for f in self.files.values()),
             "tokenizer": self.tokenizer,
             "validated": bool(self.validation and self.validation.get("passed")),
+            "ladder_bytes": sum(self.files[p].size for p in self.ladder_files() if p in self.files),
             # the precision ladder: each rung's copies of all experts, in bytes (lossy)
             "ladder": {name: {"bits": r.bits, "bytes": self.rung_bytes(name),
                               "share_of_expert_bytes": round(self.rung_bytes(name) / max(1, self.expert_bytes), 4)}
