@@ -33,8 +33,10 @@ import numpy as np
 import onnxruntime as ort
 
 from . import memory
+from .budget import format_size
 from .errors import ArtifactError, InputError
-from .manifest import ExpertKey, LadderRung, Manifest
+from .ladder_plan import PRIMARY, QUALITY, Rung
+from .manifest import LadderRung, LayerKey, Manifest
 from .sessions import session_options
 from .store import ExpertReadError, LoadedExpert
 
@@ -132,7 +134,7 @@ class RungRunner:
             reading = memory.heap_in_use if memory.heap_in_use() is not None else memory.current_rss
             memory.trim()
             before = reading()
-            held = [self.load(raw, "nbits") for _ in range(n)]
+            held = [self.load(raw, "nbits") for _ in range(n)]  # noqa: F841 (alive until measured)
             memory.trim()
             session = max(int((reading() - before) / n), nbytes)
             del held
@@ -141,3 +143,39 @@ class RungRunner:
             self.modes["encoder"] = "standard"
         self.costs = {stack: session if mode == "nbits" else nbytes for stack, mode in self.modes.items()}
         return dict(self.costs)
+
+
+def rung_runners(manifest: Manifest, config, sessions, threads: int | None, providers: list[str],
+                 placement: str) -> dict[str, RungRunner]:
+    """A runner per rung the config asks for (``ladder_rungs``: "auto" is all the artifact has)."""
+    have = list(manifest.ladder)
+    want = have if config.ladder_rungs == "auto" else [r.strip() for r in config.ladder_rungs.split(",")]
+    if not want:
+        raise InputError(f"{manifest.root} has no precision ladder: the ladder policy needs one. Export the model "
+                         "again (its int4 rung is the default) or add one: swapmoe ladder add ARTIFACT --rung int4.")
+    if placement != "host":
+        raise InputError("the ladder policy holds experts on the host for now; use expert_placement=host")
+    return {r: RungRunner(manifest, r, sessions, threads, providers, config.lowbit_kernel) for r in want}
+
+
+def measure_ladders(runners: dict[str, RungRunner], store, expert_cost: dict[LayerKey, int], primary: bool,
+                    primary_name: str) -> dict[LayerKey, list[Rung]]:
+    """Each sparse layer's ladder, lowest first, with the measured cost of one copy per rung (a
+    copy may cost more in one stack than the other); ``primary``: the artifact's own experts on top."""
+    costs = {name: runner.measure_cost(lambda k, name=name: store.read(k, rung=name)) for name, runner in runners.items()}
+    ladders = {}
+    for lk, own in expert_cost.items():
+        rungs = [Rung(name, c[lk.stack], QUALITY[name]) for name, c in costs.items()]
+        if primary:
+            rungs.append(Rung(PRIMARY, own, QUALITY[PRIMARY]))
+        rungs.sort(key=lambda r: (r.cost, -r.quality))
+        kept: list[Rung] = []
+        for r in rungs:  # a rung that costs more than a better one is never worth holding
+            if kept and r.quality <= kept[-1].quality:
+                log.warning("ladder: in %s the %s rung costs %s an expert as measured, more than the better %s rung (%s); "
+                            "not used", lk.name, r.name or primary_name, format_size(r.cost),
+                            kept[-1].name or primary_name, format_size(kept[-1].cost))
+                continue
+            kept.append(r)
+        ladders[lk] = kept
+    return ladders

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import time
 import warnings
@@ -21,6 +20,7 @@ import numpy as np
 
 from . import memory, pagecache
 from .budget import BudgetSpec, MemoryMonitor, check_fits, format_size, parse_budget
+from .config import RuntimeConfig
 from .devices import detect_profile, get_profile, provider_options, select_providers
 from .errors import BudgetError, InputError
 from .generate import beam_search, greedy_search
@@ -28,104 +28,17 @@ from .importance import ImportanceTracker, Profile
 from .manifest import LayerKey, Manifest, load_manifest
 from .model import DecoderState, SplitModel
 from .placement import DeviceKernel, PlacingStore, resolve_placement
-from .ladder_plan import PRIMARY, QUALITY, Rung
 from .ladder_policy import LadderPolicy
 from .prepacked import PrepackedStore
 from .planner import plan_counts
-from .policies import POLICIES, Policy, make_policy
+from .policies import Policy, make_policy
 from .residency import ResidentSet
-from .rungs import RungRunner
+from .rungs import measure_ladders, rung_runners
 from .sessions import DenseSessions
-from .store import READ_MODES, ExpertStore, LoadedExpert, StartupPrefetch
+from .store import ExpertStore, LoadedExpert, StartupPrefetch
 
 log = logging.getLogger(__name__)
 PROFILE_NAME = "profile.json"
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    policy: str = "swapmoe"
-    budget: str = "auto"  # "4.7GiB" (whole process), "33%" (of expert bytes), or "auto"
-    planner: str = "importance"  # per-layer split of the expert budget: importance | uniform
-    reserve_bytes: int | None = None  # kept free for the rest of the system; None: the device profile's
-    monitor_period_s: float = 0.25
-    activation_margin: float = 0.05  # of the measured baseline, for larger inputs than the warm-up
-    # Longest input row, and the activation envelope: the baseline's warm-up runs one row
-    # of this many tokens, and generate() runs larger batches in chunks of at most this
-    # many rows x beams x tokens, so no request's activations outgrow what was measured.
-    # None: the artifact's (the tokenizer's model_max_length at export), else 512.
-    max_source_tokens: int | None = None
-    threads: int | None = None  # None: the device profile's (its None: all cores)
-    device: str | None = None  # device profile name or .json path; None: detect this machine
-    verify: str = "first"
-    # How experts are read from flash (store.py): "fadvise" drops their pages from the page
-    # cache after the read, "direct" bypasses it (O_DIRECT), "cached" leaves them there.
-    read_mode: str = "direct"
-    # "blocking": the start set is resident before the constructor returns (reproducible
-    # runs); "background": lossy policies (and on-demand, whose misses read anyway) start
-    # with one expert per layer and fill the rest on a thread, so a device serves its first
-    # request once the dense part is in. `full` always blocks.
-    cold_start: str = "blocking"
-    # Reuse the baseline measured by an earlier process with the same artifact and settings
-    # (baseline_cache.py) instead of running the warm-up pass: a faster launch on a device.
-    baseline_cache: bool = False
-    # Resident experts: "host" numpy arrays, or "device" OrtValues on the kernel provider's
-    # device (placement.py); "auto": device when the first provider is CUDA.
-    expert_placement: str = "auto"
-    renormalize: bool = False  # swapmoe/prune: gate renormalised over residents
-    # Resident experts as their own sessions with prepacked weights (prepacked.py): ~30% faster
-    # expert matmuls for one token (~6% of a switch-base token), but the start takes 1.1-2.3x
-    # as long (each expert opened and packed) and each may cost up to ~0.6 MiB more. "auto" uses
-    # them for `full` (loads every expert once, never swaps) with float32 experts on the host;
-    # "on" wherever possible; "off" (default: sweeps start a `full` cell per process) never.
-    prepack_experts: str = "off"
-    # Swap rate: at most this many experts per interval (switch-base: 19 MB each, read and
-    # hashed on the swapper thread, which shares the cores with the token loop).
-    swap_interval_s: float = 0.1
-    max_swaps_per_interval: int = 1
-    hysteresis: float = 0.1
-    # swapmoe's importance between requests: online sums decay by ``decay`` after each request,
-    # and the calibrated profile counts as ``prior_documents`` documents that never decay
-    # (importance.set_prior; None: the profile only seeds the sums and decays with them).
-    # Chosen by trace replay on the validation split (docs/results/issue14/README.md): the old
-    # 0.5 without a prior chased the last two documents and lost to the static set on shuffled
-    # streams; a prior too strong never moves on a stream calibrated on other sections.
-    decay: float = 0.8
-    prior_documents: float | None = 4.0
-    # Planner weight of a decoder layer's importance share against an encoder layer's (1).
-    # A decoder miss changes the next token, and greedy decoding carries the change through
-    # the rest of the summary; an encoder miss perturbs one of the many source states that
-    # cross-attention averages. With weight 1 the embedded model's importance planner gave
-    # its concentrated decoder layers 5 experts of 16 and the encoder 10-11, and at 50% of
-    # the experts swapmoe matched full on 29% of validation documents, prune on 46%; with
-    # 8, swapmoe matched 71% (scripts/tune_swapmoe.py; 2-64 measured, NOTES.md).
-    decoder_weight: float = 8.0
-    # The `ladder` policy (ladder_policy.py): which of the artifact's low-bit rungs to use
-    # ("auto": all it has; or e.g. "int4"), whether the artifact's own precision is the top
-    # rung (False: experts are only ever held as low-bit copies), and how copies run
-    # (rungs.py: "nbits" ORT's MatMulNBits, "standard" dequantising ops, "auto" nbits where it runs).
-    ladder_rungs: str = "auto"
-    ladder_primary: bool = True
-    lowbit_kernel: str = "auto"
-    # ladder: a token whose first choice has no resident copy waits while its lowest copy is
-    # read (routing as the full model's, with on-demand's stalls) instead of being rerouted
-    ladder_wait: bool = False
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise InputError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.prepack_experts not in ("auto", "on", "off"):
-            raise InputError(f"prepack_experts must be auto, on or off, not {self.prepack_experts!r}")
-        if self.cold_start not in ("blocking", "background"):
-            raise InputError(f"cold_start must be 'blocking' or 'background', not {self.cold_start!r}")
-        if self.read_mode not in READ_MODES:
-            raise InputError(f"read_mode must be one of {', '.join(READ_MODES)}, not {self.read_mode!r}")
-        if not (self.decoder_weight > 0 and math.isfinite(self.decoder_weight)):
-            raise InputError(f"decoder_weight must be a positive number, got {self.decoder_weight!r}")
-
-    def layer_weights(self, layers) -> dict[LayerKey, float]:
-        """The planner's weight of each sparse layer: ``decoder_weight`` for decoder layers, else 1."""
-        return {lk: self.decoder_weight if lk.stack == "decoder" else 1.0 for lk in layers}
 
 
 @dataclass
@@ -234,7 +147,8 @@ class Runtime:
         if prefetch is not None:
             prefetch.dense_done.wait()
         self.kernel_session = self.sessions.get("expert_kernel")
-        self.runners = self._rung_runners(threads) if config.policy == "ladder" else {}
+        self.runners = rung_runners(m, config, self.sessions, threads, list(self.providers), self.placement) \
+            if config.policy == "ladder" else {}
         self.device_kernel = DeviceKernel(self.kernel_session, ort_device) if self.placement == "device" else None
         if self.device_kernel is not None:
             self.store = PlacingStore(self.store, self.device_kernel)
@@ -246,7 +160,8 @@ class Runtime:
 
         self.expert_cost = {lk: m.experts[m.layer(lk.stack, lk.layer).experts[0]].nbytes for lk in self.sparse}
         # before the baseline: the cost measurement settles which stacks run the standard kernel
-        self.rungs = self._measure_rungs() if self.runners else {}
+        self.rungs = measure_ladders(self.runners, self.store, self.expert_cost, config.ladder_primary,
+                                     m.expert_dtype) if self.runners else {}
         t1 = time.perf_counter()
         if prefetch is not None and not config.baseline_cache:
             prefetch.join()  # a measured baseline subtracts the prefetched experts: they must all be in
@@ -377,39 +292,6 @@ class Runtime:
             return False
         self.store = PrepackedStore(self.store, threads, self.providers)
         return True
-
-    def _rung_runners(self, threads: int | None) -> dict[str, RungRunner]:
-        have = list(self.manifest.ladder)
-        want = have if self.config.ladder_rungs == "auto" else [r.strip() for r in self.config.ladder_rungs.split(",")]
-        if not want:
-            raise InputError(f"{self.manifest.root} has no precision ladder: the ladder policy needs one. Export the model "
-                             "again (its int4 rung is the default) or add one: swapmoe ladder add ARTIFACT --rung int4.")
-        if self.placement != "host":
-            raise InputError("the ladder policy holds experts on the host for now; use expert_placement=host")
-        return {r: RungRunner(self.manifest, r, self.sessions, threads, list(self.providers), self.config.lowbit_kernel)
-                for r in want}
-
-    def _measure_rungs(self) -> dict[LayerKey, list[Rung]]:
-        """Each sparse layer's ladder, lowest first, with the measured cost of one copy per rung
-        (a copy may cost more in one stack than the other: rungs.py)."""
-        costs = {name: runner.measure_cost(lambda k, name=name: self.store.read(k, rung=name))
-                 for name, runner in self.runners.items()}
-        ladders = {}
-        for lk in self.sparse:
-            rungs = [Rung(name, c[lk.stack], QUALITY[name]) for name, c in costs.items()]
-            if self.config.ladder_primary:
-                rungs.append(Rung(PRIMARY, self.expert_cost[lk], QUALITY[PRIMARY]))
-            rungs.sort(key=lambda r: (r.cost, -r.quality))
-            kept: list[Rung] = []
-            for r in rungs:  # a rung that costs more than a better one is never worth holding
-                if kept and r.quality <= kept[-1].quality:
-                    log.warning("ladder: in %s the %s rung costs %s an expert as measured, more than the better %s "
-                                "rung (%s); not used", lk.name, r.name or self.manifest.expert_dtype, format_size(r.cost),
-                                kept[-1].name or self.manifest.expert_dtype, format_size(kept[-1].cost))
-                    continue
-                kept.append(r)
-            ladders[lk] = kept
-        return ladders
 
     def _kernel(self, expert: LoadedExpert, x: np.ndarray) -> np.ndarray:
         if expert.rung is not None:
