@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graphs import (F32, BuiltGraph, GraphBuilder, cross_attention_block, cross_attention_graph, cross_kv_graph,
+from . import graphs
+from .graphs import (F32, MS, BuiltGraph, GraphBuilder, cross_attention_block, cross_attention_graph, cross_kv_graph,
                      dense_ffn_block, dense_ffn_graph, router_block, router_graph, self_attention_block,
                      self_attention_graph)
 
@@ -25,6 +26,13 @@ PACKED_QKV = True  # decoder step graphs: q, k, v in one MatMul (bench_decode_pa
 # of 56. After each weight stream the caches are cold, and every small node then costs several
 # microseconds (docs/results/decode.md). False: standard ONNX ops only (tests, A/B runs).
 CONTRIB_OPS = True
+
+
+def _model(g: GraphBuilder) -> BuiltGraph:
+    built = g.model()
+    if any(n.domain == MS for n in g.nodes):
+        built.proto.opset_import.append(graphs.helper.make_opsetid(MS, 1))  # graphs.helper: tests swap in onnx's
+    return built
 
 
 def _ffn_or_router(g: GraphBuilder, x: str, ffn: dict, cfg, sparse: bool) -> None:
@@ -56,7 +64,7 @@ def encoder_block_graph(scope: str, attn: dict, ffn: dict, cfg, dtype: str, spar
         q, k, v = (g.linear(n, attn[t], t) for t in "qkv")
         attn_out = g.linear(g.mha(q, k, v, bias, h)[0], attn["o"], "o")
     _ffn_or_router_contrib(g, x, attn_out, ffn, cfg, sparse)
-    return g.model()
+    return _model(g)
 
 
 def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict, cfg, dtype: str, sparse: bool) -> BuiltGraph:
@@ -83,7 +91,7 @@ def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict,
     order = ["hidden_out", "present_key", "present_value"] + (["normed", "router_logits"] if sparse else [])
     outs = {o.name: o for o in g.outputs}
     g.outputs[:] = [outs[n] for n in order]
-    return g.model()
+    return _model(g)
 
 
 def _decoder_step_standard(g, x, bias, past, cross_bias, ck, cv, self_attn, cross_attn, ffn, cfg, sparse):

@@ -22,7 +22,8 @@ from .onnx_proto import TensorProto
 
 OPSET = 17
 OPSET_INT4 = 18  # BitwiseAnd arrived in opset 18; only int4 expert graphs need it
-MS = "com.microsoft"  # ONNX Runtime's contrib ops (fused attention and RMS norm), version 1
+MS = "com.microsoft"  # ONNX Runtime's contrib ops (fused attention and RMS norm), version 1: the
+# builder that uses them adds the opset import (fused.py, ladder.py)
 EXTERNAL_MIN_BYTES = 1 << 20
 _NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -114,10 +115,7 @@ class GraphBuilder:
 
     def model(self, opset: int = OPSET) -> "BuiltGraph":
         graph = helper.make_graph(self.nodes, self.scope.strip("/").replace("/", "."), self.inputs, self.outputs, self.inits)
-        opsets = [helper.make_opsetid("", opset)]
-        if any(n.domain == MS for n in self.nodes):
-            opsets.append(helper.make_opsetid(MS, 1))
-        m = helper.make_model(graph, opset_imports=opsets, producer_name="swapmoe_export")
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="swapmoe_export")
         m.ir_version = 8
         return BuiltGraph(m, self.blobs)
 
