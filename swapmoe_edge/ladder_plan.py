@@ -52,16 +52,13 @@ def plan_ladder(
     current: Mapping[LayerKey, Mapping[int, str]] | None = None,
     hysteresis: float = 0.0,
     unavailable: frozenset = frozenset(),
-    first: Mapping[LayerKey, int] | None = None,
 ) -> Placement:
     """The (expert, rung) pairs to hold within ``capacity_bytes``; rungs lowest first, the
     same for every layer or per layer (a copy's cost may differ by stack: rungs.py).
 
     ``current`` with ``hysteresis``: an expert held now counts ``1 + hysteresis`` times its
     value, so near-equal experts do not trade places on every plan. ``unavailable``: (layer,
-    expert) pairs that cannot be read; never planned. ``first``: the expert each layer holds
-    before any other (the profile's measured substitute: the one that serves a layer best on
-    its own, importance.Profile.substitute); default its most valuable.
+    expert) pairs that cannot be read; never planned.
     """
     layers = list(importance)
     per_layer = rungs if isinstance(rungs, Mapping) else {lk: rungs for lk in layers}
@@ -105,15 +102,12 @@ def plan_ladder(
         order = [e for e in np.argsort(-value[lk], kind="stable") if (lk, int(e)) not in unavailable]
         if not order:
             raise BudgetError(f"{lk}: every expert is unavailable (unreadable); cannot route.")
-        keep = (first or {}).get(lk)
-        head = int(keep) if keep is not None and (lk, int(keep)) not in unavailable and 0 <= int(keep) < value[lk].size \
-            else int(order[0])
-        level[(lk, head)] = 0
+        first = int(order[0])
+        level[(lk, first)] = 0
         left -= costs[lk][0]
-        push(pos, lk, head, 1)
-        for e in order:
-            if int(e) != head:
-                push(pos, lk, int(e), 0)
+        push(pos, lk, first, 1)
+        for e in order[1:]:
+            push(pos, lk, int(e), 0)
     while heap:
         _, pos, e, to, lk = heapq.heappop(heap)
         extra = step(lk, to)[1]

@@ -44,7 +44,7 @@ class LadderPolicy(Policy):
                  rungs: Mapping[LayerKey, list[Rung]], runners: Mapping[str, object], capacity_bytes: int,
                  layer_weight: dict[LayerKey, float] | None = None, interval_s: float = 0.1,
                  bytes_per_interval: int = 1, max_moves: int = 1, hysteresis: float = 0.1, decay: float = 0.8,
-                 wait: bool = False, substitutes: Mapping[LayerKey, int] | None = None):
+                 wait: bool = False):
         super().__init__(residents, store, kernel, capacity, {lk: 0 for lk in order}, order)
         self.tracker = tracker
         self.rungs = {lk: list(r) for lk, r in rungs.items()}  # per layer, lowest first; PRIMARY (if used) last
@@ -58,7 +58,6 @@ class LadderPolicy(Policy):
         self.hysteresis = hysteresis
         self.decay = decay
         self.wait = wait
-        self.substitutes = dict(substitutes or {})  # per layer, the expert held first (profile's measured substitute)
         self._cost = {(lk, r.name): r.cost for lk, ladder in self.rungs.items() for r in ladder}
         self._low_cache: dict[LayerKey, tuple] = {}
         self._stop = threading.Event()
@@ -150,7 +149,7 @@ class LadderPolicy(Policy):
         importance = self.tracker.snapshot()
         unavailable = frozenset((k.layer_key, k.expert) for k in self.residents.unavailable)
         return plan_ladder(importance, self.rungs, self.capacity_bytes, self.layer_weight, self.placement(),
-                           self.hysteresis, unavailable, first=self.substitutes)
+                           self.hysteresis, unavailable)
 
     def steps(self, target: Placement) -> tuple[list[ExpertKey], list[tuple[ExpertKey, str]]]:
         """How to get from here to ``target``: the experts to drop (least valuable first) and the

@@ -346,8 +346,7 @@ class Runtime:
                                 layer_weight=cfg.layer_weights(self.sparse), interval_s=cfg.swap_interval_s,
                                 bytes_per_interval=cfg.max_swaps_per_interval * max(self.expert_cost.values()),
                                 max_moves=cfg.max_swaps_per_interval,
-                                hysteresis=cfg.hysteresis, decay=cfg.decay, wait=cfg.ladder_wait,
-                                substitutes=getattr(self.profile, "substitute", None))
+                                hysteresis=cfg.hysteresis, decay=cfg.decay, wait=cfg.ladder_wait)
         return make_policy(self.config, self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
                            counts, self.norms, self.profile)
 

@@ -168,17 +168,6 @@ def test_plan_skips_unreadable_experts_and_says_when_nothing_fits():
         plan_ladder(imp, rungs, 30 * 3 - 1)
 
 
-def test_plan_holds_each_layers_measured_substitute_first():
-    imp = _layers()
-    rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
-    weakest = {lk: int(np.argmin(row)) for lk, row in imp.items()}
-    plan = plan_ladder(imp, rungs, 30 * 3, first=weakest)  # room for one copy a layer: the substitute
-    assert plan == {lk: {e: "int4"} for lk, e in weakest.items()}
-    lk = next(iter(imp))
-    bad = plan_ladder(imp, rungs, 30 * 3, first=weakest, unavailable=frozenset({(lk, weakest[lk])}))
-    assert weakest[lk] not in bad[lk] and len(bad[lk]) == 1  # an unreadable substitute falls back to the best
-
-
 def test_plan_hysteresis_keeps_a_held_expert_against_a_slightly_better_one():
     lk = LayerKey("decoder", 1)
     imp = {lk: np.array([1.0, 1.05, 0.0, 0.0])}
