@@ -212,10 +212,10 @@ def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections,
             warnings.simplefilter("always")
             prof = rt.profile_texts(docs, max_new_tokens=max_new_tokens)
             if measure_loss:
-                from .substitution import measure_loss as measure
+                from .substitution import LOSS_NOTE, measure_loss as measure
 
                 loss, substitute = measure(rt, docs, prof.importance, max_new_tokens=max_new_tokens)
-                prof = replace(prof, loss=loss, substitute=substitute)
+                prof = replace(prof, loss=loss, substitute=substitute, meta={**prof.meta, "loss": LOSS_NOTE})
         cut = [w for w in caught if "tokens; truncated" in str(w.message)]
         for w in caught:
             if w not in cut:

@@ -31,6 +31,8 @@ from .manifest import LayerKey
 from .moe import dispatch, route
 from .planner import top_experts
 
+LOSS_NOTE = "mean teacher-forced KL(full || masked) per summary token, over full's greedy summaries of the texts"
+
 
 def default_counts(num_experts: int) -> list[int]:
     """Counts to measure: every one up to 16 experts, else 2, 3, 4, 6, 8, 12, ... (x1.5 steps)."""

@@ -191,3 +191,23 @@ def test_measure_loss_on_a_tiny_model(art):
                  profile=prof) as rt:
         for lk in rt.sparse:  # 25% of 4 experts: one per layer, the measured substitute
             assert set(rt.residents.layer(lk)) == {sub[lk]}
+
+
+def test_cli_profile_measure_loss(art, tmp_path):
+    from click.testing import CliRunner
+
+    from swapmoe_edge.cli import main
+
+    from tiny import words
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "docs.txt"
+    data.write_text("".join(words(rng.integers(3, 96, 10).tolist()) + "\n" for _ in range(3)))
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["profile", str(art), "--data", str(data), "--max-new-tokens", "3",
+                                  "--measure-loss", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    prof = Profile.load(out)
+    assert set(prof.loss) == set(prof.substitute) == set(prof.importance) and "KL" in prof.meta["loss"]
+    r = CliRunner().invoke(main, ["profile", str(art), "--data", str(data), "--max-new-tokens", "3", "-o", str(out)])
+    assert r.exit_code == 0 and Profile.load(out).loss == {}  # without the flag: importance only, as before
