@@ -6,7 +6,7 @@
 # loss curves and substitutes from 512 validation documents); CORPUS_DIR: `swapmoe data debian`
 # output with sections; WORK_DIR: scratch (traces, sweep cells).
 # The shifted stream's profile (programming sections of the validation split, loss measured) is
-#   swapmoe profile ARTIFACT --data CORPUS_DIR/validation.jsonl --limit 256 --sections $PROG --measure-loss \
+#   swapmoe profile ARTIFACT --data CORPUS_DIR/validation.jsonl --limit 512 --sections $PROG --measure-loss \
 #     -o docs/results/issue14/profile_validation_prog_sections.json
 set -euo pipefail
 ART=${1:?artifact}; CORPUS=${2:?corpus dir}; WORK=${3:?work dir}
