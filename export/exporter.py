@@ -35,7 +35,7 @@ from swapmoe_edge.manifest import (
     write_json_atomic,
 )
 
-from . import fused, graphs, quant
+from . import fused, graphs, ladder, quant
 from .checkpoint import CheckpointReader, check_sparse_layers, read_config
 
 ALIGN = 4096  # expert tensors start on page boundaries so plain reads can land in place
@@ -245,8 +245,12 @@ def export_checkpoint(
     quiet: bool = False,
     stream=None,
     fuse_layers: bool = True,
+    ladder_rungs: tuple[str, ...] | None = None,
 ) -> Path:
     """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path.
+
+    ``ladder_rungs``: the low-bit copies written beside every expert (ladder.py); None: int4
+    where the experts are float32 or float16, none otherwise; ``()``: none.
 
     ``fuse_layers=False`` writes the schema-1 layout (separate attention/FFN subgraphs) for
     tests and before/after benchmarks; the fused layout decodes with fewer ORT calls.
@@ -256,6 +260,12 @@ def export_checkpoint(
     expert_dtype = expert_dtype or dtype
     if expert_dtype not in quant.EXPERT_DTYPES:
         raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
+    if ladder_rungs is None:
+        ladder_rungs = () if ladder.rung_error("int4", expert_dtype) else ("int4",)
+    for rung in ladder_rungs:
+        why = ladder.rung_error(rung, expert_dtype)
+        if why:
+            raise ExportError(f"--ladder {rung}: {why}. Choose a lower rung or --ladder none.")
     model_dir, out = Path(model_dir), Path(out_dir)
     if validate:
         missing = [m for m in ("torch", "transformers") if not _importable(m)]
@@ -279,17 +289,20 @@ def export_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(reader, out.parent, dtype)
     with _sigterm_unwinds():
-        return _export_into(reader, model_dir, out, raw_cfg, cfg, dtype, expert_dtype, validate, quiet, stream, fuse_layers)
+        return _export_into(reader, model_dir, out, raw_cfg, cfg, dtype, expert_dtype, validate, quiet, stream, fuse_layers,
+                            tuple(ladder_rungs))
 
 
 def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dtype: str, expert_dtype: str,
-                 validate: bool, quiet: bool, stream, fuse_layers: bool = True) -> Path:
+                 validate: bool, quiet: bool, stream, fuse_layers: bool = True, rungs: tuple[str, ...] = ()) -> Path:
     tmp = _prepare_output(out)
     try:
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress, fuse_layers)
+        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress, fuse_layers, rungs)
+        for rung, info in body.get("ladder", {}).items():
+            ladder.check_rung(tmp, rung, info, body["experts"][0], cfg.d_model, cfg.dense_act_fn)
         tok = model_dir / "tokenizer.json"
         if tok.is_file():
             writer.write_bytes("tokenizer.json", tok.read_bytes())
@@ -342,7 +355,7 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
 
 
 def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, expert_dtype: str, writer: ArtifactWriter,
-                     progress: Progress, fuse_layers: bool = True) -> dict:
+                     progress: Progress, fuse_layers: bool = True, rungs: tuple[str, ...] = ()) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []
     experts: list[dict] = []
@@ -409,7 +422,8 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, exp
             if sparse:
                 layer["experts"] = list(range(cfg.num_experts))
                 for e in range(cfg.num_experts):
-                    experts.append(_write_expert(reader, cfg, expert_dtype, writer, ExpertKey(stack, i, e), f"{ff}.mlp.experts.expert_{e}", scope))
+                    experts.append(_write_expert(reader, cfg, expert_dtype, writer, ExpertKey(stack, i, e), f"{ff}.mlp.experts.expert_{e}",
+                                                 scope, rungs))
             layers.append(layer)
             kind = f"sparse, {cfg.num_experts} experts" if sparse else "dense"
             progress.step(f"{name} ({kind}) {time.perf_counter() - t0:.1f}s")
@@ -421,11 +435,26 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, exp
     add("lm_head", "lm_head", model)
     kernel_io = f"expert_kernel_{expert_dtype}" if expert_dtype in ("int8", "int4") else "expert_kernel"
     add("expert_kernel", kernel_io, graphs.expert_kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, expert_dtype))
+    body = {"subgraphs": subgraphs, "layers": layers, "experts": experts}
+    if rungs and experts:
+        body["ladder"] = add_ladder_graphs(writer, add, cfg, rungs, experts[0])
     progress.step("final norms and LM head")
-    return {"subgraphs": subgraphs, "layers": layers, "experts": experts}
+    return body
 
 
-def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str, writer: ArtifactWriter, key: ExpertKey, prefix: str, scope: str) -> dict:
+def add_ladder_graphs(writer: ArtifactWriter, add, cfg: ModelConfig, rungs: tuple[str, ...], first_expert: dict) -> dict:
+    """Each rung's session template and standard-op kernel; the manifest's ``ladder`` entry."""
+    out = {}
+    for rung in rungs:
+        writer.write_bytes(ladder.template_rel(rung),
+                           ladder.session_template(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, rung, first_expert["rungs"][rung]))
+        add(ladder.kernel_name(rung), "rung_kernel", ladder.kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, rung))
+        out[rung] = ladder.ladder_entry(rung, ladder.template_rel(rung), ladder.kernel_name(rung))
+    return out
+
+
+def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str, writer: ArtifactWriter, key: ExpertKey, prefix: str, scope: str,
+                  rungs: tuple[str, ...] = ()) -> dict:
     wi_t = np.ascontiguousarray(reader.get(f"{prefix}.wi.weight").T)  # [D, F], as the graph multiplies
     wo_t = np.ascontiguousarray(reader.get(f"{prefix}.wo.weight").T)  # [F, D]
     bin_rel = f"experts/{key.name}.bin"
@@ -458,7 +487,9 @@ def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str,
     onnx_rel = f"experts/{key.name}.onnx"
     writer.write_onnx(onnx_rel, model)
     ins, outs = graphs.IO["expert"]
+    rung_entries = {r: ladder.write_rung(writer, key.name, name, wi_t, wo_t, r) for r in rungs}  # from the checkpoint's weights
     return {
+        **({"rungs": rung_entries} if rung_entries else {}),
         "stack": key.stack,
         "layer": key.layer,
         "expert": key.expert,

@@ -458,6 +458,7 @@ IO = {
     "expert_kernel": (("x", "wi", "wo"), ("y",)),
     "expert_kernel_int8": (("x", "wi", "wi_scale", "wo", "wo_scale"), ("y",)),
     "expert_kernel_int4": (("x", "wi", "wi_scale", "wo", "wo_scale"), ("y",)),
+    "rung_kernel": (("x", "wi", "wi_scale", "wo", "wo_scale"), ("y",)),  # ladder.py
     "final_norm": (("hidden",), ("hidden_out",)),
     # fused.py: one session per layer (schema 2)
     "enc_block": (("hidden", "attn_bias"), ("hidden_out",)),

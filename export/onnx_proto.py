@@ -99,6 +99,7 @@ class NodeProto:
     output: list[str]
     name: str | None = None
     attribute: list[AttributeProto] = field(default_factory=list)
+    domain: str | None = None  # e.g. "com.microsoft" for ONNX Runtime's contrib ops
 
     def encode(self, out: bytearray) -> None:
         for s in self.input:
@@ -109,6 +110,7 @@ class NodeProto:
         _bytes_field(out, 4, self.op_type)
         for a in self.attribute:
             _message(out, 5, a)
+        _opt_bytes(out, 7, self.domain)
 
 
 @dataclass
@@ -201,8 +203,10 @@ def np_dtype_to_tensor_dtype(dt) -> int:
         raise ValueError(f"no ONNX element type for numpy dtype {dt}") from None
 
 
-def make_node(op_type: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs) -> NodeProto:
-    return NodeProto(op_type, list(inputs), list(outputs), name, [_attribute(k, v) for k, v in sorted(attrs.items()) if v is not None])
+def make_node(op_type: str, inputs: list[str], outputs: list[str], name: str | None = None, domain: str | None = None,
+              **attrs) -> NodeProto:
+    return NodeProto(op_type, list(inputs), list(outputs), name,
+                     [_attribute(k, v) for k, v in sorted(attrs.items()) if v is not None], domain)
 
 
 def _attribute(key: str, value) -> AttributeProto:

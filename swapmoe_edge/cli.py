@@ -43,16 +43,21 @@ def main() -> None:
               help="Storage type of the experts (default: --dtype). float16: lossy, 1/2 the bytes. int8: weight-only, "
                    "per-column scales: lossy, 1/4 the bytes. int4: weight-only, a float16 scale per 32 input rows: "
                    "lossy (more than int8), 1/7 the bytes; needs d_model and d_ff multiples of 32.")
+@click.option("--ladder", "ladder_", type=click.Choice(["auto", "int4", "int8", "int4,int8", "none"]), default="auto", show_default=True,
+              help="Low-bit copies of every expert for the `ladder` policy (lossy rungs below the experts' own type). "
+                   "auto: int4 when the experts are float32 or float16. int4 adds ~1/7 of float32's expert bytes on disk.")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare the split model with PyTorch before installing it.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None, validate: bool, quiet: bool) -> None:
+def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None, ladder_: str, validate: bool, quiet: bool) -> None:
     """Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact."""
     try:
         from swapmoe_export import export_checkpoint
     except ImportError as e:
         _fail(SwapMoEError(f"the exporter cannot be imported ({e}); reinstall swapmoe-edge."))
     try:
-        export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet)
+        rungs = None if ladder_ == "auto" else () if ladder_ == "none" else tuple(ladder_.split(","))
+        export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet,
+                          ladder_rungs=rungs)
     except SwapMoEError as e:
         _fail(e)
 
@@ -80,6 +85,8 @@ def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     click.echo(f"experts         {summary['experts_per_layer']} per sparse layer, {summary['experts_total']} in all, capacity {summary['expert_capacity']}")
     click.echo(f"dense bytes     {summary['dense_bytes']:,} ({summary['dense_bytes'] / gib:.3f} GiB)")
     click.echo(f"expert bytes    {summary['expert_bytes']:,} ({summary['expert_bytes'] / gib:.3f} GiB; {summary['bytes_per_expert']:,} each)")
+    rungs = [f"{name} {r['bytes']:,} bytes ({r['share_of_expert_bytes']:.0%} of the experts', lossy)" for name, r in summary["ladder"].items()]
+    click.echo(f"ladder          {'; '.join(rungs) or 'none (export again, or `swapmoe ladder add`, for the ladder policy)'}")
     click.echo(f"tokenizer       {summary['tokenizer'] or 'none'}")
     click.echo(f"validated       {'yes' if summary['validated'] else 'no'}")
 
@@ -133,7 +140,8 @@ def _artifact_or_default(artifact: str | None, quiet: bool = False) -> str:
 @click.option("--artifact", type=click.Path(path_type=str), help="Artifact directory (default: the embedded model).")
 @click.option("--file", "file", type=click.Path(path_type=str), help="One document per line, or JSONL with a `text` field.")
 @click.option("--budget", default="auto", show_default=True, help="Whole-process bytes (4.7GiB), share of expert bytes (33%), or auto.")
-@click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe"]), default="swapmoe", show_default=True)
+@click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe", "ladder"]), default="swapmoe", show_default=True,
+              help="ladder: every expert resident at int4 or full precision by importance (lossy; needs an artifact with a ladder).")
 @click.option("--planner", type=click.Choice(["importance", "uniform"]), default="importance", show_default=True)
 @click.option("--num-beams", type=int, default=1, show_default=True)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -173,7 +181,9 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
                         f"peak RSS {format_size(st['peak_rss_bytes'])}, residents {sum(st['residents'].values())}, "
                         f"ttft {st['ttft_ms']:.0f} ms, decode {st['decode_ms_per_token']:.1f} ms/token, "
                         f"read {format_size(st['bytes_read'])}, swaps {st['swaps']}, stall {st['stall_ms']:.0f} ms, "
-                        f"first choice resident {st['first_choice_resident']:.0%}",
+                        f"first choice resident {st['first_choice_resident']:.0%}"
+                        + (f", residents by precision {st['residents_by_rung']}, low-bit tokens {st['low_precision_tokens']}"
+                           if st["policy"] == "ladder" else ""),
                         err=True,
                     )
                 progress.update(min(i + batch_size, len(docs)))
@@ -243,6 +253,31 @@ main.add_command(devices_cmd)
 from .cli_trace import trace_group  # noqa: E402
 
 main.add_command(trace_group)
+
+@main.group("ladder")
+def ladder_group() -> None:
+    """The precision ladder: low-bit copies of every expert."""
+
+
+@ladder_group.command("add")
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--rung", "rungs", multiple=True, type=click.Choice(["int4", "int8"]), default=("int4",), show_default=True,
+              help="Rung to add (repeat for several).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def ladder_add_cmd(artifact: str, rungs: tuple[str, ...], quiet: bool) -> None:
+    """Write low-bit copies of every expert into an artifact exported without them."""
+    from swapmoe_export.add_rungs import add_rungs
+
+    try:
+        entries = add_rungs(artifact, tuple(rungs), quiet=quiet)
+    except SwapMoEError as e:
+        _fail(e)
+    except OSError as e:  # a read-only artifact, a full disk: the old manifest still stands
+        _fail(SwapMoEError(f"cannot write the ladder into {artifact}: {e}. The artifact is unchanged (its manifest "
+                           "does not name the new files); free space or make it writable and run again."))
+    if not quiet:
+        click.echo(f"{artifact}: ladder rungs {', '.join(entries)}")
+
 
 from .cli_bench import bench_group  # noqa: E402
 

@@ -36,7 +36,8 @@ def cache_root() -> Path:
 
 def _fingerprint(ckpt: Path) -> str:
     """Cheap identity of the shipped checkpoint: its config and weight files' sizes and heads."""
-    h = hashlib.sha256(f"schema {SCHEMA_VERSION}".encode())  # a new artifact schema exports again
+    # A new artifact schema, or export's default precision ladder, exports again.
+    h = hashlib.sha256(f"schema {SCHEMA_VERSION} ladder int4".encode())
     for p in sorted(ckpt.glob("*")):
         if p.suffix in (".json", ".safetensors"):
             h.update(p.name.encode())

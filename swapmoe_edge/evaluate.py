@@ -144,6 +144,7 @@ def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner:
         facts["resident_experts"] = sum(per_layer.values())
         facts["resident_experts_per_layer"] = per_layer
         facts["resident_expert_bytes"] = int(rt.residents.nbytes)
+        facts["residents_by_rung"] = rt.residents_by_rung()
     return results, requests, facts
 
 
@@ -161,6 +162,7 @@ def _aggregate(requests: list[dict]) -> dict[str, Any]:
         "swaps": sum(r["swaps"] for r in requests),
         "stall_ms": sum(r["stall_ms"] for r in requests),
         "first_choice_resident": statistics.fmean(r["first_choice_resident"] for r in requests),
+        "low_precision_tokens": sum(r.get("low_precision_tokens", 0) for r in requests),
     }
 
 

@@ -194,6 +194,27 @@ class TensorSlice:
 
 
 @dataclass(frozen=True)
+class RungEntry:
+    """One expert's low-bit copy on the precision ladder (export/ladder.py)."""
+
+    weights_file: str
+    nbytes: int
+    tensors: tuple[TensorSlice, ...]
+
+
+@dataclass(frozen=True)
+class LadderRung:
+    """A rung of the artifact's ladder: how its copies are laid out and run."""
+
+    name: str  # "int4" | "int8"
+    bits: int
+    block: int
+    session_graph: str  # template whose initializers are the copy's bytes, handed over in memory
+    kernel: str  # subgraph name: the same computation in standard ops, weights as inputs
+    data_name: str  # the external-data name the template uses for those bytes
+
+
+@dataclass(frozen=True)
 class ExpertEntry:
     key: ExpertKey
     graph: Subgraph
@@ -201,6 +222,7 @@ class ExpertEntry:
     nbytes: int  # size of the weight block on disk (tensors plus alignment padding)
     norm: float  # Frobenius norm of the expert's weights, ||E|| in SwapMoE's Eq. 1
     tensors: tuple[TensorSlice, ...]
+    rungs: dict[str, RungEntry] = field(default_factory=dict)  # the precision ladder's copies, if exported
 
 
 @dataclass(frozen=True)
@@ -228,6 +250,7 @@ class Manifest:
     generation: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    ladder: dict[str, LadderRung] = field(default_factory=dict)  # rung name -> rung; empty: no ladder
 
     # -- derived views -------------------------------------------------------------
     def layer(self, stack: str, index: int) -> LayerEntry:
@@ -251,12 +274,21 @@ class Manifest:
     def expert_bytes(self) -> int:
         return sum(e.nbytes for e in self.experts.values())
 
+    def ladder_files(self) -> set[str]:
+        """Every file of the precision ladder: the copies, each rung's session template and kernel."""
+        files = {r.weights_file for e in self.experts.values() for r in e.rungs.values()}
+        files |= {r.session_graph for r in self.ladder.values()}
+        return files | {self.subgraphs[r.kernel].file for r in self.ladder.values() if r.kernel in self.subgraphs}
+
     @property
     def dense_bytes(self) -> int:
-        expert_files = {e.weights_file for e in self.experts.values()} | {
-            e.graph.file for e in self.experts.values()
-        }
+        expert_files = {e.weights_file for e in self.experts.values()} | {e.graph.file for e in self.experts.values()}
+        expert_files |= self.ladder_files()
         return sum(f.size for p, f in self.files.items() if p not in expert_files)
+
+    def rung_bytes(self, rung: str) -> int:
+        """All experts' copies on ``rung``, in bytes."""
+        return sum(e.rungs[rung].nbytes for e in self.experts.values())
 
     def path(self, rel: str) -> Path:
         """``root / rel``; every path the manifest names was checked at load to stay inside root."""
@@ -311,6 +343,11 @@ class Manifest:
             "total_bytes": sum(f.size for f in self.files.values()),
             "tokenizer": self.tokenizer,
             "validated": bool(self.validation and self.validation.get("passed")),
+            "ladder_bytes": sum(self.files[p].size for p in self.ladder_files() if p in self.files),
+            # the precision ladder: each rung's copies of all experts, in bytes (lossy)
+            "ladder": {name: {"bits": r.bits, "bytes": self.rung_bytes(name),
+                              "share_of_expert_bytes": round(self.rung_bytes(name) / max(1, self.expert_bytes), 4)}
+                       for name, r in self.ladder.items()},
         }
 
 
@@ -355,6 +392,8 @@ def _check_paths(root: Path, manifest: "Manifest") -> None:
     named += [(g.file, f"subgraph {g.name}") for g in manifest.subgraphs.values()]
     for e in manifest.experts.values():
         named += [(e.graph.file, f"expert {e.key.name}"), (e.weights_file, f"expert {e.key.name}")]
+        named += [(r.weights_file, f"expert {e.key.name} rung {name}") for name, r in e.rungs.items()]
+    named += [(r.session_graph, f"ladder rung {r.name}") for r in manifest.ladder.values()]
     if manifest.tokenizer is not None:
         named.append((manifest.tokenizer, "tokenizer"))
     dirs: dict = {}
@@ -375,6 +414,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def _subgraph(name: str, d: dict[str, Any]) -> Subgraph:
     return Subgraph(name=name, file=d["file"], inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]))
+
+
+def _slices(tensors: list[dict[str, Any]]) -> tuple[TensorSlice, ...]:
+    return tuple(TensorSlice(t["name"], int(t["offset"]), tuple(t["shape"]), t["dtype"], t.get("role") or _role(t["name"]))
+                 for t in tensors)
 
 
 def _role(tensor_name: str) -> str:
@@ -419,10 +463,9 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
                 weights_file=d["weights_file"],
                 nbytes=int(d["nbytes"]),
                 norm=float(d["norm"]),
-                tensors=tuple(
-                    TensorSlice(t["name"], int(t["offset"]), tuple(t["shape"]), t["dtype"], t.get("role") or _role(t["name"]))
-                    for t in d["tensors"]
-                ),
+                tensors=_slices(d["tensors"]),
+                rungs={name: RungEntry(r["weights_file"], int(r["nbytes"]), _slices(r["tensors"]))
+                       for name, r in d.get("rungs", {}).items()},
             )
         layers = tuple(
             LayerEntry(
@@ -448,7 +491,15 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
             generation=raw.get("generation", {}),
             validation=raw.get("validation"),
             extra=raw.get("extra", {}),
+            ladder={name: LadderRung(name, int(r["bits"]), int(r["block"]), r["session_graph"], r["kernel"], r["data_name"])
+                    for name, r in raw.get("ladder", {}).items()},
         )
+        for name, r in manifest.ladder.items():
+            lacking = [k.name for k, e in experts.items() if name not in e.rungs]
+            if lacking or r.kernel not in subgraphs:
+                raise ValueError(f"ladder rung {name} lacks {'the kernel ' + r.kernel if r.kernel not in subgraphs else ''}"
+                                 f"{' and ' if lacking and r.kernel not in subgraphs else ''}"
+                                 f"{'copies of ' + ', '.join(lacking[:3]) + ('…' if len(lacking) > 3 else '') if lacking else ''}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{path} is malformed ({type(e).__name__}: {e}). Export the model again.") from e
     _check_paths(root, manifest)

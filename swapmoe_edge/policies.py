@@ -10,6 +10,9 @@ Each policy is the ``moe`` callback of the split model for one sparse layer:
 | prune      | masked to the best resident (fixed)  | lossy  |
 | swapmoe    | masked; a swapper thread brings the  | lossy  |
 |            | important ones in the background     |        |
+| ladder     | runs at the best resident precision; | lossy  |
+|            | masked only when no copy is resident |        |
+|            | (ladder_policy.py)                   |        |
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .residency import ResidentSet
 from .store import ExpertReadError, ExpertStore, LoadedExpert
 
 log = logging.getLogger(__name__)
-POLICIES = ("full", "on-demand", "prune", "swapmoe")
+POLICIES = ("full", "on-demand", "prune", "swapmoe", "ladder")
 KernelFn = Callable[[LoadedExpert, np.ndarray], np.ndarray]
 
 
@@ -53,6 +56,7 @@ class Counters:
     first_choice_resident: int = 0  # ... whose unmasked first choice was resident
     unavailable_hits: int = 0  # tokens whose first choice could not be read at all
     rerouted: int = 0  # tokens, padding included, sent away from their first choice (0: routing as full's)
+    lowbit_tokens: int = 0  # tokens (padding excluded) that ran a low-bit copy of their expert (ladder)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> dict[str, float]:
@@ -463,6 +467,8 @@ def make_policy(cfg, residents: ResidentSet, store: ExpertStore, kernel: KernelF
     """The policy ``cfg.policy`` (a RuntimeConfig) over ``residents``; the runtime and the trace
     replay (replay.py) both build theirs here."""
     args = (residents, store, kernel, capacity, counts)
+    if cfg.policy == "ladder":
+        raise ValueError("the ladder policy needs the artifact's rung runners; the Runtime builds it (runtime._make_policy)")
     if cfg.policy == "full":
         return FullPolicy(*args, norms)
     if cfg.policy == "prune":

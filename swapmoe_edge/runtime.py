@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import time
 import warnings
@@ -21,6 +20,7 @@ import numpy as np
 
 from . import memory, pagecache
 from .budget import BudgetSpec, MemoryMonitor, check_fits, format_size, parse_budget
+from .config import RuntimeConfig
 from .devices import detect_profile, get_profile, provider_options, select_providers
 from .errors import BudgetError, InputError
 from .generate import beam_search, greedy_search
@@ -28,93 +28,17 @@ from .importance import ImportanceTracker, Profile
 from .manifest import LayerKey, Manifest, load_manifest
 from .model import DecoderState, SplitModel
 from .placement import DeviceKernel, PlacingStore, resolve_placement
+from .ladder_policy import LadderPolicy
 from .prepacked import PrepackedStore
 from .planner import plan_counts
-from .policies import POLICIES, Policy, make_policy
+from .policies import Policy, make_policy
 from .residency import ResidentSet
+from .rungs import measure_ladders, rung_runners
 from .sessions import DenseSessions
-from .store import READ_MODES, ExpertStore, LoadedExpert, StartupPrefetch
+from .store import ExpertStore, LoadedExpert, StartupPrefetch
 
 log = logging.getLogger(__name__)
 PROFILE_NAME = "profile.json"
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    policy: str = "swapmoe"
-    budget: str = "auto"  # "4.7GiB" (whole process), "33%" (of expert bytes), or "auto"
-    planner: str = "importance"  # per-layer split of the expert budget: importance | uniform
-    reserve_bytes: int | None = None  # kept free for the rest of the system; None: the device profile's
-    monitor_period_s: float = 0.25
-    activation_margin: float = 0.05  # of the measured baseline, for larger inputs than the warm-up
-    # Longest input row, and the activation envelope: the baseline's warm-up runs one row
-    # of this many tokens, and generate() runs larger batches in chunks of at most this
-    # many rows x beams x tokens, so no request's activations outgrow what was measured.
-    # None: the artifact's (the tokenizer's model_max_length at export), else 512.
-    max_source_tokens: int | None = None
-    threads: int | None = None  # None: the device profile's (its None: all cores)
-    device: str | None = None  # device profile name or .json path; None: detect this machine
-    verify: str = "first"
-    # How experts are read from flash (store.py): "fadvise" drops their pages from the page
-    # cache after the read, "direct" bypasses it (O_DIRECT), "cached" leaves them there.
-    read_mode: str = "direct"
-    # "blocking": the start set is resident before the constructor returns (reproducible
-    # runs); "background": lossy policies (and on-demand, whose misses read anyway) start
-    # with one expert per layer and fill the rest on a thread, so a device serves its first
-    # request once the dense part is in. `full` always blocks.
-    cold_start: str = "blocking"
-    # Reuse the baseline measured by an earlier process with the same artifact and settings
-    # (baseline_cache.py) instead of running the warm-up pass: a faster launch on a device.
-    baseline_cache: bool = False
-    # Resident experts: "host" numpy arrays, or "device" OrtValues on the kernel provider's
-    # device (placement.py); "auto": device when the first provider is CUDA.
-    expert_placement: str = "auto"
-    renormalize: bool = False  # swapmoe/prune: gate renormalised over residents
-    # Resident experts as their own sessions with prepacked weights (prepacked.py): ~30% faster
-    # expert matmuls for one token (~6% of a switch-base token), but the start takes 1.1-2.3x
-    # as long (each expert opened and packed) and each may cost up to ~0.6 MiB more. "auto" uses
-    # them for `full` (loads every expert once, never swaps) with float32 experts on the host;
-    # "on" wherever possible; "off" (default: sweeps start a `full` cell per process) never.
-    prepack_experts: str = "off"
-    # Swap rate: at most this many experts per interval (switch-base: 19 MB each, read and
-    # hashed on the swapper thread, which shares the cores with the token loop).
-    swap_interval_s: float = 0.1
-    max_swaps_per_interval: int = 1
-    hysteresis: float = 0.1
-    # swapmoe's importance between requests: online sums decay by ``decay`` after each request,
-    # and the calibrated profile counts as ``prior_documents`` documents that never decay
-    # (importance.set_prior; None: the profile only seeds the sums and decays with them).
-    # Chosen by trace replay on the validation split (docs/results/issue14/README.md): the old
-    # 0.5 without a prior chased the last two documents and lost to the static set on shuffled
-    # streams; a prior too strong never moves on a stream calibrated on other sections.
-    decay: float = 0.8
-    prior_documents: float | None = 4.0
-    # Planner weight of a decoder layer's importance share against an encoder layer's (1).
-    # A decoder miss changes the next token, and greedy decoding carries the change through
-    # the rest of the summary; an encoder miss perturbs one of the many source states that
-    # cross-attention averages. With weight 1 the embedded model's importance planner gave
-    # its concentrated decoder layers 5 experts of 16 and the encoder 10-11, and at 50% of
-    # the experts swapmoe matched full on 29% of validation documents, prune on 46%; with
-    # 8, swapmoe matched 71% (scripts/tune_swapmoe.py; 2-64 measured, NOTES.md). When the
-    # profile carries measured loss curves (`swapmoe profile --measure-loss`), swapmoe's split
-    # uses them instead and this weight only orders its swaps (planner.plan_by_loss).
-    decoder_weight: float = 8.0
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise InputError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if self.prepack_experts not in ("auto", "on", "off"):
-            raise InputError(f"prepack_experts must be auto, on or off, not {self.prepack_experts!r}")
-        if self.cold_start not in ("blocking", "background"):
-            raise InputError(f"cold_start must be 'blocking' or 'background', not {self.cold_start!r}")
-        if self.read_mode not in READ_MODES:
-            raise InputError(f"read_mode must be one of {', '.join(READ_MODES)}, not {self.read_mode!r}")
-        if not (self.decoder_weight > 0 and math.isfinite(self.decoder_weight)):
-            raise InputError(f"decoder_weight must be a positive number, got {self.decoder_weight!r}")
-
-    def layer_weights(self, layers) -> dict[LayerKey, float]:
-        """The planner's weight of each sparse layer: ``decoder_weight`` for decoder layers, else 1."""
-        return {lk: self.decoder_weight if lk.stack == "decoder" else 1.0 for lk in layers}
 
 
 @dataclass
@@ -223,6 +147,8 @@ class Runtime:
         if prefetch is not None:
             prefetch.dense_done.wait()
         self.kernel_session = self.sessions.get("expert_kernel")
+        self.runners = rung_runners(m, config, self.sessions, threads, list(self.providers), self.placement) \
+            if config.policy == "ladder" else {}
         self.device_kernel = DeviceKernel(self.kernel_session, ort_device) if self.placement == "device" else None
         if self.device_kernel is not None:
             self.store = PlacingStore(self.store, self.device_kernel)
@@ -233,6 +159,9 @@ class Runtime:
         self._served = False
 
         self.expert_cost = {lk: m.experts[m.layer(lk.stack, lk.layer).experts[0]].nbytes for lk in self.sparse}
+        # before the baseline: the cost measurement settles which stacks run the standard kernel
+        self.rungs = measure_ladders(self.runners, self.store, self.expert_cost, config.ladder_primary,
+                                     m.expert_dtype) if self.runners else {}
         t1 = time.perf_counter()
         if prefetch is not None and not config.baseline_cache:
             prefetch.join()  # a measured baseline subtracts the prefetched experts: they must all be in
@@ -316,9 +245,16 @@ class Runtime:
         if self.device_kernel is not None:
             dummy = self.device_kernel.place(dummy)
 
+        # Low-bit copies run on the standard-op kernel dequantise on every call: its buffers are
+        # part of every request's peak too (MatMulNBits sessions are measured per copy instead).
+        standard = [(r, {t.role: np.zeros(t.shape, dtype=t.dtype) for t in entry.rungs[name].tensors})
+                    for name, r in self.runners.items() if "standard" in r.modes.values()]
+
         def moe(layer, normed, logits, mask):
-            flat = normed.reshape(-1, normed.shape[-1])  # [B*T, D]: every token through one expert
-            return self._kernel(dummy, np.ascontiguousarray(flat)).reshape(normed.shape) * 0
+            flat = np.ascontiguousarray(normed.reshape(-1, normed.shape[-1]))  # [B*T, D]: every token through one expert
+            for runner, feeds in standard:
+                self.sessions.run(runner.info.kernel, {"x": flat, **feeds})
+            return self._kernel(dummy, flat).reshape(normed.shape) * 0
 
         warm = SplitModel(self.manifest, self.sessions, moe)
         # ORT memory-maps big external initializers; the embedding table's pages become
@@ -358,14 +294,25 @@ class Runtime:
         return True
 
     def _kernel(self, expert: LoadedExpert, x: np.ndarray) -> np.ndarray:
+        if expert.rung is not None:
+            return self.runners[expert.rung].run(expert, x)
         if expert.session is not None:
             return expert.session.run(None, {"x": x})[0]
         if self.device_kernel is not None:
             return self.device_kernel.run(expert, x)
         return self.kernel_session.run(None, {"x": x, **expert.feeds})[0]
 
+    def _ladder_capacity(self, budget: int, strict: bool) -> int:
+        """Bytes for expert copies under ``budget``; strict: fail unless one lowest copy per layer fits."""
+        lowest = [self.rungs[lk][0].cost for lk in self.sparse]
+        if strict:
+            return check_fits(budget, self.baseline, lowest)
+        return max(budget - self.baseline, sum(lowest))
+
     def _plan(self, budget: int, strict: bool) -> dict[LayerKey, int]:
         E = self.manifest.config.num_experts
+        if self.config.policy == "ladder":
+            return {lk: 0 for lk in self.sparse}  # placed by bytes (LadderPolicy), not counts
         if self.config.policy == "full":
             need = self.baseline + sum(self.expert_cost[lk] * E for lk in self.sparse)
             if strict and budget < need:
@@ -388,6 +335,19 @@ class Runtime:
                            layer_weight=self.config.layer_weights(self.sparse), loss=loss)
 
     def _make_policy(self, counts) -> Policy:
+        if self.config.policy == "ladder":
+            cfg = self.config
+            tracker = ImportanceTracker(self.norms)
+            tracker.seed(self.profile, 0.0 if cfg.prior_documents is not None else 1.0)
+            if cfg.prior_documents is not None:
+                tracker.set_prior(self.profile, cfg.prior_documents)
+            return LadderPolicy(self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
+                                dict(self.profile.importance), tracker=tracker, rungs=self.rungs, runners=self.runners,
+                                capacity_bytes=self._ladder_capacity(self.budget_bytes, strict=True),
+                                layer_weight=cfg.layer_weights(self.sparse), interval_s=cfg.swap_interval_s,
+                                bytes_per_interval=cfg.max_swaps_per_interval * max(self.expert_cost.values()),
+                                max_moves=cfg.max_swaps_per_interval,
+                                hysteresis=cfg.hysteresis, decay=cfg.decay, wait=cfg.ladder_wait)
         return make_policy(self.config, self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
                            counts, self.norms, self.profile)
 
@@ -399,6 +359,9 @@ class Runtime:
         if self.config.policy == "full":
             if budget < self.baseline + self.residents.nbytes:
                 log.warning("full policy is over the live budget (%s); it cannot shrink", format_size(budget))
+            return
+        if isinstance(self.policy, LadderPolicy):
+            self.policy.set_capacity(self._ladder_capacity(budget, strict=False))
             return
         self.policy.resize(self._plan(budget, strict=False))
 
@@ -515,7 +478,8 @@ class Runtime:
         # An approximate policy gave full's tokens if every token, padding included, found its
         # first choice resident (routing and capacity as full's) and the gate was not
         # renormalised; rounded or quantised experts never do.
-        as_full = pol1["rerouted"] == pol0["rerouted"] and not self.config.renormalize
+        lowbit = pol1["lowbit_tokens"] - pol0["lowbit_tokens"]
+        as_full = pol1["rerouted"] == pol0["rerouted"] and not self.config.renormalize and lowbit == 0
         exact = (self.policy.exact or as_full) and not self.manifest.expert_dtype_lossy
         return {
             "policy": self.config.policy,
@@ -539,10 +503,20 @@ class Runtime:
             "swaps": int(pol1["swaps"] - pol0["swaps"]),
             "stall_ms": (pol1["stall_s"] - pol0["stall_s"]) * 1e3,
             "first_choice_resident": first_choice,
+            "low_precision_tokens": int(lowbit),  # ran a low-bit copy of their expert (ladder; lossy)
+            "residents_by_rung": self.residents_by_rung(),
             "unavailable_experts": sorted(k.name for k in self.residents.unavailable),
             "exact": exact,
             "expert_dtype": self.manifest.expert_dtype,
         }
+
+    def residents_by_rung(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lk in self.sparse:
+            for ex in self.residents.layer(lk).values():
+                name = ex.rung or self.manifest.expert_dtype
+                out[name] = out.get(name, 0) + 1
+        return out
 
     # -- profile ------------------------------------------------------------------------------------
     def profile_texts(self, texts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> Profile:

@@ -12,7 +12,7 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,9 @@ class LoadedExpert:
     key: ExpertKey
     feeds: dict[str, np.ndarray]  # the expert kernel's weight inputs: wi[D, F], wo[F, D] (+ int8/int4 scales)
     nbytes: int
-    session: Any = None  # prepacked.py: the expert's own session (then feeds is empty)
+    session: Any = None  # prepacked.py / rungs.py: the expert's own session (then feeds is empty)
+    rung: str | None = None  # the precision ladder's low-bit copy it is (None: the artifact's own experts)
+    block: np.ndarray | None = field(default=None, repr=False)  # the read block ``feeds`` view (rungs.py builds sessions from it)
 
     @property
     def wi(self) -> np.ndarray:
@@ -100,9 +102,14 @@ class ExpertStore:
         with self._lock:
             return sum(e.nbytes for e in self._prefetched.values())
 
-    def _read_bytes(self, key: ExpertKey, own_mapping: bool = True) -> np.ndarray:
-        """The raw weight block (a hook for tests that inject slow or failing flash)."""
+    def _block(self, key: ExpertKey, rung: str | None):
+        """The manifest entry of the block to read: the expert's own, or its copy on ``rung``."""
         entry = self.manifest.experts[key]
+        return entry if rung is None else entry.rungs[rung]
+
+    def _read_bytes(self, key: ExpertKey, own_mapping: bool = True, rung: str | None = None) -> np.ndarray:
+        """The raw weight block (a hook for tests that inject slow or failing flash)."""
+        entry = self._block(key, rung)
         path = self.manifest.path(entry.weights_file)
         if self.read_mode == "direct":
             try:
@@ -162,7 +169,7 @@ class ExpertStore:
             raise _truncated(key, path, got, nbytes)
         return whole[:nbytes]
 
-    def read(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert:
+    def read(self, key: ExpertKey, own_mapping: bool = True, rung: str | None = None) -> LoadedExpert:
         """Read, verify and count one expert.
 
         ``own_mapping``: hold it in an anonymous mapping of its own (see anonymous_buffer),
@@ -170,15 +177,18 @@ class ExpertStore:
         evicts them. ``False`` takes malloc memory, about 3x cheaper to fill (18 MiB: 3 ms
         against 10 ms from the page cache: no page faults or zeroing on reused heap), for
         the on-demand policy's reads on the token loop, which the next load reuses.
+
+        ``rung``: read the expert's low-bit copy on the precision ladder instead (ladder.py).
         """
-        with self._lock:
-            ready = self._prefetched.pop(key, None)
-        if ready is not None:
-            return ready
-        entry = self.manifest.experts[key]
+        if rung is None:
+            with self._lock:
+                ready = self._prefetched.pop(key, None)
+            if ready is not None:
+                return ready
+        entry = self._block(key, rung)
         t0 = time.perf_counter()
-        buf = self._read_bytes(key, own_mapping)
-        if self.verify == "always" or (self.verify == "first" and key not in self._verified):
+        buf = self._read_bytes(key, own_mapping, rung) if rung is not None else self._read_bytes(key, own_mapping)
+        if self.verify == "always" or (self.verify == "first" and (key, rung) not in self._verified):
             digest = hashlib.sha256(buf).hexdigest()
             expected = self.manifest.files[entry.weights_file].sha256
             if digest != expected:
@@ -188,13 +198,13 @@ class ExpertStore:
                     "Export the model again or restore the file.",
                 )
             with self._lock:
-                self._verified.add(key)
+                self._verified.add((key, rung))
         feeds = {t.role: _view(buf, t.offset, t.shape, t.dtype) for t in entry.tensors}
         with self._lock:
             self.bytes_read += entry.nbytes
             self.reads += 1
             self.read_seconds += time.perf_counter() - t0
-        return LoadedExpert(key, feeds, entry.nbytes)
+        return LoadedExpert(key, feeds, entry.nbytes, rung=rung, block=buf if rung is not None else None)
 
     def counters(self) -> dict[str, float]:
         with self._lock:

@@ -37,12 +37,12 @@ from .errors import InputError, SwapMoEError
 from .streams import parse_sections
 
 FULL_BUDGET = "100%"
-PLANNER_FREE = ("full", "on-demand")
+PLANNER_FREE = ("full", "on-demand", "ladder")  # ladder: its own byte planner (ladder_plan.py)
 CSV_COLUMNS = (
     "cell", "policy", "planner", "budget", "budget_bytes", "baseline_bytes", "peak_rss_bytes", "exact", "documents",
     "rouge1", "rouge2", "rougeL", "fidelity_rouge1", "fidelity_rouge2", "fidelity_rougeL", "exact_match",
     "ttft_ms", "decode_ms_per_token", "request_ms", "bytes_read", "loads", "swaps", "stall_ms",
-    "first_choice_resident", "resident_experts", "resident_expert_bytes", "wall_s", "error",
+    "first_choice_resident", "low_precision_tokens", "resident_experts", "resident_expert_bytes", "wall_s", "error",
 )
 
 

@@ -94,6 +94,8 @@ def _cases(root: Path, ckpt: Path, art: Path, tmp: Path):
                                                         "--max-new-tokens", "2", "-o", b + "/t.npz"],
         "trace replay a binary file": ["trace", "replay", b],
         "trace replay --profile": ["trace", "replay", str(_trace(art, tmp)), "--profile", b],
+        "ladder add a binary file": ["ladder", "add", b],
+        "ladder add ARTIFACT (manifest.json)": ["ladder", "add", str(_binary_copy(art, tmp / "a6", "manifest.json"))],
     }
 
 
@@ -121,7 +123,7 @@ CASES = ["summarize --file", "summarize --device", "profile --data", "eval --dat
          *(f"bench {v} -o onto a binary file" for v in ("cells", "pressure", "soak")),
          "profile -o into a binary file's folder", "eval --profile", "sweep --profile", "trace record --data",
          "trace record a binary file", "trace record -o into a binary file's folder", "trace replay a binary file",
-         "trace replay --profile"]
+         "trace replay --profile", "ladder add a binary file", "ladder add ARTIFACT (manifest.json)"]
 
 # Every file or folder option of every verb, and the cases above that feed it a binary file.
 COVERED = {
@@ -144,6 +146,7 @@ COVERED = {
     ("trace record", "artifact"): "trace record a binary file", ("trace record", "data"): "trace record --data",
     ("trace record", "out"): "trace record -o into a binary file's folder",
     ("trace replay", "trace"): "trace replay a binary file", ("trace replay", "profile"): "trace replay --profile",
+    ("ladder add", "artifact"): "ladder add a binary file",
 }
 FILE_LIKE = {"device", "lists_dir"}  # plain-string options that name a file or folder
 

@@ -112,7 +112,8 @@ def test_manifest_records_sizes_hashes_norms_and_aligned_expert_blocks(exported)
         np.testing.assert_array_equal(got, expert.wi.weight.detach().numpy().T)
     s = manifest.summary()
     graph_bytes = sum(manifest.files[e.graph.file].size for e in manifest.experts.values())
-    assert s["expert_bytes"] + s["dense_bytes"] + graph_bytes == s["total_bytes"]
+    assert s["expert_bytes"] + s["dense_bytes"] + graph_bytes + s["ladder_bytes"] == s["total_bytes"]
+    assert s["ladder_bytes"] > s["ladder"]["int4"]["bytes"] > 0  # the copies, and the rung's two graphs
     assert manifest.validation["passed"]
 
 

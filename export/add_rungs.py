@@ -1,0 +1,70 @@
+"""Add precision-ladder rungs to an artifact that was exported without them.
+
+Reads each expert's own weights from the artifact (float32 or float16 experts), writes
+its low-bit copies beside it, the rung's template and kernel, and then the manifest, in
+one atomic rename: a run that stops half-way leaves the old manifest, which does not
+name the new files, so the artifact stays as it was. Copies made from float16 experts
+quantise the rounded weights (an export from the checkpoint quantises the originals).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from swapmoe_edge.errors import ArtifactError, ExportError
+from swapmoe_edge.manifest import MANIFEST_NAME, load_manifest, write_json_atomic
+
+from . import graphs, ladder
+from .exporter import ArtifactWriter
+
+
+def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: bool = False, stream=None) -> dict:
+    """Write ``rungs`` for every expert of ``artifact``; return the manifest's new ``ladder`` entry."""
+    root = Path(artifact)
+    m = load_manifest(root)  # checks the artifact before anything is written
+    for rung in rungs:
+        why = ladder.rung_error(rung, m.expert_dtype)
+        if why:
+            raise ExportError(f"cannot add the {rung} rung to {root}: {why}.")
+    raw = json.loads((root / MANIFEST_NAME).read_text())
+    writer = ArtifactWriter(root)
+    by_key = {(d["stack"], int(d["layer"]), int(d["expert"])): d for d in raw["experts"]}
+    t0, n = time.perf_counter(), len(m.experts)
+    for i, (key, entry) in enumerate(m.experts.items()):
+        views = _weights(m, entry)
+        d = by_key[(key.stack, key.layer, key.expert)]
+        scope = entry.tensors[0].name.rsplit("/", 1)[0]
+        d.setdefault("rungs", {}).update({r: ladder.write_rung(writer, key.name, scope, views["wi"], views["wo"], r) for r in rungs})
+        if not quiet and (i + 1 == n or (i + 1) % max(1, n // 10) == 0):
+            print(f"[ladder] {i + 1}/{n} experts, {time.perf_counter() - t0:.0f}s", file=stream or sys.stderr, flush=True)
+    c = m.config
+    entries = raw.setdefault("ladder", {})
+    for rung in rungs:
+        writer.write_bytes(ladder.template_rel(rung), ladder.session_template(c.d_model, c.d_ff, c.dense_act_fn, rung,
+                                                                               raw["experts"][0]["rungs"][rung]))
+        rel = f"dense/{ladder.kernel_name(rung)}.onnx"
+        writer.write_onnx(rel, ladder.kernel_graph(c.d_model, c.d_ff, c.dense_act_fn, rung))
+        ins, outs = graphs.IO["rung_kernel"]
+        raw["subgraphs"][ladder.kernel_name(rung)] = {"file": rel, "inputs": list(ins), "outputs": list(outs)}
+        entries[rung] = ladder.ladder_entry(rung, ladder.template_rel(rung), ladder.kernel_name(rung))
+        ladder.check_rung(root, rung, entries[rung], raw["experts"][0], c.d_model, c.dense_act_fn)
+    raw["files"].update(writer.files)
+    write_json_atomic(root / MANIFEST_NAME, raw)
+    return entries
+
+
+def _weights(m, entry) -> dict[str, np.ndarray]:
+    """An expert's wi[D, F] and wo[F, D] as float32, read from its weight block."""
+    if m.expert_dtype not in ("float32", "float16"):
+        raise ArtifactError(f"{m.root}: rungs are made from float experts, these are {m.expert_dtype}")
+    blob = np.fromfile(m.path(entry.weights_file), dtype=np.uint8)
+    out = {}
+    for t in entry.tensors:
+        dt = np.dtype(t.dtype)
+        out[t.role] = blob[t.offset: t.offset + t.nbytes].view(dt).reshape(t.shape).astype(np.float32)
+    return out

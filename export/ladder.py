@@ -1,0 +1,231 @@
+"""The precision ladder's low rungs: a low-bit copy of every expert, beside the expert.
+
+A rung is an expert's two weights quantised to ``bits`` (4 or 8) in the layout of ONNX
+Runtime's ``com.microsoft.MatMulNBits`` kernel, so that the runtime can open a session
+whose weights are constants (prepacked once at session creation: a 768x3072 int4 expert
+ran a token in 0.23 ms against 0.82 ms for float32 weights fed to the shared kernel, one
+thread, docs/results/ladder.md). Per weight ``w[K, N]`` (K inputs, N outputs):
+
+- blocks of ``BLOCK`` consecutive inputs per output column (the last block zero-padded);
+- symmetric: ``q = clip(rint(w / s), -2^(b-1), 2^(b-1) - 1)``, ``s = amax / (2^(b-1) - 1)``
+  per block, stored as ``n = q + 2^(b-1)`` (MatMulNBits' default zero point, so none is stored);
+- ``q[N, K/BLOCK, BLOCK·b/8]`` uint8 (int4: two inputs a byte, the lower one in the low
+  nibble), ``scale[N, K/BLOCK]`` float32 (the type of the activations the kernel takes).
+
+Files per rung: ``experts/NAME.RUNG.bin`` for every expert (wi, wi_scale, wo, wo_scale, each
+at a 4 KiB boundary), one session template ``experts/rung.RUNG.onnx`` whose initializers
+point at the placeholder ``RUNG_DATA`` (the runtime hands ONNX Runtime the bytes it read,
+in memory), and ``dense/rung_kernel.RUNG.onnx``, the same computation in standard ONNX ops
+with the weights as inputs, for providers without MatMulNBits.
+
+The rung is lossy; its cost is measured (docs/results/ladder.md), not assumed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import graphs
+from . import onnx_proto as helper
+from .onnx_proto import TensorProto
+
+BLOCK = 32
+RUNGS = {"int4": 4, "int8": 8}  # rung name -> bits
+RUNG_DATA = "rung.bin"  # the external-data name the session templates use; never a file on disk
+ROLES = ("wi", "wi_scale", "wo", "wo_scale")
+# A rung must be below the artifact's own expert type: bytes per weight, roughly.
+_WIDTH = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}
+F32, U8 = TensorProto.FLOAT, TensorProto.UINT8
+
+
+def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """w[K, N] float -> (q[N, ceil(K/BLOCK), BLOCK*bits/8] uint8, scale[N, ceil(K/BLOCK)] float32)."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    kb = -(-k // BLOCK)
+    padded = np.zeros((kb * BLOCK, n), np.float32)
+    padded[:k] = w
+    g = padded.T.reshape(n, kb, BLOCK)  # [N, K/B, B]
+    qmax = (1 << (bits - 1)) - 1
+    scale = (np.abs(g).max(axis=-1) / qmax).astype(np.float32)  # [N, K/B]
+    if not np.isfinite(scale).all():
+        raise ValueError(f"a weight of magnitude {np.abs(w).max():.3g} cannot be quantised to {bits} bits")
+    scale[scale == 0] = 1.0  # an all-zero block stores zeros
+    q = np.clip(np.rint(g / scale[..., None]), -(qmax + 1), qmax) + (qmax + 1)  # [N, K/B, B] in 0 .. 2^b - 1
+    q = q.astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return np.ascontiguousarray(q), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The float32 w[K, N] a rung stands for: (n - 2^(b-1)) * scale per block."""
+    if bits == 4:
+        n = np.empty(q.shape[:2] + (q.shape[2] * 2,), np.uint8)
+        n[..., 0::2] = q & 15
+        n[..., 1::2] = q >> 4
+    else:
+        n = q
+    w = (n.astype(np.float32) - np.float32(1 << (bits - 1))) * scale[..., None]  # [N, K/B, B]
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1)[:, :k].T)
+
+
+def rung_error(rung: str, expert_dtype: str) -> str | None:
+    """Why ``rung`` cannot sit below experts of ``expert_dtype``, or None."""
+    if rung not in RUNGS:
+        return f"unknown rung {rung!r}; use one of {', '.join(RUNGS)}"
+    if _WIDTH[rung] >= _WIDTH[expert_dtype]:
+        return f"a {rung} rung is not below the artifact's {expert_dtype} experts"
+    return None
+
+
+def rung_arrays(wi_t: np.ndarray, wo_t: np.ndarray, rung: str) -> dict[str, np.ndarray]:
+    """The four arrays of one expert's rung, from its float weights wi[D, F] and wo[F, D]."""
+    bits = RUNGS[rung]
+    qi, si = quantize(wi_t, bits)
+    qo, so = quantize(wo_t, bits)
+    return {"wi": qi, "wi_scale": si, "wo": qo, "wo_scale": so}
+
+
+def rung_file(key_name: str, rung: str) -> str:
+    return f"experts/{key_name}.{rung}.bin"
+
+
+def write_rung(writer, key_name: str, scope: str, wi_t: np.ndarray, wo_t: np.ndarray, rung: str) -> dict:
+    """Write one expert's rung; return its manifest entry."""
+    parts = rung_arrays(wi_t, wo_t, rung)
+    rel = rung_file(key_name, rung)
+    offs = writer.write_blocks(rel, list(parts.values()))
+    return {
+        "weights_file": rel,
+        "nbytes": writer.files[rel]["size"],
+        "tensors": [{"name": f"{scope}/{rung}/{role}", "role": role, "offset": off, "shape": list(arr.shape),
+                     "dtype": str(arr.dtype)} for (role, arr), off in zip(parts.items(), offs)],
+    }
+
+
+def session_template(d_model: int, d_ff: int, act: str, rung: str, entry: dict) -> bytes:
+    """x[N, D] -> act(x Wi) Wo through two MatMulNBits, weights external in ``RUNG_DATA``.
+
+    Every expert's rung file has the same layout, so one template serves them all: the
+    runtime opens a session per resident expert with that expert's bytes in memory.
+    """
+    bits = RUNGS[rung]
+    g = graphs.GraphBuilder(f"/ladder/{rung}")
+    x = g.input("x", F32, ["N", d_model])
+    where = {t["role"]: t for t in entry["tensors"]}
+    for role in ROLES:
+        t = where[role]
+        init = TensorProto()
+        init.name, init.data_type, init.dims = role, U8 if t["dtype"] == "uint8" else F32, list(t["shape"])
+        init.data_location = TensorProto.EXTERNAL
+        length = int(np.prod(t["shape"])) * (1 if t["dtype"] == "uint8" else 4)
+        for k, v in (("location", RUNG_DATA), ("offset", str(t["offset"])), ("length", str(length))):
+            init.external_data.append(helper.StringStringEntry(k, v))
+        g.inits.append(init)
+
+    def nbits(a: str, w: str, k: int, n: int, hint: str) -> str:
+        out = g._name(hint)
+        g.nodes.append(helper.make_node("MatMulNBits", [a, w, f"{w}_scale"], [out], name=f"/ladder/{rung}/{hint}/MatMulNBits",
+                                        domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=0))
+        return out
+
+    hid = g.act(nbits(x, "wi", d_model, d_ff, "wi"), act)
+    g.output(nbits(hid, "wo", d_ff, d_model, "wo"), "y", F32, ["N", d_model])
+    built = g.model()
+    built.proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return built.proto.SerializeToString()
+
+
+def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> graphs.BuiltGraph:
+    """The rung's computation in standard ONNX ops, weights as inputs (any execution provider).
+
+    Slower than MatMulNBits (it dequantises on every call), but it runs where that kernel does not.
+    """
+    bits = RUNGS[rung]
+    g = graphs.GraphBuilder(f"/ladder/{rung}_kernel")
+    x = g.input("x", F32, ["N", d_model])
+
+    def dq(w: str, k: int, n: int) -> str:
+        kb = -(-k // BLOCK)
+        q = g.input(w, U8, [n, kb, BLOCK * bits // 8])
+        s = g.input(f"{w}_scale", F32, [n, kb])
+        h = f"{w}/dequant"
+        if bits == 4:
+            lo = g.op("BitwiseAnd", [q, g.const(np.uint8(15), np.uint8)], hint=h)
+            hi = g.op("BitShift", [q, g.const(np.uint8(4), np.uint8)], hint=h, direction="RIGHT")
+            q = g.op("Concat", [g.op("Unsqueeze", [v, g.const([3])], hint=h) for v in (lo, hi)], hint=h, axis=3)
+        full = g.op("Reshape", [q, g.const([n, kb, BLOCK])], hint=h)
+        val = g.op("Sub", [g.op("Cast", [full], hint=h, to=F32), g.const(np.float32(1 << (bits - 1)), np.float32)], hint=h)
+        w_nk = g.op("Mul", [val, g.op("Unsqueeze", [s, g.const([2])], hint=h)], hint=h)  # [N, K/B, B]
+        w_nk = g.op("Reshape", [w_nk, g.const([n, kb * BLOCK])], hint=h)
+        if kb * BLOCK != k:
+            w_nk = g.op("Slice", [w_nk, g.const([0]), g.const([k]), g.const([1])], hint=h)
+        return w_nk  # [N, K]
+
+    hid = g.act(g.op("Gemm", [x, dq("wi", d_model, d_ff)], hint="wi", transB=1), act)
+    g.output(g.op("Gemm", [hid, dq("wo", d_ff, d_model)], hint="wo", transB=1), "y", F32, ["N", d_model])
+    return g.model(graphs.OPSET_INT4)
+
+
+def ladder_entry(rung: str, template_rel: str, kernel_name: str) -> dict:
+    return {"bits": RUNGS[rung], "block": BLOCK, "session_graph": template_rel, "kernel": kernel_name, "data_name": RUNG_DATA}
+
+
+def template_rel(rung: str) -> str:
+    return f"experts/rung.{rung}.onnx"
+
+
+def kernel_name(rung: str) -> str:
+    return f"rung_kernel.{rung}"
+
+
+def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str) -> float:
+    """Run one expert's rung through its session template and its standard-op kernel and
+    compare both with the numpy dequantisation; return the larger relative error.
+
+    Export calls this for each rung it writes (a template ONNX Runtime cannot run, or a
+    layout mismatch, fails the export instead of the first request on a device).
+    """
+    import onnxruntime as ort
+
+    from swapmoe_edge.errors import ExportError
+
+    e = expert["rungs"][rung]
+    blob = np.fromfile(Path(root) / e["weights_file"], dtype=np.uint8)
+    parts = {}
+    for t in e["tensors"]:
+        dt = np.dtype(t["dtype"])
+        count = int(np.prod(t["shape"]))
+        parts[t["role"]] = blob[t["offset"]: t["offset"] + count * dt.itemsize].view(dt).reshape(t["shape"])
+    bits = info["bits"]
+    wi = dequantize(parts["wi"], parts["wi_scale"], bits, d_model)
+    d_ff = wi.shape[1]
+    wo = dequantize(parts["wo"], parts["wo_scale"], bits, d_ff)
+    x = np.random.default_rng(0).standard_normal((3, d_model)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_external_initializers_from_files_in_memory([RUNG_DATA], [blob], [blob.nbytes])
+    sess = ort.InferenceSession(str(Path(root) / info["session_graph"]), opts)
+    kernel = ort.InferenceSession(str(Path(root) / f"dense/{info['kernel']}.onnx"))
+    ys = [sess.run(None, {"x": x})[0], kernel.run(None, {"x": x, **parts})[0]]
+    ref = _act(x @ wi, act) @ wo
+    err = max(float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)) for y in ys)
+    if not err < 1e-4:
+        raise ExportError(f"the {rung} rung of expert {expert['stack']}.{expert['layer']}.{expert['expert']} "
+                          f"(d_ff {d_ff}) computes {err:.2e} away from its dequantised weights; the ladder is broken. "
+                          "Export without it (--ladder none) and report this.")
+    return err
+
+
+def _act(h: np.ndarray, kind: str) -> np.ndarray:
+    """The expert activation in numpy (graphs.GraphBuilder.act), for the rung check."""
+    if kind == "relu":
+        return np.maximum(h, 0)
+    if kind == "gelu":
+        from math import erf, sqrt
+
+        return 0.5 * h * (1 + np.vectorize(erf)(h / sqrt(2))).astype(np.float32)
+    return 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))

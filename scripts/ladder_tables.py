@@ -1,0 +1,78 @@
+"""The precision ladder's tables for docs/results/ladder.md, from a sweep's sweep.json.
+
+    python scripts/ladder_tables.py SWEEP_DIR [--decode PAIRS.json]
+
+One table per measure (reference ROUGE-2, same-as-full, peak RSS / budget, decode ms/token
+as a ratio to `full` of the same sweep), policies as rows and budgets as columns, and the
+issue's targets checked: the ladder within 0.005 ROUGE-2 of `full` at 33%, at or above
+`prune` in every cell, peak RSS within budget + 5%. ``--decode``: a bench_ladder_decode.py
+result (interleaved, paired) for the decode target, which a sweep's cells, run minutes
+apart on a shared machine, cannot judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+POLICIES = ("ladder", "swapmoe", "prune", "on-demand")
+
+
+def _budget_key(b: str) -> float:
+    return -float(b.rstrip("%")) if b.endswith("%") else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", type=Path)
+    ap.add_argument("--decode", type=Path)
+    a = ap.parse_args()
+    d = json.loads((a.sweep / "sweep.json").read_text())
+    cells = [c for c in d["cells"] if not c.get("error")]
+    full = next(c for c in cells if c["policy"] == "full")
+    budgets = sorted({c["budget"] for c in cells if c["policy"] != "full"}, key=_budget_key)
+    at = {(c["policy"], c["budget"]): c for c in cells}
+
+    def table(title: str, fmt) -> None:
+        print(f"\n{title}\n")
+        print("| policy | " + " | ".join(budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for p in POLICIES:
+            row = [fmt(at[(p, b)]) if (p, b) in at else "—" for b in budgets]
+            print(f"| {p} | " + " | ".join(row) + " |")
+
+    print(f"{d['documents']} documents; full: ROUGE-2 {full['rouge2']:.4f}, decode {full['decode_ms_per_token']:.2f} ms/token, "
+          f"peak RSS {full['peak_rss_bytes'] / 2**20:.1f} MiB. Budgets are shares of the artifact's expert bytes.")
+    table("Reference ROUGE-2", lambda c: f"{c['rouge2']:.4f}")
+    table("Same as full (share of documents whose summary equals full's)", lambda c: f"{c['exact_match']:.1%}")
+    table("Experts resident (ladder: int4 copies + full precision)", lambda c: (
+        "+".join(str(c["residents_by_rung"].get(k, 0)) for k in ("int4", "float16", "float32") if k in c["residents_by_rung"])
+        if c["policy"] == "ladder" else str(c["resident_experts"])))
+    table("Peak RSS / budget", lambda c: f"{c['peak_rss_bytes'] / c['budget_bytes']:.3f}")
+    table("Decode ms/token / full's (cells run one after another; see the paired figures)",
+          lambda c: f"{c['decode_ms_per_token'] / full['decode_ms_per_token']:.2f}")
+    table("Tokens that ran a low-bit copy", lambda c: f"{c.get('low_precision_tokens', 0):,}")
+
+    lad = {b: at[("ladder", b)] for b in budgets if ("ladder", b) in at}
+    checks = []
+    if "33%" in lad:
+        gap = full["rouge2"] - lad["33%"]["rouge2"]
+        checks.append(f"ladder at 33% within 0.005 ROUGE-2 of full: {'yes' if gap <= 0.005 else 'NO'} (gap {gap:+.4f})")
+    below = [f"{b} ({lad[b]['rouge2']:.4f} < {at[('prune', b)]['rouge2']:.4f})" for b in lad
+             if ("prune", b) in at and lad[b]["rouge2"] < at[("prune", b)]["rouge2"]]
+    checks.append(f"ladder at or above prune in every cell: {'yes' if not below else 'NO: ' + ', '.join(below)}")
+    over = [f"{c['policy']} {c['budget']} ({c['peak_rss_bytes'] / c['budget_bytes']:.3f})" for c in cells
+            if c["peak_rss_bytes"] > 1.05 * c["budget_bytes"]]
+    checks.append(f"peak RSS within budget + 5% in every cell: {'yes' if not over else 'NO: ' + ', '.join(over)}")
+    if a.decode:
+        dec = json.loads(a.decode.read_text())
+        for b, r in dec["ratios"].items():
+            checks.append(f"ladder decode at {b} vs full (paired): {r:.2f}x ({'met' if r <= 1.15 else 'NOT met'}: target 1.15x)")
+    print("\nTargets\n")
+    for c in checks:
+        print(f"- {c}")
+
+
+if __name__ == "__main__":
+    main()

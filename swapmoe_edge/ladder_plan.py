@@ -1,0 +1,128 @@
+"""Where each expert sits on the precision ladder under a byte budget. Pure functions.
+
+Every expert is at one rung or absent. A rung has a byte cost and a quality ``q`` in
+(0, 1] (the artifact's own precision is 1). Covering an expert of planner value ``v``
+(its share of its layer's importance times the layer's weight, as planner.py) at rung
+``r`` is worth ``v · q(r)``; an absent expert is worth 0 (its tokens are rerouted).
+
+The plan is greedy on value per byte: each layer first gets its most valuable expert at
+the lowest rung (so every token has somewhere to go), then, step by step, the step with
+the most value per byte that still fits: an absent expert onto the lowest rung, or a
+present one a rung up. Low rungs cost a fraction of the full copy and keep most of its
+quality, so the plan covers every expert at a low rung before it lifts the important
+ones, which is the point of the ladder.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .budget import format_size
+from .errors import BudgetError
+from .manifest import LayerKey
+from .planner import _weights, normalised
+
+PRIMARY = ""  # the rung name of the artifact's own experts
+# Planner quality of a rung: 1 - the relative RMS error of its weights on Gaussian weights
+# (int4: 9.7%, int8: 0.5%; export/ladder.py). Measured end to end, int4 experts change the
+# embedded model's ROUGE-2 by less than its run-to-run noise (docs/results/README.md), so
+# the planner prefers any copy of an expert to none by a wide margin.
+QUALITY = {"int4": 0.97, "int8": 0.995, PRIMARY: 1.0}
+
+
+@dataclass(frozen=True)
+class Rung:
+    name: str  # PRIMARY for the artifact's own precision
+    cost: int  # measured resident bytes of one expert on this rung
+    quality: float
+
+
+Placement = dict[LayerKey, dict[int, str]]  # layer -> {expert: rung name}
+
+
+def plan_ladder(
+    importance: Mapping[LayerKey, np.ndarray],
+    rungs: Sequence[Rung] | Mapping[LayerKey, Sequence[Rung]],
+    capacity_bytes: int,
+    layer_weight: Mapping[LayerKey, float] | None = None,
+    current: Mapping[LayerKey, Mapping[int, str]] | None = None,
+    hysteresis: float = 0.0,
+    unavailable: frozenset = frozenset(),
+) -> Placement:
+    """The (expert, rung) pairs to hold within ``capacity_bytes``; rungs lowest first, the
+    same for every layer or per layer (a copy's cost may differ by stack: rungs.py).
+
+    ``current`` with ``hysteresis``: an expert held now counts ``1 + hysteresis`` times its
+    value, so near-equal experts do not trade places on every plan. ``unavailable``: (layer,
+    expert) pairs that cannot be read; never planned.
+    """
+    layers = list(importance)
+    per_layer = rungs if isinstance(rungs, Mapping) else {lk: rungs for lk in layers}
+    costs, quality = {}, {}
+    for lk in layers:
+        ladder = per_layer[lk]
+        costs[lk] = [int(r.cost) for r in ladder]
+        quality[lk] = [float(r.quality) for r in ladder]
+        c, q = costs[lk], quality[lk]
+        if not ladder or any(x <= 0 for x in c) or c != sorted(c) or q != sorted(q) or not all(0 < x <= 1 for x in q):
+            raise ValueError(f"{lk}: rungs must go up in cost and quality (0 < q <= 1), got {list(ladder)}")
+    weight = _weights(layers, layer_weight)
+    value = {}
+    for lk in layers:
+        v = normalised(importance[lk]) * weight[lk]  # E
+        held = (current or {}).get(lk, {})
+        value[lk] = np.array([v[e] * (1 + hysteresis if e in held else 1.0) for e in range(v.size)])
+
+    level: dict[tuple[LayerKey, int], int] = {}
+    left = int(capacity_bytes)
+    need = sum(costs[lk][0] for lk in layers)
+    if need > left:
+        lowest = per_layer[layers[0]][0].name or "full-precision"
+        raise BudgetError(
+            f"expert capacity {format_size(left)} cannot hold one {lowest} expert copy "
+            f"for each of the {len(layers)} sparse layers ({format_size(need)}). Raise the budget by at least "
+            f"{format_size(need - left)}.")
+    heap: list[tuple[float, int, int, int, LayerKey]] = []  # (-value per byte, layer position, expert, to level, layer)
+
+    def step(lk: LayerKey, to: int) -> tuple[float, int]:
+        q, c = quality[lk], costs[lk]
+        return q[to] - (q[to - 1] if to > 0 else 0.0), c[to] - (c[to - 1] if to > 0 else 0)
+
+    def push(pos: int, lk: LayerKey, e: int, to: int) -> None:
+        if to >= len(costs[lk]):
+            return
+        gain, extra = step(lk, to)
+        heapq.heappush(heap, (-value[lk][e] * gain / max(extra, 1), pos, e, to, lk))
+
+    for pos, lk in enumerate(layers):
+        order = [e for e in np.argsort(-value[lk], kind="stable") if (lk, int(e)) not in unavailable]
+        if not order:
+            raise BudgetError(f"{lk}: every expert is unavailable (unreadable); cannot route.")
+        first = int(order[0])
+        level[(lk, first)] = 0
+        left -= costs[lk][0]
+        push(pos, lk, first, 1)
+        for e in order[1:]:
+            push(pos, lk, int(e), 0)
+    while heap:
+        _, pos, e, to, lk = heapq.heappop(heap)
+        extra = step(lk, to)[1]
+        if extra > left:
+            continue  # this expert stays where it is; cheaper steps of others may still fit
+        level[(lk, e)] = to
+        left -= extra
+        push(pos, lk, e, to + 1)
+    plan: Placement = {lk: {} for lk in layers}
+    for (lk, e), lv in level.items():
+        plan[lk][e] = per_layer[lk][lv].name
+    return plan
+
+
+def placement_bytes(placement: Mapping[LayerKey, Mapping[int, str]],
+                    rungs: Sequence[Rung] | Mapping[LayerKey, Sequence[Rung]]) -> int:
+    per_layer = rungs if isinstance(rungs, Mapping) else {lk: rungs for lk in placement}
+    return sum({r.name: r.cost for r in per_layer[lk]}[name] for lk, row in placement.items() for name in row.values())

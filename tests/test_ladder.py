@@ -1,0 +1,307 @@
+"""The precision ladder: low-bit copies at export, their kernels, the byte planner and the ladder policy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from swapmoe_edge.errors import BudgetError, InputError
+from swapmoe_edge.ladder_plan import PRIMARY, Rung, placement_bytes, plan_ladder
+from swapmoe_edge.manifest import LayerKey, load_manifest
+from swapmoe_edge.runtime import Runtime, RuntimeConfig
+from swapmoe_edge.store import ExpertStore
+from swapmoe_export import ladder
+from swapmoe_export.add_rungs import add_rungs
+from swapmoe_export.exporter import export_checkpoint
+
+from tiny import save_tiny
+
+# d_ff 512: an int4 copy's session costs clearly less than a float32 expert (with d_ff 48,
+# ORT's per-session state outweighs the weights and the runtime drops the rung as dominated).
+LADDER_MODEL = dict(d_model=128, d_ff=512, d_kv=32, num_experts=8)
+INPUTS = [[5, 6, 7, 8, 9, 10, 11, 12, 1], [13, 14, 15, 1], [20, 21, 22, 23, 24, 1]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("ladder_ckpt"), seed=3, **LADDER_MODEL)
+
+
+@pytest.fixture(scope="module")
+def art(ckpt, tmp_path_factory) -> Path:
+    return export_checkpoint(ckpt, tmp_path_factory.mktemp("ladder") / "art", validate=False, quiet=True)
+
+
+def _cfg(**kw) -> RuntimeConfig:
+    return RuntimeConfig(threads=1, read_mode="cached", **kw)
+
+
+# -- the low-bit copies and their kernels ------------------------------------------------------
+
+@pytest.mark.parametrize("rung,k,n", [("int4", 128, 512), ("int4", 40, 24), ("int8", 48, 32)])
+def test_both_kernels_compute_the_dequantised_weights(tmp_path, rung, k, n):
+    """MatMulNBits (session template, bytes in memory) and the standard-op kernel agree with
+    numpy on the dequantised weights, also when K is not a multiple of the block."""
+    rng = np.random.default_rng(0)
+    wi, wo = rng.standard_normal((k, n)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+
+    class Writer:
+        files: dict = {}
+
+        def write_blocks(self, rel, arrays):
+            from swapmoe_export.exporter import ArtifactWriter
+
+            w = ArtifactWriter(tmp_path)
+            offs = w.write_blocks(rel, arrays)
+            self.files.update(w.files)
+            return offs
+
+    entry = ladder.write_rung(Writer(), "enc.L01.E00", "/t", wi, wo, rung)
+    bits = ladder.RUNGS[rung]
+    parts = ladder.rung_arrays(wi, wo, rung)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    want = np.maximum(x @ ladder.dequantize(parts["wi"], parts["wi_scale"], bits, k), 0) @ \
+        ladder.dequantize(parts["wo"], parts["wo_scale"], bits, n)
+
+    block = np.fromfile(tmp_path / entry["weights_file"], dtype=np.uint8)
+    opts = ort.SessionOptions()
+    opts.add_external_initializers_from_files_in_memory([ladder.RUNG_DATA], [block], [block.nbytes])
+    sess = ort.InferenceSession(ladder.session_template(k, n, "relu", rung, entry), opts)
+    block[:] = 0  # ORT holds its own copy: the runtime drops the read buffer once the session exists
+    kernel = ort.InferenceSession(ladder.kernel_graph(k, n, "relu", rung).proto.SerializeToString())
+    scale = np.abs(want).max()
+    assert np.abs(sess.run(None, {"x": x})[0] - want).max() < 1e-5 * scale
+    assert np.abs(kernel.run(None, {"x": x, **parts})[0] - want).max() < 1e-5 * scale
+    # and the quantisation itself is what its bits allow (a broken packing is far off)
+    err = np.linalg.norm(ladder.dequantize(parts["wi"], parts["wi_scale"], bits, k) - wi) / np.linalg.norm(wi)
+    assert err < (0.12 if bits == 4 else 0.01)
+
+
+def test_export_lists_every_copy_with_its_checksum(art):
+    m = load_manifest(art, verify=True)
+    assert list(m.ladder) == ["int4"]
+    assert all("int4" in e.rungs for e in m.experts.values())
+    assert all(m.files[e.rungs["int4"].weights_file].sha256 for e in m.experts.values())
+    summary = m.summary()["ladder"]["int4"]
+    assert summary["bytes"] == m.rung_bytes("int4") and 0 < summary["share_of_expert_bytes"] < 0.5
+    # rung files are not dense bytes (the budget's dense part is unchanged by the ladder)
+    assert m.dense_bytes == sum(f.size for p, f in m.files.items() if not p.startswith("experts/")
+                                and p != f"dense/{ladder.kernel_name('int4')}.onnx")
+
+
+def test_ladder_add_writes_what_export_writes(ckpt, art, tmp_path):
+    bare = export_checkpoint(ckpt, tmp_path / "bare", validate=False, quiet=True, ladder_rungs=())
+    assert not load_manifest(bare).ladder
+    add_rungs(bare, ("int4",), quiet=True)
+    m, ref = load_manifest(bare, verify=True), load_manifest(art)
+    for key, e in m.experts.items():
+        assert (bare / e.rungs["int4"].weights_file).read_bytes() == (art / ref.experts[key].rungs["int4"].weights_file).read_bytes()
+
+
+def test_a_rung_must_sit_below_the_experts(ckpt, tmp_path):
+    from swapmoe_edge.errors import ExportError
+
+    with pytest.raises(ExportError, match="not below"):
+        export_checkpoint(ckpt, tmp_path / "x", validate=False, quiet=True, expert_dtype="int8", ladder_rungs=("int8",))
+
+
+def test_an_artifact_without_a_ladder_still_serves_and_says_what_the_ladder_needs(art, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(art, old)
+    raw = json.loads((old / "manifest.json").read_text())
+    raw.pop("ladder")
+    for e in raw["experts"]:
+        e.pop("rungs")
+    (old / "manifest.json").write_text(json.dumps(raw))
+    with Runtime(old, _cfg(policy="swapmoe", budget="50%")) as rt:
+        assert rt.generate(INPUTS[:1], max_new_tokens=4)[0].token_ids
+    with pytest.raises(InputError, match="no precision ladder.*ladder add"):
+        Runtime(old, _cfg(policy="ladder", budget="50%"))
+
+
+# -- the planner -------------------------------------------------------------------------------
+
+def _layers(n_layers=3, experts=8, seed=0, flat=False):
+    rng = np.random.default_rng(seed)
+    draw = (lambda: rng.uniform(0.5, 1.5, size=experts)) if flat else (lambda: rng.gamma(0.5, size=experts))
+    return {LayerKey("encoder" if i % 2 else "decoder", i): draw() for i in range(n_layers)}
+
+
+def test_plan_never_exceeds_the_capacity_and_keeps_a_copy_in_every_layer():
+    rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
+    for seed in range(30):
+        imp = _layers(seed=seed)
+        for capacity in (90, 150, 400, 1000, 5000):
+            plan = plan_ladder(imp, rungs, capacity)
+            assert placement_bytes(plan, rungs) <= capacity
+            assert all(len(row) >= 1 for row in plan.values())
+
+
+def test_plan_covers_every_expert_low_before_lifting_any_when_the_low_rung_is_nearly_as_good():
+    imp = _layers(flat=True)  # no expert is nearly worthless (one would rather lift a strong one than hold it)
+    rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
+    plan = plan_ladder(imp, rungs, 30 * 24 + 70)  # room for all 24 low copies and one lift
+    assert sum(len(r) for r in plan.values()) == 24
+    lifted = [(lk, e) for lk, row in plan.items() for e, r in row.items() if r == PRIMARY]
+    assert len(lifted) == 1
+    lk, e = lifted[0]
+    shares = {k: v / v.sum() for k, v in imp.items()}
+    assert shares[lk][e] == max(s.max() for s in shares.values())  # the most valuable expert is lifted
+    full = plan_ladder(imp, rungs, 100 * 24)
+    assert all(r == PRIMARY for row in full.values() for r in row.values())
+
+
+def test_plan_skips_unreadable_experts_and_says_when_nothing_fits():
+    imp = _layers()
+    rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
+    lk = next(iter(imp))
+    best = int(np.argmax(imp[lk]))
+    plan = plan_ladder(imp, rungs, 10_000, unavailable=frozenset({(lk, best)}))
+    assert best not in plan[lk]
+    with pytest.raises(BudgetError, match="cannot hold one int4"):
+        plan_ladder(imp, rungs, 30 * 3 - 1)
+
+
+def test_plan_hysteresis_keeps_a_held_expert_against_a_slightly_better_one():
+    lk = LayerKey("decoder", 1)
+    imp = {lk: np.array([1.0, 1.05, 0.0, 0.0])}
+    rungs = [Rung(PRIMARY, 100, 1.0)]
+    assert plan_ladder(imp, rungs, 100) == {lk: {1: PRIMARY}}
+    assert plan_ladder(imp, rungs, 100, current={lk: {0: PRIMARY}}, hysteresis=0.1) == {lk: {0: PRIMARY}}
+
+
+# -- the policy --------------------------------------------------------------------------------
+
+def test_ladder_at_full_budget_gives_full_tokens_and_says_exact(art):
+    with Runtime(art, _cfg(policy="full", budget="100%")) as rt:
+        ref = rt.generate(INPUTS, max_new_tokens=8)
+    with Runtime(art, _cfg(policy="ladder", budget="100%")) as rt:
+        got = rt.generate(INPUTS, max_new_tokens=8)
+        assert rt.residents_by_rung() == {"float32": 16}
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert all(r.exact and r.stats["low_precision_tokens"] == 0 for r in got)
+
+
+def test_low_bit_tokens_are_counted_and_never_called_exact(art):
+    with Runtime(art, _cfg(policy="ladder", budget="100%", ladder_primary=False)) as rt:
+        res = rt.generate(INPUTS, max_new_tokens=8)
+        assert rt.residents_by_rung() == {"int4": 16}
+        assert rt.runners["int4"].mode == "nbits"
+    assert all(not r.exact for r in res) and res[0].stats["low_precision_tokens"] > 0
+    with Runtime(art, _cfg(policy="ladder", budget="100%", ladder_primary=False, lowbit_kernel="standard")) as rt:
+        std = rt.generate(INPUTS, max_new_tokens=8)
+        assert rt.runners["int4"].mode == "standard"
+    assert [r.token_ids for r in std] == [r.token_ids for r in res]  # both kernels compute the same copies
+
+
+def test_ladder_holds_more_experts_than_prune_in_the_same_bytes(art):
+    with Runtime(art, _cfg(policy="prune", budget="30%")) as rt:
+        pruned = sum(rt.residents.counts().values())
+    with Runtime(art, _cfg(policy="ladder", budget="30%")) as rt:
+        held = sum(rt.residents.counts().values())
+        assert rt.residents.nbytes <= rt.policy.capacity_bytes
+        assert rt.generate(INPUTS[:1], max_new_tokens=4)[0].token_ids
+    assert held > pruned
+
+
+class _GatedStore(ExpertStore):
+    """Rung reads wait on ``gate`` (a slow flash), or fail for ``broken`` experts."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()
+        self.broken: set = set()
+
+    def _read_bytes(self, key, own_mapping=True, rung=None):
+        if rung is not None and not self.gate.is_set():
+            self.waiting.set()
+            self.gate.wait(10)
+        if key in self.broken and rung is not None:
+            from swapmoe_edge.store import ExpertReadError
+
+            raise ExpertReadError(key, "x", "injected I/O error")
+        return super()._read_bytes(key, own_mapping, rung)
+
+
+def test_a_copy_being_read_is_never_run_and_tokens_go_on(art):
+    m = load_manifest(art)
+    store = _GatedStore(m, read_mode="cached")
+    # swap_interval_s: the swapper thread sleeps; the test drives swap_once by hand
+    with Runtime(art, _cfg(policy="ladder", budget="100%", ladder_primary=False, swap_interval_s=1000), store=store) as rt:
+        pol = rt.policy
+        lk = rt.sparse[0]
+        key = m.layer(lk.stack, lk.layer).experts[int(next(iter(rt.residents.layer(lk))))]
+        store.gate.clear()
+        pol.set_capacity(pol.capacity_bytes)  # unchanged budget: nothing to drop
+        pol.residents.drop(key)  # the plan now wants it back: its read will wait at the gate
+        t = threading.Thread(target=pol.swap_once)
+        t.start()
+        assert store.waiting.wait(10)
+        assert key not in rt.residents  # half-read: not published, so no token can run it
+        res = rt.generate(INPUTS[:1], max_new_tokens=4)  # the token loop does not wait for the read
+        assert res[0].token_ids
+        store.gate.set()
+        t.join(10)
+        assert key in rt.residents
+        ex = rt.residents.layer(lk)[key.expert]  # published complete: a session, or every array of the copy
+        assert ex.rung == "int4" and (ex.session is not None or set(ex.feeds) == {"wi", "wi_scale", "wo", "wo_scale"})
+
+
+def test_an_unreadable_copy_marks_the_expert_and_serving_goes_on(art):
+    m = load_manifest(art)
+    store = _GatedStore(m, read_mode="cached")
+    lk = m.sparse_layers()[0].key
+    bad = m.layer(lk.stack, lk.layer).experts[0]
+    store.broken.add(bad)
+    with Runtime(art, _cfg(policy="ladder", budget="100%", ladder_primary=False), store=store) as rt:
+        assert bad not in rt.residents and rt.residents.is_unavailable(bad)
+        assert rt.generate(INPUTS, max_new_tokens=4)[0].token_ids
+
+
+def test_a_falling_budget_is_honoured_at_once(art):
+    with Runtime(art, _cfg(policy="ladder", budget="100%", swap_interval_s=1000)) as rt:
+        pol = rt.policy
+        before = rt.residents.nbytes
+        pol.set_capacity(before // 3)
+        assert rt.residents.nbytes <= before // 3
+        assert all(len(rt.residents.layer(lk)) >= 1 for lk in rt.sparse)
+        for _ in range(50):  # the swapper refills lower rungs within the new capacity
+            pol.swap_once(limit_bytes=1 << 40)
+        assert rt.residents.nbytes <= before // 3
+        assert "int4" in rt.residents_by_rung()
+        assert rt.generate(INPUTS[:1], max_new_tokens=4)[0].token_ids
+
+
+def test_small_encoder_copies_skip_the_session_overhead(art):
+    """ORT keeps ~25-50 KiB per session: for experts this small an int4 session costs well over its
+    bytes, so encoder copies (run once a request) use the standard kernel and cost their bytes;
+    decoder copies (run every token) keep the fast kernel."""
+    with Runtime(art, _cfg(policy="ladder", budget="50%")) as rt:
+        runner = rt.runners["int4"]
+        block = rt.manifest.experts[next(iter(rt.manifest.experts))].rungs["int4"].nbytes
+        assert runner.modes == {"encoder": "standard", "decoder": "nbits"}
+        assert runner.costs["encoder"] == block < runner.costs["decoder"]
+        enc = [lk for lk in rt.sparse if lk.stack == "encoder"][0]
+        assert rt.rungs[enc][0].cost == block
+
+
+def test_waiting_for_missing_experts_routes_as_full(art):
+    """ladder_wait: no token is rerouted (first choices are waited for), so a small budget of int4
+    copies gives the tokens of every expert resident as an int4 copy; the reads count as stall."""
+    with Runtime(art, _cfg(policy="ladder", budget="100%", ladder_primary=False)) as rt:
+        ref = rt.generate(INPUTS, max_new_tokens=8)
+        assert sum(rt.residents.counts().values()) == 16
+    with Runtime(art, _cfg(policy="ladder", budget="15%", ladder_primary=False, ladder_wait=True, swap_interval_s=1000)) as rt:
+        assert sum(rt.residents.counts().values()) < 16
+        got = rt.generate(INPUTS, max_new_tokens=8)
+        assert rt.residents.nbytes <= rt.policy.capacity_bytes
+    assert [r.token_ids for r in got] == [r.token_ids for r in ref]
+    assert sum(r.stats["loads"] for r in got) > 0 and all(r.stats["stall_ms"] > 0 for r in got[:1])
