@@ -184,7 +184,9 @@ def plan_by_loss(
     """Per-layer counts (1..E) within ``capacity_bytes`` that minimise Σ loss[layer][count - 1].
 
     Exact, by dynamic programming over the capacity in units of the experts' common byte
-    divisor (one unit per expert when all cost the same). Curves go through
+    divisor (one unit per expert when all cost the same); when that divisor would make more
+    than ``MAX_PLAN_UNITS`` units, in coarser units with sizes rounded up (still within the
+    capacity, optimal up to that rounding). Curves go through
     ``loss_envelope``. Ties go to the plan that holds more bytes, then to the earlier
     layer holding more. The caller checks that one expert per layer fits.
     """
@@ -195,10 +197,10 @@ def plan_by_loss(
     unit = 0
     for k in layers:
         unit = int(np.gcd(unit, int(cost[k])))
+    if int(capacity_bytes) // unit > MAX_PLAN_UNITS:  # sizes with a tiny common divisor: coarser units,
+        unit = -(-int(capacity_bytes) // MAX_PLAN_UNITS)  # each expert's width rounded up, so plans still fit
     slots = int(capacity_bytes) // unit
-    if slots > MAX_PLAN_UNITS:
-        raise ValueError(f"capacity {capacity_bytes} bytes is {slots} units of {unit} bytes; too fine to plan by loss")
-    width = {k: int(cost[k]) // unit for k in layers}
+    width = {k: -(-int(cost[k]) // unit) for k in layers}
     inf = np.inf
     # best[s]: least summed loss of the layers so far in exactly s units; pick[i][s]: layer i's count there
     best = np.full(slots + 1, inf)

@@ -67,6 +67,18 @@ def test_split_by_loss_equals_brute_force_and_fits():
         assert got == pytest.approx(brute_force(curves, cost, capacity), abs=1e-12), case
 
 
+def test_split_by_loss_with_sizes_of_no_useful_common_divisor_still_fits(monkeypatch):
+    import swapmoe_edge.planner as planner
+
+    monkeypatch.setattr(planner, "MAX_PLAN_UNITS", 400)
+    curves = {ENC: [0.5, 0.1, 0.05, 0.0], DEC: [0.2, 0.19, 0.18, 0.0]}
+    cost = {ENC: 1009, DEC: 997}  # primes: one-byte units would be 4,000+ of them
+    capacity = 4 * 1009 + 200  # four experts fit, five do not
+    counts = planner.plan_by_loss(curves, cost, capacity)  # units of 11 bytes: widths 92 and 91
+    assert sum(counts[k] * cost[k] for k in counts) <= capacity
+    assert counts == {ENC: 3, DEC: 1}
+
+
 def test_envelope_and_ties_hold_more_experts():
     assert loss_envelope(np.array([0.3, 0.35, 0.1, 0.0])).tolist() == [0.3, 0.3, 0.1, 0.0]
     with pytest.raises(ValueError):
