@@ -430,7 +430,8 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, exp
 
     add("enc.final_norm", "final_norm", graphs.final_norm_graph("/encoder/final_norm", reader.get("encoder.final_layer_norm.weight"), cfg, dtype))
     lm = shared_weight() if cfg.tie_word_embeddings else reader.get("lm_head.weight")
-    model = graphs.lm_head_graph(reader.get("decoder.final_layer_norm.weight"), lm, cfg, dtype)
+    model = graphs.lm_head_graph(reader.get("decoder.final_layer_norm.weight"), lm, cfg, dtype,
+                                 fused=fuse_layers and fused.CONTRIB_OPS)
     del lm  # the graph holds its own copy
     add("lm_head", "lm_head", model)
     kernel_io = f"expert_kernel_{expert_dtype}" if expert_dtype in ("int8", "int4") else "expert_kernel"

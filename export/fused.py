@@ -12,12 +12,27 @@ H heads, K d_kv, E experts.
 
 from __future__ import annotations
 
-from .graphs import (F32, BuiltGraph, GraphBuilder, cross_attention_block, cross_attention_graph, cross_kv_graph,
+import numpy as np
+
+from . import graphs
+from .graphs import (F32, MS, BuiltGraph, GraphBuilder, cross_attention_block, cross_attention_graph, cross_kv_graph,
                      dense_ffn_block, dense_ffn_graph, router_block, router_graph, self_attention_block,
                      self_attention_graph)
 
 
 PACKED_QKV = True  # decoder step graphs: q, k, v in one MatMul (bench_decode_pairs: see docs/results/decode.md)
+# Layer graphs (encoder blocks, decoder steps) from ONNX Runtime's fused nodes (MultiHeadAttention,
+# SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization): 18 nodes a dense decoder layer instead
+# of 56. After each weight stream the caches are cold, and every small node then costs several
+# microseconds (docs/results/decode.md). False: standard ONNX ops only (tests, A/B runs).
+CONTRIB_OPS = True
+
+
+def _model(g: GraphBuilder) -> BuiltGraph:
+    built = g.model()
+    if any(n.domain == MS for n in g.nodes):
+        built.proto.opset_import.append(graphs.helper.make_opsetid(MS, 1))  # graphs.helper: tests swap in onnx's
+    return built
 
 
 def _ffn_or_router(g: GraphBuilder, x: str, ffn: dict, cfg, sparse: bool) -> None:
@@ -38,10 +53,18 @@ def encoder_block_graph(scope: str, attn: dict, ffn: dict, cfg, dtype: str, spar
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "S", cfg.d_model])
     bias = g.input("attn_bias", F32, ["B", cfg.num_heads, "S", "S"])
+    if not CONTRIB_OPS:
+        with g.sub("self_attn"):
+            x = self_attention_block(g, x, bias, attn, cfg)[0]
+        _ffn_or_router(g, x, ffn, cfg, sparse)
+        return g.model()
+    h, eps = cfg.num_heads, cfg.layer_norm_epsilon
     with g.sub("self_attn"):
-        x = self_attention_block(g, x, bias, attn, cfg)[0]
-    _ffn_or_router(g, x, ffn, cfg, sparse)
-    return g.model()
+        n = g.rms_norm_op(x, attn["layer_norm"], eps)
+        q, k, v = (g.linear(n, attn[t], t) for t in "qkv")
+        attn_out = g.linear(g.mha(q, k, v, bias, h)[0], attn["o"], "o")
+    _ffn_or_router_contrib(g, x, attn_out, ffn, cfg, sparse)
+    return _model(g)
 
 
 def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict, cfg, dtype: str, sparse: bool) -> BuiltGraph:
@@ -58,18 +81,66 @@ def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict,
     cross_bias = g.input("cross_bias", F32, ["B", 1, 1, "S"])
     ck = g.input("cross_key", F32, ["B", h, "S", k])
     cv = g.input("cross_value", F32, ["B", h, "S", k])
-    with g.sub("self_attn"):
-        x, key, val = self_attention_block(g, x, bias, self_attn, cfg, past, packed_qkv=PACKED_QKV)
-    with g.sub("cross_attn"):
-        x = cross_attention_block(g, x, cross_bias, ck, cv, cross_attn, cfg)
-    _ffn_or_router(g, x, ffn, cfg, sparse)
+    if CONTRIB_OPS:
+        key, val = _decoder_step_contrib(g, x, bias, past, cross_bias, ck, cv, self_attn, cross_attn, ffn, cfg, sparse)
+    else:
+        key, val = _decoder_step_standard(g, x, bias, past, cross_bias, ck, cv, self_attn, cross_attn, ffn, cfg, sparse)
     g.output(key, "present_key", F32, ["B", h, "L", k])
     g.output(val, "present_value", F32, ["B", h, "L", k])
     # Output order is the IO table's: hidden_out, present_key, present_value[, normed, router_logits].
     order = ["hidden_out", "present_key", "present_value"] + (["normed", "router_logits"] if sparse else [])
     outs = {o.name: o for o in g.outputs}
     g.outputs[:] = [outs[n] for n in order]
-    return g.model()
+    return _model(g)
+
+
+def _decoder_step_standard(g, x, bias, past, cross_bias, ck, cv, self_attn, cross_attn, ffn, cfg, sparse):
+    """The step from standard ONNX ops (the blocks the split layout uses too)."""
+    with g.sub("self_attn"):
+        x, key, val = self_attention_block(g, x, bias, self_attn, cfg, past, packed_qkv=PACKED_QKV)
+    with g.sub("cross_attn"):
+        x = cross_attention_block(g, x, cross_bias, ck, cv, cross_attn, cfg)
+    _ffn_or_router(g, x, ffn, cfg, sparse)
+    return key, val
+
+
+def _decoder_step_contrib(g, x, bias, past, cross_bias, ck, cv, self_attn, cross_attn, ffn, cfg, sparse):
+    """The same step from ONNX Runtime's fused nodes. Each residual add is fused with the norm that
+    follows it (SkipSimplifiedLayerNormalization returns the sum and the normed sum)."""
+    h, k, d, eps = cfg.num_heads, cfg.d_kv, cfg.d_model, cfg.layer_norm_epsilon
+    with g.sub("self_attn"):
+        n = g.rms_norm_op(x, self_attn["layer_norm"], eps)
+        qkv = g.linear(n, np.concatenate([self_attn["q"], self_attn["k"], self_attn["v"]], axis=0), "qkv")
+        q, key, val = g.op("Split", [qkv, g.const([h * k] * 3)], hint="qkv/split", n_out=3, axis=-1)
+        ctx, key, val = g.mha(q, key, val, bias, h, past)
+        attn_out = g.linear(ctx, self_attn["o"], "o")
+    with g.sub("cross_attn"):
+        x, n = g.skip_rms_norm(attn_out, x, cross_attn["layer_norm"], eps)
+        # MultiHeadAttention wants the bias as [B, 1, T, S]: the padding mask is the same for every query
+        t = g.op("Slice", [g.op("Shape", [n], hint="bias/shape"), g.const([1]), g.const([2])], hint="bias/shape")
+        shape = g.op("Concat", [g.const([1, 1]), t, g.const([1])], hint="bias/shape", axis=0)
+        cbias = g.op("Expand", [cross_bias, shape], hint="bias/expand")
+        ctx = g.mha(g.linear(n, cross_attn["q"], "q"), ck, cv, cbias, h)[0]
+        attn_out = g.linear(ctx, cross_attn["o"], "o")
+    _ffn_or_router_contrib(g, x, attn_out, ffn, cfg, sparse)
+    return key, val
+
+
+def _ffn_or_router_contrib(g: GraphBuilder, x: str, attn_out: str, ffn: dict, cfg, sparse: bool) -> None:
+    """x + attn_out, then the dense FFN (output hidden_out) or the router (hidden_out, normed, router_logits)."""
+    d, eps = cfg.d_model, cfg.layer_norm_epsilon
+    if not sparse:
+        with g.sub("ffn"):
+            x, n = g.skip_rms_norm(attn_out, x, ffn["layer_norm"], eps)
+            y = g.linear(g.act(g.linear(n, ffn["wi"], "wi"), cfg.dense_act_fn), ffn["wo"], "wo")
+            g.output(g.op("Add", [x, y], hint="residual"), "hidden_out", F32, ["B", "T", d])
+        return
+    with g.sub("moe"):
+        x, n = g.skip_rms_norm(attn_out, x, ffn["layer_norm"], eps)
+        logits = g.linear(n, ffn["classifier"], "router/classifier", bias=ffn.get("classifier_bias"))
+    g.output(x, "hidden_out", F32, ["B", "T", d])
+    g.output(n, "normed", F32, ["B", "T", d])
+    g.output(logits, "router_logits", F32, ["B", "T", cfg.num_experts])
 
 
 def add_layer_graphs(add, name: str, scope: str, stack: str, self_attn: dict, cross_attn: dict | None,

@@ -22,6 +22,8 @@ from .onnx_proto import TensorProto
 
 OPSET = 17
 OPSET_INT4 = 18  # BitwiseAnd arrived in opset 18; only int4 expert graphs need it
+MS = "com.microsoft"  # ONNX Runtime's contrib ops (fused attention and RMS norm), version 1: the
+# builder that uses them adds the opset import (fused.py, ladder.py)
 EXTERNAL_MIN_BYTES = 1 << 20
 _NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -126,6 +128,30 @@ class GraphBuilder:
         var_eps = self.op("Add", [var, self.const(np.float32(eps), np.float32, "eps")], hint=f"{hint}/eps")
         inv = self.op("Reciprocal", [self.op("Sqrt", [var_eps], hint=f"{hint}/sqrt")], hint=f"{hint}/rsqrt")
         return self.op("Mul", [w, self.op("Mul", [x, inv], hint=f"{hint}/scale")], hint=f"{hint}/weight")
+
+    def rms_norm_op(self, x: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> str:
+        """``rms_norm`` as one ONNX Runtime node (SimplifiedLayerNormalization): x / sqrt(mean(x^2) + eps) * w."""
+        w = self.weight(f"{hint}.weight", weight)
+        return self.op("SimplifiedLayerNormalization", [x, w], hint=hint, axis=-1, epsilon=float(eps), stash_type=1)
+
+    def skip_rms_norm(self, x: str, skip: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> tuple[str, str]:
+        """(x + skip, rms_norm(x + skip)) as one node: a residual add and the next block's norm."""
+        w = self.weight(f"{hint}.weight", weight)
+        normed, total = self._name(f"{hint}_out"), self._name(f"{hint}_sum")
+        self.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, skip, w], [normed, "", "", total],
+                                           name=f"{self.scope}/{hint}/SkipSimplifiedLayerNormalization_{self._n}",
+                                           domain=MS, epsilon=float(eps)))
+        return total, normed
+
+    def mha(self, q: str, k: str, v: str, bias: str, h: int, past: tuple[str, str] | None = None,
+            hint: str = "attn") -> list[str]:
+        """softmax(q k^T + bias) v over H heads in one node (com.microsoft MultiHeadAttention), no
+        1/sqrt(K) scaling. q [B,T,H*K]; k, v [B,T,H*K] (then ``past`` [B,H,P,K] is prepended and
+        the grown [B,H,L,K] are returned too) or already split [B,H,S,K]; bias [B|1, H|1, T, L].
+        Returns [context [B,T,H*K]] or [context, key, value]."""
+        ins = [q, k, v, "", "", bias] + (list(past) if past else [])
+        out = self.op("MultiHeadAttention", ins, hint=hint, n_out=3 if past else 1, domain=MS, num_heads=h, scale=1.0)
+        return [out] if isinstance(out, str) else out
 
     def linear(self, x: str, w_torch: np.ndarray, name: str, bias: np.ndarray | None = None, external: dict | None = None) -> str:
         w = self.weight(f"{name}.weight", np.ascontiguousarray(w_torch.T), external)
@@ -426,13 +452,24 @@ def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str) -> BuiltGr
     return g.model()
 
 
-def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str) -> BuiltGraph:
-    """Decoder final norm, the tied-embedding rescale HF applies, and the vocabulary projection."""
+def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str, fused: bool = False) -> BuiltGraph:
+    """Decoder final norm, the tied-embedding rescale HF applies, and the vocabulary projection.
+
+    ``fused`` (schema 2 with ORT's fused nodes): the norm as one node and the projection as one
+    MatMul over a [D, V] copy (no reshapes around a Gemm; paired on switch-base-8, the head alone
+    took 0.96x the Gemm's time). The transposed copy costs one more [V, D] array while exporting;
+    at load ORT prepacks either layout into a buffer of the same size.
+    """
     g = GraphBuilder("/lm_head", dtype)
     x = g.input("hidden", F32, ["B", "T", cfg.d_model])
-    n = g.rms_norm(x, norm_weight, cfg.layer_norm_epsilon, "decoder/final_layer_norm")
+    norm = g.rms_norm_op if fused else g.rms_norm
+    n = norm(x, norm_weight, cfg.layer_norm_epsilon, "decoder/final_layer_norm")
     if cfg.tie_word_embeddings:
         n = g.op("Mul", [n, g.const(np.float32(cfg.d_model ** -0.5), np.float32, "scale")], hint="tied_rescale")
+    if fused:
+        y = g.op("MatMul", [n, g.weight("lm_head.weight", np.ascontiguousarray(lm_head.T))], hint="lm_head")
+        g.output(y, "logits", F32, ["B", "T", cfg.vocab_size])
+        return g.model()
     # Kept as [V, D] (PyTorch layout) and used by Gemm with transB: a transposed copy
     # would cost another 100 MB at switch-base size, at export and again at load.
     w = g.weight("lm_head.weight", lm_head)

@@ -44,15 +44,19 @@ def _inputs(vocab: int, eos: int, length: int, seed: int) -> list[int]:
 # -- phases (each runs in its own process) -------------------------------------------------------
 
 
-def phase_bandwidth(threads: int, runs: int = 20) -> dict:
-    """ORT's streaming rate for one token through big constant MatMuls, and the cost of one call."""
+PROBE_D, PROBE_F, PROBE_N = 1024, 4096, 16  # 16 float32 [1024, 4096] MatMul weights: 256 MiB
+PROBE_BYTES = PROBE_D * PROBE_F * 4 * PROBE_N
+
+
+def probe_session(threads: int):
+    """A session that streams PROBE_BYTES of prepacked float32 MatMul weights for one token."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from swapmoe_edge.sessions import session_options
 
-    d, f, n = 1024, 4096, 16
+    d, f, n = PROBE_D, PROBE_F, PROBE_N
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((d, f), dtype=np.float32), f"w{i}") for i in range(n)]
     nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(n)]
@@ -62,9 +66,22 @@ def phase_bandwidth(threads: int, runs: int = 20) -> dict:
     model = helper.make_model(helper.make_graph(nodes, "stream", [x_info], [y_info], inits),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads or None),
+                                providers=["CPUExecutionProvider"])
+
+
+def phase_bandwidth(threads: int, runs: int = 20) -> dict:
+    """ORT's streaming rate for one token through big constant MatMuls, and the cost of one call."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from swapmoe_edge.sessions import session_options
+
+    d, f = PROBE_D, PROBE_F
+    sess = probe_session(threads)
     opts = session_options(threads or None)
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del inits, model
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])
     x = np.ones((1, d), np.float32)
     for _ in range(3):
         sess.run(None, {"x": x})
@@ -73,7 +90,7 @@ def phase_bandwidth(threads: int, runs: int = 20) -> dict:
         t = time.perf_counter()
         sess.run(None, {"x": x})
         times.append(time.perf_counter() - t)
-    nbytes = d * f * 4 * n
+    nbytes = PROBE_BYTES
     # One ORT call that does nothing: the fixed price of a session run from Python.
     ident = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x_info],
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, d])]),
@@ -91,7 +108,7 @@ def phase_bandwidth(threads: int, runs: int = 20) -> dict:
 
 
 def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_len: int,
-               ttft_lengths: list[int], profile: bool, prepack: str | None = None) -> dict:
+               ttft_lengths: list[int], profile: bool, prepack: str | None = None, paired_floor: bool = True) -> dict:
     import numpy as np
 
     from swapmoe_edge import memory
@@ -126,6 +143,8 @@ def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_l
         first_tokens = first_tokens or toks
     result = {"load_s": load_s, "decode_ms": per_request, "tokens": first_tokens,
               "baseline_bytes": rt.baseline, "peak_rss_bytes": memory.peak_rss()}
+    if paired_floor and timers is None:
+        result["paired"] = _paired_floor(model, c, threads, tokens, requests, source_len, rt.no_repeat_ngram_size)
     if timers is not None:
         steps = requests * tokens  # decode() of every step, the first included
         result["profile_ms_per_token"] = {k: v * 1e3 / steps for k, v in timers.items()}
@@ -139,6 +158,41 @@ def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_l
     result["ttft_ms"] = ttft
     rt.close()
     return result
+
+
+def _paired_floor(model, c, threads: int, tokens: int, requests: int, source_len: int, ngram: int) -> dict:
+    """Decode tokens and the bandwidth probe alternately, in this process: after every token
+    the probe streams PROBE_BYTES once. Each token is set against the probe run next to it,
+    so both see the same load on a shared machine. (The probe adds 256 MiB to this process,
+    after peak_rss_bytes was read.)"""
+    import numpy as np
+
+    from swapmoe_edge.generate import greedy_search
+    from swapmoe_edge.runtime import _Decoder
+
+    probe = probe_session(threads)
+    x = {"x": np.ones((1, PROBE_D), np.float32)}
+    for _ in range(2):
+        probe.run(None, x)
+    token_ms, probe_ms = [], []
+    for i in range(requests):
+        row = np.array([_inputs(c.vocab_size, c.eos_token_id, source_len, 2000 + i)])
+        mask = np.ones_like(row)
+        state = model.start_decoder(model.encode(row, mask), mask)
+        last = [0.0]
+
+        def on_token(step: int) -> None:
+            t = time.perf_counter()
+            if step > 0:  # the first step follows the encoder, not a probe
+                token_ms.append((t - last[0]) * 1e3)
+            probe.run(None, x)
+            last[0] = time.perf_counter()
+            if step > 0:
+                probe_ms.append((last[0] - t) * 1e3)
+
+        greedy_search(_Decoder(model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1, pad_id=c.pad_token_id,
+                      max_new_tokens=tokens, no_repeat_ngram_size=ngram, on_token=on_token)
+    return {"token_ms": token_ms, "probe_ms": probe_ms, "probe_bytes": PROBE_BYTES}
 
 
 class _Timers(dict):
@@ -205,6 +259,80 @@ def _install_profile(rt) -> _Timers:
 
     sessions.run, policy.kernel, model.moe, model.decode = timed_run, timed_kernel, timed_moe, timed_decode
     return timers
+
+
+def phase_hfpair(artifact: str, checkpoint: str, threads: int, tokens: int, requests: int, source_len: int,
+                 ttft_lengths: list[int]) -> dict:
+    """Ours and HF eager in one process, request by request in alternating order (ours first on
+    odd requests), so that each pair of requests sees the same load. Needs memory for both models."""
+    import copy
+
+    import numpy as np
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList, SwitchTransformersForConditionalGeneration
+
+    from swapmoe_edge.generate import greedy_search
+    from swapmoe_edge.runtime import Runtime, RuntimeConfig, _Decoder
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None))
+    hf = SwitchTransformersForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    c = rt.manifest.config
+    cfg = copy.deepcopy(hf.generation_config)
+    cfg.do_sample = False
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    def run_hf(row: list[int], n: int) -> list[int]:
+        with torch.no_grad():  # min_new_tokens: n steps, as ours with no EOS stop
+            out = hf.generate(input_ids=torch.tensor([row]), generation_config=cfg, max_new_tokens=n,
+                              min_new_tokens=n, logits_processor=LogitsProcessorList([Clock()]))
+        return out[0, 1:].tolist()
+
+    def run_ours(row: list[int], n: int) -> list[int]:
+        ids = np.array([row])
+        mask = np.ones_like(ids)
+        state = rt.model.start_decoder(rt.model.encode(ids, mask), mask)
+        out = greedy_search(_Decoder(rt.model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1,
+                            pad_id=c.pad_token_id, max_new_tokens=n, no_repeat_ngram_size=rt.no_repeat_ngram_size,
+                            on_token=lambda step: stamps.append(time.perf_counter()))
+        return out[0]
+
+    def per_token(fn, row) -> tuple[list[int], float]:
+        stamps.clear()
+        toks = fn(row, tokens)
+        return toks, (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+
+    warm = _inputs(c.vocab_size, c.eos_token_id, source_len, 1000)
+    per_token(run_ours, warm), per_token(run_hf, warm)
+    ours_ms, hf_ms, same = [], [], True
+    for i in range(requests):
+        row = _inputs(c.vocab_size, c.eos_token_id, source_len, i)
+        res = {}
+        for name in (("ours", "hf") if i % 2 else ("hf", "ours")):
+            res[name] = per_token(run_ours if name == "ours" else run_hf, row)
+        ours_ms.append(res["ours"][1])
+        hf_ms.append(res["hf"][1])
+        same &= _same_until_eos(res["ours"][0], res["hf"][0], c.eos_token_id)
+    ttft = {}
+    for n in ttft_lengths:
+        pairs = []
+        for i in range(requests + 1):
+            row = _inputs(c.vocab_size, c.eos_token_id, n, 500 + i)
+            t = {}
+            for name in (("ours", "hf") if i % 2 else ("hf", "ours")):
+                t0 = time.perf_counter()
+                (run_ours if name == "ours" else run_hf)(row, 1)
+                t[name] = (time.perf_counter() - t0) * 1e3
+            pairs.append((t["ours"], t["hf"]))
+        ttft[str(n)] = pairs[1:]  # the first pair warms this length up
+    rt.close()
+    return {"ours_decode_ms": ours_ms, "hf_decode_ms": hf_ms, "same_tokens": same, "ttft_ms_pairs": ttft}
 
 
 HF_PHASE = r"""
@@ -281,11 +409,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--before", help="an artifact to run with --before-tree's code, side by side")
     ap.add_argument("--before-tree", help="source tree (holding swapmoe_edge/) for --before")
     ap.add_argument("--json", help="write the results here too")
-    ap.add_argument("--phase", choices=["bandwidth", "ours", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--hf-paired", action="store_true",
+                    help="HF eager and ours in one process, alternating requests (needs memory for both)")
+    ap.add_argument("--phase", choices=["bandwidth", "ours", "hf", "hfpair"], help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.phase == "bandwidth":
         print(json.dumps(phase_bandwidth(a.threads[0])))
+        return {}
+    if a.phase == "hfpair":
+        print(json.dumps(phase_hfpair(a.artifact, a.checkpoint, a.threads[0], a.tokens, a.requests, a.source_len,
+                                      a.ttft_lengths)))
         return {}
     if a.phase == "ours":
         print(json.dumps(phase_ours(a.artifact, a.threads[0], a.tokens, a.requests, a.source_len, a.ttft_lengths, a.profile,
@@ -320,7 +454,9 @@ def main(argv: list[str] | None = None) -> dict:
         if a.before:
             row["before"] = _child(_me("ours", a.before, *th, *common), Path(a.before_tree) if a.before_tree else None)
             row["ours_again"] = _child(_me("ours", a.artifact, *th, *common, *pre))  # A-B-A: drift shows
-        if a.checkpoint and has_torch:
+        if a.checkpoint and has_torch and a.hf_paired:
+            row["hfpair"] = _child(_me("hfpair", a.artifact, "--checkpoint", a.checkpoint, *th, *common))
+        elif a.checkpoint and has_torch:
             row["hf"] = _child([sys.executable, "-c", HF_PHASE, a.checkpoint, str(threads), str(a.tokens),
                                 str(a.requests), str(a.source_len), ",".join(map(str, a.ttft_lengths)), str(ROOT)])
         row["summary"] = _summarise(row, tb.total, tb.cache_per_past_token, a)
@@ -348,6 +484,21 @@ def _summarise(row: dict, weights: int, cache_per_token: int, a) -> dict:
          "gbps_median": bw["gbps_median"], "gbps_best": bw["gbps_best"], "empty_call_us": bw["empty_call_us"],
          "cache_share_of_bytes": cache_per_token * (mean_past + a.source_len) / weights,
          "ttft_ms": {k: med(v) for k, v in row["ours"]["ttft_ms"].items()}}
+    if "paired" in row["ours"]:
+        p = row["ours"]["paired"]
+        tok, prb = p["token_ms"], p["probe_ms"]
+        # token time / (weights / the bandwidth of the probe run right after it)
+        ratios = [t / (weights * pm / p["probe_bytes"]) for t, pm in zip(tok, prb)]
+        s.update(paired_decode_ms=med(tok), paired_gbps=p["probe_bytes"] / (med(prb) * 1e-3) / 1e9,
+                 paired_ratio_to_floor=med(ratios), paired_ratio_p25_p75=[_pct(ratios, 25), _pct(ratios, 75)],
+                 paired_tokens=len(tok))
+    if "hfpair" in row:
+        hp = row["hfpair"]
+        s.update(hf_paired_decode_ms=med(hp["hf_decode_ms"]), ours_paired_decode_ms=med(hp["ours_decode_ms"]),
+                 hf_over_ours_decode_paired=med([h / o for h, o in zip(hp["hf_decode_ms"], hp["ours_decode_ms"])]),
+                 hf_over_ours_ttft_paired={k: med([h / o for o, h in v]) for k, v in hp["ttft_ms_pairs"].items()},
+                 ttft_paired_ms={k: [med([o for o, _ in v]), med([h for _, h in v])] for k, v in hp["ttft_ms_pairs"].items()},
+                 same_tokens_as_hf=hp["same_tokens"])
     if "hf" in row:
         hf = med(row["hf"]["decode_ms"])
         s.update(hf_decode_ms=hf, hf_over_ours_decode=hf / ours,
@@ -369,6 +520,11 @@ def _summarise(row: dict, weights: int, cache_per_token: int, a) -> dict:
     return s
 
 
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
 def _same_until_eos(ours: list[int], hf: list[int], eos: int) -> bool:
     """HF ran with min_new_tokens (EOS banned) to time n steps: compare up to ours' first EOS."""
     k = ours.index(eos) if eos in ours else len(ours)
@@ -381,11 +537,22 @@ def _print_row(threads: int, s: dict) -> None:
           f"floor {s['floor_ms']:.2f} ms at {s['gbps_median']:.1f} GB/s (best {s['gbps_best']:.1f}); "
           f"ratio {s['ratio_to_floor']:.2f}x (best/best {s['ratio_best_to_best']:.2f}x); "
           f"TTFT {', '.join(f'{k}: {v:.1f} ms' for k, v in s['ttft_ms'].items())}", flush=True)
+    if "paired_ratio_to_floor" in s:
+        lo, hi = s["paired_ratio_p25_p75"]
+        print(f"  paired with the probe ({s['paired_tokens']} tokens, each next to a probe run): decode "
+              f"{s['paired_decode_ms']:.2f} ms/token, probe {s['paired_gbps']:.1f} GB/s; ratio to the floor "
+              f"{s['paired_ratio_to_floor']:.2f}x (p25 {lo:.2f}, p75 {hi:.2f})", flush=True)
     print(f"  {s['ort_calls_per_token']} ORT calls/token x {s['empty_call_us']:.1f} us (an empty call) = "
           f"{s['empty_call_share']:.0%} of the token; caches are {s['cache_share_of_bytes']:.1%} of the weight bytes", flush=True)
     if "hf_decode_ms" in s:
         print(f"  HF eager: decode {s['hf_decode_ms']:.2f} ms/token ({s['hf_over_ours_decode']:.2f}x ours); TTFT "
               + ", ".join(f"{k}: {v:.1f} ms ({s['hf_over_ours_ttft'][k]:.2f}x ours)" for k, v in s["hf_ttft_ms"].items())
+              + f"; same tokens: {s['same_tokens_as_hf']}", flush=True)
+    if "hf_over_ours_decode_paired" in s:
+        print(f"  HF eager, paired in one process: decode {s['hf_paired_decode_ms']:.2f} against ours "
+              f"{s['ours_paired_decode_ms']:.2f} ms/token: HF/ours {s['hf_over_ours_decode_paired']:.2f}x; TTFT "
+              + ", ".join(f"{k}: ours {v[0]:.1f} / HF {v[1]:.1f} ms ({s['hf_over_ours_ttft_paired'][k]:.2f}x)"
+                          for k, v in s["ttft_paired_ms"].items())
               + f"; same tokens: {s['same_tokens_as_hf']}", flush=True)
     if "before_decode_ms" in s:
         print(f"  before: decode {s['before_decode_ms']:.2f} ms/token (min {s['before_decode_ms_min']:.2f}), "

@@ -7,13 +7,12 @@ Shapes: B batch, T tokens, E experts, D d_model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class Routing:
+class Routing(NamedTuple):  # a tuple, not a frozen dataclass: built for every sparse layer of every token
     probs: np.ndarray  # [B, T, E] softmax of the router logits (float32)
     first_choice: np.ndarray  # [B, T] unmasked argmax: what the full model would pick
     choice: np.ndarray  # [B, T] expert actually used (== first_choice unless masked)
@@ -54,6 +53,8 @@ def route(
     (cumsum over T, padding included) and drops tokens past ``capacity``; a dropped token's
     FFN output is zero, so the residual passes it through unchanged.
     """
+    if logits.size == logits.shape[-1]:
+        return _route_one(logits, capacity, allowed, renormalize)
     probs = softmax(logits.astype(np.float32))  # [B, T, E]
     first = probs.argmax(axis=-1)  # [B, T]
     if allowed is None or allowed.all():
@@ -75,6 +76,28 @@ def route(
         priority = np.cumsum(onehot, axis=1)  # [B, T, E]
         keep = pick(priority, choice) <= capacity
     return Routing(probs=probs, first_choice=first, choice=choice, gate=gate.astype(np.float32), keep=keep)
+
+
+def _route_one(logits: np.ndarray, capacity: int, allowed: np.ndarray | None, renormalize: bool) -> Routing:
+    """``route`` for a single token, with the same float32 arithmetic on its one row and about
+    half the numpy calls: after each expert's weights stream through the caches, every numpy
+    call here runs cold and costs ~10 us (docs/results/decode.md)."""
+    row = logits.reshape(-1).astype(np.float32)  # [E]
+    e = np.exp(row - row.max())
+    probs = e / e.sum()
+    first = choice = int(probs.argmax())
+    if allowed is not None and not allowed[first]:
+        if not allowed.any():
+            raise ValueError("route(): no expert is allowed in this layer")
+        choice = int(np.where(allowed, probs, -1.0).argmax())
+    gate = probs[choice]
+    if renormalize and allowed is not None and not allowed.all():
+        gate = gate / probs[allowed].sum()
+    shape = logits.shape[:-1]
+    first_arr = np.array(first).reshape(shape)
+    choice_arr = first_arr if choice == first else np.array(choice).reshape(shape)
+    return Routing(probs=probs.reshape(logits.shape), first_choice=first_arr, choice=choice_arr,
+                   gate=np.array(gate, dtype=np.float32).reshape(shape), keep=np.array(capacity >= 1).reshape(shape))
 
 
 def dispatch(routing: Routing, normed: np.ndarray, run_expert) -> np.ndarray:

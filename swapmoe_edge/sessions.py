@@ -19,6 +19,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if threads != 1:
+        # ORT's pool threads spin between ops by default. On an edge device whose cores are
+        # shared (the swapper, other apps) they burn the cores the token needs: switch-base-8 at
+        # two threads on this two-core shared machine decoded at 0.28x the time without
+        # spinning (paired, median; docs/results/decode.md). One thread has no pool.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     # The CPU arena keeps freed blocks forever; with many small sessions it inflates RSS
     # far beyond what the weights need, which breaks a memory budget.
@@ -58,6 +64,7 @@ class DenseSessions:
         self.providers = providers
         self.provider_options = provider_options or {}
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._outputs: dict[int, tuple[ort.InferenceSession, list[str]]] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str) -> ort.InferenceSession:
@@ -74,11 +81,19 @@ class DenseSessions:
         return sess
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.get(name).run(None, feeds)
+        sess = self.get(name)
+        # ORT lists the output names from its metadata on every run(None, ...); decoding calls
+        # each layer's graph once a token, so the list is made once per session.
+        names = self._outputs.get(id(sess))
+        if names is None or names[0] is not sess:
+            names = self._outputs[id(sess)] = (sess, [o.name for o in sess.get_outputs()])
+        return sess.run(names[1], feeds)
 
     def release(self, name: str) -> None:
         with self._lock:
-            self._sessions.pop(self.manifest.subgraphs[name].file, None)
+            sess = self._sessions.pop(self.manifest.subgraphs[name].file, None)
+            if sess is not None:
+                self._outputs.pop(id(sess), None)
 
     def load_all(self) -> None:
         for name in self.manifest.subgraphs:

@@ -62,6 +62,45 @@ def test_fused_and_split_layouts_both_reproduce_hf_generate(pair, num_beams):
             assert [rt.generate([row], max_new_tokens=12, num_beams=num_beams)[0].token_ids for row in rows] == one
 
 
+def test_layer_graphs_use_ort_fused_nodes_and_agree_with_the_standard_op_graphs(pair, tmp_path, monkeypatch):
+    """Schema 2 layer graphs are built from ORT's fused nodes (fewer, larger nodes a token); the
+    same layout from standard ONNX ops (CONTRIB_OPS=False) is still exported, validated, and
+    gives the same tokens and (to float32 rounding) the same logits."""
+    onnx = pytest.importorskip("onnx")
+    import swapmoe_export.fused as fused
+
+    model, art, _, ckpt = pair
+    m = load_manifest(art)
+
+    def ops(name: str) -> list[str]:
+        return [n.op_type for n in onnx.load(str(m.path(m.subgraphs[name].file)), load_external_data=False).graph.node]
+
+    for layer in m.stack_layers("decoder"):
+        step = ops(layer.parts["step"])
+        assert step.count("MultiHeadAttention") == 2 and "SkipSimplifiedLayerNormalization" in step, step
+        assert "Softmax" not in step and "ReduceMean" not in step and len(step) <= 22, step
+    for layer in m.stack_layers("encoder"):
+        assert "MultiHeadAttention" in ops(layer.parts["block"])
+    assert "MatMul" in ops("lm_head") and "Gemm" not in ops("lm_head")
+
+    monkeypatch.setattr(fused, "CONTRIB_OPS", False)
+    standard = export_checkpoint(ckpt, tmp_path / "standard", quiet=True)  # validated as well
+    assert load_manifest(standard).validation["passed"]
+    assert "MultiHeadAttention" not in [n.op_type for n in onnx.load(
+        str(standard / load_manifest(standard).subgraphs[m.stack_layers("decoder")[0].parts["step"]].file),
+        load_external_data=False).graph.node]
+    rows = _rows(7)
+    want = hf_generate(model, rows, 10, 1)
+    ids = np.array([rows[0]])
+    dec = np.array([[0, 5, 9, 17, 3]])
+    logits = []
+    for a in (art, standard):
+        with Runtime(a, RuntimeConfig(policy="full", budget="100%")) as rt:
+            assert [r.token_ids for r in rt.generate(rows, max_new_tokens=10)] == want
+            logits.append(rt.model.forward(ids, np.ones_like(ids), dec))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
 def test_a_wrong_fused_decoder_graph_fails_validation(pair, tmp_path):
     """The fused step graph is checked block by block: a checkpoint whose decoder differs is caught there."""
     _, fused, _, ckpt = pair
@@ -106,6 +145,42 @@ def test_route_and_dispatch_fast_paths_agree_with_the_general_ones(shape):
     got = dispatch(r, x, lambda e, v: v * (e + 1))
     want = x * (r.choice[..., None] + 1).astype(np.float32) * r.gate[..., None]
     np.testing.assert_array_equal(got, want)
+
+
+def _route_general(logits, capacity, allowed, renormalize):
+    """route()'s arithmetic for any shape, written out (masks and renormalisation included)."""
+    probs = softmax(logits.astype(np.float32))
+    first = probs.argmax(-1)
+    if allowed is None or allowed.all():
+        choice = first
+        gate = np.take_along_axis(probs, choice[..., None], -1)[..., 0]
+    else:
+        choice = np.where(allowed, probs, -1.0).argmax(-1)
+        gate = np.take_along_axis(probs, choice[..., None], -1)[..., 0]
+        if renormalize:
+            gate = gate / probs[..., allowed].sum(-1)
+    priority = np.cumsum(np.eye(probs.shape[-1], dtype=np.int64)[choice], axis=1)
+    keep = np.take_along_axis(priority, choice[..., None], -1)[..., 0] <= capacity
+    return dict(probs=probs, first_choice=first, choice=choice, gate=gate.astype(np.float32), keep=keep)
+
+
+@pytest.mark.parametrize("experts", [8, 64])
+def test_one_token_route_equals_the_general_arithmetic_with_masks_and_renormalisation(experts):
+    """route() of one token takes its own path (fewer numpy calls); every field must equal the
+    general arithmetic on the same [1, 1, E] input, bit for bit."""
+    rng = np.random.default_rng(experts)
+    for trial in range(20):
+        one = rng.normal(size=(1, 1, experts)).astype(np.float32)
+        allowed = rng.random(experts) < 0.5
+        allowed[rng.integers(experts)] = True
+        for mask in (None, np.ones(experts, bool), allowed):
+            for renorm in (False, True):
+                fast, want = route(one, 4, mask, renorm), _route_general(one, 4, mask, renorm)
+                for field, value in want.items():
+                    np.testing.assert_array_equal(getattr(fast, field), value, err_msg=field)
+                    assert getattr(fast, field).shape == value.shape, field
+    with pytest.raises(ValueError, match="no expert is allowed"):
+        route(np.zeros((1, 1, experts), np.float32), 4, np.zeros(experts, bool))
 
 
 def test_bytes_per_token_counts_each_decoder_weight_once(tmp_path):

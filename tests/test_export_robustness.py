@@ -80,9 +80,13 @@ def test_config_that_disagrees_with_the_router_tensors_names_both(tmp_path):
 
 SLOW_EXPORT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from swapmoe_export import exporter
+
+    # As from a terminal: a runner started under nohup would hand down an ignored SIGHUP,
+    # which the export rightly leaves ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
     real = exporter._write_expert
 

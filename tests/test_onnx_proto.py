@@ -45,6 +45,7 @@ def _every_kind_of_subgraph():
         *(graphs.expert_kernel_graph(32, 64, "gelu", dt) for dt in ("float32", "float16", "int8", "int4")),
         graphs.final_norm_graph("/encoder/final_norm", w(8), CFG, "float32"),
         graphs.lm_head_graph(w(8), w(20, 8), CFG, "float32"),
+        graphs.lm_head_graph(w(8), w(20, 8), CFG, "float32", fused=True),
         # issue 17: one graph per layer
         fused.encoder_block_graph("/encoder/block.0", attn, {"layer_norm": w(8), "wi": w(64, 8), "wo": w(8, 64)}, CFG, "float32", False),
         fused.encoder_block_graph("/encoder/block.1", attn, {"layer_norm": w(8), "classifier": w(4, 8)}, CFG, "float16", True),
@@ -70,13 +71,16 @@ def test_every_subgraph_serializes_to_the_onnx_packages_bytes(monkeypatch):
     monkeypatch.setattr(graphs, "helper", _onnx_package_helper())
     monkeypatch.setattr(graphs, "TensorProto", onnx.TensorProto)
     theirs = [g.proto.SerializeToString() for g in _every_kind_of_subgraph()]
-    assert len(ours) == len(theirs) == 22
+    assert len(ours) == len(theirs) == 23
     for a, b in zip(ours, theirs):
         assert a == b
     for a in ours:
         m = onnx.load_from_string(a)
         assert m.SerializeToString() == a  # canonical: onnx writes the same bytes back
-        if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer):
+        # SimplifiedLayerNormalization is ONNX Runtime's, registered by ORT in the ONNX domain,
+        # which onnx's checker does not know; ORT loads and validates those graphs at export.
+        ort_only = any(n.op_type == "SimplifiedLayerNormalization" for n in m.graph.node)
+        if not ort_only and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer):
             onnx.checker.check_model(m)
 
 
