@@ -200,9 +200,14 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
 @click.option("--device", default=None, help="Device profile name or .json path (default: detected).")
 @click.option("--sections", default="", help="Calibrate on documents of these sections only (comma-separated; JSONL `section`).")
 @click.option("--exclude-sections", default="", help="Leave out documents of these sections (comma-separated).")
+@click.option("--measure-loss", is_flag=True,
+              help="Also measure, per layer, what keeping k experts costs the output (teacher-forced KL against "
+                   "full's summaries) and the best single substitute; swapmoe then splits the budget by it. "
+                   "One extra pass over the texts per layer and candidate set.")
 @click.option("-o", "--out", "out", default=None, type=click.Path(path_type=str),
               help="Where to write the profile  [default: ARTIFACT/profile.json]")
-def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections, exclude_sections, out) -> None:
+def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections, exclude_sections, measure_loss,
+                out) -> None:
     """Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."""
     from .runtime import PROFILE_NAME, Runtime, RuntimeConfig
     from .streams import parse_sections, select_sections
@@ -216,6 +221,11 @@ def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections,
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             prof = rt.profile_texts(docs, max_new_tokens=max_new_tokens)
+            if measure_loss:
+                from .substitution import LOSS_NOTE, measure_loss as measure
+
+                loss, substitute = measure(rt, docs, prof.importance, max_new_tokens=max_new_tokens)
+                prof = replace(prof, loss=loss, substitute=substitute, meta={**prof.meta, "loss": LOSS_NOTE})
         cut = [w for w in caught if "tokens; truncated" in str(w.message)]
         for w in caught:
             if w not in cut:

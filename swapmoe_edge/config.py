@@ -71,7 +71,9 @@ class RuntimeConfig:
     # cross-attention averages. With weight 1 the embedded model's importance planner gave
     # its concentrated decoder layers 5 experts of 16 and the encoder 10-11, and at 50% of
     # the experts swapmoe matched full on 29% of validation documents, prune on 46%; with
-    # 8, swapmoe matched 71% (scripts/tune_swapmoe.py; 2-64 measured, NOTES.md).
+    # 8, swapmoe matched 71% (scripts/tune_swapmoe.py; 2-64 measured, NOTES.md). When the
+    # profile carries measured loss curves (`swapmoe profile --measure-loss`), swapmoe's split
+    # uses them instead and this weight only orders its swaps (planner.plan_by_loss).
     decoder_weight: float = 8.0
     # The `ladder` policy (ladder_policy.py): which of the artifact's low-bit rungs to use
     # ("auto": all it has; or e.g. "int4"), whether the artifact's own precision is the top

@@ -152,18 +152,37 @@ class Profile:
 
     ``source`` says where the numbers came from: ``"profile"`` (calibration texts),
     ``"online"`` (a live tracker) or ``"norms"`` (no profile: ||E||, the pruning order).
+
+    Optional, from a measuring profile run (``swapmoe profile --measure-loss``,
+    substitution.py): ``loss[layer]`` [E], the measured cost to the model's output of
+    keeping only ``k`` experts of that layer under masked routing (entry ``k - 1``; the last
+    is 0), and ``substitute[layer]``, the one expert that serves best when the layer keeps
+    only one. swapmoe's planner splits the budget by ``loss`` and a one-expert layer keeps
+    ``substitute`` (planner.plan_counts, policies.SwapMoEPolicy).
     """
 
     importance: dict[LayerKey, np.ndarray]
     counts: dict[LayerKey, np.ndarray]
     source: str = "profile"
     meta: dict[str, Any] = field(default_factory=dict)
+    loss: dict[LayerKey, np.ndarray] = field(default_factory=dict)
+    substitute: dict[LayerKey, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "importance", {k: _frozen(v) for k, v in self.importance.items()})
         object.__setattr__(self, "counts", {k: _frozen(v) for k, v in self.counts.items()})
+        object.__setattr__(self, "loss", {k: _frozen(v) for k, v in self.loss.items()})
+        object.__setattr__(self, "substitute", {k: int(v) for k, v in self.substitute.items()})
         if set(self.importance) != set(self.counts):
             raise ValueError("profile importance and counts must cover the same layers")
+        if self.loss and set(self.loss) != set(self.importance):
+            raise ValueError("a profile's measured loss must cover every layer of its importance, or none")
+        for key, row in self.loss.items():
+            if row.shape != self.importance[key].shape or not np.all(np.isfinite(row)) or np.any(row < 0):
+                raise ValueError(f"{key}: measured loss must be {self.importance[key].size} finite values >= 0")
+        for key, e in self.substitute.items():
+            if key not in self.importance or not 0 <= e < self.importance[key].size:
+                raise ValueError(f"{key}: substitute expert {e} is not an expert of a profiled layer")
         for key, imp in self.importance.items():
             cnt = self.counts[key]
             if imp.ndim != 1 or imp.shape != cnt.shape or imp.size == 0:
@@ -203,11 +222,34 @@ class Profile:
             "schema_version": PROFILE_SCHEMA_VERSION,
             "source": self.source,
             "meta": self.meta,
-            "layers": {
-                k.name: {"importance": self.importance[k].tolist(), "counts": self.counts[k].tolist()}
-                for k in self.importance
-            },
+            "layers": {k.name: self._layer_json(k) for k in self.importance},
         }
+
+    def _layer_json(self, k: LayerKey) -> dict[str, Any]:
+        out: dict[str, Any] = {"importance": self.importance[k].tolist(), "counts": self.counts[k].tolist()}
+        if k in self.loss:
+            out["loss"] = self.loss[k].tolist()
+        if k in self.substitute:
+            out["substitute"] = self.substitute[k]
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> "Profile":
+        """The inverse of ``to_json`` (format checks are ``load``'s); KeyError/TypeError/ValueError if malformed."""
+        importance, counts, loss, substitute = {}, {}, {}, {}
+        for name, entry in raw["layers"].items():
+            key = parse_layer_name(name)
+            importance[key] = np.asarray(entry["importance"], dtype=np.float64)
+            counts[key] = np.asarray(entry["counts"], dtype=np.float64)
+            if "loss" in entry:
+                loss[key] = np.asarray(entry["loss"], dtype=np.float64)
+            if "substitute" in entry:
+                e = entry["substitute"]
+                if not isinstance(e, int) or isinstance(e, bool):
+                    raise TypeError(f"{name}: substitute must be an expert index, got {e!r}")
+                substitute[key] = e
+        return cls(importance, counts, source=str(raw.get("source", "profile")), meta=dict(raw.get("meta") or {}),
+                   loss=loss, substitute=substitute)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically; a directory means ``DIR/profile.json``. Returns the file."""
@@ -241,13 +283,7 @@ class Profile:
                 f"{PROFILE_SCHEMA_VERSION}. {redo}"
             )
         try:
-            importance, counts = {}, {}
-            for name, entry in raw["layers"].items():
-                key = parse_layer_name(name)
-                importance[key] = np.asarray(entry["importance"], dtype=np.float64)
-                counts[key] = np.asarray(entry["counts"], dtype=np.float64)
-            source, meta = str(raw.get("source", "profile")), dict(raw.get("meta") or {})
-            return cls(importance, counts, source=source, meta=meta)
+            return cls.from_json(raw)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{path} is malformed ({type(e).__name__}: {e}). {redo}") from e
 

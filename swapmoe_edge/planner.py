@@ -87,6 +87,7 @@ def plan_counts(
     capacity_bytes: int,
     method: str = "importance",
     layer_weight: Mapping[LayerKey, float] | None = None,
+    loss: Mapping[LayerKey, np.ndarray] | None = None,
 ) -> dict[LayerKey, int]:
     """How many experts each sparse layer keeps resident within ``capacity_bytes``.
 
@@ -100,6 +101,10 @@ def plan_counts(
       adds the most ``layer_weight · share / byte`` (ties: fewer slots, then layer
       order). Shares fall along a layer, so a layer whose mass is concentrated in one
       expert needs few slots and a flat layer gets more.
+      With ``loss`` (a profile's measured curves, substitution.py: ``loss[layer][k - 1]``
+      is the cost to the model's output of keeping k experts of that layer), the split
+      minimises the summed loss instead (``plan_by_loss``); ``layer_weight`` is then not
+      used, since the curves are measured on the model's output, where every layer meets.
     """
     if method not in METHODS:
         raise ValueError(f"unknown planning method {method!r}; use one of {METHODS}")
@@ -136,6 +141,9 @@ def plan_counts(
                     grew = True
         return counts
 
+    if loss:
+        return plan_by_loss(loss, cost, capacity_bytes, layers)
+
     ranked = {k: np.sort(shares[k])[::-1] for k in layers}  # E, descending
     while True:
         # On equal gain, the layer with fewer slots first, then the earlier layer: equal
@@ -150,6 +158,78 @@ def plan_counts(
         best = min(open_)[3]
         counts[best] += 1
         left -= cost[best]
+
+
+def loss_envelope(row: np.ndarray) -> np.ndarray:
+    """A measured loss curve made non-increasing (running minimum): more slots never cost more.
+
+    Measured on a finite sample, a curve can rise by noise (or because the top-k set is not
+    the best k-set); the planner then takes the better smaller set's loss as the bound.
+    """
+    row = np.asarray(row, dtype=np.float64)
+    if row.ndim != 1 or row.size == 0 or not np.all(np.isfinite(row)) or np.any(row < 0):
+        raise ValueError(f"a loss curve must be a non-empty 1-D array of finite values >= 0, got {row!r}")
+    return np.minimum.accumulate(row)
+
+
+MAX_PLAN_UNITS = 1 << 20
+
+
+def plan_by_loss(
+    loss: Mapping[LayerKey, np.ndarray],
+    cost: Mapping[LayerKey, int],
+    capacity_bytes: int,
+    layers: list[LayerKey] | None = None,
+) -> dict[LayerKey, int]:
+    """Per-layer counts (1..E) within ``capacity_bytes`` that minimise Σ loss[layer][count - 1].
+
+    Exact, by dynamic programming over the capacity in units of the experts' common byte
+    divisor (one unit per expert when all cost the same); when that divisor would make more
+    than ``MAX_PLAN_UNITS`` units, in coarser units with sizes rounded up (still within the
+    capacity, optimal up to that rounding). Curves go through
+    ``loss_envelope``. Ties go to the plan that holds more bytes, then to the earlier
+    layer holding more. The caller checks that one expert per layer fits.
+    """
+    layers = list(loss) if layers is None else layers
+    if set(layers) != set(loss):
+        raise ValueError(f"loss curves cover layers {sorted(map(str, loss))}, the plan has {sorted(map(str, layers))}")
+    curves = {k: loss_envelope(loss[k]) for k in layers}
+    unit = 0
+    for k in layers:
+        unit = int(np.gcd(unit, int(cost[k])))
+    if int(capacity_bytes) // unit > MAX_PLAN_UNITS:  # sizes with a tiny common divisor: coarser units,
+        unit = -(-int(capacity_bytes) // MAX_PLAN_UNITS)  # each expert's width rounded up, so plans still fit
+    slots = int(capacity_bytes) // unit
+    width = {k: -(-int(cost[k]) // unit) for k in layers}
+    inf = np.inf
+    # best[s]: least summed loss of the layers so far in exactly s units; pick[i][s]: layer i's count there
+    best = np.full(slots + 1, inf)
+    best[0] = 0.0
+    picks: list[np.ndarray] = []
+    for k in layers:
+        new = np.full(slots + 1, inf)
+        pick = np.zeros(slots + 1, dtype=np.int64)
+        for n in range(curves[k].size, 0, -1):  # more experts first: on equal loss the bigger count stays
+            w = n * width[k]
+            if w > slots:
+                continue
+            cand = np.full(slots + 1, inf)
+            cand[w:] = best[: slots + 1 - w] + curves[k][n - 1]
+            better = cand < new
+            new[better], pick[better] = cand[better], n
+        best = new
+        picks.append(pick)
+    finite = np.isfinite(best)
+    if not finite.any():
+        raise ValueError("no plan with one expert per layer fits the capacity")
+    target = np.min(best[finite])
+    s = int(np.nonzero(finite & (best <= target))[0].max())  # least loss, then the most bytes held
+    counts: dict[LayerKey, int] = {}
+    for i in range(len(layers) - 1, -1, -1):
+        n = int(picks[i][s])
+        counts[layers[i]] = n
+        s -= n * width[layers[i]]
+    return {k: counts[k] for k in layers}
 
 
 def initial_residents(

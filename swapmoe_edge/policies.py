@@ -315,14 +315,22 @@ class OnDemandPolicy(Policy):
 
 class SwapMoEPolicy(Policy):
     """SwapMoE: masked routing to resident virtual experts; importance (Eq. 1) kept online
-    and a background thread swaps experts in at a bounded rate, with hysteresis."""
+    and a background thread swaps experts in at a bounded rate, with hysteresis.
+
+    ``substitutes`` (a measured profile's, substitution.py): a layer that holds one expert
+    holds this one, and never swaps it. Every token of such a layer goes to its one expert,
+    so what matters is how well that expert serves the others' tokens, which importance
+    does not measure; and a layer's only resident cannot be swapped without a gap anyway.
+    """
 
     name, exact = "swapmoe", False
 
     def __init__(self, *args, tracker: ImportanceTracker, interval_s: float = 0.05,
                  max_swaps_per_interval: int = 2, hysteresis: float = 0.1, decay: float = 0.5,
-                 layer_weight: dict[LayerKey, float] | None = None, **kw):
+                 layer_weight: dict[LayerKey, float] | None = None, substitutes: dict[LayerKey, int] | None = None,
+                 **kw):
         super().__init__(*args, **kw)
+        self.substitutes = dict(substitutes or {})
         self.layer_weight = layer_weight
         self.tracker = tracker
         self.interval_s = interval_s
@@ -342,8 +350,23 @@ class SwapMoEPolicy(Policy):
     def end_request(self) -> None:
         self.tracker.decay(self.decay)
 
+    def _pinned(self, importance: dict[LayerKey, np.ndarray], counts: dict[LayerKey, int]) -> dict[LayerKey, np.ndarray]:
+        """``importance`` with each one-expert layer's substitute ranked first (a copy where changed)."""
+        out = dict(importance)
+        for lk, e in self.substitutes.items():
+            if counts.get(lk) == 1 and lk in out:
+                row = np.array(out[lk], dtype=np.float64)
+                row[e] = max(float(row.max()), 0.0) * 2.0 + 1.0
+                out[lk] = row
+        return out
+
+    def warm(self, background: bool = False) -> None:
+        self.order = self._pinned(self.order, self.counts)
+        super().warm(background)
+
     def resize(self, counts) -> None:
-        self.order = self.tracker.snapshot()  # shrink by today's importance, not the start profile
+        # shrink by today's importance, not the start profile (a one-expert layer keeps its substitute)
+        self.order = self._pinned(self.tracker.snapshot(), counts)
         super().resize(counts)
 
     # -- the swapper thread -------------------------------------------------------------------
@@ -374,11 +397,11 @@ class SwapMoEPolicy(Policy):
         The swapper thread and the trace replay (replay.py) both call this, so a replay
         simulates the runtime's own decisions.
         """
-        importance = self.tracker.snapshot()
-        for key in self.residents.unavailable:  # never plan to admit what cannot be read
-            importance[key.layer_key][key.expert] = -1.0
         with self._resize_lock:
             counts = dict(self.counts)
+            importance = self._pinned(self.tracker.snapshot(), counts)
+            for key in self.residents.unavailable:  # never plan to admit what cannot be read
+                importance[key.layer_key][key.expert] = -1.0
             return plan_swaps(self.residents.residents(), importance, counts, self.hysteresis, self.max_swaps,
                               self.layer_weight)
 
@@ -459,7 +482,8 @@ def make_policy(cfg, residents: ResidentSet, store: ExpertStore, kernel: KernelF
         tracker.set_prior(profile, cfg.prior_documents)
     return SwapMoEPolicy(*args, dict(profile.importance), tracker=tracker, renormalize=cfg.renormalize,
                          interval_s=cfg.swap_interval_s, max_swaps_per_interval=cfg.max_swaps_per_interval,
-                         hysteresis=cfg.hysteresis, decay=cfg.decay, layer_weight=cfg.layer_weights(list(norms)))
+                         hysteresis=cfg.hysteresis, decay=cfg.decay, layer_weight=cfg.layer_weights(list(norms)),
+                         substitutes=dict(getattr(profile, "substitute", {}) or {}))
 
 
 def _lower_this_threads_priority(nice: int = 10) -> None:

@@ -7,8 +7,8 @@ Two semantics, as in the runtime:
   ``belady`` evicts the one needed furthest in the future (offline, the optimum: no
   demand-loading policy with the same per-layer slots reads fewer experts).
 - **masked** (lossy): a token whose expert is not resident goes to the best resident one.
-  ``prune`` (largest ‖E‖) and ``static`` (the profile's most important experts) never
-  change; ``swapmoe`` is the runtime's own policy object (policies.make_policy) fed the
+  ``prune`` (largest ‖E‖) and ``static`` (the profile's most important experts, or its
+  measured substitute in a layer that holds one) never change; ``swapmoe`` is the runtime's own policy object (policies.make_policy) fed the
   trace's router outputs, with its own planner and swapper decisions, and its swapper run on
   a simulated clock. ``hindsight`` keeps the static policy's per-layer counts but the experts
   the trace's tokens chose most (what a perfect profile of this very stream would give). ``best-fixed`` is the offline optimum of fixed sets: the experts that
@@ -128,8 +128,9 @@ class _Replay:
     def counts(self, policy: str) -> dict[LayerKey, int]:
         rc = self.cfg.runtime
         importance = self.norms if policy == "prune" else dict(self.profile.importance)
+        loss = None if policy == "prune" else self.profile.loss  # as runtime._plan gives swapmoe
         return plan_counts(importance, self.cost, self.capacity(policy), method=rc.planner,
-                           layer_weight=rc.layer_weights(self.keys))
+                           layer_weight=rc.layer_weights(self.keys), loss=loss)
 
     def result(self, policy: str, semantics: str, counts) -> ReplayResult:
         return ReplayResult(policy, semantics, {lk.name: int(n) for lk, n in counts.items()})
@@ -325,5 +326,7 @@ def replay(trace: Trace, policies: Sequence[str] = POLICIES, cfg: ReplayConfig =
             counts = r.counts(name)
             order = r.norms if name == "prune" else r.profile.importance
             sets = {lk: frozenset(top_experts(order[lk], counts[lk])) for lk in r.keys}
+            if name == "static":  # swapmoe's start set: a one-expert layer holds the measured substitute
+                sets.update({lk: frozenset([e]) for lk, e in r.profile.substitute.items() if counts[lk] == 1})
             out.append(_fixed(r, name, sets, counts))
     return out

@@ -330,8 +330,9 @@ class Runtime:
         else:
             capacity = max(budget - self.baseline, sum(per_layer))  # never below one per layer
         importance = self.norms if self.config.policy == "prune" else dict(self.profile.importance)
+        loss = self.profile.loss if self.config.policy == "swapmoe" else None  # measured curves: masked routing's
         return plan_counts(importance, self.expert_cost, capacity, method=self.config.planner,
-                           layer_weight=self.config.layer_weights(self.sparse))
+                           layer_weight=self.config.layer_weights(self.sparse), loss=loss)
 
     def _make_policy(self, counts) -> Policy:
         if self.config.policy == "ladder":

@@ -86,11 +86,7 @@ class Trace:
         raw = self.meta.get("profile")
         if not raw:
             return None
-        from .importance import parse_layer_name
-
-        return Profile({parse_layer_name(k): np.asarray(v["importance"]) for k, v in raw["layers"].items()},
-                       {parse_layer_name(k): np.asarray(v["counts"]) for k, v in raw["layers"].items()},
-                       source=raw.get("source", "profile"), meta=raw.get("meta") or {})
+        return Profile.from_json(raw)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

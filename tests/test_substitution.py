@@ -1,0 +1,225 @@
+"""Measured substitution loss: the planner's split by loss curves, the substitute a one-expert
+layer keeps, their profile fields, and the measurement on a tiny model."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from swapmoe_edge.errors import ArtifactError
+from swapmoe_edge.importance import ImportanceTracker, Profile
+from swapmoe_edge.manifest import ExpertKey, LayerKey
+from swapmoe_edge.planner import loss_envelope, plan_by_loss, plan_counts
+from swapmoe_edge.policies import SwapMoEPolicy
+from swapmoe_edge.replay import ReplayConfig, replay
+from swapmoe_edge.residency import ResidentSet
+from swapmoe_edge.runtime import RuntimeConfig
+from swapmoe_edge.store import LoadedExpert
+
+from test_replay import COST, make_trace
+
+ENC, DEC = LayerKey("encoder", 1), LayerKey("decoder", 1)
+
+
+def brute_force(curves, cost, capacity):
+    layers = list(curves)
+    best = None
+    for ks in itertools.product(*[range(1, len(curves[k]) + 1) for k in layers]):
+        if sum(n * cost[k] for n, k in zip(ks, layers)) > capacity:
+            continue
+        total = sum(loss_envelope(curves[k])[n - 1] for n, k in zip(ks, layers))
+        if best is None or total < best - 1e-12:
+            best = total
+    return best
+
+
+def test_split_by_loss_on_a_hand_made_case():
+    # Encoder: one expert costs 0.5, two 0.1. Decoder: flat until all four are in.
+    curves = {ENC: [0.5, 0.1, 0.05, 0.0], DEC: [0.2, 0.19, 0.18, 0.0]}
+    cost = {ENC: 10, DEC: 10}
+    # 4 slots: (1,3) 0.68, (2,2) 0.29, (3,1) 0.25 -> (3,1)
+    assert plan_by_loss(curves, cost, 40) == {ENC: 3, DEC: 1}
+    # 5 slots: (4,1) 0.20 beats (1,4) 0.50 and (2,3) 0.28: a non-convex curve needs the exact search
+    assert plan_by_loss(curves, cost, 50) == {ENC: 4, DEC: 1}
+    # plan_counts hands over to it; the decoder weight plays no part (the curves are the model's output)
+    imp = {ENC: np.ones(4), DEC: np.ones(4)}
+    assert plan_counts(imp, cost, 40, layer_weight={DEC: 8.0}, loss=curves) == {ENC: 3, DEC: 1}
+    assert plan_counts(imp, cost, 40, layer_weight={DEC: 8.0}) == {ENC: 1, DEC: 3}
+    assert plan_counts(imp, cost, 40, method="uniform", loss=curves) == {ENC: 2, DEC: 2}
+
+
+def test_split_by_loss_equals_brute_force_and_fits():
+    rng = np.random.default_rng(3)
+    for case in range(40):
+        n_layers, E = int(rng.integers(1, 4)), int(rng.integers(2, 6))
+        layers = [LayerKey("encoder" if i % 2 else "decoder", i) for i in range(n_layers)]
+        curves = {k: np.append(np.sort(rng.random(E - 1))[::-1] * rng.random() * 3, 0.0) for k in layers}
+        if case % 3 == 0:  # noisy curves that rise somewhere
+            curves = {k: np.append(rng.random(E - 1), 0.0) for k in layers}
+        cost = {k: int(rng.choice([6, 9, 12])) for k in layers}
+        capacity = sum(cost.values()) + int(rng.integers(0, sum(cost.values()) * E))
+        counts = plan_by_loss(curves, cost, capacity, layers)
+        assert all(1 <= counts[k] <= E for k in layers)
+        assert sum(counts[k] * cost[k] for k in layers) <= capacity
+        got = sum(loss_envelope(curves[k])[counts[k] - 1] for k in layers)
+        assert got == pytest.approx(brute_force(curves, cost, capacity), abs=1e-12), case
+
+
+def test_split_by_loss_with_sizes_of_no_useful_common_divisor_still_fits(monkeypatch):
+    import swapmoe_edge.planner as planner
+
+    monkeypatch.setattr(planner, "MAX_PLAN_UNITS", 400)
+    curves = {ENC: [0.5, 0.1, 0.05, 0.0], DEC: [0.2, 0.19, 0.18, 0.0]}
+    cost = {ENC: 1009, DEC: 997}  # primes: one-byte units would be 4,000+ of them
+    capacity = 4 * 1009 + 200  # four experts fit, five do not
+    counts = planner.plan_by_loss(curves, cost, capacity)  # units of 11 bytes: widths 92 and 91
+    assert sum(counts[k] * cost[k] for k in counts) <= capacity
+    assert counts == {ENC: 3, DEC: 1}
+
+
+def test_envelope_and_ties_hold_more_experts():
+    assert loss_envelope(np.array([0.3, 0.35, 0.1, 0.0])).tolist() == [0.3, 0.3, 0.1, 0.0]
+    with pytest.raises(ValueError):
+        loss_envelope(np.array([0.1, -1.0]))
+    # flat curves: every split has the same loss; the planner still fills the capacity
+    flat = {ENC: [0.1, 0.1, 0.1], DEC: [0.1, 0.1, 0.1]}
+    counts = plan_by_loss(flat, {ENC: 1, DEC: 1}, 5)
+    assert sum(counts.values()) == 5
+
+
+def _profile(loss=None, substitute=None):
+    imp = {ENC: np.array([1.0, 4.0, 2.0, 3.0]), DEC: np.array([4.0, 3.0, 2.0, 1.0])}
+    return Profile(imp, dict(imp), meta={"texts": 1}, loss=loss or {}, substitute=substitute or {})
+
+
+def test_profile_round_trip_and_bad_fields(tmp_path):
+    prof = _profile({ENC: [0.3, 0.2, 0.1, 0.0], DEC: [0.5, 0.2, 0.1, 0.0]}, {ENC: 2, DEC: 0})
+    back = Profile.load(prof.save(tmp_path / "p.json"))
+    assert back.substitute == {ENC: 2, DEC: 0}
+    assert back.loss[DEC].tolist() == [0.5, 0.2, 0.1, 0.0]
+    assert Profile.load(_profile().save(tmp_path / "plain.json")).loss == {}  # optional: old profiles load
+    with pytest.raises(ValueError, match="substitute"):
+        _profile(substitute={ENC: 4})
+    with pytest.raises(ValueError, match="every layer"):
+        _profile(loss={ENC: [0.3, 0.2, 0.1, 0.0]})
+    raw = prof.to_json()
+    raw["layers"]["enc.L01"]["substitute"] = "two"
+    (tmp_path / "bad.json").write_text(__import__("json").dumps(raw))
+    with pytest.raises(ArtifactError, match="malformed"):
+        Profile.load(tmp_path / "bad.json")
+
+
+class _Store:
+    def read(self, key, own_mapping=True):
+        return LoadedExpert(key, {}, 1)
+
+
+def _policy(counts, substitutes):
+    prof = _profile()
+    tracker = ImportanceTracker({ENC: np.ones(4), DEC: np.ones(4)})
+    tracker.set_prior(prof, 1.0)
+    residents = ResidentSet([ENC, DEC], 4)
+    pol = SwapMoEPolicy(residents, _Store(), lambda e, x: x, 64, counts, dict(prof.importance), tracker=tracker,
+                        hysteresis=0.0, max_swaps_per_interval=8, substitutes=substitutes)
+    pol.warm()
+    return pol
+
+
+def test_a_one_expert_layer_holds_its_substitute_and_never_swaps_it():
+    pol = _policy({ENC: 1, DEC: 2}, {ENC: 2, DEC: 3})
+    assert set(pol.residents.layer(ENC)) == {2}  # the substitute, not the most important (1)
+    assert set(pol.residents.layer(DEC)) == {0, 1}  # a layer with two: importance; its substitute is unused
+    # online evidence for expert 1 of the encoder, however strong, does not move the pinned layer
+    probs = np.full((50, 4), 0.01)
+    probs[:, 1] = 0.97
+    pol.tracker.observe(ENC, np.ones(50), probs)
+    assert all(s.layer != ENC for s in pol.plan())
+    # a budget that shrinks a layer to one expert keeps its substitute when it is resident
+    pol.resize({ENC: 1, DEC: 1})
+    assert set(pol.residents.layer(DEC)) == {0}  # 3 is not resident: the most important stays
+    pol2 = _policy({ENC: 2, DEC: 2}, {ENC: 2})
+    assert set(pol2.residents.layer(ENC)) == {1, 3}
+    pol2.residents.put(LoadedExpert(ExpertKey("encoder", 1, 2), {}, 1))  # as if swapped in
+    pol2.residents.drop(ExpertKey("encoder", 1, 3))
+    pol2.resize({ENC: 1, DEC: 2})
+    assert set(pol2.residents.layer(ENC)) == {2}
+
+
+def test_replay_static_and_swapmoe_use_the_measured_split_and_substitute():
+    layers = ["enc.L01", "dec.L01"]
+    events = [(r, 0, 0, [1, 1, 3, 0]) for r in range(6)] + [(r, 1, 1, [0]) for r in range(6)]
+    t = make_trace(layers, events, E=4, token_ms=100.0)
+    prof = _profile({ENC: [0.9, 0.1, 0.05, 0.0], DEC: [0.2, 0.19, 0.18, 0.0]}, {ENC: 3, DEC: 0})
+    cfg = ReplayConfig(budget="50%", runtime=RuntimeConfig(policy="swapmoe", swap_interval_s=0.01))
+    res = {r.policy: r for r in replay(t, ["static", "swapmoe", "prune"], cfg, prof)}
+    # 4 slots by the curves: encoder 3, decoder 1 (the decoder weight 8 alone would give the decoder 3)
+    assert res["static"].counts == res["swapmoe"].counts == {"enc.L01": 3, "dec.L01": 1}
+    assert res["prune"].counts == {"enc.L01": 1, "dec.L01": 3}  # prune keeps the norm planner
+    # the decoder holds one expert: its substitute 0 (the importance order would also pick 0)
+    # encoder {1, 3, 2}: tokens 1, 1, 3 hit; decoder {0}: 1 of 1
+    assert (res["static"].enc_hits, res["static"].dec_hits) == (18, 6)
+    prof2 = _profile({ENC: [0.9, 0.1, 0.05, 0.0], DEC: [0.2, 0.19, 0.18, 0.0]}, {ENC: 3, DEC: 2})
+    res2 = {r.policy: r for r in replay(t, ["static", "swapmoe"], cfg, prof2)}
+    assert res2["static"].dec_hits == 0 == res2["swapmoe"].dec_hits  # pinned to 2: never swapped to 0
+
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    from swapmoe_export import export_checkpoint
+
+    from tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("subst")
+    ckpt = save_tiny(root / "ckpt", seed=5, num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
+    export_checkpoint(ckpt, root / "art", quiet=True)
+    return root / "art"
+
+
+def test_measure_loss_on_a_tiny_model(art):
+    from swapmoe_edge.runtime import Runtime
+    from swapmoe_edge.substitution import measure_loss
+
+    from tiny import words
+
+    rng = np.random.default_rng(1)
+    texts = [words(rng.integers(3, 96, int(n)).tolist()) for n in (12, 7, 15, 9)]
+    with Runtime(art, RuntimeConfig(policy="full", budget="100%", threads=1)) as rt:
+        imp = {lk: np.arange(4, 0, -1, dtype=float) for lk in rt.sparse}
+        loss, sub = measure_loss(rt, texts, imp, max_new_tokens=4, batch_size=3)
+        assert set(loss) == set(sub) == set(rt.sparse)
+        for lk in rt.sparse:
+            assert loss[lk].shape == (4,) and loss[lk][-1] == 0.0 and np.all(loss[lk] >= 0)
+            assert loss[lk][0] > 0  # one expert of four changes the output somewhere
+        # the measurement leaves the model exact
+        again = measure_loss(rt, texts, imp, max_new_tokens=4, batch_size=3)
+        assert all(np.allclose(again[0][lk], loss[lk]) for lk in rt.sparse) and again[1] == sub
+        prof = Profile(imp, imp, meta={"texts": len(texts)}, loss=loss, substitute=sub)
+    with Runtime(art, RuntimeConfig(policy="swapmoe", budget="25%", threads=1, swap_interval_s=3600),
+                 profile=prof) as rt:
+        for lk in rt.sparse:  # 25% of 4 experts: one per layer, the measured substitute
+            assert set(rt.residents.layer(lk)) == {sub[lk]}
+
+
+def test_cli_profile_measure_loss(art, tmp_path):
+    from click.testing import CliRunner
+
+    from swapmoe_edge.cli import main
+
+    from tiny import words
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "docs.txt"
+    data.write_text("".join(words(rng.integers(3, 96, 10).tolist()) + "\n" for _ in range(3)))
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["profile", str(art), "--data", str(data), "--max-new-tokens", "3",
+                                  "--measure-loss", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    prof = Profile.load(out)
+    assert set(prof.loss) == set(prof.substitute) == set(prof.importance) and "KL" in prof.meta["loss"]
+    r = CliRunner().invoke(main, ["profile", str(art), "--data", str(data), "--max-new-tokens", "3", "-o", str(out)])
+    assert r.exit_code == 0 and Profile.load(out).loss == {}  # without the flag: importance only, as before
