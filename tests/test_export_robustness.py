@@ -92,7 +92,7 @@ SLOW_EXPORT = textwrap.dedent(
 
     def slow(*args, **kwargs):  # a big model's export, slowed down so the test can kill it midway
         Path(sys.argv[3]).touch()
-        time.sleep(0.3)
+        time.sleep(2.0)  # long enough that a loaded machine still signals it mid-export
         return real(*args, **kwargs)
 
     exporter._write_expert = slow
