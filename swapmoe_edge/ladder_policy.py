@@ -60,8 +60,6 @@ class LadderPolicy(Policy):
         self.wait = wait
         self._cost = {(lk, r.name): r.cost for lk, ladder in self.rungs.items() for r in ladder}
         self._low_cache: dict[LayerKey, tuple] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.errors: list[str] = []
         self.filled = threading.Event()
 
@@ -267,17 +265,6 @@ class LadderPolicy(Policy):
 
     def wait_filled(self, timeout: float | None = None) -> bool:
         return self.filled.wait(timeout)
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="swapmoe-ladder", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
 
     def _loop(self) -> None:
         _lower_this_threads_priority()

@@ -84,6 +84,8 @@ class Policy:
         self._allowed_cache: dict[LayerKey, tuple] = {}
         self._filler: threading.Thread | None = None
         self._fill_stop = threading.Event()
+        self._stop = threading.Event()  # the background thread of a policy that has one (swapper)
+        self._thread: threading.Thread | None = None
         self.filled = threading.Event()
         # Closed while a request runs up to its first token (the encoder pass and the first
         # decoder step): the filler and the swapper wait. On a device the first request's
@@ -157,12 +159,20 @@ class Policy:
         return self._filler is None or self.filled.wait(timeout)
 
     def start(self) -> None:
-        pass
+        """Start the policy's background thread (``_loop``), if it has one."""
+        if hasattr(self, "_loop"):
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name=f"swapmoe-{self.name}", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         self._fill_stop.set()
         if self._filler is not None:
             self._filler.join(timeout=10)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
 
     def end_request(self) -> None:
         pass
@@ -337,8 +347,6 @@ class SwapMoEPolicy(Policy):
         self.max_swaps = max_swaps_per_interval
         self.hysteresis = hysteresis
         self.decay = decay
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.errors: list[str] = []
 
     def __call__(self, layer, normed, logits, token_mask):
@@ -370,18 +378,6 @@ class SwapMoEPolicy(Policy):
         super().resize(counts)
 
     # -- the swapper thread -------------------------------------------------------------------
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="swapmoe-swapper", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        super().stop()
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
     def _loop(self) -> None:
         _lower_this_threads_priority()
         while not self._stop.wait(self.interval_s):
