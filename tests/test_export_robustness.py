@@ -84,9 +84,12 @@ SLOW_EXPORT = textwrap.dedent(
     from pathlib import Path
     from swapmoe_export import exporter
 
-    # As from a terminal: a runner started under nohup would hand down an ignored SIGHUP,
-    # which the export rightly leaves ignored.
+    # As from a terminal: a runner under nohup hands down an ignored SIGHUP, and a shell's
+    # background job an ignored SIGINT (then Python installs no KeyboardInterrupt); the export
+    # rightly leaves ignored signals alone, so the test starts from the defaults.
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     real = exporter._write_expert
 
