@@ -7,8 +7,9 @@ Two ways, chosen once at load (``RungRunner.mode``):
   (``add_external_initializers_from_files_in_memory``). ORT copies them into
   ``com.microsoft.MatMulNBits``' prepacked form at session creation, and the read buffer
   is dropped. Measured here (one thread, docs/results/ladder.md): a 768x3072 int4 expert
-  runs a token in 0.23 ms against 0.82 ms for float32 weights fed to the shared kernel,
-  and the same kernel with the int4 weights fed as inputs (no prepacking) takes 8.8 ms.
+  runs a token in 0.29 ms against 1.18 ms for float32 weights fed to the shared kernel
+  and 37.5 ms for int4 on standard ops; MatMulNBits with the int4 weights fed as inputs
+  (no prepacking) took 8.8 ms in a separate test.
 - ``standard``: the copy's arrays are fed to the rung's standard-op kernel (dequantise,
   then MatMul, on every call): slower, but any execution provider runs it.
 
