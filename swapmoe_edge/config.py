@@ -85,6 +85,8 @@ class RuntimeConfig:
     # ladder: a token whose first choice has no resident copy waits while its lowest copy is
     # read (routing as the full model's, with on-demand's stalls) instead of being rerouted
     ladder_wait: bool = False
+    # ladder: split the copies between layers by the profile's measured loss curves, when it has them
+    ladder_loss_split: bool = True
 
     def __post_init__(self):
         if self.policy not in POLICIES:

@@ -52,13 +52,16 @@ def plan_ladder(
     current: Mapping[LayerKey, Mapping[int, str]] | None = None,
     hysteresis: float = 0.0,
     unavailable: frozenset = frozenset(),
+    max_copies: Mapping[LayerKey, int] | None = None,
 ) -> Placement:
     """The (expert, rung) pairs to hold within ``capacity_bytes``; rungs lowest first, the
     same for every layer or per layer (a copy's cost may differ by stack: rungs.py).
 
     ``current`` with ``hysteresis``: an expert held now counts ``1 + hysteresis`` times its
     value, so near-equal experts do not trade places on every plan. ``unavailable``: (layer,
-    expert) pairs that cannot be read; never planned.
+    expert) pairs that cannot be read; never planned. ``max_copies``: at most this many experts
+    per layer (e.g. a split measured on the model's output, planner.plan_by_loss); the rest
+    of the bytes then lift copies.
     """
     layers = list(importance)
     per_layer = rungs if isinstance(rungs, Mapping) else {lk: rungs for lk in layers}
@@ -108,11 +111,13 @@ def plan_ladder(
         push(pos, lk, first, 1)
         for e in order[1:]:
             push(pos, lk, int(e), 0)
+    held = {lk: 1 for lk in layers}
     while heap:
         _, pos, e, to, lk = heapq.heappop(heap)
         extra = step(lk, to)[1]
-        if extra > left:
+        if extra > left or (to == 0 and max_copies is not None and held[lk] >= max_copies.get(lk, held[lk] + 1)):
             continue  # this expert stays where it is; cheaper steps of others may still fit
+        held[lk] += to == 0
         level[(lk, e)] = to
         left -= extra
         push(pos, lk, e, to + 1)

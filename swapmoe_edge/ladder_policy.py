@@ -29,6 +29,7 @@ import numpy as np
 from . import memory
 from .importance import ImportanceTracker
 from .ladder_plan import PRIMARY, Placement, Rung, plan_ladder
+from .planner import plan_by_loss
 from .manifest import ExpertKey, LayerKey
 from .policies import Policy, _lower_this_threads_priority
 from .store import ExpertReadError, LoadedExpert
@@ -44,7 +45,7 @@ class LadderPolicy(Policy):
                  rungs: Mapping[LayerKey, list[Rung]], runners: Mapping[str, object], capacity_bytes: int,
                  layer_weight: dict[LayerKey, float] | None = None, interval_s: float = 0.1,
                  bytes_per_interval: int = 1, max_moves: int = 1, hysteresis: float = 0.1, decay: float = 0.8,
-                 wait: bool = False):
+                 wait: bool = False, loss: Mapping[LayerKey, np.ndarray] | None = None):
         super().__init__(residents, store, kernel, capacity, {lk: 0 for lk in order}, order)
         self.tracker = tracker
         self.rungs = {lk: list(r) for lk, r in rungs.items()}  # per layer, lowest first; PRIMARY (if used) last
@@ -58,6 +59,7 @@ class LadderPolicy(Policy):
         self.hysteresis = hysteresis
         self.decay = decay
         self.wait = wait
+        self.loss = dict(loss or {})  # measured loss curves (importance.Profile.loss): they split the copies
         self._cost = {(lk, r.name): r.cost for lk, ladder in self.rungs.items() for r in ladder}
         self._low_cache: dict[LayerKey, tuple] = {}
         self.errors: list[str] = []
@@ -146,8 +148,12 @@ class LadderPolicy(Policy):
     def target(self) -> Placement:
         importance = self.tracker.snapshot()
         unavailable = frozenset((k.layer_key, k.expert) for k in self.residents.unavailable)
+        caps = None
+        if self.loss:  # how many copies each layer holds, by the measured loss of keeping k experts
+            lowest = {lk: ladder[0].cost for lk, ladder in self.rungs.items()}
+            caps = plan_by_loss(self.loss, lowest, self.capacity_bytes, list(self.rungs))
         return plan_ladder(importance, self.rungs, self.capacity_bytes, self.layer_weight, self.placement(),
-                           self.hysteresis, unavailable)
+                           self.hysteresis, unavailable, max_copies=caps)
 
     def steps(self, target: Placement) -> tuple[list[ExpertKey], list[tuple[ExpertKey, str]]]:
         """How to get from here to ``target``: the experts to drop (least valuable first) and the

@@ -347,7 +347,8 @@ class Runtime:
                                 layer_weight=cfg.layer_weights(self.sparse), interval_s=cfg.swap_interval_s,
                                 bytes_per_interval=cfg.max_swaps_per_interval * max(self.expert_cost.values()),
                                 max_moves=cfg.max_swaps_per_interval,
-                                hysteresis=cfg.hysteresis, decay=cfg.decay, wait=cfg.ladder_wait)
+                                hysteresis=cfg.hysteresis, decay=cfg.decay, wait=cfg.ladder_wait,
+                                loss=self.profile.loss if cfg.ladder_loss_split else None)
         return make_policy(self.config, self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
                            counts, self.norms, self.profile)
 
