@@ -168,6 +168,17 @@ def test_plan_skips_unreadable_experts_and_says_when_nothing_fits():
         plan_ladder(imp, rungs, 30 * 3 - 1)
 
 
+def test_plan_keeps_a_measured_split_and_lifts_copies_with_the_rest():
+    imp = _layers(flat=True)
+    rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
+    caps = {lk: n for lk, n in zip(imp, (2, 5, 3))}
+    plan = plan_ladder(imp, rungs, 10_000, max_copies=caps)
+    assert {lk: len(row) for lk, row in plan.items()} == caps
+    assert all(r == PRIMARY for row in plan.values() for r in row.values())  # the room left lifts every copy
+    tight = plan_ladder(imp, rungs, 30 * 10, max_copies=caps)
+    assert {lk: len(row) for lk, row in tight.items()} == caps and placement_bytes(tight, rungs) == 300
+
+
 def test_plan_hysteresis_keeps_a_held_expert_against_a_slightly_better_one():
     lk = LayerKey("decoder", 1)
     imp = {lk: np.array([1.0, 1.05, 0.0, 0.0])}
@@ -305,3 +316,27 @@ def test_waiting_for_missing_experts_routes_as_full(art):
         assert rt.residents.nbytes <= rt.policy.capacity_bytes
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     assert sum(r.stats["loads"] for r in got) > 0 and all(r.stats["stall_ms"] > 0 for r in got[:1])
+
+
+def test_measured_loss_curves_split_the_ladders_copies(art):
+    """A profile whose curves say the decoder layer loses nothing with one expert and the
+    encoder layer loses until it holds all: the ladder gives the copies to the encoder, where
+    the importance split (decoder weight 8) gives them to the decoder."""
+    from swapmoe_edge.importance import Profile
+
+    with Runtime(art, _cfg(policy="ladder", budget="12%", swap_interval_s=1000)) as rt:
+        imp = {lk: np.asarray(v) for lk, v in rt.profile.importance.items()}
+        enc, dec = [lk for lk in rt.sparse if lk.stack == "encoder"][0], [lk for lk in rt.sparse if lk.stack == "decoder"][0]
+        plain = rt.residents.counts()
+    E = len(imp[enc])
+    loss = {enc: np.linspace(1.0, 0.0, E), dec: np.zeros(E)}
+    prof = Profile(imp, {lk: np.ones(E) for lk in imp}, loss=loss)
+    with Runtime(art, _cfg(policy="ladder", budget="12%", swap_interval_s=1000), profile=prof) as rt:
+        split = rt.residents.counts()
+        cap, enc_cost, dec_cost = rt.policy.capacity_bytes, rt.rungs[enc][0].cost, rt.rungs[dec][0].cost
+        assert split[enc.name] == min(E, (cap - dec_cost) // enc_cost)  # every byte the encoder can use
+        assert enc_cost * split[enc.name] + dec_cost * split[dec.name] <= cap  # the decoder has what is left
+        assert rt.residents.nbytes <= cap
+    assert split[enc.name] > plain[enc.name]
+    with Runtime(art, _cfg(policy="ladder", budget="12%", swap_interval_s=1000, ladder_loss_split=False), profile=prof) as rt:
+        assert rt.residents.counts() == plain  # the importance split, as without curves
