@@ -36,6 +36,7 @@ from .store import ExpertReadError, LoadedExpert
 
 log = logging.getLogger(__name__)
 TRIM_EVERY = 64 << 20
+CAP_UNITS = 4096
 
 
 class LadderPolicy(Policy):
@@ -60,6 +61,7 @@ class LadderPolicy(Policy):
         self.decay = decay
         self.wait = wait
         self.loss = dict(loss or {})  # measured loss curves (importance.Profile.loss): they split the copies
+        self._caps_for: tuple[int, dict[LayerKey, int] | None] = (-1, None)
         self._cost = {(lk, r.name): r.cost for lk, ladder in self.rungs.items() for r in ladder}
         self._low_cache: dict[LayerKey, tuple] = {}
         self.errors: list[str] = []
@@ -148,12 +150,22 @@ class LadderPolicy(Policy):
     def target(self) -> Placement:
         importance = self.tracker.snapshot()
         unavailable = frozenset((k.layer_key, k.expert) for k in self.residents.unavailable)
-        caps = None
-        if self.loss:  # how many copies each layer holds, by the measured loss of keeping k experts
-            lowest = {lk: ladder[0].cost for lk, ladder in self.rungs.items()}
-            caps = plan_by_loss(self.loss, lowest, self.capacity_bytes, list(self.rungs))
         return plan_ladder(importance, self.rungs, self.capacity_bytes, self.layer_weight, self.placement(),
-                           self.hysteresis, unavailable, max_copies=caps)
+                           self.hysteresis, unavailable, max_copies=self._caps())
+
+    def _caps(self) -> dict[LayerKey, int] | None:
+        """How many copies each layer holds, by the measured loss of keeping k experts (None: no
+        curves). Planned in at most ``CAP_UNITS`` units of the capacity (copy costs rounded up, so
+        it still fits): the copies' measured costs share no useful divisor, and byte-exact
+        planning allocated ~65 MB of tables on every plan (the embedded model's peaks went 10-57%
+        over budget). Kept until the capacity moves."""
+        if not self.loss:
+            return None
+        if self._caps_for[0] != self.capacity_bytes:
+            unit = max(1, self.capacity_bytes // CAP_UNITS)
+            lowest = {lk: -(-ladder[0].cost // unit) * unit for lk, ladder in self.rungs.items()}
+            self._caps_for = (self.capacity_bytes, plan_by_loss(self.loss, lowest, self.capacity_bytes, list(self.rungs)))
+        return self._caps_for[1]
 
     def steps(self, target: Placement) -> tuple[list[ExpertKey], list[tuple[ExpertKey, str]]]:
         """How to get from here to ``target``: the experts to drop (least valuable first) and the
