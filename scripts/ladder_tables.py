@@ -1,13 +1,14 @@
 """The precision ladder's tables for docs/results/ladder.md, from a sweep's sweep.json.
 
-    python scripts/ladder_tables.py SWEEP_DIR [--decode PAIRS.json]
+    python scripts/ladder_tables.py SWEEP_DIR [--also OTHER_SWEEP_DIR] [--decode PAIRS.json]
 
 One table per measure (reference ROUGE-2, same-as-full, peak RSS / budget, decode ms/token
 as a ratio to `full` of the same sweep), policies as rows and budgets as columns, and the
 issue's targets checked: the ladder within 0.005 ROUGE-2 of `full` at 33%, at or above
 `prune` in every cell, peak RSS within budget + 5%. ``--decode``: a bench_ladder_decode.py
 result (interleaved, paired) for the decode target, which a sweep's cells, run minutes
-apart on a shared machine, cannot judge.
+apart on a shared machine, cannot judge. ``--also``: cells of policies SWEEP_DIR lacks, from
+another sweep of the same documents (its `full` must give the same outputs: checked).
 """
 
 from __future__ import annotations
@@ -27,9 +28,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--decode", type=Path)
+    ap.add_argument("--also", type=Path)
     a = ap.parse_args()
     d = json.loads((a.sweep / "sweep.json").read_text())
     cells = [c for c in d["cells"] if not c.get("error")]
+    if a.also:
+        other = [c for c in json.loads((a.also / "sweep.json").read_text())["cells"] if not c.get("error")]
+        mine = next(c for c in cells if c["policy"] == "full")
+        theirs = next(c for c in other if c["policy"] == "full")
+        if (mine["rouge2"], mine["documents"]) != (theirs["rouge2"], theirs["documents"]):
+            raise SystemExit(f"{a.also}'s full run differs from {a.sweep}'s: not the same documents or model")
+        have = {c["policy"] for c in cells}
+        cells += [c for c in other if c["policy"] not in have]
     full = next(c for c in cells if c["policy"] == "full")
     budgets = sorted({c["budget"] for c in cells if c["policy"] != "full"}, key=_budget_key)
     at = {(c["policy"], c["budget"]): c for c in cells}
@@ -67,8 +77,9 @@ def main() -> None:
     checks.append(f"peak RSS within budget + 5% in every cell: {'yes' if not over else 'NO: ' + ', '.join(over)}")
     if a.decode:
         dec = json.loads(a.decode.read_text())
-        for b, r in dec["ratios"].items():
-            checks.append(f"ladder decode at {b} vs full (paired): {r:.2f}x ({'met' if r <= 1.15 else 'NOT met'}: target 1.15x)")
+        for k, r in dec["ratios"].items():
+            if k.startswith("ladder "):
+                checks.append(f"decode, {k} vs full (paired): {r:.2f}x ({'met' if r <= 1.15 else 'NOT met'}: target 1.15x)")
     print("\nTargets\n")
     for c in checks:
         print(f"- {c}")
