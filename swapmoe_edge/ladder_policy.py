@@ -20,7 +20,6 @@ rerouted, and results are exact where no token ran a low-bit copy either.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Mapping
 
@@ -29,7 +28,7 @@ import numpy as np
 from . import memory
 from .importance import ImportanceTracker
 from .ladder_plan import PRIMARY, Placement, Rung, plan_ladder
-from .planner import plan_by_loss
+from .planner import normalised, plan_by_loss
 from .manifest import ExpertKey, LayerKey
 from .policies import Policy, _lower_this_threads_priority
 from .store import ExpertReadError, LoadedExpert
@@ -65,7 +64,7 @@ class LadderPolicy(Policy):
         self._cost = {(lk, r.name): r.cost for lk, ladder in self.rungs.items() for r in ladder}
         self._low_cache: dict[LayerKey, tuple] = {}
         self.errors: list[str] = []
-        self.filled = threading.Event()
+        self._moves_left = 0  # copies the last swap_once's plan still wanted
 
     # -- the token loop ------------------------------------------------------------------
     def __call__(self, layer, normed, logits, token_mask):
@@ -115,18 +114,18 @@ class LadderPolicy(Policy):
     def _victims(self, lk: LayerKey, keep: set[int]) -> list[ExpertKey]:
         """Residents to evict for a waited-for read, least valuable first: this layer's others
         before any other layer's (planner value: layer weight times importance share)."""
-        importance = self.tracker.snapshot()
         out = []
-        for other, row in importance.items():
-            row = np.asarray(row, dtype=np.float64)
-            share = row / row.sum() if row.sum() > 0 else np.full(row.size, 1.0 / row.size)
-            w = (self.layer_weight or {}).get(other, 1.0)
+        for other, value in self._values().items():
             for e in self.residents.layer(other):
                 if other == lk and e in keep:
                     continue
-                out.append((other != lk, w * share[e], other.stack, other.layer, e))
+                out.append((other != lk, value[e], other.stack, other.layer, e))
         out.sort()
         return [ExpertKey(s, lay, e) for _, _, s, lay, e in out]
+
+    def _values(self) -> dict[LayerKey, np.ndarray]:
+        """Each expert's planner value today: its layer's weight times its share of the layer's importance."""
+        return {lk: (self.layer_weight or {}).get(lk, 1.0) * normalised(row) for lk, row in self.tracker.snapshot().items()}
 
     def _low(self, lk: LayerKey, snapshot) -> np.ndarray:
         """[E] bool: which experts of ``snapshot`` are low-bit copies (cached per snapshot object)."""
@@ -170,13 +169,12 @@ class LadderPolicy(Policy):
     def steps(self, target: Placement) -> tuple[list[ExpertKey], list[tuple[ExpertKey, str]]]:
         """How to get from here to ``target``: the experts to drop (least valuable first) and the
         copies to read (moves down first, as they free room, then moves up and admissions by value)."""
-        importance = self.tracker.snapshot()
+        values = self._values()
         drops, down, up = [], [], []
         for lk, want in target.items():
             rank = {r.name: i for i, r in enumerate(self.rungs[lk])}
             have = {e: ex.rung or PRIMARY for e, ex in self.residents.layer(lk).items()}
-            row = np.asarray(importance[lk], dtype=np.float64)
-            value = (self.layer_weight or {}).get(lk, 1.0) * (row / row.sum() if row.sum() > 0 else np.full(row.size, 1.0 / row.size))
+            value = values[lk]
             for e in have:
                 if e not in want:
                     drops.append((value[e], lk.stack, lk.layer, e))
@@ -254,6 +252,7 @@ class LadderPolicy(Policy):
         moves_limit = self.max_moves if limit_bytes is None else 1 << 30
         drops, moves = self.steps(self.target())
         done = read = 0
+        self._moves_left = len(moves)
         for key, rung in moves:
             # A request's prefill closes the gate: a copy's read and session build would take
             # flash and CPU from it (as for swapmoe's swapper, Policy.background_io).
@@ -264,6 +263,7 @@ class LadderPolicy(Policy):
                 break  # nothing later fits either until the next plan
             read += got
             done += got > 0
+        self._moves_left -= done
         return done
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class LadderPolicy(Policy):
                 if not self.filled.is_set():  # the start fill: no rate limit
                     if self.background_io.wait(0.05):
                         idle = 0 if self.swap_once(limit_bytes=1 << 62) else idle + 1
-                        if idle >= 3 or not self.steps(self.target())[1]:
+                        if idle >= 3 or not self._moves_left:
                             self.filled.set()  # at the plan, or nothing more fits
                 else:
                     self.swap_once()

@@ -187,7 +187,7 @@ class ExpertStore:
                 return ready
         entry = self._block(key, rung)
         t0 = time.perf_counter()
-        buf = self._read_bytes(key, own_mapping, rung) if rung is not None else self._read_bytes(key, own_mapping)
+        buf = self._read_bytes(key, own_mapping, rung)
         if self.verify == "always" or (self.verify == "first" and (key, rung) not in self._verified):
             digest = hashlib.sha256(buf).hexdigest()
             expected = self.manifest.files[entry.weights_file].sha256

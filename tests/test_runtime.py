@@ -104,13 +104,13 @@ class SlowStore(ExpertStore):
         self.loop_thread: int | None = None
         self.reads_on_loop = 0
 
-    def _read_bytes(self, key, own_mapping=True):
+    def _read_bytes(self, key, own_mapping=True, rung=None):
         if threading.get_ident() == self.loop_thread:
             self.reads_on_loop += 1
         if key in self.fail:
             raise ExpertReadError(key, self.manifest.path(self.manifest.experts[key].weights_file), "injected I/O error")
         time.sleep(self.delay)
-        return super()._read_bytes(key, own_mapping)
+        return super()._read_bytes(key, own_mapping, rung)
 
 
 def _runtime(art, store_kw=None, **cfg) -> Runtime:
