@@ -13,17 +13,14 @@ from swapmoe_edge.errors import InputError  # noqa: E402
 from swapmoe_edge.manifest import load_manifest  # noqa: E402
 from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_edge.store import ExpertStore  # noqa: E402
-from swapmoe_export import export_checkpoint  # noqa: E402
 
-from tiny import save_tiny  # noqa: E402
+from tiny import export_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    root = tmp_path_factory.mktemp("devstart")
-    ckpt = save_tiny(root / "ckpt", seed=41, num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
-    export_checkpoint(ckpt, root / "art", quiet=True)
-    return root / "art"
+    return export_tiny(tmp_path_factory.mktemp("devstart"), seed=41, num_experts=8,
+                       num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
 
 
 ROWS = [[int(t) for t in np.random.default_rng(3).integers(3, 96, 11)] + [1], [5, 9, 17, 1]]

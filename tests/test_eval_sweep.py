@@ -13,9 +13,8 @@ pytest.importorskip("rouge_score")
 
 from swapmoe_edge.errors import InputError  # noqa: E402
 from swapmoe_edge.evaluate import evaluate, lead_baseline, rouge  # noqa: E402
-from swapmoe_export import export_checkpoint  # noqa: E402
 
-from tiny import save_tiny, words  # noqa: E402
+from tiny import export_tiny, words  # noqa: E402
 
 MEASURES = ("ttft_ms", "decode_ms_per_token", "request_ms", "peak_rss_bytes", "bytes_read", "swaps", "stall_ms",
             "first_choice_resident", "rouge1", "rouge2", "rougeL", "budget_bytes", "exact")
@@ -23,10 +22,8 @@ MEASURES = ("ttft_ms", "decode_ms_per_token", "request_ms", "peak_rss_bytes", "b
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalsweep")
-    ckpt = save_tiny(root / "ckpt", seed=41, num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
-    export_checkpoint(ckpt, root / "art", quiet=True)
-    return root / "art"
+    return export_tiny(tmp_path_factory.mktemp("evalsweep"), seed=41, num_experts=8,
+                       num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from swapmoe_edge.residency import ResidentSet
 from swapmoe_edge.runtime import RuntimeConfig
 from swapmoe_edge.store import LoadedExpert
 
-from test_replay import COST, make_trace
+from test_replay import make_trace
 
 ENC, DEC = LayerKey("encoder", 1), LayerKey("decoder", 1)
 
@@ -170,14 +170,10 @@ pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    from swapmoe_export import export_checkpoint
+    from tiny import export_tiny
 
-    from tiny import save_tiny
-
-    root = tmp_path_factory.mktemp("subst")
-    ckpt = save_tiny(root / "ckpt", seed=5, num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
-    export_checkpoint(ckpt, root / "art", quiet=True)
-    return root / "art"
+    return export_tiny(tmp_path_factory.mktemp("subst"), seed=5, num_experts=4,
+                       num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
 
 
 def test_measure_loss_on_a_tiny_model(art):

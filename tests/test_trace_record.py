@@ -12,19 +12,16 @@ pytest.importorskip("torch")
 from swapmoe_edge.replay import POLICIES, ReplayConfig, replay  # noqa: E402
 from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_edge.trace import load_trace, record_trace  # noqa: E402
-from swapmoe_export import export_checkpoint  # noqa: E402
 
-from tiny import save_tiny, words  # noqa: E402
+from tiny import export_tiny, words  # noqa: E402
 
 LENGTHS = (14, 9, 20, 11, 16)
 
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trace")
-    ckpt = save_tiny(root / "ckpt", seed=41, num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
-    export_checkpoint(ckpt, root / "art", quiet=True)
-    return root / "art"
+    return export_tiny(tmp_path_factory.mktemp("trace"), seed=41, num_experts=8,
+                       num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
 
 
 def _docs():

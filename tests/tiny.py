@@ -82,3 +82,10 @@ def hf_generate(model, rows, max_new_tokens: int, num_beams: int = 1) -> list[li
             row.pop()
         result.append(row)
     return result
+
+
+def export_tiny(root: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny model saved into ``root/ckpt`` and exported (validated) into ``root/art``; the artifact."""
+    from swapmoe_export import export_checkpoint
+
+    return export_checkpoint(save_tiny(root / "ckpt", seed=seed, **overrides), root / "art", quiet=True)
