@@ -62,7 +62,7 @@ class RungRunner:
         self.info: LadderRung = manifest.ladder[rung]
         self.sessions = sessions  # DenseSessions: the standard-op kernel lives there
         self.threads, self.providers = threads, providers or ["CPUExecutionProvider"]
-        self.template = manifest.path(self.info.session_graph).read_bytes()
+        self.template = manifest.path(self.info.session_graph).read_bytes()  # read once, not on every swap
         self.requested = mode
         self.mode = self._choose(mode)  # the decoder's (and, unless measure_cost says otherwise, the encoder's)
         self.modes = {"encoder": self.mode, "decoder": self.mode}
@@ -90,11 +90,11 @@ class RungRunner:
 
     def _session(self, block: np.ndarray) -> ort.InferenceSession:
         opts = session_options(self.threads)
-        # One small graph per expert: graph rewrites buy nothing and their copies cost RSS
-        # (64 int4 experts of the embedded model: ~109 KiB a session at ENABLE_ALL, ~82 KiB without).
+        # Two MatMulNBits and an activation: graph rewrites have nothing to fuse, and skipping
+        # them shortens every session build (one per copy swapped in).
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_external_initializers_from_files_in_memory([self.info.data_name], [block], [block.nbytes])
-        return ort.InferenceSession(str(self.manifest.path(self.info.session_graph)), sess_options=opts, providers=self.providers)
+        return ort.InferenceSession(self.template, sess_options=opts, providers=self.providers)
 
     def load(self, expert: LoadedExpert, mode: str | None = None) -> LoadedExpert:
         """A read rung block -> an expert the kernel runs (a session of its own in ``nbits`` mode)."""
@@ -113,8 +113,8 @@ class RungRunner:
         return self.sessions.run(self.info.kernel, {"x": x, **expert.feeds})[0]
 
     def measure_cost(self, read) -> dict[str, int]:
-        """Resident bytes one copy adds, per stack (RSS per session, averaged over enough copies
-        to rise above RSS noise; at least the block size); settles ``modes``.
+        """Resident bytes one copy adds, per stack (heap in use per session, else RSS, averaged
+        over enough copies to rise above the noise; at least the block size); settles ``modes``.
         ``read(key)`` reads one rung block."""
         raw = None
         for key in self.manifest.experts:  # an unreadable copy is the policy's to report, not the start's
