@@ -138,8 +138,10 @@ class Runtime:
             # Embedding tables are gathered row by row from ORT's lazy mapping: a request reads
             # only the rows of its tokens (of 2 x 99 MB at switch-base size), so they stay on flash.
             lazy = {f for sg in m.subgraphs.values() if sg.name.endswith(".embed") for f in (sg.file, sg.file + ".data")}
-            prefetch = StartupPrefetch(self.store, [m.path(rel) for rel in self._dense_files if rel not in lazy],
-                                       [m.layer(lk.stack, lk.layer).experts[int(np.argmax(first[lk]))] for lk in self.sparse])
+            # The ladder starts from low-bit copies, not from these experts: only the dense files for it.
+            ahead = [] if config.policy == "ladder" else \
+                [m.layer(lk.stack, lk.layer).experts[int(np.argmax(first[lk]))] for lk in self.sparse]
+            prefetch = StartupPrefetch(self.store, [m.path(rel) for rel in self._dense_files if rel not in lazy], ahead)
         self.sessions = DenseSessions(m, threads=threads, providers=self.providers,
                                       provider_options=self.provider_options)
         self.sessions.load_all()
@@ -185,6 +187,8 @@ class Runtime:
         if prefetch is not None:
             prefetch.join()
         self.policy.warm(background=config.cold_start == "background")
+        if isinstance(self.store, ExpertStore):
+            self.store.drop_prefetched()  # what the start set did not take would be held uncounted
         self.startup["warm_s"] = time.perf_counter() - t1
         self.policy.start()
         self.monitor.on_change = self._on_budget  # residents exist now: budget moves may resize them

@@ -97,6 +97,13 @@ class ExpertStore:
         with self._lock:
             self._prefetched[key] = expert
 
+    def drop_prefetched(self) -> int:
+        """Forget read-ahead experts nobody took; return their bytes (freed with the last view)."""
+        with self._lock:
+            n = sum(e.nbytes for e in self._prefetched.values())
+            self._prefetched.clear()
+        return n
+
     @property
     def prefetched_bytes(self) -> int:
         with self._lock:

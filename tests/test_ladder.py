@@ -340,3 +340,13 @@ def test_measured_loss_curves_split_the_ladders_copies(art):
     assert split[enc.name] > plain[enc.name]
     with Runtime(art, _cfg(policy="ladder", budget="12%", swap_interval_s=1000, ladder_loss_split=False), profile=prof) as rt:
         assert rt.residents.counts() == plain  # the importance split, as without curves
+
+
+def test_a_background_start_holds_no_read_ahead_expert_uncounted(art):
+    """The start-up read-ahead fetches each layer's best full-precision expert for the policies
+    that start from it; the ladder starts from low-bit copies, so none may stay held outside
+    the resident set (they would be memory the budget does not see)."""
+    with Runtime(art, _cfg(policy="ladder", budget="50%", cold_start="background")) as rt:
+        assert rt.wait_ready(30)
+        assert rt.store.prefetched_bytes == 0
+        assert rt.generate(INPUTS[:1], max_new_tokens=4)[0].token_ids
