@@ -1,13 +1,17 @@
-"""Decode time of policies against `full`, paired: round by round, each configuration in turn.
+"""Decode time of policies against `full`, paired batch by batch.
 
     python scripts/bench_ladder_decode.py ARTIFACT --data test.jsonl [--budgets 33%,15%] \
         [--policies ladder,swapmoe,prune] [--docs 64] [--rounds 5] [--out decode.json]
 
 A sweep runs its cells minutes apart, and on a shared machine the load moves between
-them (the same `full` cell gave 1.0-1.8 ms/token in one session). Here every round runs
-`full` and then each (policy, budget) on the same documents (batches of 8, greedy, one
-ORT thread), so each round gives a ratio measured side by side; the figure is the median
-of the rounds' ratios.
+them (the same `full` cell gave 1.0-1.8 ms/token in one session). Here each (policy,
+budget) runs beside a `full` runtime in the same process: both are opened and warmed, then
+they take the same batches of 8 documents in turn (greedy, one ORT thread), and each batch
+gives a ratio (the policy's decode ms/token over `full`'s mean on the batches before and
+after it). Configurations take turns round by round; a configuration's figure is the median
+of all its batch ratios, with the quartiles. (Until 2026-12-02 each round ran `full` once and
+then every configuration in a fresh runtime, so one `full` figure set every ratio of a round:
+`prune` at 100%, which does full's work, came out anywhere from 0.83x to 1.38x.)
 """
 
 from __future__ import annotations
@@ -22,11 +26,24 @@ from swapmoe_edge.evaluate import read_pairs
 from swapmoe_edge.runtime import Runtime, RuntimeConfig
 
 
-def _decode(artifact: Path, texts: list[str], threads: int, **kw) -> float:
-    with Runtime(artifact, RuntimeConfig(threads=threads, **kw)) as rt:
-        rt.summarize(texts[:8])  # warm: sessions, arenas, the swapper's first plan
-        per_batch = [rt.summarize(texts[i: i + 8])[0].stats["decode_ms_per_token"] for i in range(0, len(texts), 8)]
-    return statistics.median(per_batch)
+def _pairs(artifact: Path, texts: list[str], threads: int, policy: str, budget: str) -> tuple[list[float], list[float]]:
+    """(policy / full ratio per batch, full ms/token per batch), the two runtimes taking turns."""
+    batches = [texts[i: i + 8] for i in range(0, len(texts), 8)]
+    with Runtime(artifact, RuntimeConfig(threads=threads, policy="full", budget="100%")) as full, \
+            Runtime(artifact, RuntimeConfig(threads=threads, policy=policy, budget=budget)) as rt:
+        for r in (full, rt):
+            r.summarize(batches[0])  # warm: sessions, arenas, the swapper's first plan
+
+        def ms(r, batch):
+            return r.summarize(batch)[0].stats["decode_ms_per_token"]
+
+        base = [ms(full, batches[0])]
+        ratios = []
+        for batch in batches:
+            mine = ms(rt, batch)
+            base.append(ms(full, batch))
+            ratios.append(mine / ((base[-2] + base[-1]) / 2))
+    return ratios, base
 
 
 def main() -> None:
@@ -48,17 +65,22 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
     for rnd in range(a.rounds):
-        base = _decode(a.artifact, texts, a.threads, policy="full", budget="100%")
-        full_ms.append(base)
         for p, b in configs:
-            ms = _decode(a.artifact, texts, a.threads, policy=p, budget=b)
-            ratios[f"{p} {b}"].append(ms / base)
-        print(f"round {rnd + 1}/{a.rounds}: full {base:.2f} ms/token; " +
-              ", ".join(f"{k} {v[-1]:.2f}x" for k, v in ratios.items()), file=sys.stderr, flush=True)
+            r, base = _pairs(a.artifact, texts, a.threads, p, b)
+            ratios[f"{p} {b}"] += r
+            full_ms += base
+            print(f"round {rnd + 1}/{a.rounds}: {p} {b} {statistics.median(r):.2f}x "
+                  f"(full {statistics.median(base):.2f} ms/token)", file=sys.stderr, flush=True)
+
+    def quartiles(v):
+        q = statistics.quantiles(v, n=4)
+        return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "batches": len(v)}
+
     res = {"artifact": str(a.artifact), "documents": len(texts), "rounds": a.rounds, "threads": a.threads,
-           "full_ms_per_token": statistics.median(full_ms),
+           "pairing": "batch", "full_ms_per_token": statistics.median(full_ms),
            "ratios": {k: statistics.median(v) for k, v in ratios.items()},
-           "per_round": ratios}
+           "quartiles": {k: quartiles(v) for k, v in ratios.items()},
+           "per_batch": ratios}
     text = json.dumps(res, indent=1)
     print(text)
     if a.out:

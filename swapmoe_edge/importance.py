@@ -12,6 +12,7 @@ Shapes: N tokens, E experts.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
@@ -41,10 +42,15 @@ def parse_layer_name(name: str) -> LayerKey:
 class ImportanceTracker:
     """Accumulate Eq. 1 importance and routing counts per expert; safe across threads.
 
-    The token loop calls ``observe``; the swapper thread reads ``snapshot``. Between
-    requests, ``decay(f)`` turns the sums into an exponential moving average. Counts
-    decay with importance, so both describe the same window.
+    The token loop calls ``observe`` (or ``observe_later``); the swapper thread reads
+    ``snapshot``. Between requests, ``decay(f)`` turns the sums into an exponential moving
+    average. Counts decay with importance, so both describe the same window.
     """
+
+    # observe_later: a call with more tokens than this is added at once (a prefill's hidden
+    # states are not held), and the queue is added up once it holds this many calls.
+    LATER_MAX_TOKENS = 64
+    LATER_MAX_CALLS = 256
 
     def __init__(self, layers: Mapping[LayerKey, np.ndarray]) -> None:
         """``layers`` maps each sparse layer to its experts' weight norms ||E|| [E]."""
@@ -56,6 +62,7 @@ class ImportanceTracker:
         self._counts = {k: np.zeros_like(v) for k, v in self._norms.items()}
         self._prior: dict[LayerKey, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._later: collections.deque = collections.deque()  # (layer, hidden, probs, valid)
 
     @property
     def layers(self) -> tuple[LayerKey, ...]:
@@ -93,10 +100,42 @@ class ImportanceTracker:
             self._importance[layer] += value
             self._counts[layer] += count
 
+    def observe_later(self, layer: LayerKey, hidden: np.ndarray, probs: np.ndarray,
+                      valid: np.ndarray | None = None) -> None:
+        """``observe`` for the token loop: the tokens' hidden states ``hidden`` [..., D] (not yet
+        their norms) are queued and added up by the next reader (the swapper's ``snapshot``,
+        ``decay`` between requests) in one pass per layer, so a decoded token pays a queue
+        append per layer instead of ~20 numpy calls. The arrays must not be written afterwards.
+        The sums are those of ``observe`` (up to float64 summation order)."""
+        if hidden.size > self.LATER_MAX_TOKENS * hidden.shape[-1]:
+            self.observe(layer, np.linalg.norm(hidden, axis=-1), probs, valid)
+            return
+        self._later.append((layer, hidden, probs, valid))  # deque.append: atomic
+        if len(self._later) >= self.LATER_MAX_CALLS:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add up what ``observe_later`` queued."""
+        by_layer: dict[LayerKey, list] = {}
+        while True:
+            try:
+                layer, hidden, probs, valid = self._later.popleft()
+            except IndexError:
+                break
+            rows = by_layer.setdefault(layer, [[], [], []])
+            rows[0].append(hidden.reshape(-1, hidden.shape[-1]))
+            rows[1].append(np.asarray(probs).reshape(-1, np.shape(probs)[-1]))
+            n = rows[0][-1].shape[0]
+            rows[2].append(np.ones(n, bool) if valid is None else np.asarray(valid, bool).reshape(-1))
+        for layer, (hidden, probs, valid) in by_layer.items():
+            x_norm = np.linalg.norm(np.concatenate(hidden), axis=-1)
+            self.observe(layer, x_norm, np.concatenate(probs), np.concatenate(valid))
+
     def decay(self, factor: float) -> None:
         """Scale everything by ``factor`` in [0, 1]: ``I <- factor * I`` before the next request."""
         if not (0.0 <= factor <= 1.0):
             raise ValueError(f"decay factor must be in [0, 1], got {factor}")
+        self.fold()
         with self._lock:
             for key in self._importance:
                 self._importance[key] *= factor
@@ -104,6 +143,7 @@ class ImportanceTracker:
 
     def seed(self, profile: "Profile", weight: float = 1.0) -> None:
         """Start from an offline profile (scaled by ``weight``) instead of zeros."""
+        self.fold()
         with self._lock:
             for key in self._importance:
                 if key in profile.importance:
@@ -128,11 +168,13 @@ class ImportanceTracker:
 
     def snapshot(self) -> dict[LayerKey, np.ndarray]:
         """A copy of the importance per layer [E] (prior included), consistent across layers."""
+        self.fold()
         with self._lock:
             return {k: v + self._prior[k] if k in self._prior else v.copy() for k, v in self._importance.items()}
 
     def snapshot_with_counts(self) -> tuple[dict[LayerKey, np.ndarray], dict[LayerKey, np.ndarray]]:
         """Importance and routing counts, both taken under one lock."""
+        self.fold()
         with self._lock:
             return (
                 {k: v.copy() for k, v in self._importance.items()},

@@ -80,7 +80,7 @@ class LadderPolicy(Policy):
         if n_low:
             with self.counters.lock:
                 self.counters.lowbit_tokens += n_low
-        self.tracker.observe(layer.key, np.linalg.norm(normed, axis=-1), r.probs, token_mask)
+        self.tracker.observe_later(layer.key, normed, r.probs, token_mask)
         return out
 
     def _load_missing(self, layer, logits) -> None:

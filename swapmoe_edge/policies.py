@@ -351,8 +351,7 @@ class SwapMoEPolicy(Policy):
 
     def __call__(self, layer, normed, logits, token_mask):
         r, out = self._masked_moe(layer, normed, logits, token_mask)
-        x_norm = np.linalg.norm(normed, axis=-1)  # [B, T]: ||x|| of Eq. 1, the input of the experts
-        self.tracker.observe(layer.key, x_norm, r.probs, token_mask)
+        self.tracker.observe_later(layer.key, normed, r.probs, token_mask)  # ||x|| of Eq. 1: the experts' input
         return out
 
     def end_request(self) -> None:

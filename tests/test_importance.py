@@ -111,6 +111,51 @@ def test_concurrent_observe_and_snapshot_lose_nothing():
     assert t.snapshot()[ENC][1] == pytest.approx(4 * 200 * 10 * 2.0)
 
 
+def test_observe_later_adds_what_observe_adds_once_a_reader_looks():
+    rng = np.random.default_rng(0)
+    now, later = tracker(), tracker()
+    for step in range(40):
+        n = 1 if step % 3 else 70  # decode-sized calls are queued, a prefill-sized one is added at once
+        hidden = rng.normal(size=(n, 1, 8))
+        probs = softmax(rng.normal(size=(n, 1, 3)))
+        valid = rng.random((n, 1)) < 0.8 if step % 2 else None
+        now.observe(ENC, np.linalg.norm(hidden, axis=-1), probs, valid)
+        later.observe_later(ENC, hidden, probs, valid)
+    assert len(later._later) == sum(1 for step in range(40) if step % 3)  # queued, not yet added
+    got, want = later.snapshot_with_counts(), now.snapshot_with_counts()
+    np.testing.assert_allclose(got[0][ENC], want[0][ENC], rtol=1e-12)
+    np.testing.assert_array_equal(got[1][ENC], want[1][ENC])
+    assert not later._later
+
+
+def test_observe_later_queue_is_bounded_and_decay_adds_it_first():
+    t = tracker()
+    probs = np.array([[0.0, 0.0, 0.0, 1.0]])
+    for _ in range(t.LATER_MAX_CALLS + 5):
+        t.observe_later(DEC, np.full((1, 4), 0.5), probs)  # ||x|| = 1
+    assert len(t._later) < t.LATER_MAX_CALLS
+    t.decay(0.5)  # the queued calls count before the decay
+    assert t.snapshot()[DEC][3] == pytest.approx(0.5 * (t.LATER_MAX_CALLS + 5))
+
+
+def test_concurrent_observe_later_and_snapshot_lose_nothing():
+    t = tracker()
+    probs = np.array([[0.0, 1.0, 0.0]])
+
+    def work():
+        for _ in range(2000):
+            t.observe_later(ENC, np.ones((1, 4)) / 2, probs)  # ||x|| = 1
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for th in threads:
+        th.start()
+    while any(th.is_alive() for th in threads):
+        t.snapshot()
+    for th in threads:
+        th.join()
+    assert t.snapshot()[ENC][1] == pytest.approx(3 * 2000 * 2.0)
+
+
 def test_profile_round_trips_through_json(tmp_path):
     t = tracker()
     t.observe(ENC, np.array([2.0]), np.array([[0.1, 0.2, 0.7]]))
