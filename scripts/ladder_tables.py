@@ -5,7 +5,8 @@
 One table per measure (reference ROUGE-2, same-as-full, peak RSS / budget, decode ms/token
 as a ratio to `full` of the same sweep), policies as rows and budgets as columns, and the
 issue's targets checked: the ladder within 0.005 ROUGE-2 of `full` at 33%, at or above
-`prune` in every cell, peak RSS within budget + 5%. ``--decode``: a bench_ladder_decode.py
+`prune` in every cell (with the standard error of the difference, paired by document,
+from the cells' outputs), peak RSS within budget + 5%. ``--decode``: a bench_ladder_decode.py
 result (interleaved, paired) for the decode target, which a sweep's cells, run minutes
 apart on a shared machine, cannot judge. ``--also``: cells of policies SWEEP_DIR lacks, from
 another sweep of the same documents (its `full` must give the same outputs: checked).
@@ -15,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from issue14_compare import paired_se  # noqa: E402
 
 POLICIES = ("ladder", "swapmoe", "prune", "on-demand")
 
@@ -64,6 +69,22 @@ def main() -> None:
           lambda c: f"{c['decode_ms_per_token'] / full['decode_ms_per_token']:.2f}")
     table("Tokens that ran a low-bit copy", lambda c: f"{c.get('low_precision_tokens', 0):,}")
 
+    def cell_file(c: dict) -> dict | None:
+        for root in (a.sweep, a.also):
+            path = root and root / "cells" / f"{c['policy']}__{c['budget'].replace('%', 'pct')}__{c['planner']}.json"
+            if path and path.is_file():
+                return json.loads(path.read_text())
+        return None
+
+    print("\nLadder minus prune, reference ROUGE-2 (± standard error, paired by document)\n")
+    print("| " + " | ".join(budgets) + " |")
+    print("|" + "---|" * len(budgets))
+    row = []
+    for b in budgets:
+        pair = [cell_file(at[(p, b)]) if (p, b) in at else None for p in ("prune", "ladder")]
+        row.append(f"{pair[1]['rouge2'] - pair[0]['rouge2']:+.4f} (± {paired_se(*pair):.4f})" if all(pair) else "—")
+    print("| " + " | ".join(row) + " |")
+
     lad = {b: at[("ladder", b)] for b in budgets if ("ladder", b) in at}
     checks = []
     if "33%" in lad:
@@ -71,7 +92,10 @@ def main() -> None:
         checks.append(f"ladder at 33% within 0.005 ROUGE-2 of full: {'yes' if gap <= 0.005 else 'NO'} (gap {gap:+.4f})")
     below = [f"{b} ({lad[b]['rouge2']:.4f} < {at[('prune', b)]['rouge2']:.4f})" for b in lad
              if ("prune", b) in at and lad[b]["rouge2"] < at[("prune", b)]["rouge2"]]
-    checks.append(f"ladder at or above prune in every cell: {'yes' if not below else 'NO: ' + ', '.join(below)}")
+    if not any(("prune", b) in at for b in lad):
+        checks.append("ladder at or above prune: no prune cells to compare with")
+    else:
+        checks.append(f"ladder at or above prune in every cell: {'yes' if not below else 'NO: ' + ', '.join(below)}")
     over = [f"{c['policy']} {c['budget']} ({c['peak_rss_bytes'] / c['budget_bytes']:.3f})" for c in cells
             if c["peak_rss_bytes"] > 1.05 * c["budget_bytes"]]
     checks.append(f"peak RSS within budget + 5% in every cell: {'yes' if not over else 'NO: ' + ', '.join(over)}")

@@ -457,27 +457,42 @@ class SwapMoEPolicy(Policy):
         return done
 
 
+def make_tracker(cfg, norms: dict[LayerKey, np.ndarray], profile) -> ImportanceTracker:
+    """swapmoe's and the ladder's online importance: the calibrated profile as a prior worth
+    ``cfg.prior_documents`` documents that never decays, or (None) as a seed that decays."""
+    tracker = ImportanceTracker(norms)
+    if getattr(cfg, "prior_documents", None) is None:
+        tracker.seed(profile)
+    else:
+        tracker.set_prior(profile, cfg.prior_documents)
+    return tracker
+
+
 def make_policy(cfg, residents: ResidentSet, store: ExpertStore, kernel: KernelFn, capacity: int,
-                counts: dict[LayerKey, int], norms: dict[LayerKey, np.ndarray], profile) -> Policy:
+                counts: dict[LayerKey, int], norms: dict[LayerKey, np.ndarray], profile,
+                ladder: dict | None = None) -> Policy:
     """The policy ``cfg.policy`` (a RuntimeConfig) over ``residents``; the runtime and the trace
-    replay (replay.py) both build theirs here."""
+    replay (replay.py) both build theirs here. ``ladder``: what only the runtime has for the
+    ladder policy (its rungs, the rung runners, the byte capacity of its copies)."""
     args = (residents, store, kernel, capacity, counts)
-    if cfg.policy == "ladder":
-        raise ValueError("the ladder policy needs the artifact's rung runners; the Runtime builds it (runtime._make_policy)")
     if cfg.policy == "full":
         return FullPolicy(*args, norms)
     if cfg.policy == "prune":
         return PrunePolicy(*args, norms, renormalize=cfg.renormalize)
     if cfg.policy == "on-demand":
         return OnDemandPolicy(*args, dict(profile.importance))
-    tracker = ImportanceTracker(norms)
-    tracker.seed(profile)
-    if getattr(cfg, "prior_documents", None) is not None:
-        tracker.seed(profile, 0.0)  # the prior stands in for the seed and does not decay
-        tracker.set_prior(profile, cfg.prior_documents)
-    return SwapMoEPolicy(*args, dict(profile.importance), tracker=tracker, renormalize=cfg.renormalize,
-                         interval_s=cfg.swap_interval_s, max_swaps_per_interval=cfg.max_swaps_per_interval,
-                         hysteresis=cfg.hysteresis, decay=cfg.decay, layer_weight=cfg.layer_weights(list(norms)),
+    common = dict(tracker=make_tracker(cfg, norms, profile), interval_s=cfg.swap_interval_s,
+                  hysteresis=cfg.hysteresis, decay=cfg.decay, layer_weight=cfg.layer_weights(list(norms)))
+    if cfg.policy == "ladder":
+        if ladder is None:
+            raise ValueError("the ladder policy needs the artifact's rungs and their runners (Runtime builds them)")
+        from .ladder_policy import LadderPolicy  # it builds on this module
+
+        return LadderPolicy(residents, store, kernel, capacity, dict(profile.importance), **common, **ladder,
+                            max_moves=cfg.max_swaps_per_interval, wait=cfg.ladder_wait,
+                            loss=profile.loss if cfg.ladder_loss_split else None)
+    return SwapMoEPolicy(*args, dict(profile.importance), renormalize=cfg.renormalize, **common,
+                         max_swaps_per_interval=cfg.max_swaps_per_interval,
                          substitutes=dict(getattr(profile, "substitute", {}) or {}))
 
 

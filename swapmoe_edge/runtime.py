@@ -104,62 +104,88 @@ class Runtime:
     def __init__(self, artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *,
                  store: ExpertStore | None = None, available_fn: Callable[[], int] | None = None,
                  rss_fn: Callable[[], int] | None = None, profile: Profile | None = None):
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         self.startup: dict[str, float] = {}  # seconds per start-up phase (a device reads each from flash)
         self.manifest: Manifest = load_manifest(artifact)
+        self.config = self._settle_config(config)
+        self.sparse = [lay.key for lay in self.manifest.sparse_layers()]
+        self._choose_device()  # providers, threads, reserve, expert placement, budget spec
+        self.norms = self._expert_norms()  # ||E|| per layer: prune's order, Eq. 1's factor
+        self.profile = profile or self._load_profile()
+        self.store = store or ExpertStore(self.manifest, verify=config.verify, read_mode=config.read_mode)
+        prefetch = self._start_prefetch()  # dense files and first experts read while sessions build
+        self._open_sessions(prefetch)  # dense sessions, expert kernels, low-bit runners, tokenizer
+        self._settle_budget(prefetch, available_fn, rss_fn)  # expert costs, baseline, memory monitor
+        self.policy = self._make_policy(self._plan(self.budget_bytes, strict=True))
+        self.model = SplitModel(self.manifest, self.sessions, self.policy)
+        self._start(prefetch)  # the start set resident, the policy's thread and the monitor running
+
+    # -- start-up, in the order __init__ runs it ---------------------------------------------------
+    def _settle_config(self, config: RuntimeConfig) -> RuntimeConfig:
         if config.max_source_tokens is None:
             config = replace(config, max_source_tokens=int(self.manifest.extra.get("max_source_tokens", 512)))
         if config.max_source_tokens < 1:
             raise InputError(f"max_source_tokens must be at least 1, not {config.max_source_tokens}")
-        self.config = config
-        m, c = self.manifest, self.manifest.config
-        self.sparse = [lay.key for lay in m.sparse_layers()]
-        # device profile: providers, threads and reserve, unless the config sets them
+        return config
+
+    def _expert_norms(self) -> dict[LayerKey, np.ndarray]:
+        m = self.manifest
+        return {lk: np.array([m.experts[k].norm for k in m.layer(lk.stack, lk.layer).experts]) for lk in self.sparse}
+
+    def _choose_device(self) -> None:
+        """The device profile's providers, threads and reserve, unless the config sets them."""
+        config = self.config
         self.device = get_profile(config.device) if config.device else detect_profile()
         self.providers, self.device_messages = select_providers(self.device)
         for msg in self.device_messages:
             log.warning(msg)
-        threads = config.threads if config.threads is not None else self.device.threads
+        self.threads = config.threads if config.threads is not None else self.device.threads
         self.reserve_bytes = config.reserve_bytes if config.reserve_bytes is not None else self.device.reserve_bytes
-        self.placement, ort_device = resolve_placement(config.expert_placement, self.providers)
+        self.placement, self._ort_device = resolve_placement(config.expert_placement, self.providers)
         self.spec: BudgetSpec = parse_budget(config.budget)
         # On a discrete GPU the CUDA arena stops at the profile's limit, else at a byte budget.
         gpu_cap = self.spec.nbytes if self.spec.kind == "bytes" and not self.device.unified_memory else None
         self.provider_options = provider_options(self.device, gpu_cap)
-        self.norms = {lk: np.array([m.experts[k].norm for k in m.layer(lk.stack, lk.layer).experts]) for lk in self.sparse}
-        self.profile = profile or self._load_profile()
-        self.store = store or ExpertStore(m, verify=config.verify, read_mode=config.read_mode)
+
+    def _start_prefetch(self) -> StartupPrefetch | None:
+        """With a background cold start: read ahead the dense files and each layer's first
+        expert (I/O) while ORT builds sessions (CPU); on a device the two overlap instead of adding up."""
+        m, config = self.manifest, self.config
         self._dense_files = [rel for rel in m.files if not rel.startswith("experts/")]
-        prefetch = None
-        if config.cold_start == "background" and isinstance(self.store, ExpertStore):
-            # While ORT builds sessions (CPU), read ahead the dense files and each layer's first
-            # expert (I/O): on a device the two overlap instead of adding up.
-            first = self.norms if config.policy == "prune" else self.profile.importance
-            # Embedding tables are gathered row by row from ORT's lazy mapping: a request reads
-            # only the rows of its tokens (of 2 x 99 MB at switch-base size), so they stay on flash.
-            lazy = {f for sg in m.subgraphs.values() if sg.name.endswith(".embed") for f in (sg.file, sg.file + ".data")}
-            # The ladder starts from low-bit copies, not from these experts: only the dense files for it.
-            ahead = [] if config.policy == "ladder" else \
-                [m.layer(lk.stack, lk.layer).experts[int(np.argmax(first[lk]))] for lk in self.sparse]
-            prefetch = StartupPrefetch(self.store, [m.path(rel) for rel in self._dense_files if rel not in lazy], ahead)
-        self.sessions = DenseSessions(m, threads=threads, providers=self.providers,
+        if config.cold_start != "background" or not isinstance(self.store, ExpertStore):
+            return None
+        first = self.norms if config.policy == "prune" else self.profile.importance
+        # Embedding tables are gathered row by row from ORT's lazy mapping: a request reads
+        # only the rows of its tokens (of 2 x 99 MB at switch-base size), so they stay on flash.
+        lazy = {f for sg in m.subgraphs.values() if sg.name.endswith(".embed") for f in (sg.file, sg.file + ".data")}
+        # The ladder starts from low-bit copies, not from these experts: only the dense files for it.
+        ahead = [] if config.policy == "ladder" else \
+            [m.layer(lk.stack, lk.layer).experts[int(np.argmax(first[lk]))] for lk in self.sparse]
+        return StartupPrefetch(self.store, [m.path(rel) for rel in self._dense_files if rel not in lazy], ahead)
+
+    def _open_sessions(self, prefetch: StartupPrefetch | None) -> None:
+        m, config = self.manifest, self.config
+        self.sessions = DenseSessions(m, threads=self.threads, providers=self.providers,
                                       provider_options=self.provider_options)
         self.sessions.load_all()
-        self.startup["dense_sessions_s"] = time.perf_counter() - t0
+        self.startup["dense_sessions_s"] = time.perf_counter() - self._t0  # since the constructor began
         if prefetch is not None:
             prefetch.dense_done.wait()
         self.kernel_session = self.sessions.get("expert_kernel")
-        self.runners = rung_runners(m, config, self.sessions, threads, list(self.providers), self.placement) \
+        self.runners = rung_runners(m, config, self.sessions, self.threads, list(self.providers), self.placement) \
             if config.policy == "ladder" else {}
-        self.device_kernel = DeviceKernel(self.kernel_session, ort_device) if self.placement == "device" else None
+        self.device_kernel = DeviceKernel(self.kernel_session, self._ort_device) if self.placement == "device" else None
         if self.device_kernel is not None:
             self.store = PlacingStore(self.store, self.device_kernel)
-        self.residents = ResidentSet(self.sparse, c.num_experts)
+        self.residents = ResidentSet(self.sparse, m.config.num_experts)
         self.tokenizer = self._load_tokenizer()
-        self.no_repeat_ngram_size = _generation_settings(self.manifest.generation)
+        self.no_repeat_ngram_size = _generation_settings(m.generation)
         self._request_ids = itertools.count()
         self._served = False
 
+    def _settle_budget(self, prefetch: StartupPrefetch | None, available_fn, rss_fn) -> None:
+        """What an expert costs resident, the measured baseline, and the first live budget."""
+        m, config = self.manifest, self.config
         self.expert_cost = {lk: m.experts[m.layer(lk.stack, lk.layer).experts[0]].nbytes for lk in self.sparse}
         # before the baseline: the cost measurement settles which stacks run the standard kernel
         self.rungs = measure_ladders(self.runners, self.store, self.expert_cost, config.ladder_primary,
@@ -167,10 +193,10 @@ class Runtime:
         t1 = time.perf_counter()
         if prefetch is not None and not config.baseline_cache:
             prefetch.join()  # a measured baseline subtracts the prefetched experts: they must all be in
-        self.baseline = self._baseline(threads)
+        self.baseline = self._baseline(self.threads)
         self.startup["baseline_s"] = time.perf_counter() - t1
         total_experts = sum(e.nbytes for e in m.experts.values())
-        self.prepacked = self._use_prepacked(threads)
+        self.prepacked = self._use_prepacked(self.threads)
         if self.prepacked:  # every expert costs what one measured prepacked session added to RSS
             cost = self.store.measure_cost(next(iter(m.experts)))
             self.expert_cost = {lk: cost for lk in self.sparse}
@@ -180,13 +206,12 @@ class Runtime:
                                      on_change=None, available_fn=available_fn, rss_fn=rss_fn)
         first = self.monitor.sample_once()
         self.budget_bytes, self.budget_source = first.budget, first.source
-        counts = self._plan(self.budget_bytes, strict=True)
-        self.policy = self._make_policy(counts)
-        self.model = SplitModel(m, self.sessions, self.policy)
+
+    def _start(self, prefetch: StartupPrefetch | None) -> None:
         t1 = time.perf_counter()
         if prefetch is not None:
             prefetch.join()
-        self.policy.warm(background=config.cold_start == "background")
+        self.policy.warm(background=self.config.cold_start == "background")
         if isinstance(self.store, ExpertStore):
             self.store.drop_prefetched()  # what the start set did not take would be held uncounted
         self.startup["warm_s"] = time.perf_counter() - t1
@@ -339,22 +364,13 @@ class Runtime:
                            layer_weight=self.config.layer_weights(self.sparse), loss=loss)
 
     def _make_policy(self, counts) -> Policy:
+        ladder = None
         if self.config.policy == "ladder":
-            cfg = self.config
-            tracker = ImportanceTracker(self.norms)
-            tracker.seed(self.profile, 0.0 if cfg.prior_documents is not None else 1.0)
-            if cfg.prior_documents is not None:
-                tracker.set_prior(self.profile, cfg.prior_documents)
-            return LadderPolicy(self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
-                                dict(self.profile.importance), tracker=tracker, rungs=self.rungs, runners=self.runners,
-                                capacity_bytes=self._ladder_capacity(self.budget_bytes, strict=True),
-                                layer_weight=cfg.layer_weights(self.sparse), interval_s=cfg.swap_interval_s,
-                                bytes_per_interval=cfg.max_swaps_per_interval * max(self.expert_cost.values()),
-                                max_moves=cfg.max_swaps_per_interval,
-                                hysteresis=cfg.hysteresis, decay=cfg.decay, wait=cfg.ladder_wait,
-                                loss=self.profile.loss if cfg.ladder_loss_split else None)
+            ladder = dict(rungs=self.rungs, runners=self.runners,
+                          capacity_bytes=self._ladder_capacity(self.budget_bytes, strict=True),
+                          bytes_per_interval=self.config.max_swaps_per_interval * max(self.expert_cost.values()))
         return make_policy(self.config, self.residents, self.store, self._kernel, self.manifest.config.expert_capacity,
-                           counts, self.norms, self.profile)
+                           counts, self.norms, self.profile, ladder)
 
     def _on_budget(self, budget: int) -> None:
         """Monitor thread: the live budget moved; shrink residents now (growth is lazy)."""
