@@ -48,9 +48,12 @@ class ImportanceTracker:
     """
 
     # observe_later: a call with more tokens than this is added at once (a prefill's hidden
-    # states are not held), and the queue is added up once it holds this many calls.
+    # states are not held), and the queue is added up once it holds this many calls or bytes
+    # (the bytes bound what it holds outside the budget: ~40 decode calls of a batch of 8 at
+    # switch-base size, 256 calls on the embedded model).
     LATER_MAX_TOKENS = 64
     LATER_MAX_CALLS = 256
+    LATER_MAX_BYTES = 1 << 20
 
     def __init__(self, layers: Mapping[LayerKey, np.ndarray]) -> None:
         """``layers`` maps each sparse layer to its experts' weight norms ||E|| [E]."""
@@ -63,6 +66,7 @@ class ImportanceTracker:
         self._prior: dict[LayerKey, np.ndarray] = {}
         self._lock = threading.Lock()
         self._later: collections.deque = collections.deque()  # (layer, hidden, probs, valid)
+        self._later_bytes = 0  # about what the queue holds (a fold may race an append: approximate)
 
     @property
     def layers(self) -> tuple[LayerKey, ...]:
@@ -111,11 +115,13 @@ class ImportanceTracker:
             self.observe(layer, np.linalg.norm(hidden, axis=-1), probs, valid)
             return
         self._later.append((layer, hidden, probs, valid))  # deque.append: atomic
-        if len(self._later) >= self.LATER_MAX_CALLS:
+        self._later_bytes += hidden.nbytes + np.asarray(probs).nbytes
+        if len(self._later) >= self.LATER_MAX_CALLS or self._later_bytes >= self.LATER_MAX_BYTES:
             self.fold()
 
     def fold(self) -> None:
         """Add up what ``observe_later`` queued."""
+        self._later_bytes = 0
         by_layer: dict[LayerKey, list] = {}
         while True:
             try:

@@ -140,6 +140,9 @@ def test_observe_later_queue_is_bounded_and_decay_adds_it_first():
     assert len(t._later) < t.LATER_MAX_CALLS
     t.decay(0.5)  # the queued calls count before the decay
     assert t.snapshot()[DEC][3] == pytest.approx(0.5 * (t.LATER_MAX_CALLS + 5))
+    wide = np.full((64, 8192), 1 / np.sqrt(8192))  # 4 MiB of hidden states a call, ||x|| = 1 each
+    t.observe_later(DEC, wide, np.tile(probs, (64, 1)))
+    assert not t._later and t._later_bytes == 0  # over the byte bound: added at once, nothing held
 
 
 def test_profile_round_trips_through_json(tmp_path):
