@@ -203,7 +203,8 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
 @click.option("--measure-loss", is_flag=True,
               help="Also measure, per layer, what keeping k experts costs the output (teacher-forced KL against "
                    "full's summaries) and the best single substitute; swapmoe then splits the budget by it. "
-                   "One extra pass over the texts per layer and candidate set.")
+                   "With a ladder in the artifact, also what each low-bit rung costs (the ladder's planner "
+                   "prices its rungs by it). One extra pass over the texts per layer and candidate set or rung.")
 @click.option("-o", "--out", "out", default=None, type=click.Path(path_type=str),
               help="Where to write the profile  [default: ARTIFACT/profile.json]")
 def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections, exclude_sections, measure_loss,
@@ -226,6 +227,14 @@ def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections,
 
                 loss, substitute = measure(rt, docs, prof.importance, max_new_tokens=max_new_tokens)
                 prof = replace(prof, loss=loss, substitute=substitute, meta={**prof.meta, "loss": LOSS_NOTE})
+                if rt.manifest.ladder and rt.placement == "host":  # what each low-bit rung costs: the ladder's qualities
+                    from .rungs import rung_runners
+                    from .substitution import RUNG_LOSS_NOTE, measure_rung_loss
+
+                    runners = rung_runners(rt.manifest, replace(rt.config, ladder_rungs="auto"), rt.sessions,
+                                           rt.threads, list(rt.providers), rt.placement)
+                    rung_loss = measure_rung_loss(rt, docs, runners, max_new_tokens=max_new_tokens)
+                    prof = replace(prof, rung_loss=rung_loss, meta={**prof.meta, "rung_loss": RUNG_LOSS_NOTE})
         cut = [w for w in caught if "tokens; truncated" in str(w.message)]
         for w in caught:
             if w not in cut:

@@ -206,7 +206,9 @@ class Profile:
     keeping only ``k`` experts of that layer under masked routing (entry ``k - 1``; the last
     is 0), and ``substitute[layer]``, the one expert that serves best when the layer keeps
     only one. swapmoe's planner splits the budget by ``loss`` and a one-expert layer keeps
-    ``substitute`` (planner.plan_counts, policies.SwapMoEPolicy).
+    ``substitute`` (planner.plan_counts, policies.SwapMoEPolicy). ``rung_loss[layer][rung]``:
+    the same loss with every expert of the layer on a low-bit rung of the ladder; the ladder's
+    planner prices its rungs by it (ladder_plan.measured_quality).
     """
 
     importance: dict[LayerKey, np.ndarray]
@@ -215,12 +217,17 @@ class Profile:
     meta: dict[str, Any] = field(default_factory=dict)
     loss: dict[LayerKey, np.ndarray] = field(default_factory=dict)
     substitute: dict[LayerKey, int] = field(default_factory=dict)
+    rung_loss: dict[LayerKey, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "importance", {k: _frozen(v) for k, v in self.importance.items()})
         object.__setattr__(self, "counts", {k: _frozen(v) for k, v in self.counts.items()})
         object.__setattr__(self, "loss", {k: _frozen(v) for k, v in self.loss.items()})
         object.__setattr__(self, "substitute", {k: int(v) for k, v in self.substitute.items()})
+        object.__setattr__(self, "rung_loss", {k: {str(r): float(x) for r, x in v.items()} for k, v in self.rung_loss.items()})
+        for key, row in self.rung_loss.items():
+            if key not in self.importance or not all(np.isfinite(x) and x >= 0 for x in row.values()):
+                raise ValueError(f"{key}: rung loss must be finite values >= 0 for a profiled layer")
         if set(self.importance) != set(self.counts):
             raise ValueError("profile importance and counts must cover the same layers")
         if self.loss and set(self.loss) != set(self.importance):
@@ -279,12 +286,14 @@ class Profile:
             out["loss"] = self.loss[k].tolist()
         if k in self.substitute:
             out["substitute"] = self.substitute[k]
+        if k in self.rung_loss:
+            out["rung_loss"] = dict(self.rung_loss[k])
         return out
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "Profile":
         """The inverse of ``to_json`` (format checks are ``load``'s); KeyError/TypeError/ValueError if malformed."""
-        importance, counts, loss, substitute = {}, {}, {}, {}
+        importance, counts, loss, substitute, rung_loss = {}, {}, {}, {}, {}
         for name, entry in raw["layers"].items():
             key = parse_layer_name(name)
             importance[key] = np.asarray(entry["importance"], dtype=np.float64)
@@ -296,8 +305,13 @@ class Profile:
                 if not isinstance(e, int) or isinstance(e, bool):
                     raise TypeError(f"{name}: substitute must be an expert index, got {e!r}")
                 substitute[key] = e
+            if "rung_loss" in entry:
+                rows = entry["rung_loss"]
+                if not isinstance(rows, dict):
+                    raise TypeError(f"{name}: rung_loss must map rung names to losses, got {rows!r}")
+                rung_loss[key] = {str(r): float(x) for r, x in rows.items()}
         return cls(importance, counts, source=str(raw.get("source", "profile")), meta=dict(raw.get("meta") or {}),
-                   loss=loss, substitute=substitute)
+                   loss=loss, substitute=substitute, rung_loss=rung_loss)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically; a directory means ``DIR/profile.json``. Returns the file."""

@@ -28,6 +28,7 @@ from .importance import ImportanceTracker, Profile
 from .manifest import LayerKey, Manifest, load_manifest
 from .model import DecoderState, SplitModel
 from .placement import DeviceKernel, PlacingStore, resolve_placement
+from .ladder_plan import measured_quality
 from .ladder_policy import LadderPolicy
 from .prepacked import PrepackedStore
 from .planner import plan_counts
@@ -190,6 +191,8 @@ class Runtime:
         # before the baseline: the cost measurement settles which stacks run the standard kernel
         self.rungs = measure_ladders(self.runners, self.store, self.expert_cost, config.ladder_primary,
                                      m.expert_dtype) if self.runners else {}
+        if self.rungs and self.profile.rung_loss:  # rung qualities measured on the output (profile --measure-loss)
+            self.rungs = measured_quality(self.rungs, self.profile.importance, self.profile.loss, self.profile.rung_loss)
         t1 = time.perf_counter()
         if prefetch is not None and not config.baseline_cache:
             prefetch.join()  # a measured baseline subtracts the prefetched experts: they must all be in

@@ -134,3 +134,63 @@ def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndar
         loss[lk] = np.interp(np.arange(1, E + 1), xs, [measured[x] for x in xs])
         substitute[lk] = sub
     return loss, substitute
+
+
+RUNG_LOSS_NOTE = ("mean teacher-forced KL(full || every expert of one layer on the rung) per summary token, "
+                  "over full's greedy summaries of the texts")
+
+
+def measure_rung_loss(rt, texts: Sequence[str], runners: Mapping[str, object], max_new_tokens: int = 32,
+                      batch_size: int = 8, progress: Callable[[int, int], None] | None = None
+                      ) -> dict[LayerKey, dict[str, float]]:
+    """Per layer and rung: what running every expert of that layer on the rung costs the output
+    (the other layers exact), as ``measure_loss`` measures absent experts.
+
+    ``rt`` is a Runtime with an exact policy; ``runners`` (rungs.rung_runners) run the copies.
+    A copy is read the first time a token routes to it and kept for the run: at most the
+    ladder's bytes.
+    """
+    if not rt.policy.exact:
+        raise ValueError(f"measuring rung loss needs an exact policy (full or on-demand), not {rt.policy.name}")
+    c = rt.manifest.config
+    cases = [(rung, lk) for rung in runners for lk in rt.sparse]
+    copies: dict[tuple[str, LayerKey, int], object] = {}
+    exact = rt.model.moe
+
+    def copy(rung: str, lk: LayerKey, e: int):
+        key = (rung, lk, e)
+        if key not in copies:
+            copies[key] = runners[rung].load(rt.store.read(rt.manifest.layer(lk.stack, lk.layer).experts[e], rung=rung))
+        return copies[key]
+
+    def on_rung(rung: str, lk: LayerKey):
+        def moe(layer, normed, logits, token_mask):
+            if layer.key != lk:
+                return exact(layer, normed, logits, token_mask)
+            return dispatch(route(logits, c.expert_capacity), normed,
+                            lambda e, x: runners[rung].run(copy(rung, lk, e), x))
+        return moe
+
+    total, tokens = np.zeros(len(cases)), 0
+    n_batches = (len(texts) + batch_size - 1) // batch_size
+    for bi in range(n_batches):
+        ids, _ = rt.encode_texts(list(texts[bi * batch_size: (bi + 1) * batch_size]))
+        outs = [r.token_ids for r in rt.generate(ids, max_new_tokens=max_new_tokens)]
+        b = _Batch(ids, outs, c.decoder_start_token_id, c.pad_token_id)
+        ref = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))
+        p_ref = np.exp(ref)
+        for j, (rung, lk) in enumerate(cases):
+            rt.model.moe = on_rung(rung, lk)
+            try:
+                lp = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))
+            finally:
+                rt.model.moe = exact
+            total[j] += float((p_ref * (ref - lp)).sum(axis=-1)[b.valid].sum())
+        tokens += int(b.valid.sum())
+        if progress is not None:
+            progress(bi + 1, n_batches)
+    mean = np.maximum(total / max(tokens, 1), 0.0)
+    out: dict[LayerKey, dict[str, float]] = {lk: {} for lk in rt.sparse}
+    for j, (rung, lk) in enumerate(cases):
+        out[lk][rung] = float(mean[j])
+    return out

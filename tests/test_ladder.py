@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from swapmoe_edge.errors import BudgetError, InputError
-from swapmoe_edge.ladder_plan import PRIMARY, Rung, placement_bytes, plan_ladder
+from swapmoe_edge.ladder_plan import PRIMARY, Rung, measured_quality, placement_bytes, plan_ladder
 from swapmoe_edge.manifest import LayerKey, load_manifest
 from swapmoe_edge.runtime import Runtime, RuntimeConfig
 from swapmoe_edge.store import ExpertStore
@@ -177,6 +177,54 @@ def test_plan_keeps_a_measured_split_and_lifts_copies_with_the_rest():
     assert all(r == PRIMARY for row in plan.values() for r in row.values())  # the room left lifts every copy
     tight = plan_ladder(imp, rungs, 30 * 10, max_copies=caps)
     assert {lk: len(row) for lk, row in tight.items()} == caps and placement_bytes(tight, rungs) == 300
+
+
+def test_measured_quality_prices_a_rung_by_its_loss_against_absence():
+    lk = LayerKey("decoder", 1)
+    ladder = [Rung("int4", 30, 0.97), Rung("int8", 55, 0.995), Rung(PRIMARY, 100, 1.0)]
+    imp = {lk: np.array([4.0, 3.0, 2.0, 1.0])}  # the top half carries 0.7: absence of the rest (0.3) ...
+    loss = {lk: np.array([0.5, 0.3, 0.1, 0.0])}  # ... loses 0.3 with two of four kept: 1.0 per unit of importance
+    got = measured_quality({lk: ladder}, imp, loss, {lk: {"int4": 0.02}})[lk]
+    assert [r.name for r in got] == ["int4", "int8", PRIMARY] and [r.cost for r in got] == [30, 55, 100]
+    assert got[0].quality == pytest.approx(0.98) and got[1].quality == 0.995 and got[2].quality == 1.0  # int8 unmeasured
+    free = measured_quality({lk: ladder}, imp, loss, {lk: {"int4": 0.0, "int8": 0.0}})[lk]
+    assert free[0].quality < free[1].quality < free[2].quality == 1.0  # never down the ladder, the original on top
+    assert measured_quality({lk: ladder}, imp, {}, {lk: {"int4": 0.02}})[lk] == ladder  # no curves: the guesses
+
+
+def test_measured_quality_decides_between_lifting_and_covering():
+    lk = LayerKey("decoder", 1)
+    imp = {lk: np.array([0.99, 0.01])}
+    guess = [Rung("int4", 1, 0.97), Rung(PRIMARY, 3, 1.0)]
+    assert plan_ladder(imp, guess, 3) == {lk: {0: PRIMARY}}  # 0.99 x 0.03 / 2 bytes beats 0.01 x 0.97 / 1 byte
+    measured = [Rung("int4", 1, 0.999), Rung(PRIMARY, 3, 1.0)]
+    assert plan_ladder(imp, measured, 3) == {lk: {0: "int4", 1: "int4"}}  # a lift worth little: cover instead
+
+
+def test_measure_rung_loss_on_a_tiny_model_and_the_runtime_uses_it(art):
+    from swapmoe_edge.importance import Profile
+    from swapmoe_edge.rungs import rung_runners
+    from swapmoe_edge.substitution import measure_rung_loss
+
+    from tiny import words
+
+    rng = np.random.default_rng(4)
+    texts = [words(rng.integers(3, 96, int(n)).tolist()) for n in (11, 6, 14)]
+    with Runtime(art, _cfg(policy="full", budget="100%")) as rt:
+        runners = rung_runners(rt.manifest, rt.config, rt.sessions, 1, list(rt.providers), rt.placement)
+        got = measure_rung_loss(rt, texts, runners, max_new_tokens=4, batch_size=2)
+        assert set(got) == set(rt.sparse) and all(set(row) == {"int4"} for row in got.values())
+        assert all(row["int4"] > 0 for row in got.values())  # int4 weights move the output somewhere
+        again = measure_rung_loss(rt, texts, runners, max_new_tokens=4, batch_size=2)
+        assert all(again[lk] == pytest.approx(got[lk]) for lk in got)  # the measurement leaves the model exact
+        imp = {lk: np.asarray(v) for lk, v in rt.profile.importance.items()}
+    E = len(next(iter(imp.values())))
+    prof = Profile(imp, {lk: np.ones(E) for lk in imp}, loss={lk: np.linspace(1.0, 0.0, E) for lk in imp},
+                   rung_loss=got)
+    with Runtime(art, _cfg(policy="ladder", budget="50%", swap_interval_s=1000), profile=prof) as rt:
+        for lk in rt.sparse:
+            q = {r.name: r.quality for r in rt.rungs[lk]}
+            assert q["int4"] != 0.97 and 0 < q["int4"] < q[PRIMARY] == 1.0  # measured, not the guess
 
 
 def test_plan_hysteresis_keeps_a_held_expert_against_a_slightly_better_one():

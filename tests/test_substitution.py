@@ -99,6 +99,10 @@ def test_profile_round_trip_and_bad_fields(tmp_path):
     back = Profile.load(prof.save(tmp_path / "p.json"))
     assert back.substitute == {ENC: 2, DEC: 0}
     assert back.loss[DEC].tolist() == [0.5, 0.2, 0.1, 0.0]
+    measured = Profile(prof.importance, prof.counts, loss=prof.loss, rung_loss={DEC: {"int4": 0.01, "int8": 0.001}})
+    assert Profile.load(measured.save(tmp_path / "r.json")).rung_loss == {DEC: {"int4": 0.01, "int8": 0.001}}
+    with pytest.raises(ValueError, match="rung loss"):
+        Profile(prof.importance, prof.counts, rung_loss={DEC: {"int4": -1.0}})
     assert Profile.load(_profile().save(tmp_path / "plain.json")).loss == {}  # optional: old profiles load
     with pytest.raises(ValueError, match="substitute"):
         _profile(substitute={ENC: 4})
@@ -217,5 +221,10 @@ def test_cli_profile_measure_loss(art, tmp_path):
     assert r.exit_code == 0, r.output
     prof = Profile.load(out)
     assert set(prof.loss) == set(prof.substitute) == set(prof.importance) and "KL" in prof.meta["loss"]
+    from swapmoe_edge.manifest import load_manifest
+
+    rungs = set(load_manifest(art).ladder)  # with a ladder in the artifact: what each rung costs, every layer
+    assert rungs and all(set(row) == rungs and min(row.values()) >= 0 for row in prof.rung_loss.values())
+    assert set(prof.rung_loss) == set(prof.importance) and "rung" in prof.meta["rung_loss"]
     r = CliRunner().invoke(main, ["profile", str(art), "--data", str(data), "--max-new-tokens", "3", "-o", str(out)])
     assert r.exit_code == 0 and Profile.load(out).loss == {}  # without the flag: importance only, as before
