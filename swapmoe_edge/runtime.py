@@ -113,7 +113,7 @@ class Runtime:
         self._choose_device()  # providers, threads, reserve, expert placement, budget spec
         self.norms = self._expert_norms()  # ||E|| per layer: prune's order, Eq. 1's factor
         self.profile = profile or self._load_profile()
-        self.store = store or ExpertStore(self.manifest, verify=config.verify, read_mode=config.read_mode)
+        self.store = store or ExpertStore(self.manifest, verify=self.config.verify, read_mode=self.config.read_mode)
         prefetch = self._start_prefetch()  # dense files and first experts read while sessions build
         self._open_sessions(prefetch)  # dense sessions, expert kernels, low-bit runners, tokenizer
         self._settle_budget(prefetch, available_fn, rss_fn)  # expert costs, baseline, memory monitor

@@ -67,6 +67,33 @@ class _Batch:
             self.valid[i, : max(1, len(out))] = True
 
 
+def _mean_kl(rt, texts: Sequence[str], moes: Sequence[Callable], max_new_tokens: int, batch_size: int,
+             progress: Callable[[int, int], None] | None) -> np.ndarray:
+    """For each ``moe`` in place of the runtime's: the mean KL(full || with it) of the
+    next-token distribution per summary token, teacher-forced on full's greedy summaries."""
+    c = rt.manifest.config
+    exact = rt.model.moe
+    total, tokens = np.zeros(len(moes)), 0
+    n_batches = (len(texts) + batch_size - 1) // batch_size
+    for bi in range(n_batches):
+        ids, _ = rt.encode_texts(list(texts[bi * batch_size: (bi + 1) * batch_size]))
+        outs = [r.token_ids for r in rt.generate(ids, max_new_tokens=max_new_tokens)]
+        b = _Batch(ids, outs, c.decoder_start_token_id, c.pad_token_id)
+        ref = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))  # [B, T, V]
+        p_ref = np.exp(ref)
+        for j, moe in enumerate(moes):
+            rt.model.moe = moe
+            try:
+                lp = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))
+            finally:
+                rt.model.moe = exact
+            total[j] += float((p_ref * (ref - lp)).sum(axis=-1)[b.valid].sum())  # KL [B, T] over real tokens
+        tokens += int(b.valid.sum())
+        if progress is not None:
+            progress(bi + 1, n_batches)
+    return np.maximum(total / max(tokens, 1), 0.0)  # a KL; float rounding can dip below 0
+
+
 def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndarray], max_new_tokens: int = 32,
                  batch_size: int = 8, counts: Sequence[int] | None = None,
                  progress: Callable[[int, int], None] | None = None
@@ -85,8 +112,6 @@ def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndar
     for lk in layers:
         sets += [(lk, "single", (e,)) for e in range(E)]
         sets += [(lk, "top", top_experts(importance[lk], k)) for k in ks]
-    total = np.zeros(len(sets))
-    tokens = 0
     exact = rt.model.moe
     layer_of = {lk: rt.manifest.layer(lk.stack, lk.layer) for lk in layers}
     get = getattr(rt.policy, "_get", None)  # on-demand: reads a missing expert; full: all resident
@@ -94,7 +119,10 @@ def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndar
     def expert(lk: LayerKey, e: int):
         return get(layer_of[lk], e) if get is not None else rt.residents.layer(lk)[e]
 
-    def masked(lk: LayerKey, allowed: np.ndarray):
+    def masked(lk: LayerKey, keep: tuple[int, ...]):
+        allowed = np.zeros(E, bool)
+        allowed[list(keep)] = True
+
         def moe(layer, normed, logits, token_mask):
             if layer.key != lk:
                 return exact(layer, normed, logits, token_mask)
@@ -102,28 +130,7 @@ def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndar
             return dispatch(r, normed, lambda e, x: rt._kernel(expert(lk, e), x))
         return moe
 
-    n_batches = (len(texts) + batch_size - 1) // batch_size
-    for bi in range(n_batches):
-        chunk = list(texts[bi * batch_size: (bi + 1) * batch_size])
-        ids, _ = rt.encode_texts(chunk)
-        outs = [r.token_ids for r in rt.generate(ids, max_new_tokens=max_new_tokens)]
-        b = _Batch(ids, outs, c.decoder_start_token_id, c.pad_token_id)
-        ref = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))  # [B, T, V]
-        p_ref = np.exp(ref)
-        for j, (lk, _, keep) in enumerate(sets):
-            allowed = np.zeros(E, bool)
-            allowed[list(keep)] = True
-            rt.model.moe = masked(lk, allowed)
-            try:
-                lp = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))
-            finally:
-                rt.model.moe = exact
-            kl = (p_ref * (ref - lp)).sum(axis=-1)  # [B, T]
-            total[j] += float(kl[b.valid].sum())
-        tokens += int(b.valid.sum())
-        if progress is not None:
-            progress(bi + 1, n_batches)
-    mean = np.maximum(total / max(tokens, 1), 0.0)  # a KL; float rounding can dip below 0
+    mean = _mean_kl(rt, texts, [masked(lk, keep) for lk, _, keep in sets], max_new_tokens, batch_size, progress)
     loss, substitute = {}, {}
     for lk in layers:
         singles = np.array([mean[j] for j, (k, kind, _) in enumerate(sets) if k == lk and kind == "single"])
@@ -171,25 +178,7 @@ def measure_rung_loss(rt, texts: Sequence[str], runners: Mapping[str, object], m
                             lambda e, x: runners[rung].run(copy(rung, lk, e), x))
         return moe
 
-    total, tokens = np.zeros(len(cases)), 0
-    n_batches = (len(texts) + batch_size - 1) // batch_size
-    for bi in range(n_batches):
-        ids, _ = rt.encode_texts(list(texts[bi * batch_size: (bi + 1) * batch_size]))
-        outs = [r.token_ids for r in rt.generate(ids, max_new_tokens=max_new_tokens)]
-        b = _Batch(ids, outs, c.decoder_start_token_id, c.pad_token_id)
-        ref = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))
-        p_ref = np.exp(ref)
-        for j, (rung, lk) in enumerate(cases):
-            rt.model.moe = on_rung(rung, lk)
-            try:
-                lp = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))
-            finally:
-                rt.model.moe = exact
-            total[j] += float((p_ref * (ref - lp)).sum(axis=-1)[b.valid].sum())
-        tokens += int(b.valid.sum())
-        if progress is not None:
-            progress(bi + 1, n_batches)
-    mean = np.maximum(total / max(tokens, 1), 0.0)
+    mean = _mean_kl(rt, texts, [on_rung(rung, lk) for rung, lk in cases], max_new_tokens, batch_size, progress)
     out: dict[LayerKey, dict[str, float]] = {lk: {} for lk in rt.sparse}
     for j, (rung, lk) in enumerate(cases):
         out[lk][rung] = float(mean[j])
