@@ -144,9 +144,9 @@ def measured_quality(ladders: Mapping[LayerKey, Sequence[Rung]], importance: Map
     as a share of what absence loses. Both are measured (importance.Profile): ``rung_loss``
     is the loss with *all* of the layer's importance on the rung; absence per unit of
     importance is the loss of keeping the top half (``loss[E/2 - 1]``) over the importance
-    share the other half carries. On the embedded model this gives int4 0.991-0.997 in the
-    decoder layers and 0.995-0.998 in the encoder layers, where the fixed guess (0.97) made
-    lifting a copy look ~5x more worth its bytes than it is (docs/results/ladder.md).
+    share the other half carries. On the embedded model this gives int4 0.990-0.996 (per
+    layer), where the fixed guess (0.97) made lifting a copy look 3-8x more worth its bytes
+    than it is (docs/results/ladder.md).
     Rungs without a measurement keep theirs; qualities stay strictly increasing up the ladder.
     """
     out: dict[LayerKey, list[Rung]] = {}
