@@ -191,6 +191,19 @@ class Policy:
                             with self.counters.lock:
                                 self.counters.evictions += 1
 
+    def hold(self, lk: LayerKey, experts) -> int:
+        """Make ``experts`` exactly the residents of layer ``lk``, reading what is missing on the
+        calling thread; returns how many were read. For bounds and tests (hindsight.py) with the
+        policy's own thread stopped: nothing here waits for it."""
+        want = {int(e) for e in experts}
+        if not 0 < len(want) <= self.counts.get(lk, 0):
+            raise ValueError(f"{lk}: {len(want)} experts to hold, the layer's budget is {self.counts.get(lk, 0)}")
+        with self._resize_lock:
+            for e in set(self.residents.layer(lk)) - want:
+                self.residents.drop(ExpertKey(lk.stack, lk.layer, e))
+        return sum(self._admit(ExpertKey(lk.stack, lk.layer, e)) is not None
+                   for e in sorted(want - set(self.residents.layer(lk))))
+
     # -- helpers --------------------------------------------------------------------------
     def _admit(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert | None:
         if self.residents.is_unavailable(key):
