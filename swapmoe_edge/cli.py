@@ -205,10 +205,14 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
                    "full's summaries) and the best single substitute; swapmoe then splits the budget by it. "
                    "With a ladder in the artifact, also what each low-bit rung costs (the ladder's planner "
                    "prices its rungs by it). One extra pass over the texts per layer and candidate set or rung.")
+@click.option("--predict-decoder", is_flag=True,
+              help="Also fit the decoder predictor: which decoder experts a request will want, from its encoder "
+                   "routing (swapmoe plans each request's decoder layers by it). One more pass over the texts, "
+                   "a document at a time.")
 @click.option("-o", "--out", "out", default=None, type=click.Path(path_type=str),
               help="Where to write the profile  [default: ARTIFACT/profile.json]")
 def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections, exclude_sections, measure_loss,
-                out) -> None:
+                predict_decoder, out) -> None:
     """Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."""
     from .runtime import PROFILE_NAME, Runtime, RuntimeConfig
     from .streams import parse_sections, select_sections
@@ -235,6 +239,11 @@ def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections,
                                            rt.threads, list(rt.providers), rt.placement)
                     rung_loss = measure_rung_loss(rt, docs, runners, max_new_tokens=max_new_tokens)
                     prof = replace(prof, rung_loss=rung_loss, meta={**prof.meta, "rung_loss": RUNG_LOSS_NOTE})
+            if predict_decoder:
+                from .predictor import PREDICTOR_NOTE, fit, per_document_importance
+
+                seen = per_document_importance(rt, docs, max_new_tokens)
+                prof = replace(prof, predictor=fit(seen), meta={**prof.meta, "predictor": PREDICTOR_NOTE})
         cut = [w for w in caught if "tokens; truncated" in str(w.message)]
         for w in caught:
             if w not in cut:

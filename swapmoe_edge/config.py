@@ -65,6 +65,9 @@ class RuntimeConfig:
     # streams; a prior too strong never moves on a stream calibrated on other sections.
     decay: float = 0.8
     prior_documents: float | None = 4.0
+    # swapmoe: plan the decoder layers of each request from its encoder routing when the profile
+    # has a decoder predictor (`swapmoe profile --predict-decoder`; predictor.py); False: ignore it.
+    predict_decoder: bool = True
     # Planner weight of a decoder layer's importance share against an encoder layer's (1).
     # A decoder miss changes the next token, and greedy decoding carries the change through
     # the rest of the summary; an encoder miss perturbs one of the many source states that

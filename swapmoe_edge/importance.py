@@ -39,6 +39,14 @@ def parse_layer_name(name: str) -> LayerKey:
     return LayerKey(_STACK_OF_PREFIX[prefix], int(rest))
 
 
+def eq1(norms: np.ndarray, x_norm: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 1 importance [E] and routing counts [E] of N tokens: ``x_norm`` [N], ``probs`` [N, E]."""
+    choice = probs.argmax(axis=1)  # N  unmasked top-1
+    gate = probs[np.arange(choice.size), choice]  # N
+    value = np.bincount(choice, weights=x_norm * gate * norms[choice], minlength=norms.size)  # E
+    return value, np.bincount(choice, minlength=norms.size)
+
+
 class ImportanceTracker:
     """Accumulate Eq. 1 importance and routing counts per expert; safe across threads.
 
@@ -96,10 +104,7 @@ class ImportanceTracker:
             if keep.size != x_norm.size:
                 raise ValueError(f"{layer}: valid mask has {keep.size} entries for {x_norm.size} tokens")
             probs, x_norm = probs[keep], x_norm[keep]
-        choice = probs.argmax(axis=1)  # N  unmasked top-1
-        gate = probs[np.arange(choice.size), choice]  # N
-        value = np.bincount(choice, weights=x_norm * gate * norms[choice], minlength=norms.size)  # E
-        count = np.bincount(choice, minlength=norms.size)  # E
+        value, count = eq1(norms, x_norm, probs)
         with self._lock:
             self._importance[layer] += value
             self._counts[layer] += count
@@ -218,6 +223,7 @@ class Profile:
     loss: dict[LayerKey, np.ndarray] = field(default_factory=dict)
     substitute: dict[LayerKey, int] = field(default_factory=dict)
     rung_loss: dict[LayerKey, dict[str, float]] = field(default_factory=dict)
+    predictor: Any = None  # predictor.DecoderPredictor: decoder experts from a request's encoder routing
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "importance", {k: _frozen(v) for k, v in self.importance.items()})
@@ -230,6 +236,10 @@ class Profile:
                 raise ValueError(f"{key}: rung loss must be finite values >= 0 for a profiled layer")
         if set(self.importance) != set(self.counts):
             raise ValueError("profile importance and counts must cover the same layers")
+        p = self.predictor
+        if p is not None and any(k not in self.importance or self.importance[k].size != p.experts
+                                 for k in (*p.inputs, *p.outputs)):
+            raise ValueError("the decoder predictor's layers must be profiled layers with as many experts")
         if self.loss and set(self.loss) != set(self.importance):
             raise ValueError("a profile's measured loss must cover every layer of its importance, or none")
         for key, row in self.loss.items():
@@ -278,6 +288,7 @@ class Profile:
             "source": self.source,
             "meta": self.meta,
             "layers": {k.name: self._layer_json(k) for k in self.importance},
+            **({"predictor": self.predictor.to_json()} if self.predictor is not None else {}),
         }
 
     def _layer_json(self, k: LayerKey) -> dict[str, Any]:
@@ -310,8 +321,13 @@ class Profile:
                 if not isinstance(rows, dict):
                     raise TypeError(f"{name}: rung_loss must map rung names to losses, got {rows!r}")
                 rung_loss[key] = {str(r): float(x) for r, x in rows.items()}
+        predictor = None
+        if raw.get("predictor") is not None:
+            from .predictor import DecoderPredictor
+
+            predictor = DecoderPredictor.from_json(raw["predictor"])
         return cls(importance, counts, source=str(raw.get("source", "profile")), meta=dict(raw.get("meta") or {}),
-                   loss=loss, substitute=substitute, rung_loss=rung_loss)
+                   loss=loss, substitute=substitute, rung_loss=rung_loss, predictor=predictor)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically; a directory means ``DIR/profile.json``. Returns the file."""

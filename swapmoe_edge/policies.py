@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import SwapMoEError
-from .importance import ImportanceTracker
+from .importance import ImportanceTracker, eq1
 from .manifest import ExpertKey, LayerEntry, LayerKey
 from .moe import dispatch, route
 from .planner import Swap, plan_swaps, top_experts
@@ -344,6 +344,12 @@ class SwapMoEPolicy(Policy):
     holds this one, and never swaps it. Every token of such a layer goes to its one expert,
     so what matters is how well that expert serves the others' tokens, which importance
     does not measure; and a layer's only resident cannot be swapped without a gap anyway.
+
+    ``predictor`` (predictor.DecoderPredictor, from the profile): once a request's encoder
+    pass is done, its encoder routing predicts which experts the request's decoder will want.
+    From then on each decoder layer is planned from that prediction instead of the prior and
+    the last documents, and the swapper wakes at once and carries out every swap the new
+    plan needs (not one per interval), starting once the first token is out.
     """
 
     name, exact = "swapmoe", False
@@ -351,9 +357,15 @@ class SwapMoEPolicy(Policy):
     def __init__(self, *args, tracker: ImportanceTracker, interval_s: float = 0.05,
                  max_swaps_per_interval: int = 2, hysteresis: float = 0.1, decay: float = 0.5,
                  layer_weight: dict[LayerKey, float] | None = None, substitutes: dict[LayerKey, int] | None = None,
-                 **kw):
+                 predictor=None, **kw):
         super().__init__(*args, **kw)
         self.substitutes = dict(substitutes or {})
+        self.predictor = predictor
+        self._request_encoder: dict[LayerKey, np.ndarray] = {}  # this request's Eq. 1 per encoder layer
+        self._predicted_now = False  # this request's decoder prediction is made
+        self._predicted: dict[LayerKey, np.ndarray] = {}  # the last request's, until the next one's
+        self._burst = False  # a prediction the swapper has not planned for yet
+        self._wake = threading.Event()
         self.layer_weight = layer_weight
         self.tracker = tracker
         self.interval_s = interval_s
@@ -365,10 +377,32 @@ class SwapMoEPolicy(Policy):
     def __call__(self, layer, normed, logits, token_mask):
         r, out = self._masked_moe(layer, normed, logits, token_mask)
         self.tracker.observe_later(layer.key, normed, r.probs, token_mask)  # ||x|| of Eq. 1: the experts' input
+        if self.predictor is not None and not self._predicted_now:
+            self._predict(layer.key, normed, r.probs, token_mask)
         return out
+
+    def _predict(self, lk: LayerKey, normed, probs, token_mask) -> None:
+        """Add up the encoder pass; at the request's first decoder layer, predict the decoder's experts."""
+        if lk.stack == "encoder":
+            if lk in self.predictor.inputs:
+                probs = np.asarray(probs).reshape(-1, probs.shape[-1])
+                x = np.linalg.norm(normed, axis=-1).reshape(-1)
+                if token_mask is not None:
+                    keep = np.asarray(token_mask, bool).reshape(-1)
+                    probs, x = probs[keep], x[keep]
+                value, _ = eq1(self.tracker.norms(lk), x, probs)
+                self._request_encoder[lk] = self._request_encoder.get(lk, 0.0) + value
+            return
+        if not self._request_encoder:
+            return
+        seen = {k: self._request_encoder.get(k, np.zeros(self.predictor.experts)) for k in self.predictor.inputs}
+        self._predicted = self.predictor.predict(seen)
+        self._predicted_now = self._burst = True
+        self._wake.set()
 
     def end_request(self) -> None:
         self.tracker.decay(self.decay)
+        self._request_encoder, self._predicted_now = {}, False
 
     def _pinned(self, importance: dict[LayerKey, np.ndarray], counts: dict[LayerKey, int]) -> dict[LayerKey, np.ndarray]:
         """``importance`` with each one-expert layer's substitute ranked first (a copy where changed)."""
@@ -392,12 +426,22 @@ class SwapMoEPolicy(Policy):
     # -- the swapper thread -------------------------------------------------------------------
     def _loop(self) -> None:
         _lower_this_threads_priority()
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
+            if self._wake.wait(self.interval_s):  # a prediction: it comes before the first token
+                self._wake.clear()
+                self.background_io.wait(1.0)  # which opens background reads
+            if self._stop.is_set():
+                break
             try:
                 self.swap_once()
             except Exception as e:  # the swapper must never take the runtime down
                 log.exception("swapper failed")
                 self.errors.append(repr(e))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        super().stop()
 
     def plan(self) -> list[Swap]:
         """The swapper's decision, a pure function of today's importance, residents and counts.
@@ -407,11 +451,14 @@ class SwapMoEPolicy(Policy):
         """
         with self._resize_lock:
             counts = dict(self.counts)
-            importance = self._pinned(self.tracker.snapshot(), counts)
+            importance = self.tracker.snapshot()
+            importance.update({lk: row.copy() for lk, row in self._predicted.items() if lk in importance})
+            importance = self._pinned(importance, counts)
             for key in self.residents.unavailable:  # never plan to admit what cannot be read
                 importance[key.layer_key][key.expert] = -1.0
-            return plan_swaps(self.residents.residents(), importance, counts, self.hysteresis, self.max_swaps,
-                              self.layer_weight)
+            burst, self._burst = self._burst, False  # a new prediction: every swap it needs, now
+            return plan_swaps(self.residents.residents(), importance, counts, self.hysteresis,
+                              None if burst else self.max_swaps, self.layer_weight)
 
     def apply(self, s: Swap, expert: LoadedExpert | None) -> bool:
         """Carry out one planned swap with ``expert`` (already read; None for a pure eviction)."""
@@ -506,7 +553,8 @@ def make_policy(cfg, residents: ResidentSet, store: ExpertStore, kernel: KernelF
                             loss=profile.loss if cfg.ladder_loss_split else None)
     return SwapMoEPolicy(*args, dict(profile.importance), renormalize=cfg.renormalize, **common,
                          max_swaps_per_interval=cfg.max_swaps_per_interval,
-                         substitutes=dict(getattr(profile, "substitute", {}) or {}))
+                         substitutes=dict(getattr(profile, "substitute", {}) or {}),
+                         predictor=getattr(profile, "predictor", None) if cfg.predict_decoder else None)
 
 
 def _lower_this_threads_priority(nice: int = 10) -> None:

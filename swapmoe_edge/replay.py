@@ -10,7 +10,8 @@ Two semantics, as in the runtime:
   ``prune`` (largest ‖E‖) and ``static`` (the profile's most important experts, or its
   measured substitute in a layer that holds one) never change; ``swapmoe`` is the runtime's own policy object (policies.make_policy) fed the
   trace's router outputs, with its own planner and swapper decisions, and its swapper run on
-  a simulated clock. ``hindsight`` keeps the static policy's per-layer counts but the experts
+  a simulated clock (with a decoder predictor in the profile, a request's first decoder
+  event wakes it at once, as in the runtime). ``hindsight`` keeps the static policy's per-layer counts but the experts
   the trace's tokens chose most (what a perfect profile of this very stream would give). ``best-fixed`` is the offline optimum of fixed sets: the experts that
   the trace's tokens chose most, with the per-layer split that holds the most tokens in the
   same bytes; no fixed set (``prune``, ``static``) can beat it. A policy that swaps *can*,
@@ -243,6 +244,9 @@ def _swapmoe(r: _Replay) -> ReplayResult:
         before = pol.counters.first_choice_resident
         pol(layers[lk], x[None, :, None], np.log(np.maximum(probs, 1e-12))[None], None)
         r.tally(res, lk, x.size, pol.counters.first_choice_resident - before)
+        if pol._wake.is_set():  # a decoder prediction wakes the swapper at once, as in the runtime
+            pol._wake.clear()
+            wake = now
         now += r.event_s[lk]
     return res
 

@@ -1,0 +1,146 @@
+"""The decoder predictor (predictor.py): fitting, the profile field, and swapmoe planning each
+request's decoder layers from its encoder routing, in the policy and in the replay."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from swapmoe_edge.errors import ArtifactError, InputError
+from swapmoe_edge.importance import ImportanceTracker, Profile
+from swapmoe_edge.manifest import ExpertKey, LayerKey
+from swapmoe_edge.planner import top_experts
+from swapmoe_edge.policies import SwapMoEPolicy
+from swapmoe_edge.predictor import DecoderPredictor, fit
+from swapmoe_edge.replay import ReplayConfig, replay
+from swapmoe_edge.residency import ResidentSet
+from swapmoe_edge.runtime import RuntimeConfig
+
+from test_replay import make_trace
+from test_substitution import _Store
+
+ENC, DEC = LayerKey("encoder", 1), LayerKey("decoder", 1)
+E = 4
+
+
+def _doc(topic: int, rng) -> dict:
+    """A document of topic 0 or 1: its encoder uses expert topic (and some noise), its decoder
+    experts 2 + topic and topic (the planted map the fit must find)."""
+    enc = rng.random(E) * 0.2
+    enc[topic] += 1.0
+    dec = rng.random(E) * 0.05
+    dec[2 + topic] += 1.0
+    dec[topic] += 0.6
+    return {ENC: enc, DEC: dec}
+
+
+def _planted(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [_doc(i % 2, rng) for i in range(n)]
+
+
+def test_fit_finds_a_planted_map_and_predicts_held_out_documents():
+    p = fit(_planted(), ridge=0.1)
+    assert p.inputs == (ENC,) and p.outputs == (DEC,) and p.documents == 40 and p.weights.shape == (E + 1, E)
+    for doc in _planted(10, seed=1):
+        topic = int(np.argmax(doc[ENC]))
+        got = p.predict({ENC: doc[ENC]})[DEC]
+        assert np.all(got >= 0)
+        assert set(top_experts(got, 2)) == {2 + topic, topic}
+    with pytest.raises(InputError, match="at least two"):
+        fit(_planted(1))
+    with pytest.raises(InputError, match="nothing to predict"):
+        fit([{ENC: d[ENC]} for d in _planted(4)])
+
+
+def test_profile_keeps_the_predictor_and_rejects_a_bad_one(tmp_path):
+    imp = {ENC: np.ones(E), DEC: np.ones(E)}
+    p = fit(_planted())
+    prof = Profile(imp, dict(imp), meta={"texts": 1}, predictor=p)
+    back = Profile.load(prof.save(tmp_path / "p.json"))
+    assert back.predictor.inputs == (ENC,) and back.predictor.documents == 40
+    assert np.allclose(back.predictor.weights, p.weights, atol=1e-6)
+    with pytest.raises(ValueError, match="weights are"):
+        DecoderPredictor((ENC,), (DEC,), E, np.zeros((E, E)))
+    with pytest.raises(ValueError, match="predictor's layers"):
+        Profile({ENC: np.ones(E)}, {ENC: np.ones(E)}, predictor=p)  # DEC is not profiled
+    raw = json.loads((tmp_path / "p.json").read_text())
+    raw["predictor"]["weights"] = [[1.0]]
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match="malformed"):
+        Profile.load(tmp_path / "bad.json")
+
+
+def _policy(predictor, max_swaps=1):
+    imp = {ENC: np.array([4.0, 3.0, 2.0, 1.0]), DEC: np.array([4.0, 3.0, 2.0, 1.0])}  # start: DEC holds 0, 1
+    prof = Profile(imp, dict(imp), meta={"texts": 1})
+    tracker = ImportanceTracker({ENC: np.ones(E), DEC: np.ones(E)})
+    tracker.set_prior(prof, 100.0)  # a strong prior: without the predictor nothing moves
+    pol = SwapMoEPolicy(ResidentSet([ENC, DEC], E), _Store(), lambda e, x: x, 64, {ENC: 2, DEC: 2},
+                        dict(imp), tracker=tracker, hysteresis=0.1, max_swaps_per_interval=max_swaps,
+                        predictor=predictor)
+    pol.warm()
+    return pol
+
+
+def _call(pol, lk, expert, tokens):
+    layer = type("L", (), {"key": lk})()
+    logits = np.full((1, tokens, E), -5.0)
+    logits[..., expert] = 5.0
+    pol(layer, np.ones((1, tokens, 8)), logits, None)
+
+
+def test_swapmoe_moves_the_decoder_toward_the_predicted_experts_at_once():
+    pol = _policy(fit(_planted(), ridge=0.1))
+    assert set(pol.residents.layer(DEC)) == {0, 1} and not pol.plan()
+    _call(pol, ENC, 1, tokens=12)  # the encoder pass of a topic-1 document
+    assert not pol._wake.is_set()  # nothing predicted before the decoder starts
+    _call(pol, DEC, 0, tokens=1)  # its first decoder step
+    assert pol._wake.is_set()
+    swaps = pol.plan()
+    assert len(swaps) == 1 and swaps[0].layer == DEC  # 3 (predicted) replaces 0 (not predicted)
+    assert (swaps[0].admit, swaps[0].evict) == (3, 0)
+    # the burst is for the new prediction only; the next plan is capped again (here: nothing left)
+    for s in swaps:
+        pol.apply(s, _Store().read(ExpertKey(DEC.stack, DEC.layer, s.admit)))
+    pol.end_request()
+    _call(pol, ENC, 0, tokens=12)  # a topic-0 document: decoder experts 0 and 2
+    _call(pol, DEC, 0, tokens=1)
+    _call(pol, DEC, 0, tokens=1)  # later steps do not predict again
+    swaps = pol.plan()  # two swaps at once, past max_swaps=1
+    assert len(swaps) == 2 and {s.admit for s in swaps} == {0, 2} and {s.evict for s in swaps} == {1, 3}
+
+
+def test_replay_with_a_predictor_tracks_topics_the_prior_does_not():
+    # requests alternate topics; each: an encoder event on expert `topic`, then 6 decoder steps on 2 + topic
+    layers = ["enc.L01", "dec.L01"]
+    events = []
+    for req in range(12):
+        topic = (req // 2) % 2
+        events.append((req, 0, 0, [topic] * 8))
+        events += [(req, 1, step, [2 + topic]) for step in range(1, 7)]
+    t = make_trace(layers, events, E, token_ms=5.0, encoder_ms=5.0)
+    imp = [[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 0.2, 0.1]]
+    keys = [ENC, DEC]
+    docs = _planted()
+    plain = Profile({k: np.asarray(r) for k, r in zip(keys, imp)}, {k: np.asarray(r) for k, r in zip(keys, imp)},
+                    meta={"texts": 1})
+    with_p = Profile(plain.importance, plain.counts, meta={"texts": 1}, predictor=fit(docs, ridge=0.1))
+    cfg = ReplayConfig(budget="50%", flash_mbps=1e6,
+                       runtime=RuntimeConfig(policy="swapmoe", budget="100%", prior_documents=1e6))
+    [a] = replay(t, ["swapmoe"], cfg, plain)
+    [b] = replay(t, ["swapmoe"], cfg, with_p)
+    dec_a, dec_b = a.to_json()["decoder_hit_rate"], b.to_json()["decoder_hit_rate"]
+    assert dec_a == 0.0  # a prior worth a million documents keeps 0 and 1; the decoder wants 2 or 3
+    assert dec_b > 0.6 and b.swaps > 0
+    off = replace_cfg(cfg, predict_decoder=False)
+    [c] = replay(t, ["swapmoe"], off, with_p)
+    assert c.to_json()["decoder_hit_rate"] == 0.0  # the switch turns it off
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, runtime=replace(cfg.runtime, **kw))
