@@ -14,6 +14,8 @@ from .manifest import LayerKey
 from .policies import POLICIES
 from .store import READ_MODES
 
+PREDICT_MODES = ("wait", "background", "off")
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -66,8 +68,11 @@ class RuntimeConfig:
     decay: float = 0.8
     prior_documents: float | None = 4.0
     # swapmoe: plan the decoder layers of each request from its encoder routing when the profile
-    # has a decoder predictor (`swapmoe profile --predict-decoder`; predictor.py); False: ignore it.
-    predict_decoder: bool = True
+    # has a decoder predictor (`swapmoe profile --predict-decoder`; predictor.py). "wait": the
+    # token loop makes the predicted swaps before the request's first decoder step (reads on the
+    # token loop, counted as stall: right where experts come from RAM or fast storage);
+    # "background": the swapper makes them at once, while the first tokens decode; "off".
+    predict_decoder: str = "wait"
     # Planner weight of a decoder layer's importance share against an encoder layer's (1).
     # A decoder miss changes the next token, and greedy decoding carries the change through
     # the rest of the summary; an encoder miss perturbs one of the many source states that
@@ -94,6 +99,8 @@ class RuntimeConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise InputError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.predict_decoder not in PREDICT_MODES:
+            raise InputError(f"predict_decoder must be one of {', '.join(PREDICT_MODES)}, not {self.predict_decoder!r}")
         if self.prepack_experts not in ("auto", "on", "off"):
             raise InputError(f"prepack_experts must be auto, on or off, not {self.prepack_experts!r}")
         if self.cold_start not in ("blocking", "background"):

@@ -348,8 +348,10 @@ class SwapMoEPolicy(Policy):
     ``predictor`` (predictor.DecoderPredictor, from the profile): once a request's encoder
     pass is done, its encoder routing predicts which experts the request's decoder will want.
     From then on each decoder layer is planned from that prediction instead of the prior and
-    the last documents, and the swapper wakes at once and carries out every swap the new
-    plan needs (not one per interval), starting once the first token is out.
+    the last documents. ``predict_wait``: the token loop makes every swap the prediction needs
+    before the decoder's first step (reads counted as stall); else the swapper wakes at once
+    and makes them all (not one per interval) once the first token is out, while the first
+    tokens decode with the old sets.
     """
 
     name, exact = "swapmoe", False
@@ -357,8 +359,9 @@ class SwapMoEPolicy(Policy):
     def __init__(self, *args, tracker: ImportanceTracker, interval_s: float = 0.05,
                  max_swaps_per_interval: int = 2, hysteresis: float = 0.1, decay: float = 0.5,
                  layer_weight: dict[LayerKey, float] | None = None, substitutes: dict[LayerKey, int] | None = None,
-                 predictor=None, **kw):
+                 predictor=None, predict_wait: bool = True, **kw):
         super().__init__(*args, **kw)
+        self.predict_wait = predict_wait
         self.substitutes = dict(substitutes or {})
         self.predictor = predictor
         self._request_encoder: dict[LayerKey, np.ndarray] = {}  # this request's Eq. 1 per encoder layer
@@ -397,8 +400,23 @@ class SwapMoEPolicy(Policy):
             return
         seen = {k: self._request_encoder.get(k, np.zeros(self.predictor.experts)) for k in self.predictor.inputs}
         self._predicted = self.predictor.predict(seen)
-        self._predicted_now = self._burst = True
-        self._wake.set()
+        self._predicted_now = True
+        if not self.predict_wait:
+            self._burst = True
+            self._wake.set()
+            return
+        t0 = time.perf_counter()  # the predicted swaps, here on the token loop, before the decoder's first step
+        for s in self.plan(only=set(self._predicted)):
+            s = self.begin(s)
+            if s is None:
+                continue
+            expert = self._read_off_loop(ExpertKey(s.layer.stack, s.layer.layer, s.admit))
+            if expert is not None:
+                self.apply(s, expert)
+                with self.counters.lock:
+                    self.counters.loads += 1
+        with self.counters.lock:
+            self.counters.stall_s += time.perf_counter() - t0
 
     def end_request(self) -> None:
         self.tracker.decay(self.decay)
@@ -443,11 +461,12 @@ class SwapMoEPolicy(Policy):
         self._wake.set()
         super().stop()
 
-    def plan(self) -> list[Swap]:
+    def plan(self, only: set[LayerKey] | None = None) -> list[Swap]:
         """The swapper's decision, a pure function of today's importance, residents and counts.
 
         The swapper thread and the trace replay (replay.py) both call this, so a replay
-        simulates the runtime's own decisions.
+        simulates the runtime's own decisions. ``only``: every swap these layers need now
+        (a decoder prediction's, made on the token loop); the rest wait for the swapper.
         """
         with self._resize_lock:
             counts = dict(self.counts)
@@ -456,9 +475,11 @@ class SwapMoEPolicy(Policy):
             importance = self._pinned(importance, counts)
             for key in self.residents.unavailable:  # never plan to admit what cannot be read
                 importance[key.layer_key][key.expert] = -1.0
-            burst, self._burst = self._burst, False  # a new prediction: every swap it needs, now
-            return plan_swaps(self.residents.residents(), importance, counts, self.hysteresis,
-                              None if burst else self.max_swaps, self.layer_weight)
+            if only is None:
+                burst, self._burst = self._burst, False  # a new prediction: every swap it needs, now
+            swaps = plan_swaps(self.residents.residents(), importance, counts, self.hysteresis,
+                               None if only is not None or burst else self.max_swaps, self.layer_weight)
+        return swaps if only is None else [s for s in swaps if s.layer in only]
 
     def apply(self, s: Swap, expert: LoadedExpert | None) -> bool:
         """Carry out one planned swap with ``expert`` (already read; None for a pure eviction)."""
@@ -554,7 +575,8 @@ def make_policy(cfg, residents: ResidentSet, store: ExpertStore, kernel: KernelF
     return SwapMoEPolicy(*args, dict(profile.importance), renormalize=cfg.renormalize, **common,
                          max_swaps_per_interval=cfg.max_swaps_per_interval,
                          substitutes=dict(getattr(profile, "substitute", {}) or {}),
-                         predictor=getattr(profile, "predictor", None) if cfg.predict_decoder else None)
+                         predictor=getattr(profile, "predictor", None) if cfg.predict_decoder != "off" else None,
+                         predict_wait=cfg.predict_decoder == "wait")
 
 
 def _lower_this_threads_priority(nice: int = 10) -> None:

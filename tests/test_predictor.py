@@ -73,14 +73,14 @@ def test_profile_keeps_the_predictor_and_rejects_a_bad_one(tmp_path):
         Profile.load(tmp_path / "bad.json")
 
 
-def _policy(predictor, max_swaps=1):
+def _policy(predictor, max_swaps=1, wait=False):
     imp = {ENC: np.array([4.0, 3.0, 2.0, 1.0]), DEC: np.array([4.0, 3.0, 2.0, 1.0])}  # start: DEC holds 0, 1
     prof = Profile(imp, dict(imp), meta={"texts": 1})
     tracker = ImportanceTracker({ENC: np.ones(E), DEC: np.ones(E)})
     tracker.set_prior(prof, 100.0)  # a strong prior: without the predictor nothing moves
     pol = SwapMoEPolicy(ResidentSet([ENC, DEC], E), _Store(), lambda e, x: x, 64, {ENC: 2, DEC: 2},
                         dict(imp), tracker=tracker, hysteresis=0.1, max_swaps_per_interval=max_swaps,
-                        predictor=predictor)
+                        predictor=predictor, predict_wait=wait)
     pol.warm()
     return pol
 
@@ -113,6 +113,15 @@ def test_swapmoe_moves_the_decoder_toward_the_predicted_experts_at_once():
     assert len(swaps) == 2 and {s.admit for s in swaps} == {0, 2} and {s.evict for s in swaps} == {1, 3}
 
 
+def test_waiting_for_the_prediction_swaps_before_the_first_decoder_step():
+    pol = _policy(fit(_planted(), ridge=0.1), wait=True)
+    _call(pol, ENC, 1, tokens=12)  # topic 1: decoder experts 3 and 1
+    _call(pol, DEC, 0, tokens=1)
+    assert set(pol.residents.layer(DEC)) == {1, 3} and not pol._wake.is_set()  # done on this thread
+    assert pol.counters.loads == 1 and pol.counters.swaps == 1 and pol.counters.stall_s > 0
+    assert set(pol.residents.layer(ENC)) == {0, 1}  # other layers wait for the swapper
+
+
 def test_replay_with_a_predictor_tracks_topics_the_prior_does_not():
     # requests alternate topics; each: an encoder event on expert `topic`, then 6 decoder steps on 2 + topic
     layers = ["enc.L01", "dec.L01"]
@@ -131,11 +140,13 @@ def test_replay_with_a_predictor_tracks_topics_the_prior_does_not():
     cfg = ReplayConfig(budget="50%", flash_mbps=1e6,
                        runtime=RuntimeConfig(policy="swapmoe", budget="100%", prior_documents=1e6))
     [a] = replay(t, ["swapmoe"], cfg, plain)
-    [b] = replay(t, ["swapmoe"], cfg, with_p)
+    [b] = replay(t, ["swapmoe"], replace_cfg(cfg, predict_decoder="background"), with_p)
+    [w] = replay(t, ["swapmoe"], cfg, with_p)  # "wait", the default: the first decoder step already hits
+    assert w.to_json()["decoder_hit_rate"] >= b.to_json()["decoder_hit_rate"]
     dec_a, dec_b = a.to_json()["decoder_hit_rate"], b.to_json()["decoder_hit_rate"]
     assert dec_a == 0.0  # a prior worth a million documents keeps 0 and 1; the decoder wants 2 or 3
     assert dec_b > 0.6 and b.swaps > 0
-    off = replace_cfg(cfg, predict_decoder=False)
+    off = replace_cfg(cfg, predict_decoder="off")
     [c] = replay(t, ["swapmoe"], off, with_p)
     assert c.to_json()["decoder_hit_rate"] == 0.0  # the switch turns it off
 
@@ -144,3 +155,8 @@ def replace_cfg(cfg, **kw):
     from dataclasses import replace
 
     return replace(cfg, runtime=replace(cfg.runtime, **kw))
+
+
+def test_a_bad_predict_mode_is_refused():
+    with pytest.raises(InputError, match="predict_decoder must be one of wait, background, off"):
+        RuntimeConfig(predict_decoder="yes")

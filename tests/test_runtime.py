@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from swapmoe_edge.errors import ArtifactError, BudgetError, InputError  # noqa: E402
-from swapmoe_edge.manifest import ExpertKey  # noqa: E402
+from swapmoe_edge.manifest import ExpertKey, LayerKey  # noqa: E402
 from swapmoe_edge.policies import ExpertUnavailableError  # noqa: E402
 from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_edge.store import ExpertReadError, ExpertStore  # noqa: E402
@@ -365,13 +365,18 @@ def test_cli_profile_writes_a_profile_the_runtime_then_uses(models, tmp_path):
     shutil.copytree(art, copy)
     data = tmp_path / "calib.txt"
     data.write_text("\n".join(words(r[:-1]) for r in _rows(11)) + "\n")
-    r = _cli("profile", str(copy), "--data", str(data), "--max-new-tokens", "4")
+    r = _cli("profile", str(copy), "--data", str(data), "--max-new-tokens", "4", "--predict-decoder")
     assert r.returncode == 0, r.stderr
     prof = json.loads((copy / "profile.json").read_text())
     assert prof["source"] == "profile" and len(prof["layers"]) == 3  # enc.L01, enc.L03, dec.L01
     assert sum(sum(v["counts"]) for v in prof["layers"].values()) > 0
+    assert prof["predictor"]["inputs"] == ["enc.L01", "enc.L03"] and prof["predictor"]["documents"] == 3  # one per line
     with Runtime(copy, RuntimeConfig(policy="swapmoe", budget="50%")) as rt:
-        assert rt.profile.source == "profile"
+        assert rt.profile.source == "profile" and rt.policy.predictor is not None
+        rt.generate(_rows(2), max_new_tokens=3)
+        assert set(rt.policy._predicted) == {LayerKey("decoder", 1)}  # the request's decoder was predicted
+    with Runtime(copy, RuntimeConfig(policy="swapmoe", budget="50%", predict_decoder="off")) as rt:
+        assert rt.policy.predictor is None
 
 
 def test_int8_experts_fit_more_residents_in_the_same_budget(tmp_path):
