@@ -14,7 +14,8 @@ from .manifest import LayerKey
 from .policies import POLICIES
 from .store import READ_MODES
 
-PREDICT_MODES = ("wait", "background", "off")
+PREDICT_MODES = ("auto", "wait", "background", "off")
+PREDICT_WAIT_MAX_EXPERT_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,12 @@ class RuntimeConfig:
     # swapmoe: plan the decoder layers of each request from its encoder routing when the profile
     # has a decoder predictor (`swapmoe profile --predict-decoder`; predictor.py). "wait": the
     # token loop makes the predicted swaps before the request's first decoder step (reads on the
-    # token loop, counted as stall: right where experts come from RAM or fast storage);
-    # "background": the swapper makes them at once, while the first tokens decode; "off".
-    predict_decoder: str = "wait"
+    # token loop, counted as stall); "background": the swapper makes them at once, while the
+    # first tokens decode with the old sets (measured worse than "off": docs/results/issue14);
+    # "off"; "auto": "wait" for experts of at most PREDICT_WAIT_MAX_EXPERT_BYTES (the embedded
+    # model's 0.5 MiB: ~7 ms a request), else "off" (a switch-base expert is 19 MB: each
+    # predicted swap would hold the first token for a read of that size).
+    predict_decoder: str = "auto"
     # Planner weight of a decoder layer's importance share against an encoder layer's (1).
     # A decoder miss changes the next token, and greedy decoding carries the change through
     # the rest of the summary; an encoder miss perturbs one of the many source states that

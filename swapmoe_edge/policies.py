@@ -572,11 +572,16 @@ def make_policy(cfg, residents: ResidentSet, store: ExpertStore, kernel: KernelF
         return LadderPolicy(residents, store, kernel, capacity, dict(profile.importance), **common, **ladder,
                             max_moves=cfg.max_swaps_per_interval, wait=cfg.ladder_wait,
                             loss=profile.loss if cfg.ladder_loss_split else None)
+    mode = cfg.predict_decoder
+    if mode == "auto":
+        from .config import PREDICT_WAIT_MAX_EXPERT_BYTES
+
+        mode = "wait" if getattr(store, "largest_expert", 0) <= PREDICT_WAIT_MAX_EXPERT_BYTES else "off"
     return SwapMoEPolicy(*args, dict(profile.importance), renormalize=cfg.renormalize, **common,
                          max_swaps_per_interval=cfg.max_swaps_per_interval,
                          substitutes=dict(getattr(profile, "substitute", {}) or {}),
-                         predictor=getattr(profile, "predictor", None) if cfg.predict_decoder != "off" else None,
-                         predict_wait=cfg.predict_decoder == "wait")
+                         predictor=getattr(profile, "predictor", None) if mode != "off" else None,
+                         predict_wait=mode == "wait")
 
 
 def _lower_this_threads_priority(nice: int = 10) -> None:

@@ -198,6 +198,7 @@ class _NullStore:
 
     def __init__(self, cost: dict[LayerKey, int]):
         self.cost = cost
+        self.largest_expert = max(cost.values(), default=0)
 
     def read(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert:
         return LoadedExpert(key, {}, self.cost[key.layer_key])

@@ -90,6 +90,7 @@ class ExpertStore:
         self.reads = 0
         self.read_seconds = 0.0
         self._prefetched: dict[ExpertKey, LoadedExpert] = {}
+        self.largest_expert = max((e.nbytes for e in manifest.experts.values()), default=0)
 
     def prefetch(self, key: ExpertKey) -> None:
         """Read ``key`` now and hand it to the next ``read(key)`` (start-up read-ahead)."""

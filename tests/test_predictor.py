@@ -149,6 +149,13 @@ def test_replay_with_a_predictor_tracks_topics_the_prior_does_not():
     off = replace_cfg(cfg, predict_decoder="off")
     [c] = replay(t, ["swapmoe"], off, with_p)
     assert c.to_json()["decoder_hit_rate"] == 0.0  # the switch turns it off
+    from dataclasses import replace
+
+    big = replace(cfg, expert_bytes=19 << 20)  # "auto" does not hold the first token for switch-base reads
+    [d] = replay(t, ["swapmoe"], big, with_p)
+    assert d.to_json()["decoder_hit_rate"] == 0.0
+    [e] = replay(t, ["swapmoe"], replace_cfg(big, predict_decoder="wait"), with_p)  # unless told to
+    assert e.to_json()["decoder_hit_rate"] > 0.6
 
 
 def replace_cfg(cfg, **kw):
@@ -158,5 +165,5 @@ def replace_cfg(cfg, **kw):
 
 
 def test_a_bad_predict_mode_is_refused():
-    with pytest.raises(InputError, match="predict_decoder must be one of wait, background, off"):
+    with pytest.raises(InputError, match="predict_decoder must be one of auto, wait, background, off"):
         RuntimeConfig(predict_decoder="yes")
