@@ -410,11 +410,16 @@ class SwapMoEPolicy(Policy):
             s = self.begin(s)
             if s is None:
                 continue
-            expert = self._read_off_loop(ExpertKey(s.layer.stack, s.layer.layer, s.admit))
-            if expert is not None:
-                self.apply(s, expert)
-                with self.counters.lock:
-                    self.counters.loads += 1
+            key = ExpertKey(s.layer.stack, s.layer.layer, s.admit)
+            try:  # on the token loop: the cheaper fill, as on-demand's loads (store.anonymous_buffer)
+                expert = self.store.read(key, own_mapping=False)
+            except ExpertReadError as e:
+                log.warning("%s; marking it unavailable", e)
+                self.residents.mark_unavailable(key)
+                continue
+            self.apply(s, expert)
+            with self.counters.lock:
+                self.counters.loads += 1
         with self.counters.lock:
             self.counters.stall_s += time.perf_counter() - t0
 
