@@ -21,7 +21,8 @@ Clock: an encoder pass takes ``encoder_ms``, each decoder step ``token_ms`` (by 
 timings measured while recording), spread evenly over the sparse layers of the stack. The
 swapper wakes every ``swap_interval_s`` (RuntimeConfig) and plans; each expert it admits
 becomes resident ``expert_bytes / flash`` seconds later, and it plans again no sooner.
-An exact policy's miss stalls the clock by the same read time.
+An exact policy's miss stalls the clock by the same read time, and so do the swaps swapmoe
+makes on the token loop for a decoder prediction (``predict_decoder`` wait).
 
 What a replay does not model: a lossy policy changes the hidden states and therefore the
 later routing; the trace holds full's routing throughout.
@@ -199,8 +200,11 @@ class _NullStore:
     def __init__(self, cost: dict[LayerKey, int]):
         self.cost = cost
         self.largest_expert = max(cost.values(), default=0)
+        self.on_loop: list[LayerKey] = []  # reads the token loop made (own_mapping=False): stalls
 
     def read(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert:
+        if not own_mapping:
+            self.on_loop.append(key.layer_key)
         return LoadedExpert(key, {}, self.cost[key.layer_key])
 
 
@@ -248,6 +252,12 @@ def _swapmoe(r: _Replay) -> ReplayResult:
         if pol._wake.is_set():  # a decoder prediction wakes the swapper at once, as in the runtime
             pol._wake.clear()
             wake = now
+        for read_lk in store.on_loop:  # a decoder prediction's swaps made on the token loop: stall
+            res.loads += 1
+            res.bytes_read += r.cost[read_lk]
+            res.stall_s += r.read_s[read_lk]
+            now += r.read_s[read_lk]
+        store.on_loop.clear()
         now += r.event_s[lk]
     return res
 

@@ -143,6 +143,7 @@ def test_replay_with_a_predictor_tracks_topics_the_prior_does_not():
     [b] = replay(t, ["swapmoe"], replace_cfg(cfg, predict_decoder="background"), with_p)
     [w] = replay(t, ["swapmoe"], cfg, with_p)  # "wait", the default: the first decoder step already hits
     assert w.to_json()["decoder_hit_rate"] >= b.to_json()["decoder_hit_rate"]
+    assert w.stall_s > 0 and w.loads > 0 and b.stall_s == 0  # wait's reads hold the token loop; background's do not
     dec_a, dec_b = a.to_json()["decoder_hit_rate"], b.to_json()["decoder_hit_rate"]
     assert dec_a == 0.0  # a prior worth a million documents keeps 0 and 1; the decoder wants 2 or 3
     assert dec_b > 0.6 and b.swaps > 0
