@@ -28,25 +28,28 @@ def main() -> None:
     ap.add_argument("--budget", default="33%")
     ap.add_argument("--docs", type=int, default=240)
     ap.add_argument("--order", default="shuffled")
+    ap.add_argument("--modes", default="auto,off", help="two predict_decoder modes (off,off: the bench's own noise)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
     art = a.artifact or default_artifact(quiet=True)
     docs = read_pairs(a.data, a.docs, a.order)
-    modes = ("auto", "off")
-    rts = {m: Runtime(art, RuntimeConfig(policy="swapmoe", budget=a.budget, threads=1, predict_decoder=m)) for m in modes}
+    modes = tuple(a.modes.split(","))
+    if len(modes) != 2:
+        sys.exit("--modes takes two predict_decoder modes, e.g. auto,off")
+    rts = [Runtime(art, RuntimeConfig(policy="swapmoe", budget=a.budget, threads=1, predict_decoder=m)) for m in modes]
     try:
-        stats: dict[str, list[dict]] = {m: [] for m in modes}
+        stats: list[list[dict]] = [[], []]
         for i in range(0, len(docs), 8):
             texts = [d["text"] for d in docs[i:i + 8]]
-            for m in modes if (i // 8) % 2 == 0 else modes[::-1]:
-                stats[m] += [r.stats for r in rts[m].summarize(texts)]
-        for m, rows in stats.items():
+            for j in (0, 1) if (i // 8) % 2 == 0 else (1, 0):
+                stats[j] += [r.stats for r in rts[j].summarize(texts)]
+        for m, rows in zip(modes, stats):
             req = list({s["request"]: s for s in rows}.values())
             print(f"{a.budget} {m} ttft_ms median {statistics.median(s['ttft_ms'] for s in req):.2f} "
                   f"decode ms/token median {statistics.median(s['decode_ms_per_token'] for s in req):.3f} "
                   f"stall ms/request {sum(s['stall_ms'] for s in req) / len(req):.2f} requests {len(req)}")
     finally:
-        for rt in rts.values():
+        for rt in rts:
             rt.close()
 
 
