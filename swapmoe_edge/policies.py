@@ -450,9 +450,10 @@ class SwapMoEPolicy(Policy):
     def _loop(self) -> None:
         _lower_this_threads_priority()
         while not self._stop.is_set():
-            if self._wake.wait(self.interval_s):  # a prediction: it comes before the first token
+            if self._wake.wait(self.interval_s):  # a prediction (or stop): it comes before the first token
                 self._wake.clear()
-                self.background_io.wait(1.0)  # which opens background reads
+                if not self._stop.is_set():
+                    self.background_io.wait(1.0)  # which opens background reads
             if self._stop.is_set():
                 break
             try:
