@@ -168,3 +168,17 @@ def replace_cfg(cfg, **kw):
 def test_a_bad_predict_mode_is_refused():
     with pytest.raises(InputError, match="predict_decoder must be one of auto, wait, background, off"):
         RuntimeConfig(predict_decoder="yes")
+
+
+def test_the_swapper_stops_at_once_even_while_background_reads_are_closed():
+    import time
+
+    pol = _policy(fit(_planted(), ridge=0.1))
+    pol.start()
+    pol.background_io.clear()  # as during a request's prefill
+    _call(pol, ENC, 1, tokens=12)
+    _call(pol, DEC, 0, tokens=1)  # wakes the swapper, which waits for background reads to open
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    pol.stop()
+    assert time.perf_counter() - t0 < 0.9 and pol._thread is None
