@@ -452,8 +452,9 @@ class SwapMoEPolicy(Policy):
         while not self._stop.is_set():
             if self._wake.wait(self.interval_s):  # a prediction (or stop): it comes before the first token
                 self._wake.clear()
-                if not self._stop.is_set():
-                    self.background_io.wait(1.0)  # which opens background reads
+                give_up = time.monotonic() + 1.0  # wait for background reads to open, or a stop
+                while not (self._stop.is_set() or self.background_io.wait(0.02)) and time.monotonic() < give_up:
+                    pass
             if self._stop.is_set():
                 break
             try:
