@@ -200,11 +200,10 @@ class _NullStore:
     def __init__(self, cost: dict[LayerKey, int]):
         self.cost = cost
         self.largest_expert = max(cost.values(), default=0)
-        self.on_loop: list[LayerKey] = []  # reads the token loop made (own_mapping=False): stalls
+        self.on_loop: list[LayerKey] = []  # the layers of the reads since the replay last cleared it
 
     def read(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert:
-        if not own_mapping:
-            self.on_loop.append(key.layer_key)
+        self.on_loop.append(key.layer_key)
         return LoadedExpert(key, {}, self.cost[key.layer_key])
 
 
@@ -247,6 +246,7 @@ def _swapmoe(r: _Replay) -> ReplayResult:
         probs = r.t.probs[sl].astype(np.float32)  # n E
         x = r.t.x_norm[sl].astype(np.float32)  # n
         before = pol.counters.first_choice_resident
+        store.on_loop.clear()  # what the call below reads, it reads on the token loop
         pol(layers[lk], x[None, :, None], np.log(np.maximum(probs, 1e-12))[None], None)
         r.tally(res, lk, x.size, pol.counters.first_choice_resident - before)
         if pol._wake.is_set():  # a decoder prediction wakes the swapper at once, as in the runtime
