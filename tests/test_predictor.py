@@ -182,3 +182,25 @@ def test_the_swapper_stops_at_once_even_while_background_reads_are_closed():
     t0 = time.perf_counter()
     pol.stop()
     assert time.perf_counter() - t0 < 0.9 and pol._thread is None
+
+
+def test_experts_evicted_for_a_prediction_are_freed_before_the_next_is_read():
+    import gc
+    import weakref
+
+    pol = _policy(fit(_planted(), ridge=0.1), wait=True)
+    _call(pol, DEC, 0, tokens=1)  # a decoder call caches the layer's resident snapshot
+    pol.end_request()
+    held = [weakref.ref(x) for e, x in pol.residents.layer(DEC).items() if e == 0]  # 0 is not predicted for topic 1
+    alive_at_read = []
+    real_read = pol.store.read
+
+    def read(key, own_mapping=True):
+        gc.collect()
+        alive_at_read.append(held[0]() is not None)
+        return real_read(key, own_mapping)
+
+    pol.store.read = read
+    _call(pol, ENC, 1, tokens=12)
+    _call(pol, DEC, 0, tokens=1)  # the burst: evict 0, read 3
+    assert alive_at_read == [False]  # the evicted expert was gone when the new one was read
