@@ -58,16 +58,16 @@ def main() -> None:
             held = read_pairs(a.check, a.check_skip + a.check_limit)[a.check_skip:]
             seen = per_document_importance(rt, [d["text"] for d in held], progress=_progress("check"))
             prior = rt.profile.importance
+            guesses = [predictor.predict(doc) for doc in seen]
             print("| layer | k | prior's k | predicted k | the document's own k |")
             print("|---|---|---|---|---|")
             for lk in predictor.outputs:
                 for k in sorted({max(1, predictor.experts * f // 16) for f in (4, 6, 7, 8, 10)}):
                     cover = {"prior": 0.0, "predicted": 0.0, "own": 0.0}
                     total = 0.0
-                    for doc in seen:
+                    for doc, guess in zip(seen, guesses):
                         own = np.asarray(doc[lk])
-                        guess = predictor.predict(doc)[lk]
-                        for name, score in (("prior", prior[lk]), ("predicted", guess), ("own", own)):
+                        for name, score in (("prior", prior[lk]), ("predicted", guess[lk]), ("own", own)):
                             cover[name] += float(own[list(top_experts(score, k))].sum())
                         total += float(own.sum())
                     print(f"| {lk.name} | {k} | " + " | ".join(f"{cover[n] / total:.3f}" for n in cover) + " |")

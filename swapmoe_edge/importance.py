@@ -39,8 +39,15 @@ def parse_layer_name(name: str) -> LayerKey:
     return LayerKey(_STACK_OF_PREFIX[prefix], int(rest))
 
 
-def eq1(norms: np.ndarray, x_norm: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 1 importance [E] and routing counts [E] of N tokens: ``x_norm`` [N], ``probs`` [N, E]."""
+def eq1(norms: np.ndarray, x_norm: np.ndarray, probs: np.ndarray,
+        valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 1 importance [E] and routing counts [E] of N tokens: ``x_norm`` [..., N], ``probs``
+    [..., N, E] (flattened here), the tokens ``valid`` [..., N] marks (all without it)."""
+    probs = np.asarray(probs).reshape(-1, norms.size)  # N E
+    x_norm = np.asarray(x_norm).reshape(-1)  # N
+    if valid is not None:
+        keep = np.asarray(valid, dtype=bool).reshape(-1)
+        probs, x_norm = probs[keep], x_norm[keep]
     choice = probs.argmax(axis=1)  # N  unmasked top-1
     gate = probs[np.arange(choice.size), choice]  # N
     value = np.bincount(choice, weights=x_norm * gate * norms[choice], minlength=norms.size)  # E
@@ -99,12 +106,9 @@ class ImportanceTracker:
         x_norm = np.asarray(x_norm, dtype=np.float64).reshape(-1)  # N
         if x_norm.size != probs.shape[0]:
             raise ValueError(f"{layer}: {x_norm.size} token norms for {probs.shape[0]} router rows")
-        if valid is not None:
-            keep = np.asarray(valid, dtype=bool).reshape(-1)  # N
-            if keep.size != x_norm.size:
-                raise ValueError(f"{layer}: valid mask has {keep.size} entries for {x_norm.size} tokens")
-            probs, x_norm = probs[keep], x_norm[keep]
-        value, count = eq1(norms, x_norm, probs)
+        if valid is not None and np.size(valid) != x_norm.size:
+            raise ValueError(f"{layer}: valid mask has {np.size(valid)} entries for {x_norm.size} tokens")
+        value, count = eq1(norms, x_norm, probs, valid)
         with self._lock:
             self._importance[layer] += value
             self._counts[layer] += count

@@ -234,11 +234,13 @@ class Policy:
             self.counters.rerouted += rerouted
 
     def _allowed(self, lk: LayerKey, snapshot) -> np.ndarray:
-        """[E] bool of ``snapshot``'s experts, remembered while the layer's snapshot stays the same
-        object (the resident set publishes a new one on every change). Read-only."""
+        """[E] bool of ``snapshot``'s experts, remembered while the layer holds the same experts.
+        Read-only. The cache keeps their indices, not the snapshot: a snapshot would keep experts
+        evicted since alive until the layer runs again (a decoder prediction's swaps took peak
+        RSS 1.3% over the budget that way)."""
         cached = self._allowed_cache.get(lk)
-        if cached is None or cached[0] is not snapshot:
-            cached = (snapshot, self.residents.allowed(lk, snapshot))
+        if cached is None or snapshot.keys() != cached[0]:
+            cached = (frozenset(snapshot), self.residents.allowed(lk, snapshot))
             self._allowed_cache[lk] = cached
         return cached[1]
 
@@ -388,12 +390,7 @@ class SwapMoEPolicy(Policy):
         """Add up the encoder pass; at the request's first decoder layer, predict the decoder's experts."""
         if lk.stack == "encoder":
             if lk in self.predictor.inputs:
-                probs = np.asarray(probs).reshape(-1, probs.shape[-1])
-                x = np.linalg.norm(normed, axis=-1).reshape(-1)
-                if token_mask is not None:
-                    keep = np.asarray(token_mask, bool).reshape(-1)
-                    probs, x = probs[keep], x[keep]
-                value, _ = eq1(self.tracker.norms(lk), x, probs)
+                value, _ = eq1(self.tracker.norms(lk), np.linalg.norm(normed, axis=-1), probs, token_mask)
                 self._request_encoder[lk] = self._request_encoder.get(lk, 0.0) + value
             return
         if not self._request_encoder:
@@ -405,23 +402,14 @@ class SwapMoEPolicy(Policy):
             self._burst = True
             self._wake.set()
             return
-        t0 = time.perf_counter()  # the predicted swaps, here on the token loop, before the decoder's first step
-        for lk in self._predicted:  # the cached snapshot would keep evicted experts alive through the burst
-            self._allowed_cache.pop(lk, None)  # (peak RSS went up to 1.3% over the budget)
-        for s in self.plan(only=set(self._predicted)):
-            s = self.begin(s)
-            if s is None:
-                continue
-            # A mapping of its own, as the swapper's reads: read into malloc memory (on-demand's
-            # cheaper fill) ~2.6 experts a request left the heap holding freed ones, and peak RSS
-            # went 1.7-2.3% over the budget at 50 and 33% on the embedded model.
-            expert = self._read_off_loop(ExpertKey(s.layer.stack, s.layer.layer, s.admit))
-            if expert is None:
-                continue
-            self.apply(s, expert)
-            with self.counters.lock:
-                self.counters.loads += 1
+        # The predicted swaps, here on the token loop, before the decoder's first step. Each is read
+        # into a mapping of its own, as the swapper's are: read into malloc memory (on-demand's
+        # cheaper fill) ~2.6 experts a request left the heap holding freed ones, and peak RSS went
+        # 1.7-2.3% over the budget at 50 and 33% on the embedded model.
+        t0 = time.perf_counter()
+        read, _ = self._carry_out(self.plan(only=set(self._predicted)))
         with self.counters.lock:
+            self.counters.loads += read
             self.counters.stall_s += time.perf_counter() - t0
 
     def end_request(self) -> None:
@@ -532,8 +520,12 @@ class SwapMoEPolicy(Policy):
         """Plan against the current importance and carry out up to ``max_swaps`` admissions."""
         if not self.background_io.is_set():
             return 0
-        done = 0
-        for s in self.plan():
+        return self._carry_out(self.plan())[1]
+
+    def _carry_out(self, swaps: list[Swap]) -> tuple[int, int]:
+        """Begin, read and apply ``swaps`` on this thread, until a stop; returns (experts read, admitted)."""
+        read = done = 0
+        for s in swaps:
             if self._stop.is_set():
                 break
             s = self.begin(s)
@@ -542,8 +534,9 @@ class SwapMoEPolicy(Policy):
             expert = self._read_off_loop(ExpertKey(s.layer.stack, s.layer.layer, s.admit))  # outside every lock
             if expert is None:
                 continue
+            read += 1
             done += self.apply(s, expert)
-        return done
+        return read, done
 
 
 def make_tracker(cfg, norms: dict[LayerKey, np.ndarray], profile) -> ImportanceTracker:

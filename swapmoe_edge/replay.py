@@ -257,7 +257,6 @@ def _swapmoe(r: _Replay) -> ReplayResult:
             res.bytes_read += r.cost[read_lk]
             res.stall_s += r.read_s[read_lk]
             now += r.read_s[read_lk]
-        store.on_loop.clear()
         now += r.event_s[lk]
     return res
 
