@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from swapmoe_edge.errors import CheckpointError
-from swapmoe_edge.manifest import ModelConfig
+from swapmoe_edge.core.errors import CheckpointError
+from swapmoe_edge.artifact.manifest import ModelConfig
 
 SUPPORTED_ACTS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 

@@ -23,17 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from swapmoe_edge.errors import CheckpointError, ExportError
-from swapmoe_edge.manifest import (
-    FORMAT_NAME,
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    STACK_PREFIX,
-    ExpertKey,
-    ModelConfig,
-    config_to_dict,
-    write_json_atomic,
-)
+from swapmoe_edge.core.errors import CheckpointError, ExportError
+from swapmoe_edge.artifact.manifest import FORMAT_NAME, MANIFEST_NAME, SCHEMA_VERSION, ModelConfig, config_to_dict, write_json_atomic
+from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
 from . import fused, graphs, ladder, quant
 from .checkpoint import CheckpointReader, check_sparse_layers, read_config

@@ -191,7 +191,7 @@ def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str
     """
     import onnxruntime as ort
 
-    from swapmoe_edge.errors import ExportError
+    from swapmoe_edge.core.errors import ExportError
 
     e = expert["rungs"][rung]
     blob = np.fromfile(Path(root) / e["weights_file"], dtype=np.uint8)

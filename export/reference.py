@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from swapmoe_edge.errors import ExportError
-from swapmoe_edge.manifest import LayerKey
+from swapmoe_edge.core.errors import ExportError
+from swapmoe_edge.core.keys import LayerKey
 
 from .checkpoint import CheckpointReader
 from .quant import as_stored

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from swapmoe_edge.errors import ValidationError
-from swapmoe_edge.manifest import LayerKey, load_manifest
-from swapmoe_edge.model import SplitModel, full_moe
-from swapmoe_edge.sessions import DenseSessions, open_session, session_options
+from swapmoe_edge.core.errors import ValidationError
+from swapmoe_edge.artifact.manifest import load_manifest
+from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.model.split import SplitModel, full_moe
+from swapmoe_edge.model.sessions import DenseSessions, open_session, session_options
 
 from .reference import Reference, reference_forward_in_child
 

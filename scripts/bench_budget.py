@@ -26,8 +26,8 @@ from pathlib import Path
 def run_cell(artifact: str, policy: str, budget: str, requests: int, source_len: int, max_new_tokens: int, threads: int | None) -> dict:
     import numpy as np
 
-    from swapmoe_edge import memory
-    from swapmoe_edge.runtime import Runtime, RuntimeConfig
+    from swapmoe_edge.system import memory
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
     life_start = memory.current_rss()
     rt = Runtime(artifact, RuntimeConfig(policy=policy, budget=budget, threads=threads))

@@ -54,7 +54,7 @@ def probe_session(threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from swapmoe_edge.sessions import session_options
+    from swapmoe_edge.model.sessions import session_options
 
     d, f, n = PROBE_D, PROBE_F, PROBE_N
     rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def phase_bandwidth(threads: int, runs: int = 20) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from swapmoe_edge.sessions import session_options
+    from swapmoe_edge.model.sessions import session_options
 
     d, f = PROBE_D, PROBE_F
     sess = probe_session(threads)
@@ -111,9 +111,9 @@ def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_l
                ttft_lengths: list[int], profile: bool, prepack: str | None = None, paired_floor: bool = True) -> dict:
     import numpy as np
 
-    from swapmoe_edge import memory
-    from swapmoe_edge.generate import greedy_search
-    from swapmoe_edge.runtime import Runtime, RuntimeConfig, _Decoder
+    from swapmoe_edge.system import memory
+    from swapmoe_edge.model.generate import greedy_search
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig, _Decoder
 
     t0 = time.perf_counter()
     extra = {"prepack_experts": prepack} if prepack else {}  # absent from older trees' RuntimeConfig
@@ -167,8 +167,8 @@ def _paired_floor(model, c, threads: int, tokens: int, requests: int, source_len
     after peak_rss_bytes was read.)"""
     import numpy as np
 
-    from swapmoe_edge.generate import greedy_search
-    from swapmoe_edge.runtime import _Decoder
+    from swapmoe_edge.model.generate import greedy_search
+    from swapmoe_edge.runtime.facade import _Decoder
 
     probe = probe_session(threads)
     x = {"x": np.ones((1, PROBE_D), np.float32)}
@@ -271,8 +271,8 @@ def phase_hfpair(artifact: str, checkpoint: str, threads: int, tokens: int, requ
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList, SwitchTransformersForConditionalGeneration
 
-    from swapmoe_edge.generate import greedy_search
-    from swapmoe_edge.runtime import Runtime, RuntimeConfig, _Decoder
+    from swapmoe_edge.model.generate import greedy_search
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig, _Decoder
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -427,8 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if not a.artifact:
         ap.error("give an artifact directory")
-    from swapmoe_edge.decode_floor import bytes_per_token
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.lab.decode_floor import bytes_per_token
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     m = load_manifest(a.artifact)
     tb = bytes_per_token(m)

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from swapmoe_edge.runtime import Runtime, RuntimeConfig
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from swapmoe_edge import memory
-from swapmoe_edge.manifest import load_manifest
-from swapmoe_edge.sessions import open_session, session_options
-from swapmoe_edge.store import ExpertStore
+from swapmoe_edge.system import memory
+from swapmoe_edge.artifact.manifest import load_manifest
+from swapmoe_edge.model.sessions import open_session, session_options
+from swapmoe_edge.artifact.store import ExpertStore
 
 
 def med_ms(fn, runs: int) -> float:

@@ -22,8 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from swapmoe_edge.evaluate import read_pairs
-from swapmoe_edge.runtime import Runtime, RuntimeConfig
+from swapmoe_edge.lab.evaluate import read_pairs
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 
 def _pairs(artifact: Path, texts: list[str], threads: int, policy: str, budget: str) -> tuple[list[float], list[float]]:

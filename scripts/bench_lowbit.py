@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from swapmoe_edge.manifest import load_manifest
-from swapmoe_edge.runtime import Runtime, RuntimeConfig
-from swapmoe_edge.sessions import session_options
+from swapmoe_edge.artifact.manifest import load_manifest
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+from swapmoe_edge.model.sessions import session_options
 from swapmoe_export import graphs, ladder, quant
 
 

@@ -16,9 +16,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.embedded import default_artifact  # noqa: E402
-from swapmoe_edge.evaluate import read_pairs  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.cli.common import embedded_artifact  # noqa: E402
+from swapmoe_edge.lab.evaluate import read_pairs  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--modes", default="auto,off", help="two predict_decoder modes (off,off: the bench's own noise)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
-    art = a.artifact or default_artifact(quiet=True)
+    art = a.artifact or embedded_artifact(quiet=True)
     docs = read_pairs(a.data, a.docs, a.order)
     modes = tuple(a.modes.split(","))
     if len(modes) != 2:

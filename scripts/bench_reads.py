@@ -20,9 +20,9 @@ import sys
 
 CHILD = r"""
 import json, sys, time
-from swapmoe_edge.manifest import load_manifest
-from swapmoe_edge.store import ExpertStore
-from swapmoe_edge import pagecache
+from swapmoe_edge.artifact.manifest import load_manifest
+from swapmoe_edge.artifact.store import ExpertStore
+from swapmoe_edge.system import pagecache
 art, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 m = load_manifest(art)
 keys = list(m.experts)[:n]
@@ -40,10 +40,10 @@ print(json.dumps({"wall_ms": [w * 1e3 for w in wall], "cpu_ms": [c * 1e3 for c i
 
 
 def main() -> None:
-    from swapmoe_edge import pagecache
-    from swapmoe_edge.budget import parse_size
-    from swapmoe_edge.devicebox import DeviceBox
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.system import pagecache
+    from swapmoe_edge.core.units import parse_size
+    from swapmoe_edge.lab.devicebox import DeviceBox
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact")

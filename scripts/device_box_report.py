@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from swapmoe_edge.bench import add_ratios, write_report
+from swapmoe_edge.lab.bench import add_ratios, write_report
 
 
 def main() -> None:

@@ -11,7 +11,7 @@
 set -euo pipefail
 SB8=${1:?sb8 artifact}; SB64=${2:?sb64 artifact}; TEST=${3:?test.jsonl}
 OUT=${4:-docs/results/device_box}; PARTS=${5:-"reads sb8 sb64 auto pressure soak"}
-EMB=$(${PYTHON:-python} -c "from swapmoe_edge.embedded import default_artifact; print(default_artifact(quiet=True))")
+EMB=$(${PYTHON:-python} -c "from swapmoe_edge.cli.common import embedded_artifact; print(embedded_artifact(quiet=True))")
 mkdir -p "$OUT"
 head -1000 "$TEST" > "$OUT/.test1000.jsonl"
 has() { [[ " $PARTS " == *" $1 "* ]]; }

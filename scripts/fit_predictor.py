@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.evaluate import read_pairs  # noqa: E402
-from swapmoe_edge.importance import Profile  # noqa: E402
-from swapmoe_edge.planner import top_experts  # noqa: E402
-from swapmoe_edge.predictor import PREDICTOR_NOTE, fit, per_document_importance  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.lab.evaluate import read_pairs  # noqa: E402
+from swapmoe_edge.residency.importance import Profile  # noqa: E402
+from swapmoe_edge.residency.planner import top_experts  # noqa: E402
+from swapmoe_edge.residency.predictor import PREDICTOR_NOTE, fit, per_document_importance  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
 
 
 def _progress(label):

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.evaluate import _scorer, read_pairs  # noqa: E402
-from swapmoe_edge.hindsight import MODES, bound_summaries  # noqa: E402
-from swapmoe_edge.importance import Profile  # noqa: E402
+from swapmoe_edge.lab.evaluate import _scorer, read_pairs  # noqa: E402
+from swapmoe_edge.lab.hindsight import MODES, bound_summaries  # noqa: E402
+from swapmoe_edge.residency.importance import Profile  # noqa: E402
 
 
 def _cell(sweep: Path | None, policy: str, budget: str) -> list[str] | None:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.evaluate import _scorer, read_pairs  # noqa: E402
+from swapmoe_edge.lab.evaluate import _scorer, read_pairs  # noqa: E402
 
 
 def cell(work: Path, stream: str, policy: str, budget: str) -> dict | None:

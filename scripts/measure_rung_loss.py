@@ -22,11 +22,11 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.evaluate import read_pairs  # noqa: E402
-from swapmoe_edge.importance import Profile  # noqa: E402
-from swapmoe_edge.rungs import rung_runners  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
-from swapmoe_edge.substitution import RUNG_LOSS_NOTE, measure_rung_loss  # noqa: E402
+from swapmoe_edge.lab.evaluate import read_pairs  # noqa: E402
+from swapmoe_edge.residency.importance import Profile  # noqa: E402
+from swapmoe_edge.model.rungs import rung_runners  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.lab.substitution import RUNG_LOSS_NOTE, measure_rung_loss  # noqa: E402
 
 
 def main() -> None:

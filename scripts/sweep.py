@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swapmoe_edge.errors import SwapMoEError
-from swapmoe_edge.sweep import sweep
+from swapmoe_edge.core.errors import SwapMoEError
+from swapmoe_edge.lab.sweep import sweep
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ package descriptions (long description -> synopsis), from scratch, on CPU or one
 
     python scripts/train_summarizer.py --data /tmp/debcorpus -o /tmp/switch-debian
 
---data holds train/validation.jsonl from swapmoe_edge.corpus (built there if missing).
+--data holds train/validation.jsonl from swapmoe_edge.lab.corpus (built there if missing).
 Writes a Hugging Face checkpoint (config.json, model.safetensors in float16, tokenizer.json
 + tokenizer_config.json, generation_config.json) for the best validation ROUGE-2 seen.
 The learning rate warms up linearly and follows a cosine down to 10% over whichever budget
@@ -31,8 +31,8 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, SwitchTrans
                           SwitchTransformersForConditionalGeneration)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.corpus import build_debian_corpus  # noqa: E402
-from swapmoe_edge.errors import InputError  # noqa: E402
+from swapmoe_edge.lab.corpus import build_debian_corpus  # noqa: E402
+from swapmoe_edge.core.errors import InputError  # noqa: E402
 
 PAD, EOS, UNK, COPY = 0, 1, 2, 3
 SPECIALS = ["<pad>", "</s>", "<unk>"]  # their ids are PAD, EOS, UNK: the trainer adds them first
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     val = load_jsonl(args.data / "validation.jsonl")
     if not train or not val:
         raise InputError(f"{args.data}: train.jsonl or validation.jsonl is empty; rebuild the corpus "
-                         "with swapmoe_edge.corpus.build_debian_corpus.")
+                         "with swapmoe_edge.lab.corpus.build_debian_corpus.")
     random.Random(args.seed).shuffle(val)
     val = val[:args.eval_docs]
     t0 = time.time()

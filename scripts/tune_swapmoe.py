@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.evaluate import evaluate  # noqa: E402
+from swapmoe_edge.lab.evaluate import evaluate  # noqa: E402
 
 
 def main(argv=None) -> int:

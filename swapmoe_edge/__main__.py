@@ -1,3 +1,3 @@
-from .cli import main
+from swapmoe_edge.cli.main import main
 
 main()

@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from swapmoe_edge.errors import ArtifactError  # noqa: E402
-from swapmoe_edge.manifest import load_manifest  # noqa: E402
-from swapmoe_edge.onnx_refs import external_locations  # noqa: E402
-from swapmoe_edge.sessions import DenseSessions, open_session, session_options  # noqa: E402
+from swapmoe_edge.core.errors import ArtifactError  # noqa: E402
+from swapmoe_edge.artifact.manifest import load_manifest  # noqa: E402
+from swapmoe_edge.artifact.onnx_refs import external_locations  # noqa: E402
+from swapmoe_edge.model.sessions import DenseSessions, open_session, session_options  # noqa: E402
 from swapmoe_export import export_checkpoint, graphs  # noqa: E402
 
 from tiny import save_tiny  # noqa: E402

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 pytest.importorskip("torch")
 
-from swapmoe_edge import cli as cli_mod  # noqa: E402
-from swapmoe_edge import progress as progress_mod  # noqa: E402
-from swapmoe_edge.cli import main  # noqa: E402
-from swapmoe_edge.errors import InputError  # noqa: E402
-from swapmoe_edge.textio import read_documents  # noqa: E402
+from swapmoe_edge.cli import main as cli_mod  # noqa: E402
+from swapmoe_edge.core import progress as progress_mod  # noqa: E402
+from swapmoe_edge.cli.main import main  # noqa: E402
+from swapmoe_edge.core.errors import InputError  # noqa: E402
+from swapmoe_edge.core.textio import read_documents  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
 
 from tiny import save_tiny, words  # noqa: E402
@@ -100,7 +100,7 @@ def _cases(root: Path, ckpt: Path, art: Path, tmp: Path):
 
 
 def _trace(art: Path, tmp: Path) -> Path:
-    from swapmoe_edge.trace import record_trace
+    from swapmoe_edge.lab.trace import record_trace
 
     return record_trace(art, [{"text": "w5 w6 w7"}], tmp / "good.npz", max_new_tokens=2) and tmp / "good.npz"
 

@@ -5,18 +5,9 @@ import time
 
 import pytest
 
-from swapmoe_edge.budget import (
-    GIB,
-    MIB,
-    BudgetSpec,
-    MemoryMonitor,
-    check_fits,
-    expert_capacity_bytes,
-    format_size,
-    parse_budget,
-    parse_size,
-)
-from swapmoe_edge.errors import BudgetError
+from swapmoe_edge.system.budget import BudgetSpec, MemoryMonitor, check_fits, expert_capacity_bytes, parse_budget
+from swapmoe_edge.core.units import GIB, MIB, format_size, parse_size
+from swapmoe_edge.core.errors import BudgetError
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from swapmoe_edge.budget import MIB, GIB, MemoryMonitor, cgroup_reserve
-from swapmoe_edge.cgroup import CgroupMemory, memory_limits, tightest
+from swapmoe_edge.system.budget import MemoryMonitor, cgroup_reserve
+from swapmoe_edge.core.units import MIB, GIB
+from swapmoe_edge.system.cgroup import CgroupMemory, memory_limits, tightest
 
 V1_UNLIMITED = "9223372036854771712"
 
@@ -78,7 +79,7 @@ def test_v2_limit_is_the_lower_of_max_and_high_and_counts_clean_unmapped_cache_f
 
 
 def test_reclaimable_is_never_below_inactive_file():
-    from swapmoe_edge.cgroup import reclaimable
+    from swapmoe_edge.system.cgroup import reclaimable
 
     assert reclaimable({"total_inactive_file": 50, "total_active_file": 10, "total_mapped_file": 40}, 1) == 50
     assert reclaimable({"inactive_file": 50, "active_file": 30, "file_mapped": 20}, 2) == 60
@@ -117,7 +118,7 @@ def test_cgroup_reserve_bounds():
 
 CHILD = """
 import json
-from swapmoe_edge.budget import MemoryMonitor
+from swapmoe_edge.system.budget import MemoryMonitor
 s = MemoryMonitor(None, reserve=1 << 30).sample_once()
 print(json.dumps({"budget": s.budget, "source": s.source}))
 """
@@ -125,7 +126,7 @@ print(json.dumps({"budget": s.budget, "source": s.source}))
 
 def test_auto_budget_inside_a_real_cgroup_stays_under_its_limit(tmp_path):
     """Runs a child in a 300 MiB memory cgroup (root and the controllers needed; skipped otherwise)."""
-    from swapmoe_edge.devicebox import BoxUnavailable, DeviceBox
+    from swapmoe_edge.lab.devicebox import BoxUnavailable, DeviceBox
 
     try:
         box = DeviceBox(300 * MIB, None, tmp_path)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from swapmoe_edge.corpus import (
+from swapmoe_edge.lab.corpus import (
     APT_UPDATE_COMMAND,
     SPLITS,
     build_debian_corpus,
@@ -22,7 +22,7 @@ from swapmoe_edge.corpus import (
     source_of,
     split_of,
 )
-from swapmoe_edge.errors import InputError
+from swapmoe_edge.core.errors import InputError
 
 TRANSLATION = """\
 Package: frobnicate

@@ -8,11 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from swapmoe_edge.decode_floor import bytes_per_token  # noqa: E402
-from swapmoe_edge.errors import InputError, ValidationError  # noqa: E402
-from swapmoe_edge.manifest import load_manifest  # noqa: E402
-from swapmoe_edge.moe import dispatch, route, softmax  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.lab.decode_floor import bytes_per_token  # noqa: E402
+from swapmoe_edge.core.errors import InputError, ValidationError  # noqa: E402
+from swapmoe_edge.artifact.manifest import load_manifest  # noqa: E402
+from swapmoe_edge.model.moe import dispatch, route, softmax  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
 from swapmoe_export.validate import validate_artifact  # noqa: E402
 

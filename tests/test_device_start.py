@@ -8,11 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from swapmoe_edge import memory, pagecache  # noqa: E402
-from swapmoe_edge.errors import InputError  # noqa: E402
-from swapmoe_edge.manifest import load_manifest  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
-from swapmoe_edge.store import ExpertStore  # noqa: E402
+from swapmoe_edge.system import memory, pagecache  # noqa: E402
+from swapmoe_edge.core.errors import InputError  # noqa: E402
+from swapmoe_edge.artifact.manifest import load_manifest  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.artifact.store import ExpertStore  # noqa: E402
 
 from tiny import export_tiny  # noqa: E402
 

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from swapmoe_edge import pagecache
-from swapmoe_edge.bench import BoxSetting, CellSpec, add_ratios, markdown_table, summarize_cell
-from swapmoe_edge.budget import MIB
-from swapmoe_edge.devicebox import BoxUnavailable, DeviceBox
+from swapmoe_edge.system import pagecache
+from swapmoe_edge.lab.bench import BoxSetting, CellSpec, add_ratios, markdown_table, summarize_cell
+from swapmoe_edge.core.units import MIB
+from swapmoe_edge.lab.devicebox import BoxUnavailable, DeviceBox
 
 
 def _box(tmp_path, memory, bps):

@@ -5,9 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from swapmoe_edge.devices import (PROFILE_DIR, detect_profile, get_profile, list_profiles, load_profile,
+from swapmoe_edge.system.devices import (PROFILE_DIR, detect_profile, get_profile, list_profiles, load_profile,
                                   profile_from_dict, provider_options, select_providers)
-from swapmoe_edge.errors import InputError
+from swapmoe_edge.core.errors import InputError
 
 GIB = 2**30
 SHIPPED = {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-32gb", "jetson-agx-orin-64gb",
@@ -147,7 +147,7 @@ def test_cuda_options_bound_the_arena_by_the_budget_unless_the_profile_sets_a_li
 
 
 def test_devices_command_marks_exactly_one_profile():
-    from swapmoe_edge.cli import main
+    from swapmoe_edge.cli.main import main
 
     r = CliRunner().invoke(main, ["devices"])
     assert r.exit_code == 0, r.output
@@ -161,7 +161,7 @@ def test_devices_command_marks_exactly_one_profile():
 
 def test_the_runtime_takes_providers_and_reserve_from_the_device_and_reports_them(tmp_path):
     pytest.importorskip("torch")
-    from swapmoe_edge.runtime import Runtime, RuntimeConfig
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
     from swapmoe_export import export_checkpoint
     from tiny import save_tiny
 

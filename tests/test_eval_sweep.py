@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("rouge_score")
 
-from swapmoe_edge.errors import InputError  # noqa: E402
-from swapmoe_edge.evaluate import evaluate, lead_baseline, rouge  # noqa: E402
+from swapmoe_edge.core.errors import InputError  # noqa: E402
+from swapmoe_edge.lab.evaluate import evaluate, lead_baseline, rouge  # noqa: E402
 
 from tiny import export_tiny, words  # noqa: E402
 
@@ -134,7 +134,7 @@ def test_cli_eval_prints_scores_baseline_and_fidelity(art, data):
 
 
 def test_sweep_writes_every_measure_and_resumes_without_rerunning_cells(art, data, tmp_path, monkeypatch):
-    from swapmoe_edge import sweep as sweep_mod
+    from swapmoe_edge.lab import sweep as sweep_mod
 
     out = tmp_path / "sweep"
     kw = dict(budgets=("100%", "25%"), policies=("prune", "swapmoe"), planners=("importance",), limit=4,
@@ -186,7 +186,7 @@ def test_sweep_writes_every_measure_and_resumes_without_rerunning_cells(art, dat
 
 
 def test_sweep_plans_full_once_and_on_demand_with_one_planner():
-    from swapmoe_edge.sweep import plan_cells
+    from swapmoe_edge.lab.sweep import plan_cells
 
     cells = plan_cells(["100%", "50%"], ["on-demand", "full", "swapmoe"], ["importance", "uniform"])
     names = [c.name for c in cells]

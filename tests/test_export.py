@@ -14,10 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from swapmoe_edge.errors import ArtifactError, CheckpointError, ExportError, ValidationError  # noqa: E402
-from swapmoe_edge.manifest import load_manifest  # noqa: E402
-from swapmoe_edge.moe import route  # noqa: E402
-from swapmoe_edge.sessions import open_session, session_options  # noqa: E402
+from swapmoe_edge.core.errors import ArtifactError, CheckpointError, ExportError, ValidationError  # noqa: E402
+from swapmoe_edge.artifact.manifest import load_manifest  # noqa: E402
+from swapmoe_edge.model.moe import route  # noqa: E402
+from swapmoe_edge.model.sessions import open_session, session_options  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
 from swapmoe_export.validate import artifact_forward, sample_inputs, validate_artifact  # noqa: E402
 
@@ -330,7 +330,7 @@ def test_int4_packs_two_columns_a_byte_with_a_float16_scale_per_32_rows():
 
 def test_int4_experts_validate_against_their_own_weights_and_take_about_a_seventh(tmp_path):
     """int4 is lossy: the artifact runs exactly the quantised weights the reference uses."""
-    from swapmoe_edge.store import ExpertStore
+    from swapmoe_edge.artifact.store import ExpertStore
     from swapmoe_export.quant import as_stored
 
     save_tiny(tmp_path / "ckpt", seed=14, d_model=64, d_ff=512, d_kv=16)

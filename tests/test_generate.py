@@ -13,8 +13,8 @@ import functools
 import numpy as np
 import pytest
 
-from swapmoe_edge.errors import InputError
-from swapmoe_edge.generate import _log_softmax, _topk, beam_search, greedy_search
+from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.model.generate import _log_softmax, _topk, beam_search, greedy_search
 
 torch = pytest.importorskip("torch")
 from transformers.modeling_outputs import (  # noqa: E402
@@ -178,7 +178,7 @@ def test_no_repeat_ngram_comparisons_really_ban_something():
 
 
 def test_ban_repeated_ngrams_bans_what_would_complete_a_seen_ngram():
-    from swapmoe_edge.generate import ban_repeated_ngrams
+    from swapmoe_edge.model.generate import ban_repeated_ngrams
 
     seqs = np.array([[0, 5, 6, 7, 5, 6], [0, 1, 2, 3, 4, 5]])
     out = ban_repeated_ngrams(seqs, np.zeros((2, 10), dtype=np.float32), 3)

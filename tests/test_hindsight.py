@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from swapmoe_edge.errors import InputError
+from swapmoe_edge.core.errors import InputError
 
 from test_substitution import DEC, ENC, _policy
 
 pytest.importorskip("torch")
 
-from swapmoe_edge import hindsight  # noqa: E402
-from swapmoe_edge.planner import top_experts  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.lab import hindsight  # noqa: E402
+from swapmoe_edge.residency.planner import top_experts  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
 
 from tiny import export_tiny, words  # noqa: E402
 

@@ -6,9 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from swapmoe_edge.errors import ArtifactError
-from swapmoe_edge.importance import ImportanceTracker, Profile, parse_layer_name
-from swapmoe_edge.manifest import LayerKey
+from swapmoe_edge.core.errors import ArtifactError
+from swapmoe_edge.residency.importance import ImportanceTracker, Profile
+from swapmoe_edge.core.keys import parse_layer_name
+from swapmoe_edge.core.keys import LayerKey
 
 ENC = LayerKey("encoder", 1)
 DEC = LayerKey("decoder", 5)

@@ -11,11 +11,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from swapmoe_edge.errors import BudgetError, InputError
-from swapmoe_edge.ladder_plan import PRIMARY, Rung, measured_quality, placement_bytes, plan_ladder
-from swapmoe_edge.manifest import LayerKey, load_manifest
-from swapmoe_edge.runtime import Runtime, RuntimeConfig
-from swapmoe_edge.store import ExpertStore
+from swapmoe_edge.core.errors import BudgetError, InputError
+from swapmoe_edge.residency.ladder_plan import measured_quality, placement_bytes, plan_ladder
+from swapmoe_edge.model.rungs import PRIMARY, Rung
+from swapmoe_edge.artifact.manifest import load_manifest
+from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+from swapmoe_edge.artifact.store import ExpertStore
 from swapmoe_export import ladder
 from swapmoe_export.add_rungs import add_rungs
 from swapmoe_export.exporter import export_checkpoint
@@ -105,7 +107,7 @@ def test_ladder_add_writes_what_export_writes(ckpt, art, tmp_path):
 
 
 def test_a_rung_must_sit_below_the_experts(ckpt, tmp_path):
-    from swapmoe_edge.errors import ExportError
+    from swapmoe_edge.core.errors import ExportError
 
     with pytest.raises(ExportError, match="not below"):
         export_checkpoint(ckpt, tmp_path / "x", validate=False, quiet=True, expert_dtype="int8", ladder_rungs=("int8",))
@@ -202,9 +204,9 @@ def test_measured_quality_decides_between_lifting_and_covering():
 
 
 def test_measure_rung_loss_on_a_tiny_model_and_the_runtime_uses_it(art):
-    from swapmoe_edge.importance import Profile
-    from swapmoe_edge.rungs import rung_runners
-    from swapmoe_edge.substitution import measure_rung_loss
+    from swapmoe_edge.residency.importance import Profile
+    from swapmoe_edge.model.rungs import rung_runners
+    from swapmoe_edge.lab.substitution import measure_rung_loss
 
     from tiny import words
 
@@ -284,7 +286,7 @@ class _GatedStore(ExpertStore):
             self.waiting.set()
             self.gate.wait(10)
         if key in self.broken and rung is not None:
-            from swapmoe_edge.store import ExpertReadError
+            from swapmoe_edge.artifact.store import ExpertReadError
 
             raise ExpertReadError(key, "x", "injected I/O error")
         return super()._read_bytes(key, own_mapping, rung)
@@ -370,7 +372,7 @@ def test_measured_loss_curves_split_the_ladders_copies(art):
     """A profile whose curves say the decoder layer loses nothing with one expert and the
     encoder layer loses until it holds all: the ladder gives the copies to the encoder, where
     the importance split (decoder weight 8) gives them to the decoder."""
-    from swapmoe_edge.importance import Profile
+    from swapmoe_edge.residency.importance import Profile
 
     with Runtime(art, _cfg(policy="ladder", budget="12%", swap_interval_s=1000)) as rt:
         imp = {lk: np.asarray(v) for lk, v in rt.profile.importance.items()}

@@ -12,11 +12,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from swapmoe_edge import sessions as sessions_mod  # noqa: E402
-from swapmoe_edge.devices import CPU, CUDA  # noqa: E402
-from swapmoe_edge.errors import InputError  # noqa: E402
-from swapmoe_edge.placement import resolve_placement  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.model import sessions as sessions_mod  # noqa: E402
+from swapmoe_edge.system.devices import CPU, CUDA  # noqa: E402
+from swapmoe_edge.core.errors import InputError  # noqa: E402
+from swapmoe_edge.model.placement import resolve_placement  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
 
 from tiny import tiny_model  # noqa: E402

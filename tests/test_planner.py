@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from swapmoe_edge.errors import BudgetError
-from swapmoe_edge.manifest import LayerKey
-from swapmoe_edge.planner import (
+from swapmoe_edge.core.errors import BudgetError
+from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.residency.planner import (
     Swap,
     covered_mass,
     initial_residents,

@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from swapmoe_edge.errors import ArtifactError, InputError
-from swapmoe_edge.importance import ImportanceTracker, Profile
-from swapmoe_edge.manifest import ExpertKey, LayerKey
-from swapmoe_edge.planner import top_experts
-from swapmoe_edge.policies import SwapMoEPolicy
-from swapmoe_edge.predictor import DecoderPredictor, fit
-from swapmoe_edge.replay import ReplayConfig, replay
-from swapmoe_edge.residency import ResidentSet
-from swapmoe_edge.runtime import RuntimeConfig
+from swapmoe_edge.core.errors import ArtifactError, InputError
+from swapmoe_edge.residency.importance import ImportanceTracker, Profile
+from swapmoe_edge.core.keys import ExpertKey, LayerKey
+from swapmoe_edge.residency.planner import top_experts
+from swapmoe_edge.residency.policies_old import SwapMoEPolicy
+from swapmoe_edge.residency.predictor import DecoderPredictor, fit
+from swapmoe_edge.lab.replay import ReplayConfig, replay
+from swapmoe_edge.residency.resident import ResidentSet
+from swapmoe_edge.runtime.facade import RuntimeConfig
 
 from test_replay import make_trace
 from test_substitution import _Store

@@ -5,12 +5,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from swapmoe_edge.errors import InputError
-from swapmoe_edge.importance import Profile
-from swapmoe_edge.manifest import LayerKey
-from swapmoe_edge.replay import ReplayConfig, replay
-from swapmoe_edge.runtime import RuntimeConfig
-from swapmoe_edge.trace import Trace, load_trace
+from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.residency.importance import Profile
+from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.lab.replay import ReplayConfig, replay
+from swapmoe_edge.runtime.facade import RuntimeConfig
+from swapmoe_edge.lab.trace import Trace, load_trace
 
 COST = 1000  # bytes per expert
 

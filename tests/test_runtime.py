@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from swapmoe_edge.errors import ArtifactError, BudgetError, InputError  # noqa: E402
-from swapmoe_edge.manifest import ExpertKey, LayerKey  # noqa: E402
-from swapmoe_edge.policies import ExpertUnavailableError  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
-from swapmoe_edge.store import ExpertReadError, ExpertStore  # noqa: E402
+from swapmoe_edge.core.errors import ArtifactError, BudgetError, InputError  # noqa: E402
+from swapmoe_edge.core.keys import ExpertKey, LayerKey
+from swapmoe_edge.residency.policies_old import ExpertUnavailableError  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.artifact.store import ExpertReadError, ExpertStore  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
 
 from tiny import hf_generate, tiny_model, tiny_tokenizer, words  # noqa: E402
@@ -114,7 +114,7 @@ class SlowStore(ExpertStore):
 
 
 def _runtime(art, store_kw=None, **cfg) -> Runtime:
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     store = SlowStore(load_manifest(art), **(store_kw or {}))
     rt = Runtime(art, RuntimeConfig(**cfg), store=store)
@@ -194,7 +194,7 @@ def test_swapmoe_residents_follow_the_input(models):
 
 def test_a_failed_expert_read_is_never_run_and_lossy_policies_report_it(models):
     _, art = models["8exp_all_sparse"]
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     bad = sorted(load_manifest(art).experts)[:8]  # every expert of the first sparse layer but one
     rt = _runtime(art, {"fail": bad[:7]}, policy="swapmoe", budget="100%")
@@ -210,7 +210,7 @@ def test_a_failed_expert_read_is_never_run_and_lossy_policies_report_it(models):
 
 def test_exact_policies_fail_loudly_on_an_unreadable_expert(models):
     _, art = models["8exp_all_sparse"]
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     keys = sorted(load_manifest(art).experts)
     with pytest.raises(ExpertUnavailableError, match="injected I/O error"):
@@ -238,7 +238,7 @@ def test_residents_shrink_within_one_monitor_period_when_memory_drops(models):
         rt.generate(_rows(6), max_new_tokens=4)
         one = rt.expert_cost[next(iter(rt.expert_cost))]
         # another app takes memory: only the baseline plus two experts per layer are left
-        from swapmoe_edge import memory
+        from swapmoe_edge.system import memory
 
         free["bytes"] = rt.baseline + 2 * one * len(rt.sparse) - memory.current_rss()
         # a few monitor periods; on a loaded 2-core machine a thread can wait its turn for longer
@@ -385,7 +385,7 @@ def test_int8_experts_fit_more_residents_in_the_same_budget(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     export_checkpoint(tmp_path / "ckpt", tmp_path / "f32", quiet=True, validate=False)
     export_checkpoint(tmp_path / "ckpt", tmp_path / "i8", expert_dtype="int8", quiet=True, validate=False)
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     # The same bytes for experts in both (a share is of each artifact's own expert bytes;
     # the baselines are measured per runtime, so a whole-process cap would compare those).
@@ -401,7 +401,7 @@ def test_int8_experts_fit_more_residents_in_the_same_budget(tmp_path):
 
 # -- activation envelope ------------------------------------------------------------------------
 def test_chunks_keep_rows_times_width_within_the_envelope():
-    from swapmoe_edge.runtime import _chunks
+    from swapmoe_edge.runtime.facade import _chunks
 
     rows = [[1] * n for n in (3, 5, 2, 9, 1, 1, 4)]
     chunks = _chunks(rows, 10)
@@ -452,7 +452,7 @@ def test_int4_full_policy_reproduces_hf_generate_on_the_quantised_weights(int4_p
 
 
 def test_int4_experts_fit_about_seven_times_the_residents_in_the_same_budget(int4_pair):
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     _, f32, i4 = int4_pair
     m32, m4 = load_manifest(f32), load_manifest(i4)
@@ -543,8 +543,8 @@ def test_decoder_weight_moves_resident_slots_to_the_decoder_and_reaches_the_swap
 def test_expert_buffers_live_in_their_own_mapping_so_eviction_frees_their_pages(models):
     import mmap
 
-    from swapmoe_edge.manifest import load_manifest
-    from swapmoe_edge.store import anonymous_buffer
+    from swapmoe_edge.artifact.manifest import load_manifest
+    from swapmoe_edge.artifact.store import anonymous_buffer
 
     def owner(a):
         while isinstance(a, np.ndarray):

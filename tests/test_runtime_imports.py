@@ -44,9 +44,9 @@ def test_export_needs_neither_torch_nor_onnx_and_validation_says_what_it_needs(t
     blocker = BLOCKER.replace('"onnx", "swapmoe_export"', '"onnx"')
     code = blocker + textwrap.dedent(
         f"""
-        from swapmoe_edge.embedded import EMBEDDED_DIR
-        from swapmoe_edge.errors import ExportError
-        from swapmoe_edge.manifest import load_manifest
+        from swapmoe_edge.runtime.embedded import EMBEDDED_DIR
+        from swapmoe_edge.core.errors import ExportError
+        from swapmoe_edge.artifact.manifest import load_manifest
         from swapmoe_export import export_checkpoint
         art = export_checkpoint(EMBEDDED_DIR, {str(tmp_path / "art")!r}, validate=False, quiet=True)
         print(len(load_manifest(art, verify=True).experts))

@@ -11,9 +11,10 @@ transformers = pytest.importorskip("transformers")
 from click.testing import CliRunner  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from swapmoe_edge import embedded  # noqa: E402
-from swapmoe_edge.cli import main  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.runtime import embedded  # noqa: E402
+from swapmoe_export import export_checkpoint  # noqa: E402
+from swapmoe_edge.cli.main import main  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
 
 from tiny import hf_generate  # noqa: E402
 
@@ -34,7 +35,7 @@ def artifact(tmp_path_factory):
     mp.setenv("SWAPMOE_CACHE_DIR", str(cache))
     try:
         # validate: the device exports without torch; here the same export is checked against PyTorch.
-        yield embedded.default_artifact(quiet=True, validate=True)
+        yield embedded.default_artifact(export_checkpoint, quiet=True, validate=True)
     finally:
         mp.undo()
 
@@ -64,7 +65,7 @@ def test_shipped_checkpoint_has_the_promised_shape():
 
 
 def test_the_first_use_export_of_the_shipped_checkpoint_validates_against_pytorch(artifact):
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     report = load_manifest(artifact, verify=True).validation
     assert report and report["passed"] and report["compared"] > 0

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from swapmoe_edge.errors import InputError
-from swapmoe_edge.evaluate import read_pairs
-from swapmoe_edge.streams import order_documents, parse_sections, select_sections
+from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.lab.evaluate import read_pairs
+from swapmoe_edge.lab.streams import order_documents, parse_sections, select_sections
 
 SECTIONS = ["net", "games", "net", "libs", "games", "net", "libs", "games"]
 

@@ -8,15 +8,15 @@ import itertools
 import numpy as np
 import pytest
 
-from swapmoe_edge.errors import ArtifactError
-from swapmoe_edge.importance import ImportanceTracker, Profile
-from swapmoe_edge.manifest import ExpertKey, LayerKey
-from swapmoe_edge.planner import loss_envelope, plan_by_loss, plan_counts
-from swapmoe_edge.policies import SwapMoEPolicy
-from swapmoe_edge.replay import ReplayConfig, replay
-from swapmoe_edge.residency import ResidentSet
-from swapmoe_edge.runtime import RuntimeConfig
-from swapmoe_edge.store import LoadedExpert
+from swapmoe_edge.core.errors import ArtifactError
+from swapmoe_edge.residency.importance import ImportanceTracker, Profile
+from swapmoe_edge.core.keys import ExpertKey, LayerKey
+from swapmoe_edge.residency.planner import loss_envelope, plan_by_loss, plan_counts
+from swapmoe_edge.residency.policies_old import SwapMoEPolicy
+from swapmoe_edge.lab.replay import ReplayConfig, replay
+from swapmoe_edge.residency.resident import ResidentSet
+from swapmoe_edge.runtime.facade import RuntimeConfig
+from swapmoe_edge.artifact.store import LoadedExpert
 
 from test_replay import make_trace
 
@@ -68,7 +68,7 @@ def test_split_by_loss_equals_brute_force_and_fits():
 
 
 def test_split_by_loss_with_sizes_of_no_useful_common_divisor_still_fits(monkeypatch):
-    import swapmoe_edge.planner as planner
+    import swapmoe_edge.residency.planner as planner
 
     monkeypatch.setattr(planner, "MAX_PLAN_UNITS", 400)
     curves = {ENC: [0.5, 0.1, 0.05, 0.0], DEC: [0.2, 0.19, 0.18, 0.0]}
@@ -181,8 +181,8 @@ def art(tmp_path_factory):
 
 
 def test_measure_loss_on_a_tiny_model(art):
-    from swapmoe_edge.runtime import Runtime
-    from swapmoe_edge.substitution import measure_loss
+    from swapmoe_edge.runtime.facade import Runtime
+    from swapmoe_edge.lab.substitution import measure_loss
 
     from tiny import words
 
@@ -208,7 +208,7 @@ def test_measure_loss_on_a_tiny_model(art):
 def test_cli_profile_measure_loss(art, tmp_path):
     from click.testing import CliRunner
 
-    from swapmoe_edge.cli import main
+    from swapmoe_edge.cli.main import main
 
     from tiny import words
 
@@ -221,7 +221,7 @@ def test_cli_profile_measure_loss(art, tmp_path):
     assert r.exit_code == 0, r.output
     prof = Profile.load(out)
     assert set(prof.loss) == set(prof.substitute) == set(prof.importance) and "KL" in prof.meta["loss"]
-    from swapmoe_edge.manifest import load_manifest
+    from swapmoe_edge.artifact.manifest import load_manifest
 
     rungs = set(load_manifest(art).ladder)  # with a ladder in the artifact: what each rung costs, every layer
     assert rungs and all(set(row) == rungs and min(row.values()) >= 0 for row in prof.rung_loss.values())

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from swapmoe_edge.replay import POLICIES, ReplayConfig, replay  # noqa: E402
-from swapmoe_edge.runtime import Runtime, RuntimeConfig  # noqa: E402
-from swapmoe_edge.trace import load_trace, record_trace  # noqa: E402
+from swapmoe_edge.lab.replay import POLICIES, ReplayConfig, replay  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_edge.lab.trace import load_trace, record_trace  # noqa: E402
 
 from tiny import export_tiny, words  # noqa: E402
 
@@ -57,7 +57,7 @@ def test_trace_counts_every_real_token_once_and_no_padding(art, tmp_path):
 def test_cli_record_then_replay_json(art, tmp_path):
     from click.testing import CliRunner
 
-    from swapmoe_edge.cli import main
+    from swapmoe_edge.cli.main import main
 
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in _docs()))

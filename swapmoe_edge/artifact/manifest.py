@@ -1,0 +1,498 @@
+"""The artifact contract: ``manifest.json`` read into frozen dataclasses.
+
+The manifest is the only thing the runtime knows about a model. It never looks at
+model code; names, shapes and files all come from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from swapmoe_edge.core.errors import ArtifactError
+from swapmoe_edge.core.keys import STACKS, ExpertKey, LayerKey
+
+# 1: a layer's dense parts are separate subgraphs (attn | self_attn, cross_attn; ffn | router).
+# 2: one fused subgraph per layer, "block" (encoder) or "step" (decoder, beside cross_kv); the
+#    runtime reads both.
+SCHEMA_VERSION = 2
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "swapmoe-artifact"
+_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1}
+# Expert types stored with less precision than the float32 checkpoint; int4 packs two
+# weights per uint8 with float16 scales per group of 32 input rows.
+LOSSY_EXPERT_DTYPES = ("float16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The subset of a Hugging Face ``SwitchTransformersConfig`` the split model needs."""
+
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_heads: int
+    num_layers: int
+    num_decoder_layers: int
+    num_experts: int
+    encoder_sparse_step: int
+    decoder_sparse_step: int
+    expert_capacity: int
+    relative_attention_num_buckets: int
+    relative_attention_max_distance: int
+    layer_norm_epsilon: float
+    dense_act_fn: str
+    tie_word_embeddings: bool
+    router_bias: bool
+    pad_token_id: int
+    eos_token_id: int
+    decoder_start_token_id: int
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Read a HF ``config.json`` dict, deriving sparse steps exactly as transformers does."""
+        num_layers = int(cfg.get("num_layers", 12))
+        # transformers: a missing key takes the class default (12), an explicit null means "as the encoder".
+        num_dec = cfg.get("num_decoder_layers", 12)
+        num_dec = num_layers if num_dec is None else int(num_dec)
+
+        def step(n_layers: int, n_sparse: Any, saved: Any) -> int:
+            # SwitchTransformersConfig.__post_init__ (5.x; __init__ in 4.x) derives the step from
+            # num_sparse_*_layers (default 3), then sets the remaining saved keys, so a saved
+            # *_sparse_step overrides the derived one. The checkpoint's router tensors are
+            # checked against the result at export (swapmoe_export.checkpoint).
+            if saved is not None:
+                return int(saved)
+            n_sparse = 3 if n_sparse is None else int(n_sparse)
+            return n_layers // n_sparse if n_sparse > 0 else n_layers
+
+        eos = cfg.get("eos_token_id", 1)
+        if isinstance(eos, list):
+            eos = eos[0]
+        pad = cfg.get("pad_token_id", 0)
+        pad = 0 if pad is None else int(pad)
+        start = cfg.get("decoder_start_token_id")
+        return cls(
+            vocab_size=int(cfg.get("vocab_size", 32128)),
+            d_model=int(cfg.get("d_model", 768)),
+            d_kv=int(cfg.get("d_kv", 64)),
+            d_ff=int(cfg.get("d_ff", 2048)),
+            num_heads=int(cfg.get("num_heads", 12)),
+            num_layers=num_layers,
+            num_decoder_layers=num_dec,
+            num_experts=int(cfg.get("num_experts", 8)),
+            encoder_sparse_step=step(
+                num_layers, cfg.get("num_sparse_encoder_layers"), cfg.get("encoder_sparse_step")
+            ),
+            decoder_sparse_step=step(
+                num_dec, cfg.get("num_sparse_decoder_layers"), cfg.get("decoder_sparse_step")
+            ),
+            expert_capacity=int(cfg.get("expert_capacity", 64)),
+            relative_attention_num_buckets=int(cfg.get("relative_attention_num_buckets", 32)),
+            relative_attention_max_distance=int(cfg.get("relative_attention_max_distance", 128)),
+            layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-6)),
+            dense_act_fn=str(cfg.get("dense_act_fn", "relu")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            router_bias=bool(cfg.get("router_bias", False)),
+            pad_token_id=pad,
+            eos_token_id=int(1 if eos is None else eos),
+            decoder_start_token_id=int(pad if start is None else start),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def depth(self, stack: str) -> int:
+        return self.num_layers if stack == "encoder" else self.num_decoder_layers
+
+    def is_sparse(self, stack: str, layer: int) -> bool:
+        """HF's rule: ``i % step == 1 or step == 1`` (and no sparse layer when step <= 0)."""
+        step = self.encoder_sparse_step if stack == "encoder" else self.decoder_sparse_step
+        return (layer % step == 1 or step == 1) if step > 0 else False
+
+    def sparse_layers(self) -> list[LayerKey]:
+        return [
+            LayerKey(s, i) for s in STACKS for i in range(self.depth(s)) if self.is_sparse(s, i)
+        ]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Subgraph:
+    """One ONNX file and the tensor names it takes and gives."""
+
+    name: str
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """A weight inside an expert's weight block: ``offset`` bytes from the block's start."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    role: str = ""  # the expert kernel's input it feeds: wi, wo, wi_scale, wo_scale
+    # int4: wi/wo are uint8 [in, out/2] (two weights a byte), scales float16 [in/32, out]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * _ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class RungEntry:
+    """One expert's low-bit copy on the precision ladder (export/ladder.py)."""
+
+    weights_file: str
+    nbytes: int
+    tensors: tuple[TensorSlice, ...]
+
+
+@dataclass(frozen=True)
+class LadderRung:
+    """A rung of the artifact's ladder: how its copies are laid out and run."""
+
+    name: str  # "int4" | "int8"
+    bits: int
+    block: int
+    session_graph: str  # template whose initializers are the copy's bytes, handed over in memory
+    kernel: str  # subgraph name: the same computation in standard ops, weights as inputs
+    data_name: str  # the external-data name the template uses for those bytes
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    key: ExpertKey
+    graph: Subgraph
+    weights_file: str
+    nbytes: int  # size of the weight block on disk (tensors plus alignment padding)
+    norm: float  # Frobenius norm of the expert's weights, ||E|| in SwapMoE's Eq. 1
+    tensors: tuple[TensorSlice, ...]
+    rungs: dict[str, RungEntry] = field(default_factory=dict)  # the precision ladder's copies, if exported
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One transformer block: the names of its dense subgraphs and, if sparse, its experts."""
+
+    key: LayerKey
+    sparse: bool
+    parts: dict[str, str]  # role -> subgraph name, e.g. {"attn": "enc.L00.attn", "router": ...}
+    experts: tuple[ExpertKey, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    schema_version: int
+    dtype: str
+    expert_dtype: str
+    config: ModelConfig
+    tokenizer: str | None
+    subgraphs: dict[str, Subgraph]
+    layers: tuple[LayerEntry, ...]
+    experts: dict[ExpertKey, ExpertEntry]
+    files: dict[str, FileEntry]
+    generation: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    ladder: dict[str, LadderRung] = field(default_factory=dict)  # rung name -> rung; empty: no ladder
+
+    # -- derived views -------------------------------------------------------------
+    def layer(self, stack: str, index: int) -> LayerEntry:
+        for entry in self.layers:
+            if entry.key == LayerKey(stack, index):
+                return entry
+        raise KeyError(f"{stack} layer {index}")
+
+    def stack_layers(self, stack: str) -> list[LayerEntry]:
+        return [entry for entry in self.layers if entry.key.stack == stack]
+
+    def sparse_layers(self) -> list[LayerEntry]:
+        return [entry for entry in self.layers if entry.sparse]
+
+    @property
+    def expert_dtype_lossy(self) -> bool:
+        """Whether the experts hold rounded or quantised weights (the output then differs from the checkpoint's)."""
+        return self.expert_dtype in LOSSY_EXPERT_DTYPES
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(e.nbytes for e in self.experts.values())
+
+    def ladder_files(self) -> set[str]:
+        """Every file of the precision ladder: the copies, each rung's session template and kernel."""
+        files = {r.weights_file for e in self.experts.values() for r in e.rungs.values()}
+        files |= {r.session_graph for r in self.ladder.values()}
+        return files | {self.subgraphs[r.kernel].file for r in self.ladder.values() if r.kernel in self.subgraphs}
+
+    @property
+    def dense_bytes(self) -> int:
+        expert_files = {e.weights_file for e in self.experts.values()} | {e.graph.file for e in self.experts.values()}
+        expert_files |= self.ladder_files()
+        return sum(f.size for p, f in self.files.items() if p not in expert_files)
+
+    def rung_bytes(self, rung: str) -> int:
+        """All experts' copies on ``rung``, in bytes."""
+        return sum(e.rungs[rung].nbytes for e in self.experts.values())
+
+    def path(self, rel: str) -> Path:
+        """``root / rel``; every path the manifest names was checked at load to stay inside root."""
+        return self.root / rel
+
+    def verify_file(self, rel: str, data: bytes | None = None) -> None:
+        """Check one file's size and sha256 against the manifest; raise ArtifactError if not."""
+        entry = self.files.get(rel)
+        if entry is None:
+            raise ArtifactError(f"{self.root}: {rel} is not listed in {MANIFEST_NAME}")
+        path = self.path(rel)
+        if data is None:
+            if not path.is_file():
+                raise ArtifactError(
+                    f"{path} is missing; the artifact is incomplete. Export it again."
+                )
+            data_hash = sha256_file(path)
+            size = path.stat().st_size
+        else:
+            data_hash = hashlib.sha256(data).hexdigest()
+            size = len(data)
+        if size != entry.size or data_hash != entry.sha256:
+            raise ArtifactError(
+                f"{path} is corrupt: size {size} / sha256 {data_hash[:12]}… but the manifest "
+                f"says size {entry.size} / sha256 {entry.sha256[:12]}…. Export the model again "
+                "(or restore the file from a good copy)."
+            )
+
+    def summary(self) -> dict[str, Any]:
+        """What ``swapmoe info`` shows."""
+        c = self.config
+        sparse = self.sparse_layers()
+        return {
+            "artifact": str(self.root),
+            "schema_version": self.schema_version,
+            "dtype": self.dtype,
+            "expert_dtype": self.expert_dtype,
+            "expert_dtype_lossy": self.expert_dtype_lossy,
+            "d_model": c.d_model,
+            "d_ff": c.d_ff,
+            "num_heads": c.num_heads,
+            "vocab_size": c.vocab_size,
+            "encoder_layers": c.num_layers,
+            "decoder_layers": c.num_decoder_layers,
+            "sparse_layers": [e.key.name for e in sparse],
+            "experts_per_layer": c.num_experts,
+            "experts_total": len(self.experts),
+            "expert_capacity": c.expert_capacity,
+            "dense_bytes": self.dense_bytes,
+            "expert_bytes": self.expert_bytes,
+            "bytes_per_expert": (self.expert_bytes // len(self.experts)) if self.experts else 0,
+            "total_bytes": sum(f.size for f in self.files.values()),
+            "tokenizer": self.tokenizer,
+            "validated": bool(self.validation and self.validation.get("passed")),
+            "ladder_bytes": sum(self.files[p].size for p in self.ladder_files() if p in self.files),
+            # the precision ladder: each rung's copies of all experts, in bytes (lossy)
+            "ladder": {name: {"bits": r.bits, "bytes": self.rung_bytes(name),
+                              "share_of_expert_bytes": round(self.rung_bytes(name) / max(1, self.expert_bytes), 4)}
+                       for name, r in self.ladder.items()},
+        }
+
+
+# -- reading and writing -------------------------------------------------------------
+
+
+def check_inside(root: Path, rel: Any, what: str, base: Path | None = None, _dirs: dict | None = None) -> Path:
+    """``base / rel`` (base defaults to root), or ArtifactError if it leaves ``root``: an absolute
+    path, a ``..`` component, or a symlink (anywhere on the way) that points outside.
+    ``_dirs`` caches resolved folders across calls (thousands of experts share a few)."""
+    base = root if base is None else base
+    bad = None
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        bad = "is not a relative path"
+    elif PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        bad = "is an absolute path"
+    elif ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        bad = "climbs out with '..'"
+    else:
+        dirs = {} if _dirs is None else _dirs
+        path = base / rel
+        if path.parent not in dirs:
+            dirs[path.parent] = path.parent.resolve()
+        target = dirs[path.parent] / path.name
+        if target.is_symlink():
+            target = target.resolve()
+        if root not in dirs:
+            dirs[root] = root.resolve()
+        top = dirs[root]
+        if target != top and top not in target.parents:
+            bad = f"resolves to {target}, outside the artifact (a symlink out)"
+    if bad:
+        raise ArtifactError(
+            f"{root}: {what} names {rel!r}, which {bad}. An artifact may only refer to files inside "
+            "its own directory; this one is damaged or was made to read other files. Export the model again."
+        )
+    return base / rel
+
+
+def _check_paths(root: Path, manifest: "Manifest") -> None:
+    named = [(rel, f"{MANIFEST_NAME} 'files'") for rel in manifest.files]
+    named += [(g.file, f"subgraph {g.name}") for g in manifest.subgraphs.values()]
+    for e in manifest.experts.values():
+        named += [(e.graph.file, f"expert {e.key.name}"), (e.weights_file, f"expert {e.key.name}")]
+        named += [(r.weights_file, f"expert {e.key.name} rung {name}") for name, r in e.rungs.items()]
+    named += [(r.session_graph, f"ladder rung {r.name}") for r in manifest.ladder.values()]
+    if manifest.tokenizer is not None:
+        named.append((manifest.tokenizer, "tokenizer"))
+    dirs: dict = {}
+    for rel, what in named:
+        check_inside(root, rel, what, _dirs=dirs)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _subgraph(name: str, d: dict[str, Any]) -> Subgraph:
+    return Subgraph(name=name, file=d["file"], inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]))
+
+
+def _slices(tensors: list[dict[str, Any]]) -> tuple[TensorSlice, ...]:
+    return tuple(TensorSlice(t["name"], int(t["offset"]), tuple(t["shape"]), t["dtype"], t.get("role") or _role(t["name"]))
+                 for t in tensors)
+
+
+def _role(tensor_name: str) -> str:
+    """Schema-1 manifests without roles: ``.../wi.weight`` feeds ``wi``."""
+    leaf = tensor_name.rsplit("/", 1)[-1]
+    return leaf.replace(".weight", "").replace(".scale", "_scale")
+
+
+def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
+    """Read ``root/manifest.json``. With ``verify``, hash every file (slow for big models)."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.exists():
+        raise ArtifactError(f"artifact directory {root} does not exist. Run `swapmoe export` first.")
+    if not path.is_file():
+        raise ArtifactError(
+            f"{root} has no {MANIFEST_NAME}: it is not an artifact, or its export did not finish. "
+            "Run `swapmoe export MODEL_DIR -o DIR` again."
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}). Export the model again.") from e
+    if raw.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path} is not a swapmoe artifact manifest (format={raw.get('format')!r}).")
+    version = raw.get("schema_version")
+    if not isinstance(version, int):
+        raise ArtifactError(f"{path} has no integer schema_version.")
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has schema version {version}, newer than this runtime understands "
+            f"({SCHEMA_VERSION}). Upgrade swapmoe-edge, or export the model with this version."
+        )
+    try:
+        subgraphs = {n: _subgraph(n, d) for n, d in raw["subgraphs"].items()}
+        experts: dict[ExpertKey, ExpertEntry] = {}
+        for d in raw["experts"]:
+            key = ExpertKey(d["stack"], int(d["layer"]), int(d["expert"]))
+            experts[key] = ExpertEntry(
+                key=key,
+                graph=_subgraph(key.name, d["graph"]),
+                weights_file=d["weights_file"],
+                nbytes=int(d["nbytes"]),
+                norm=float(d["norm"]),
+                tensors=_slices(d["tensors"]),
+                rungs={name: RungEntry(r["weights_file"], int(r["nbytes"]), _slices(r["tensors"]))
+                       for name, r in d.get("rungs", {}).items()},
+            )
+        layers = tuple(
+            LayerEntry(
+                key=LayerKey(d["stack"], int(d["layer"])),
+                sparse=bool(d["sparse"]),
+                parts=dict(d["parts"]),
+                experts=tuple(ExpertKey(d["stack"], int(d["layer"]), int(i)) for i in d.get("experts", [])),
+            )
+            for d in raw["layers"]
+        )
+        files = {p: FileEntry(p, int(d["size"]), d["sha256"]) for p, d in raw["files"].items()}
+        manifest = Manifest(
+            root=root,
+            schema_version=version,
+            dtype=raw["dtype"],
+            expert_dtype=raw.get("expert_dtype", raw["dtype"]),
+            config=ModelConfig.from_dict(raw["config"]),
+            tokenizer=raw.get("tokenizer"),
+            subgraphs=subgraphs,
+            layers=layers,
+            experts=experts,
+            files=files,
+            generation=raw.get("generation", {}),
+            validation=raw.get("validation"),
+            extra=raw.get("extra", {}),
+            ladder={name: LadderRung(name, int(r["bits"]), int(r["block"]), r["session_graph"], r["kernel"], r["data_name"])
+                    for name, r in raw.get("ladder", {}).items()},
+        )
+        for name, r in manifest.ladder.items():
+            lacking = [k.name for k, e in experts.items() if name not in e.rungs]
+            if lacking or r.kernel not in subgraphs:
+                raise ValueError(f"ladder rung {name} lacks {'the kernel ' + r.kernel if r.kernel not in subgraphs else ''}"
+                                 f"{' and ' if lacking and r.kernel not in subgraphs else ''}"
+                                 f"{'copies of ' + ', '.join(lacking[:3]) + ('…' if len(lacking) > 3 else '') if lacking else ''}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{path} is malformed ({type(e).__name__}: {e}). Export the model again.") from e
+    _check_paths(root, manifest)
+    for rel, entry in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise ArtifactError(f"{p} is missing; the artifact is incomplete. Export the model again.")
+        if p.stat().st_size != entry.size:
+            raise ArtifactError(
+                f"{p} has {p.stat().st_size} bytes, the manifest says {entry.size}: the file is "
+                "truncated or replaced. Export the model again."
+            )
+    if verify:
+        for rel in files:
+            manifest.verify_file(rel)
+    return manifest
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON next to ``path`` then rename over it, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def config_to_dict(c: ModelConfig) -> dict[str, Any]:
+    return asdict(c)

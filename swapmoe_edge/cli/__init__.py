@@ -1,0 +1,1 @@
+"""The `swapmoe` command: one thin module per verb group."""

@@ -1,0 +1,1 @@
+"""Shared words: keys, units, errors, progress. Imports nothing of ours."""

@@ -1,0 +1,1 @@
+"""Measuring and research: traces, replay, hindsight, evaluation, sweeps, benchmarks, the device box."""

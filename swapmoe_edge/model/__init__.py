@@ -1,0 +1,1 @@
+"""One forward pass: sessions, the split model, MoE routing, generation, kernels and rungs. No budget, no threads."""

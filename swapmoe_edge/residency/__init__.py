@@ -1,0 +1,1 @@
+"""Which experts are resident: importance, profile, predictor, planner, the engine and its policies."""

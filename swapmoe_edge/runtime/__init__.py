@@ -1,0 +1,1 @@
+"""Configuration, loading an artifact into parts, and the Runtime facade."""

@@ -1,0 +1,1 @@
+"""The machine: memory, cgroups, the budget monitor, page cache, device profiles."""
