@@ -1,4 +1,4 @@
-"""Device profiles, one JSON file each; ``swapmoe_edge.devices`` reads them."""
+"""Device profiles, one JSON file each; ``swapmoe_edge.system.devices`` reads them."""
 
 from pathlib import Path
 
