@@ -31,9 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-
 
 def _inputs(vocab: int, eos: int, length: int, seed: int) -> list[int]:
     import numpy as np
@@ -337,10 +334,10 @@ def phase_hfpair(artifact: str, checkpoint: str, threads: int, tokens: int, requ
 
 HF_PHASE = r"""
 import copy, json, sys, time, statistics
-sys.path.insert(0, sys.argv[7])
 import numpy as np, torch
 from transformers import LogitsProcessor, LogitsProcessorList, SwitchTransformersForConditionalGeneration
-from scripts.bench_decode import _inputs
+def _inputs(vocab, eos, length, seed):  # as bench_decode._inputs: the same ids as ours
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, length - 1)] + [eos]
 ckpt, threads, tokens, requests, source_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 lengths = [int(x) for x in sys.argv[6].split(",") if x]
 if threads > 0:
@@ -383,8 +380,10 @@ print(json.dumps({"load_s": load_s, "decode_ms": decode, "tokens": first, "ttft_
 
 
 def _child(args: list[str], tree: Path | None = None) -> dict:
+    """Run one phase in a fresh process; ``tree``: a source tree whose swapmoe_edge it imports instead."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tree or ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"bench_decode: child {' '.join(args[:4])} failed:\n{proc.stderr[-3000:]}")
@@ -458,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["hfpair"] = _child(_me("hfpair", a.artifact, "--checkpoint", a.checkpoint, *th, *common))
         elif a.checkpoint and has_torch:
             row["hf"] = _child([sys.executable, "-c", HF_PHASE, a.checkpoint, str(threads), str(a.tokens),
-                                str(a.requests), str(a.source_len), ",".join(map(str, a.ttft_lengths)), str(ROOT)])
+                                str(a.requests), str(a.source_len), ",".join(map(str, a.ttft_lengths))])
         row["summary"] = _summarise(row, tb.total, tb.cache_per_past_token, a)
         row["summary"]["ort_calls_per_token"] = tb.ort_calls
         row["summary"]["empty_call_share"] = tb.ort_calls * row["bandwidth"]["empty_call_us"] / 1e3 / row["summary"]["decode_ms"]

@@ -1,5 +1,5 @@
 """What swapmoe's decoder prediction costs in time: TTFT, decode and stall of
-``predict_decoder=auto`` against ``off``, paired (docs/results/issue14/README.md, session 10).
+``predict_decoder=auto`` against ``off``, paired (docs/results/streams/README.md).
 
     python scripts/bench_predict_cost.py --data CORPUS/test.jsonl --budget 33% --docs 480 [--artifact ART]
 
@@ -13,12 +13,12 @@ import argparse
 import statistics
 import sys
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.cli.common import embedded_artifact  # noqa: E402
-from swapmoe_edge.lab.evaluate import read_pairs  # noqa: E402
-from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_export import export_checkpoint
+
+from swapmoe_edge.lab.evaluate import read_pairs
+from swapmoe_edge.runtime.embedded import default_artifact
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--modes", default="auto,off", help="two predict_decoder modes (off,off: the bench's own noise)")
     a = ap.parse_args()
     warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
-    art = a.artifact or embedded_artifact(quiet=True)
+    art = a.artifact or default_artifact(export_checkpoint, quiet=True)
     docs = read_pairs(a.data, a.docs, a.order)
     modes = tuple(a.modes.split(","))
     if len(modes) != 2:

@@ -1,4 +1,4 @@
-"""Quality bounds for swapmoe's choice of residents (swapmoe_edge/hindsight.py) beside a sweep's
+"""Quality bounds for swapmoe's choice of residents (swapmoe_edge/lab/hindsight.py) beside a sweep's
 prune and swapmoe cells of the same stream.
 
     python scripts/hindsight_bound.py ART --data CORPUS/test.jsonl --order shuffled \
@@ -18,10 +18,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.lab.evaluate import _scorer, read_pairs  # noqa: E402
-from swapmoe_edge.lab.hindsight import MODES, bound_summaries  # noqa: E402
-from swapmoe_edge.residency.importance import Profile  # noqa: E402
+from swapmoe_edge.lab.evaluate import _scorer, read_pairs
+from swapmoe_edge.lab.hindsight import MODES, bound_summaries
+from swapmoe_edge.residency.importance import Profile
 
 
 def _cell(sweep: Path | None, policy: str, budget: str) -> list[str] | None:

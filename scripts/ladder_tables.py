@@ -4,7 +4,7 @@
 
 One table per measure (reference ROUGE-2, same-as-full, peak RSS / budget, decode ms/token
 as a ratio to `full` of the same sweep), policies as rows and budgets as columns, and the
-issue's targets checked: the ladder within 0.005 ROUGE-2 of `full` at 33%, at or above
+ladder's targets checked: within 0.005 ROUGE-2 of `full` at 33%, at or above
 `prune` in every cell (with the standard error of the difference, paired by document,
 from the cells' outputs), peak RSS within budget + 5%. ``--decode``: a bench_ladder_decode.py
 result (interleaved, paired) for the decode target, which a sweep's cells, run minutes
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from issue14_compare import paired_se  # noqa: E402
+from compare_policies import paired_se  # a sibling script: Python puts this folder on the path
 
 POLICIES = ("ladder", "swapmoe", "prune", "on-demand")
 

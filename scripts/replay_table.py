@@ -1,12 +1,12 @@
 """Markdown tables from `swapmoe trace replay --json` output (one JSON object per budget per line).
 
-    python scripts/replay_table.py docs/results/issue14/replay_test_shuffled.jsonl
+    python scripts/replay_table.py docs/results/streams/replay_test_*.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 BOUND = {"belady": "exact bound", "best-fixed": "fixed-set bound"}
 
@@ -31,6 +31,12 @@ def table(path: str) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":
-    for p in sys.argv[1:]:
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("replays", nargs="+", help="`swapmoe trace replay --json` output files")
+    for p in ap.parse_args().replays:
         print(f"### {p}\n\n{table(p)}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,9 +30,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import (GenerationConfig, PreTrainedTokenizerFast, SwitchTransformersConfig,
                           SwitchTransformersForConditionalGeneration)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.lab.corpus import build_debian_corpus  # noqa: E402
-from swapmoe_edge.core.errors import InputError  # noqa: E402
+from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.lab.corpus import build_debian_corpus
 
 PAD, EOS, UNK, COPY = 0, 1, 2, 3
 SPECIALS = ["<pad>", "</s>", "<unk>"]  # their ids are PAD, EOS, UNK: the trainer adds them first

@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swapmoe_edge.lab.evaluate import evaluate  # noqa: E402
+from swapmoe_edge.lab.evaluate import evaluate
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,9 @@
 """scripts/train_summarizer.py runs end to end on a tiny corpus of our own and writes a
 checkpoint that HF loads, with the Switch-paper router initialisation."""
 
+import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +12,17 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("rouge_score")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import train_summarizer  # noqa: E402
+
+def _load_script(name: str):
+    """A script of scripts/ as a module (scripts/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_summarizer = _load_script("train_summarizer")
 
 TOPICS = ["terminal game", "image viewer", "mail client", "music player", "text editor", "web browser"]
 
