@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from swapmoe_edge.core.errors import ArtifactError, ExportError
-from swapmoe_edge.artifact.manifest import MANIFEST_NAME, load_manifest, write_json_atomic
+from swapmoe_edge.artifact.files import write_json_atomic
+from swapmoe_edge.artifact.manifest import MANIFEST_NAME, load_manifest
 
 from . import graphs, ladder
 from .exporter import ArtifactWriter

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from swapmoe_edge.core.errors import CheckpointError
-from swapmoe_edge.artifact.manifest import ModelConfig
+from swapmoe_edge.artifact.model_config import ModelConfig
 
 SUPPORTED_ACTS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 

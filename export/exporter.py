@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from swapmoe_edge.core.errors import CheckpointError, ExportError
-from swapmoe_edge.artifact.manifest import FORMAT_NAME, MANIFEST_NAME, SCHEMA_VERSION, ModelConfig, config_to_dict, write_json_atomic
+from swapmoe_edge.artifact.files import write_json_atomic
+from swapmoe_edge.artifact.manifest import FORMAT_NAME, MANIFEST_NAME, SCHEMA_VERSION
+from swapmoe_edge.artifact.model_config import ModelConfig, config_to_dict
 from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
 from . import fused, graphs, ladder, quant

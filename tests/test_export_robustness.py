@@ -17,7 +17,8 @@ pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from swapmoe_edge.core.errors import CheckpointError  # noqa: E402
-from swapmoe_edge.artifact.manifest import ModelConfig, load_manifest  # noqa: E402
+from swapmoe_edge.artifact.manifest import load_manifest  # noqa: E402
+from swapmoe_edge.artifact.model_config import ModelConfig  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
 
 from tiny import save_tiny  # noqa: E402

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from swapmoe_edge.artifact.files import check_inside
 from swapmoe_edge.core.errors import ArtifactError
 
 # Field numbers from onnx/onnx.proto.
@@ -111,8 +112,6 @@ def external_locations(model: bytes) -> list[str]:
 
 def check_external_data(model_path: Path, root: Path) -> None:
     """Raise ArtifactError if an external-data reference of ``model_path`` leaves ``root``."""
-    from swapmoe_edge.artifact.manifest import check_inside  # manifest imports nothing from here
-
     try:
         locations = external_locations(model_path.read_bytes())
     except ValueError as e:

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from swapmoe_edge.core.errors import ArtifactError
-from swapmoe_edge.artifact.manifest import write_json_atomic
+from swapmoe_edge.artifact.files import write_json_atomic
 from swapmoe_edge.core.keys import LayerKey, parse_layer_name
 
 PROFILE_NAME = "profile.json"

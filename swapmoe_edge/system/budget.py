@@ -27,6 +27,7 @@ import psutil
 
 from swapmoe_edge.core.errors import BudgetError
 from swapmoe_edge.core.units import MIB, SIZE_FORMS, format_size, parse_size
+from swapmoe_edge.system.cgroup import memory_limits, tightest
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class MemoryMonitor:
         self.threshold_bytes = int(threshold_bytes)
         self.on_change = on_change
         if limits_fn is None and available_fn is None:
-            from swapmoe_edge.system.cgroup import memory_limits as limits_fn
+            limits_fn = memory_limits
         self._limits_fn = limits_fn or (lambda: [])
         self._available_fn = available_fn or _available_bytes
         if rss_fn is None:
@@ -203,8 +204,6 @@ class MemoryMonitor:
 
     def sample_once(self) -> MemorySample:
         """Read memory now, update the live budget, and report it if it moved enough."""
-        from swapmoe_edge.system.cgroup import tightest
-
         available, rss = int(self._available_fn()), int(self._rss_fn())
         budget, source = max(0, rss + available - self.reserve), "machine"
         group = tightest(self._limits_fn())

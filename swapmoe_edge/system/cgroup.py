@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from swapmoe_edge.core.units import format_size
+
 # cgroup v1 writes "no limit" as LONG_MAX rounded down to a page; anything this large is none.
 _UNLIMITED = 1 << 60
 
@@ -43,8 +45,6 @@ class CgroupMemory:
         return max(0, self.limit - max(0, self.usage - self.reclaimable))
 
     def describe(self) -> str:
-        from swapmoe_edge.core.units import format_size
-
         return f"cgroup v{self.version} {self.path} (limit {format_size(self.limit)})"
 
 

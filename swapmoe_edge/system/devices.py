@@ -18,6 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+import onnxruntime as ort
+import psutil
+
 from swapmoe_edge.core.errors import InputError
 
 try:
@@ -234,8 +237,6 @@ def read_facts(model_path: str | Path = "/proc/device-tree/model", tegra_path: s
         release = m.group(1).upper() if m else ""
         version = f"{m.group(1)[1:]}.{m.group(2)}" if m else None
     if total_memory is None:
-        import psutil
-
         total_memory = int(psutil.virtual_memory().total)
     try:
         driver = any(Path(nvidia_path).iterdir())
@@ -300,8 +301,6 @@ def select_providers(profile: DeviceProfile, available: Sequence[str] | None = N
     what to install and what runs instead.
     """
     if available is None:
-        import onnxruntime as ort
-
         available = ort.get_available_providers()
     offered = set(available) | {CPU}  # every build has the CPU provider
     chosen = [p for p in profile.providers if p in offered]
