@@ -13,6 +13,8 @@ corpus's validation split, which is copied into the export.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -22,7 +24,7 @@ from typing import Callable
 
 from swapmoe_edge.core.errors import ArtifactError
 from swapmoe_edge.residency.importance import PROFILE_NAME
-from swapmoe_edge.artifact.manifest import MANIFEST_NAME, SCHEMA_VERSION
+from swapmoe_edge.artifact.manifest import SCHEMA_VERSION, load_manifest
 
 Exporter = Callable[..., Path]
 EMBEDDED_NAME = "switch-debian"
@@ -50,12 +52,17 @@ def _fingerprint(ckpt: Path) -> str:
 
 
 def default_artifact(export: Exporter, ckpt: Path | None = None, quiet: bool = False,
-                     validate: bool = False) -> Path:
+                     validate: bool = False, rebuild: bool = False) -> Path:
     """The exported embedded model, exported with ``export`` on the first call.
 
     ``export(checkpoint, out, quiet=, validate=)`` is ``swapmoe_export.export_checkpoint``;
     the caller passes it because the runtime never imports the exporter. ``validate``
-    needs torch.
+    needs torch. ``rebuild`` exports again even when the cache looks complete.
+
+    First use is atomic: the export and its profile are assembled in a hidden staging
+    folder and renamed into place complete, under a lock, so concurrent first uses export
+    once and a killed one leaves nothing visible. A cache that fails its check is rebuilt,
+    with a note on stderr.
     """
     ckpt = Path(ckpt or EMBEDDED_DIR)
     if not (ckpt / "config.json").is_file():
@@ -63,21 +70,69 @@ def default_artifact(export: Exporter, ckpt: Path | None = None, quiet: bool = F
             f"no embedded model is shipped in this installation ({ckpt} is missing). "
             "Export a Switch Transformer with `swapmoe export MODEL_DIR -o DIR` and pass --artifact DIR."
         )
-    out = cache_root() / f"{ckpt.name}-{_fingerprint(ckpt)}"
-    if (out / MANIFEST_NAME).is_file():
+    root = cache_root()
+    out = root / f"{ckpt.name}-{_fingerprint(ckpt)}"
+    if not rebuild and incomplete(out, ckpt) is None:
         return out
-    if not quiet:
-        print(f"[swapmoe] first use: exporting the embedded model into {out} (once)", file=sys.stderr, flush=True)
     try:
-        art = export(ckpt, out, quiet=quiet, validate=validate)
+        root.mkdir(parents=True, exist_ok=True)
+        with _locked(root / f".{out.name}.lock"):
+            why = "a rebuild was asked for" if rebuild else incomplete(out, ckpt)
+            if why is None:  # another process finished it while this one waited
+                return out
+            _install(export, ckpt, out, why, quiet=quiet, validate=validate)
     except OSError as e:
         raise ArtifactError(
             f"cannot write the embedded model's export into {out} ({e.strerror or e}). "
             "Set SWAPMOE_CACHE_DIR to a writable folder, or pass --artifact DIR."
         ) from e
-    shipped = ckpt / PROFILE_NAME  # the importance profile measured on the validation split
+    return out
+
+
+def incomplete(out: Path, ckpt: Path) -> str | None:
+    """Why the cached export ``out`` of ``ckpt`` cannot be used, or None when it can."""
+    if not out.exists():
+        return "missing"
+    try:
+        load_manifest(out)
+    except ArtifactError as e:
+        return str(e)
+    shipped = ckpt / PROFILE_NAME
     if shipped.is_file():
-        tmp = art / (PROFILE_NAME + ".tmp")
-        shutil.copyfile(shipped, tmp)
-        os.replace(tmp, art / PROFILE_NAME)
-    return art
+        cached = out / PROFILE_NAME
+        if not cached.is_file() or cached.read_bytes() != shipped.read_bytes():
+            return f"its {PROFILE_NAME} is missing or differs from the shipped one"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` for the life of the block (released if the process dies)."""
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _install(export: Exporter, ckpt: Path, out: Path, why: str, quiet: bool, validate: bool) -> None:
+    """Export into a hidden staging folder, add the profile, then rename it into place."""
+    for stale in out.parent.glob(f".{out.name}.staging-*"):  # left by a killed first use
+        shutil.rmtree(stale, ignore_errors=True)
+    if why != "missing":
+        print(f"[swapmoe] the embedded model's cache {out} is rebuilt: {why}", file=sys.stderr, flush=True)
+    elif not quiet:
+        print(f"[swapmoe] first use: exporting the embedded model into {out} (once)", file=sys.stderr, flush=True)
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}"
+    stage.mkdir()
+    try:
+        art = Path(export(ckpt, stage / "artifact", quiet=quiet, validate=validate))
+        shipped = ckpt / PROFILE_NAME  # the importance profile measured on the validation split
+        if shipped.is_file():
+            shutil.copyfile(shipped, art / PROFILE_NAME)
+        if out.exists():
+            os.replace(out, stage / "old")
+        os.replace(art, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
