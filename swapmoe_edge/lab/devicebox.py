@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swapmoe_edge.system.cgroup import is_root, self_cgroup_dir, unified_dir
 from swapmoe_edge.core.errors import SwapMoEError
+from swapmoe_edge.core.units import format_size
+from swapmoe_edge.system.cgroup import is_root, self_cgroup_dir, unified_dir
 
 
 class BoxUnavailable(SwapMoEError):
@@ -199,8 +200,6 @@ class DeviceBox:
         self.close()
 
     def describe(self) -> str:
-        from swapmoe_edge.core.units import format_size
-
         mem = format_size(self.memory_bytes) if self.memory_bytes else "no memory limit"
         flash = f"{self.read_bps / 1e6:g} MB/s" if self.read_bps else "unthrottled reads"
         cpu = f", cpu.shares {self.cpu_shares}" if self.cpu is not None else ""

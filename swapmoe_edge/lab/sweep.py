@@ -32,9 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from swapmoe_edge.core.units import format_size
+from swapmoe_edge.artifact.manifest import load_manifest
 from swapmoe_edge.core.errors import InputError, SwapMoEError
+from swapmoe_edge.core.units import format_size
+from swapmoe_edge.lab.evaluate import evaluate, lead_baseline, read_pairs
 from swapmoe_edge.lab.streams import parse_sections
+from swapmoe_edge.residency.importance import Profile
+from swapmoe_edge.residency.policies_old import POLICIES
 
 FULL_BUDGET = "100%"
 PLANNER_FREE = ("full", "on-demand", "ladder")  # ladder: its own byte planner (ladder_plan.py)
@@ -121,8 +125,6 @@ def _run_cell_process(cmd: list[str], timeout_s: float | None) -> tuple[dict | N
 
 def _cell_main(argv: Sequence[str] | None = None) -> None:
     """``python -m swapmoe_edge.lab.sweep --cell POLICY BUDGET PLANNER ...``: print one JSON line."""
-    from swapmoe_edge.lab.evaluate import evaluate
-
     ap = argparse.ArgumentParser(prog="python -m swapmoe_edge.lab.sweep", description="Run one sweep cell.")
     ap.add_argument("--cell", nargs=3, required=True, metavar=("POLICY", "BUDGET", "PLANNER"))
     ap.add_argument("--artifact", required=True)
@@ -205,18 +207,12 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
           plots: bool = True, quiet: bool = False, order: str = "file", sections: Sequence[str] = (),
           exclude_sections: Sequence[str] = (), profile: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``sweep.csv``, ``sweep.json`` and the plots; returns the JSON."""
-    from swapmoe_edge.lab.evaluate import lead_baseline, read_pairs
-    from swapmoe_edge.artifact.manifest import load_manifest
-    from swapmoe_edge.residency.policies_old import POLICIES
-
     for p in policies:
         if p not in POLICIES:
             raise InputError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
     docs = read_pairs(data_path, limit, order, sections, exclude_sections)  # fail on bad data now, not in every cell
     load_manifest(artifact)  # and on a bad artifact
     if profile is not None:  # and on a bad profile
-        from swapmoe_edge.residency.importance import Profile
-
         Profile.load(profile)
     settings = {"artifact": str(Path(artifact).resolve()), "data": str(Path(data_path).resolve()), "limit": limit,
                 "max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_size": batch_size, "threads": threads,
