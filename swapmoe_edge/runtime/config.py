@@ -62,7 +62,7 @@ class RuntimeConfig:
     # swapmoe's importance between requests: online sums decay by ``decay`` after each request,
     # and the calibrated profile counts as ``prior_documents`` documents that never decay
     # (importance.set_prior; None: the profile only seeds the sums and decays with them).
-    # Chosen by trace replay on the validation split (docs/results/issue14/README.md): the old
+    # Chosen by trace replay on the validation split (docs/results/streams/README.md): the old
     # 0.5 without a prior chased the last two documents and lost to the static set on shuffled
     # streams; a prior too strong never moves on a stream calibrated on other sections.
     decay: float = 0.8
@@ -71,7 +71,7 @@ class RuntimeConfig:
     # has a decoder predictor (`swapmoe profile --predict-decoder`; predictor.py). "wait": the
     # token loop makes the predicted swaps before the request's first decoder step (reads on the
     # token loop, counted as stall); "background": the swapper makes them at once, while the
-    # first tokens decode with the old sets (measured worse than "off": docs/results/issue14);
+    # first tokens decode with the old sets (measured worse than "off": docs/results/streams);
     # "off"; "auto": "wait" for experts of at most PREDICT_WAIT_MAX_EXPERT_BYTES (the embedded
     # model's 0.5 MiB: ~7 ms a request), else "off" (a switch-base expert is 19 MB: each
     # predicted swap would hold the first token for a read of that size).
@@ -82,7 +82,7 @@ class RuntimeConfig:
     # cross-attention averages. With weight 1 the embedded model's importance planner gave
     # its concentrated decoder layers 5 experts of 16 and the encoder 10-11, and at 50% of
     # the experts swapmoe matched full on 29% of validation documents, prune on 46%; with
-    # 8, swapmoe matched 71% (scripts/tune_swapmoe.py; 2-64 measured, NOTES.md). When the
+    # 8, swapmoe matched 71% (scripts/tune_swapmoe.py; 2-64 measured, docs/results/README.md). When the
     # profile carries measured loss curves (`swapmoe profile --measure-loss`), swapmoe's split
     # uses them instead and this weight only orders its swaps (planner.plan_by_loss).
     decoder_weight: float = 8.0
