@@ -4,7 +4,7 @@
         [--policies ladder,swapmoe,prune] [--docs 64] [--rounds 5] [--out decode.json]
 
 A sweep runs its cells minutes apart, and on a shared machine the load moves between
-them (the same `full` cell gave 1.0-1.8 ms/token in one session). Here each (policy,
+them (the same `full` cell gave 1.0-1.8 ms/token within one hour). Here each (policy,
 budget) runs beside a `full` runtime in the same process: both are opened and warmed, then
 they take the same batches of 8 documents in turn (greedy, one ORT thread), and each batch
 gives a ratio (the policy's decode ms/token over `full`'s mean on the batches before and

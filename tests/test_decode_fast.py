@@ -1,4 +1,4 @@
-"""Issue 17's decode path: fused layer graphs, one-token routing, the position-bias table, and
+"""The fast decode path: fused layer graphs, one-token routing, the position-bias table, and
 the bytes a token reads. Parity with HF is the contract; speed is measured by scripts/bench_decode.py."""
 
 from __future__ import annotations

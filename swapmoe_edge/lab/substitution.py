@@ -4,7 +4,7 @@ Under masked routing a token whose expert is not resident goes to the best resid
 with that expert's (small) gate. How much that changes the summary depends on the layer and
 on which experts stay, and neither Eq. 1 importance nor first-choice hit rates measure it:
 on the embedded model, a layer that keeps one expert does better with the largest-norm
-expert than with the most important one (docs/results/issue14/README.md). So measure it.
+expert than with the most important one (docs/results/streams/README.md). So measure it.
 
 For calibration texts, the full model's greedy summaries are the targets; every candidate
 resident set of one layer (all other layers exact) is run teacher-forced on them, and its

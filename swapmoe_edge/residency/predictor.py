@@ -5,7 +5,7 @@ and which experts the encoder used says what the document is about, and so which
 its summary's tokens will choose. On the embedded model's validation documents the 7
 decoder experts (of 16) that carry most of a document's importance cover 0.777 of it in
 ``dec.L03`` when taken from the calibrated prior, 0.842 when predicted from the document's
-own encoder routing, 0.986 in hindsight (docs/results/issue14/README.md, session 10).
+own encoder routing, 0.986 in hindsight (docs/results/streams/README.md).
 
 The model is linear: a document's importance shares of every encoder sparse layer
 (concatenated, plus 1) times ``weights`` gives its decoder layers' shares, clipped at 0.
