@@ -1,7 +1,8 @@
 """swapmoe_export: split a Hugging Face Switch Transformer into a streamable ONNX artifact.
 
-Needs the ``export`` extra (torch, transformers, onnx, safetensors). The runtime
-(``swapmoe_edge``) never imports this package.
+Export needs the core install (numpy, onnx, onnxruntime); validation against PyTorch and
+``pytorch_model.bin`` checkpoints need the ``export`` extra (torch, transformers). The
+runtime (``swapmoe_edge``) never imports this package.
 """
 
 from .exporter import export_checkpoint

@@ -21,7 +21,7 @@ from swapmoe_edge.artifact.files import write_json_atomic
 from swapmoe_edge.artifact.manifest import MANIFEST_NAME, load_manifest
 
 from . import graphs, ladder
-from .exporter import ArtifactWriter
+from .writer import ArtifactWriter
 
 
 def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: bool = False, stream=None) -> dict:

@@ -1,25 +1,18 @@
-"""Export a HF Switch Transformer checkpoint into a swapmoe artifact directory.
+"""Export a HF Switch Transformer checkpoint into a swapmoe artifact directory: the driver.
 
-The artifact is built in a hidden sibling directory, the manifest is written last, and
-only then does the directory take the requested name (an older artifact there is
-replaced in two renames). A crash leaves at most a ``.NAME.partial-*`` directory, never
-something that looks complete.
+Reads the checkpoint block by block, writes one subgraph per dense block and one per expert
+(writer.py), then the manifest, last, and only then shows the directory (staging.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,8 +24,9 @@ from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
 from . import fused, graphs, ladder, quant
 from .checkpoint import CheckpointReader, check_sparse_layers, read_config
-
-ALIGN = 4096  # expert tensors start on page boundaries so plain reads can land in place
+from .staging import TerminatedBySignal, install, prepare_output, sigterm_unwinds
+from .validate import validate_artifact
+from .writer import ArtifactWriter
 
 
 class Progress:
@@ -50,154 +44,6 @@ class Progress:
     def say(self, what: str) -> None:
         if not self.quiet:
             print(f"[export] {what}", file=self.stream, flush=True)
-
-
-class ArtifactWriter:
-    """Writes files under a root, recording each file's size and sha256 for the manifest."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.files: dict[str, dict[str, Any]] = {}
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-        self.files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    def write_onnx(self, rel: str, built: graphs.BuiltGraph) -> None:
-        """Write a subgraph; its big weights go to ``REL.data``, straight from numpy."""
-        if built.blobs:
-            data_rel = rel + ".data"
-            offsets = self.write_blocks(data_rel, [arr for _, arr in built.blobs])
-            where = {name: (off, arr.nbytes) for (name, arr), off in zip(built.blobs, offsets)}
-            for t in built.proto.graph.initializer:
-                if t.name in where:
-                    off, length = where[t.name]
-                    for k, v in (("location", Path(data_rel).name), ("offset", str(off)), ("length", str(length))):
-                        entry = t.external_data.add()
-                        entry.key, entry.value = k, v
-        self.write_bytes(rel, built.proto.SerializeToString())
-
-    def write_blocks(self, rel: str, arrays: list[np.ndarray]) -> list[int]:
-        """Write arrays back to back, each at an ALIGN-ed offset; return the offsets."""
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
-        offsets, pos = [], 0
-        with open(path, "wb") as f:
-            for arr in arrays:
-                pad = (-pos) % ALIGN
-                if pad:
-                    f.write(b"\0" * pad)
-                    h.update(b"\0" * pad)
-                    pos += pad
-                offsets.append(pos)
-                buf = memoryview(np.ascontiguousarray(arr)).cast("B")
-                f.write(buf)
-                h.update(buf)
-                pos += arr.nbytes
-        self.files[rel] = {"size": pos, "sha256": h.hexdigest()}
-        return offsets
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_partials(out: Path) -> list[Path]:
-    """Remove ``.NAME.partial-PID`` / ``.NAME.old-PID`` beside ``out`` left by exports that died
-    (SIGKILL, power loss); those of live processes stay. Returns what was removed."""
-    removed = []
-    if not out.parent.is_dir():
-        return removed
-    for p in out.parent.iterdir():
-        for tag in (".partial-", ".old-"):
-            prefix = f".{out.name}{tag}"
-            if p.name.startswith(prefix) and p.name[len(prefix):].isdigit():
-                pid = int(p.name[len(prefix):])
-                if pid != os.getpid() and not _pid_alive(pid) and p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p)
-    return removed
-
-
-class _TerminatedBySignal(SystemExit):
-    """SIGTERM or SIGHUP during export: unwinds like Ctrl-C so the partial directory is removed."""
-
-
-_UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # kill's default, and a closed terminal or SSH session
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    """Turn SIGTERM and SIGHUP into an exception while exporting, where they would otherwise
-    kill the process outright (default action; an ignored signal or the caller's own handler
-    stays). Main thread only; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _TerminatedBySignal(128 + signum)
-
-    previous = {s: signal.getsignal(s) for s in _UNWIND_SIGNALS}
-    for s, prev in previous.items():
-        if prev == signal.SIG_DFL:
-            signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, prev in previous.items():
-            if prev == signal.SIG_DFL:
-                signal.signal(s, prev)
-
-
-def _prepare_output(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output path {out} is an existing file; pass a directory path (new, or an old artifact).")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ExportError(
-            f"output directory {out} is not empty and holds no swapmoe artifact; refusing to replace it. "
-            "Choose a new or empty directory."
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished artifact into place; an older artifact there is replaced.
-
-    SIGTERM, SIGINT and SIGHUP wait until both renames are done, so a kill never leaves the old
-    artifact moved aside and the new one not yet in place."""
-    blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
-        _rename_into_place(tmp, out)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
-def _rename_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _check_disk(reader: CheckpointReader, out_parent: Path, dtype: str) -> None:
@@ -282,14 +128,14 @@ def export_checkpoint(
     check_sparse_layers(model_dir, cfg, reader.names())
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(reader, out.parent, dtype)
-    with _sigterm_unwinds():
+    with sigterm_unwinds():
         return _export_into(reader, model_dir, out, raw_cfg, cfg, dtype, expert_dtype, validate, quiet, stream, fuse_layers,
                             tuple(ladder_rungs))
 
 
 def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dtype: str, expert_dtype: str,
                  validate: bool, quiet: bool, stream, fuse_layers: bool = True, rungs: tuple[str, ...] = ()) -> Path:
-    tmp = _prepare_output(out)
+    tmp = prepare_output(out)
     try:
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
@@ -326,8 +172,6 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         }
         reader.close()
         if validate:
-            from .validate import validate_artifact
-
             # The manifest goes in first so the runtime code can read the unfinished artifact;
             # the directory is still hidden, so nobody else sees it yet.
             write_json_atomic(tmp / MANIFEST_NAME, manifest)
@@ -335,10 +179,10 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
             manifest["validation"] = report
             progress.step(f"validated: max |logit diff| {report['max_abs_diff']:.2e} over {report['compared']} tensors")
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        _install(tmp, out)
+        install(tmp, out)
         progress.say(f"wrote {out} ({sum(f['size'] for f in writer.files.values()) / 2**20:.1f} MiB)")
         return out
-    except _TerminatedBySignal:
+    except TerminatedBySignal:
         shutil.rmtree(tmp, ignore_errors=True)
         if not quiet:
             print(f"[export] stopped by a signal; removed the partial artifact {tmp}", file=stream or sys.stderr, flush=True)

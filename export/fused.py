@@ -13,11 +13,11 @@ H heads, K d_kv, E experts.
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
-from . import graphs
-from .graphs import (F32, MS, BuiltGraph, GraphBuilder, cross_attention_block, cross_attention_graph, cross_kv_graph,
-                     dense_ffn_block, dense_ffn_graph, router_block, router_graph, self_attention_block,
-                     self_attention_graph)
+from .builder import F32, MS, BuiltGraph, GraphBuilder
+from .graphs import (cross_attention_block, cross_attention_graph, cross_kv_graph, dense_ffn_block, dense_ffn_graph,
+                     router_block, router_graph, self_attention_block, self_attention_graph)
 
 
 PACKED_QKV = True  # decoder step graphs: q, k, v in one MatMul (bench_decode_pairs: see docs/results/decode.md)
@@ -31,7 +31,7 @@ CONTRIB_OPS = True
 def _model(g: GraphBuilder) -> BuiltGraph:
     built = g.model()
     if any(n.domain == MS for n in g.nodes):
-        built.proto.opset_import.append(graphs.helper.make_opsetid(MS, 1))  # graphs.helper: tests swap in onnx's
+        built.proto.opset_import.append(helper.make_opsetid(MS, 1))
     return built
 
 
@@ -107,7 +107,7 @@ def _decoder_step_standard(g, x, bias, past, cross_bias, ck, cv, self_attn, cros
 def _decoder_step_contrib(g, x, bias, past, cross_bias, ck, cv, self_attn, cross_attn, ffn, cfg, sparse):
     """The same step from ONNX Runtime's fused nodes. Each residual add is fused with the norm that
     follows it (SkipSimplifiedLayerNormalization returns the sum and the normed sum)."""
-    h, k, d, eps = cfg.num_heads, cfg.d_kv, cfg.d_model, cfg.layer_norm_epsilon
+    h, k, eps = cfg.num_heads, cfg.d_kv, cfg.layer_norm_epsilon
     with g.sub("self_attn"):
         n = g.rms_norm_op(x, self_attn["layer_norm"], eps)
         qkv = g.linear(n, np.concatenate([self_attn["q"], self_attn["k"], self_attn["v"]], axis=0), "qkv")

@@ -1,4 +1,5 @@
-"""ONNX subgraph builders, one function per block kind.
+"""The Switch Transformer's subgraphs, one function per block kind (the layers they are
+made of are GraphBuilder's, builder.py).
 
 Shapes: B batch, T query tokens, S source (encoder) tokens, P past tokens, D d_model,
 H heads, K d_kv, F d_ff, E experts, V vocab, N routed tokens.
@@ -11,216 +12,11 @@ hierarchical (``/decoder/block.5/self_attn/q/MatMul``) so profiles read well.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
-from . import onnx_proto as helper
 from . import quant
-from .onnx_proto import TensorProto
-
-OPSET = 17
-OPSET_INT4 = 18  # BitwiseAnd arrived in opset 18; only int4 expert graphs need it
-MS = "com.microsoft"  # ONNX Runtime's contrib ops (fused attention and RMS norm), version 1: the
-# builder that uses them adds the opset import (fused.py, ladder.py)
-EXTERNAL_MIN_BYTES = 1 << 20
-_NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
-
-
-@dataclass
-class BuiltGraph:
-    """A subgraph and the big weights that go beside it in ``FILE.onnx.data``."""
-
-    proto: helper.ModelProto
-    blobs: list[tuple[str, np.ndarray]]
-
-
-class GraphBuilder:
-    """A tiny helper that accumulates nodes and initializers for one subgraph."""
-
-    def __init__(self, scope: str, storage_dtype: str = "float32"):
-        self.scope = scope
-        # int4 weights are packed uint8 and always added raw; numpy has no int4 of its own
-        # (only ml_dtypes registers one, and only once something has imported it).
-        self.storage = np.dtype(np.uint8 if storage_dtype == "int4" else storage_dtype)
-        self.nodes: list[helper.NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self.inputs: list[helper.ValueInfoProto] = []
-        self.outputs: list[helper.ValueInfoProto] = []
-        self.blobs: list[tuple[str, np.ndarray]] = []
-        self._n = 0
-
-    # -- plumbing --------------------------------------------------------------------
-    @contextmanager
-    def sub(self, name: str):
-        """Nodes and weights added inside are named under ``SCOPE/name`` (fused graphs hold several blocks)."""
-        outer = self.scope
-        self.scope = f"{outer}/{name}"
-        try:
-            yield self
-        finally:
-            self.scope = outer
-
-    def _name(self, hint: str) -> str:
-        self._n += 1
-        return f"{self.scope}/{hint}_{self._n}"
-
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs) -> str | list[str]:
-        base = f"{self.scope}/{hint or op_type}"
-        outs = [self._name(f"{hint or op_type}_out") for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{base}/{op_type}_{self._n}", **attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def const(self, value, dtype=np.int64, hint: str = "const") -> str:
-        name = self._name(hint)
-        self.inits.append(helper.make_tensor(name, _onnx_type(np.dtype(dtype)), np.shape(value), np.asarray(value, dtype=dtype).ravel().tolist()))
-        return name
-
-    def weight(self, name: str, array: np.ndarray, external: dict | None = None, raw: bool = False) -> str:
-        """Add a weight in the storage dtype; return a float32 tensor name (cast if stored as fp16).
-
-        ``raw``: keep the array's own dtype and return it uncast (int8 weights, their scales).
-        """
-        arr = np.ascontiguousarray(array) if raw else np.ascontiguousarray(array, dtype=self.storage)
-        full = f"{self.scope}/{name}"
-        if external is None and arr.nbytes < EXTERNAL_MIN_BYTES:
-            self.inits.append(helper.from_array(arr, full))
-        else:
-            # Big tensors never enter the protobuf: protobuf copies a message several times
-            # while a model is assembled, which at switch-base size costs hundreds of MB.
-            t = TensorProto()
-            t.name = full
-            t.data_type = _onnx_type(arr.dtype)
-            t.dims.extend(arr.shape)
-            t.data_location = TensorProto.EXTERNAL
-            if external is None:
-                self.blobs.append((full, arr))  # the writer fills in location and offset
-            else:
-                for k, v in (("location", external["location"]), ("offset", str(external["offset"])), ("length", str(arr.nbytes))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = k, v
-            self.inits.append(t)
-        if raw or arr.dtype == np.float32:
-            return full
-        return self.op("Cast", [full], hint=f"{name}/cast", to=TensorProto.FLOAT)
-
-    def input(self, name: str, elem_type: int, shape: list) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
-        return name
-
-    def output(self, tensor: str, name: str, elem_type: int, shape: list) -> None:
-        self.nodes.append(helper.make_node("Identity", [tensor], [name], name=f"{self.scope}/{name}/Identity"))
-        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
-
-    def model(self, opset: int = OPSET) -> "BuiltGraph":
-        graph = helper.make_graph(self.nodes, self.scope.strip("/").replace("/", "."), self.inputs, self.outputs, self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="swapmoe_export")
-        m.ir_version = 8
-        return BuiltGraph(m, self.blobs)
-
-
-    # -- layers ----------------------------------------------------------------------
-    def rms_norm(self, x: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> str:
-        w = self.weight(f"{hint}.weight", weight)
-        sq = self.op("Mul", [x, x], hint=f"{hint}/sq")
-        var = self.op("ReduceMean", [sq], hint=f"{hint}/mean", axes=[-1], keepdims=1)
-        var_eps = self.op("Add", [var, self.const(np.float32(eps), np.float32, "eps")], hint=f"{hint}/eps")
-        inv = self.op("Reciprocal", [self.op("Sqrt", [var_eps], hint=f"{hint}/sqrt")], hint=f"{hint}/rsqrt")
-        return self.op("Mul", [w, self.op("Mul", [x, inv], hint=f"{hint}/scale")], hint=f"{hint}/weight")
-
-    def rms_norm_op(self, x: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> str:
-        """``rms_norm`` as one ONNX Runtime node (SimplifiedLayerNormalization): x / sqrt(mean(x^2) + eps) * w."""
-        w = self.weight(f"{hint}.weight", weight)
-        return self.op("SimplifiedLayerNormalization", [x, w], hint=hint, axis=-1, epsilon=float(eps), stash_type=1)
-
-    def skip_rms_norm(self, x: str, skip: str, weight: np.ndarray, eps: float, hint: str = "layer_norm") -> tuple[str, str]:
-        """(x + skip, rms_norm(x + skip)) as one node: a residual add and the next block's norm."""
-        w = self.weight(f"{hint}.weight", weight)
-        normed, total = self._name(f"{hint}_out"), self._name(f"{hint}_sum")
-        self.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, skip, w], [normed, "", "", total],
-                                           name=f"{self.scope}/{hint}/SkipSimplifiedLayerNormalization_{self._n}",
-                                           domain=MS, epsilon=float(eps)))
-        return total, normed
-
-    def mha(self, q: str, k: str, v: str, bias: str, h: int, past: tuple[str, str] | None = None,
-            hint: str = "attn") -> list[str]:
-        """softmax(q k^T + bias) v over H heads in one node (com.microsoft MultiHeadAttention), no
-        1/sqrt(K) scaling. q [B,T,H*K]; k, v [B,T,H*K] (then ``past`` [B,H,P,K] is prepended and
-        the grown [B,H,L,K] are returned too) or already split [B,H,S,K]; bias [B|1, H|1, T, L].
-        Returns [context [B,T,H*K]] or [context, key, value]."""
-        ins = [q, k, v, "", "", bias] + (list(past) if past else [])
-        out = self.op("MultiHeadAttention", ins, hint=hint, n_out=3 if past else 1, domain=MS, num_heads=h, scale=1.0)
-        return [out] if isinstance(out, str) else out
-
-    def linear(self, x: str, w_torch: np.ndarray, name: str, bias: np.ndarray | None = None, external: dict | None = None) -> str:
-        w = self.weight(f"{name}.weight", np.ascontiguousarray(w_torch.T), external)
-        y = self.op("MatMul", [x, w], hint=name)
-        if bias is not None:
-            y = self.op("Add", [y, self.weight(f"{name}.bias", bias)], hint=f"{name}/bias")
-        return y
-
-    def act(self, x: str, kind: str) -> str:
-        if kind == "relu":
-            return self.op("Relu", [x], hint="act")
-        if kind == "gelu":  # 0.5 x (1 + erf(x / sqrt 2))
-            e = self.op("Erf", [self.op("Mul", [x, self.const(np.float32(1 / math.sqrt(2)), np.float32)], hint="act")], hint="act")
-            return self.op("Mul", [self.op("Mul", [x, self.const(np.float32(0.5), np.float32)], hint="act"), self.op("Add", [e, self.const(np.float32(1), np.float32)], hint="act")], hint="act")
-        # gelu_new / gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-        x3 = self.op("Mul", [self.op("Mul", [x, x], hint="act"), x], hint="act")
-        inner = self.op("Add", [x, self.op("Mul", [x3, self.const(np.float32(0.044715), np.float32)], hint="act")], hint="act")
-        t = self.op("Tanh", [self.op("Mul", [inner, self.const(np.float32(math.sqrt(2 / math.pi)), np.float32)], hint="act")], hint="act")
-        return self.op("Mul", [self.op("Mul", [x, self.const(np.float32(0.5), np.float32)], hint="act"), self.op("Add", [t, self.const(np.float32(1), np.float32)], hint="act")], hint="act")
-
-    def dequantize(self, q: str, scale: str, hint: str) -> str:
-        """int8 [in, out] * scale [out] in float32, as Cast and Mul.
-
-        Not DequantizeLinear: on constant weights ORT's extended optimisations rewrite
-        DequantizeLinear + MatMul into a quantised MatMul whose results differ (1.5e-2 on a
-        tiny expert, against 7e-7 for this form).
-        """
-        return self.op("Mul", [self.op("Cast", [q], hint=f"{hint}/dequant", to=TensorProto.FLOAT), scale], hint=f"{hint}/dequant")
-
-    def dequantize_int4(self, packed: str, scale: str, n_in: int, n_out: int, hint: str) -> str:
-        """packed uint8 [in, out/2] and float16 scale [in/G, out] -> float32 w [in, out].
-
-        Standard ops only, so every execution provider runs it; op for op what
-        ``quant.dequantize_int4`` computes: (float32(n) - 8) · float32(scale) per group.
-        """
-        h = f"{hint}/dequant"
-        lo = self.op("BitwiseAnd", [packed, self.const(np.uint8(15), np.uint8)], hint=h)  # even columns
-        hi = self.op("BitShift", [packed, self.const(np.uint8(4), np.uint8)], hint=h, direction="RIGHT")  # odd
-        pairs = self.op("Concat", [self.op("Unsqueeze", [x, self.const([2])], hint=h) for x in (lo, hi)], hint=h, axis=2)
-        n = self.op("Reshape", [pairs, self.const([n_in, n_out])], hint=h)  # [in, out/2, 2] -> [in, out]
-        q = self.op("Sub", [self.op("Cast", [n], hint=h, to=F32), self.const(np.float32(8), np.float32)], hint=h)
-        groups = self.op("Reshape", [q, self.const([n_in // quant.INT4_GROUP, quant.INT4_GROUP, n_out])], hint=h)
-        s = self.op("Unsqueeze", [self.op("Cast", [scale], hint=h, to=F32), self.const([1])], hint=h)  # [in/G, 1, out]
-        return self.op("Reshape", [self.op("Mul", [groups, s], hint=h), self.const([n_in, n_out])], hint=h)
-
-    def heads(self, x: str, h: int, k: int, hint: str) -> str:
-        """[B, T, H*K] -> [B, H, T, K]"""
-        r = self.op("Reshape", [x, self.const([0, 0, h, k])], hint=f"{hint}/split_heads")
-        return self.op("Transpose", [r], hint=f"{hint}/split_heads", perm=[0, 2, 1, 3])
-
-    def attend(self, q: str, k: str, v: str, bias: str, h: int, kdim: int) -> str:
-        """softmax(q k^T + bias) v, no 1/sqrt(K) scaling (T5 folds it into the weights)."""
-        scores = self.op("MatMul", [q, self.op("Transpose", [k], hint="attn/kT", perm=[0, 1, 3, 2])], hint="attn/scores")
-        probs = self.op("Softmax", [self.op("Add", [scores, bias], hint="attn/bias")], hint="attn/softmax", axis=-1)
-        ctx = self.op("MatMul", [probs, v], hint="attn/context")
-        ctx = self.op("Transpose", [ctx], hint="attn/merge_heads", perm=[0, 2, 1, 3])
-        return self.op("Reshape", [ctx, self.const([0, 0, h * kdim])], hint="attn/merge_heads")
-
-
-def _onnx_type(dt: np.dtype) -> int:
-    if dt in _NP2ONNX:
-        return _NP2ONNX[dt]
-    return helper.np_dtype_to_tensor_dtype(dt)
-
-
-F32, I64 = TensorProto.FLOAT, TensorProto.INT64
-
-
-# -- subgraphs ---------------------------------------------------------------------------
+from .builder import F16, F32, I8, I64, OPSET, OPSET_INT4, U8, BuiltGraph, GraphBuilder, tensor_type
 
 
 def embed_graph(shared: np.ndarray, dtype: str) -> BuiltGraph:
@@ -394,15 +190,14 @@ def expert_kernel_graph(d_model: int, d_ff: int, act: str, dtype: str) -> BuiltG
     g = GraphBuilder("/expert_kernel", dtype)
     x = g.input("x", F32, ["N", d_model])
     if dtype == "int4":
-        U8, F16, G = TensorProto.UINT8, TensorProto.FLOAT16, quant.INT4_GROUP
+        G = quant.INT4_GROUP
         wi = g.dequantize_int4(g.input("wi", U8, [d_model, d_ff // 2]), g.input("wi_scale", F16, [d_model // G, d_ff]), d_model, d_ff, "wi")
         wo = g.dequantize_int4(g.input("wo", U8, [d_ff, d_model // 2]), g.input("wo_scale", F16, [d_ff // G, d_model]), d_ff, d_model, "wo")
     elif dtype == "int8":
-        I8 = TensorProto.INT8
         wi = g.dequantize(g.input("wi", I8, [d_model, d_ff]), g.input("wi_scale", F32, [d_ff]), "wi")
         wo = g.dequantize(g.input("wo", I8, [d_ff, d_model]), g.input("wo_scale", F32, [d_model]), "wo")
     else:
-        elem = _onnx_type(np.dtype(dtype))
+        elem = tensor_type(dtype)
         wi, wo = g.input("wi", elem, [d_model, d_ff]), g.input("wo", elem, [d_ff, d_model])
         if elem != F32:
             wi = g.op("Cast", [wi], hint="wi/cast", to=F32)

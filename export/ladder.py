@@ -26,10 +26,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+from onnx import helper
 
-from . import graphs
-from . import onnx_proto as helper
-from .onnx_proto import TensorProto
+from swapmoe_edge.core.errors import ExportError
+
+from .builder import F32, MS, OPSET_INT4, U8, BuiltGraph, GraphBuilder, external_tensor, point_at
 
 BLOCK = 32
 RUNGS = {"int4": 4, "int8": 8}  # rung name -> bits
@@ -37,7 +39,6 @@ RUNG_DATA = "rung.bin"  # the external-data name the session templates use; neve
 ROLES = ("wi", "wi_scale", "wo", "wo_scale")
 # A rung must be below the artifact's own expert type: bytes per weight, roughly.
 _WIDTH = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}
-F32, U8 = TensorProto.FLOAT, TensorProto.UINT8
 
 
 def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,39 +114,35 @@ def session_template(d_model: int, d_ff: int, act: str, rung: str, entry: dict) 
     runtime opens a session per resident expert with that expert's bytes in memory.
     """
     bits = RUNGS[rung]
-    g = graphs.GraphBuilder(f"/ladder/{rung}")
+    g = GraphBuilder(f"/ladder/{rung}")
     x = g.input("x", F32, ["N", d_model])
     where = {t["role"]: t for t in entry["tensors"]}
     for role in ROLES:
         t = where[role]
-        init = TensorProto()
-        init.name, init.data_type, init.dims = role, U8 if t["dtype"] == "uint8" else F32, list(t["shape"])
-        init.data_location = TensorProto.EXTERNAL
-        length = int(np.prod(t["shape"])) * (1 if t["dtype"] == "uint8" else 4)
-        for k, v in (("location", RUNG_DATA), ("offset", str(t["offset"])), ("length", str(length))):
-            init.external_data.append(helper.StringStringEntry(k, v))
+        init = external_tensor(role, U8 if t["dtype"] == "uint8" else F32, t["shape"])
+        point_at(init, RUNG_DATA, t["offset"], int(np.prod(t["shape"])) * (1 if t["dtype"] == "uint8" else 4))
         g.inits.append(init)
 
     def nbits(a: str, w: str, k: int, n: int, hint: str) -> str:
         out = g._name(hint)
         g.nodes.append(helper.make_node("MatMulNBits", [a, w, f"{w}_scale"], [out], name=f"/ladder/{rung}/{hint}/MatMulNBits",
-                                        domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=0))
+                                        domain=MS, K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=0))
         return out
 
     hid = g.act(nbits(x, "wi", d_model, d_ff, "wi"), act)
     g.output(nbits(hid, "wo", d_ff, d_model, "wo"), "y", F32, ["N", d_model])
     built = g.model()
-    built.proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    built.proto.opset_import.append(helper.make_opsetid(MS, 1))
     return built.proto.SerializeToString()
 
 
-def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> graphs.BuiltGraph:
+def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:
     """The rung's computation in standard ONNX ops, weights as inputs (any execution provider).
 
     Slower than MatMulNBits (it dequantises on every call), but it runs where that kernel does not.
     """
     bits = RUNGS[rung]
-    g = graphs.GraphBuilder(f"/ladder/{rung}_kernel")
+    g = GraphBuilder(f"/ladder/{rung}_kernel")
     x = g.input("x", F32, ["N", d_model])
 
     def dq(w: str, k: int, n: int) -> str:
@@ -167,7 +164,7 @@ def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> graphs.BuiltGr
 
     hid = g.act(g.op("Gemm", [x, dq("wi", d_model, d_ff)], hint="wi", transB=1), act)
     g.output(g.op("Gemm", [hid, dq("wo", d_ff, d_model)], hint="wo", transB=1), "y", F32, ["N", d_model])
-    return g.model(graphs.OPSET_INT4)
+    return g.model(OPSET_INT4)
 
 
 def ladder_entry(rung: str, template_rel: str, kernel_name: str) -> dict:
@@ -189,10 +186,6 @@ def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str
     Export calls this for each rung it writes (a template ONNX Runtime cannot run, or a
     layout mismatch, fails the export instead of the first request on a device).
     """
-    import onnxruntime as ort
-
-    from swapmoe_edge.core.errors import ExportError
-
     e = expert["rungs"][rung]
     blob = np.fromfile(Path(root) / e["weights_file"], dtype=np.uint8)
     parts = {}
@@ -221,7 +214,7 @@ def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str
 
 
 def _act(h: np.ndarray, kind: str) -> np.ndarray:
-    """The expert activation in numpy (graphs.GraphBuilder.act), for the rung check."""
+    """The expert activation in numpy (GraphBuilder.act), for the rung check."""
     if kind == "relu":
         return np.maximum(h, 0)
     if kind == "gelu":

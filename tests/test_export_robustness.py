@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -46,7 +45,7 @@ def test_sparse_steps_follow_the_installed_transformers(cfg):
 
 
 def test_a_saved_sparse_step_overrides_num_sparse_layers_and_exports_and_validates(tmp_path):
-    # The case: step 2 saved, num_sparse_encoder_layers left at its default 3 (4 // 3 = 1).
+    # The case this pins down: step 2 saved, num_sparse_encoder_layers left at its default 3 (4 // 3 = 1).
     ckpt = save_tiny(tmp_path / "ckpt", seed=3, num_layers=4, num_decoder_layers=2,
                      num_sparse_encoder_layers=3, encoder_sparse_step=2)
     raw = json.loads((ckpt / "config.json").read_text())
