@@ -2,7 +2,7 @@
 
 Runs in a child process (``python -m swapmoe_export.reference``), so that the exporting
 process never imports torch: torch and transformers alone take ~350 MB of RSS. Only
-validation needs it; export itself needs neither torch nor onnx.
+validation needs it; export itself needs no torch.
 """
 
 from __future__ import annotations

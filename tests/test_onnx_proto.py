@@ -124,6 +124,7 @@ def _subgraph_cases(writer: ArtifactWriter) -> dict:
     add(graphs.lm_head_graph, "dense/lm_head_fused.onnx", graphs.lm_head_graph(_w(r, 8), _w(r, 20, 8), CFG, "float16", fused=True))
     for dt in quant.EXPERT_DTYPES:
         add(graphs.expert_kernel_graph, f"dense/expert_kernel.{dt}.onnx", graphs.expert_kernel_graph(32, 64, "gelu", dt))
+    contrib_ops = fused.CONTRIB_OPS
     for contrib in (True, False):  # ORT's fused nodes, and standard ops only
         fused.CONTRIB_OPS = contrib
         try:
@@ -137,7 +138,7 @@ def _subgraph_cases(writer: ArtifactWriter) -> dict:
             add(fused.decoder_step_graph, f"dense/dec_step_sparse.{tag}.onnx",
                 fused.decoder_step_graph("/decoder/block.1", attn, attn, router, CFG, "float32", True))
         finally:
-            fused.CONTRIB_OPS = True
+            fused.CONTRIB_OPS = contrib_ops
 
     wi, wo = _w(r, 32, 64), _w(r, 64, 32)  # [D, F], [F, D] as export stores them
     for name, dt, act in (("f32", "float32", "relu"), ("f16", "float16", "gelu")):
