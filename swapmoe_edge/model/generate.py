@@ -1,7 +1,10 @@
 """Greedy and beam search over a step decoder, token for token the same as Hugging Face ``generate``.
 
 The search knows nothing about ONNX Runtime or caches: a ``StepDecoder`` turns one new token per row
-into next-token logits and can select/repeat its rows. The arithmetic mirrors transformers 5.24
+into next-token logits and can select/repeat its rows. Each search is a generator of ``Step``s
+(``greedy_steps``, ``beam_steps``): it yields once per decoder step and the caller does the rest
+(clocks, counters, background I/O), as mlx-lm's ``generate_step``; ``greedy_search`` and
+``beam_search`` run one to its end. The arithmetic mirrors transformers 5.24
 (``GenerationMixin._sample`` with ``do_sample=False``, and ``_beam_search`` with its helpers) in
 float32, so that equal logits give equal tokens. Only exact ties between float32 scores may resolve
 differently: torch's CPU ``topk`` orders them as its partial sort happens to, we keep index order.
@@ -15,7 +18,8 @@ B batch rows, K beams, V vocabulary, C = 2K candidates per row, T max_new_tokens
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -37,6 +41,42 @@ class StepDecoder(Protocol):
 
 
 OnToken = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one request decodes: the search and its settings.
+
+    ``forced`` [B, >= max_new_tokens] (greedy only): tokens fed instead of the model's choices.
+    """
+
+    max_new_tokens: int
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+    forced: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decoder step, yielded once its tokens are chosen.
+
+    ``tokens``: greedy [B] the token each row took (pad for rows already finished); beam [B*K]
+    the tokens the live beams go on with. ``sequences``: on the last step only, the outputs.
+    """
+
+    index: int
+    tokens: np.ndarray
+    sequences: list[list[int]] | None = None
+
+
+def last_step(steps: Iterator[Step], on_token: OnToken | None = None) -> list[list[int]]:
+    """Run a search to its end (``on_token(step)`` after each step) and return its sequences."""
+    step = None
+    for step in steps:
+        if on_token is not None:
+            on_token(step.index)
+    assert step is not None and step.sequences is not None, "a search ends with its sequences"
+    return step.sequences
 
 
 def ban_repeated_ngrams(seqs: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
@@ -61,6 +101,19 @@ def greedy_search(
 ) -> list[list[int]]:
     """Greedy decoding as HF ``generate(do_sample=False, num_beams=1)``: each row's tokens, EOS included.
 
+    ``on_token(step)`` runs after each step (``greedy_steps`` yields the steps themselves).
+    """
+    return last_step(greedy_steps(decoder, state, batch, start_id=start_id, eos_id=eos_id, pad_id=pad_id,
+                                  max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size,
+                                  forced=forced), on_token)
+
+
+def greedy_steps(
+    decoder: StepDecoder, state: object, batch: int, *, start_id: int, eos_id: int, pad_id: int,
+    max_new_tokens: int, no_repeat_ngram_size: int = 0, forced: np.ndarray | None = None,
+) -> Iterator[Step]:
+    """Greedy decoding, one ``Step`` a decoder step; the last carries each row's tokens, EOS included.
+
     ``forced`` [B, >= max_new_tokens]: feed these tokens instead of the argmax (teacher
     forcing). Benchmarks on random-weight models use it so that decode routing varies as it
     does on real text; the logits are still computed, so the work per token is the same.
@@ -68,14 +121,16 @@ def greedy_search(
     _check_common(batch, max_new_tokens)
     if forced is not None and (forced.ndim != 2 or forced.shape[0] != batch or forced.shape[1] < max_new_tokens):
         raise InputError(f"forced decoder ids must be [{batch}, >= {max_new_tokens}], got {forced.shape}")
+    return _greedy(decoder, state, batch, start_id, eos_id, pad_id, max_new_tokens, no_repeat_ngram_size, forced)
+
+
+def _greedy(decoder, state, batch, start_id, eos_id, pad_id, max_new_tokens, no_repeat_ngram_size, forced):
     out: list[list[int]] = [[] for _ in range(batch)]
     unfinished = np.ones(batch, dtype=bool)  # [B]
     next_ids = np.full(batch, start_id, dtype=np.int64)  # [B]
     history = np.full((batch, 1), start_id, dtype=np.int64)  # [B, t+1]: HF's input_ids, pad after EOS
     for t in range(max_new_tokens):
         logits, state = decoder.step(state, next_ids)  # [B, V]
-        if on_token is not None:
-            on_token(t)
         logits = np.asarray(logits, dtype=np.float32)
         assert logits.ndim == 2 and logits.shape[0] == batch, logits.shape
         logits = ban_repeated_ngrams(history, logits, no_repeat_ngram_size)
@@ -85,11 +140,12 @@ def greedy_search(
         for row in np.flatnonzero(unfinished):
             out[row].append(int(tokens[row]))
         unfinished &= tokens != eos_id
-        if not unfinished.any():
-            break
+        if not unfinished.any() or t == max_new_tokens - 1:
+            yield Step(t, tokens, out)
+            return
+        yield Step(t, tokens)
         next_ids = tokens
         history = np.concatenate([history, tokens[:, None]], axis=1)
-    return out
 
 
 def beam_search(
@@ -97,9 +153,24 @@ def beam_search(
     pad_id: int, max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
     num_return_sequences: int = 1, on_token: OnToken | None = None, no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
-    """Beam search as HF ``generate(do_sample=False, num_beams=K)``.
+    """Beam search as HF ``generate(do_sample=False, num_beams=K)``; see ``beam_steps``.
 
-    Returns ``batch * num_return_sequences`` token lists (row-major, best first within a row, as in
+    ``on_token(step)`` runs after each step.
+    """
+    return last_step(beam_steps(decoder, state, batch, num_beams=num_beams, start_id=start_id, eos_id=eos_id,
+                                pad_id=pad_id, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                                early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+                                no_repeat_ngram_size=no_repeat_ngram_size), on_token)
+
+
+def beam_steps(
+    decoder: StepDecoder, state: object, batch: int, *, num_beams: int, start_id: int, eos_id: int,
+    pad_id: int, max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
+    num_return_sequences: int = 1, no_repeat_ngram_size: int = 0,
+) -> Iterator[Step]:
+    """Beam search as HF ``generate(do_sample=False, num_beams=K)``, one ``Step`` a decoder step.
+
+    The last step carries ``batch * num_return_sequences`` token lists (row-major, best first within a row, as in
     HF's ``sequences``), each without the start token and without padding; finished ones end with EOS.
     ``early_stopping`` is True, False or "never", with HF's meaning. ``pad_id`` is unused: live beams
     never contain EOS, so no row is ever fed pad (kept for symmetry with ``greedy_search``).
@@ -113,6 +184,12 @@ def beam_search(
         )
     if early_stopping not in (True, False, "never"):
         raise InputError(f"early_stopping must be True, False or 'never', got {early_stopping!r}.")
+    return _beam(decoder, state, batch, num_beams, start_id, eos_id, max_new_tokens, length_penalty, early_stopping,
+                 num_return_sequences, no_repeat_ngram_size)
+
+
+def _beam(decoder, state, batch, num_beams, start_id, eos_id, max_new_tokens, length_penalty, early_stopping,
+          num_return_sequences, no_repeat_ngram_size):
     B, K, T = batch, num_beams, max_new_tokens
     C = 2 * K  # HF keeps (1 + #EOS ids) * K candidates so that K live beams survive even if K end now
     rows = np.arange(B)[:, None]  # [B, 1] for fancy indexing along the beam axis
@@ -129,8 +206,6 @@ def beam_search(
     next_ids = np.full(B * K, start_id, dtype=np.int64)  # [B*K]
     for t in range(T):
         logits, state = decoder.step(state, next_ids)  # [B*K, V]
-        if on_token is not None:
-            on_token(t)
         logits = np.asarray(logits, dtype=np.float32)
         assert logits.ndim == 2 and logits.shape[0] == B * K, logits.shape
         V = logits.shape[1]
@@ -175,13 +250,13 @@ def beam_search(
         # or every candidate ended (max length).
         improvable &= _can_improve(live_scores, done_scores, done_real, t + 1, T, length_penalty,
                                    early_stopping)
-        if not improvable.any() or (early_stopping is True and done_real.all()) or ends.all():
-            break
-        state = decoder.reorder(state, (live_beam + rows * K).reshape(-1))
         next_ids = live_seqs[:, :, t].reshape(-1)  # [B*K]
-
-    chosen = done_seqs[:, :num_return_sequences].reshape(B * num_return_sequences, T)
-    return [[int(tok) for tok in seq if tok >= 0] for seq in chosen]
+        if not improvable.any() or (early_stopping is True and done_real.all()) or ends.all() or t == T - 1:
+            chosen = done_seqs[:, :num_return_sequences].reshape(B * num_return_sequences, T)
+            yield Step(t, next_ids, [[int(tok) for tok in seq if tok >= 0] for seq in chosen])
+            return
+        yield Step(t, next_ids)
+        state = decoder.reorder(state, (live_beam + rows * K).reshape(-1))
 
 
 def _can_improve(live_scores, done_scores, done_real, generated, max_new_tokens, length_penalty,

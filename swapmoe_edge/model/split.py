@@ -1,7 +1,10 @@
 """The split Switch Transformer: encoder, decoder step with KV cache, LM head.
 
 It runs the artifact's dense subgraphs in order and hands each sparse layer to a
-``moe`` callback, so that the budget policies stay out of the compute path.
+``moe`` callback, so that the budget policies stay out of the compute path. A ``hook``
+(given at construction, or to one call) runs around that callback: it may observe the
+router (profiles, traces), time it, or replace it (substitution), without assigning to
+the model.
 Shapes: B batch, S source tokens, T new decoder tokens, P past tokens, L = P + T,
 D d_model, H heads, K d_kv, E experts, V vocab.
 """
@@ -22,7 +25,25 @@ NEG = np.float32(np.finfo(np.float32).min)  # what HF adds for a masked position
 
 # moe(layer, normed[B,T,D], router_logits[B,T,E], token_mask[B,T] or None) -> ffn_out[B,T,D]
 MoEFn = Callable[[LayerEntry, np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+# hook(layer, normed, router_logits, token_mask, moe) -> ffn_out: runs in place of ``moe`` and
+# is handed it, to call (observe, time) or not (replace).
+MoEHook = Callable[[LayerEntry, np.ndarray, np.ndarray, "np.ndarray | None", MoEFn], np.ndarray]
+Observer = Callable[[LayerEntry, np.ndarray, np.ndarray, "np.ndarray | None"], None]
 Capture = Callable[[LayerKey, np.ndarray], None]
+
+
+def observe(fn: Observer) -> MoEHook:
+    """A hook that shows each sparse layer's input to ``fn(layer, normed, logits, token_mask)``, then runs the MoE."""
+
+    def hook(layer, normed, logits, token_mask, moe):
+        fn(layer, normed, logits, token_mask)
+        return moe(layer, normed, logits, token_mask)
+
+    return hook
+
+
+def _around(hook: MoEHook, moe: MoEFn) -> MoEFn:
+    return lambda layer, normed, logits, token_mask: hook(layer, normed, logits, token_mask, moe)
 
 
 @dataclass
@@ -51,11 +72,14 @@ class DecoderState:
 
 
 class SplitModel:
-    def __init__(self, manifest: Manifest, sessions: DenseSessions, moe: MoEFn):
+    """``moe`` runs every sparse layer's experts; ``hook`` (optional) runs around it on every call,
+    and a call's own ``hook`` around both."""
+
+    def __init__(self, manifest: Manifest, sessions: DenseSessions, moe: MoEFn, hook: MoEHook | None = None):
         self.m = manifest
         self.cfg = manifest.config
         self.sessions = sessions
-        self.moe = moe
+        self.moe = moe if hook is None else _around(hook, moe)
         self.enc_layers = manifest.stack_layers("encoder")
         self.dec_layers = manifest.stack_layers("decoder")
         self._step_bias_table: np.ndarray | None = None  # [1, H, 1, M]: relative positions -(M-1)..0
@@ -64,30 +88,37 @@ class SplitModel:
     def _run(self, name: str, **feeds: np.ndarray) -> list[np.ndarray]:
         return self.sessions.run(name, feeds)
 
-    def _ffn(self, layer: LayerEntry, h: np.ndarray, token_mask: np.ndarray | None) -> np.ndarray:
+    def _moe(self, layer: LayerEntry, normed, logits, token_mask, hook: MoEHook | None) -> np.ndarray:
+        if hook is None:
+            return self.moe(layer, normed, logits, token_mask)
+        return hook(layer, normed, logits, token_mask, self.moe)
+
+    def _ffn(self, layer: LayerEntry, h: np.ndarray, token_mask: np.ndarray | None, hook: MoEHook | None) -> np.ndarray:
         if not layer.sparse:
             return self._run(layer.parts["ffn"], hidden=h)[0]
         normed, logits = self._run(layer.parts["router"], hidden=h)
-        return h + self.moe(layer, normed, logits, token_mask)
+        return h + self._moe(layer, normed, logits, token_mask, hook)
 
-    def _experts(self, layer: LayerEntry, out: list[np.ndarray], token_mask: np.ndarray | None) -> np.ndarray:
+    def _experts(self, layer: LayerEntry, out: list[np.ndarray], token_mask: np.ndarray | None,
+                 hook: MoEHook | None) -> np.ndarray:
         """A fused layer's outputs (hidden_out[, normed, router_logits]) -> the block output."""
         if not layer.sparse:
             return out[0]
-        return out[0] + self.moe(layer, out[-2], out[-1], token_mask)
+        return out[0] + self._moe(layer, out[-2], out[-1], token_mask, hook)
 
     def _position_bias(self, stack: str, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
         rel = (k_pos[None, :] - q_pos[:, None]).astype(np.int64)  # [Q, K]
         return self._run(f"{stack[:3]}.position_bias", rel_pos=rel)[0]  # [1, H, Q, K]
 
     # -- encoder -----------------------------------------------------------------------
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, capture: Capture | None = None) -> np.ndarray:
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, capture: Capture | None = None,
+               hook: MoEHook | None = None) -> np.ndarray:
         """input_ids, attention_mask [B, S] -> encoder output [B, S, D] (final norm applied)."""
         h = self._run("enc.embed", input_ids=input_ids.astype(np.int64))[0]  # [B, S, D]
         bias = self.encoder_bias(attention_mask)  # [B, H, S, S]
         mask = attention_mask.astype(bool)
         for layer in self.enc_layers:
-            h = self.encoder_block(layer, h, bias, mask)
+            h = self.encoder_block(layer, h, bias, mask, hook)
             if capture:
                 capture(layer.key, h)
         return self._run("enc.final_norm", hidden=h)[0]
@@ -98,11 +129,12 @@ class SplitModel:
         pad = (1.0 - attention_mask.astype(np.float32))[:, None, None, :] * NEG  # [B, 1, 1, S]
         return (self._position_bias("encoder", pos, pos) + pad).astype(np.float32)
 
-    def encoder_block(self, layer: LayerEntry, h: np.ndarray, bias: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def encoder_block(self, layer: LayerEntry, h: np.ndarray, bias: np.ndarray, mask: np.ndarray,
+                      hook: MoEHook | None = None) -> np.ndarray:
         if "block" in layer.parts:  # schema 2: attention and FFN/router in one graph
-            return self._experts(layer, self._run(layer.parts["block"], hidden=h, attn_bias=bias), mask)
+            return self._experts(layer, self._run(layer.parts["block"], hidden=h, attn_bias=bias), mask, hook)
         h = self._run(layer.parts["attn"], hidden=h, attn_bias=bias)[0]
-        return self._ffn(layer, h, mask)
+        return self._ffn(layer, h, mask, hook)
 
     # -- decoder -----------------------------------------------------------------------
     def start_decoder(self, encoder_out: np.ndarray, attention_mask: np.ndarray) -> DecoderState:
@@ -117,13 +149,14 @@ class SplitModel:
         cross_bias = ((1.0 - attention_mask.astype(np.float32))[:, None, None, :] * NEG).astype(np.float32)
         return DecoderState([empty] * len(self.dec_layers), [empty] * len(self.dec_layers), keys, values, cross_bias)
 
-    def decode(self, ids: np.ndarray, state: DecoderState, capture: Capture | None = None) -> tuple[np.ndarray, DecoderState]:
+    def decode(self, ids: np.ndarray, state: DecoderState, capture: Capture | None = None,
+               hook: MoEHook | None = None) -> tuple[np.ndarray, DecoderState]:
         """ids [B, T] (T new tokens after P cached ones) -> logits [B, T, V] and the grown cache."""
         h = self._run("dec.embed", input_ids=ids.astype(np.int64))[0]  # [B, T, D]
         bias = self.decoder_bias(ids.shape[1], state.past_len)  # [1, H, T, L]
         new_k, new_v = [], []
         for i, layer in enumerate(self.dec_layers):
-            h, pk, pv = self.decoder_block(i, layer, h, bias, state)
+            h, pk, pv = self.decoder_block(i, layer, h, bias, state, hook)
             new_k.append(pk)
             new_v.append(pv)
             if capture:
@@ -150,7 +183,8 @@ class SplitModel:
         m = table.shape[-1]
         return np.ascontiguousarray(table[..., m - 1 - p:])  # [1, H, 1, p + 1]
 
-    def decoder_block(self, i: int, layer: LayerEntry, h: np.ndarray, bias: np.ndarray, state: DecoderState):
+    def decoder_block(self, i: int, layer: LayerEntry, h: np.ndarray, bias: np.ndarray, state: DecoderState,
+                      hook: MoEHook | None = None):
         """Decoder block i: self-attention over cache + new tokens, cross-attention, FFN/MoE."""
         if "step" in layer.parts:  # schema 2: the whole layer up to the experts in one graph
             out = self._run(
@@ -158,7 +192,7 @@ class SplitModel:
                 past_value=state.past_value[i], cross_bias=state.cross_bias,
                 cross_key=state.cross_key[i], cross_value=state.cross_value[i],
             )  # hidden_out, present_key, present_value[, normed, router_logits]
-            return self._experts(layer, [out[0]] + out[3:], None), out[1], out[2]
+            return self._experts(layer, [out[0]] + out[3:], None, hook), out[1], out[2]
         h, pk, pv = self._run(
             layer.parts["self_attn"], hidden=h, attn_bias=bias,
             past_key=state.past_key[i], past_value=state.past_value[i],
@@ -167,12 +201,13 @@ class SplitModel:
             layer.parts["cross_attn"], hidden=h, cross_bias=state.cross_bias,
             cross_key=state.cross_key[i], cross_value=state.cross_value[i],
         )[0]
-        return self._ffn(layer, h, None), pk, pv
+        return self._ffn(layer, h, None, hook), pk, pv
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids, capture: Capture | None = None) -> np.ndarray:
+    def forward(self, input_ids, attention_mask, decoder_input_ids, capture: Capture | None = None,
+                hook: MoEHook | None = None) -> np.ndarray:
         """Teacher-forced logits [B, T, V], as HF's model(input_ids, attention_mask, decoder_input_ids)."""
-        enc = self.encode(input_ids, attention_mask, capture)
-        logits, _ = self.decode(decoder_input_ids, self.start_decoder(enc, attention_mask), capture)
+        enc = self.encode(input_ids, attention_mask, capture, hook)
+        logits, _ = self.decode(decoder_input_ids, self.start_decoder(enc, attention_mask), capture, hook)
         return logits
 
 

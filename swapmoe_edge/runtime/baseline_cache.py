@@ -18,6 +18,9 @@ import platform
 import sys
 from pathlib import Path
 
+import numpy
+import onnxruntime
+
 TOLERANCE = 1.05  # RSS after loading may exceed the measuring process's by this factor
 
 
@@ -28,9 +31,6 @@ def cache_path() -> Path:
 
 
 def cache_key(manifest_file: Path, **config) -> str:
-    import numpy
-    import onnxruntime
-
     ident = {"manifest": hashlib.sha256(manifest_file.read_bytes()).hexdigest(), "ort": onnxruntime.__version__,
              "numpy": numpy.__version__, "python": sys.version.split()[0], "machine": platform.machine(), **config}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -1,0 +1,104 @@
+"""How experts are read and run: a store, a kernel and what one costs resident.
+
+``load`` starts from the artifact's shared expert kernel and applies the variants the config
+asks for as transforms, each taking ``Experts`` and returning new ones: experts placed on the
+device (placement.py), low-bit copies for the ladder (rungs.py), prepacked sessions
+(prepacked.py). A transform wraps the store and the kernel together, so that the kernel knows
+the experts its store returns, and the token loop takes no branch for a variant it does not use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from swapmoe_edge.artifact.manifest import Manifest
+from swapmoe_edge.artifact.store import LoadedExpert
+from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.model.placement import DeviceKernel, PlacingStore
+from swapmoe_edge.model.prepacked import PrepackedStore
+from swapmoe_edge.model.rungs import Rung, RungRunner, measure_ladders
+from swapmoe_edge.model.sessions import DenseSessions
+from swapmoe_edge.residency.ladder_plan import measured_quality
+
+KernelFn = Callable[[LoadedExpert, np.ndarray], np.ndarray]  # (expert, x [N, D]) -> y [N, D]
+
+
+@dataclass(frozen=True)
+class Experts:
+    store: Any  # an ExpertStore, or a transform's wrapper of one (same read/counters)
+    kernel: KernelFn
+    cost: dict[LayerKey, int]  # resident bytes of one expert, per sparse layer
+    placement: str = "host"  # where resident experts live: host | device
+    device_kernel: DeviceKernel | None = None
+    runners: dict[str, RungRunner] = field(default_factory=dict)  # rung name -> runner (ladder)
+    rungs: dict[LayerKey, list[Rung]] = field(default_factory=dict)  # each layer's ladder, lowest first
+    prepacked: bool = False
+
+
+def shared_kernel(manifest: Manifest, store, sessions: DenseSessions) -> Experts:
+    """The artifact's experts as they are: each one's weights fed to the one expert-kernel session."""
+    session = sessions.get("expert_kernel")
+    cost = {lay.key: manifest.experts[lay.experts[0]].nbytes for lay in manifest.sparse_layers()}
+    return Experts(store, lambda e, x: session.run(None, {"x": x, **e.feeds})[0], cost)
+
+
+def place(experts: Experts, placement: str, ort_device: str, sessions: DenseSessions) -> Experts:
+    """``device``: experts copied once into OrtValues on the kernel provider's device as they are read."""
+    if placement != "device":
+        return replace(experts, placement=placement)
+    kernel = DeviceKernel(sessions.get("expert_kernel"), ort_device)
+    return replace(experts, store=PlacingStore(experts.store, kernel), kernel=kernel.run, placement="device",
+                   device_kernel=kernel)
+
+
+def with_rungs(experts: Experts, runners: dict[str, RungRunner]) -> Experts:
+    """Low-bit copies (``LoadedExpert.rung``) run on their rung's runner; the others as before."""
+    inner = experts.kernel
+
+    def kernel(e: LoadedExpert, x: np.ndarray) -> np.ndarray:
+        return runners[e.rung].run(e, x) if e.rung is not None else inner(e, x)
+
+    return replace(experts, kernel=kernel, runners=dict(runners))
+
+
+def measure_rungs(experts: Experts, primary: bool, primary_name: str, profile) -> Experts:
+    """Each layer's ladder with the measured cost of one copy per rung (reads one copy of each);
+    rung qualities from the profile where it measured them (``profile --measure-loss``)."""
+    rungs = measure_ladders(experts.runners, experts.store, experts.cost, primary, primary_name)
+    if rungs and profile.rung_loss:
+        rungs = measured_quality(rungs, profile.importance, profile.loss, profile.rung_loss)
+    return replace(experts, rungs=rungs)
+
+
+def prepacking(experts: Experts, want: str, policy: str, manifest: Manifest) -> bool:
+    """Whether ``prepack_experts=want`` applies here (InputError where "on" cannot)."""
+    if want == "off" or (want == "auto" and policy != "full"):
+        return False
+    why = None
+    if experts.placement != "host":
+        why = "experts are placed on the device"
+    elif manifest.expert_dtype != "float32":
+        why = f"experts are {manifest.expert_dtype} (ORT would fold them to float32 constants)"
+    if why:
+        if want == "on":
+            raise InputError(f"prepack_experts=on cannot be used: {why}. Use prepack_experts=auto or off.")
+        return False
+    return True
+
+
+def prepack(experts: Experts, manifest: Manifest, threads: int | None, providers: list[str]) -> Experts:
+    """Experts read into sessions of their own with prepacked weights; each costs what one measured
+    session added to RSS (reads and opens one expert now)."""
+    store = PrepackedStore(experts.store, threads, providers)
+    cost = store.measure_cost(next(iter(manifest.experts)))
+    inner = experts.kernel
+
+    def kernel(e: LoadedExpert, x: np.ndarray) -> np.ndarray:
+        return e.session.run(None, {"x": x})[0] if e.session is not None else inner(e, x)
+
+    return replace(experts, store=store, kernel=kernel, cost={lk: cost for lk in experts.cost}, prepacked=True)
+
