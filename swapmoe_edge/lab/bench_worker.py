@@ -15,6 +15,14 @@ import sys
 import threading
 import time
 
+import numpy as np
+
+from swapmoe_edge.core.errors import SwapMoEError
+from swapmoe_edge.core.textio import read_documents
+from swapmoe_edge.runtime.config import RuntimeConfig
+from swapmoe_edge.runtime.facade import Runtime
+from swapmoe_edge.system import memory
+
 
 def _emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
@@ -30,12 +38,8 @@ def _open_fds() -> int:
 
 def _inputs(spec: dict, rt) -> tuple[list, list | None, bool]:
     """The workload: (rows of token ids or texts, forced decoder rows or None, is_text)."""
-    import numpy as np
-
     n = min(spec["requests"], 512)  # a pool that requests cycle through (pressure runs ask for "unbounded")
     if spec.get("docs"):
-        from swapmoe_edge.core.textio import read_documents
-
         docs = [d["text"] for d in read_documents(spec["docs"])]
         if not docs:
             raise SystemExit(f"no documents in {spec['docs']}")
@@ -53,8 +57,6 @@ def _inputs(spec: dict, rt) -> tuple[list, list | None, bool]:
 
 
 def _sampler(rt, stop: threading.Event, period: float, t0: float) -> None:
-    from swapmoe_edge.system import memory
-
     while not stop.wait(period):
         s = rt.monitor.last_sample()
         _emit({"event": "sample", "t": time.time() - t0, "budget": s.budget if s else None,
@@ -64,16 +66,11 @@ def _sampler(rt, stop: threading.Event, period: float, t0: float) -> None:
 
 def main(spec: dict) -> None:
     t_spawn = spec.get("spawn_time", time.time())
-    from swapmoe_edge.system import memory
-    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
-
-    t_imported = time.time()
+    t_imported = time.time()  # this module's imports (the runtime's) ran before main: spawn to here
     cfg = RuntimeConfig(policy=spec["policy"], budget=spec["budget"], threads=spec.get("threads"),
                         cold_start=spec.get("cold_start", "background"), read_mode=spec.get("read_mode", "direct"),
                         device=spec.get("device"), monitor_period_s=spec.get("monitor_period_s", 0.25),
                         max_source_tokens=spec.get("max_source_tokens"), baseline_cache=spec.get("baseline_cache", True))
-    from swapmoe_edge.core.errors import SwapMoEError
-
     try:
         rt = Runtime(spec["artifact"], cfg)
     except SwapMoEError as e:  # e.g. a budget too small for this box: one clear line, not a traceback

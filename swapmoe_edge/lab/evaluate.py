@@ -22,10 +22,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from swapmoe_edge.core.units import format_size
 from swapmoe_edge.core.errors import InputError, SwapMoEError
-from swapmoe_edge.lab.streams import order_documents, select_sections
 from swapmoe_edge.core.textio import read_documents, read_text_file
+from swapmoe_edge.core.units import format_size
+from swapmoe_edge.lab.streams import order_documents, select_sections
+from swapmoe_edge.residency.importance import Profile
+from swapmoe_edge.runtime.config import RuntimeConfig
+from swapmoe_edge.runtime.facade import Runtime
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -117,9 +120,6 @@ def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner:
     ``config``: further RuntimeConfig fields (``decoder_weight``, ``decay``, ...); ``profile``:
     an importance profile file to use instead of the artifact's.
     """
-    from swapmoe_edge.residency.importance import Profile
-    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
-
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, not {batch_size}")
     label = f"{policy} {budget}" + (f" {planner}" if policy != "full" else "")

@@ -27,6 +27,9 @@ from typing import Callable, Sequence
 from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.residency.planner import top_experts
+from swapmoe_edge.runtime.config import RuntimeConfig
+from swapmoe_edge.runtime.facade import Runtime
+from swapmoe_edge.runtime.requests import chunks
 
 MODES = ("hindsight", "static")
 
@@ -40,8 +43,6 @@ def bound_summaries(artifact: str | Path, texts: Sequence[str], budget: str, mod
     Returns ``{"summaries", "requests", "counts" (experts per layer), "reads"}`` (``reads``: experts
     read to set the hindsight residents).
     """
-    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig, _chunks
-
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if not texts:
@@ -63,7 +64,7 @@ def bound_summaries(artifact: str | Path, texts: Sequence[str], budget: str, mod
                 warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
                 ids, _ = rt.encode_texts(batch)
                 start = 0
-                for chunk in _chunks(ids, rt.config.max_source_tokens):  # the runtime's requests
+                for chunk in chunks(ids, rt.config.max_source_tokens):  # the runtime's requests
                     if full is not None:
                         seen = full.profile_texts(batch[start: start + len(chunk)], max_new_tokens,
                                                   batch_size=len(chunk)).importance

@@ -40,8 +40,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from swapmoe_edge.core.errors import InputError
-from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.model.moe import softmax
+from swapmoe_edge.residency.importance import Profile
+from swapmoe_edge.runtime.config import RuntimeConfig
+from swapmoe_edge.runtime.facade import Runtime
+from swapmoe_edge.runtime.requests import chunks
 
 TRACE_FORMAT = "swapmoe-trace"
 TRACE_VERSION = 1
@@ -132,8 +135,6 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
                  quiet: bool = True) -> Trace:
     """Run ``full`` greedy generation over ``docs`` (records with ``text``; ``id``/``section``
     kept when present) in stream order, and write the routing trace to ``out``."""
-    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
-
     if not docs:
         raise InputError("a trace needs at least one document")
     events: list[tuple[int, int, int]] = []  # (request, layer, step)
@@ -145,14 +146,8 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
     with Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads)) as rt:
         names = [lk.name for lk in rt.sparse]
         index = {lk: i for i, lk in enumerate(rt.sparse)}
-        inner, inner_end = rt.model.moe, rt.policy.end_request
 
-        def ending():  # the runtime ends every request (chunk) here
-            state["request"] += 1
-            state["steps"] = {}
-            inner_end()
-
-        def recording(layer, normed, logits, mask):
+        def recording(layer, normed, logits, mask, moe):
             lk = layer.key
             step = 0
             if lk.stack == "decoder":
@@ -164,30 +159,27 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
             probs.append(p.astype(np.float16))
             norms_x.append(np.linalg.norm(normed, axis=-1)[valid].astype(np.float32))
             rows.append(np.nonzero(valid)[0].astype(np.int32))
-            return inner(layer, normed, logits, mask)
+            return moe(layer, normed, logits, mask)
 
-        rt.model.moe, rt.policy.end_request = recording, ending
         timings = {"ttft_ms": [], "decode_ms_per_token": []}
         lengths: list[list[int]] = []  # per request: generated tokens (EOS included) of each row
         doc_of_row: list[list[int]] = []
-        try:
-            for i in range(0, len(docs), batch_size):
-                batch = docs[i: i + batch_size]
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
-                    results = rt.summarize([d["text"] for d in batch], max_new_tokens=max_new_tokens)
-                by_request: dict[int, list[int]] = {}
-                for j, r in enumerate(results):
-                    by_request.setdefault(r.stats["request"], []).append(j)
-                for req, js in sorted(by_request.items()):
-                    lengths.append([len(results[j].token_ids) for j in js])
-                    doc_of_row.append([i + j for j in js])
-                    timings["ttft_ms"].append(results[js[0]].stats["ttft_ms"])
-                    timings["decode_ms_per_token"].append(results[js[0]].stats["decode_ms_per_token"])
-                if not quiet:
-                    print(f"trace: {min(i + batch_size, len(docs))}/{len(docs)} docs", flush=True)
-        finally:
-            rt.model.moe, rt.policy.end_request = inner, inner_end
+        for i in range(0, len(docs), batch_size):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
+                ids, _ = rt.encode_texts([d["text"] for d in docs[i: i + batch_size]])
+            start = i
+            for chunk in chunks(ids, rt.config.max_source_tokens):  # one request each, as the runtime runs them
+                results = rt.generate(chunk, max_new_tokens=max_new_tokens, hook=recording)
+                lengths.append([len(r.token_ids) for r in results])
+                doc_of_row.append(list(range(start, start + len(chunk))))
+                timings["ttft_ms"].append(results[0].stats["ttft_ms"])
+                timings["decode_ms_per_token"].append(results[0].stats["decode_ms_per_token"])
+                state["request"] += 1
+                state["steps"] = {}
+                start += len(chunk)
+            if not quiet:
+                print(f"trace: {min(i + batch_size, len(docs))}/{len(docs)} docs", flush=True)
         expert_bytes = np.array([rt.expert_cost[lk] for lk in rt.sparse], np.int64)
         norms = np.stack([rt.norms[lk] for lk in rt.sparse]).astype(np.float32)
         profile = rt.profile.to_json() if rt.profile.source != "norms" else None
