@@ -235,9 +235,7 @@ def _install_profile(rt) -> _Timers:
             in_moe[0] += dt
         return out
 
-    moe = model.moe
-
-    def timed_moe(layer, normed, logits, mask):
+    def timed_moe(layer, normed, logits, mask, moe):  # a MoE hook (split.MoEHook) around the model's MoE
         in_moe[0] = 0.0
         t = time.perf_counter()
         out = moe(layer, normed, logits, mask)
@@ -245,16 +243,16 @@ def _install_profile(rt) -> _Timers:
             timers.add("python:routing+dispatch", time.perf_counter() - t - in_moe[0])
         return out
 
-    def timed_decode(ids, state, capture=None):
+    def timed_decode(ids, state, capture=None, hook=None):
         active[0] = True
         t = time.perf_counter()
         try:
-            return decode(ids, state, capture)
+            return decode(ids, state, capture, hook=timed_moe)
         finally:
             active[0] = False
             timers.add("decode() total", time.perf_counter() - t)
 
-    sessions.run, policy.kernel, model.moe, model.decode = timed_run, timed_kernel, timed_moe, timed_decode
+    sessions.run, policy.kernel, model.decode = timed_run, timed_kernel, timed_decode
     return timers
 
 
