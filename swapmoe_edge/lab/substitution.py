@@ -67,13 +67,12 @@ class _Batch:
             self.valid[i, : max(1, len(out))] = True
 
 
-def _mean_kl(rt, texts: Sequence[str], moes: Sequence[Callable], max_new_tokens: int, batch_size: int,
+def _mean_kl(rt, texts: Sequence[str], hooks: Sequence[Callable], max_new_tokens: int, batch_size: int,
              progress: Callable[[int, int], None] | None) -> np.ndarray:
-    """For each ``moe`` in place of the runtime's: the mean KL(full || with it) of the
-    next-token distribution per summary token, teacher-forced on full's greedy summaries."""
+    """For each MoE ``hook`` (split.MoEHook, handed the runtime's exact MoE): the mean KL(full ||
+    with it) of the next-token distribution per summary token, teacher-forced on full's greedy summaries."""
     c = rt.manifest.config
-    exact = rt.model.moe
-    total, tokens = np.zeros(len(moes)), 0
+    total, tokens = np.zeros(len(hooks)), 0
     n_batches = (len(texts) + batch_size - 1) // batch_size
     for bi in range(n_batches):
         ids, _ = rt.encode_texts(list(texts[bi * batch_size: (bi + 1) * batch_size]))
@@ -81,12 +80,8 @@ def _mean_kl(rt, texts: Sequence[str], moes: Sequence[Callable], max_new_tokens:
         b = _Batch(ids, outs, c.decoder_start_token_id, c.pad_token_id)
         ref = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))  # [B, T, V]
         p_ref = np.exp(ref)
-        for j, moe in enumerate(moes):
-            rt.model.moe = moe
-            try:
-                lp = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))
-            finally:
-                rt.model.moe = exact
+        for j, hook in enumerate(hooks):
+            lp = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec, hook=hook))
             total[j] += float((p_ref * (ref - lp)).sum(axis=-1)[b.valid].sum())  # KL [B, T] over real tokens
         tokens += int(b.valid.sum())
         if progress is not None:
@@ -112,7 +107,6 @@ def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndar
     for lk in layers:
         sets += [(lk, "single", (e,)) for e in range(E)]
         sets += [(lk, "top", top_experts(importance[lk], k)) for k in ks]
-    exact = rt.model.moe
     layer_of = {lk: rt.manifest.layer(lk.stack, lk.layer) for lk in layers}
     get = getattr(rt.policy, "_get", None)  # on-demand: reads a missing expert; full: all resident
 
@@ -123,7 +117,7 @@ def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndar
         allowed = np.zeros(E, bool)
         allowed[list(keep)] = True
 
-        def moe(layer, normed, logits, token_mask):
+        def moe(layer, normed, logits, token_mask, exact):
             if layer.key != lk:
                 return exact(layer, normed, logits, token_mask)
             r = route(logits, c.expert_capacity, allowed)
@@ -162,7 +156,6 @@ def measure_rung_loss(rt, texts: Sequence[str], runners: Mapping[str, object], m
     c = rt.manifest.config
     cases = [(rung, lk) for rung in runners for lk in rt.sparse]
     copies: dict[tuple[str, LayerKey, int], object] = {}
-    exact = rt.model.moe
 
     def copy(rung: str, lk: LayerKey, e: int):
         key = (rung, lk, e)
@@ -171,7 +164,7 @@ def measure_rung_loss(rt, texts: Sequence[str], runners: Mapping[str, object], m
         return copies[key]
 
     def on_rung(rung: str, lk: LayerKey):
-        def moe(layer, normed, logits, token_mask):
+        def moe(layer, normed, logits, token_mask, exact):
             if layer.key != lk:
                 return exact(layer, normed, logits, token_mask)
             return dispatch(route(logits, c.expert_capacity), normed,
