@@ -10,8 +10,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("torch")
 
-from swapmoe_edge.cli import main as cli_mod  # noqa: E402
-from swapmoe_edge.core import progress as progress_mod  # noqa: E402
+from swapmoe_edge.cli import serve as serve_mod  # noqa: E402
 from swapmoe_edge.cli.main import main  # noqa: E402
 from swapmoe_edge.core.errors import InputError  # noqa: E402
 from swapmoe_edge.core.textio import read_documents  # noqa: E402
@@ -200,7 +199,7 @@ def _summarize_file(env, tmp_path, monkeypatch, terminal: bool, *extra):
     _, _, art = env
     docs = tmp_path / "docs.txt"
     docs.write_text("\n".join(words([5 + i, 6 + i, 7]) for i in range(5)) + "\n")
-    monkeypatch.setattr(progress_mod, "stderr_is_terminal", lambda: terminal)
+    monkeypatch.setattr(serve_mod, "stderr_is_terminal", lambda: terminal)
     return CliRunner().invoke(main, ["summarize", "--artifact", str(art), "--file", str(docs), "--batch-size", "2",
                                      "--max-new-tokens", "4", *extra])
 
@@ -221,4 +220,3 @@ def test_summarize_file_is_silent_when_piped_or_quiet(env, tmp_path, monkeypatch
     assert "[swapmoe] " not in r.stderr
     if extra:
         assert r.stderr == ""
-    assert cli_mod  # the CLI module the runner drives

@@ -6,7 +6,7 @@ import pytest
 
 from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.lab.evaluate import read_pairs
-from swapmoe_edge.lab.streams import order_documents, parse_sections, select_sections
+from swapmoe_edge.lab.streams import order_documents, parse_sections, read_stream, select_sections
 
 SECTIONS = ["net", "games", "net", "libs", "games", "net", "libs", "games"]
 
@@ -57,3 +57,16 @@ def test_read_pairs_filters_then_limits_then_orders(tmp_path):
     docs = read_pairs(path, limit=4, order="grouped", exclude_sections=("libs",))
     # first 4 of the non-libs documents (d0 d1 d2 d4), then grouped
     assert [d["id"] for d in docs] == ["d1", "d4", "d0", "d2"]
+
+
+def test_read_stream_filters_then_limits_then_orders_plain_documents_too(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in d.items() if k != "summary"}) + "\n" for d in _docs()))
+    docs = read_stream(path, limit=4, order="grouped", exclude_sections=("libs",))
+    assert [d["id"] for d in docs] == ["d1", "d4", "d0", "d2"]
+    lines = tmp_path / "docs.txt"
+    lines.write_text("first\nsecond\nthird\n")
+    assert [d["text"] for d in read_stream(lines, limit=2)] == ["first", "second"]
+    assert [d["text"] for d in read_stream(lines)] == ["first", "second", "third"]
+    with pytest.raises(InputError, match="limit must be at least 1"):
+        read_stream(lines, limit=0)

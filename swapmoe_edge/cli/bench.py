@@ -7,15 +7,17 @@ from pathlib import Path
 
 import click
 
-from swapmoe_edge.cli.common import fail as _fail
+from swapmoe_edge.cli.common import COUNT, POSITIVE, fail
 from swapmoe_edge.core.errors import SwapMoEError
+from swapmoe_edge.core.textio import read_documents
+from swapmoe_edge.core.units import parse_size
+from swapmoe_edge.lab.bench import (BenchPlan, BoxSetting, CellSpec, plot_pressure, run_cells, run_pressure, run_soak,
+                                    write_report)
+from swapmoe_edge.system.devices import detect_profile, get_profile
 
 
 def _memory_map(values: tuple[str, ...], budgets: tuple[str, ...], device: str | None) -> dict:
     """``--memory 5GiB`` (every budget) or ``--memory 4.7GiB=5.05GiB`` (one budget); default: the device profile's."""
-    from swapmoe_edge.core.units import parse_size
-    from swapmoe_edge.system.devices import detect_profile, get_profile
-
     out: dict[str, int | None] = {}
     for v in values:
         if "=" in v:
@@ -37,16 +39,12 @@ def _memory_map(values: tuple[str, ...], budgets: tuple[str, ...], device: str |
 def _flash(values: tuple[float, ...], device: str | None) -> tuple[float, ...]:
     if values:
         return values
-    from swapmoe_edge.system.devices import detect_profile, get_profile
-
     return ((get_profile(device) if device else detect_profile()).flash_read_mb_s,)
 
 
 def _check_docs(ctx, param, value):
     """Read --docs now: a bad file is one usage error, not a failure inside every cell's worker."""
     if value is not None:
-        from swapmoe_edge.core.textio import read_documents
-
         try:
             read_documents(value)
         except SwapMoEError as e:
@@ -57,12 +55,12 @@ def _check_docs(ctx, param, value):
 _common = [
     click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=str)),
     click.option("--memory", "memory", multiple=True, help="Cgroup memory limit (page cache counted): SIZE for every budget, or BUDGET=SIZE. Default: the device profile's memory."),
-    click.option("--flash-mbps", "flash", multiple=True, type=float, help="Read throttle on the artifact's disk, MB/s (repeat for several). Default: the device profile's."),
+    click.option("--flash-mbps", "flash", multiple=True, type=POSITIVE, help="Read throttle on the artifact's disk, MB/s (repeat for several). Default: the device profile's."),
     click.option("--device", default=None, help="Device profile (memory and flash defaults; see `swapmoe devices`)."),
-    click.option("--threads", type=int, default=1, show_default=True),
+    click.option("--threads", type=COUNT, default=1, show_default=True),
     click.option("--docs", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None, callback=_check_docs, help="Documents (lines or JSONL with `text`); default: random token ids with forced decoder ids."),
-    click.option("--max-new-tokens", type=int, default=16, show_default=True),
-    click.option("--source-len", type=int, default=64, show_default=True, help="Random inputs: tokens per request."),
+    click.option("--max-new-tokens", type=COUNT, default=16, show_default=True),
+    click.option("--source-len", type=COUNT, default=64, show_default=True, help="Random inputs: tokens per request."),
     click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Results folder (JSON, markdown, plots)."),
 ]
 
@@ -86,7 +84,7 @@ def bench_group() -> None:
 @common
 @click.option("--policies", default="on-demand,prune,swapmoe", show_default=True, help="Comma-separated.")
 @click.option("--budgets", default="50%", show_default=True, help="Comma-separated budgets (bytes or shares).")
-@click.option("--requests", type=int, default=5, show_default=True)
+@click.option("--requests", type=COUNT, default=5, show_default=True)
 @click.option("--read-mode", type=click.Choice(["direct", "fadvise", "cached"]), default="direct", show_default=True)
 @click.option("--cold-start", type=click.Choice(["background", "blocking"]), default="background", show_default=True)
 @click.option("--no-box", is_flag=True, help="Run unconfined (no cgroup; the page cache may hold the artifact).")
@@ -96,8 +94,6 @@ def bench_group() -> None:
 def cells_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, source_len, out, policies, budgets,
               requests, read_mode, cold_start, no_box, drop_all_caches, fill_first) -> None:
     """Policies x budgets x flash speeds; TTFT, decode, stall, bytes read, peak memory, OOM kills."""
-    from swapmoe_edge.lab.bench import BenchPlan, run_cells, write_report
-
     try:
         budget_list = tuple(b.strip() for b in budgets.split(",") if b.strip())
         plan = BenchPlan(artifact, tuple(p.strip() for p in policies.split(",")), budget_list,
@@ -118,22 +114,19 @@ def cells_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, so
             click.echo(f"error: {len(failed)} cell(s) did not complete every request: {', '.join(failed)}; see {out}/cells.md", err=True)
             raise SystemExit(1)
     except SwapMoEError as e:
-        _fail(e)
+        fail(e)
 
 
 @bench_group.command("pressure")
 @common
 @click.option("--policy", default="swapmoe", show_default=True)
 @click.option("--step", default="64MiB", show_default=True, help="Memory the other process takes at each step.")
-@click.option("--steps", type=int, default=6, show_default=True)
-@click.option("--interval", type=float, default=3.0, show_default=True, help="Seconds between steps.")
-@click.option("--duration", type=float, default=40.0, show_default=True, help="Seconds of requests.")
+@click.option("--steps", type=COUNT, default=6, show_default=True)
+@click.option("--interval", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Seconds between steps.")
+@click.option("--duration", type=POSITIVE, default=40.0, show_default=True, help="Seconds of requests.")
 def pressure_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, source_len, out, policy, step, steps,
                  interval, duration) -> None:
     """Serve under --budget auto while a second process in the box takes memory in steps."""
-    from swapmoe_edge.lab.bench import BoxSetting, CellSpec, plot_pressure, run_pressure
-    from swapmoe_edge.core.units import parse_size
-
     try:
         mem = _memory_map(memory, ("auto",), device)["auto"]
         spec = CellSpec(artifact, policy, "auto", requests=10**6, source_len=source_len, max_new_tokens=max_new_tokens,
@@ -145,19 +138,17 @@ def pressure_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens,
         click.echo(json.dumps({k: result[k] for k in ("returncode", "oom_kills", "peak_memory", "memory_limit")}
                               | {"requests": len(result["requests"]), "errors": len(result["errors"])}))
     except SwapMoEError as e:
-        _fail(e)
+        fail(e)
 
 
 @bench_group.command("soak")
 @common
 @click.option("--policy", default="swapmoe", show_default=True)
 @click.option("--budget", default="33%", show_default=True)
-@click.option("--requests", type=int, default=2000, show_default=True)
+@click.option("--requests", type=COUNT, default=2000, show_default=True)
 @click.option("--no-box", is_flag=True)
 def soak_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, source_len, out, policy, budget, requests, no_box) -> None:
     """Many requests in one process: RSS of the last 200 against the first 200, files and threads."""
-    from swapmoe_edge.lab.bench import BoxSetting, CellSpec, run_soak
-
     try:
         mem = _memory_map(memory, (budget,), device)[budget] if not no_box else None
         spec = CellSpec(artifact, policy, budget, requests=requests, source_len=source_len, max_new_tokens=max_new_tokens,
@@ -171,4 +162,4 @@ def soak_cmd(artifact, memory, flash, device, threads, docs, max_new_tokens, sou
                        f"(exit {result['returncode']}): {result['stderr_tail'][-800:]}", err=True)
             raise SystemExit(1)
     except SwapMoEError as e:
-        _fail(e)
+        fail(e)

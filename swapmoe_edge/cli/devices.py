@@ -8,6 +8,7 @@ import sys
 import click
 
 from swapmoe_edge.core.errors import SwapMoEError
+from swapmoe_edge.system.devices import list_profiles, match_profile, read_facts, select_providers
 
 
 def _gib(n: int | None) -> str:
@@ -18,8 +19,6 @@ def _gib(n: int | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: profiles, detected, providers.")
 def devices_cmd(as_json: bool) -> None:
     """List device profiles; mark the one detected here and say which providers it gets."""
-    from swapmoe_edge.system.devices import list_profiles, match_profile, read_facts, select_providers
-
     try:
         profiles = list_profiles()
         facts = read_facts()

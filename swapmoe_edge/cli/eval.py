@@ -6,11 +6,13 @@ import json
 
 import click
 
-from swapmoe_edge.cli.common import artifact_or_default as _artifact_or_default
-from swapmoe_edge.cli.common import fail as _fail
+from swapmoe_edge.cli.common import COUNT, fail
+from swapmoe_edge.cli.embedded import artifact_or_default
 from swapmoe_edge.core.errors import SwapMoEError
-from swapmoe_edge.residency.policies_old import POLICIES
+from swapmoe_edge.lab.evaluate import evaluate, format_report, lead_baseline
 from swapmoe_edge.lab.streams import ORDERS, parse_sections
+from swapmoe_edge.lab.sweep import sweep
+from swapmoe_edge.residency.policies_old import POLICIES
 
 PLANNERS = ("importance", "uniform")
 
@@ -45,27 +47,25 @@ def _split(values: tuple[str, ...], default: tuple[str, ...], allowed: tuple[str
 @click.option("--budget", default="auto", show_default=True, help="Whole-process bytes (4.7GiB), share of expert bytes (33%), or auto.")
 @click.option("--policy", type=click.Choice(POLICIES), default="swapmoe", show_default=True)
 @click.option("--planner", type=click.Choice(PLANNERS), default="importance", show_default=True)
-@click.option("--limit", type=int, default=None, help="Use the first N documents.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--num-beams", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Documents generated together.")
+@click.option("--limit", type=COUNT, default=None, help="Use the first N documents.")
+@click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
+@click.option("--num-beams", type=COUNT, default=1, show_default=True)
+@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Documents generated together.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with `lead_baseline`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @stream_options
 def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num_beams, batch_size, as_json, quiet,
              order, sections, exclude_sections, profile) -> None:
     """ROUGE of a policy at a budget on DATA, the lead-8 baseline, and fidelity to the full policy."""
-    from swapmoe_edge.lab.evaluate import evaluate, format_report, lead_baseline
-
     try:
-        res = evaluate(_artifact_or_default(artifact), data, policy, budget, planner, limit=limit,
+        res = evaluate(artifact_or_default(artifact), data, policy, budget, planner, limit=limit,
                        max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, quiet=quiet,
                        order=order, sections=parse_sections(sections), exclude_sections=parse_sections(exclude_sections),
                        profile=profile)
         base = lead_baseline(data, limit=limit, sections=parse_sections(sections),
                              exclude_sections=parse_sections(exclude_sections))
     except SwapMoEError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         click.echo(json.dumps({**res, "lead_baseline": base}))
     else:
@@ -79,18 +79,16 @@ def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num
 @click.option("--budgets", multiple=True, help="Comma-separated or repeated  [default: 100%,75%,50%,33%,25%]")
 @click.option("--policies", multiple=True, help="Comma-separated or repeated  [default: full,on-demand,prune,swapmoe]")
 @click.option("--planners", multiple=True, help="Comma-separated or repeated  [default: importance,uniform]")
-@click.option("--limit", type=int, default=500, show_default=True, help="Use the first N documents.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--num-beams", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--threads", type=int, default=None, help="ONNX Runtime threads per cell.")
+@click.option("--limit", type=COUNT, default=500, show_default=True, help="Use the first N documents.")
+@click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
+@click.option("--num-beams", type=COUNT, default=1, show_default=True)
+@click.option("--batch-size", type=COUNT, default=8, show_default=True)
+@click.option("--threads", type=COUNT, default=None, help="ONNX Runtime threads per cell.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @stream_options
 def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_tokens, num_beams, batch_size, threads, quiet,
               order, sections, exclude_sections, profile) -> None:
     """Every policy x budget x planner on DATA, each in its own process: CSV, JSON and plots in OUT."""
-    from swapmoe_edge.lab.sweep import sweep
-
     budgets = _split(budgets, ("100%", "75%", "50%", "33%", "25%"))
     policies = _split(policies, ("full", "on-demand", "prune", "swapmoe"), POLICIES)
     planners = _split(planners, PLANNERS, PLANNERS)
@@ -100,7 +98,7 @@ def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_t
                     quiet=quiet, order=order, sections=parse_sections(sections),
                     exclude_sections=parse_sections(exclude_sections), profile=profile)
     except SwapMoEError as e:
-        _fail(e)
+        fail(e)
     if res["failed"]:
         click.echo(f"error: {len(res['failed'])} cell(s) failed: {', '.join(f['cell'] for f in res['failed'])}; "
                    "run the same command again to retry them.", err=True)

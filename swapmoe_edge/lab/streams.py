@@ -17,9 +17,11 @@ profile on some sections and serve others. Both are pure functions of the record
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.core.textio import read_documents
 
 ORDERS = ("file", "shuffled", "grouped")
 SHUFFLE_SEED = 0
@@ -69,3 +71,13 @@ def order_documents(docs: Sequence[dict], order: str = "file", where: str = "the
         _check_sections(docs, where, "--order grouped")
         docs.sort(key=lambda d: d["section"])  # stable: the file's order inside a section
     return docs
+
+
+def read_stream(path: str | Path, limit: int | None = None, order: str = "file", sections: Iterable[str] = (),
+                exclude_sections: Iterable[str] = ()) -> list[dict]:
+    """The documents of PATH (lines, or JSONL with `text`) of the chosen sections (all by default),
+    the first ``limit`` of them, in stream ``order``."""
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, not {limit}")
+    docs = select_sections(read_documents(path), sections, exclude_sections, where=str(path))
+    return order_documents(docs[:limit], order, where=str(path))

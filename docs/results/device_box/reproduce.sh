@@ -14,7 +14,7 @@
 set -euo pipefail
 SB8=${1:?sb8 artifact}; SB64=${2:?sb64 artifact}; TEST=${3:?test.jsonl}
 OUT=${4:-$(dirname "$0")}; PARTS=${5:-"reads sb8 sb64 auto pressure soak"}
-EMB=$(${PYTHON:-python} -c "from swapmoe_edge.cli.common import embedded_artifact; print(embedded_artifact(quiet=True))")
+EMB=$(${PYTHON:-python} -c "from swapmoe_edge.cli.embedded import embedded_artifact; print(embedded_artifact(quiet=True))")
 mkdir -p "$OUT"
 DOCS=$(mktemp --suffix=.jsonl)  # the corpus's text stays out of the repository
 trap 'rm -f "$DOCS"' EXIT

@@ -1,0 +1,86 @@
+"""``swapmoe export``, ``swapmoe info`` and ``swapmoe ladder add``: write an artifact, describe it, extend it."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from swapmoe_export import export_checkpoint
+from swapmoe_export.add_rungs import add_rungs
+
+from swapmoe_edge.artifact.manifest import load_manifest
+from swapmoe_edge.cli.common import fail
+from swapmoe_edge.core.errors import SwapMoEError
+
+
+@click.command("export")
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=str), help="Artifact directory to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Storage type of the weights.")
+@click.option("--expert-dtype", type=click.Choice(["float32", "float16", "int8", "int4"]), default=None,
+              help="Storage type of the experts (default: --dtype). float16: lossy, 1/2 the bytes. int8: weight-only, "
+                   "per-column scales: lossy, 1/4 the bytes. int4: weight-only, a float16 scale per 32 input rows: "
+                   "lossy (more than int8), 1/7 the bytes; needs d_model and d_ff multiples of 32.")
+@click.option("--ladder", "ladder_", type=click.Choice(["auto", "int4", "int8", "int4,int8", "none"]), default="auto", show_default=True,
+              help="Low-bit copies of every expert for the `ladder` policy (lossy rungs below the experts' own type). "
+                   "auto: int4 when the experts are float32 or float16. int4 adds ~1/7 of float32's expert bytes on disk.")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Compare the split model with PyTorch before installing it.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None, ladder_: str, validate: bool, quiet: bool) -> None:
+    """Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact."""
+    rungs = None if ladder_ == "auto" else () if ladder_ == "none" else tuple(ladder_.split(","))
+    try:
+        export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet,
+                          ladder_rungs=rungs)
+    except SwapMoEError as e:
+        fail(e)
+
+
+@click.command("info")
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--verify", is_flag=True, help="Also check every file's sha256 (reads the whole artifact).")
+def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
+    """Layers, experts and bytes of an artifact."""
+    try:
+        summary = load_manifest(artifact, verify=verify).summary()
+    except SwapMoEError as e:
+        fail(e)
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    gib = 2**30
+    click.echo(f"artifact        {summary['artifact']}  (schema {summary['schema_version']}, {summary['dtype']}, experts {summary['expert_dtype']}"
+               f"{', lossy' if summary['expert_dtype_lossy'] else ''})")
+    click.echo(f"model           d_model {summary['d_model']}, d_ff {summary['d_ff']}, heads {summary['num_heads']}, vocab {summary['vocab_size']}")
+    click.echo(f"layers          encoder {summary['encoder_layers']}, decoder {summary['decoder_layers']}; sparse: {', '.join(summary['sparse_layers'])}")
+    click.echo(f"experts         {summary['experts_per_layer']} per sparse layer, {summary['experts_total']} in all, capacity {summary['expert_capacity']}")
+    click.echo(f"dense bytes     {summary['dense_bytes']:,} ({summary['dense_bytes'] / gib:.3f} GiB)")
+    click.echo(f"expert bytes    {summary['expert_bytes']:,} ({summary['expert_bytes'] / gib:.3f} GiB; {summary['bytes_per_expert']:,} each)")
+    rungs = [f"{name} {r['bytes']:,} bytes ({r['share_of_expert_bytes']:.0%} of the experts', lossy)" for name, r in summary["ladder"].items()]
+    click.echo(f"ladder          {'; '.join(rungs) or 'none (export again, or `swapmoe ladder add`, for the ladder policy)'}")
+    click.echo(f"tokenizer       {summary['tokenizer'] or 'none'}")
+    click.echo(f"validated       {'yes' if summary['validated'] else 'no'}")
+
+
+@click.group("ladder")
+def ladder_group() -> None:
+    """The precision ladder: low-bit copies of every expert."""
+
+
+@ladder_group.command("add")
+@click.argument("artifact", type=click.Path(path_type=str))
+@click.option("--rung", "rungs", multiple=True, type=click.Choice(["int4", "int8"]), default=("int4",), show_default=True,
+              help="Rung to add (repeat for several).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def ladder_add_cmd(artifact: str, rungs: tuple[str, ...], quiet: bool) -> None:
+    """Write low-bit copies of every expert into an artifact exported without them."""
+    try:
+        entries = add_rungs(artifact, tuple(rungs), quiet=quiet)
+    except SwapMoEError as e:
+        fail(e)
+    except OSError as e:  # a read-only artifact, a full disk: the old manifest still stands
+        fail(SwapMoEError(f"cannot write the ladder into {artifact}: {e}. The artifact is unchanged (its manifest "
+                          "does not name the new files); free space or make it writable and run again."))
+    if not quiet:
+        click.echo(f"{artifact}: ladder rungs {', '.join(entries)}")

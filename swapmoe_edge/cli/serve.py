@@ -1,0 +1,82 @@
+"""``swapmoe summarize``: serve documents inside a memory budget (the Runtime does the work)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from swapmoe_edge.cli.common import COUNT, fail
+from swapmoe_edge.cli.embedded import artifact_or_default
+from swapmoe_edge.core.errors import SwapMoEError
+from swapmoe_edge.core.progress import DocumentProgress, stderr_is_terminal
+from swapmoe_edge.core.textio import read_documents
+from swapmoe_edge.core.units import format_size
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+
+
+def _read_inputs(texts: tuple[str, ...], file: str | None) -> list[str]:
+    if file and texts:
+        raise click.UsageError("give TEXT arguments or --file, not both")
+    if file:
+        return [d["text"] for d in read_documents(file)]
+    if not texts:
+        raise click.UsageError("nothing to summarise: give TEXT arguments or --file F")
+    return list(texts)
+
+
+def _source(source: str) -> str:
+    """Which limit set the budget, in the stats line's words."""
+    return {"cap": "your cap", "machine": "free memory"}.get(source, source)
+
+
+def _stats_line(st: dict, exact: bool) -> str:
+    line = (f"[{st['policy']}, {'exact' if exact else 'approximate'}] budget {format_size(st['budget_bytes'])} "
+            f"({_source(st['budget_source'])}), "
+            f"peak RSS {format_size(st['peak_rss_bytes'])}, residents {sum(st['residents'].values())}, "
+            f"ttft {st['ttft_ms']:.0f} ms, decode {st['decode_ms_per_token']:.1f} ms/token, "
+            f"read {format_size(st['bytes_read'])}, swaps {st['swaps']}, stall {st['stall_ms']:.0f} ms, "
+            f"first choice resident {st['first_choice_resident']:.0%}")
+    if st["policy"] == "ladder":
+        line += f", residents by precision {st['residents_by_rung']}, low-bit tokens {st['low_precision_tokens']}"
+    return line
+
+
+@click.command("summarize")
+@click.argument("texts", nargs=-1)
+@click.option("--artifact", type=click.Path(path_type=str), help="Artifact directory (default: the embedded model).")
+@click.option("--file", "file", type=click.Path(path_type=str), help="One document per line, or JSONL with a `text` field.")
+@click.option("--budget", default="auto", show_default=True, help="Whole-process bytes (4.7GiB), share of expert bytes (33%), or auto.")
+@click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe", "ladder"]), default="swapmoe", show_default=True,
+              help="ladder: every expert resident at int4 or full precision by importance (lossy; needs an artifact with a ladder).")
+@click.option("--planner", type=click.Choice(["importance", "uniform"]), default="importance", show_default=True)
+@click.option("--num-beams", type=COUNT, default=1, show_default=True)
+@click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
+@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Documents generated together.")
+@click.option("--device", default=None, help="Device profile name or .json path (default: detected; see `swapmoe devices`).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input: summary, token_ids, exact, stats.")
+@click.option("--cold-start", type=click.Choice(["blocking", "background"]), default="blocking", show_default=True,
+              help="background: serve once the dense part and one expert per layer are in, fill the rest meanwhile "
+                   "(faster first token on slow flash; lossy policies then route early tokens to fewer experts).")
+@click.option("--quiet", is_flag=True, help="No progress or per-document statistics on stderr.")
+def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json,
+                  cold_start, quiet) -> None:
+    """Summarise TEXT arguments or the documents of --file inside a memory budget."""
+    try:
+        docs = _read_inputs(texts, file)
+        config = RuntimeConfig(policy=policy, budget=budget, planner=planner, device=device, cold_start=cold_start,
+                               baseline_cache=True)
+        with Runtime(artifact_or_default(artifact, quiet), config) as rt:
+            # Progress for --file on a terminal only: piped stderr stays machine-readable.
+            progress = DocumentProgress(len(docs), enabled=bool(file) and not quiet and stderr_is_terminal())
+            for i in range(0, len(docs), batch_size):
+                for r in rt.summarize(docs[i: i + batch_size], max_new_tokens=max_new_tokens, num_beams=num_beams):
+                    if as_json:
+                        click.echo(json.dumps(r.to_json()))
+                    else:
+                        click.echo(r.summary)
+                        if not quiet:
+                            click.echo(_stats_line(r.stats, r.exact), err=True)
+                progress.update(min(i + batch_size, len(docs)))
+    except SwapMoEError as e:
+        fail(e)

@@ -1,0 +1,51 @@
+"""An artifact's importance profile over calibration texts (SwapMoE Eq. 1), and the measures
+that the planners split a budget by: per-layer loss curves, each low-bit rung's cost, and the
+decoder predictor. ``swapmoe profile`` is a shell over ``calibrate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from swapmoe_edge.lab.streams import read_stream
+from swapmoe_edge.lab.substitution import LOSS_NOTE, RUNG_LOSS_NOTE, measure_loss, measure_rung_loss
+from swapmoe_edge.model.rungs import rung_runners
+from swapmoe_edge.residency.importance import Profile
+from swapmoe_edge.residency.predictor import PREDICTOR_NOTE, fit, per_document_importance
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+
+
+def calibration_texts(data: str | Path, limit: int | None = None, sections: Sequence[str] = (),
+                      exclude_sections: Sequence[str] = ()) -> list[str]:
+    """The first ``limit`` texts of DATA (lines, or JSONL with `text`) in the chosen sections."""
+    return [d["text"] for d in read_stream(data, limit, sections=sections, exclude_sections=exclude_sections)]
+
+
+def calibrate(artifact: str | Path, data: str | Path, *, limit: int | None = None, sections: Sequence[str] = (),
+              exclude_sections: Sequence[str] = (), budget: str = "auto", device: str | None = None,
+              max_new_tokens: int = 32, with_loss: bool = False, with_predictor: bool = False) -> Profile:
+    """The importance profile of ARTIFACT (run exact, on-demand, at ``budget``) over DATA's texts.
+
+    ``with_loss``: also each layer's loss curve and best substitute (teacher-forced KL against
+    the full model's summaries) and, with a ladder on the host, each rung's loss.
+    ``with_predictor``: also the decoder predictor (one more pass, a text at a time).
+    """
+    texts = calibration_texts(data, limit, sections, exclude_sections)
+    with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device)) as rt:
+        prof = rt.profile_texts(texts, max_new_tokens=max_new_tokens)
+        if with_loss:
+            loss, substitute = measure_loss(rt, texts, prof.importance, max_new_tokens=max_new_tokens)
+            prof = replace(prof, loss=loss, substitute=substitute, meta={**prof.meta, "loss": LOSS_NOTE})
+            if rt.manifest.ladder and rt.placement == "host":  # what each low-bit rung costs: the ladder's qualities
+                runners = rung_runners(rt.manifest, replace(rt.config, ladder_rungs="auto"), rt.sessions,
+                                       rt.threads, list(rt.providers), rt.placement)
+                rung_loss = measure_rung_loss(rt, texts, runners, max_new_tokens=max_new_tokens)
+                prof = replace(prof, rung_loss=rung_loss, meta={**prof.meta, "rung_loss": RUNG_LOSS_NOTE})
+        if with_predictor:
+            seen = per_document_importance(rt, texts, max_new_tokens)
+            prof = replace(prof, predictor=fit(seen), meta={**prof.meta, "predictor": PREDICTOR_NOTE})
+    if sections or exclude_sections:
+        prof = replace(prof, meta={**prof.meta, "sections": list(sections), "exclude_sections": list(exclude_sections)})
+    return prof
