@@ -7,7 +7,7 @@
 #
 # ARTIFACT: the embedded model's export (its profile.json is the shipped one: importance,
 # measured loss curves, substitutes and the decoder predictor from 512 validation documents;
-# `python -c "from swapmoe_edge.cli.common import embedded_artifact as e; print(e())"`);
+# `python -c "from swapmoe_edge.cli.embedded import embedded_artifact as e; print(e())"`);
 # CORPUS_DIR: `swapmoe data debian` output with sections; WORK_DIR: scratch (traces, sweep
 # cells; resumable). PARTS (default all): any of profile replay sweep compare bound predictor cost.
 # About 25 minutes for replay+sweep on two shared cores, as long again for the bounds.
