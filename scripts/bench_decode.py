@@ -110,7 +110,8 @@ def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_l
 
     from swapmoe_edge.system import memory
     from swapmoe_edge.model.generate import greedy_search
-    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig, _Decoder
+    from swapmoe_edge.model.encdec import StepDecoder
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
     t0 = time.perf_counter()
     extra = {"prepack_experts": prepack} if prepack else {}  # absent from older trees' RuntimeConfig
@@ -125,7 +126,7 @@ def phase_ours(artifact: str, threads: int, tokens: int, requests: int, source_l
         mask = np.ones_like(row)
         state = model.start_decoder(model.encode(row, mask), mask)
         stamps: list[float] = []
-        out = greedy_search(_Decoder(model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1,
+        out = greedy_search(StepDecoder(model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1,
                             pad_id=c.pad_token_id, max_new_tokens=tokens, no_repeat_ngram_size=rt.no_repeat_ngram_size,
                             on_token=lambda step: stamps.append(time.perf_counter()))
         return out[0], (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
@@ -165,7 +166,7 @@ def _paired_floor(model, c, threads: int, tokens: int, requests: int, source_len
     import numpy as np
 
     from swapmoe_edge.model.generate import greedy_search
-    from swapmoe_edge.runtime.facade import _Decoder
+    from swapmoe_edge.model.encdec import StepDecoder
 
     probe = probe_session(threads)
     x = {"x": np.ones((1, PROBE_D), np.float32)}
@@ -187,7 +188,7 @@ def _paired_floor(model, c, threads: int, tokens: int, requests: int, source_len
             if step > 0:
                 probe_ms.append((last[0] - t) * 1e3)
 
-        greedy_search(_Decoder(model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1, pad_id=c.pad_token_id,
+        greedy_search(StepDecoder(model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1, pad_id=c.pad_token_id,
                       max_new_tokens=tokens, no_repeat_ngram_size=ngram, on_token=on_token)
     return {"token_ms": token_ms, "probe_ms": probe_ms, "probe_bytes": PROBE_BYTES}
 
@@ -267,7 +268,8 @@ def phase_hfpair(artifact: str, checkpoint: str, threads: int, tokens: int, requ
     from transformers import LogitsProcessor, LogitsProcessorList, SwitchTransformersForConditionalGeneration
 
     from swapmoe_edge.model.generate import greedy_search
-    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig, _Decoder
+    from swapmoe_edge.model.encdec import StepDecoder
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -293,7 +295,7 @@ def phase_hfpair(artifact: str, checkpoint: str, threads: int, tokens: int, requ
         ids = np.array([row])
         mask = np.ones_like(ids)
         state = rt.model.start_decoder(rt.model.encode(ids, mask), mask)
-        out = greedy_search(_Decoder(rt.model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1,
+        out = greedy_search(StepDecoder(rt.model), state, 1, start_id=c.decoder_start_token_id, eos_id=-1,
                             pad_id=c.pad_token_id, max_new_tokens=n, no_repeat_ngram_size=rt.no_repeat_ngram_size,
                             on_token=lambda step: stamps.append(time.perf_counter()))
         return out[0]
