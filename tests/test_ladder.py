@@ -1,4 +1,4 @@
-"""The precision ladder: low-bit copies at export, their kernels, the byte planner and the ladder policy."""
+"""The precision ladder: low-bit copies at export, their kernels, the planner and the ladder policy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from swapmoe_edge.core.errors import BudgetError, InputError
-from swapmoe_edge.residency.ladder_plan import measured_quality, placement_bytes, plan_ladder
+from swapmoe_edge.residency import planner
+from swapmoe_edge.residency.planner import measured_quality, placement_bytes
 from swapmoe_edge.model.rungs import PRIMARY, Rung
 from swapmoe_edge.artifact.manifest import load_manifest
 from swapmoe_edge.core.keys import LayerKey
@@ -140,7 +141,7 @@ def test_plan_never_exceeds_the_capacity_and_keeps_a_copy_in_every_layer():
     for seed in range(30):
         imp = _layers(seed=seed)
         for capacity in (90, 150, 400, 1000, 5000):
-            plan = plan_ladder(imp, rungs, capacity)
+            plan = planner.plan(imp, rungs, capacity)
             assert placement_bytes(plan, rungs) <= capacity
             assert all(len(row) >= 1 for row in plan.values())
 
@@ -148,14 +149,14 @@ def test_plan_never_exceeds_the_capacity_and_keeps_a_copy_in_every_layer():
 def test_plan_covers_every_expert_low_before_lifting_any_when_the_low_rung_is_nearly_as_good():
     imp = _layers(flat=True)  # no expert is nearly worthless (one would rather lift a strong one than hold it)
     rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
-    plan = plan_ladder(imp, rungs, 30 * 24 + 70)  # room for all 24 low copies and one lift
+    plan = planner.plan(imp, rungs, 30 * 24 + 70)  # room for all 24 low copies and one lift
     assert sum(len(r) for r in plan.values()) == 24
     lifted = [(lk, e) for lk, row in plan.items() for e, r in row.items() if r == PRIMARY]
     assert len(lifted) == 1
     lk, e = lifted[0]
     shares = {k: v / v.sum() for k, v in imp.items()}
     assert shares[lk][e] == max(s.max() for s in shares.values())  # the most valuable expert is lifted
-    full = plan_ladder(imp, rungs, 100 * 24)
+    full = planner.plan(imp, rungs, 100 * 24)
     assert all(r == PRIMARY for row in full.values() for r in row.values())
 
 
@@ -164,20 +165,20 @@ def test_plan_skips_unreadable_experts_and_says_when_nothing_fits():
     rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
     lk = next(iter(imp))
     best = int(np.argmax(imp[lk]))
-    plan = plan_ladder(imp, rungs, 10_000, unavailable=frozenset({(lk, best)}))
+    plan = planner.plan(imp, rungs, 10_000, unavailable=frozenset({(lk, best)}))
     assert best not in plan[lk]
     with pytest.raises(BudgetError, match="cannot hold one int4"):
-        plan_ladder(imp, rungs, 30 * 3 - 1)
+        planner.plan(imp, rungs, 30 * 3 - 1)
 
 
 def test_plan_keeps_a_measured_split_and_lifts_copies_with_the_rest():
     imp = _layers(flat=True)
     rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
     caps = {lk: n for lk, n in zip(imp, (2, 5, 3))}
-    plan = plan_ladder(imp, rungs, 10_000, max_copies=caps)
+    plan = planner.plan(imp, rungs, 10_000, max_copies=caps)
     assert {lk: len(row) for lk, row in plan.items()} == caps
     assert all(r == PRIMARY for row in plan.values() for r in row.values())  # the room left lifts every copy
-    tight = plan_ladder(imp, rungs, 30 * 10, max_copies=caps)
+    tight = planner.plan(imp, rungs, 30 * 10, max_copies=caps)
     assert {lk: len(row) for lk, row in tight.items()} == caps and placement_bytes(tight, rungs) == 300
 
 
@@ -198,9 +199,9 @@ def test_measured_quality_decides_between_lifting_and_covering():
     lk = LayerKey("decoder", 1)
     imp = {lk: np.array([0.99, 0.01])}
     guess = [Rung("int4", 1, 0.97), Rung(PRIMARY, 3, 1.0)]
-    assert plan_ladder(imp, guess, 3) == {lk: {0: PRIMARY}}  # 0.99 x 0.03 / 2 bytes beats 0.01 x 0.97 / 1 byte
+    assert planner.plan(imp, guess, 3) == {lk: {0: PRIMARY}}  # 0.99 x 0.03 / 2 bytes beats 0.01 x 0.97 / 1 byte
     measured = [Rung("int4", 1, 0.999), Rung(PRIMARY, 3, 1.0)]
-    assert plan_ladder(imp, measured, 3) == {lk: {0: "int4", 1: "int4"}}  # a lift worth little: cover instead
+    assert planner.plan(imp, measured, 3) == {lk: {0: "int4", 1: "int4"}}  # a lift worth little: cover instead
 
 
 def test_measure_rung_loss_on_a_tiny_model_and_the_runtime_uses_it(art):
@@ -233,8 +234,8 @@ def test_plan_hysteresis_keeps_a_held_expert_against_a_slightly_better_one():
     lk = LayerKey("decoder", 1)
     imp = {lk: np.array([1.0, 1.05, 0.0, 0.0])}
     rungs = [Rung(PRIMARY, 100, 1.0)]
-    assert plan_ladder(imp, rungs, 100) == {lk: {1: PRIMARY}}
-    assert plan_ladder(imp, rungs, 100, current={lk: {0: PRIMARY}}, hysteresis=0.1) == {lk: {0: PRIMARY}}
+    assert planner.plan(imp, rungs, 100) == {lk: {1: PRIMARY}}
+    assert planner.plan(imp, rungs, 100, current={lk: {0: PRIMARY}}, hysteresis=0.1) == {lk: {0: PRIMARY}}
 
 
 # -- the policy --------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def test_ladder_holds_more_experts_than_prune_in_the_same_bytes(art):
         pruned = sum(rt.residents.counts().values())
     with Runtime(art, _cfg(policy="ladder", budget="30%")) as rt:
         held = sum(rt.residents.counts().values())
-        assert rt.residents.nbytes <= rt.policy.capacity_bytes
+        assert rt.residents.nbytes <= rt.policy.limits.capacity
         assert rt.generate(INPUTS[:1], max_new_tokens=4)[0].token_ids
     assert held > pruned
 
@@ -301,7 +302,7 @@ def test_a_copy_being_read_is_never_run_and_tokens_go_on(art):
         lk = rt.sparse[0]
         key = m.layer(lk.stack, lk.layer).experts[int(next(iter(rt.residents.layer(lk))))]
         store.gate.clear()
-        pol.set_capacity(pol.capacity_bytes)  # unchanged budget: nothing to drop
+        pol.resize(rt.budget_bytes)  # unchanged budget: nothing to drop
         pol.residents.drop(key)  # the plan now wants it back: its read will wait at the gate
         t = threading.Thread(target=pol.swap_once)
         t.start()
@@ -331,11 +332,12 @@ def test_a_falling_budget_is_honoured_at_once(art):
     with Runtime(art, _cfg(policy="ladder", budget="100%", swap_interval_s=1000)) as rt:
         pol = rt.policy
         before = rt.residents.nbytes
-        pol.set_capacity(before // 3)
+        pol.resize(rt.baseline + before // 3)
+        assert pol.limits.capacity == before // 3
         assert rt.residents.nbytes <= before // 3
         assert all(len(rt.residents.layer(lk)) >= 1 for lk in rt.sparse)
         for _ in range(50):  # the swapper refills lower rungs within the new capacity
-            pol.swap_once(limit_bytes=1 << 40)
+            pol.swap_once()
         assert rt.residents.nbytes <= before // 3
         assert "int4" in rt.residents_by_rung()
         assert rt.generate(INPUTS[:1], max_new_tokens=4)[0].token_ids
@@ -363,7 +365,7 @@ def test_waiting_for_missing_experts_routes_as_full(art):
     with Runtime(art, _cfg(policy="ladder", budget="15%", ladder_primary=False, ladder_wait=True, swap_interval_s=1000)) as rt:
         assert sum(rt.residents.counts().values()) < 16
         got = rt.generate(INPUTS, max_new_tokens=8)
-        assert rt.residents.nbytes <= rt.policy.capacity_bytes
+        assert rt.residents.nbytes <= rt.policy.limits.capacity
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]
     assert sum(r.stats["loads"] for r in got) > 0 and all(r.stats["stall_ms"] > 0 for r in got[:1])
 
@@ -383,7 +385,7 @@ def test_measured_loss_curves_split_the_ladders_copies(art):
     prof = Profile(imp, {lk: np.ones(E) for lk in imp}, loss=loss)
     with Runtime(art, _cfg(policy="ladder", budget="12%", swap_interval_s=1000), profile=prof) as rt:
         split = rt.residents.counts()
-        cap, enc_cost, dec_cost = rt.policy.capacity_bytes, rt.rungs[enc][0].cost, rt.rungs[dec][0].cost
+        cap, enc_cost, dec_cost = rt.policy.limits.capacity, rt.rungs[enc][0].cost, rt.rungs[dec][0].cost
         assert split[enc.name] == min(E, (cap - dec_cost) // enc_cost)  # every byte the encoder can use
         assert enc_cost * split[enc.name] + dec_cost * split[dec.name] <= cap  # the decoder has what is left
         assert rt.residents.nbytes <= cap

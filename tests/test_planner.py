@@ -5,14 +5,8 @@ import pytest
 
 from swapmoe_edge.core.errors import BudgetError
 from swapmoe_edge.core.keys import LayerKey
-from swapmoe_edge.residency.planner import (
-    Swap,
-    covered_mass,
-    initial_residents,
-    plan_counts,
-    plan_swaps,
-    top_experts,
-)
+from swapmoe_edge.residency.planner import covered_mass, initial_residents, plan_counts, top_experts
+from swapmoe_edge.residency.steps import Swap, plan_swaps
 
 E0, E1 = LayerKey("encoder", 1), LayerKey("encoder", 3)
 D1, D3 = LayerKey("decoder", 1), LayerKey("decoder", 3)

@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 
 from swapmoe_edge.core.errors import ArtifactError, InputError
-from swapmoe_edge.residency.importance import ImportanceTracker, Profile
-from swapmoe_edge.core.keys import ExpertKey, LayerKey
+from swapmoe_edge.residency.importance import Profile
+from swapmoe_edge.core.keys import LayerKey
 from swapmoe_edge.residency.planner import top_experts
-from swapmoe_edge.residency.policies_old import SwapMoEPolicy
 from swapmoe_edge.residency.predictor import DecoderPredictor, fit
 from swapmoe_edge.lab.replay import ReplayConfig, replay
-from swapmoe_edge.residency.resident import ResidentSet
 from swapmoe_edge.runtime.facade import RuntimeConfig
 
 from test_replay import make_trace
-from test_substitution import _Store
+from test_substitution import _Store, swapmoe_engine
 
 ENC, DEC = LayerKey("encoder", 1), LayerKey("decoder", 1)
 E = 4
@@ -75,14 +73,10 @@ def test_profile_keeps_the_predictor_and_rejects_a_bad_one(tmp_path):
 
 def _policy(predictor, max_swaps=1, wait=False):
     imp = {ENC: np.array([4.0, 3.0, 2.0, 1.0]), DEC: np.array([4.0, 3.0, 2.0, 1.0])}  # start: DEC holds 0, 1
-    prof = Profile(imp, dict(imp), meta={"texts": 1})
-    tracker = ImportanceTracker({ENC: np.ones(E), DEC: np.ones(E)})
-    tracker.set_prior(prof, 100.0)  # a strong prior: without the predictor nothing moves
-    pol = SwapMoEPolicy(ResidentSet([ENC, DEC], E), _Store(), lambda e, x: x, 64, {ENC: 2, DEC: 2},
-                        dict(imp), tracker=tracker, hysteresis=0.1, max_swaps_per_interval=max_swaps,
-                        predictor=predictor, predict_wait=wait)
-    pol.warm()
-    return pol
+    prof = Profile(imp, dict(imp), meta={"texts": 1}, predictor=predictor)
+    # a strong prior (100 documents): without the predictor nothing moves
+    return swapmoe_engine(prof, {ENC: 2, DEC: 2}, hysteresis=0.1, max_swaps_per_interval=max_swaps,
+                          prior_documents=100.0, decoder_weight=1.0, predict_decoder="wait" if wait else "background")
 
 
 def _call(pol, lk, expert, tokens):
@@ -94,30 +88,31 @@ def _call(pol, lk, expert, tokens):
 
 def test_swapmoe_moves_the_decoder_toward_the_predicted_experts_at_once():
     pol = _policy(fit(_planted(), ridge=0.1))
-    assert set(pol.residents.layer(DEC)) == {0, 1} and not pol.plan()
+    assert set(pol.residents.layer(DEC)) == {0, 1} and not pol.plan().moves
     _call(pol, ENC, 1, tokens=12)  # the encoder pass of a topic-1 document
-    assert not pol._wake.is_set()  # nothing predicted before the decoder starts
+    assert not pol.take_wake()  # nothing predicted before the decoder starts
     _call(pol, DEC, 0, tokens=1)  # its first decoder step
-    assert pol._wake.is_set()
-    swaps = pol.plan()
-    assert len(swaps) == 1 and swaps[0].layer == DEC  # 3 (predicted) replaces 0 (not predicted)
-    assert (swaps[0].admit, swaps[0].evict) == (3, 0)
+    assert pol.take_wake()
+    moves = pol.plan().moves
+    assert len(moves) == 1 and moves[0].key.layer_key == DEC  # 3 (predicted) replaces 0 (not predicted)
+    assert (moves[0].key.expert, moves[0].evict.expert) == (3, 0)
     # the burst is for the new prediction only; the next plan is capped again (here: nothing left)
-    for s in swaps:
-        pol.apply(s, _Store().read(ExpertKey(DEC.stack, DEC.layer, s.admit)))
+    for m in moves:
+        left = pol.begin(m)
+        assert pol.finish(left, _Store().read(left.key))
     pol.end_request()
     _call(pol, ENC, 0, tokens=12)  # a topic-0 document: decoder experts 0 and 2
     _call(pol, DEC, 0, tokens=1)
     _call(pol, DEC, 0, tokens=1)  # later steps do not predict again
-    swaps = pol.plan()  # two swaps at once, past max_swaps=1
-    assert len(swaps) == 2 and {s.admit for s in swaps} == {0, 2} and {s.evict for s in swaps} == {1, 3}
+    moves = pol.plan().moves  # two swaps at once, past max_swaps=1
+    assert len(moves) == 2 and {m.key.expert for m in moves} == {0, 2} and {m.evict.expert for m in moves} == {1, 3}
 
 
 def test_waiting_for_the_prediction_swaps_before_the_first_decoder_step():
     pol = _policy(fit(_planted(), ridge=0.1), wait=True)
     _call(pol, ENC, 1, tokens=12)  # topic 1: decoder experts 3 and 1
     _call(pol, DEC, 0, tokens=1)
-    assert set(pol.residents.layer(DEC)) == {1, 3} and not pol._wake.is_set()  # done on this thread
+    assert set(pol.residents.layer(DEC)) == {1, 3} and not pol.take_wake()  # done on this thread
     assert pol.counters.loads == 1 and pol.counters.swaps == 1 and pol.counters.stall_s > 0
     assert set(pol.residents.layer(ENC)) == {0, 1}  # other layers wait for the swapper
 
@@ -181,7 +176,7 @@ def test_the_swapper_stops_at_once_even_while_background_reads_are_closed():
     time.sleep(0.05)
     t0 = time.perf_counter()
     pol.stop()
-    assert time.perf_counter() - t0 < 0.9 and pol._thread is None
+    assert time.perf_counter() - t0 < 0.9 and not pol.running
 
 
 def test_experts_evicted_for_a_prediction_are_freed_before_the_next_is_read():

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from swapmoe_edge.core.errors import ArtifactError, BudgetError, InputError  # noqa: E402
 from swapmoe_edge.core.keys import ExpertKey, LayerKey
-from swapmoe_edge.residency.policies_old import ExpertUnavailableError  # noqa: E402
+from swapmoe_edge.residency.limits import ExpertUnavailableError  # noqa: E402
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_edge.artifact.store import ExpertReadError, ExpertStore  # noqa: E402
 from swapmoe_export import export_checkpoint  # noqa: E402
@@ -154,7 +154,7 @@ def test_swapmoe_residents_never_exceed_the_per_layer_counts(models):
         for seed in range(4):
             rt.generate(_rows(seed, (20, 20)), max_new_tokens=6)
             time.sleep(0.05)
-        limits = {lk.name: n for lk, n in rt.policy.counts.items()}
+        limits = {lk.name: n for lk, n in rt.policy.limits.counts.items()}
         assert seen, "the swapper did nothing: the test would prove nothing"
         for snap in seen:
             assert all(snap[k] <= limits[k] for k in snap)
@@ -372,11 +372,11 @@ def test_cli_profile_writes_a_profile_the_runtime_then_uses(models, tmp_path):
     assert sum(sum(v["counts"]) for v in prof["layers"].values()) > 0
     assert prof["predictor"]["inputs"] == ["enc.L01", "enc.L03"] and prof["predictor"]["documents"] == 3  # one per line
     with Runtime(copy, RuntimeConfig(policy="swapmoe", budget="50%")) as rt:
-        assert rt.profile.source == "profile" and rt.policy.predictor is not None
+        assert rt.profile.source == "profile" and rt.policy.policy.predictor is not None
         rt.generate(_rows(2), max_new_tokens=3)
-        assert set(rt.policy._predicted) == {LayerKey("decoder", 1)}  # the request's decoder was predicted
+        assert set(rt.policy.policy.predicted) == {LayerKey("decoder", 1)}  # the request's decoder was predicted
     with Runtime(copy, RuntimeConfig(policy="swapmoe", budget="50%", predict_decoder="off")) as rt:
-        assert rt.policy.predictor is None
+        assert rt.policy.policy.predictor is None
 
 
 def test_int8_experts_fit_more_residents_in_the_same_budget(tmp_path):
@@ -525,7 +525,7 @@ def test_decoder_weight_moves_resident_slots_to_the_decoder_and_reaches_the_swap
 
     def per_stack(rt):
         counts = {"encoder": 0, "decoder": 0}
-        for lk, n in rt.policy.counts.items():
+        for lk, n in rt.policy.limits.counts.items():
             counts[lk.stack] += n
         return counts
 
@@ -533,7 +533,7 @@ def test_decoder_weight_moves_resident_slots_to_the_decoder_and_reaches_the_swap
         even = per_stack(rt)
     with Runtime(art, RuntimeConfig(policy="swapmoe", budget="40%", decoder_weight=50.0)) as rt:
         heavy = per_stack(rt)
-        assert {lk.stack: w for lk, w in rt.policy.layer_weight.items()} == {"encoder": 1.0, "decoder": 50.0}
+        assert {lk.stack: w for lk, w in rt.policy.policy.layer_weight.items()} == {"encoder": 1.0, "decoder": 50.0}
     assert sum(heavy.values()) == sum(even.values())  # the same budget, split differently
     assert heavy["decoder"] > even["decoder"] and heavy["encoder"] < even["encoder"]
     with pytest.raises(InputError, match="decoder_weight"):

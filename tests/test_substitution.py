@@ -4,15 +4,19 @@ layer keeps, their profile fields, and the measurement on a tiny model."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from swapmoe_edge.core.errors import ArtifactError
-from swapmoe_edge.residency.importance import ImportanceTracker, Profile
+from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.core.keys import ExpertKey, LayerKey
-from swapmoe_edge.residency.planner import loss_envelope, plan_by_loss, plan_counts
-from swapmoe_edge.residency.policies_old import SwapMoEPolicy
+from swapmoe_edge.residency import loss_split
+from swapmoe_edge.residency.limits import Limits
+from swapmoe_edge.residency.loss_split import loss_envelope, plan_by_loss
+from swapmoe_edge.residency.planner import plan_counts
+from swapmoe_edge.residency.policies import make_policy
 from swapmoe_edge.lab.replay import ReplayConfig, replay
 from swapmoe_edge.residency.resident import ResidentSet
 from swapmoe_edge.runtime.facade import RuntimeConfig
@@ -68,13 +72,11 @@ def test_split_by_loss_equals_brute_force_and_fits():
 
 
 def test_split_by_loss_with_sizes_of_no_useful_common_divisor_still_fits(monkeypatch):
-    import swapmoe_edge.residency.planner as planner
-
-    monkeypatch.setattr(planner, "MAX_PLAN_UNITS", 400)
+    monkeypatch.setattr(loss_split, "MAX_PLAN_UNITS", 400)
     curves = {ENC: [0.5, 0.1, 0.05, 0.0], DEC: [0.2, 0.19, 0.18, 0.0]}
     cost = {ENC: 1009, DEC: 997}  # primes: one-byte units would be 4,000+ of them
     capacity = 4 * 1009 + 200  # four experts fit, five do not
-    counts = planner.plan_by_loss(curves, cost, capacity)  # units of 11 bytes: widths 92 and 91
+    counts = loss_split.plan_by_loss(curves, cost, capacity)  # units of 11 bytes: widths 92 and 91
     assert sum(counts[k] * cost[k] for k in counts) <= capacity
     assert counts == {ENC: 3, DEC: 1}
 
@@ -120,15 +122,20 @@ class _Store:
         return LoadedExpert(key, {}, 1)
 
 
+def swapmoe_engine(profile, counts, store=None, **cfg):
+    """The swapmoe engine over experts of one byte each, holding ``counts`` experts per layer."""
+    config = RuntimeConfig(policy="swapmoe", **cfg)
+    engine = make_policy(config, ResidentSet([ENC, DEC], 4), store or _Store(), lambda e, x: x, 64,
+                         {ENC: np.ones(4), DEC: np.ones(4)}, profile, expert_cost={ENC: 1, DEC: 1},
+                         budget=sum(counts.values()))
+    engine.limits = Limits(counts=dict(counts))
+    engine.warm()
+    return engine
+
+
 def _policy(counts, substitutes):
-    prof = _profile()
-    tracker = ImportanceTracker({ENC: np.ones(4), DEC: np.ones(4)})
-    tracker.set_prior(prof, 1.0)
-    residents = ResidentSet([ENC, DEC], 4)
-    pol = SwapMoEPolicy(residents, _Store(), lambda e, x: x, 64, counts, dict(prof.importance), tracker=tracker,
-                        hysteresis=0.0, max_swaps_per_interval=8, substitutes=substitutes)
-    pol.warm()
-    return pol
+    prof = replace(_profile(), substitute=substitutes)
+    return swapmoe_engine(prof, counts, hysteresis=0.0, max_swaps_per_interval=8, prior_documents=1.0)
 
 
 def test_a_one_expert_layer_holds_its_substitute_and_never_swaps_it():
@@ -139,15 +146,17 @@ def test_a_one_expert_layer_holds_its_substitute_and_never_swaps_it():
     probs = np.full((50, 4), 0.01)
     probs[:, 1] = 0.97
     pol.tracker.observe(ENC, np.ones(50), probs)
-    assert all(s.layer != ENC for s in pol.plan())
+    assert all(m.key.layer_key != ENC for m in pol.plan().moves)
     # a budget that shrinks a layer to one expert keeps its substitute when it is resident
-    pol.resize({ENC: 1, DEC: 1})
+    pol.resize(2)  # bytes for one expert per layer
+    assert pol.limits.counts == {ENC: 1, DEC: 1}
     assert set(pol.residents.layer(DEC)) == {0}  # 3 is not resident: the most important stays
     pol2 = _policy({ENC: 2, DEC: 2}, {ENC: 2})
     assert set(pol2.residents.layer(ENC)) == {1, 3}
     pol2.residents.put(LoadedExpert(ExpertKey("encoder", 1, 2), {}, 1))  # as if swapped in
     pol2.residents.drop(ExpertKey("encoder", 1, 3))
-    pol2.resize({ENC: 1, DEC: 2})
+    pol2.resize(3)
+    assert pol2.limits.counts == {ENC: 1, DEC: 2}
     assert set(pol2.residents.layer(ENC)) == {2}
 
 

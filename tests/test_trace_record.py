@@ -76,6 +76,6 @@ def test_cli_record_then_replay_json(art, tmp_path):
 def test_replay_gives_each_layer_the_runtimes_slot_count(art, tmp_path, policy):
     t = record_trace(art, _docs()[:2], tmp_path / "t.npz", max_new_tokens=2)
     with Runtime(art, RuntimeConfig(policy=policy, budget="40%", threads=1)) as rt:
-        want = {lk.name: n for lk, n in rt.policy.counts.items()}
+        want = {lk.name: n for lk, n in rt.policy.limits.counts.items()}
     got = replay(t, [policy], ReplayConfig(budget="40%"))[0].counts
     assert got == want

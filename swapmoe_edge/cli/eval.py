@@ -12,7 +12,7 @@ from swapmoe_edge.core.errors import SwapMoEError
 from swapmoe_edge.lab.evaluate import evaluate, format_report, lead_baseline
 from swapmoe_edge.lab.streams import ORDERS, parse_sections
 from swapmoe_edge.lab.sweep import sweep
-from swapmoe_edge.residency.policies_old import POLICIES
+from swapmoe_edge.residency.policies import POLICIES
 
 PLANNERS = ("importance", "uniform")
 

@@ -26,7 +26,6 @@ from typing import Callable, Sequence
 
 from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.residency.importance import Profile
-from swapmoe_edge.residency.planner import top_experts
 from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.runtime.facade import Runtime
 from swapmoe_edge.runtime.requests import chunks
@@ -56,8 +55,8 @@ def bound_summaries(artifact: str | Path, texts: Sequence[str], budget: str, mod
     requests = reads = 0
     with Runtime(artifact, cfg, profile=profile) as rt, full_rt as full:
         rt.wait_ready()
-        pol = rt.policy
-        pol.stop()  # the swapper off: residents change only below
+        engine = rt.policy
+        engine.stop()  # the swapper off: residents change only below
         for i in range(0, len(texts), batch_size):
             batch = list(texts[i: i + batch_size])
             with warnings.catch_warnings():
@@ -68,14 +67,12 @@ def bound_summaries(artifact: str | Path, texts: Sequence[str], budget: str, mod
                     if full is not None:
                         seen = full.profile_texts(batch[start: start + len(chunk)], max_new_tokens,
                                                   batch_size=len(chunk)).importance
-                        ranked = pol._pinned(dict(seen), pol.counts)
-                        for lk, k in pol.counts.items():
-                            reads += pol.hold(lk, top_experts(ranked[lk], k))
+                        reads += engine.hold_best(seen)  # ranked as swapmoe ranks (substitutes pinned)
                     for r in rt.generate(chunk, max_new_tokens=max_new_tokens):
                         summaries.append(rt.tokenizer.decode(r.token_ids, skip_special_tokens=True).strip())
                     start += len(chunk)
                     requests += 1
             if progress is not None:
                 progress(len(summaries), len(texts))
-        counts = {lk.name: n for lk, n in pol.counts.items()}
+        counts = {lk.name: n for lk, n in engine.limits.counts.items()}
     return {"summaries": summaries, "requests": requests, "counts": counts, "reads": reads}

@@ -1,21 +1,24 @@
 """Replay a routing trace (trace.py) under residency policies, fast and without the model.
 
-Two semantics, as in the runtime:
+The replay runs the runtime's own residency engine and policies (residency/policies, built by
+``make_policy`` with the runtime's config and the trace's expert sizes), fed the trace's router
+outputs; only the clock is simulated. Two semantics, as in the runtime:
 
 - **exact** (the output is full's): a token whose expert is not resident waits while it is
-  read. ``lru`` is the runtime's ``on-demand``; ``lfu`` evicts the least-used expert;
-  ``belady`` evicts the one needed furthest in the future (offline, the optimum: no
-  demand-loading policy with the same per-layer slots reads fewer experts).
+  read. ``lru`` is the runtime's ``on-demand``; ``lfu`` evicts the least-used expert instead,
+  and ``belady`` the one needed furthest in the future (offline, the optimum: no
+  demand-loading policy with the same per-layer slots reads fewer experts). Both keep
+  on-demand's slots and start set.
 - **masked** (lossy): a token whose expert is not resident goes to the best resident one.
-  ``prune`` (largest ‖E‖) and ``static`` (the profile's most important experts, or its
-  measured substitute in a layer that holds one) never change; ``swapmoe`` is the runtime's own policy object (policies.make_policy) fed the
-  trace's router outputs, with its own planner and swapper decisions, and its swapper run on
-  a simulated clock (with a decoder predictor in the profile, a request's first decoder
-  event wakes it at once, as in the runtime). ``hindsight`` keeps the static policy's per-layer counts but the experts
-  the trace's tokens chose most (what a perfect profile of this very stream would give). ``best-fixed`` is the offline optimum of fixed sets: the experts that
-  the trace's tokens chose most, with the per-layer split that holds the most tokens in the
-  same bytes; no fixed set (``prune``, ``static``) can beat it. A policy that swaps *can*,
-  when the workload moves: that is what adaptation is for.
+  ``prune`` and ``static`` (swapmoe's start set: the profile's most important experts, or its
+  measured substitute in a layer that holds one) never change; ``swapmoe`` is the runtime's
+  policy with its swapper's rounds on the simulated clock (with a decoder predictor in the
+  profile, a request's first decoder event wakes it at once, as in the runtime). ``hindsight``
+  keeps swapmoe's per-layer counts but the experts the trace's tokens chose most (what a
+  perfect profile of this very stream would give). ``best-fixed`` is the offline optimum of
+  fixed sets: the experts that the trace's tokens chose most, with the per-layer split that
+  holds the most tokens in the same bytes; no fixed set (``prune``, ``static``) can beat it. A
+  policy that swaps *can*, when the workload moves: that is what adaptation is for.
 
 Clock: an encoder pass takes ``encoder_ms``, each decoder step ``token_ms`` (by default the
 timings measured while recording), spread evenly over the sparse layers of the stack. The
@@ -39,17 +42,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from swapmoe_edge.system.budget import parse_budget
-from swapmoe_edge.core.errors import InputError
-from swapmoe_edge.residency.importance import Profile
-from swapmoe_edge.core.keys import parse_layer_name
-from swapmoe_edge.core.keys import ExpertKey, LayerKey
-from swapmoe_edge.residency.planner import plan_counts, top_experts
-from swapmoe_edge.residency.policies_old import make_policy
-from swapmoe_edge.residency.resident import ResidentSet
-from swapmoe_edge.runtime.facade import RuntimeConfig
 from swapmoe_edge.artifact.store import LoadedExpert
+from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.core.keys import ExpertKey, LayerKey, parse_layer_name
 from swapmoe_edge.lab.trace import Trace
+from swapmoe_edge.residency.engine import Engine
+from swapmoe_edge.residency.importance import Profile
+from swapmoe_edge.residency.planner import expert_capacity, top_experts
+from swapmoe_edge.residency.policies import make_policy
+from swapmoe_edge.residency.resident import ResidentSet
+from swapmoe_edge.runtime.config import RuntimeConfig
+from swapmoe_edge.system.budget import parse_budget
 
 EXACT = ("lru", "lfu", "belady")
 MASKED = ("prune", "static", "swapmoe", "hindsight", "best-fixed")
@@ -116,24 +119,21 @@ class _Replay:
         self.event_s = {lk: (self.encoder_s / n_enc if lk.stack == "encoder" else self.token_s / n_dec) for lk in self.keys}
         self.first = trace.first_choice()  # [N]
 
-    def capacity(self, policy: str) -> int:
-        """Expert bytes the runtime's planner would get (runtime._plan, with the baseline left out)."""
-        spec = parse_budget(self.cfg.budget)
-        everything = sum(self.cost.values()) * self.E
-        if spec.kind == "share":
-            cap = int(np.floor(spec.share * everything))
-        elif spec.kind == "bytes":
-            cap = int(spec.nbytes)
-        else:
+    def budget(self) -> int:
+        """The expert bytes the runtime would hold (its budget with the baseline left out), never
+        below one expert per layer."""
+        cap = parse_budget(self.cfg.budget).process_cap(0, sum(self.cost.values()) * self.E)
+        if cap is None:
             raise InputError("a replay needs a budget as a share of the experts (50%) or bytes of experts (4GiB), not auto")
-        return max(cap, sum(self.cost.values()))
+        return expert_capacity(cap, 0, self.cost)
 
-    def counts(self, policy: str) -> dict[LayerKey, int]:
-        rc = self.cfg.runtime
-        importance = self.norms if policy == "prune" else dict(self.profile.importance)
-        loss = None if policy == "prune" else self.profile.loss  # as runtime._plan gives swapmoe
-        return plan_counts(importance, self.cost, self.capacity(policy), method=rc.planner,
-                           layer_weight=rc.layer_weights(self.keys), loss=loss)
+    def engine(self, policy: str) -> tuple[Engine, "_NullStore"]:
+        """The runtime's engine for ``policy`` (its config, the trace's expert sizes), its start set resident."""
+        store = _NullStore(self.cost)
+        eng = make_policy(replace(self.cfg.runtime, policy=policy), ResidentSet(self.keys, self.E), store,
+                          _no_kernel, 1 << 30, self.norms, self.profile, expert_cost=self.cost, budget=self.budget())
+        eng.warm()
+        return eng, store
 
     def result(self, policy: str, semantics: str, counts) -> ReplayResult:
         return ReplayResult(policy, semantics, {lk.name: int(n) for lk, n in counts.items()})
@@ -195,6 +195,10 @@ def _chosen(r: _Replay) -> dict[LayerKey, np.ndarray]:
     return chosen
 
 
+def _no_kernel(expert: LoadedExpert, x: np.ndarray) -> np.ndarray:
+    return np.zeros_like(x)
+
+
 class _NullStore:
     """Expert reads that cost nothing here: the replay's clock prices them instead."""
 
@@ -208,52 +212,48 @@ class _NullStore:
         return LoadedExpert(key, {}, self.cost[key.layer_key])
 
 
-def _swapmoe(r: _Replay) -> ReplayResult:
-    """The runtime's SwapMoEPolicy, fed the trace; its swapper's plan/apply on the simulated clock."""
-    rc = replace(r.cfg.runtime, policy="swapmoe")
-    counts = r.counts("swapmoe")
-    residents = ResidentSet(r.keys, r.E)
-    store = _NullStore(r.cost)
-    pol = make_policy(rc, residents, store, lambda expert, x: np.zeros_like(x), 1 << 30, counts, r.norms, r.profile)
-    pol.warm()
+def _run(r: _Replay, name: str, semantics: str, policy: str) -> ReplayResult:
+    """The engine of ``policy`` fed the trace's router outputs, event by event; a policy that swaps
+    has its swapper's rounds run on the simulated clock."""
+    eng, store = r.engine(policy)
+    res = r.result(name, semantics, eng.limits.counts)
     layers = {lk: SimpleNamespace(key=lk, experts=[ExpertKey(lk.stack, lk.layer, e) for e in range(r.E)])
               for lk in r.keys}
-    res = r.result("swapmoe", "masked", counts)
-    now, wake = 0.0, rc.swap_interval_s
-    pending: list[tuple[float, int, Any]] = []  # (ready time, seq, swap) reads in flight
+    interval = eng.policy.interval_s
+    now, wake = 0.0, interval
+    pending: list[tuple[float, int, Any]] = []  # (ready time, seq, move) reads in flight
     seq = 0
     last_request = 0
     for req, li, _, sl in r.t.events():
         lk = r.keys[li]
         if req != last_request:
-            pol.end_request()
+            eng.end_request()
             last_request = req
         while pending and pending[0][0] <= now:  # reads that finished: publish them
-            _, _, s = heapq.heappop(pending)
-            if pol.apply(s, store.read(ExpertKey(s.layer.stack, s.layer.layer, s.admit))):
-                res.swaps += 1
-        if wake <= now and not pending:
+            _, _, m = heapq.heappop(pending)
+            res.swaps += eng.finish(m, store.read(m.key))
+        if eng.policy.swaps and wake <= now and not pending:
             ready = now
-            for s in pol.plan():
-                s = pol.begin(s)
-                if s is None:
+            rnd = eng.plan()
+            for m in rnd.moves:
+                m = eng.begin(m, rnd.room)
+                if m is None:
                     continue
-                ready += r.read_s[s.layer]
+                ready += r.read_s[m.key.layer_key]
                 res.loads += 1
-                res.bytes_read += r.cost[s.layer]
-                heapq.heappush(pending, (ready, seq, s))
+                res.bytes_read += r.cost[m.key.layer_key]
+                heapq.heappush(pending, (ready, seq, m))
                 seq += 1
-            wake = max(now + rc.swap_interval_s, ready)
+            wake = max(now + interval, ready)
         probs = r.t.probs[sl].astype(np.float32)  # n E
         x = r.t.x_norm[sl].astype(np.float32)  # n
-        before = pol.counters.first_choice_resident
+        before = eng.counters.first_choice_resident
         store.on_loop.clear()  # what the call below reads, it reads on the token loop
-        pol(layers[lk], x[None, :, None], np.log(np.maximum(probs, 1e-12))[None], None)
-        r.tally(res, lk, x.size, pol.counters.first_choice_resident - before)
-        if pol._wake.is_set():  # a decoder prediction wakes the swapper at once, as in the runtime
-            pol._wake.clear()
+        eng(layers[lk], x[None, :, None], np.log(np.maximum(probs, 1e-12))[None], None)
+        r.tally(res, lk, x.size, eng.counters.first_choice_resident - before)
+        if eng.take_wake():  # a decoder prediction wakes the swapper at once, as in the runtime
             wake = now
-        for read_lk in store.on_loop:  # a decoder prediction's swaps made on the token loop: stall
+        for read_lk in store.on_loop:  # misses, and a decoder prediction's swaps, read on the token loop: stall
             res.loads += 1
             res.bytes_read += r.cost[read_lk]
             res.stall_s += r.read_s[read_lk]
@@ -262,54 +262,55 @@ def _swapmoe(r: _Replay) -> ReplayResult:
     return res
 
 
-# -- exact policies ----------------------------------------------------------------------------------
+# -- offline bounds of exact policies ------------------------------------------------------------------
 
 
-def _accesses(r: _Replay) -> dict[LayerKey, list[tuple[int, int]]]:
-    """Per layer: (expert, tokens) in the order an exact policy reads them (np.unique per event)."""
-    out: dict[LayerKey, list[tuple[int, int]]] = {lk: [] for lk in r.keys}
+def _accesses(r: _Replay) -> dict[LayerKey, list[list[tuple[int, int]]]]:
+    """Per layer and event: (expert, tokens) in the order an exact policy reads them (np.unique)."""
+    out: dict[LayerKey, list[list[tuple[int, int]]]] = {lk: [] for lk in r.keys}
     for _, li, _, sl in r.t.events():
         experts, n = np.unique(r.first[sl], return_counts=True)
-        out[r.keys[li]] += list(zip(experts.tolist(), n.tolist()))
+        out[r.keys[li]].append(list(zip(experts.tolist(), n.tolist())))
     return out
 
 
-def _exact(r: _Replay, name: str) -> ReplayResult:
-    counts = r.counts("on-demand")
+def _evicting(r: _Replay, name: str) -> ReplayResult:
+    """``lfu`` or ``belady``: on-demand's slots and start set, another choice of whom to evict.
+    A token hits when its expert was resident as its layer began (as the runtime counts)."""
+    eng, _ = r.engine("on-demand")
+    counts = eng.limits.counts
     res = r.result(name, "exact", counts)
-    for lk, seq in _accesses(r).items():
-        cap = max(1, counts[lk])
-        cache: OrderedDict[int, None] = OrderedDict((e, None) for e in top_experts(r.profile.importance[lk], cap))
+    for lk, events in _accesses(r).items():
+        seq = [a for ev in events for a in ev]
+        cache: OrderedDict[int, None] = OrderedDict((e, None) for e in eng.residents.layer(lk))
         freq = np.zeros(r.E, np.int64)
         if name == "belady":  # next use of each access, scanning backwards
             nxt, seen = [0] * len(seq), {}
             for i in range(len(seq) - 1, -1, -1):
                 nxt[i] = seen.get(seq[i][0], len(seq))
                 seen[seq[i][0]] = i
-            upcoming = {}  # expert -> index of its next access, for residents
-            for e in cache:
-                upcoming[e] = next((i for i, (x, _) in enumerate(seq) if x == e), len(seq))
-        for i, (e, n) in enumerate(seq):
-            freq[e] += n
-            hit = e in cache
-            r.tally(res, lk, n, n if hit else 0)
-            if hit:
-                cache.move_to_end(e)
-            else:
-                if len(cache) >= cap:
-                    if name == "lru":
-                        victim = next(iter(cache))
-                    elif name == "lfu":  # least tokens so far; ties: least recently used
-                        victim = min(cache, key=lambda x: freq[x])
-                    else:
-                        victim = max(cache, key=lambda x: upcoming[x])
-                    del cache[victim]
-                cache[e] = None
-                res.loads += 1
-                res.bytes_read += r.cost[lk]
-                res.stall_s += r.read_s[lk]
-            if name == "belady":
-                upcoming[e] = nxt[i]
+            upcoming = {e: next((i for i, (x, _) in enumerate(seq) if x == e), len(seq)) for e in cache}
+        i = 0
+        for ev in events:
+            r.tally(res, lk, sum(n for _, n in ev), sum(n for e, n in ev if e in cache))
+            for e, n in ev:
+                freq[e] += n
+                if e in cache:
+                    cache.move_to_end(e)
+                else:
+                    if len(cache) >= counts[lk]:
+                        if name == "lfu":  # least tokens so far; ties: least recently used
+                            victim = min(cache, key=lambda x: freq[x])
+                        else:
+                            victim = max(cache, key=lambda x: upcoming[x])
+                        del cache[victim]
+                    cache[e] = None
+                    res.loads += 1
+                    res.bytes_read += r.cost[lk]
+                    res.stall_s += r.read_s[lk]
+                if name == "belady":
+                    upcoming[e] = nxt[i]
+                i += 1
     return res
 
 
@@ -325,23 +326,20 @@ def replay(trace: Trace, policies: Sequence[str] = POLICIES, cfg: ReplayConfig =
     r = _Replay(trace, cfg, profile)
     out = []
     for name in policies:
-        if name in EXACT:
-            out.append(_exact(r, name))
+        if name == "lru":
+            out.append(_run(r, name, "exact", "on-demand"))
+        elif name in EXACT:
+            out.append(_evicting(r, name))
         elif name == "swapmoe":
-            out.append(_swapmoe(r))
+            out.append(_run(r, name, "masked", "swapmoe"))
         elif name == "best-fixed":
-            sets, counts = best_fixed_sets(r, r.capacity("prune"))
+            sets, counts = best_fixed_sets(r, r.budget())
             out.append(_fixed(r, name, sets, counts))
-        elif name == "hindsight":
-            counts = r.counts("static")
-            chosen = _chosen(r)
-            sets = {lk: frozenset(top_experts(chosen[lk].astype(np.float64), counts[lk])) for lk in r.keys}
-            out.append(_fixed(r, name, sets, counts))
-        else:
-            counts = r.counts(name)
-            order = r.norms if name == "prune" else r.profile.importance
-            sets = {lk: frozenset(top_experts(order[lk], counts[lk])) for lk in r.keys}
-            if name == "static":  # swapmoe's start set: a one-expert layer holds the measured substitute
-                sets.update({lk: frozenset([e]) for lk, e in r.profile.substitute.items() if counts[lk] == 1})
+        else:  # prune, static (swapmoe's start set), hindsight (swapmoe's counts, the trace's favourites)
+            eng, _ = r.engine("prune" if name == "prune" else "swapmoe")
+            sets, counts = eng.residents.residents(), eng.limits.counts
+            if name == "hindsight":
+                chosen = _chosen(r)
+                sets = {lk: frozenset(top_experts(chosen[lk].astype(np.float64), counts[lk])) for lk in r.keys}
             out.append(_fixed(r, name, sets, counts))
     return out

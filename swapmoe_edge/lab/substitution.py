@@ -27,8 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from swapmoe_edge.core.keys import LayerKey
-from swapmoe_edge.model.moe import dispatch, route
+from swapmoe_edge.core.keys import ExpertKey, LayerKey
 from swapmoe_edge.residency.planner import top_experts
 
 LOSS_NOTE = "mean teacher-forced KL(full || masked) per summary token, over full's greedy summaries of the texts"
@@ -107,12 +106,6 @@ def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndar
     for lk in layers:
         sets += [(lk, "single", (e,)) for e in range(E)]
         sets += [(lk, "top", top_experts(importance[lk], k)) for k in ks]
-    layer_of = {lk: rt.manifest.layer(lk.stack, lk.layer) for lk in layers}
-    get = getattr(rt.policy, "_get", None)  # on-demand: reads a missing expert; full: all resident
-
-    def expert(lk: LayerKey, e: int):
-        return get(layer_of[lk], e) if get is not None else rt.residents.layer(lk)[e]
-
     def masked(lk: LayerKey, keep: tuple[int, ...]):
         allowed = np.zeros(E, bool)
         allowed[list(keep)] = True
@@ -120,8 +113,8 @@ def measure_loss(rt, texts: Sequence[str], importance: Mapping[LayerKey, np.ndar
         def moe(layer, normed, logits, token_mask, exact):
             if layer.key != lk:
                 return exact(layer, normed, logits, token_mask)
-            r = route(logits, c.expert_capacity, allowed)
-            return dispatch(r, normed, lambda e, x: rt._kernel(expert(lk, e), x))
+            # the engine's masked routing over ``keep``; an exact policy has (or reads) every expert
+            return rt.policy.masked_over(layer, normed, logits, allowed)
         return moe
 
     mean = _mean_kl(rt, texts, [masked(lk, keep) for lk, _, keep in sets], max_new_tokens, batch_size, progress)
@@ -155,20 +148,18 @@ def measure_rung_loss(rt, texts: Sequence[str], runners: Mapping[str, object], m
         raise ValueError(f"measuring rung loss needs an exact policy (full or on-demand), not {rt.policy.name}")
     c = rt.manifest.config
     cases = [(rung, lk) for rung in runners for lk in rt.sparse]
-    copies: dict[tuple[str, LayerKey, int], object] = {}
+    copies: dict[tuple[str, ExpertKey], object] = {}
 
-    def copy(rung: str, lk: LayerKey, e: int):
-        key = (rung, lk, e)
-        if key not in copies:
-            copies[key] = runners[rung].load(rt.store.read(rt.manifest.layer(lk.stack, lk.layer).experts[e], rung=rung))
-        return copies[key]
+    def run(rung: str, key: ExpertKey, x: np.ndarray) -> np.ndarray:
+        if (rung, key) not in copies:
+            copies[(rung, key)] = runners[rung].load(rt.store.read(key, rung=rung))
+        return runners[rung].run(copies[(rung, key)], x)
 
     def on_rung(rung: str, lk: LayerKey):
+        low = rt.family.exact_moe(lambda key, x: run(rung, key, x), c.expert_capacity)  # the family's own MoE
+
         def moe(layer, normed, logits, token_mask, exact):
-            if layer.key != lk:
-                return exact(layer, normed, logits, token_mask)
-            return dispatch(route(logits, c.expert_capacity), normed,
-                            lambda e, x: runners[rung].run(copy(rung, lk, e), x))
+            return (low if layer.key == lk else exact)(layer, normed, logits, token_mask)
         return moe
 
     mean = _mean_kl(rt, texts, [on_rung(rung, lk) for rung, lk in cases], max_new_tokens, batch_size, progress)

@@ -38,10 +38,10 @@ from swapmoe_edge.core.units import format_size
 from swapmoe_edge.lab.evaluate import evaluate, lead_baseline, read_pairs
 from swapmoe_edge.lab.streams import parse_sections
 from swapmoe_edge.residency.importance import Profile
-from swapmoe_edge.residency.policies_old import POLICIES
+from swapmoe_edge.residency.policies import POLICIES
 
 FULL_BUDGET = "100%"
-PLANNER_FREE = ("full", "on-demand", "ladder")  # ladder: its own byte planner (ladder_plan.py)
+PLANNER_FREE = ("full", "on-demand", "ladder")  # ladder: placed by bytes, not by the count split
 CSV_COLUMNS = (
     "cell", "policy", "planner", "budget", "budget_bytes", "baseline_bytes", "peak_rss_bytes", "exact", "documents",
     "rouge1", "rouge2", "rougeL", "fidelity_rouge1", "fidelity_rouge2", "fidelity_rougeL", "exact_match",

@@ -25,6 +25,7 @@ import numpy as np
 from swapmoe_edge.core.errors import ArtifactError
 from swapmoe_edge.artifact.files import write_json_atomic
 from swapmoe_edge.core.keys import LayerKey, parse_layer_name
+from swapmoe_edge.residency.predictor import DecoderPredictor
 
 PROFILE_NAME = "profile.json"
 PROFILE_FORMAT = "swapmoe-profile"
@@ -207,9 +208,9 @@ class Profile:
     keeping only ``k`` experts of that layer under masked routing (entry ``k - 1``; the last
     is 0), and ``substitute[layer]``, the one expert that serves best when the layer keeps
     only one. swapmoe's planner splits the budget by ``loss`` and a one-expert layer keeps
-    ``substitute`` (planner.plan_counts, policies.SwapMoEPolicy). ``rung_loss[layer][rung]``:
+    ``substitute`` (planner.plan_counts, policies/swapmoe.py). ``rung_loss[layer][rung]``:
     the same loss with every expert of the layer on a low-bit rung of the ladder; the ladder's
-    planner prices its rungs by it (ladder_plan.measured_quality).
+    planner prices its rungs by it (planner.measured_quality).
     """
 
     importance: dict[LayerKey, np.ndarray]
@@ -319,8 +320,6 @@ class Profile:
                 rung_loss[key] = {str(r): float(x) for r, x in rows.items()}
         predictor = None
         if raw.get("predictor") is not None:
-            from swapmoe_edge.residency.predictor import DecoderPredictor
-
             predictor = DecoderPredictor.from_json(raw["predictor"])
         return cls(importance, counts, source=str(raw.get("source", "profile")), meta=dict(raw.get("meta") or {}),
                    loss=loss, substitute=substitute, rung_loss=rung_loss, predictor=predictor)

@@ -1,43 +1,42 @@
-"""Which experts to keep resident: per-layer counts under a byte budget, and the swaps to get there.
+"""Which experts to hold, at which precision, under a byte budget: the one planner. Pure functions.
 
-Pure functions of numbers (no ONNX Runtime, no threads), so the swapper and the tests
-call them alike. "Layer order" is the iteration order of the ``importance`` mapping
-(the runtime passes manifest order: encoder, then decoder); every tie goes to the
-earlier layer, then to the lower expert index, so a plan is deterministic.
+``plan(importance, ladders, capacity)`` places (expert, rung) pairs; a policy that holds whole
+experts only is the one-rung case, and its per-layer counts (``plan_counts``) are the sizes of
+that plan's rows. Every policy's budget goes through ``expert_capacity`` (at least one copy per
+sparse layer, or a BudgetError with the numbers).
 
-Importance is compared *within* a layer as a share of that layer's mass (each row
-normalised to sum 1; an all-zero row counts as uniform), and *across* layers through
-``layer_weight`` (e.g. expected tokens: the decoder runs once per token, the encoder
-once per request).
+"Layer order" is the iteration order of the ``importance`` mapping (the runtime passes manifest
+order: encoder, then decoder). Importance is compared *within* a layer as a share of that
+layer's mass (each row normalised to sum 1; an all-zero row counts as uniform), and *across*
+layers through ``layer_weight`` (the decoder runs once per token, the encoder once per
+request): an expert's value is its layer's weight times its share (``values``).
+
+The plan is greedy on value per byte: each layer first gets its most valuable expert at the
+lowest rung (so every token has somewhere to go), then, step by step, the step with the most
+value per byte that still fits: an absent expert onto the lowest rung (value x quality), or a
+present one a rung up (value x the quality it gains). Ties go to the layer holding fewer
+copies, then to the earlier layer, then to the lower expert, so a plan is deterministic and
+equal layers take turns. Low rungs cost a fraction of the full copy and keep most of its
+quality, so the plan covers every expert at a low rung before it lifts the important ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+import heapq
+from dataclasses import replace
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from swapmoe_edge.core.units import format_size
 from swapmoe_edge.core.errors import BudgetError
 from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.core.units import format_size
+from swapmoe_edge.model.rungs import PRIMARY, Rung
+from swapmoe_edge.residency.loss_split import plan_by_loss
 
 METHODS = ("importance", "uniform")
-
-
-@dataclass(frozen=True)
-class Swap:
-    """One step for the swapper: load ``admit`` then drop ``evict`` (either may be None)."""
-
-    layer: LayerKey
-    admit: int | None
-    evict: int | None
-
-    @property
-    def kind(self) -> str:
-        if self.admit is None:
-            return "evict"
-        return "admit" if self.evict is None else "replace"
+Placement = dict[LayerKey, dict[int, str]]  # layer -> {expert: rung name}
+Ladders = Mapping[LayerKey, Sequence[Rung]]  # each layer's rungs, lowest first
 
 
 def normalised(importance_row: np.ndarray) -> np.ndarray:
@@ -56,7 +55,8 @@ def top_experts(importance_row: np.ndarray, count: int) -> tuple[int, ...]:
     return tuple(int(i) for i in order[: max(0, count)])
 
 
-def _weights(layers: list[LayerKey], layer_weight: Mapping[LayerKey, float] | None) -> dict[LayerKey, float]:
+def weights(layers, layer_weight: Mapping[LayerKey, float] | None) -> dict[LayerKey, float]:
+    """Each layer's planner weight (1 where ``layer_weight`` says nothing); finite and >= 0."""
     w = {k: float((layer_weight or {}).get(k, 1.0)) for k in layers}
     bad = {str(k): v for k, v in w.items() if not (v >= 0 and np.isfinite(v))}
     if bad:
@@ -64,21 +64,138 @@ def _weights(layers: list[LayerKey], layer_weight: Mapping[LayerKey, float] | No
     return w
 
 
-def covered_mass(
-    importance: Mapping[LayerKey, np.ndarray],
-    counts: Mapping[LayerKey, int],
-    layer_weight: Mapping[LayerKey, float] | None = None,
-) -> float:
-    """Σ_layers weight · (share of the layer's importance held by its top ``count`` experts).
+def values(importance: Mapping[LayerKey, np.ndarray],
+           layer_weight: Mapping[LayerKey, float] | None = None) -> dict[LayerKey, np.ndarray]:
+    """The value rule: each expert's worth [E] is its layer's weight times its share of the layer's importance."""
+    w = weights(importance, layer_weight)
+    return {lk: normalised(row) * w[lk] for lk, row in importance.items()}
 
-    The objective the importance planner maximises; use it to compare plans.
+
+def one_rung(cost: Mapping[LayerKey, int]) -> dict[LayerKey, list[Rung]]:
+    """The ladder of a policy that holds the artifact's experts only: one rung, one cost per layer."""
+    return {lk: [Rung(PRIMARY, int(c), 1.0)] for lk, c in cost.items()}
+
+
+def expert_capacity(budget: int, baseline: int, lowest: Mapping[LayerKey, int], strict: bool = False,
+                    rung: str = "") -> int:
+    """Bytes for experts under a whole-process ``budget`` over ``baseline``: never below one
+    ``lowest`` copy per sparse layer. ``strict`` (at start): a budget that cannot hold that
+    raises BudgetError with the numbers instead; later (a falling budget) the floor holds."""
+    need = sum(int(c) for c in lowest.values())
+    if strict and budget - baseline < need:
+        copy = f"{rung} expert copy" if rung else "expert"
+        short = need - (budget - baseline)
+        if baseline:
+            raise BudgetError(
+                f"memory budget {format_size(budget)} ({budget} bytes) cannot hold the model: the dense part and "
+                f"runtime baseline take {format_size(baseline)} ({baseline} bytes) and one {copy} for each of the "
+                f"{len(lowest)} sparse layers takes {format_size(need)} ({need} bytes), so the minimum is "
+                f"{format_size(baseline + need)} ({baseline + need} bytes); short by {format_size(short)} ({short} "
+                f"bytes). Raise the budget to at least {format_size(baseline + need)}, or free memory on the device.")
+        raise BudgetError(
+            f"expert capacity {format_size(budget)} ({budget} bytes) cannot hold one {copy} for each of the "
+            f"{len(lowest)} sparse layers, which needs {format_size(need)} ({need} bytes). Raise the budget by at "
+            f"least {format_size(short)}.")
+    return max(int(budget) - int(baseline), need)
+
+
+def _check_ladders(layers, ladders: Ladders) -> None:
+    for lk in layers:
+        c, q = [int(r.cost) for r in ladders[lk]], [float(r.quality) for r in ladders[lk]]
+        if not c or any(x <= 0 for x in c) or c != sorted(c) or q != sorted(q) or not all(0 < x <= 1 for x in q):
+            raise ValueError(f"{lk}: rungs must go up in cost and quality (0 < q <= 1, cost > 0), got {list(ladders[lk])}")
+
+
+def plan(
+    importance: Mapping[LayerKey, np.ndarray],
+    ladders: Sequence[Rung] | Ladders,
+    capacity_bytes: int,
+    layer_weight: Mapping[LayerKey, float] | None = None,
+    current: Mapping[LayerKey, Mapping[int, str]] | None = None,
+    hysteresis: float = 0.0,
+    unavailable: frozenset = frozenset(),
+    max_copies: Mapping[LayerKey, int] | None = None,
+) -> Placement:
+    """The (expert, rung) pairs to hold within ``capacity_bytes``; ``ladders``: the same rungs for
+    every layer or per layer (a copy's cost may differ by stack: rungs.py), lowest first.
+
+    ``current`` with ``hysteresis``: an expert held now counts ``1 + hysteresis`` times its
+    value, so near-equal experts do not trade places on every plan. ``unavailable``: (layer,
+    expert) pairs that cannot be read; never planned. ``max_copies``: at most this many experts
+    per layer (a split measured on the model's output, loss_split.plan_by_loss, or the uniform
+    split); the rest of the bytes then lift copies.
     """
-    w = _weights(list(importance), layer_weight)
-    total = 0.0
-    for key, row in importance.items():
-        shares = normalised(row)
-        total += w[key] * float(shares[list(top_experts(shares, counts[key]))].sum())
-    return total
+    layers = list(importance)
+    per_layer = ladders if isinstance(ladders, Mapping) else {lk: ladders for lk in layers}
+    _check_ladders(layers, per_layer)
+    costs = {lk: [int(r.cost) for r in per_layer[lk]] for lk in layers}
+    quality = {lk: [float(r.quality) for r in per_layer[lk]] for lk in layers}
+    value = values(importance, layer_weight)
+    for lk, held in (current or {}).items():
+        if lk in value and held:
+            value[lk] = value[lk].copy()
+            value[lk][list(held)] *= 1 + hysteresis
+    expert_capacity(int(capacity_bytes), 0, {lk: costs[lk][0] for lk in layers}, strict=True,
+                    rung=per_layer[layers[0]][0].name if layers else "")
+    left = int(capacity_bytes)
+
+    def step(lk: LayerKey, to: int) -> tuple[float, int]:
+        q, c = quality[lk], costs[lk]
+        return q[to] - (q[to - 1] if to > 0 else 0.0), c[to] - (c[to - 1] if to > 0 else 0)
+
+    # (-value per byte, copies the layer held at the push, layer position, expert, to level, layer)
+    heap: list[tuple[float, int, int, int, int, LayerKey]] = []
+
+    def push(pos: int, lk: LayerKey, e: int, to: int) -> None:
+        if to < len(costs[lk]):
+            gain, extra = step(lk, to)
+            heapq.heappush(heap, (-value[lk][e] * gain / max(extra, 1), held[lk], pos, e, to, lk))
+
+    level: dict[tuple[LayerKey, int], int] = {}
+    absent: dict[LayerKey, list[int]] = {}  # each layer's experts not yet planned, most valuable last
+    held = {lk: 1 for lk in layers}
+    for pos, lk in enumerate(layers):
+        order = [int(e) for e in np.argsort(-value[lk], kind="stable") if (lk, int(e)) not in unavailable]
+        if not order:
+            raise BudgetError(f"{lk}: every expert is unavailable (unreadable); cannot route.")
+        level[(lk, order[0])] = 0
+        left -= costs[lk][0]
+        absent[lk] = order[:0:-1]
+        push(pos, lk, order[0], 1)
+        if absent[lk]:  # a layer's next cover waits in the heap one at a time: they all cost the same
+            push(pos, lk, absent[lk].pop(), 0)
+    while heap:
+        _, _, pos, e, to, lk = heapq.heappop(heap)
+        extra = step(lk, to)[1]
+        if extra > left or (to == 0 and max_copies is not None and held[lk] >= max_copies.get(lk, held[lk] + 1)):
+            continue  # a cover that does not fit: neither does the layer's next (bytes only fall)
+        level[(lk, e)] = to
+        left -= extra
+        if to == 0:
+            held[lk] += 1
+            if absent[lk]:
+                push(pos, lk, absent[lk].pop(), 0)
+        push(pos, lk, e, to + 1)
+    out: Placement = {lk: {} for lk in layers}
+    for (lk, e), lv in level.items():
+        out[lk][e] = per_layer[lk][lv].name
+    return out
+
+
+def uniform_counts(cost: Mapping[LayerKey, int], experts: Mapping[LayerKey, int], capacity_bytes: int) -> dict[LayerKey, int]:
+    """Round-robin in layer order, one expert per layer per round, while it fits: with equal
+    expert sizes the same count everywhere, and the leftover slots go to the earliest layers."""
+    counts = {k: 1 for k in cost}
+    left = int(capacity_bytes) - sum(cost.values())
+    grew = True
+    while grew:
+        grew = False
+        for k in cost:
+            if counts[k] < experts[k] and cost[k] <= left:
+                counts[k] += 1
+                left -= cost[k]
+                grew = True
+    return counts
 
 
 def plan_counts(
@@ -89,212 +206,95 @@ def plan_counts(
     layer_weight: Mapping[LayerKey, float] | None = None,
     loss: Mapping[LayerKey, np.ndarray] | None = None,
 ) -> dict[LayerKey, int]:
-    """How many experts each sparse layer keeps resident within ``capacity_bytes``.
+    """How many experts each sparse layer keeps resident within ``capacity_bytes``: the row
+    sizes of the one-rung ``plan``. Every layer gets at least 1 and at most E.
 
-    Every layer gets at least 1 and at most E; the total cost Σ count·expert_bytes stays
-    within the capacity. ``expert_bytes[layer]`` is the (measured) cost of one expert.
-
-    - ``uniform``: round-robin in layer order, one expert per layer per round, while it
-      fits. With equal expert sizes that is the same count everywhere, and the leftover
-      slots go to the earliest layers.
-    - ``importance``: greedy; each next slot goes to the layer whose next-best expert
-      adds the most ``layer_weight · share / byte`` (ties: fewer slots, then layer
-      order). Shares fall along a layer, so a layer whose mass is concentrated in one
-      expert needs few slots and a flat layer gets more.
-      With ``loss`` (a profile's measured curves, substitution.py: ``loss[layer][k - 1]``
-      is the cost to the model's output of keeping k experts of that layer), the split
-      minimises the summed loss instead (``plan_by_loss``); ``layer_weight`` is then not
-      used, since the curves are measured on the model's output, where every layer meets.
+    - ``importance``: the plan's greedy split (value per byte; ``layer_weight``). A layer whose
+      mass sits in one expert needs few slots and a flat layer gets more. With ``loss`` (a
+      profile's measured curves, substitution.py: ``loss[layer][k - 1]`` is the cost to the
+      model's output of keeping k experts of that layer), the split minimises the summed loss
+      instead (loss_split.plan_by_loss); ``layer_weight`` is then not used, since the curves are
+      measured on the model's output, where every layer meets.
+    - ``uniform``: the same count everywhere (``uniform_counts``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown planning method {method!r}; use one of {METHODS}")
     layers = list(importance)
     if set(layers) != set(expert_bytes):
-        raise ValueError(
-            f"importance covers layers {sorted(map(str, importance))} but expert_bytes covers "
-            f"{sorted(map(str, expert_bytes))}"
-        )
+        raise ValueError(f"importance covers layers {sorted(map(str, importance))} but expert_bytes covers "
+                         f"{sorted(map(str, expert_bytes))}")
     cost = {k: int(expert_bytes[k]) for k in layers}
     if any(c <= 0 for c in cost.values()):
         raise ValueError(f"expert byte costs must be positive, got { {str(k): c for k, c in cost.items()} }")
-    shares = {k: normalised(importance[k]) for k in layers}
-    weight = _weights(layers, layer_weight)
-
-    minimum = sum(cost.values())
-    if minimum > capacity_bytes:
-        raise BudgetError(
-            f"expert capacity {format_size(capacity_bytes)} ({capacity_bytes} bytes) cannot hold one "
-            f"expert for each of the {len(layers)} sparse layers, which needs {format_size(minimum)} "
-            f"({minimum} bytes). Raise the budget by at least {format_size(minimum - capacity_bytes)}."
-        )
-    counts = {k: 1 for k in layers}
-    left = int(capacity_bytes) - minimum
-
+    expert_capacity(int(capacity_bytes), 0, cost, strict=True)
+    caps = None
     if method == "uniform":
-        grew = True
-        while grew:
-            grew = False
-            for k in layers:
-                if counts[k] < shares[k].size and cost[k] <= left:
-                    counts[k] += 1
-                    left -= cost[k]
-                    grew = True
-        return counts
-
-    if loss:
-        return plan_by_loss(loss, cost, capacity_bytes, layers)
-
-    ranked = {k: np.sort(shares[k])[::-1] for k in layers}  # E, descending
-    while True:
-        # On equal gain, the layer with fewer slots first, then the earlier layer: equal
-        # flat layers then alternate instead of the first one taking every slot.
-        open_ = [
-            (-weight[k] * float(ranked[k][counts[k]]) / cost[k], counts[k], pos, k)
-            for pos, k in enumerate(layers)
-            if counts[k] < ranked[k].size and cost[k] <= left
-        ]
-        if not open_:
-            return counts
-        best = min(open_)[3]
-        counts[best] += 1
-        left -= cost[best]
+        caps = uniform_counts(cost, {k: np.size(importance[k]) for k in layers}, capacity_bytes)
+    elif loss:
+        caps = plan_by_loss(loss, cost, capacity_bytes, layers)
+    placed = plan(importance, one_rung(cost), capacity_bytes, layer_weight, max_copies=caps)
+    return {k: len(placed[k]) for k in layers}
 
 
-def loss_envelope(row: np.ndarray) -> np.ndarray:
-    """A measured loss curve made non-increasing (running minimum): more slots never cost more.
-
-    Measured on a finite sample, a curve can rise by noise (or because the top-k set is not
-    the best k-set); the planner then takes the better smaller set's loss as the bound.
-    """
-    row = np.asarray(row, dtype=np.float64)
-    if row.ndim != 1 or row.size == 0 or not np.all(np.isfinite(row)) or np.any(row < 0):
-        raise ValueError(f"a loss curve must be a non-empty 1-D array of finite values >= 0, got {row!r}")
-    return np.minimum.accumulate(row)
-
-
-MAX_PLAN_UNITS = 1 << 20
-
-
-def plan_by_loss(
-    loss: Mapping[LayerKey, np.ndarray],
-    cost: Mapping[LayerKey, int],
-    capacity_bytes: int,
-    layers: list[LayerKey] | None = None,
-) -> dict[LayerKey, int]:
-    """Per-layer counts (1..E) within ``capacity_bytes`` that minimise Σ loss[layer][count - 1].
-
-    Exact, by dynamic programming over the capacity in units of the experts' common byte
-    divisor (one unit per expert when all cost the same); when that divisor would make more
-    than ``MAX_PLAN_UNITS`` units, in coarser units with sizes rounded up (still within the
-    capacity, optimal up to that rounding). Curves go through
-    ``loss_envelope``. Ties go to the plan that holds more bytes, then to the earlier
-    layer holding more. The caller checks that one expert per layer fits.
-    """
-    layers = list(loss) if layers is None else layers
-    if set(layers) != set(loss):
-        raise ValueError(f"loss curves cover layers {sorted(map(str, loss))}, the plan has {sorted(map(str, layers))}")
-    curves = {k: loss_envelope(loss[k]) for k in layers}
-    unit = 0
-    for k in layers:
-        unit = int(np.gcd(unit, int(cost[k])))
-    if int(capacity_bytes) // unit > MAX_PLAN_UNITS:  # sizes with a tiny common divisor: coarser units,
-        unit = -(-int(capacity_bytes) // MAX_PLAN_UNITS)  # each expert's width rounded up, so plans still fit
-    slots = int(capacity_bytes) // unit
-    width = {k: -(-int(cost[k]) // unit) for k in layers}
-    inf = np.inf
-    # best[s]: least summed loss of the layers so far in exactly s units; pick[i][s]: layer i's count there
-    best = np.full(slots + 1, inf)
-    best[0] = 0.0
-    picks: list[np.ndarray] = []
-    for k in layers:
-        new = np.full(slots + 1, inf)
-        pick = np.zeros(slots + 1, dtype=np.int64)
-        for n in range(curves[k].size, 0, -1):  # more experts first: on equal loss the bigger count stays
-            w = n * width[k]
-            if w > slots:
-                continue
-            cand = np.full(slots + 1, inf)
-            cand[w:] = best[: slots + 1 - w] + curves[k][n - 1]
-            better = cand < new
-            new[better], pick[better] = cand[better], n
-        best = new
-        picks.append(pick)
-    finite = np.isfinite(best)
-    if not finite.any():
-        raise ValueError("no plan with one expert per layer fits the capacity")
-    target = np.min(best[finite])
-    s = int(np.nonzero(finite & (best <= target))[0].max())  # least loss, then the most bytes held
-    counts: dict[LayerKey, int] = {}
-    for i in range(len(layers) - 1, -1, -1):
-        n = int(picks[i][s])
-        counts[layers[i]] = n
-        s -= n * width[layers[i]]
-    return {k: counts[k] for k in layers}
+def covered_mass(
+    importance: Mapping[LayerKey, np.ndarray],
+    counts: Mapping[LayerKey, int],
+    layer_weight: Mapping[LayerKey, float] | None = None,
+) -> float:
+    """Σ_layers weight · (share of the layer's importance held by its top ``count`` experts):
+    the objective of the importance split; use it to compare plans."""
+    w = weights(importance, layer_weight)
+    total = 0.0
+    for key, row in importance.items():
+        shares = normalised(row)
+        total += w[key] * float(shares[list(top_experts(shares, counts[key]))].sum())
+    return total
 
 
-def initial_residents(
-    importance: Mapping[LayerKey, np.ndarray], counts: Mapping[LayerKey, int]
-) -> dict[LayerKey, frozenset[int]]:
+def initial_residents(importance: Mapping[LayerKey, np.ndarray],
+                      counts: Mapping[LayerKey, int]) -> dict[LayerKey, frozenset[int]]:
     """The start set: the top ``count`` experts of each layer."""
     return {k: frozenset(top_experts(importance[k], counts[k])) for k in importance}
 
 
-def plan_swaps(
-    residents: Mapping[LayerKey, frozenset[int]],
-    importance: Mapping[LayerKey, np.ndarray],
-    counts: Mapping[LayerKey, int],
-    hysteresis: float = 0.1,
-    max_swaps: int | None = None,
-    layer_weight: Mapping[LayerKey, float] | None = None,
-) -> list[Swap]:
-    """The swaps that move the resident sets toward the plan, in the order to run them.
+def placement_bytes(placement: Mapping[LayerKey, Mapping[int, str]], ladders: Sequence[Rung] | Ladders) -> int:
+    """What ``placement`` holds, in bytes."""
+    per_layer = ladders if isinstance(ladders, Mapping) else {lk: ladders for lk in placement}
+    return sum({r.name: r.cost for r in per_layer[lk]}[name] for lk, row in placement.items() for name in row.values())
 
-    1. Shrink: a layer over its count evicts its weakest residents. These come first
-       and are never cut by ``max_swaps`` (a falling budget must be honoured).
-    2. Grow: a layer under its count admits its best non-residents.
-    3. Replace: the best non-resident replaces the weakest resident when its importance
-       exceeds it by the factor ``1 + hysteresis`` (so near-equal experts do not flap);
-       then the second best against the second weakest, and so on.
 
-    Steps 2 and 3 are sorted by value (``layer_weight`` × gained share) and at most
-    ``max_swaps`` of them are kept. Each swap stands alone: any prefix of the list keeps
-    every layer within its count.
+def measured_quality(ladders: Mapping[LayerKey, Sequence[Rung]], importance: Mapping[LayerKey, np.ndarray],
+                     loss: Mapping[LayerKey, np.ndarray], rung_loss: Mapping[LayerKey, Mapping[str, float]]
+                     ) -> dict[LayerKey, list[Rung]]:
+    """Each layer's rungs with qualities measured on the model's output where the profile has them.
+
+    The value model of ``plan``: covering an expert of importance share ``v`` at rung
+    ``r`` is worth ``v x q(r)``, so ``1 - q(r)`` is what the rung loses per unit of importance
+    as a share of what absence loses. Both are measured (importance.Profile): ``rung_loss``
+    is the loss with *all* of the layer's importance on the rung; absence per unit of
+    importance is the loss of keeping the top half (``loss[E/2 - 1]``) over the importance
+    share the other half carries. On the embedded model this gives int4 0.990-0.996 (per
+    layer), where the fixed guess (0.97) made lifting a copy look 3-8x more worth its bytes
+    than it is (docs/results/ladder.md).
+    Rungs without a measurement keep theirs; qualities stay strictly increasing up the ladder.
     """
-    if hysteresis < 0:
-        raise ValueError(f"hysteresis must be >= 0, got {hysteresis}")
-    layers = list(importance)
-    weight = _weights(layers, layer_weight)
-    shrink: list[Swap] = []
-    ranked: list[tuple[float, int, int, Swap]] = []  # (-value, layer position, admit, swap)
-    for pos, key in enumerate(layers):
-        row = np.asarray(importance[key], dtype=np.float64)  # E
-        shares = normalised(row)
-        resident = frozenset(residents.get(key, frozenset()))
-        count = int(counts[key])
-        if not 0 <= count <= row.size:
-            raise ValueError(f"{key}: count {count} is outside 0..{row.size}")
-        if any(not 0 <= i < row.size for i in resident):
-            raise ValueError(f"{key}: resident experts {sorted(resident)} outside 0..{row.size - 1}")
-
-        order = top_experts(row, row.size)  # strongest first, ties to the lower index
-        inside = [i for i in reversed(order) if i in resident]  # weakest first
-        outside = [i for i in order if i not in resident]  # strongest first
-
-        n_evict = max(0, len(inside) - count)
-        shrink += [Swap(key, None, i) for i in inside[:n_evict]]
-        inside = inside[n_evict:]
-
-        n_admit = max(0, count - len(inside))
-        for i in outside[:n_admit]:
-            ranked.append((-weight[key] * shares[i], pos, i, Swap(key, i, None)))
-        outside = outside[n_admit:]
-
-        for new, old in zip(outside, inside):
-            if not row[new] > row[old] * (1.0 + hysteresis):
-                break
-            ranked.append((-weight[key] * (shares[new] - shares[old]), pos, new, Swap(key, new, old)))
-
-    ranked.sort(key=lambda t: t[:3])
-    if max_swaps is not None:
-        ranked = ranked[: max(0, max_swaps)]
-    return shrink + [t[3] for t in ranked]
+    out: dict[LayerKey, list[Rung]] = {}
+    for lk, ladder in ladders.items():
+        measured = rung_loss.get(lk, {})
+        absent = None
+        if lk in loss and lk in importance and measured:
+            imp = np.asarray(importance[lk], np.float64)
+            half = max(1, imp.size // 2)
+            left = 1.0 - float(imp[list(top_experts(imp, half))].sum() / imp.sum()) if imp.sum() > 0 else 0.0
+            if left > 0 and loss[lk][half - 1] > 0:
+                absent = float(loss[lk][half - 1]) / left  # loss per unit of absent importance
+        rungs, floor = [], 0.0
+        for r in ladder:
+            q = r.quality
+            if absent is not None and r.name in measured:
+                q = min(max(1.0 - measured[r.name] / absent, 1e-3), 1.0 - 1e-6)
+            q = min(max(q, floor + 1e-9), 1.0)  # up the ladder, never down
+            rungs.append(replace(r, quality=q))
+            floor = q
+        out[lk] = rungs
+    return out

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from swapmoe_edge.core.errors import InputError
-from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.core.keys import LayerKey, parse_layer_name
 
 # `predict_decoder="auto"` waits for the predicted swaps only when an expert reads this fast.
 PREDICT_WAIT_MAX_EXPERT_BYTES = 4 << 20
@@ -79,8 +79,6 @@ class DecoderPredictor:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "DecoderPredictor":
-        from swapmoe_edge.core.keys import parse_layer_name
-
         return cls(tuple(parse_layer_name(n) for n in raw["inputs"]), tuple(parse_layer_name(n) for n in raw["outputs"]),
                    int(raw["experts"]), np.asarray(raw["weights"], dtype=np.float64), int(raw.get("documents", 0)),
                    float(raw.get("ridge", 1.0)))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.core.keys import LayerKey
-from swapmoe_edge.residency.policies_old import POLICIES
+from swapmoe_edge.residency.policies import POLICIES
 from swapmoe_edge.artifact.store import READ_MODES
 
 PREDICT_MODES = ("auto", "wait", "background", "off")
@@ -86,7 +86,7 @@ class RuntimeConfig:
     # profile carries measured loss curves (`swapmoe profile --measure-loss`), swapmoe's split
     # uses them instead and this weight only orders its swaps (planner.plan_by_loss).
     decoder_weight: float = 8.0
-    # The `ladder` policy (ladder_policy.py): which of the artifact's low-bit rungs to use
+    # The `ladder` policy (residency/policies/ladder.py): which of the artifact's low-bit rungs to use
     # ("auto": all it has; or e.g. "int4"), whether the artifact's own precision is the top
     # rung (False: experts are only ever held as low-bit copies), and how copies run
     # (rungs.py: "nbits" ORT's MatMulNBits, "standard" dequantising ops, "auto" nbits where it runs).

@@ -22,7 +22,8 @@ from swapmoe_edge.model.placement import DeviceKernel, PlacingStore
 from swapmoe_edge.model.prepacked import PrepackedStore
 from swapmoe_edge.model.rungs import Rung, RungRunner, measure_ladders
 from swapmoe_edge.model.sessions import DenseSessions
-from swapmoe_edge.residency.ladder_plan import measured_quality
+from swapmoe_edge.residency.planner import measured_quality
+from swapmoe_edge.residency.policies import policy_class
 
 KernelFn = Callable[[LoadedExpert, np.ndarray], np.ndarray]  # (expert, x [N, D]) -> y [N, D]
 
@@ -76,7 +77,7 @@ def measure_rungs(experts: Experts, primary: bool, primary_name: str, profile) -
 
 def prepacking(experts: Experts, want: str, policy: str, manifest: Manifest) -> bool:
     """Whether ``prepack_experts=want`` applies here (InputError where "on" cannot)."""
-    if want == "off" or (want == "auto" and policy != "full"):
+    if want == "off" or (want == "auto" and not policy_class(policy).holds_all):
         return False
     why = None
     if experts.placement != "host":

@@ -32,7 +32,8 @@ from swapmoe_edge.model.rungs import rung_runners
 from swapmoe_edge.model.sessions import DenseSessions
 from swapmoe_edge.model.split import MoEFn, MoEHook
 from swapmoe_edge.residency.importance import PROFILE_NAME, Profile
-from swapmoe_edge.residency.policies_old import Policy
+from swapmoe_edge.residency.engine import Engine
+from swapmoe_edge.residency.policies import policy_class
 from swapmoe_edge.residency.resident import ResidentSet
 from swapmoe_edge.runtime import baseline as baseline_mod
 from swapmoe_edge.runtime import experts as ex
@@ -84,7 +85,7 @@ class Parts(ModelParts):
     """A budgeted runtime's parts: the model's, and the residents, the policy and the budget."""
 
     residents: ResidentSet
-    policy: Policy
+    policy: Engine  # the residency engine running the configured policy
     fit: Fit  # the baseline, the monitor and the live budget
     dense_files: tuple[str, ...]
     startup: dict[str, float]  # seconds per start-up phase (a device reads each from flash)
@@ -149,18 +150,18 @@ def _start_prefetch(manifest: Manifest, config: RuntimeConfig, family: Family, s
     m = manifest
     if config.cold_start != "background" or not isinstance(store, ExpertStore):
         return None
-    first = norms if config.policy == "prune" else profile.importance
+    first = policy_class(config.policy).start_order(norms, profile)
     lazy = family.embedding_files(m)  # read row by row as requests touch them: they stay on flash
-    # The ladder starts from low-bit copies, not from these experts: only the dense files for it.
-    ahead = [] if config.policy == "ladder" else \
+    # A policy that starts from low-bit copies (None) takes none of these experts: only the dense files.
+    ahead = [] if first is None else \
         [m.layer(lk.stack, lk.layer).experts[int(np.argmax(first[lk]))] for lk in sparse]
     return StartupPrefetch(store, [m.path(rel) for rel in dense_files if rel not in lazy], ahead)
 
 
 def _expert_path(manifest: Manifest, config: RuntimeConfig, device: Device, sessions: DenseSessions, store) -> Experts:
-    """The shared kernel, placed where the device puts experts, with the ladder's rungs for that policy."""
+    """The shared kernel, placed where the device puts experts, with the ladder's rungs for a policy that uses them."""
     experts = ex.place(ex.shared_kernel(manifest, store, sessions), device.placement, device.ort_device, sessions)
-    if config.policy == "ladder":
+    if policy_class(config.policy).uses_rungs:
         experts = ex.with_rungs(experts, rung_runners(manifest, config, sessions, device.threads,
                                                       list(device.providers), device.placement))
     return experts

@@ -1,0 +1,277 @@
+"""The residency engine: one for every policy.
+
+A policy (policies/) says what a token whose expert is not resident gets, and which experts
+to hold (its limits under a budget, its start set, its swaps, its shrink order). The engine
+carries that out over the resident set (resident.py) and the expert store, and owns
+everything a policy would otherwise repeat: the start fill (now, or on a filler thread), the
+swapper thread, evict-before-read, read-or-mark-unavailable, live resize, the counters, the
+request boundary, and masked routing over a consistent snapshot of each layer.
+
+    engine = make_policy(config, residents, store, kernel, ...)   # policies/__init__.py
+    engine.warm(background=False); engine.start()
+    out = engine(layer, normed, logits, token_mask)   # SplitModel's moe callback
+    engine.background_io.clear() ... .set()           # no background reads during a prefill
+    engine.end_request(); engine.resize(budget); engine.stop()
+
+Threads: the token loop calls the engine; the swapper and filler threads read experts and
+publish them (mover.py: how a move is carried out); the budget monitor calls ``resize``. Every
+publish and eviction that must see the limits unchanged runs under ``lock``; reads run outside
+it, so the token loop never waits for the swapper's I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from swapmoe_edge.artifact.manifest import LayerEntry
+from swapmoe_edge.artifact.store import LoadedExpert
+from swapmoe_edge.core.keys import ExpertKey, LayerKey
+from swapmoe_edge.model.moe import Routing, dispatch, route
+from swapmoe_edge.model.rungs import Rung
+from swapmoe_edge.residency.importance import ImportanceTracker
+from swapmoe_edge.residency.limits import ExpertUnavailableError, Limits
+from swapmoe_edge.residency.mover import Mover
+from swapmoe_edge.residency.planner import expert_capacity, top_experts
+from swapmoe_edge.residency.resident import LayerView, ResidentSet
+from swapmoe_edge.residency.steps import Round
+from swapmoe_edge.system import memory
+
+log = logging.getLogger(__name__)
+KernelFn = Callable[[LoadedExpert, np.ndarray], np.ndarray]  # (expert, x [N, D]) -> y [N, D]
+
+
+class Engine(Mover):
+    """Runs ``policy`` over ``residents``: see the module docstring. ``ladders``: each layer's rungs
+    (one rung, the artifact's experts, for a whole-expert policy) with their resident costs;
+    ``budget`` and ``baseline``: the whole-process budget and what is not experts (bytes), or an
+    expert capacity and 0; ``runners``: rung name -> RungRunner, for low-bit copies; ``tracker``:
+    online importance, for a policy that keeps it."""
+
+    def __init__(self, policy, residents: ResidentSet, store, kernel: KernelFn, tokens_per_expert: int,
+                 ladders: Mapping[LayerKey, Sequence[Rung]], budget: int, baseline: int = 0,
+                 runners: Mapping[str, object] | None = None, tracker: ImportanceTracker | None = None):
+        super().__init__(policy, residents, store, ladders, runners)
+        self.kernel = kernel
+        self.tokens_per_expert = tokens_per_expert  # the model's expert capacity: tokens per expert and row
+        self.baseline = int(baseline)
+        self.tracker = tracker  # online importance (Eq. 1)
+        self.errors: list[str] = []  # what the swapper caught (it never takes the runtime down)
+        self.limits = self._limits(budget, strict=True)
+        self.filled = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._filler: threading.Thread | None = None
+
+    # -- the token loop -------------------------------------------------------------------------
+    def __call__(self, layer: LayerEntry, normed: np.ndarray, logits: np.ndarray, token_mask) -> np.ndarray:
+        """One sparse layer (SplitModel's ``moe``): normed [B, T, D], logits [B, T, E] -> [B, T, D]."""
+        return self.policy.route(self, layer, normed, logits, token_mask)
+
+    def masked(self, layer: LayerEntry, normed: np.ndarray, logits: np.ndarray, token_mask) -> tuple[Routing, np.ndarray]:
+        """Route over the layer's residents (a token whose choice is not resident goes to the best
+        one that is) and run them; counts the routing and feeds the importance tracker."""
+        view = self.residents.view(layer.key)  # one consistent snapshot for this layer
+        if not view.allowed.any():
+            raise ExpertUnavailableError(f"{layer.key}: no expert is resident or readable; cannot route.")
+        r, out = self._moe(normed, logits, view.allowed, view.experts.__getitem__)
+        self.count(r, view, token_mask)
+        if self.tracker is not None:
+            self.tracker.observe_later(layer.key, normed, r.probs, token_mask)  # ||x|| of Eq. 1: the experts' input
+        return r, out
+
+    def masked_over(self, layer: LayerEntry, normed: np.ndarray, logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """The layer's output with only ``allowed`` ([E] bool) experts to route to, each run as
+        ``expert`` gives it; uncounted. For measurements (substitution.py)."""
+        return self._moe(normed, logits, allowed, lambda e: self.expert(layer, e))[1]
+
+    def _moe(self, normed, logits, allowed, expert_of) -> tuple[Routing, np.ndarray]:
+        r = route(logits, self.tokens_per_expert, allowed, self.policy.renormalize)
+        return r, dispatch(r, normed, lambda e, x: self.kernel(expert_of(e), x))
+
+    def count(self, r: Routing, view: LayerView, token_mask) -> None:
+        """Add one layer call's routing to the counters (``view``: the residents it ran on)."""
+        first = r.first_choice.ravel() if token_mask is None else r.first_choice[token_mask]
+        rerouted = r.first_choice.size - int(np.count_nonzero(view.allowed[r.first_choice]))
+        hits = int(np.count_nonzero(view.allowed[first]))
+        missing = int(view.unavailable[first].sum()) if view.unavailable is not None else 0
+        low = 0
+        if view.low is not None:
+            ran = view.low[r.choice] & r.keep
+            low = int(np.count_nonzero(ran if token_mask is None else ran & np.asarray(token_mask, bool)))
+        with self.counters.lock:
+            c = self.counters
+            c.routed += int(first.size)
+            c.first_choice_resident += hits
+            c.unavailable_hits += missing
+            c.rerouted += rerouted
+            c.lowbit_tokens += low
+
+    def expert(self, layer: LayerEntry, e: int) -> LoadedExpert:
+        """Expert ``e`` of ``layer`` to run now: the resident copy, or what the policy does on a miss
+        (an exact policy reads it). For tools that route on their own (substitution.py)."""
+        return self.policy.expert(self, layer, e)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def warm(self, background: bool = False) -> None:
+        """Load the policy's start set: all of it now, or (``background``) each layer's first
+        expert now and the rest on a filler thread at flash speed, so that a device serves its
+        first request once the dense part and one expert per layer are in. A policy whose routing
+        must not change while it fills (``full``) loads everything now."""
+        rnd = self.policy.start(self)
+        now, rest, seen = [], [], set()
+        for m in rnd.moves:
+            first = m.key.layer_key not in seen
+            seen.add(m.key.layer_key)
+            (now if first or not (background and self.policy.fills_in_background) else rest).append(m)
+        self.carry_out(Round(now, rnd.room), "now")
+        if self.policy.trim_every:
+            memory.trim()
+        if not rest:
+            self.filled.set()
+            return
+        self._filler = threading.Thread(target=self._fill, args=(Round(rest, rnd.room),), name="swapmoe-filler",
+                                        daemon=True)
+        self._filler.start()
+
+    def _fill(self, rnd: Round) -> None:
+        _lower_this_threads_priority()
+        try:
+            self.carry_out(rnd, "fill")
+        except Exception as e:  # a failed fill must not take the runtime down either
+            log.exception("filler failed")
+            self.errors.append(repr(e))
+        if not self._stop.is_set():
+            self.filled.set()
+
+    def wait_filled(self, timeout: float | None = None) -> bool:
+        """Block until the start set is in (True), or ``timeout`` passes."""
+        return self.filled.wait(timeout)
+
+    def start(self) -> None:
+        """Start the swapper thread, for a policy that swaps."""
+        if self.policy.swaps and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name=f"swapmoe-{self.name}", daemon=True)
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the swapper thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop the filler and the swapper (a read in flight finishes first)."""
+        self._stop.set()
+        self._wake.set()
+        for t in (self._filler, self._thread):
+            if t is not None:
+                t.join(timeout=10)
+        self._thread = None
+
+    def wake(self) -> None:
+        """Have the swapper plan now instead of at its next interval (a new decoder prediction)."""
+        self._wake.set()
+
+    def take_wake(self) -> bool:
+        """Whether ``wake`` was called since the last look (and clear it): a replay's swapper clock."""
+        woken = self._wake.is_set()
+        self._wake.clear()
+        return woken
+
+    def _loop(self) -> None:
+        _lower_this_threads_priority()
+        while not self._stop.is_set():
+            if self._wake.wait(self.policy.interval_s):  # a prediction (or a stop): it comes before the first token
+                self._wake.clear()
+                give_up = time.monotonic() + 1.0  # wait for background reads to open, or a stop
+                while not (self._stop.is_set() or self.background_io.wait(0.02)) and time.monotonic() < give_up:
+                    pass
+            if self._stop.is_set():
+                break
+            if not self.filled.is_set():
+                continue  # the start fill runs on its own thread; plans wait for it
+            try:
+                self.swap_once()
+            except Exception as e:  # the swapper must never take the runtime down
+                log.exception("swapper failed")
+                self.errors.append(repr(e))
+
+    def plan(self) -> Round:
+        """The swapper's next round, from the policy: a pure function of importance, residents and limits."""
+        return self.policy.moves(self)
+
+    def swap_once(self) -> int:
+        """One round of the swapper, on this thread; returns the experts published."""
+        if not self.background_io.is_set():
+            return 0
+        return self.carry_out(self.plan(), "swap")[1]
+
+    def end_request(self) -> None:
+        """A request ended: online importance decays (an exponential moving average over requests)."""
+        if self.tracker is not None:
+            self.tracker.decay(self.policy.decay)
+        self.policy.end_request(self)
+
+    # -- budget ---------------------------------------------------------------------------------------
+    def _limits(self, budget: int, strict: bool) -> Limits:
+        lowest = {lk: ladder[0].cost for lk, ladder in self.ladders.items()}
+        capacity = expert_capacity(int(budget), self.baseline, lowest, strict, next(iter(self.ladders.values()))[0].name)
+        return self.policy.limits(self, capacity, strict)
+
+    def resize(self, budget: int) -> None:
+        """The live budget (bytes; whole process, or experts when the baseline is 0) moved: new
+        limits; what no longer fits goes at once, least valuable first (never a layer's last
+        expert); growth is the policy's (prune at once, the swapper later, on-demand on a miss)."""
+        with self.lock:
+            self.limits = self._limits(budget, strict=False)
+            if any(self._over(lk) for lk in self.residents.layers):
+                for key in self.policy.victims(self):
+                    if self._over(key.layer_key):
+                        self.evict(key, keep_last=True)
+        refill = self.policy.refill(self)
+        if refill is not None:
+            self.carry_out(refill, "now")
+
+    def hold(self, lk: LayerKey, experts) -> int:
+        """Make ``experts`` exactly the residents of layer ``lk``, reading what is missing on the
+        calling thread; returns how many were read. For bounds and tests (hindsight.py) with the
+        swapper stopped: nothing here waits for it."""
+        want = {int(e) for e in experts}
+        limit = self.limits.counts[lk] if self.limits.counts is not None else self.residents.num_experts
+        if not 0 < len(want) <= limit:
+            raise ValueError(f"{lk}: {len(want)} experts to hold, the layer's budget is {limit}")
+        with self.lock:
+            for e in set(self.residents.layer(lk)) - want:
+                self.residents.drop(ExpertKey(lk.stack, lk.layer, e))
+        read = 0
+        for e in sorted(want - set(self.residents.layer(lk))):
+            expert = self.read(ExpertKey(lk.stack, lk.layer, e), strict=True)
+            if expert is not None:
+                self.residents.put(expert)
+                read += 1
+        return read
+
+    def hold_best(self, importance: Mapping[LayerKey, np.ndarray]) -> int:
+        """Each layer holds the experts the policy ranks first by ``importance`` (as many as its
+        count); returns how many were read."""
+        counts = self.limits.counts or {lk: len(self.residents.layer(lk)) for lk in self.residents.layers}
+        ranked = self.policy.rank(self, dict(importance))
+        return sum(self.hold(lk, top_experts(ranked[lk], n)) for lk, n in counts.items())
+
+
+def _lower_this_threads_priority(nice: int = 10) -> None:
+    """Let the token loop preempt background reads: on Linux a thread has its own nice value.
+
+    Reading and hashing a switch-base expert takes ~20 ms of CPU; on a device whose cores
+    are all busy with the token loop, that time otherwise comes out of decoding.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
