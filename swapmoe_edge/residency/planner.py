@@ -243,12 +243,7 @@ def covered_mass(
 ) -> float:
     """Σ_layers weight · (share of the layer's importance held by its top ``count`` experts):
     the objective of the importance split; use it to compare plans."""
-    w = weights(importance, layer_weight)
-    total = 0.0
-    for key, row in importance.items():
-        shares = normalised(row)
-        total += w[key] * float(shares[list(top_experts(shares, counts[key]))].sum())
-    return total
+    return sum(float(row[list(top_experts(row, counts[key]))].sum()) for key, row in values(importance, layer_weight).items())
 
 
 def initial_residents(importance: Mapping[LayerKey, np.ndarray],
