@@ -7,11 +7,20 @@ everything a policy would otherwise repeat: the start fill (now, or on a filler 
 swapper thread, evict-before-read, read-or-mark-unavailable, live resize, the counters, the
 request boundary, and masked routing over a consistent snapshot of each layer.
 
-    engine = make_policy(config, residents, store, kernel, ...)   # policies/__init__.py
-    engine.warm(background=False); engine.start()
+The runtime's API (load.py, fit.py, facade.py):
+
+    engine = make_policy(config, residents, store, kernel, tokens_per_expert, norms, profile,
+                         expert_cost=..., budget=..., baseline=..., rungs=..., runners=...)
+    engine.warm(background=False); engine.start()    # the start set; the swapper, if it swaps
     out = engine(layer, normed, logits, token_mask)   # SplitModel's moe callback
     engine.background_io.clear() ... .set()           # no background reads during a prefill
-    engine.end_request(); engine.resize(budget); engine.stop()
+    engine.end_request()                              # after each request (importance decays)
+    engine.resize(budget)                             # the monitor's live budget, any policy
+    engine.counters.snapshot(); engine.exact; engine.wait_filled(t); engine.stop()
+
+Tools: ``expert`` and ``masked_over`` (a measurement's own routing), ``hold`` and ``hold_best``
+(residents set by hand, swapper stopped), and the swapper's steps one at a time on a simulated
+clock (``plan``, ``begin``, ``finish``, ``take_wake``: replay.py).
 
 Threads: the token loop calls the engine; the swapper and filler threads read experts and
 publish them (mover.py: how a move is carried out); the budget monitor calls ``resize``. Every
