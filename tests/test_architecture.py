@@ -82,3 +82,9 @@ def test_no_module_is_past_the_size_a_reader_takes_in_at_one_sitting():
     long = {str(p.relative_to(ROOT)): n for p in _modules(PACKAGE, ROOT / "export")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these by concept (over {MAX_LINES} lines): {long}"
+
+
+def test_the_wheel_names_every_package():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= set(config["packages"]), f"add to pyproject.toml's packages: {sorted(found - set(config['packages']))}"

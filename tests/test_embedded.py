@@ -123,3 +123,10 @@ def test_a_damaged_cache_is_rebuilt_with_a_note(tmp_path, monkeypatch, capsys):
     stamp = (art / "manifest.json").stat().st_mtime_ns
     embedded.default_artifact(export_checkpoint, ckpt, quiet=True, rebuild=True)
     assert (art / "manifest.json").stat().st_mtime_ns != stamp
+
+
+def test_first_use_leaves_no_hidden_lock_or_staging_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWAPMOE_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = save_tiny(tmp_path / embedded.EMBEDDED_NAME, seed=35)
+    art = embedded.default_artifact(export_checkpoint, ckpt, quiet=True)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [art.name]

@@ -1,4 +1,4 @@
-"""The device's install: `pip install swapmoe-edge` alone (no torch, transformers or onnx) runs
+"""The device's install: `pip install swapmoe-edge` alone (no torch or transformers) runs
 the quickstart, `swapmoe summarize "TEXT"`, with the embedded model, offline, on its first call."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def test_runtime_only_install_runs_the_quickstart_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "SWAPMOE", "XDG_"))}
     env.update(HOME=str(tmp_path / "home"), PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
     probe = ("import importlib.util as u, swapmoe_edge, swapmoe_export; "
-             "print([m for m in ('torch', 'transformers', 'onnx', 'safetensors') if u.find_spec(m)]); "
+             "print([m for m in ('torch', 'transformers', 'safetensors') if u.find_spec(m)]); "
              "print(swapmoe_edge.__file__)")
     r = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -2,10 +2,10 @@
 
 On first use it is exported, like any user checkpoint, into a per-user cache directory
 (``$SWAPMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/swapmoe_edge``, else
-``~/.cache/swapmoe_edge``) and reused afterwards. The export needs neither torch nor onnx
-(``swapmoe_export`` writes ONNX with numpy alone), so the runtime-only install runs the
-embedded model offline on its first call. It is not validated against PyTorch there (that
-needs torch); CI exports the shipped checkpoint the same way, validates it, and checks
+``~/.cache/swapmoe_edge``) and reused afterwards. The export needs no torch, so the
+runtime-only install runs the embedded model offline on its first call; the CLI hands
+the exporter in (``swapmoe_edge.cli.embedded``), since the runtime never imports it.
+It is not validated against PyTorch there (that needs torch); CI exports the shipped checkpoint the same way, validates it, and checks
 its summaries token for token against Hugging Face ``generate`` (tests/test_shipped_model.py).
 The checkpoint folder may carry ``profile.json``, the importance profile measured on the
 corpus's validation split, which is copied into the export.
@@ -107,13 +107,33 @@ def incomplete(out: Path, ckpt: Path) -> str | None:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """An exclusive lock on ``path`` for the life of the block (released if the process dies)."""
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    """An exclusive lock on ``path`` for the life of the block (released if the process dies).
+
+    The holder removes the lock file on the way out, so a finished cache leaves nothing
+    hidden behind. A process that waited on a removed file sees that the path no longer
+    names the file it locked and locks again.
+    """
+    while True:
+        f = open(path, "a+b")
         try:
-            yield
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+        except BaseException:
+            f.close()
+            raise
+        f.close()
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()  # closing releases the lock
 
 
 def _install(export: Exporter, ckpt: Path, out: Path, why: str, quiet: bool, validate: bool) -> None:
