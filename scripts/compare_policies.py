@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-from swapmoe_edge.lab.evaluate import _scorer, read_pairs
+from swapmoe_edge.lab.evaluate import results_paired_se
 
 
 def cell(sweep: Path, policy: str, budget: str, planner: str = "importance") -> dict | None:
@@ -25,22 +24,6 @@ def cell(sweep: Path, policy: str, budget: str, planner: str = "importance") -> 
     name = "full__100pct.json" if policy == "full" else f"{policy}__{budget.replace('%', 'pct')}__{planner}.json"
     path = sweep / "cells" / name
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def paired_se(a: dict, b: dict) -> float:
-    """Standard error of mean(ROUGE-2 of b - ROUGE-2 of a) over the documents of the cells' stream."""
-    s = a["settings"]
-    docs = read_pairs(s["data"], s["limit"], s["order"], s["sections"], s["exclude_sections"])
-    scorer = _scorer()
-    diffs = []
-    for ref, x, y in zip((d["summary"] for d in docs), a["outputs"], b["outputs"]):
-        if x["summary"] == y["summary"]:
-            diffs.append(0.0)
-            continue
-        diffs.append(scorer.score(ref, y["summary"])["rouge2"].fmeasure - scorer.score(ref, x["summary"])["rouge2"].fmeasure)
-    n = len(diffs)
-    mean = sum(diffs) / n
-    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
 
 
 def main() -> None:
@@ -67,7 +50,7 @@ def main() -> None:
             ea, eb = a["fidelity"]["exact_match"], b["fidelity"]["exact_match"]
             counts = "/".join(str(n) for n in b["resident_experts_per_layer"].values())
             print(f"| {stream} | {budget} | {a['rouge2']:.4f} | {b['rouge2']:.4f} | "
-                  f"{b['rouge2'] - a['rouge2']:+.4f} (± {paired_se(a, b):.4f}) | {ea:.1%} | {eb:.1%} | "
+                  f"{b['rouge2'] - a['rouge2']:+.4f} (± {results_paired_se(a, b):.4f}) | {ea:.1%} | {eb:.1%} | "
                   f"{100 * (eb - ea):+.1f} | {counts} | {b['swaps']} |")
 
 

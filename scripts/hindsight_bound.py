@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from swapmoe_edge.lab.evaluate import _scorer, read_pairs
+from swapmoe_edge.lab.evaluate import read_pairs, scorer as rouge_scorer
 from swapmoe_edge.lab.hindsight import MODES, bound_summaries
 from swapmoe_edge.residency.importance import Profile
 
@@ -56,7 +56,7 @@ def main() -> None:
     docs = read_pairs(a.data, a.limit, a.order, (), exclude)
     profile = Profile.load(a.profile) if a.profile else None
     a.out.mkdir(parents=True, exist_ok=True)
-    scorer = _scorer()
+    scorer = rouge_scorer()
 
     def rouge2(summaries: list[str]) -> list[float]:
         return [scorer.score(d["summary"], s)["rouge2"].fmeasure for d, s in zip(docs, summaries)]

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from compare_policies import paired_se  # a sibling script: Python puts this folder on the path
+from swapmoe_edge.lab.evaluate import results_paired_se
 
 POLICIES = ("ladder", "swapmoe", "prune", "on-demand")
 
@@ -80,7 +80,7 @@ def main() -> None:
     row = []
     for b in budgets:
         pair = [cell_file(at[(p, b)]) if (p, b) in at else None for p in ("prune", "ladder")]
-        row.append(f"{pair[1]['rouge2'] - pair[0]['rouge2']:+.4f} (± {paired_se(*pair):.4f})" if all(pair) else "—")
+        row.append(f"{pair[1]['rouge2'] - pair[0]['rouge2']:+.4f} (± {results_paired_se(*pair):.4f})" if all(pair) else "—")
     print("| " + " | ".join(row) + " |")
 
     lad = {b: at[("ladder", b)] for b in budgets if ("ladder", b) in at}

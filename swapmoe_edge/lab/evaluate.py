@@ -62,12 +62,31 @@ def read_pairs(data_path: str | Path, limit: int | None = None, order: str = "fi
 # -- scoring ------------------------------------------------------------------------------------
 
 
-def _scorer():
+def scorer():
+    """rouge-score's scorer for ROUGE-1/2/L with stemming, as every figure here uses."""
     try:
         from rouge_score import rouge_scorer
     except ImportError as e:
         raise SwapMoEError(f"ROUGE needs the eval extra ({e}): pip install 'swapmoe-edge[eval]'") from e
     return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+
+
+def paired_se(references: Sequence[str], a: Sequence[str], b: Sequence[str], key: str = "rouge2") -> float:
+    """Standard error of the mean per-document difference ``key(b) - key(a)`` against ``references``."""
+    assert len(references) == len(a) == len(b) and len(references) > 1
+    score = scorer().score
+    diffs = [0.0 if x == y else score(ref, y)[key].fmeasure - score(ref, x)[key].fmeasure
+             for ref, x, y in zip(references, a, b)]
+    mean = sum(diffs) / len(diffs)
+    return (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+
+
+def results_paired_se(a: Mapping[str, Any], b: Mapping[str, Any], key: str = "rouge2") -> float:
+    """``paired_se`` of two ``evaluate`` results (sweep cells) over the documents they ran on."""
+    s = a["settings"]
+    docs = read_pairs(s["data"], s["limit"], s["order"], s["sections"], s["exclude_sections"])
+    return paired_se([d["summary"] for d in docs], [x["summary"] for x in a["outputs"]],
+                     [y["summary"] for y in b["outputs"]], key)
 
 
 def rouge(targets: Sequence[str], predictions: Sequence[str], *, identical_is_one: bool = False) -> dict[str, float]:
@@ -79,14 +98,14 @@ def rouge(targets: Sequence[str], predictions: Sequence[str], *, identical_is_on
     assert len(targets) == len(predictions)
     if not targets:
         return {k: 0.0 for k in ROUGE_KEYS}
-    scorer = _scorer()
+    score = scorer().score
     sums = dict.fromkeys(ROUGE_KEYS, 0.0)
     for target, pred in zip(targets, predictions):
         if identical_is_one and target == pred:
             for k in ROUGE_KEYS:
                 sums[k] += 1.0
             continue
-        scores = scorer.score(target, pred)
+        scores = score(target, pred)
         for k in ROUGE_KEYS:
             sums[k] += scores[k].fmeasure
     return {k: v / len(targets) for k, v in sums.items()}
