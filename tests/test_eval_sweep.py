@@ -193,3 +193,64 @@ def test_sweep_plans_full_once_and_on_demand_with_one_planner():
     assert names[0] == "full__100pct" and names.count("full__100pct") == 1
     assert [n for n in names if n.startswith("on-demand")] == ["on-demand__100pct__importance", "on-demand__50pct__importance"]
     assert len([n for n in names if n.startswith("swapmoe")]) == 4
+
+
+def test_deterministic_cells_say_so_and_a_default_swapmoe_cell_says_why_not(art, data, tmp_path):
+    from swapmoe_edge.lab.sweep import sweep
+
+    kw = dict(budgets=("25%",), policies=("swapmoe",), planners=("importance",), limit=3, max_new_tokens=3,
+              quiet=True, plots=False)
+    det = sweep(art, data, tmp_path / "det", deterministic=True, **kw)
+    cell = json.loads((tmp_path / "det" / "cells" / "swapmoe__25pct__importance.json").read_text())
+    assert cell["deterministic"] is True and cell["nondeterminism"] == [] and cell["settings"]["deterministic"] is True
+    assert all(r["deterministic"] is True for r in det["cells"])
+    with open(tmp_path / "det" / "sweep.csv") as f:
+        assert {r["deterministic"] for r in csv.DictReader(f)} == {"True"}
+    assert "| deterministic |" in (tmp_path / "det" / "sweep.md").read_text()
+    sweep(art, data, tmp_path / "default", **kw)
+    cell = json.loads((tmp_path / "default" / "cells" / "swapmoe__25pct__importance.json").read_text())
+    assert cell["deterministic"] is False and "deterministic is off" in cell["nondeterminism"][0]
+
+
+def test_cli_eval_deterministic_runs_are_identical(art, data):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "swapmoe_edge", "eval", "--artifact", str(art), "--data", str(data), "--policy",
+           "swapmoe", "--budget", "25%", "--max-new-tokens", "4", "--threads", "1", "--deterministic", "--json", "--quiet"]
+    runs = [subprocess.run(cmd, capture_output=True, text=True) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    res = [json.loads(r.stdout) for r in runs]
+    assert all(x["deterministic"] is True for x in res)
+    assert res[0]["rouge2"] == res[1]["rouge2"] and res[0]["fidelity"] == res[1]["fidelity"]
+
+
+# -- without the eval extra ------------------------------------------------------------------------
+
+# Runs the CLI with these modules' imports blocked, as in a runtime-only install.
+_BLOCKED_CLI = ("import sys\n"
+                "for name in sys.argv[1].split(','):\n"
+                "    sys.modules[name] = None\n"
+                "sys.argv = ['swapmoe'] + sys.argv[2:]\n"
+                "from swapmoe_edge.cli.main import main\n"
+                "main()\n")
+
+
+@pytest.mark.parametrize("verb, blocked", [("eval", "rouge_score"), ("sweep", "rouge_score"), ("sweep", "matplotlib")])
+def test_eval_and_sweep_without_the_eval_extra_stop_at_once_with_one_line_and_leave_nothing(art, data, tmp_path,
+                                                                                           verb, blocked):
+    import os
+    import subprocess
+    import sys
+
+    out, cache = tmp_path / "sweep", tmp_path / "cache"
+    # eval without --artifact would export the embedded model into the cache first: it must not get that far
+    args = ["eval", "--data", str(data)] if verb == "eval" else ["sweep", str(art), "--data", str(data), "-o", str(out)]
+    r = subprocess.run([sys.executable, "-c", _BLOCKED_CLI, blocked, *args], capture_output=True, text=True,
+                       env={**os.environ, "SWAPMOE_CACHE_DIR": str(cache)}, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and blocked in lines[0], r.stderr
+    assert 'pip install "swapmoe-edge[eval]"' in lines[0]
+    assert not out.exists() and not cache.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -9,12 +9,20 @@ import click
 from swapmoe_edge.cli.common import COUNT, fail
 from swapmoe_edge.cli.embedded import artifact_or_default
 from swapmoe_edge.core.errors import SwapMoEError
-from swapmoe_edge.lab.evaluate import evaluate, format_report, lead_baseline
+from swapmoe_edge.lab.evaluate import evaluate, format_report, lead_baseline, require_eval_extra
 from swapmoe_edge.lab.streams import ORDERS, parse_sections
 from swapmoe_edge.lab.sweep import sweep
 from swapmoe_edge.residency.policies import POLICIES
+from swapmoe_edge.runtime.config import RuntimeConfig
 
 PLANNERS = ("importance", "uniform")
+
+
+def deterministic_option(f):
+    """--deterministic/--no-deterministic: swaps only at request boundaries (RuntimeConfig.deterministic)."""
+    return click.option("--deterministic/--no-deterministic", default=RuntimeConfig.deterministic, show_default=True,
+                        help="Swaps take effect only between requests, so outputs do not depend on the machine's "
+                             "load (a memory-pressure shrink still acts at once; results say so).")(f)
 
 
 def stream_options(f):
@@ -51,17 +59,20 @@ def _split(values: tuple[str, ...], default: tuple[str, ...], allowed: tuple[str
 @click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
 @click.option("--num-beams", type=COUNT, default=1, show_default=True)
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Documents generated together.")
+@click.option("--threads", type=COUNT, default=None, help="ONNX Runtime threads (default: the device profile's).")
+@deterministic_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with `lead_baseline`).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @stream_options
-def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num_beams, batch_size, as_json, quiet,
-             order, sections, exclude_sections, profile) -> None:
+def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num_beams, batch_size, threads,
+             deterministic, as_json, quiet, order, sections, exclude_sections, profile) -> None:
     """ROUGE of a policy at a budget on DATA, the lead-8 baseline, and fidelity to the full policy."""
     try:
+        require_eval_extra()  # before the embedded model's first export or any generation
         res = evaluate(artifact_or_default(artifact), data, policy, budget, planner, limit=limit,
                        max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, quiet=quiet,
                        order=order, sections=parse_sections(sections), exclude_sections=parse_sections(exclude_sections),
-                       profile=profile)
+                       profile=profile, threads=threads, config={"deterministic": deterministic})
         base = lead_baseline(data, limit=limit, sections=parse_sections(sections),
                              exclude_sections=parse_sections(exclude_sections))
     except SwapMoEError as e:
@@ -84,10 +95,11 @@ def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num
 @click.option("--num-beams", type=COUNT, default=1, show_default=True)
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
 @click.option("--threads", type=COUNT, default=None, help="ONNX Runtime threads per cell.")
+@deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @stream_options
-def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_tokens, num_beams, batch_size, threads, quiet,
-              order, sections, exclude_sections, profile) -> None:
+def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_tokens, num_beams, batch_size, threads,
+              deterministic, quiet, order, sections, exclude_sections, profile) -> None:
     """Every policy x budget x planner on DATA, each in its own process: CSV, JSON and plots in OUT."""
     budgets = _split(budgets, ("100%", "75%", "50%", "33%", "25%"))
     policies = _split(policies, ("full", "on-demand", "prune", "swapmoe"), POLICIES)
@@ -96,7 +108,7 @@ def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_t
         res = sweep(artifact, data, out, budgets=budgets, policies=policies, planners=planners, limit=limit,
                     max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, threads=threads,
                     quiet=quiet, order=order, sections=parse_sections(sections),
-                    exclude_sections=parse_sections(exclude_sections), profile=profile)
+                    exclude_sections=parse_sections(exclude_sections), profile=profile, deterministic=deterministic)
     except SwapMoEError as e:
         fail(e)
     if res["failed"]:

@@ -39,6 +39,8 @@ def _stats_line(st: dict, exact: bool) -> str:
             f"first choice resident {st['first_choice_resident']:.0%}")
     if st["policy"] == "ladder":
         line += f", residents by precision {st['residents_by_rung']}, low-bit tokens {st['low_precision_tokens']}"
+    # whether the same inputs give this output again under any load, and if not, why
+    line += ", deterministic" if st.get("deterministic") else f", not deterministic ({'; '.join(st.get('nondeterminism') or ['?'])})"
     return line
 
 
@@ -58,14 +60,17 @@ def _stats_line(st: dict, exact: bool) -> str:
 @click.option("--cold-start", type=click.Choice(["blocking", "background"]), default="blocking", show_default=True,
               help="background: serve once the dense part and one expert per layer are in, fill the rest meanwhile "
                    "(faster first token on slow flash; lossy policies then route early tokens to fewer experts).")
+@click.option("--deterministic/--no-deterministic", default=RuntimeConfig.deterministic, show_default=True,
+              help="Swaps take effect only between requests, so the same inputs and --batch-size give the same "
+                   "summaries under any load (a memory-pressure shrink still acts at once; the stats say so).")
 @click.option("--quiet", is_flag=True, help="No progress or per-document statistics on stderr.")
 def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json,
-                  cold_start, quiet) -> None:
+                  cold_start, deterministic, quiet) -> None:
     """Summarise TEXT arguments or the documents of --file inside a memory budget."""
     try:
         docs = _read_inputs(texts, file)
         config = RuntimeConfig(policy=policy, budget=budget, planner=planner, device=device, cold_start=cold_start,
-                               baseline_cache=True)
+                               baseline_cache=True, deterministic=deterministic)
         with Runtime(artifact_or_default(artifact, quiet), config) as rt:
             # Progress for --file on a terminal only: piped stderr stays machine-readable.
             progress = DocumentProgress(len(docs), enabled=bool(file) and not quiet and stderr_is_terminal())

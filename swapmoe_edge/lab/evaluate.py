@@ -9,12 +9,14 @@ of this policy's summaries against the ``full`` policy's summaries on the same i
 plus the share of documents whose token ids match ``full`` exactly. ``lead_baseline`` is
 the bar a summariser has to clear: the first eight words of the document.
 
-rouge-score is an optional extra (``pip install 'swapmoe-edge[eval]'``), imported only when
-scoring, after generation, so it never counts towards the runtime's memory.
+rouge-score is an optional extra (``pip install "swapmoe-edge[eval]"``), imported only when
+scoring, after generation, so it never counts towards the runtime's memory; ``require_eval_extra``
+checks that it is installed, without importing it, before any work starts.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 import time
@@ -31,6 +33,23 @@ from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.runtime.facade import Runtime
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+EVAL_EXTRA = 'pip install "swapmoe-edge[eval]"'
+
+
+def require_eval_extra(modules: Sequence[str] = ("rouge_score",)) -> None:
+    """SwapMoEError (one line, naming the extra) unless ``modules`` of the ``eval`` extra are
+    installed. Looks them up without importing them (an import here would count in the measured
+    run's memory), so that a missing extra fails before any work, not after generation."""
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise SwapMoEError(f"this needs the eval extra ({', '.join(missing)} not installed): {EVAL_EXTRA}")
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -67,7 +86,7 @@ def scorer():
     try:
         from rouge_score import rouge_scorer
     except ImportError as e:
-        raise SwapMoEError(f"ROUGE needs the eval extra ({e}): pip install 'swapmoe-edge[eval]'") from e
+        raise SwapMoEError(f"ROUGE needs the eval extra ({e}): {EVAL_EXTRA}") from e
     return rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
 
 
@@ -159,6 +178,7 @@ def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner:
             # request each, with its own stats and peak.
             requests.extend({r.stats["request"]: r.stats for r in batch}.values())
             _progress(quiet, label, len(results), len(texts))
+        rt.policy.settle()  # deterministic: the last boundary's round is done, so these are reproducible too
         per_layer = dict(rt.residents.counts())
         facts["resident_experts"] = sum(per_layer.values())
         facts["resident_experts_per_layer"] = per_layer
@@ -180,6 +200,7 @@ def _aggregate(requests: list[dict]) -> dict[str, Any]:
         "loads": sum(r["loads"] for r in requests),
         "swaps": sum(r["swaps"] for r in requests),
         "stall_ms": sum(r["stall_ms"] for r in requests),
+        "boundary_wait_ms": sum(r.get("boundary_wait_ms", 0.0) for r in requests),  # deterministic: waits for rounds
         "first_choice_resident": statistics.fmean(r["first_choice_resident"] for r in requests),
         "low_precision_tokens": sum(r.get("low_precision_tokens", 0) for r in requests),
     }
@@ -205,7 +226,9 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
     sets further RuntimeConfig fields (``decoder_weight``, ``decay``, ...) of this run.
     ``order``, ``sections``, ``exclude_sections``: the stream (read_pairs); ``profile``: an
     importance profile file instead of the artifact's (e.g. calibrated on other sections).
+    ``config={"deterministic": True}``: swaps only at request boundaries (RuntimeConfig).
     """
+    require_eval_extra()
     docs = read_pairs(data_path, limit, order, sections, exclude_sections)
     texts = [d["text"] for d in docs]
     if reference_outputs is not None and len(reference_outputs) != len(docs):
@@ -234,6 +257,7 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
 
     stats = _aggregate(requests)
     stats["truncated_inputs"] = sum(bool(r.stats.get("truncated_input")) for r in results)
+    why = sorted({w for r in results for w in r.stats.get("nondeterminism", ())})
     out: dict[str, Any] = {
         "artifact": str(artifact),
         "data": str(data_path),
@@ -246,6 +270,9 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
         "profile": str(profile) if profile is not None else None,
         **facts,
         "exact": all(r.exact for r in results),
+        # every output is what the same inputs give under any load (RuntimeConfig.deterministic)
+        "deterministic": all(r.stats.get("deterministic", False) for r in results),
+        "nondeterminism": why,
         "documents": len(docs),
         "requests": len(requests),
         "batch_size": batch_size,

@@ -16,6 +16,10 @@ against the budget (the last with the line y = budget: a cell above it broke its
   with other settings, the sweep stops and says so). A cell that fails with a typed error
   (e.g. a budget too small for the model) is a result and is saved; a crash is not, and is
   retried next time.
+- ``deterministic``: every cell's runtime swaps only at request boundaries (RuntimeConfig), so
+  a cell's outputs do not depend on the machine's load; each row says whether it was.
+- It needs the ``eval`` extra (rouge-score, and matplotlib for the plots): without it, it stops
+  before it runs or writes anything.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Sequence
 from swapmoe_edge.artifact.manifest import load_manifest
 from swapmoe_edge.core.errors import InputError, SwapMoEError
 from swapmoe_edge.core.units import format_size
-from swapmoe_edge.lab.evaluate import evaluate, lead_baseline, read_pairs
+from swapmoe_edge.lab.evaluate import evaluate, lead_baseline, read_pairs, require_eval_extra
 from swapmoe_edge.lab.streams import parse_sections
 from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.residency.policies import POLICIES
@@ -46,7 +50,8 @@ CSV_COLUMNS = (
     "cell", "policy", "planner", "budget", "budget_bytes", "baseline_bytes", "peak_rss_bytes", "exact", "documents",
     "rouge1", "rouge2", "rougeL", "fidelity_rouge1", "fidelity_rouge2", "fidelity_rougeL", "exact_match",
     "ttft_ms", "decode_ms_per_token", "request_ms", "bytes_read", "loads", "swaps", "stall_ms",
-    "first_choice_resident", "low_precision_tokens", "resident_experts", "resident_expert_bytes", "wall_s", "error",
+    "first_choice_resident", "low_precision_tokens", "resident_experts", "resident_expert_bytes", "wall_s",
+    "deterministic", "boundary_wait_ms", "error",
 )
 
 
@@ -100,6 +105,8 @@ def _cell_command(cell: Cell, settings: dict[str, Any], reference: Path | None, 
         cmd += ["--exclude-sections", ",".join(settings["exclude_sections"])]
     if settings["profile"] is not None:
         cmd += ["--profile", settings["profile"]]
+    if settings["deterministic"]:
+        cmd.append("--deterministic")
     if quiet:
         cmd.append("--quiet")
     return cmd
@@ -139,6 +146,7 @@ def _cell_main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sections", default="")
     ap.add_argument("--exclude-sections", default="")
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--deterministic", action="store_true", help="swaps only at request boundaries")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     policy, budget, planner = args.cell
@@ -149,7 +157,7 @@ def _cell_main(argv: Sequence[str] | None = None) -> None:
                        batch_size=args.batch_size, reference_outputs=reference, compare_to_full=False,
                        keep_outputs=True, threads=args.threads, quiet=args.quiet, order=args.order,
                        sections=parse_sections(args.sections), exclude_sections=parse_sections(args.exclude_sections),
-                       profile=args.profile)
+                       profile=args.profile, config={"deterministic": args.deterministic})
     except SwapMoEError as e:
         res = {"policy": policy, "budget": budget, "error": str(e), "error_type": type(e).__name__}
     print(json.dumps(res), flush=True)
@@ -205,8 +213,10 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
           planners: Sequence[str] = ("importance", "uniform"), limit: int | None = 500, max_new_tokens: int = 32,
           num_beams: int = 1, batch_size: int = 8, threads: int | None = None, timeout_s: float | None = None,
           plots: bool = True, quiet: bool = False, order: str = "file", sections: Sequence[str] = (),
-          exclude_sections: Sequence[str] = (), profile: str | Path | None = None) -> dict[str, Any]:
+          exclude_sections: Sequence[str] = (), profile: str | Path | None = None,
+          deterministic: bool = False) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``sweep.csv``, ``sweep.json`` and the plots; returns the JSON."""
+    require_eval_extra(("rouge_score", "matplotlib") if plots else ("rouge_score",))  # before any work or file
     for p in policies:
         if p not in POLICIES:
             raise InputError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
@@ -217,7 +227,8 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
     settings = {"artifact": str(Path(artifact).resolve()), "data": str(Path(data_path).resolve()), "limit": limit,
                 "max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_size": batch_size, "threads": threads,
                 "order": order, "sections": list(sections), "exclude_sections": list(exclude_sections),
-                "profile": str(Path(profile).resolve()) if profile is not None else None}
+                "profile": str(Path(profile).resolve()) if profile is not None else None,
+                "deterministic": bool(deterministic)}
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -268,7 +279,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], lead: dict[str, Any] | None =
     full = next((r for r in rows if r["policy"] == "full" and not r.get("error")), None)
     head = ("| policy | planner | budget | budget MiB | peak RSS MiB | peak/budget | experts resident | ROUGE-1 "
             "| ROUGE-2 | ROUGE-L | fidelity ROUGE-2 | same as full | first choice resident | decode ms/token "
-            "| decode / full | TTFT ms | swaps | stall ms |")
+            "| decode / full | TTFT ms | swaps | stall ms | deterministic |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if r.get("error"):
@@ -281,6 +292,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], lead: dict[str, Any] | None =
                 (r["exact_match"], ".1%"), (r["first_choice_resident"], ".3f"), (r["decode_ms_per_token"], ".2f"),
                 (ratio, ".2f"), (r["ttft_ms"], ".1f"), (r["swaps"], ""), (r["stall_ms"], ".1f")]
         cells = [r["policy"], r["planner"] or "—", r["budget"]] + ["—" if v is None else format(v, f) for v, f in cols]
+        cells.append({True: "yes", False: "no"}.get(r.get("deterministic"), "—"))
         lines.append("| " + " | ".join(cells) + " |")
     if lead:
         lines.append(f"\nBaseline, the first {lead['n_words']} words of each document ({lead['documents']} documents): "

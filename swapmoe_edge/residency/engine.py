@@ -14,6 +14,7 @@ The runtime's API (load.py, fit.py, facade.py):
     engine.warm(background=False); engine.start()    # the start set; the swapper, if it swaps
     out = engine(layer, normed, logits, token_mask)   # SplitModel's moe callback
     engine.background_io.clear() ... .set()           # no background reads during a prefill
+    engine.begin_request()                            # before each request (deterministic: waits for the boundary)
     engine.end_request()                              # after each request (importance decays)
     engine.resize(budget)                             # the monitor's live budget, any policy
     engine.counters.snapshot(); engine.exact; engine.wait_filled(t); engine.stop()
@@ -26,6 +27,14 @@ Threads: the token loop calls the engine; the swapper and filler threads read ex
 publish them (mover.py: how a move is carried out); the budget monitor calls ``resize``. Every
 publish and eviction that must see the limits unchanged runs under ``lock``; reads run outside
 it, so the token loop never waits for the swapper's I/O.
+
+Deterministic (``RuntimeConfig.deterministic``): the swapper plans and carries out one round at
+each request boundary, never while a request runs, so a request's residents depend only on the
+requests before it, not on when the swapper's reads land. ``end_request`` hands the round to the
+swapper thread (evict, read, publish: the budget holds no expert in flight) and returns at once;
+``begin_request`` waits for it, and for a background start fill. Only the budget monitor still
+changes residents mid-request: a shrink is honoured at once (memory safety first), and from then
+on the engine reports itself not deterministic (``nondeterminism``); growth waits for a boundary.
 """
 
 from __future__ import annotations
@@ -76,6 +85,13 @@ class Engine(Mover):
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._filler: threading.Thread | None = None
+        # Request boundaries (deterministic): a round is due; the last one is done.
+        self.deterministic = bool(getattr(policy.config, "deterministic", False))
+        self._boundary = threading.Event()
+        self._settled = threading.Event()
+        self._settled.set()
+        self._refill_due = False  # deterministic: growth after a budget move waits for the boundary
+        self._tainted: list[str] = []  # what made later outputs depend on timing (see nondeterminism)
 
     # -- the token loop -------------------------------------------------------------------------
     def __call__(self, layer: LayerEntry, normed: np.ndarray, logits: np.ndarray, token_mask) -> np.ndarray:
@@ -178,6 +194,7 @@ class Engine(Mover):
         """Stop the filler and the swapper (a read in flight finishes first)."""
         self._stop.set()
         self._wake.set()
+        self._boundary.set()
         for t in (self._filler, self._thread):
             if t is not None:
                 t.join(timeout=10)
@@ -195,6 +212,8 @@ class Engine(Mover):
 
     def _loop(self) -> None:
         _lower_this_threads_priority()
+        if self.deterministic:
+            return self._boundary_loop()
         while not self._stop.is_set():
             if self._wake.wait(self.policy.interval_s):  # a prediction (or a stop): it comes before the first token
                 self._wake.clear()
@@ -222,10 +241,74 @@ class Engine(Mover):
         return self.carry_out(self.plan(), "swap")[1]
 
     def end_request(self) -> None:
-        """A request ended: online importance decays (an exponential moving average over requests)."""
+        """A request ended: online importance decays (an exponential moving average over requests);
+        deterministic, the boundary's round starts (on the swapper thread; the next
+        ``begin_request`` waits for it)."""
         if self.tracker is not None:
             self.tracker.decay(self.policy.decay)
         self.policy.end_request(self)
+        if not self.deterministic:
+            return
+        if self.running:
+            self._settled.clear()
+            self._boundary.set()
+        elif self._refill_due:  # a policy without a swapper (prune) takes back its room here
+            self._boundary_round()
+
+    def begin_request(self) -> float:
+        """A request is about to run: deterministic, wait until the start set is in and the last
+        boundary's round is done; returns the seconds waited. Otherwise returns at once (and
+        notes a request that starts while a background start fill still runs)."""
+        if not self.deterministic:
+            if not self.filled.is_set() and not self._stop.is_set():
+                self._taint("a request ran while the background start fill was reading experts")
+            return 0.0
+        t0 = time.perf_counter()
+        while not (self.filled.wait(0.05) and self._settled.wait(0.05)) and not self._stop.is_set():
+            pass
+        return time.perf_counter() - t0
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Block until the last boundary's round is done (True), or ``timeout`` passes."""
+        return self._settled.wait(timeout)
+
+    def _boundary_loop(self) -> None:
+        """The deterministic swapper: one round per request boundary, none in between."""
+        while not self._stop.is_set():
+            if not self._boundary.wait(0.5):
+                continue
+            self._boundary.clear()
+            try:
+                if not self._stop.is_set():
+                    self._boundary_round()
+            except Exception as e:  # the swapper must never take the runtime down
+                log.exception("swapper failed")
+                self.errors.append(repr(e))
+            finally:
+                self._settled.set()
+        self._settled.set()
+
+    def _boundary_round(self) -> None:
+        """What waits for a boundary: room taken back after a budget move, then the policy's round."""
+        if self._refill_due:
+            self._refill_due = False
+            refill = self.policy.refill(self)
+            if refill is not None:
+                self.carry_out(refill, "now")
+        if self.policy.swaps:
+            self.carry_out(self.plan(), "swap")
+
+    @property
+    def nondeterminism(self) -> list[str]:
+        """Why the same inputs need not give this runtime's outputs again (empty: they do, under any
+        load): swaps at times the load decides, or an earlier event that timing decided."""
+        why = [] if self.deterministic or not self.policy.swaps else \
+            ["swaps land at token steps that depend on the load (deterministic is off)"]
+        return why + self._tainted
+
+    def _taint(self, why: str) -> None:
+        if why not in self._tainted:
+            self._tainted.append(why)
 
     # -- budget ---------------------------------------------------------------------------------------
     def _limits(self, budget: int, strict: bool) -> Limits:
@@ -238,11 +321,17 @@ class Engine(Mover):
         limits; what no longer fits goes at once, least valuable first (never a layer's last
         expert); growth is the policy's (prune at once, the swapper later, on-demand on a miss)."""
         with self.lock:
-            self.limits = self._limits(budget, strict=False)
+            limits = self._limits(budget, strict=False)
+            if limits != self.limits:
+                self._taint("memory pressure moved the budget's limits while serving")
+            self.limits = limits
             if any(self._over(lk) for lk in self.residents.layers):
                 for key in self.policy.victims(self):
                     if self._over(key.layer_key):
                         self.evict(key, keep_last=True)
+        if self.deterministic:
+            self._refill_due = True  # growth waits for the next request boundary
+            return
         refill = self.policy.refill(self)
         if refill is not None:
             self.carry_out(refill, "now")

@@ -59,6 +59,13 @@ class RuntimeConfig:
     swap_interval_s: float = 0.1
     max_swaps_per_interval: int = 1
     hysteresis: float = 0.1
+    # Swaps take effect only at request boundaries: the swapper plans and carries out one round
+    # (at most max_swaps_per_interval swaps, or a decoder prediction's burst) after each request,
+    # and the next request waits for it (stats: boundary_wait_ms), so the same artifact, budget,
+    # inputs and batches give the same outputs under any load. A background start fill is waited
+    # for by the first request. A memory-pressure shrink is still honoured at once; the stats
+    # then say the output is not deterministic, and why (``nondeterminism``).
+    deterministic: bool = False
     # swapmoe's importance between requests: online sums decay by ``decay`` after each request,
     # and the calibrated profile counts as ``prior_documents`` documents that never decay
     # (importance.set_prior; None: the profile only seeds the sums and decays with them).

@@ -38,6 +38,7 @@ class Runtime:
     def __init__(self, artifact: str | Path | Parts, config: RuntimeConfig = RuntimeConfig(), **load_kw):
         self.parts = artifact if isinstance(artifact, Parts) else load(artifact, config, **load_kw)
         self._requests = itertools.count()  # one number per chunk that ran
+        self._counted = None  # deterministic: the counters at the last request's end (the boundary's round counts next)
         # After the first token ORT has mapped or copied every dense page it needs; the rest
         # of the dense files' cached pages would only count against a device's memory limit.
         # (Dropped earlier, pages ORT maps lazily had to come off flash again in the first request.)
@@ -106,15 +107,18 @@ class Runtime:
         """One chunk through the family's generation loop: stamp each token, open background
         I/O at the first, then count what the request did."""
         p = self.parts
-        meter = Meter(p.policy, p.experts.store)
+        # Deterministic, the swaps of the boundary before this request count in it: it waited for them.
+        meter = Meter(p.policy, p.experts.store, self._counted if p.policy.deterministic else None)
+        meter.started(p.policy.begin_request())
         with background_io_closed(p.policy.background_io) as open_background_io:
             for step in p.family.generate(p.model, rows, decoding, hook):
                 meter.token()
                 if step.index == 0:
                     open_background_io()
                     self._after_first_token()
+        stats = request_stats(p, meter, next(self._requests))  # before the boundary's round moves residents
+        self._counted = meter.after
         p.policy.end_request()
-        stats = request_stats(p, meter, next(self._requests))
         return [Result(None, list(map(int, row)), stats["exact"], dict(stats)) for row in step.sequences]
 
     def summarize(self, texts: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1, *,

@@ -24,13 +24,22 @@ class Result:
 
 class Meter:
     """Around one request: the policy's and the store's counters before it, its start time, and a
-    time stamp per token (``token``), which the caller takes as each step comes out."""
+    time stamp per token (``token``), which the caller takes as each step comes out. ``since``:
+    the counters to count from (the last request's ``after``), instead of now."""
 
-    def __init__(self, policy, store):
+    def __init__(self, policy, store, since: tuple[dict, dict] | None = None):
         self.policy, self.store = policy, store
-        self.before = (policy.counters.snapshot(), store.counters())
+        self.before = since or (policy.counters.snapshot(), store.counters())
+        self.after: tuple[dict, dict] | None = None
         memory.reset_peak_rss()
         self.times: list[float] = []
+        self.t0 = time.perf_counter()
+        self.boundary_wait_s = 0.0
+
+    def started(self, waited_s: float) -> None:
+        """The request may run now, after waiting ``waited_s`` for the residency engine's request
+        boundary (deterministic); its clocks start here."""
+        self.boundary_wait_s = waited_s
         self.t0 = time.perf_counter()
 
     def token(self) -> None:
@@ -41,12 +50,14 @@ class Meter:
         ttft = (times[0] - t0) if times else 0.0
         decode = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
         return {"ttft_ms": ttft * 1e3, "decode_ms_per_token": decode * 1e3,
-                "request_ms": ((times[-1] if times else time.perf_counter()) - t0) * 1e3, "steps": len(times)}
+                "request_ms": ((times[-1] if times else time.perf_counter()) - t0) * 1e3, "steps": len(times),
+                "boundary_wait_ms": self.boundary_wait_s * 1e3}
 
     def counted(self) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, float]]:
         """(policy counters before, after; store counters before, after)."""
         pol0, io0 = self.before
-        return pol0, self.policy.counters.snapshot(), io0, self.store.counters()
+        self.after = (self.policy.counters.snapshot(), self.store.counters())
+        return pol0, self.after[0], io0, self.after[1]
 
 
 def request_stats(parts, meter: Meter, request: int) -> dict[str, Any]:
@@ -84,6 +95,10 @@ def request_stats(parts, meter: Meter, request: int) -> dict[str, Any]:
         "residents_by_rung": residents_by_rung(residents, parts.sparse, manifest.expert_dtype),
         "unavailable_experts": sorted(k.name for k in residents.unavailable),
         "exact": exact,
+        # The same inputs give this output again under any load (RuntimeConfig.deterministic, or a
+        # policy without a swapper); if not, why not.
+        "deterministic": not parts.policy.nondeterminism,
+        "nondeterminism": parts.policy.nondeterminism,
         "expert_dtype": manifest.expert_dtype,
     }
 
