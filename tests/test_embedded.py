@@ -57,7 +57,7 @@ def _first_use_script(cache: Path, ckpt: Path) -> list[str]:
 
 
 def _visible_exports_are_complete(cache: Path, ckpt: Path) -> list[Path]:
-    visible = [p for p in cache.iterdir() if not p.name.startswith(".")] if cache.exists() else []
+    visible = [p for p in cache.iterdir() if not p.name.startswith(".") and p.is_dir()] if cache.exists() else []
     for p in visible:
         assert embedded.incomplete(p, ckpt) is None, f"{p} became visible incomplete"
     return visible

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -24,24 +26,31 @@ def check_inside(root: Path, rel: Any, what: str, base: Path | None = None, _dir
     elif ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         bad = "climbs out with '..'"
     else:
-        dirs = {} if _dirs is None else _dirs
-        path = base / rel
-        if path.parent not in dirs:
-            dirs[path.parent] = path.parent.resolve()
-        target = dirs[path.parent] / path.name
-        if target.is_symlink():
-            target = target.resolve()
-        if root not in dirs:
-            dirs[root] = root.resolve()
-        top = dirs[root]
-        if target != top and top not in target.parents:
-            bad = f"resolves to {target}, outside the artifact (a symlink out)"
+        try:
+            bad = _outside(root, base / rel, {} if _dirs is None else _dirs)
+        except (OSError, ValueError, RuntimeError) as e:  # a name too long, undecodable, or a symlink loop
+            bad = f"cannot be looked up ({getattr(e, 'strerror', None) or type(e).__name__})"
     if bad:
         raise ArtifactError(
-            f"{root}: {what} names {rel!r}, which {bad}. An artifact may only refer to files inside "
+            f"{root}: {what} names {repr(rel)[:160]}, which {bad}. An artifact may only refer to files inside "
             "its own directory; this one is damaged or was made to read other files. Export the model again."
         )
     return base / rel
+
+
+def _outside(root: Path, path: Path, dirs: dict) -> str | None:
+    """Why ``path`` lies outside ``root`` once its folders and a final symlink are resolved, or None."""
+    if path.parent not in dirs:
+        dirs[path.parent] = path.parent.resolve()
+    target = dirs[path.parent] / path.name
+    if target.is_symlink():
+        target = target.resolve()
+    if root not in dirs:
+        dirs[root] = root.resolve()
+    top = dirs[root]
+    if target != top and top not in target.parents:
+        return f"resolves to {target}, outside the artifact (a symlink out)"
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -53,6 +62,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on the file ``path`` (made if missing) for the life of the block; a
+    process that dies releases it. For small shared caches that several processes update."""
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

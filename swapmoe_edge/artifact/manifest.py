@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from swapmoe_edge.artifact.files import check_inside, sha256_file
 from swapmoe_edge.artifact.model_config import ModelConfig
+from swapmoe_edge.artifact.schema import ITEMSIZE, check_manifest
 from swapmoe_edge.core.errors import ArtifactError
 from swapmoe_edge.core.keys import ExpertKey, LayerKey
 
@@ -25,7 +27,6 @@ from swapmoe_edge.core.keys import ExpertKey, LayerKey
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "swapmoe-artifact"
-_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1}
 # Expert types stored with less precision than the float32 checkpoint; int4 packs two
 # weights per uint8 with float16 scales per group of 32 input rows.
 LOSSY_EXPERT_DTYPES = ("float16", "int8", "int4")
@@ -64,7 +65,7 @@ class TensorSlice:
         n = 1
         for s in self.shape:
             n *= s
-        return n * _ITEMSIZE[self.dtype]
+        return n * ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,9 @@ def _role(tensor_name: str) -> str:
 
 
 def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
-    """Read ``root/manifest.json``. With ``verify``, hash every file (slow for big models)."""
+    """Read and check ``root/manifest.json`` (schema.py: every field and cross-reference; every
+    path inside ``root``; every file present at its size). With ``verify``, hash every file too
+    (slow for big models; the runtime checks dense files at load, verify.py, and experts on read)."""
     root = Path(root)
     path = root / MANIFEST_NAME
     if not root.exists():
@@ -268,21 +271,16 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
             f"{root} has no {MANIFEST_NAME}: it is not an artifact, or its export did not finish. "
             "Run `swapmoe export MODEL_DIR -o DIR` again."
         )
+    check_inside(root, MANIFEST_NAME, "the artifact's manifest")
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}). Export the model again.") from e
-    if raw.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{path} is not a swapmoe artifact manifest (format={raw.get('format')!r}).")
-    version = raw.get("schema_version")
-    if not isinstance(version, int):
-        raise ArtifactError(f"{path} has no integer schema_version.")
-    if version > SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path} has schema version {version}, newer than this runtime understands "
-            f"({SCHEMA_VERSION}). Upgrade swapmoe-edge, or export the model with this version."
-        )
-    try:
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and RecursionError's cousins included
+        raise ArtifactError(f"{path} is not valid JSON ({str(e)[:200]}). Export the model again.") from e
+    except RecursionError as e:
+        raise ArtifactError(f"{path} is nested too deeply to be a manifest. Export the model again.") from e
+    check_manifest(raw, path, SCHEMA_VERSION, FORMAT_NAME)
+    version = raw["schema_version"]
+    try:  # schema.py checked every field read here; this only guards against a check that missed one
         subgraphs = {n: _subgraph(n, d) for n, d in raw["subgraphs"].items()}
         experts: dict[ExpertKey, ExpertEntry] = {}
         for d in raw["experts"]:
@@ -324,22 +322,20 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
             ladder={name: LadderRung(name, int(r["bits"]), int(r["block"]), r["session_graph"], r["kernel"], r["data_name"])
                     for name, r in raw.get("ladder", {}).items()},
         )
-        for name, r in manifest.ladder.items():
-            lacking = [k.name for k, e in experts.items() if name not in e.rungs]
-            if lacking or r.kernel not in subgraphs:
-                raise ValueError(f"ladder rung {name} lacks {'the kernel ' + r.kernel if r.kernel not in subgraphs else ''}"
-                                 f"{' and ' if lacking and r.kernel not in subgraphs else ''}"
-                                 f"{'copies of ' + ', '.join(lacking[:3]) + ('…' if len(lacking) > 3 else '') if lacking else ''}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{path} is malformed ({type(e).__name__}: {e}). Export the model again.") from e
     _check_paths(root, manifest)
     for rel, entry in files.items():
         p = root / rel
-        if not p.is_file():
+        try:
+            st = p.stat()
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise ArtifactError(f"{p} is missing; the artifact is incomplete. Export the model again.")
-        if p.stat().st_size != entry.size:
+        if st.st_size != entry.size:
             raise ArtifactError(
-                f"{p} has {p.stat().st_size} bytes, the manifest says {entry.size}: the file is "
+                f"{p} has {st.st_size} bytes, the manifest says {entry.size}: the file is "
                 "truncated or replaced. Export the model again."
             )
     if verify:

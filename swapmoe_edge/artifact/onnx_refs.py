@@ -9,7 +9,9 @@ functions) and refuses a location that leaves the artifact.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Collection
 
 from swapmoe_edge.artifact.files import check_inside
 from swapmoe_edge.core.errors import ArtifactError
@@ -110,11 +112,17 @@ def external_locations(model: bytes) -> list[str]:
     return out
 
 
-def check_external_data(model_path: Path, root: Path) -> None:
-    """Raise ArtifactError if an external-data reference of ``model_path`` leaves ``root``."""
+def check_external_data(model_path: Path, root: Path, listed: Collection[str] | None = None) -> None:
+    """Raise ArtifactError if an external-data reference of ``model_path`` leaves ``root``, or
+    (``listed``: the manifest's files) names a file the manifest does not list, whose bytes
+    nothing would have checked."""
     try:
         locations = external_locations(model_path.read_bytes())
     except ValueError as e:
         raise ArtifactError(f"{model_path} is not a valid ONNX file ({e}). The artifact is corrupt; export it again.") from e
     for loc in sorted(set(locations)):
-        check_inside(root, loc, f"{model_path.name}'s external data", base=model_path.parent)
+        path = check_inside(root, loc, f"{model_path.name}'s external data", base=model_path.parent)
+        rel = Path(os.path.relpath(os.path.normpath(path), root)).as_posix()
+        if listed is not None and rel not in listed:
+            raise ArtifactError(f"{model_path} reads external data from {rel}, which the manifest does not list "
+                                "(no sha256 to check it by). Export the model again.")

@@ -32,12 +32,16 @@ READ_CHUNK = 1 << 20
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
 
 
-class ExpertReadError(ArtifactError):
-    """An expert's weights could not be read (I/O error, truncated or corrupt file)."""
+FIX = "Export the model again, or restore the file from a good copy."
 
-    def __init__(self, key: ExpertKey, path, why: str):
-        self.key, self.path = key, path
-        super().__init__(f"expert {key} ({path}) cannot be read: {why}")
+
+class ExpertReadError(ArtifactError):
+    """An expert's weights could not be read (I/O error, truncated or corrupt file): ``why`` says
+    what happened to ``path``, ``fix`` what to do."""
+
+    def __init__(self, key: ExpertKey, path, why: str, fix: str = FIX):
+        self.key, self.path, self.why, self.fix = key, path, why, fix
+        super().__init__(f"expert {key} ({path}) cannot be read: {why}. {fix}")
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ class ExpertStore:
                 if self.read_mode == "fadvise":
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as e:
-            raise ExpertReadError(key, path, str(e)) from e
+            raise ExpertReadError(key, path, e.strerror or str(e)) from e
         if got != entry.nbytes:
             raise _truncated(key, path, got, entry.nbytes)
         return buf
@@ -159,7 +163,7 @@ class ExpertStore:
         except OSError as e:
             if e.errno == 22:  # EINVAL: this filesystem has no direct I/O
                 raise _DirectUnsupported(str(e)) from e
-            raise ExpertReadError(key, path, str(e)) from e
+            raise ExpertReadError(key, path, e.strerror or str(e)) from e
         got = 0
         try:
             view = memoryview(whole)
@@ -171,7 +175,7 @@ class ExpertStore:
         except OSError as e:
             if e.errno == 22 and got == 0:
                 raise _DirectUnsupported(str(e)) from e
-            raise ExpertReadError(key, path, str(e)) from e
+            raise ExpertReadError(key, path, e.strerror or str(e)) from e
         finally:
             os.close(fd)
         if got < nbytes:
@@ -201,11 +205,8 @@ class ExpertStore:
             digest = hashlib.sha256(buf).hexdigest()
             expected = self.manifest.files[entry.weights_file].sha256
             if digest != expected:
-                raise ExpertReadError(
-                    key, self.manifest.path(entry.weights_file),
-                    f"sha256 {digest[:12]}… does not match the manifest's {expected[:12]}…; the file is corrupt. "
-                    "Export the model again or restore the file.",
-                )
+                raise ExpertReadError(key, self.manifest.path(entry.weights_file),
+                                      f"sha256 {digest[:12]}… is not the manifest's {expected[:12]}…; the file is corrupt")
             with self._lock:
                 self._verified.add((key, rung))
         feeds = {t.role: _view(buf, t.offset, t.shape, t.dtype) for t in entry.tensors}
@@ -258,7 +259,7 @@ class _DirectUnsupported(Exception):
 
 
 def _truncated(key: ExpertKey, path, got: int, nbytes: int) -> ExpertReadError:
-    return ExpertReadError(key, path, f"read {got} of {nbytes} bytes; the file is truncated. Export the model again.")
+    return ExpertReadError(key, path, f"read {got} of {nbytes} bytes; the file is truncated")
 
 
 def anonymous_buffer(nbytes: int) -> np.ndarray:

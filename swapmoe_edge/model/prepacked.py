@@ -41,7 +41,10 @@ class PrepackedStore:
 
     def read(self, key: ExpertKey, own_mapping: bool = True) -> LoadedExpert:
         checked = self.store.read(key, own_mapping)  # verifies and counts; its arrays go at return
-        sess = open_session(self.manifest.path(self.manifest.experts[key].graph.file), self.opts, self.providers)
+        graph = self.manifest.experts[key].graph.file  # its weights are the block's file, read again by ORT
+        self.manifest.verify_file(graph)
+        sess = open_session(self.manifest.path(graph), self.opts, self.providers, root=self.manifest.root,
+                            listed=self.manifest.files)
         return replace(checked, feeds={}, session=sess, nbytes=self.cost or checked.nbytes)
 
     def measure_cost(self, key: ExpertKey) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import onnxruntime as ort
@@ -36,10 +37,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def open_session(path: Path, opts: ort.SessionOptions, providers: list[str] | None = None,
-                 provider_options: dict[str, dict[str, str]] | None = None, root: Path | None = None) -> ort.InferenceSession:
+                 provider_options: dict[str, dict[str, str]] | None = None, root: Path | None = None,
+                 listed: Collection[str] | None = None) -> ort.InferenceSession:
     """``provider_options``: per provider name (devices.provider_options), e.g. the CUDA arena limit.
-    ``root``: the artifact folder that the model's external data must stay inside."""
-    check_external_data(Path(path), Path(root) if root is not None else Path(path).parent)
+    ``root``: the artifact folder that the model's external data must stay inside; ``listed``:
+    the manifest's files, which must name that data too (so that it was verified)."""
+    check_external_data(Path(path), Path(root) if root is not None else Path(path).parent, listed)
     names = providers or ["CPUExecutionProvider"]
     chosen = [(p, (provider_options or {}).get(p, {})) for p in names]
     try:
@@ -76,7 +79,8 @@ class DenseSessions:
                 sess = self._sessions.get(file)
                 if sess is None:
                     opts = self.kernel_opts if name == "expert_kernel" else self.opts
-                    sess = open_session(self.manifest.path(file), opts, self.providers, self.provider_options, self.manifest.root)
+                    sess = open_session(self.manifest.path(file), opts, self.providers, self.provider_options, self.manifest.root,
+                                        self.manifest.files)
                     self._sessions[file] = sess
         return sess
 
@@ -87,7 +91,13 @@ class DenseSessions:
         names = self._outputs.get(id(sess))
         if names is None or names[0] is not sess:
             names = self._outputs[id(sess)] = (sess, [o.name for o in sess.get_outputs()])
-        return sess.run(names[1], feeds)
+        try:
+            return sess.run(names[1], feeds)
+        except Exception as e:  # ORT's untyped errors: a graph whose inputs or shapes are not the ones this model feeds
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise ArtifactError(f"ONNX Runtime cannot run subgraph {name} ({self.manifest.subgraphs[name].file}): "
+                                f"{str(e)[:300]}. The artifact's graphs do not fit together; export the model again.") from e
 
     def release(self, name: str) -> None:
         with self._lock:

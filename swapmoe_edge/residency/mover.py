@@ -37,6 +37,7 @@ class Mover:
         self.runners = dict(runners or {})
         self.limits = Limits()
         self.counters = Counters()
+        self.failed: dict[ExpertKey, ExpertReadError] = {}  # experts marked unavailable by a failed read, and why
         self.lock = threading.RLock()
         # Closed while a request runs up to its first token (the encoder pass and the first
         # decoder step): the filler and the swapper wait. On a device the first request's
@@ -81,20 +82,29 @@ class Mover:
         return self._cost[(lk, rung)]
 
     def read(self, key: ExpertKey, rung: str = PRIMARY, own_mapping: bool = True, strict: bool = False) -> LoadedExpert | None:
-        """Read ``key`` at ``rung``. An unreadable expert is marked so (never planned again) and gives
-        None, or, ``strict`` under an exact policy, ExpertUnavailableError."""
+        """Read ``key`` at ``rung``. An unreadable expert is marked so (never planned again; ``failed``
+        keeps why, for the stats) and gives None, or, ``strict`` under an exact policy,
+        ExpertUnavailableError: one line that names the file and the fix."""
         try:
             if self.residents.is_unavailable(key):
-                raise ExpertReadError(key, key.name, "marked unavailable by an earlier read")
+                was = self.failed.get(key)
+                raise ExpertReadError(key, was.path, f"{was.why}, as an earlier read found", was.fix) if was is not None else \
+                    ExpertReadError(key, key.name, "marked unavailable by an earlier read")
             if rung != PRIMARY:
                 return self.runners[rung].load(self.store.read(key, rung=rung))
             return self.store.read(key) if own_mapping else self.store.read(key, False)  # False: the cheaper fill
         except ExpertReadError as e:
-            if not self.residents.is_unavailable(key):
-                log.warning("%s; marking it unavailable", e)
+            first = not self.residents.is_unavailable(key)
+            if first:
+                self.failed.setdefault(key, e)
                 self.residents.mark_unavailable(key)
             if strict and self.exact:
-                raise ExpertUnavailableError(f"{e}. The {self.name} policy is exact and cannot go on without it.") from e
+                raise ExpertUnavailableError(
+                    f"expert {key} ({e.path}) cannot be read: {e.why}. The {self.name} policy is exact and cannot go on "
+                    f"without it: {e.fix[0].lower()}{e.fix[1:].rstrip('.')} (an approximate policy, swapmoe, prune or "
+                    "ladder, routes around it).") from e
+            if first:
+                log.warning("%s The expert is marked unavailable: its tokens go to the layer's other experts.", e)
             return None
 
     def evict(self, key: ExpertKey, keep_last: bool = False) -> bool:

@@ -7,6 +7,10 @@ artifact, the input envelope, the thread count, the providers and the library ve
 so those are the key. A cached value is used only when the process is no bigger after
 loading the dense sessions than the measuring process was at that point (a process that
 imported more, e.g. torch, measures again).
+
+The same folder keeps the digests of verified artifact files (``hash_cache_path``,
+artifact/verify.py). Both files are read as untrusted: a corrupt or foreign one counts as
+empty, and writers merge under a lock and replace the file atomically.
 """
 
 from __future__ import annotations
@@ -21,13 +25,24 @@ from pathlib import Path
 import numpy
 import onnxruntime
 
+from swapmoe_edge.artifact.files import locked
+
 TOLERANCE = 1.05  # RSS after loading may exceed the measuring process's by this factor
 
 
+def cache_dir() -> Path:
+    """``$SWAPMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/swapmoe_edge``, else ``~/.cache/swapmoe_edge``."""
+    return Path(os.environ.get("SWAPMOE_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                                    "swapmoe_edge"))
+
+
 def cache_path() -> Path:
-    root = os.environ.get("SWAPMOE_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                               "swapmoe_edge")
-    return Path(root) / "baselines.json"
+    return cache_dir() / "baselines.json"
+
+
+def hash_cache_path() -> Path:
+    """Where the digests of verified artifact files are remembered."""
+    return cache_dir() / "file_hashes.json"
 
 
 def cache_key(manifest_file: Path, **config) -> str:
@@ -36,15 +51,24 @@ def cache_key(manifest_file: Path, **config) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _entries(path: Path) -> dict:
+    """The cache's well-formed entries (none if it is missing, unreadable or not ours)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(v, dict)
+            and all(type(v.get(f)) is int and v[f] > 0 for f in ("baseline", "rss_after_load"))}
+
+
 def lookup(key: str, rss_after_load: int) -> int | None:
     """The cached baseline for ``key``, or None (absent, unreadable, or this process is bigger)."""
-    try:
-        entry = json.loads(cache_path().read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
+    entry = _entries(cache_path()).get(key)
     if not entry or rss_after_load > entry["rss_after_load"] * TOLERANCE:
         return None
-    return int(entry["baseline"])
+    return entry["baseline"]
 
 
 def store(key: str, baseline: int, rss_after_load: int) -> None:
@@ -52,13 +76,11 @@ def store(key: str, baseline: int, rss_after_load: int) -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data[key] = {"baseline": int(baseline), "rss_after_load": int(rss_after_load)}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        with locked(path.with_name(path.name + ".lock")):  # concurrent launches: each adds its entry
+            data = _entries(path)
+            data[key] = {"baseline": int(baseline), "rss_after_load": int(rss_after_load)}
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
     except OSError:
         pass

@@ -22,9 +22,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from swapmoe_edge.artifact.files import check_inside
+from swapmoe_edge.artifact.manifest import SCHEMA_VERSION, load_manifest
+from swapmoe_edge.artifact.verify import FileCheckError, HashCache, verify_files
 from swapmoe_edge.core.errors import ArtifactError
 from swapmoe_edge.residency.importance import PROFILE_NAME
-from swapmoe_edge.artifact.manifest import SCHEMA_VERSION, load_manifest
+from swapmoe_edge.runtime import baseline_cache
 
 Exporter = Callable[..., Path]
 EMBEDDED_NAME = "switch-debian"
@@ -32,10 +35,7 @@ EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "model_data" / EMBEDDED_
 
 
 def cache_root() -> Path:
-    if os.environ.get("SWAPMOE_CACHE_DIR"):
-        return Path(os.environ["SWAPMOE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "swapmoe_edge"
+    return baseline_cache.cache_dir()
 
 
 def _fingerprint(ckpt: Path) -> str:
@@ -90,17 +90,28 @@ def default_artifact(export: Exporter, ckpt: Path | None = None, quiet: bool = F
 
 
 def incomplete(out: Path, ckpt: Path) -> str | None:
-    """Why the cached export ``out`` of ``ckpt`` cannot be used, or None when it can."""
+    """Why the cached export ``out`` of ``ckpt`` cannot be used, or None when it can.
+
+    Every file is checked against the manifest's sha256, experts included (the cache is ours
+    to rebuild, so a damaged expert is replaced rather than routed around); a file is hashed
+    once per identity (verify.py), so a later launch only stats them."""
     if not out.exists():
         return "missing"
     try:
-        load_manifest(out)
+        manifest = load_manifest(out)
+        verify_files(manifest, manifest.files, HashCache(baseline_cache.hash_cache_path()))
+        cached = check_inside(out, PROFILE_NAME, "the importance profile")
+    except FileCheckError as e:
+        return f"{e.path} {e.why}"
     except ArtifactError as e:
         return str(e)
     shipped = ckpt / PROFILE_NAME
     if shipped.is_file():
-        cached = out / PROFILE_NAME
-        if not cached.is_file() or cached.read_bytes() != shipped.read_bytes():
+        try:
+            same = cached.is_file() and cached.read_bytes() == shipped.read_bytes()
+        except OSError:
+            same = False
+        if not same:
             return f"its {PROFILE_NAME} is missing or differs from the shipped one"
     return None
 

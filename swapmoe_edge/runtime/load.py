@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from swapmoe_edge.artifact.files import check_inside
 from swapmoe_edge.artifact.manifest import Manifest, load_manifest
 from swapmoe_edge.artifact.store import ExpertStore, StartupPrefetch
+from swapmoe_edge.artifact.verify import HashCache, checked_at_load, verify_files
 from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.core.keys import LayerKey
 from swapmoe_edge.model.families import Family, family_of
@@ -36,6 +38,7 @@ from swapmoe_edge.residency.engine import Engine
 from swapmoe_edge.residency.policies import policy_class
 from swapmoe_edge.residency.resident import ResidentSet
 from swapmoe_edge.runtime import baseline as baseline_mod
+from swapmoe_edge.runtime import baseline_cache
 from swapmoe_edge.runtime import experts as ex
 from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.runtime.experts import Experts
@@ -127,7 +130,7 @@ def expert_norms(manifest: Manifest, sparse) -> dict[LayerKey, np.ndarray]:
 
 def load_profile(manifest: Manifest, sparse, norms) -> Profile:
     """The artifact's importance profile, or one made from the experts' norms."""
-    path = manifest.root / PROFILE_NAME
+    path = check_inside(manifest.root, PROFILE_NAME, "the importance profile")
     if path.is_file():
         prof = Profile.load(path)
         prof.check_layers({lk: manifest.config.num_experts for lk in sparse})
@@ -167,13 +170,28 @@ def _expert_path(manifest: Manifest, config: RuntimeConfig, device: Device, sess
     return experts
 
 
+def verify_dense(manifest: Manifest, config: RuntimeConfig, family: Family) -> float:
+    """Check every file the runtime opens whole (graphs, their data, the tokenizer) against the
+    manifest's sha256 before anything reads it; seconds taken. ``verify="first"`` remembers good
+    files by identity across processes (a later launch only stats them), ``"always"`` hashes
+    them on every launch, ``"never"`` trusts them. Experts are checked as they are read."""
+    t0 = time.perf_counter()
+    if config.verify != "never":
+        cache = HashCache(baseline_cache.hash_cache_path() if config.verify == "first" else None)
+        verify_files(manifest, checked_at_load(manifest), cache, drop_pages=family.embedding_files(manifest))
+    return time.perf_counter() - t0
+
+
 def _open(artifact: str | Path, config: RuntimeConfig, profile: Profile | None):
     manifest = load_manifest(artifact)
     config = settle_config(config, manifest)
+    family = family_of(manifest)
+    family.check(manifest)
+    verified_s = verify_dense(manifest, config, family)
     sparse = tuple(lay.key for lay in manifest.sparse_layers())
     norms = expert_norms(manifest, sparse)
-    return manifest, config, family_of(manifest), choose_device(config), sparse, norms, \
-        profile or load_profile(manifest, sparse, norms)
+    return manifest, config, family, choose_device(config), sparse, norms, \
+        profile or load_profile(manifest, sparse, norms), verified_s
 
 
 def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store: ExpertStore | None = None,
@@ -186,14 +204,14 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
     """
     t0 = time.perf_counter()
     startup: dict[str, float] = {}
-    manifest, config, family, device, sparse, norms, profile = _open(artifact, config, profile)
+    manifest, config, family, device, sparse, norms, profile, startup["verify_s"] = _open(artifact, config, profile)
     store = store or ExpertStore(manifest, verify=config.verify, read_mode=config.read_mode)
     dense_files = tuple(rel for rel in manifest.files if not rel.startswith("experts/"))
     prefetch = _start_prefetch(manifest, config, family, store, norms, profile, sparse, dense_files)
     sessions = DenseSessions(manifest, threads=device.threads, providers=device.providers,
                              provider_options=device.provider_options)
     sessions.load_all()
-    startup["dense_sessions_s"] = time.perf_counter() - t0
+    startup["dense_sessions_s"] = time.perf_counter() - t0 - startup["verify_s"]
     if prefetch is not None:
         prefetch.dense_done.wait()
     experts = _expert_path(manifest, config, device, sessions, store)
@@ -241,7 +259,7 @@ def load_model(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *,
                moe_hook: MoEHook | None = None) -> ModelParts:
     """The model of ``artifact`` and what runs it, without a budget: no baseline, no monitor, no
     thread. Its MoE is exact: each expert is read on first use and kept."""
-    manifest, config, family, device, sparse, norms, profile = _open(artifact, config, None)
+    manifest, config, family, device, sparse, norms, profile, _ = _open(artifact, config, None)
     store = store or ExpertStore(manifest, verify=config.verify, read_mode=config.read_mode)
     sessions = DenseSessions(manifest, threads=device.threads, providers=device.providers,
                              provider_options=device.provider_options)

@@ -12,7 +12,9 @@ code hold a ``Family`` and never ask which one it is:
 - ``generate(model, rows, decoding, hook=None)``: its generation loop (``kind``), a generator
   of ``generate.Step``s;
 - ``embedding_files``, ``touch_embeddings``, ``envelope_pass``: what the memory baseline needs
-  to know: which files are read row by row, and the largest pass a request makes.
+  to know: which files are read row by row, and the largest pass a request makes;
+- ``check(manifest)``: ArtifactError unless the manifest names every subgraph and layer part
+  that ``build`` runs (load calls it before anything is opened).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Family:
     embedding_files: Callable[[Manifest], set[str]]
     touch_embeddings: Callable[[Any], None]
     envelope_pass: Callable[[Any, int], None]
+    check: Callable[[Manifest], None] = lambda manifest: None
 
     def __post_init__(self):
         assert self.kind in KINDS and self.top_k >= 1, (self.kind, self.top_k)

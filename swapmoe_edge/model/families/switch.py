@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from swapmoe_edge.artifact.manifest import Manifest
+from swapmoe_edge.core.errors import ArtifactError
 from swapmoe_edge.model import encdec
 from swapmoe_edge.model.families import Family
 from swapmoe_edge.model.generate import Decoding, Step
@@ -19,11 +20,28 @@ from swapmoe_edge.model.sessions import DenseSessions
 from swapmoe_edge.model.split import MoEFn, MoEHook, SplitModel, full_moe
 
 EMBEDDINGS = ("enc.embed", "dec.embed")
+SUBGRAPHS = (*EMBEDDINGS, "enc.position_bias", "dec.position_bias", "enc.final_norm", "lm_head", "expert_kernel")
 _TOUCH_ROWS = 4096  # embedding rows looked up per call when touching a table
 
 
 def build(manifest: Manifest, sessions: DenseSessions, moe: MoEFn, hook: MoEHook | None = None) -> SplitModel:
     return SplitModel(manifest, sessions, moe, hook)
+
+
+def check(manifest: Manifest) -> None:
+    """ArtifactError unless the manifest names every subgraph the split model runs (split.py):
+    schema 2's fused blocks or schema 1's separate parts, in every layer."""
+    missing = [f"subgraph {n}" for n in SUBGRAPHS if n not in manifest.subgraphs]
+    for layer in manifest.layers:
+        ffn = "router" if layer.sparse else "ffn"
+        if layer.key.stack == "encoder":
+            need = ("block",) if "block" in layer.parts else ("attn", ffn)
+        else:
+            need = ("step", "cross_kv") if "step" in layer.parts else ("self_attn", "cross_attn", "cross_kv", ffn)
+        missing += [f"{layer.key.name} part {role}" for role in need if role not in layer.parts]
+    if missing:
+        raise ArtifactError(f"{manifest.root / 'manifest.json'} lacks what a Switch Transformer runs: "
+                            f"{', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}. Export the model again.")
 
 
 def generate(model: SplitModel, rows: Sequence[Sequence[int]], decoding: Decoding,
@@ -58,4 +76,4 @@ def envelope_pass(model: SplitModel, tokens: int) -> None:
 
 FAMILY = Family(name="switch", kind="encoder-decoder", top_k=1, build=build, route=route, exact_moe=full_moe,
                 generate=generate, embedding_files=embedding_files, touch_embeddings=touch_embeddings,
-                envelope_pass=envelope_pass)
+                envelope_pass=envelope_pass, check=check)
