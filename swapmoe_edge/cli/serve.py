@@ -39,6 +39,9 @@ def _stats_line(st: dict, exact: bool) -> str:
             f"first choice resident {st['first_choice_resident']:.0%}")
     if st["policy"] == "ladder":
         line += f", residents by precision {st['residents_by_rung']}, low-bit tokens {st['low_precision_tokens']}"
+    if st.get("unavailable_files"):  # a read failed its sha256 or I/O: tokens went to the layer's other experts
+        line += (f", unavailable {' '.join(st['unavailable_experts'])} ({' '.join(st['unavailable_files'])} failed "
+                 "its check: export the model again or restore the file)")
     # whether the same inputs give this output again under any load, and if not, why
     line += ", deterministic" if st.get("deterministic") else f", not deterministic ({'; '.join(st.get('nondeterminism') or ['?'])})"
     return line
