@@ -1,4 +1,5 @@
-"""An artifact may only refer to files inside itself: manifest paths and ONNX external data."""
+"""An artifact may only refer to files inside itself: manifest paths, the profile, the manifest itself and ONNX
+external data (which the manifest must list too, so that its bytes were checked)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from swapmoe_edge.core.errors import ArtifactError  # noqa: E402
 from swapmoe_edge.artifact.manifest import load_manifest  # noqa: E402
 from swapmoe_edge.artifact.onnx_refs import external_locations  # noqa: E402
 from swapmoe_edge.model.sessions import DenseSessions, open_session, session_options  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
 from swapmoe_export import export_checkpoint, graphs  # noqa: E402
 
 from tiny import save_tiny  # noqa: E402
@@ -147,3 +149,26 @@ def test_external_locations_are_found_in_attributes_and_subgraphs_too():
     found = external_locations(helper.make_model(graph).SerializeToString())
     assert sorted(found) == ["../in_attribute.bin", "/in_subgraph.bin", "/in_subgraph.bin", "init.bin"]
     assert onnx  # the real package built these bytes
+
+
+def test_a_profile_symlinked_out_of_the_artifact_is_refused(art, tmp_path):
+    (tmp_path / "elsewhere.json").write_text("{}")
+    os.symlink(tmp_path / "elsewhere.json", art / "profile.json")
+    with pytest.raises(ArtifactError, match="importance profile names 'profile.json', which resolves to .*outside the artifact"):
+        Runtime(art, RuntimeConfig(policy="prune", threads=1))
+
+
+def test_a_manifest_symlinked_out_of_the_artifact_is_refused(art, tmp_path):
+    shutil.move(art / "manifest.json", tmp_path / "manifest.json")
+    os.symlink(tmp_path / "manifest.json", art / "manifest.json")
+    with pytest.raises(ArtifactError, match="manifest names 'manifest.json', which resolves to .*outside the artifact"):
+        load_manifest(art)
+
+
+def test_onnx_external_data_the_manifest_does_not_list_is_refused(art):
+    (art / "dense" / "w.bin").write_bytes(np.arange(32, dtype=np.float32).tobytes())
+    rel = "dense/embed.onnx"
+    (art / rel).write_bytes(_graph_with_external_data("w.bin"))
+    _edit_manifest(art, lambda m: _record(m, art, rel))  # the graph is listed; its data is not
+    with pytest.raises(ArtifactError, match="reads external data from dense/w.bin, which the manifest does not list"):
+        DenseSessions(load_manifest(art)).get("embed")
