@@ -8,6 +8,7 @@ and ``pytorch_model.bin`` (memory-mapped). The whole model is never in memory: e
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -19,12 +20,39 @@ from swapmoe_edge.artifact.model_config import ModelConfig
 SUPPORTED_ACTS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
+def checkpoint_root(model_dir: Path) -> Path:
+    """The folder every file export reads must resolve into: the checkpoint folder itself, or,
+    for a snapshot of the Hugging Face hub cache (``models--ORG--NAME/snapshots/REV``, whose
+    files are symlinks to ``../../blobs/HASH``), that model's cache folder."""
+    root = Path(model_dir).resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root.parent.parent
+    return root
+
+
+def confined(model_dir: Path, name: str) -> Path:
+    """``model_dir / name``, or CheckpointError when it resolves outside the checkpoint folder
+    (a symlink out, an absolute path, a ``..``): export copies what it reads into the artifact,
+    so a link to /etc/passwd named tokenizer.json would ship that file."""
+    path = Path(model_dir) / name
+    root = checkpoint_root(model_dir)
+    target = Path(os.path.realpath(path))  # follows every link on the way, dangling ones too
+    if target != root and root not in target.parents:
+        how = f"is a symlink to {target}" if path.is_symlink() else f"resolves to {target}"
+        raise CheckpointError(
+            f"{path} {how}, outside the checkpoint folder {root}; export reads only files inside it. "
+            f"If you trust that file, copy it into the folder in place of the link (cp --remove-destination "
+            f"{target} {path}); otherwise remove the link."
+        )
+    return path
+
+
 def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
     """Read and check ``config.json``; raise CheckpointError if it is not a usable Switch model."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is not a directory. Pass a Hugging Face checkpoint directory.")
-    path = model_dir / "config.json"
+    path = confined(model_dir, "config.json")
     if not path.is_file():
         raise CheckpointError(
             f"{model_dir} has no config.json: it is not a Hugging Face checkpoint directory. "
@@ -103,20 +131,24 @@ class CheckpointReader:
         self._kind = ""
         self._bin_state = None
         self._open: dict[Path, object] = {}
-        single = self.model_dir / "model.safetensors"
-        index = self.model_dir / "model.safetensors.index.json"
-        binfile = self.model_dir / "pytorch_model.bin"
+        single = confined(self.model_dir, "model.safetensors")
+        index = confined(self.model_dir, "model.safetensors.index.json")
+        binfile = confined(self.model_dir, "pytorch_model.bin")
         if index.is_file():
             self._kind = "safetensors"
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
+                raise CheckpointError(f"{index} is not a valid safetensors index: weight_map must map names to shard files.")
+            shards: dict[str, Path] = {}
             for name, shard in weight_map.items():
-                p = self.model_dir / shard
-                if not p.is_file():
-                    raise CheckpointError(f"{index} names shard {shard}, which is missing from {self.model_dir}.")
-                self._where[name] = p
+                if shard not in shards:
+                    shards[shard] = confined(self.model_dir, shard)
+                    if not shards[shard].is_file():
+                        raise CheckpointError(f"{index} names shard {shard}, which is missing from {self.model_dir}.")
+                self._where[name] = shards[shard]
         elif single.is_file():
             self._kind = "safetensors"
             for name in self._safe(single).keys():
