@@ -22,11 +22,16 @@ from swapmoe_edge.artifact.manifest import FORMAT_NAME, MANIFEST_NAME, SCHEMA_VE
 from swapmoe_edge.artifact.model_config import ModelConfig, config_to_dict
 from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
-from . import fused, graphs, ladder, quant
-from .checkpoint import CheckpointReader, check_sparse_layers, read_config
+from . import fused, graphs, ladder, quant, space
+from .checkpoint import CheckpointReader, check_sparse_layers, confined, read_config
 from .staging import TerminatedBySignal, install, prepare_output, sigterm_unwinds
+from .validate import summary as validation_summary
 from .validate import validate_artifact
 from .writer import ArtifactWriter
+
+
+# What export reads from the checkpoint besides config.json and the weights.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 class Progress:
@@ -46,22 +51,11 @@ class Progress:
             print(f"[export] {what}", file=self.stream, flush=True)
 
 
-def _check_disk(reader: CheckpointReader, out_parent: Path, dtype: str) -> None:
-    src = sum(p.stat().st_size for p in reader.source_files())
-    need = int(src * (0.5 if dtype == "float16" else 1.0) * 1.05)
-    free = shutil.disk_usage(out_parent).free
-    if free < need:
-        raise ExportError(
-            f"not enough disk at {out_parent}: the artifact needs about {need / 2**30:.2f} GiB, "
-            f"{free / 2**30:.2f} GiB free. Free space or export elsewhere."
-        )
-
-
 def _tokenizer_extra(model_dir: Path) -> dict:
     """``max_source_tokens``: the tokenizer's ``model_max_length`` (the input length the model
     was trained on), which the runtime uses as its default input limit. HF writes a huge
     number there for "no limit"; that is left out."""
-    path = model_dir / "tokenizer_config.json"
+    path = confined(model_dir, "tokenizer_config.json")
     try:
         n = json.loads(path.read_text()).get("model_max_length") if path.is_file() else None
     except ValueError:
@@ -86,8 +80,12 @@ def export_checkpoint(
     stream=None,
     fuse_layers: bool = True,
     ladder_rungs: tuple[str, ...] | None = None,
+    force: bool = False,
 ) -> Path:
     """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path.
+
+    An old artifact at ``out_dir`` is replaced; one that holds files its manifest does not list
+    (a profile, notes) is refused unless ``force``, which removes them and says so.
 
     ``ladder_rungs``: the low-bit copies written beside every expert (ladder.py); None: int4
     where the experts are float32 or float16, none otherwise; ``()``: none.
@@ -116,6 +114,8 @@ def export_checkpoint(
                 "(the export itself needs neither)."
             )
     raw_cfg, cfg = read_config(model_dir)
+    for name in SIDE_FILES:  # refused now, not after the weights are written
+        confined(model_dir, name)
     if expert_dtype == "int4":
         why = [f"wi [{cfg.d_model}, {cfg.d_ff}]: {w}" for w in [quant.int4_shape_error(cfg.d_model, cfg.d_ff)] if w]
         why += [f"wo [{cfg.d_ff}, {cfg.d_model}]: {w}" for w in [quant.int4_shape_error(cfg.d_ff, cfg.d_model)] if w]
@@ -126,16 +126,36 @@ def export_checkpoint(
             )
     reader = CheckpointReader(model_dir)
     check_sparse_layers(model_dir, cfg, reader.names())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(reader, out.parent, dtype)
+    need = _artifact_bytes(reader, model_dir, cfg, dtype, expert_dtype, tuple(ladder_rungs), fuse_layers)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = space.check_space(out.parent, need)
+    except OSError as e:
+        raise space.write_error(e, out, need, None) from e
     with sigterm_unwinds():
         return _export_into(reader, model_dir, out, raw_cfg, cfg, dtype, expert_dtype, validate, quiet, stream, fuse_layers,
-                            tuple(ladder_rungs))
+                            tuple(ladder_rungs), force, (need, free))
+
+
+def _artifact_bytes(reader: CheckpointReader, model_dir: Path, cfg: ModelConfig, dtype: str, expert_dtype: str,
+                    rungs: tuple[str, ...], fuse_layers: bool) -> int:
+    """space.artifact_bytes for this checkpoint: its own per-stack tables and tokenizer count too."""
+    tables = 0 if cfg.tie_word_embeddings else sum(reader.has(f"{s}.embed_tokens.weight") for s in ("encoder", "decoder"))
+    tok = confined(model_dir, "tokenizer.json")
+    side = tok.stat().st_size if tok.is_file() else 0
+    return space.artifact_bytes(cfg, dtype, expert_dtype, rungs, stack_tables=tables, side_bytes=side, fused=fuse_layers)
 
 
 def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dtype: str, expert_dtype: str,
-                 validate: bool, quiet: bool, stream, fuse_layers: bool = True, rungs: tuple[str, ...] = ()) -> Path:
-    tmp = prepare_output(out)
+                 validate: bool, quiet: bool, stream, fuse_layers: bool = True, rungs: tuple[str, ...] = (), force: bool = False,
+                 space_need_free: tuple[int, int] = (0, 0)) -> Path:
+    def warn(what: str) -> None:  # not progress: shown even with quiet
+        print(f"[export] {what}", file=stream or sys.stderr, flush=True)
+
+    try:
+        tmp = prepare_output(out, force=force, say=warn)
+    except OSError as e:
+        raise space.write_error(e, out, *space_need_free) from e
     try:
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
@@ -143,10 +163,10 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress, fuse_layers, rungs)
         for rung, info in body.get("ladder", {}).items():
             ladder.check_rung(tmp, rung, info, body["experts"][0], cfg.d_model, cfg.dense_act_fn)
-        tok = model_dir / "tokenizer.json"
+        tok = confined(model_dir, "tokenizer.json")
         if tok.is_file():
             writer.write_bytes("tokenizer.json", tok.read_bytes())
-        gen = model_dir / "generation_config.json"
+        gen = confined(model_dir, "generation_config.json")
         generation = {}
         if gen.is_file():
             try:
@@ -174,11 +194,11 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         if validate:
             # The manifest goes in first so the runtime code can read the unfinished artifact;
             # the directory is still hidden, so nobody else sees it yet.
-            write_json_atomic(tmp / MANIFEST_NAME, manifest)
+            _write_manifest(tmp, manifest)
             report = validate_artifact(model_dir, tmp, dtype=dtype, expert_dtype=expert_dtype)
             manifest["validation"] = report
-            progress.step(f"validated: max |logit diff| {report['max_abs_diff']:.2e} over {report['compared']} tensors")
-        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+            progress.step(validation_summary(report))
+        _write_manifest(tmp, manifest)
         install(tmp, out)
         progress.say(f"wrote {out} ({sum(f['size'] for f in writer.files.values()) / 2**20:.1f} MiB)")
         return out
@@ -187,8 +207,22 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         if not quiet:
             print(f"[export] stopped by a signal; removed the partial artifact {tmp}", file=stream or sys.stderr, flush=True)
         raise
+    except OSError as e:  # a full disk, a read-only or vanished folder: one line that names the file
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename and tmp not in Path(e.filename).parents:
+            raise CheckpointError(f"cannot read {e.filename}: {e.strerror or e}. Check the checkpoint's files.") from e
+        raise space.write_error(e, out, *space_need_free) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_manifest(tmp: Path, manifest: dict) -> None:
+    try:
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(tmp / MANIFEST_NAME)) from e
         raise
 
 

@@ -9,6 +9,7 @@ looks complete, and the next export removes those of processes that are gone.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -77,8 +78,13 @@ def sigterm_unwinds():
                 signal.signal(s, prev)
 
 
-def prepare_output(out: Path) -> Path:
-    """A fresh hidden directory beside ``out`` to build into; ``out`` must be new, empty or an artifact."""
+def prepare_output(out: Path, force: bool = False, say=None) -> Path:
+    """A fresh hidden directory beside ``out`` to build into; ``out`` must be new, empty or an artifact.
+
+    An old artifact is replaced only when it holds nothing but the files its manifest lists:
+    anything else (a profile, notes) is the user's, and would go with it. ``force`` replaces it
+    anyway, and ``say`` is told what is removed.
+    """
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} is an existing file; pass a directory path (new, or an old artifact).")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
@@ -86,6 +92,16 @@ def prepare_output(out: Path) -> Path:
             f"output directory {out} is not empty and holds no swapmoe artifact; refusing to replace it. "
             "Choose a new or empty directory."
         )
+    if out.is_dir() and (out / MANIFEST_NAME).is_file():
+        extra = unlisted_files(out)
+        if extra and not force:
+            raise ExportError(
+                f"output directory {out} holds an artifact and {len(extra)} file(s) its manifest does not list, which "
+                f"re-exporting would delete: {_names(extra)}. Move them out first, export elsewhere, or pass --force "
+                "(force=True) to replace the directory with them."
+            )
+        if extra and say:
+            say(f"--force: replacing {out} removes {len(extra)} file(s) its manifest does not list: {_names(extra)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -93,6 +109,33 @@ def prepare_output(out: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+def unlisted_files(art: Path) -> list[str]:
+    """Paths under an artifact directory (relative, sorted) that its manifest neither lists nor is.
+
+    A manifest that cannot be read lists nothing. Empty directories are left out (nothing is
+    lost with them); a symlink counts as a file and is not followed.
+    """
+    try:
+        listed = set(json.loads((art / MANIFEST_NAME).read_text(encoding="utf-8")).get("files") or {})
+    except (OSError, ValueError, AttributeError, TypeError):
+        listed = set()
+    listed.add(MANIFEST_NAME)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(art):  # does not follow symlinked folders
+        base = Path(dirpath).relative_to(art)
+        links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+        for name in filenames + links:
+            rel = (base / name).as_posix()
+            if rel not in listed:
+                found.append(rel)
+    return sorted(found)
+
+
+def _names(rels: list[str], shown: int = 10) -> str:
+    more = f" and {len(rels) - shown} more" if len(rels) > shown else ""
+    return ", ".join(rels[:shown]) + more
 
 
 def install(tmp: Path, out: Path) -> None:

@@ -7,6 +7,7 @@ plain reads, and a dense subgraph's big weights go to ``dense/NAME.onnx.data``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ class ArtifactWriter:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        with _naming(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
         self.files[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def write_onnx(self, rel: str, built: BuiltGraph) -> None:
@@ -46,20 +48,32 @@ class ArtifactWriter:
     def write_blocks(self, rel: str, arrays: list[np.ndarray]) -> list[int]:
         """Write arrays back to back, each at an ALIGN-ed offset; return the offsets."""
         path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
         offsets, pos = [], 0
-        with open(path, "wb") as f:
-            for arr in arrays:
-                pad = (-pos) % ALIGN
-                if pad:
-                    f.write(b"\0" * pad)
-                    h.update(b"\0" * pad)
-                    pos += pad
-                offsets.append(pos)
-                buf = memoryview(np.ascontiguousarray(arr)).cast("B")
-                f.write(buf)
-                h.update(buf)
-                pos += arr.nbytes
+        with _naming(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                for arr in arrays:
+                    pad = (-pos) % ALIGN
+                    if pad:
+                        f.write(b"\0" * pad)
+                        h.update(b"\0" * pad)
+                        pos += pad
+                    offsets.append(pos)
+                    buf = memoryview(np.ascontiguousarray(arr)).cast("B")
+                    f.write(buf)
+                    h.update(buf)
+                    pos += arr.nbytes
         self.files[rel] = {"size": pos, "sha256": h.hexdigest()}
         return offsets
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError from a write (ENOSPC comes from write() or close(), without a file name) names ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise

@@ -24,14 +24,27 @@ from swapmoe_edge.core.errors import SwapMoEError
 @click.option("--ladder", "ladder_", type=click.Choice(["auto", "int4", "int8", "int4,int8", "none"]), default="auto", show_default=True,
               help="Low-bit copies of every expert for the `ladder` policy (lossy rungs below the experts' own type). "
                    "auto: int4 when the experts are float32 or float16. int4 adds ~1/7 of float32's expert bytes on disk.")
-@click.option("--validate/--no-validate", default=True, show_default=True, help="Compare the split model with PyTorch before installing it.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare the split model with PyTorch before installing it: every block on PyTorch's own inputs, "
+                   "token by token within a float32 rounding bound, and the logits end to end.")
+@click.option("--force", is_flag=True,
+              help="Replace an old artifact at -o even when it holds files its manifest does not list (a profile.json, "
+                   "notes); they are deleted, and named. Without it such an artifact is left as it is.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None, ladder_: str, validate: bool, quiet: bool) -> None:
-    """Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact."""
+def export_cmd(model_dir: str, output: str, dtype: str, expert_dtype: str | None, ladder_: str, validate: bool, force: bool,
+               quiet: bool) -> None:
+    """Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact.
+
+    Reads only files inside MODEL_DIR (a symlink that leads out is refused; a Hugging Face
+    hub cache snapshot may point into its own blobs folder). Checks first that the output's
+    filesystem has room for the artifact as written (output types and ladder copies
+    included). An old artifact at -o is replaced only if it holds nothing but its own
+    files (see --force); any other non-empty folder is never replaced.
+    """
     rungs = None if ladder_ == "auto" else () if ladder_ == "none" else tuple(ladder_.split(","))
     try:
         export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet,
-                          ladder_rungs=rungs)
+                          ladder_rungs=rungs, force=force)
     except SwapMoEError as e:
         fail(e)
 

@@ -1,0 +1,115 @@
+"""The disk an export needs, from the config alone, and the error a failed write becomes.
+
+The artifact's size follows from the model's shapes and the output types, not from the
+checkpoint's files: a float16 checkpoint exported to float32 doubles, and the experts'
+low-bit ladder copies come on top. Estimated per file and rounded up to the filesystem's
+block, as the free space is counted.
+
+Shapes: V vocab, D d_model, H heads, K d_kv, F d_ff, E experts, G the int4 group (32).
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+from swapmoe_edge.artifact.model_config import ModelConfig
+from swapmoe_edge.core.errors import ExportError
+
+from . import ladder, quant
+from .writer import ALIGN
+
+BLOCK = 4096  # a file takes whole filesystem blocks
+GRAPH_BYTES = 16 << 10  # a graph's nodes, names and small constants, generously (measured: 0.4-5 KiB)
+MANIFEST_BYTES_PER_FILE = 2 << 10  # the manifest's entry for a file, expert entries included (measured: ~0.6 KiB)
+_WIDTH = {"float32": 4, "float16": 2}
+
+
+def _blocks(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def _packed(sizes: list[int]) -> int:
+    """Bytes of a weight block holding arrays of ``sizes`` bytes, each at an ALIGN-ed offset (writer.write_blocks)."""
+    pos = 0
+    for n in sizes:
+        pos += (-pos) % ALIGN + n
+    return pos
+
+
+def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
+    """The size of one expert's ``experts/NAME.bin`` (wi [D, F], wo [F, D] and their scales)."""
+    if expert_dtype in _WIDTH:
+        w = _WIDTH[expert_dtype]
+        return _packed([d * f * w, f * d * w])
+    if expert_dtype == "int8":
+        return _packed([d * f, f * 4, f * d, d * 4])
+    g = quant.INT4_GROUP
+    return _packed([d * f // 2, d // g * f * 2, f * d // 2, f // g * d * 2])
+
+
+def rung_block_bytes(d: int, f: int, rung: str) -> int:
+    """The size of one expert's ladder copy ``experts/NAME.RUNG.bin`` (ladder.rung_arrays)."""
+    bits, b = ladder.RUNGS[rung], ladder.BLOCK
+
+    def q_and_scale(k: int, n: int) -> list[int]:
+        kb = -(-k // b)
+        return [n * kb * b * bits // 8, n * kb * 4]
+
+    return _packed(q_and_scale(d, f) + q_and_scale(f, d))
+
+
+def artifact_bytes(cfg: ModelConfig, dtype: str, expert_dtype: str, rungs: tuple[str, ...] = (),
+                   stack_tables: int = 0, side_bytes: int = 0, fused: bool = True) -> int:
+    """Bytes on disk of the artifact export writes for ``cfg`` (an upper estimate, whole blocks).
+
+    ``stack_tables``: per-stack embedding tables beside the shared one (untied checkpoints whose
+    tables may differ); ``side_bytes``: files copied as they are (tokenizer.json).
+    """
+    v, d, h, k, f, e = cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.num_experts
+    w = _WIDTH[dtype]
+    hk = h * k
+    dense: list[int] = []  # weight bytes per dense graph (its .onnx and .onnx.data together)
+    dense += [v * d * w] * (1 + stack_tables)  # embed (and per-stack tables)
+    dense += [v * d * w + d * w, d * w]  # lm_head with the final decoder norm, the encoder's final norm
+    dense += [cfg.relative_attention_num_buckets * h * w] * 2  # position bias, each stack
+    for stack in ("encoder", "decoder"):
+        for i in range(cfg.depth(stack)):
+            attn = 4 * d * hk + d  # q, k, v, o and the norm
+            if stack == "decoder":
+                attn += 4 * d * hk + d + (2 * d * hk if not fused else 0)  # cross attention; split layout repeats k, v
+            ffn = (e * d + (e if cfg.router_bias else 0) + d) if cfg.is_sparse(stack, i) else (2 * d * f + d)
+            if stack == "decoder":  # cross_kv (the cross attention's k and v) and the step graph
+                dense += [2 * d * hk * w, (attn + ffn - 2 * d * hk) * w]
+            else:
+                dense.append((attn + ffn) * w)
+    files = [_blocks(n + GRAPH_BYTES) for n in dense]
+    n_experts = e * len(cfg.sparse_layers())
+    per_expert = _blocks(expert_block_bytes(d, f, expert_dtype)) + _blocks(GRAPH_BYTES)
+    per_expert += sum(_blocks(rung_block_bytes(d, f, r)) for r in rungs)
+    n_files = len(files) + n_experts * (2 + len(rungs)) + 3 * len(rungs) + 3
+    total = sum(files) + n_experts * per_expert + len(rungs) * 3 * _blocks(GRAPH_BYTES)  # rung template, kernels
+    total += _blocks(side_bytes) + _blocks(n_files * MANIFEST_BYTES_PER_FILE) + _blocks(GRAPH_BYTES)  # expert kernel
+    return total
+
+
+def check_space(where: Path, need: int) -> int:
+    """Free bytes at ``where``; ExportError when fewer than ``need``."""
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise ExportError(
+            f"not enough disk at {where}: the artifact needs about {need:,} bytes ({need / 2**20:.1f} MiB), "
+            f"{free:,} bytes ({free / 2**20:.1f} MiB) are free. Free space or export elsewhere (-o)."
+        )
+    return free
+
+
+def write_error(e: OSError, out: Path, need: int, free: int | None) -> ExportError:
+    """An OSError met while writing the artifact, as one line that names the file and the bytes."""
+    what = "no space left on the device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+    had = f"; {free:,} bytes ({free / 2**20:.1f} MiB) were free at {out.parent} when the export began" if free is not None else ""
+    return ExportError(
+        f"cannot write {e.filename or out}: {what} (the artifact needs about {need:,} bytes, {need / 2**20:.1f} MiB{had}). "
+        f"Nothing was installed and {out} is as it was; free space or export elsewhere (-o)."
+    )
