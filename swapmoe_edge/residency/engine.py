@@ -28,13 +28,14 @@ publish them (mover.py: how a move is carried out); the budget monitor calls ``r
 publish and eviction that must see the limits unchanged runs under ``lock``; reads run outside
 it, so the token loop never waits for the swapper's I/O.
 
-Deterministic (``RuntimeConfig.deterministic``): the swapper plans and carries out one round at
-each request boundary, never while a request runs, so a request's residents depend only on the
-requests before it, not on when the swapper's reads land. ``end_request`` hands the round to the
-swapper thread (evict, read, publish: the budget holds no expert in flight) and returns at once;
-``begin_request`` waits for it, and for a background start fill. Only the budget monitor still
-changes residents mid-request: a shrink is honoured at once (memory safety first), and from then
-on the engine reports itself not deterministic (``nondeterminism``); growth waits for a boundary.
+Deterministic (``RuntimeConfig.deterministic``): swaps happen in one round at each request
+boundary, never while a request runs, so a request's residents depend only on the requests
+before it, not on when the swapper's reads land. ``end_request`` plans the round (no I/O) and,
+when it has moves, hands it to the swapper thread (evict, read, publish: the budget holds no
+expert in flight) and returns at once; ``begin_request`` waits for it, and for a background
+start fill. Only the budget monitor still changes residents mid-request: a shrink is honoured
+at once (memory safety first), and from then on the engine reports itself not deterministic
+(``nondeterminism``); growth waits for a boundary.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class Engine(Mover):
         self._settled = threading.Event()
         self._settled.set()
         self._refill_due = False  # deterministic: growth after a budget move waits for the boundary
+        self._due: list[tuple[Round, str]] = []  # deterministic: the rounds planned at the last boundary
         self._tainted: list[str] = []  # what made later outputs depend on timing (see nondeterminism)
 
     # -- the token loop -------------------------------------------------------------------------
@@ -211,9 +213,9 @@ class Engine(Mover):
         return woken
 
     def _loop(self) -> None:
-        _lower_this_threads_priority()
-        if self.deterministic:
+        if self.deterministic:  # it runs only while no request does, and a request may be waiting for it
             return self._boundary_loop()
+        _lower_this_threads_priority()
         while not self._stop.is_set():
             if self._wake.wait(self.policy.interval_s):  # a prediction (or a stop): it comes before the first token
                 self._wake.clear()
@@ -249,11 +251,13 @@ class Engine(Mover):
         self.policy.end_request(self)
         if not self.deterministic:
             return
-        if self.running:
+        rounds = self._boundary_rounds()  # planned here (no I/O), so a boundary with nothing to read costs no wait
+        if rounds and self.running:
+            self._due = rounds
             self._settled.clear()
             self._boundary.set()
-        elif self._refill_due:  # a policy without a swapper (prune) takes back its room here
-            self._boundary_round()
+        elif rounds:  # a policy without a swapper (prune, taking back its room after a budget move)
+            self._carry_out_all(rounds)
 
     def begin_request(self) -> float:
         """A request is about to run: deterministic, wait until the start set is in and the last
@@ -273,14 +277,14 @@ class Engine(Mover):
         return self._settled.wait(timeout)
 
     def _boundary_loop(self) -> None:
-        """The deterministic swapper: one round per request boundary, none in between."""
+        """The deterministic swapper: carries out what ``end_request`` planned, and nothing in between."""
         while not self._stop.is_set():
             if not self._boundary.wait(0.5):
                 continue
             self._boundary.clear()
+            rounds, self._due = self._due, []
             try:
-                if not self._stop.is_set():
-                    self._boundary_round()
+                self._carry_out_all(rounds)
             except Exception as e:  # the swapper must never take the runtime down
                 log.exception("swapper failed")
                 self.errors.append(repr(e))
@@ -288,15 +292,26 @@ class Engine(Mover):
                 self._settled.set()
         self._settled.set()
 
-    def _boundary_round(self) -> None:
-        """What waits for a boundary: room taken back after a budget move, then the policy's round."""
+    def _boundary_rounds(self) -> list[tuple[Round, str]]:
+        """What waits for a request boundary, with how to carry each out: room taken back after a
+        budget move (prune), then the policy's round; only rounds with something to do."""
+        rounds = []
         if self._refill_due:
             self._refill_due = False
             refill = self.policy.refill(self)
-            if refill is not None:
-                self.carry_out(refill, "now")
-        if self.policy.swaps:
-            self.carry_out(self.plan(), "swap")
+            if refill is not None and refill.moves:
+                rounds.append((refill, "now"))
+        if self.policy.swaps and self.filled.is_set():
+            rnd = self.plan()
+            if rnd.moves:
+                rounds.append((rnd, "swap"))
+        return rounds
+
+    def _carry_out_all(self, rounds: list[tuple[Round, str]]) -> None:
+        for rnd, how in rounds:
+            if self._stop.is_set():
+                break
+            self.carry_out(rnd, how)
 
     @property
     def nondeterminism(self) -> list[str]:
