@@ -229,18 +229,13 @@ class Manifest:
 # -- reading -------------------------------------------------------------
 
 
-def _check_paths(root: Path, manifest: "Manifest") -> None:
-    named = [(rel, f"{MANIFEST_NAME} 'files'") for rel in manifest.files]
-    named += [(g.file, f"subgraph {g.name}") for g in manifest.subgraphs.values()]
-    for e in manifest.experts.values():
-        named += [(e.graph.file, f"expert {e.key.name}"), (e.weights_file, f"expert {e.key.name}")]
-        named += [(r.weights_file, f"expert {e.key.name} rung {name}") for name, r in e.rungs.items()]
-    named += [(r.session_graph, f"ladder rung {r.name}") for r in manifest.ladder.values()]
-    if manifest.tokenizer is not None:
-        named.append((manifest.tokenizer, "tokenizer"))
+def _check_paths(root: Path, raw: Any) -> None:
+    """Every path in the manifest's ``files`` stays inside ``root`` (schema.py then checks that
+    every path the manifest names anywhere is one of them)."""
+    files = raw.get("files") if isinstance(raw, dict) else None
     dirs: dict = {}
-    for rel, what in named:
-        check_inside(root, rel, what, _dirs=dirs)
+    for rel in files if isinstance(files, dict) else ():
+        check_inside(root, rel, f"{MANIFEST_NAME} 'files'", _dirs=dirs)
 
 
 def _subgraph(name: str, d: dict[str, Any]) -> Subgraph:
@@ -278,6 +273,7 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
         raise ArtifactError(f"{path} is not valid JSON ({str(e)[:200]}). Export the model again.") from e
     except RecursionError as e:
         raise ArtifactError(f"{path} is nested too deeply to be a manifest. Export the model again.") from e
+    _check_paths(root, raw)
     check_manifest(raw, path, SCHEMA_VERSION, FORMAT_NAME)
     version = raw["schema_version"]
     try:  # schema.py checked every field read here; this only guards against a check that missed one
@@ -324,7 +320,6 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{path} is malformed ({type(e).__name__}: {e}). Export the model again.") from e
-    _check_paths(root, manifest)
     for rel, entry in files.items():
         p = root / rel
         try:

@@ -2,8 +2,11 @@
 
 Every field's type and range, and every cross-reference: the files that subgraphs, experts,
 rungs and the tokenizer name are listed in ``files``; each sparse layer's experts have entries
-and each entry a sparse layer; a tensor lies inside its weight block, and its shape and type
-are the ones the expert kernel (or the rung's kernel) takes for the model's d_model and d_ff.
+and each entry a sparse layer; a tensor lies where the exporter puts it in its weight block,
+with the shape and type the expert kernel (or the rung's kernel) takes for the model's d_model
+and d_ff. References carry the exporter's names (``experts/dec.L01.E05.bin`` for that expert,
+``enc.L00.block`` for that layer's part): a reference to another expert's or layer's file would
+pass every hash check, run in its place, and give wrong output labelled exact.
 Checked before manifest.py builds its frozen dataclasses, so that building them cannot fail
 half-way, and each problem is one ArtifactError line: what is wrong, where, and what to do.
 """
@@ -15,13 +18,14 @@ import re
 from typing import Any
 
 from swapmoe_edge.core.errors import ArtifactError
-from swapmoe_edge.core.keys import STACKS, ExpertKey
+from swapmoe_edge.core.keys import STACK_PREFIX, STACKS, ExpertKey
 
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1}
 DENSE_DTYPES = ("float32", "float16")
 EXPERT_DTYPES = ("float32", "float16", "int8", "int4")
 ROLES = ("wi", "wo", "wi_scale", "wo_scale")
 INT4_GROUP = 32  # input rows sharing one float16 scale in an int4 expert
+ALIGN = 4096  # where each tensor of a weight block starts (export's writer.ALIGN): page boundaries
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BIG = 1 << 48  # no file, offset or count of a real artifact comes near this
 REDO = "The artifact is damaged or was not written by `swapmoe export`; export the model again."
@@ -123,6 +127,11 @@ def check_manifest(raw: Any, path, schema_version: int, format_name: str) -> Non
     subgraphs = c.dict(raw.get("subgraphs"), "subgraphs")
     for name, sg in subgraphs.items():
         _subgraph(c, sg, f"subgraph {name[:60]!r}")
+        # The exporter's names: dense/NAME.onnx, or one file for both stacks' tied embeddings.
+        named = {f"dense/{name}.onnx"} | ({f"dense/{name[4:]}.onnx"} if name[:4] in ("enc.", "dec.") else set())
+        if sg["file"] not in named:
+            c.fail(f"subgraph {name[:60]!r}.file", f"is {sg['file'][:80]!r}, not {sorted(named)[0]!r} (another subgraph's "
+                   "file would run in its place)")
     ladder = {name: _rung_info(c, name, r, subgraphs) for name, r in c.dict(raw.get("ladder", {}), "ladder").items()}
     sparse = _layers(c, c.list(raw.get("layers"), "layers"), cfg, subgraphs)
     _experts(c, c.list(raw.get("experts"), "experts"), cfg, expert_dtype, sparse, ladder)
@@ -173,11 +182,19 @@ def _rung_info(c: _Checker, name: str, r: Any, subgraphs: dict) -> dict:
     block = c.int(r.get("block"), f"{where}.block", 1, 1 << 16)
     if (block * bits) % 8:
         c.fail(f"{where}.block", f"is {block}: {block} weights of {bits} bits do not fill whole bytes")
-    c.file(r.get("session_graph"), f"{where}.session_graph")
+    _named(c, c.file(r.get("session_graph"), f"{where}.session_graph"), f"experts/rung.{name}.onnx", f"{where}.session_graph")
     if c.str(r.get("kernel"), f"{where}.kernel") not in subgraphs:
         c.fail(f"{where}.kernel", f"names {r['kernel'][:60]!r}, which is not a subgraph")
+    _named(c, r["kernel"], f"rung_kernel.{name}", f"{where}.kernel")
     c.str(r.get("data_name"), f"{where}.data_name")
     return r
+
+
+def _named(c: _Checker, value: str, own: str, where: str) -> None:
+    """``value`` is the exporter's name ``own``: a file or graph of another expert, layer or rung
+    would pass every hash check and run in this one's place."""
+    if value != own:
+        c.fail(where, f"is {value[:80]!r}, not {own!r}")
 
 
 def _stack_and_layer(c: _Checker, d: dict, where: str, cfg: dict) -> tuple[str, int]:
@@ -206,6 +223,9 @@ def _layers(c: _Checker, layers: list, cfg: dict, subgraphs: dict) -> set[tuple[
         for role, name in c.dict(d.get("parts"), f"{where}.parts").items():
             if c.str(name, f"{where}.parts.{role[:40]}") not in subgraphs:
                 c.fail(f"{where}.parts.{role[:40]}", f"names {name[:60]!r}, which is not a subgraph")
+            own = f"{STACK_PREFIX[stack]}.L{layer:02d}.{role}"
+            if name != own:
+                c.fail(f"{where}.parts.{role[:40]}", f"names {name[:60]!r}, not this layer's {own!r}")
         experts = [c.int(e, f"{where}.experts[{j}]") for j, e in enumerate(c.list(d.get("experts", []), f"{where}.experts"))]
         want = list(range(cfg["num_experts"])) if d["sparse"] else []
         if experts != want:
@@ -243,33 +263,36 @@ def rung_layout(bits: int, block: int, d_model: int, d_ff: int) -> dict[str, tup
 
 
 def _block(c: _Checker, d: dict, where: str, layout: dict) -> None:
-    """A weight block: its file listed, its size the file's, its tensors the layout, inside the block."""
+    """A weight block as the exporter writes it (writer.write_blocks): its file listed and its size
+    the file's; its tensors the layout's roles in the layout's order, each of the shape and type the
+    kernel takes, back to back from offset 0, each at the next ALIGN-ed offset. Any other offset,
+    even one inside the block, would hand the kernel bytes of another tensor or of the padding."""
     rel = c.file(d.get("weights_file"), f"{where}.weights_file")
     nbytes = c.int(d.get("nbytes"), f"{where}.nbytes", 1)
     if nbytes != c.files[rel]:
         c.fail(f"{where}.nbytes", f"is {nbytes}, but {rel} has {c.files[rel]} bytes in 'files'")
-    roles = set()
-    for j, t in enumerate(c.list(d.get("tensors"), f"{where}.tensors")):
+    tensors = c.list(d.get("tensors"), f"{where}.tensors")
+    if len(tensors) != len(layout):
+        c.fail(f"{where}.tensors", f"hold {len(tensors)} tensors, the kernel takes {len(layout)} ({', '.join(layout)})")
+    pos = 0
+    for j, (t, want_role) in enumerate(zip(tensors, layout)):
         tw = f"{where}.tensors[{j}]"
         c.dict(t, tw)
         name = c.str(t.get("name"), f"{tw}.name")
         role = t.get("role") or name.rsplit("/", 1)[-1].replace(".weight", "").replace(".scale", "_scale")
-        c.str(role, f"{tw}.role", ROLES)
+        c.str(role, f"{tw}.role", (want_role,))
         dtype = c.str(t.get("dtype"), f"{tw}.dtype", tuple(ITEMSIZE))
         shape = tuple(c.int(s, f"{tw}.shape[{k}]", 1, 1 << 32) for k, s in enumerate(c.list(t.get("shape"), f"{tw}.shape")))
+        if layout[role] != (shape, dtype):
+            want = layout[role]
+            c.fail(tw, f"is {role} {dtype}{list(shape)}, the kernel takes {want[1]}{list(want[0])}")
         offset = c.int(t.get("offset"), f"{tw}.offset")
-        if role in roles:
-            c.fail(tw, f"repeats the role {role}")
-        roles.add(role)
-        if role not in layout or layout[role] != (shape, dtype):
-            want = layout.get(role)
-            c.fail(tw, f"is {role} {dtype}{list(shape)}, the kernel takes " +
-                   (f"{want[1]}{list(want[0])}" if want else f"no {role}"))
-        size = math.prod(shape) * ITEMSIZE[dtype]
-        if offset + size > nbytes:
-            c.fail(f"{tw}.offset", f"is {offset}: {size} bytes from there end past the block's {nbytes}")
-    if roles != set(layout):
-        c.fail(f"{where}.tensors", f"lack {', '.join(sorted(set(layout) - roles))}")
+        start = pos + (-pos) % ALIGN
+        if offset != start:
+            c.fail(f"{tw}.offset", f"is {offset}; {role} lies at {start}, the first {ALIGN}-aligned byte after the tensor before it")
+        pos = offset + math.prod(shape) * ITEMSIZE[dtype]
+    if pos != nbytes:
+        c.fail(f"{where}.nbytes", f"is {nbytes}, but its tensors end at byte {pos}")
 
 
 def _experts(c: _Checker, experts: list, cfg: dict, expert_dtype: str, sparse: set, ladder: dict) -> None:
@@ -291,13 +314,16 @@ def _experts(c: _Checker, experts: list, cfg: dict, expert_dtype: str, sparse: s
             c.fail(where, "is listed twice")
         seen.add(key)
         _subgraph(c, d.get("graph"), f"{where}.graph")
+        _named(c, d["graph"]["file"], f"experts/{key.name}.onnx", f"{where}.graph.file")
         c.num(d.get("norm"), f"{where}.norm")
         _block(c, d, where, layout)
+        _named(c, d["weights_file"], f"experts/{key.name}.bin", f"{where}.weights_file")
         own = c.dict(d.get("rungs", {}), f"{where}.rungs")
         if set(own) != set(rungs):
             c.fail(f"{where}.rungs", f"are {sorted(own)[:4]}, the ladder's rungs are {sorted(rungs)}")
         for name, r in own.items():
             _block(c, c.dict(r, f"{where}.rungs.{name}"), f"{where} rung {name}", rungs[name])
+            _named(c, r["weights_file"], f"experts/{key.name}.{name}.bin", f"{where} rung {name}.weights_file")
     missing = len(sparse) * cfg["num_experts"] - len(seen)
     if missing:
         c.fail("experts", f"lack {missing} expert(s) of the sparse layers")

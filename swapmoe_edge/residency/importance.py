@@ -321,7 +321,13 @@ class Profile:
         predictor = None
         if raw.get("predictor") is not None:
             predictor = DecoderPredictor.from_json(raw["predictor"])
-        return cls(importance, counts, source=str(raw.get("source", "profile")), meta=dict(raw.get("meta") or {}),
+        meta = raw.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta must be an object, got {type(meta).__name__}")
+        texts = meta.get("texts", 0)  # how many documents the sums cover: the prior's divisor (set_prior)
+        if isinstance(texts, bool) or not isinstance(texts, (int, float)) or not (np.isfinite(texts) and texts >= 0):
+            raise ValueError(f"meta.texts must be a count of documents, got {str(texts)[:40]!r}")
+        return cls(importance, counts, source=str(raw.get("source", "profile")), meta=dict(meta),
                    loss=loss, substitute=substitute, rung_loss=rung_loss, predictor=predictor)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -345,8 +351,8 @@ class Profile:
             raise ArtifactError(
                 f"no importance profile at {path}. Run `swapmoe profile` to make one."
             ) from None
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{path} is not valid JSON ({e}). {redo}") from e
+        except (OSError, ValueError, RecursionError) as e:
+            raise ArtifactError(f"{path} is not valid JSON ({str(e)[:200]}). {redo}") from e
         if not isinstance(raw, dict) or raw.get("format") != PROFILE_FORMAT:
             raise ArtifactError(f"{path} is not a swapmoe importance profile. {redo}")
         version = raw.get("schema_version")
