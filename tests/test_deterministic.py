@@ -98,11 +98,11 @@ def test_deterministic_outputs_do_not_depend_on_when_swaps_land(art):
 def test_without_it_the_same_inputs_give_other_outputs_when_the_swapper_is_slower(art):
     m = load_manifest(art)
     # Reads finish at once and the token loop pauses often: the swapper's moves land mid-request.
-    eager, eager_stats, eager_counts = _serve(art, JitteryStore(m), _pauses(3, 0.002))
+    eager, eager_stats, eager_counts = _serve(art, JitteryStore(m), _pauses(3, 0.002), deterministic=False)
     # The same runtime, but no background read finishes while the requests run.
     gate = threading.Event()
     gate.set()
-    stuck, _, _ = _serve(art, JitteryStore(m, gate=gate), gate=gate)
+    stuck, _, _ = _serve(art, JitteryStore(m, gate=gate), gate=gate, deterministic=False)
     assert eager_counts["swaps"] > 0
     assert stuck != eager
     assert all(st["deterministic"] is False for st in eager_stats)
@@ -144,3 +144,25 @@ def test_policies_without_a_swapper_are_deterministic_anyway(art):
         with Runtime(art, RuntimeConfig(policy=policy, budget=budget, threads=1)) as rt:
             st = rt.generate(_requests(1)[0], max_new_tokens=4)[0].stats
         assert st["deterministic"] is True, policy
+
+
+def test_by_default_swapmoe_is_deterministic_and_the_ladder_and_a_background_start_are_not():
+    from swapmoe_edge.residency.engine import resolve_deterministic
+    from swapmoe_edge.residency.policies import POLICIES
+
+    def det(**cfg):
+        c = RuntimeConfig(**cfg)
+        return resolve_deterministic(c, POLICIES[c.policy])
+
+    assert det(policy="swapmoe") is True
+    assert det(policy="ladder") is False
+    assert det(policy="swapmoe", cold_start="background") is False  # it asked to serve during the fill
+    assert det(policy="swapmoe", predict_decoder="background") is False  # and to swap while decoding
+    assert det(policy="ladder", deterministic=True) is True and det(policy="swapmoe", deterministic=False) is False
+    assert det(policy="swapmoe", cold_start="background", deterministic=True) is True
+
+
+def test_the_default_swapmoe_runtime_reports_deterministic_outputs(art):
+    with Runtime(art, RuntimeConfig(policy="swapmoe", budget="25%", threads=1)) as rt:
+        st = rt.generate(_requests(1)[0], max_new_tokens=4)[0].stats
+    assert st["deterministic"] is True and st["nondeterminism"] == []

@@ -195,7 +195,7 @@ def test_sweep_plans_full_once_and_on_demand_with_one_planner():
     assert len([n for n in names if n.startswith("swapmoe")]) == 4
 
 
-def test_deterministic_cells_say_so_and_a_default_swapmoe_cell_says_why_not(art, data, tmp_path):
+def test_deterministic_cells_say_so_and_a_timing_dependent_cell_says_why_not(art, data, tmp_path):
     from swapmoe_edge.lab.sweep import sweep
 
     kw = dict(budgets=("25%",), policies=("swapmoe",), planners=("importance",), limit=3, max_new_tokens=3,
@@ -207,9 +207,12 @@ def test_deterministic_cells_say_so_and_a_default_swapmoe_cell_says_why_not(art,
     with open(tmp_path / "det" / "sweep.csv") as f:
         assert {r["deterministic"] for r in csv.DictReader(f)} == {"True"}
     assert "| deterministic |" in (tmp_path / "det" / "sweep.md").read_text()
-    sweep(art, data, tmp_path / "default", **kw)
-    cell = json.loads((tmp_path / "default" / "cells" / "swapmoe__25pct__importance.json").read_text())
+    sweep(art, data, tmp_path / "off", deterministic=False, **kw)
+    cell = json.loads((tmp_path / "off" / "cells" / "swapmoe__25pct__importance.json").read_text())
     assert cell["deterministic"] is False and "deterministic is off" in cell["nondeterminism"][0]
+    sweep(art, data, tmp_path / "default", **kw)  # swapmoe's own default: deterministic
+    cell = json.loads((tmp_path / "default" / "cells" / "swapmoe__25pct__importance.json").read_text())
+    assert cell["deterministic"] is True and cell["settings"]["deterministic"] is None
 
 
 def test_cli_eval_deterministic_runs_are_identical(art, data):

@@ -88,12 +88,18 @@ def test_swapmoe_replay_swaps_in_the_stream_expert_on_the_simulated_clock():
     n = 8
     t = make_trace(["dec.L01"], [(i, 0, 1, [3]) for i in range(n)], E=4, token_ms=100.0)
     cfg = ReplayConfig(budget="50%", flash_mbps=250.0,
-                       runtime=RuntimeConfig(policy="swapmoe", swap_interval_s=0.1, max_swaps_per_interval=1))
+                       runtime=RuntimeConfig(policy="swapmoe", swap_interval_s=0.1, max_swaps_per_interval=1,
+                                             deterministic=False))
     r = replay(t, ["swapmoe"], cfg, profile_of(["dec.L01"], [[1e-6, 1e-6, 0, 0]]))[0]
     # t=0: miss (the swapper first wakes at 0.1 s); t=0.1: it plans, evicts 1, reads 3 (4 us);
     # the read lands after this event, so from t=0.2 on every token hits.
     assert r.counts == {"dec.L01": 2}
     assert (r.hits, r.swaps, r.loads) == (n - 2, 1, 1)
+    # Deterministic (swapmoe's default): the round runs at the first request boundary, so only the
+    # first request misses, and the swap costs no stall.
+    det = replay(t, ["swapmoe"], replace(cfg, runtime=replace(cfg.runtime, deterministic=True)),
+                 profile_of(["dec.L01"], [[1e-6, 1e-6, 0, 0]]))[0]
+    assert (det.hits, det.swaps, det.loads, det.stall_s) == (n - 1, 1, 1, 0.0)
 
 
 def test_no_policy_beats_its_bound_on_random_traces():
@@ -179,7 +185,8 @@ def test_replay_through_the_runtimes_engine_gives_what_the_old_replay_gave():
     for seed, t, prof in _random_traces():
         for budget in ("25%", "50%", "75%"):
             cfg = ReplayConfig(budget=budget, flash_mbps=50.0,
-                               runtime=RuntimeConfig(policy="swapmoe", swap_interval_s=0.004, max_swaps_per_interval=1))
+                               runtime=RuntimeConfig(policy="swapmoe", swap_interval_s=0.004, max_swaps_per_interval=1,
+                                                     deterministic=False))  # the timed swapper the old replay had
             for r in replay(t, cfg=cfg, profile=prof):
                 want = BEFORE[r.policy].get((seed, budget))
                 if want is None:

@@ -13,16 +13,16 @@ from swapmoe_edge.lab.evaluate import evaluate, format_report, lead_baseline, re
 from swapmoe_edge.lab.streams import ORDERS, parse_sections
 from swapmoe_edge.lab.sweep import sweep
 from swapmoe_edge.residency.policies import POLICIES
-from swapmoe_edge.runtime.config import RuntimeConfig
 
 PLANNERS = ("importance", "uniform")
 
 
 def deterministic_option(f):
     """--deterministic/--no-deterministic: swaps only at request boundaries (RuntimeConfig.deterministic)."""
-    return click.option("--deterministic/--no-deterministic", default=RuntimeConfig.deterministic, show_default=True,
+    return click.option("--deterministic/--no-deterministic", default=None,
                         help="Swaps take effect only between requests, so outputs do not depend on the machine's "
-                             "load (a memory-pressure shrink still acts at once; results say so).")(f)
+                             "load (a memory-pressure shrink still acts at once; results say so). Default: the "
+                             "policy's (on for swapmoe, off for ladder).")(f)
 
 
 def stream_options(f):

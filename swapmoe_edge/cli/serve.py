@@ -63,9 +63,10 @@ def _stats_line(st: dict, exact: bool) -> str:
 @click.option("--cold-start", type=click.Choice(["blocking", "background"]), default="blocking", show_default=True,
               help="background: serve once the dense part and one expert per layer are in, fill the rest meanwhile "
                    "(faster first token on slow flash; lossy policies then route early tokens to fewer experts).")
-@click.option("--deterministic/--no-deterministic", default=RuntimeConfig.deterministic, show_default=True,
+@click.option("--deterministic/--no-deterministic", default=None,
               help="Swaps take effect only between requests, so the same inputs and --batch-size give the same "
-                   "summaries under any load (a memory-pressure shrink still acts at once; the stats say so).")
+                   "summaries under any load (a memory-pressure shrink still acts at once; the stats say so). "
+                   "Default: on for swapmoe (unless --cold-start background), off for ladder.")
 @click.option("--quiet", is_flag=True, help="No progress or per-document statistics on stderr.")
 def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json,
                   cold_start, deterministic, quiet) -> None:

@@ -23,7 +23,9 @@ outputs; only the clock is simulated. Two semantics, as in the runtime:
 Clock: an encoder pass takes ``encoder_ms``, each decoder step ``token_ms`` (by default the
 timings measured while recording), spread evenly over the sparse layers of the stack. The
 swapper wakes every ``swap_interval_s`` (RuntimeConfig) and plans; each expert it admits
-becomes resident ``expert_bytes / flash`` seconds later, and it plans again no sooner.
+becomes resident ``expert_bytes / flash`` seconds later, and it plans again no sooner. A
+deterministic runtime (RuntimeConfig.deterministic; swapmoe's default) swaps only between
+requests: its round is read before the next request starts, which waits for it (not stall).
 An exact policy's miss stalls the clock by the same read time, and so do the swaps swapmoe
 makes on the token loop for a decoder prediction (``predict_decoder`` wait).
 
@@ -227,12 +229,19 @@ def _run(r: _Replay, name: str, semantics: str, policy: str) -> ReplayResult:
     for req, li, _, sl in r.t.events():
         lk = r.keys[li]
         if req != last_request:
-            eng.end_request()
+            store.on_loop.clear()
+            swaps = eng.counters.swaps
+            eng.end_request()  # deterministic (no swapper thread here): the boundary's round, read now
+            res.swaps += eng.counters.swaps - swaps
+            for read_lk in store.on_loop:  # the next request waits for them
+                res.loads += 1
+                res.bytes_read += r.cost[read_lk]
+                now += r.read_s[read_lk]
             last_request = req
         while pending and pending[0][0] <= now:  # reads that finished: publish them
             _, _, m = heapq.heappop(pending)
             res.swaps += eng.finish(m, store.read(m.key))
-        if eng.policy.swaps and wake <= now and not pending:
+        if eng.policy.swaps and not eng.deterministic and wake <= now and not pending:
             ready = now
             rnd = eng.plan()
             for m in rnd.moves:

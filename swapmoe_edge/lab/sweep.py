@@ -16,8 +16,9 @@ against the budget (the last with the line y = budget: a cell above it broke its
   with other settings, the sweep stops and says so). A cell that fails with a typed error
   (e.g. a budget too small for the model) is a result and is saved; a crash is not, and is
   retried next time.
-- ``deterministic``: every cell's runtime swaps only at request boundaries (RuntimeConfig), so
-  a cell's outputs do not depend on the machine's load; each row says whether it was.
+- ``deterministic``: True, every cell's runtime swaps only at request boundaries (RuntimeConfig),
+  so a cell's outputs do not depend on the machine's load; False, never; None, each policy's
+  default. Each row says whether its outputs were deterministic.
 - It needs the ``eval`` extra (rouge-score, and matplotlib for the plots): without it, it stops
   before it runs or writes anything.
 """
@@ -105,8 +106,8 @@ def _cell_command(cell: Cell, settings: dict[str, Any], reference: Path | None, 
         cmd += ["--exclude-sections", ",".join(settings["exclude_sections"])]
     if settings["profile"] is not None:
         cmd += ["--profile", settings["profile"]]
-    if settings["deterministic"]:
-        cmd.append("--deterministic")
+    if settings["deterministic"] is not None:
+        cmd.append("--deterministic" if settings["deterministic"] else "--no-deterministic")
     if quiet:
         cmd.append("--quiet")
     return cmd
@@ -146,7 +147,8 @@ def _cell_main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sections", default="")
     ap.add_argument("--exclude-sections", default="")
     ap.add_argument("--profile", default=None)
-    ap.add_argument("--deterministic", action="store_true", help="swaps only at request boundaries")
+    ap.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                    help="swaps only at request boundaries (default: the policy's)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     policy, budget, planner = args.cell
@@ -214,7 +216,7 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
           num_beams: int = 1, batch_size: int = 8, threads: int | None = None, timeout_s: float | None = None,
           plots: bool = True, quiet: bool = False, order: str = "file", sections: Sequence[str] = (),
           exclude_sections: Sequence[str] = (), profile: str | Path | None = None,
-          deterministic: bool = False) -> dict[str, Any]:
+          deterministic: bool | None = None) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``sweep.csv``, ``sweep.json`` and the plots; returns the JSON."""
     require_eval_extra(("rouge_score", "matplotlib") if plots else ("rouge_score",))  # before any work or file
     for p in policies:
@@ -228,7 +230,7 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
                 "max_new_tokens": max_new_tokens, "num_beams": num_beams, "batch_size": batch_size, "threads": threads,
                 "order": order, "sections": list(sections), "exclude_sections": list(exclude_sections),
                 "profile": str(Path(profile).resolve()) if profile is not None else None,
-                "deterministic": bool(deterministic)}
+                "deterministic": deterministic}
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

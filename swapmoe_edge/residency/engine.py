@@ -87,7 +87,7 @@ class Engine(Mover):
         self._thread: threading.Thread | None = None
         self._filler: threading.Thread | None = None
         # Request boundaries (deterministic): a round is due; the last one is done.
-        self.deterministic = bool(getattr(policy.config, "deterministic", False))
+        self.deterministic = resolve_deterministic(policy.config, type(policy))
         self._boundary = threading.Event()
         self._settled = threading.Event()
         self._settled.set()
@@ -249,7 +249,7 @@ class Engine(Mover):
         if self.tracker is not None:
             self.tracker.decay(self.policy.decay)
         self.policy.end_request(self)
-        if not self.deterministic:
+        if not self.deterministic or self._stop.is_set():  # stopped (hindsight): residents move only by hand
             return
         rounds = self._boundary_rounds()  # planned here (no I/O), so a boundary with nothing to read costs no wait
         if rounds and self.running:
@@ -376,6 +376,20 @@ class Engine(Mover):
         counts = self.limits.counts or {lk: len(self.residents.layer(lk)) for lk in self.residents.layers}
         ranked = self.policy.rank(self, dict(importance))
         return sum(self.hold(lk, top_experts(ranked[lk], n)) for lk, n in counts.items())
+
+
+def resolve_deterministic(config, policy_cls) -> bool:
+    """Whether a runtime of ``config`` (a RuntimeConfig) swaps only at request boundaries: what
+    ``config.deterministic`` says, or where it is None, the policy's default, which two settings
+    that ask for the timed swapper turn off: a background cold start (serve while the start set
+    is still being read) and ``predict_decoder="background"`` (swap in a request's predicted
+    experts while it decodes; at a boundary they would serve the next request instead)."""
+    asked = getattr(config, "deterministic", None)
+    if asked is not None:
+        return bool(asked)
+    timed = getattr(config, "cold_start", "blocking") == "background" or \
+        getattr(config, "predict_decoder", "auto") == "background"
+    return bool(policy_cls.deterministic_default) and not timed
 
 
 def _lower_this_threads_priority(nice: int = 10) -> None:

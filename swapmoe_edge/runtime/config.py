@@ -64,8 +64,11 @@ class RuntimeConfig:
     # and the next request waits for it (stats: boundary_wait_ms), so the same artifact, budget,
     # inputs and batches give the same outputs under any load. A background start fill is waited
     # for by the first request. A memory-pressure shrink is still honoured at once; the stats
-    # then say the output is not deterministic, and why (``nondeterminism``).
-    deterministic: bool = False
+    # then say the output is not deterministic, and why (``nondeterminism``). None: the policy's
+    # default (on for swapmoe, where it measured free; off for the ladder, whose boundary rounds
+    # cost time: docs/results/deterministic), and off with cold_start="background" (serve while
+    # the start set is still being read) or predict_decoder="background" (swap while decoding).
+    deterministic: bool | None = None
     # swapmoe's importance between requests: online sums decay by ``decay`` after each request,
     # and the calibrated profile counts as ``prior_documents`` documents that never decay
     # (importance.set_prior; None: the profile only seeds the sums and decays with them).

@@ -63,6 +63,10 @@ class Policy:
     holds_all = False  # it loads every expert once and never swaps
     renormalize = False  # masked routing renormalises the gate over the residents
     trim_every: int | None = None  # return freed heap to the system after this many bytes published
+    # RuntimeConfig(deterministic=None) means this: swaps only at request boundaries where that was
+    # measured to cost nothing (docs/results/deterministic). A policy without a swapper is
+    # deterministic either way, unless it serves while a background start fill runs.
+    deterministic_default = False
     interval_s = 0.1
     decay = 1.0
 

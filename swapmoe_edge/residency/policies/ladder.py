@@ -30,6 +30,10 @@ class Ladder(Policy):
     name, exact = "ladder", False
     swaps = tracks = uses_rungs = True
     trim_every = 64 << 20
+    # Off by default: a round at every request boundary made ~15x the swaps of the timed swapper on
+    # the embedded model (each a low-bit session built), ~1 ms a request of boundary waits and
+    # slower first tokens on the new sessions, for the same quality (docs/results/deterministic).
+    deterministic_default = False
 
     def __init__(self, inputs):
         super().__init__(inputs)
