@@ -8,6 +8,7 @@ validation needs it; export itself needs no torch.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -155,7 +156,16 @@ def _child(args: list[str], out: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+# ``inprocess`` runs the PyTorch reference in this process: for a process that has torch loaded
+# already and memory to spare (the test suite sets it; a child costs a fresh torch import).
+IN_PROCESS_ENV = "SWAPMOE_EXPORT_REFERENCE"
+
+
 def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None) -> Reference:
+    """The PyTorch model's outputs, computed in a child process so that torch's memory never
+    counts against the exporter's (unless ``$SWAPMOE_EXPORT_REFERENCE=inprocess``)."""
+    if os.environ.get(IN_PROCESS_ENV) == "inprocess":
+        return streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype or round_to)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.npz"
         np.savez(inputs, ids=ids, mask=mask, dec=dec)

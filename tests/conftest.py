@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -10,3 +11,8 @@ try:  # torch's OpenMP threads spin; with another busy process on a 2-core machi
     torch.set_num_threads(1)
 except ImportError:
     pass
+
+# Export validation computes the PyTorch reference in this process, not in a child: the tests
+# have torch loaded already, and a child's fresh torch import costs seconds a validation.
+# (tests/test_export.py checks the child path itself.)
+os.environ.setdefault("SWAPMOE_EXPORT_REFERENCE", "inprocess")

@@ -366,3 +366,22 @@ def test_int4_export_names_the_dims_that_are_not_multiples_of_32(tmp_path):
     with pytest.raises(ExportError, match=r"d_ff 48.*input dim 48 is not a multiple of the group size 32"):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "i4", expert_dtype="int4", quiet=True)
     assert not (tmp_path / "i4").exists()
+
+
+def test_the_pytorch_reference_in_a_child_process_gives_the_in_process_outputs(tmp_path, monkeypatch):
+    from swapmoe_export import reference
+
+    ckpt = save_tiny(tmp_path / "ckpt", seed=41)
+    ids, mask, dec = sample_inputs(tiny_model(41).config.vocab_size, 0, 1)
+    monkeypatch.setenv(reference.IN_PROCESS_ENV, "inprocess")
+    here = reference.reference_forward_in_child(ckpt, ids, mask, dec)
+    monkeypatch.delenv(reference.IN_PROCESS_ENV)
+    child = reference.reference_forward_in_child(ckpt, ids, mask, dec)
+    # the same computation; the child's torch may use more threads, so sums differ in rounding only
+    close = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(child.logits, here.logits, **close)
+    np.testing.assert_allclose(child.encoder_out, here.encoder_out, **close)
+    for got, want in ((child.block_in, here.block_in), (child.block_out, here.block_out)):
+        assert got.keys() == want.keys() and len(want) > 0
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5 * float(np.abs(want[k]).max()))
