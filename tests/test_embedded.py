@@ -130,3 +130,16 @@ def test_first_use_leaves_no_hidden_lock_or_staging_behind(tmp_path, monkeypatch
     ckpt = save_tiny(tmp_path / embedded.EMBEDDED_NAME, seed=35)
     art = embedded.default_artifact(export_checkpoint, ckpt, quiet=True)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [art.name]
+
+
+def test_the_embedded_verb_prints_the_cache_and_rebuilds_it_on_request(tmp_path):
+    env = dict(os.environ, SWAPMOE_CACHE_DIR=str(tmp_path / "cache"))
+    cli = [sys.executable, "-m", "swapmoe_edge", "embedded"]
+    first = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    art = Path(first.stdout.strip())
+    assert art.parent == tmp_path / "cache" and embedded.incomplete(art, embedded.EMBEDDED_DIR) is None
+    stamp = (art / "manifest.json").stat().st_mtime_ns
+    again = subprocess.run(cli + ["--rebuild", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == str(art), again.stderr
+    assert (art / "manifest.json").stat().st_mtime_ns != stamp

@@ -21,6 +21,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "data": ("swapmoe_edge.cli.data", "data_group", "Build datasets."),
     "devices": ("swapmoe_edge.cli.devices", "devices_cmd",
                 "List device profiles; mark the one detected here and say which providers it gets."),
+    "embedded": ("swapmoe_edge.cli.embedded", "embedded_cmd",
+                 "Print the path of the embedded model's artifact, exporting it into the cache if needed."),
     "eval": ("swapmoe_edge.cli.eval", "eval_cmd",
              "ROUGE of a policy at a budget on DATA, the lead-8 baseline, and fidelity to the full policy."),
     "export": ("swapmoe_edge.cli.export", "export_cmd",
