@@ -211,8 +211,14 @@ def test_deterministic_cells_say_so_and_a_timing_dependent_cell_says_why_not(art
     cell = json.loads((tmp_path / "off" / "cells" / "swapmoe__25pct__importance.json").read_text())
     assert cell["deterministic"] is False and "deterministic is off" in cell["nondeterminism"][0]
     sweep(art, data, tmp_path / "default", **kw)  # swapmoe's own default: deterministic
-    cell = json.loads((tmp_path / "default" / "cells" / "swapmoe__25pct__importance.json").read_text())
+    path = tmp_path / "default" / "cells" / "swapmoe__25pct__importance.json"
+    cell = json.loads(path.read_text())
     assert cell["deterministic"] is True and cell["settings"]["deterministic"] is None
+    # a cell from before the setting existed (the timed swapper) is not resumed as if it were the same
+    del cell["settings"]["deterministic"]
+    path.write_text(json.dumps(cell))
+    with pytest.raises(InputError, match="deterministic: 'not recorded' there, None now"):
+        sweep(art, data, tmp_path / "default", **kw)
 
 
 def test_cli_eval_deterministic_runs_are_identical(art, data):

@@ -182,7 +182,8 @@ def _load_done(path: Path, settings: dict[str, Any]) -> dict | None:
     except ValueError:
         return None  # a torn file from a killed run: run the cell again
     if done.get("settings") != settings:
-        diff = {k: (done.get("settings", {}).get(k), v) for k, v in settings.items() if done.get("settings", {}).get(k) != v}
+        old = done.get("settings") or {}
+        diff = {k: (old.get(k, "not recorded"), v) for k, v in settings.items() if k not in old or old[k] != v}
         raise InputError(f"{path} was made with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
                          "sweep into a new output directory, or delete that file to run the cell again.")
     return done
