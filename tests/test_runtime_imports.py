@@ -64,3 +64,20 @@ def test_export_needs_no_torch_and_validation_says_what_it_needs(tmp_path):
     n_experts, message = r.stdout.splitlines()[:2]
     assert int(n_experts) > 0
     assert "needs torch and transformers" in message and "--no-validate" in message
+
+
+def test_summarize_loads_the_exporter_only_when_it_exports():
+    # onnx and the exporter's graph code are ~20 MB of a process that only serves
+    code = textwrap.dedent(
+        """
+        import sys
+        import swapmoe_edge.cli.serve, swapmoe_edge.cli.embedded
+        from swapmoe_edge import Runtime
+        Runtime  # resolves the runtime
+        loaded = [m for m in ("onnx", "swapmoe_export.exporter", "swapmoe_export.builder") if m in sys.modules]
+        print(loaded)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

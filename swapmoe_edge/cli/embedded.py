@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 import click
-from swapmoe_export import export_checkpoint
+import swapmoe_export  # cheap: the exporter (onnx) loads only when an export runs
 
 from swapmoe_edge.cli.common import fail
 from swapmoe_edge.core.errors import SwapMoEError
 from swapmoe_edge.runtime.embedded import default_artifact
 
 
+def _export(*args, **kwargs):
+    return swapmoe_export.export_checkpoint(*args, **kwargs)
+
+
 def embedded_artifact(quiet: bool = False, validate: bool = False, rebuild: bool = False) -> str:
     """The embedded model's artifact, exported into the cache on first use (or with ``rebuild``)."""
-    return str(default_artifact(export_checkpoint, quiet=quiet, validate=validate, rebuild=rebuild))
+    return str(default_artifact(_export, quiet=quiet, validate=validate, rebuild=rebuild))
 
 
 def artifact_or_default(artifact: str | None, quiet: bool = False) -> str:
