@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from swapmoe_edge.system.budget import BudgetSpec, MemoryMonitor, check_fits, expert_capacity_bytes, parse_budget
+from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.residency.planner import expert_capacity
+from swapmoe_edge.system.budget import BudgetSpec, MemoryMonitor, parse_budget
 from swapmoe_edge.core.units import GIB, MIB, format_size, parse_size
 from swapmoe_edge.core.errors import BudgetError
 
@@ -64,17 +66,21 @@ def test_bad_budget_message_lists_the_accepted_forms():
 
 
 def test_expert_capacity_is_what_the_baseline_leaves_and_never_negative():
-    assert expert_capacity_bytes(5000, 1200) == 3800
-    assert expert_capacity_bytes(1000, 1200) == 0
+    assert expert_capacity(5000, 1200, {}) == 3800
+    assert expert_capacity(1000, 1200, {}) == 0
+
+
+def _three_layers(cost: int) -> dict:
+    return {LayerKey("decoder", i): cost for i in range(3)}
 
 
 def test_check_fits_returns_capacity_when_one_expert_per_layer_fits():
-    assert check_fits(1000 + 3 * 100, 1000, [100, 100, 100]) == 300
+    assert expert_capacity(1000 + 3 * 100, 1000, _three_layers(100), strict=True) == 300
 
 
 def test_too_small_budget_error_states_the_numbers():
     with pytest.raises(BudgetError) as err:
-        check_fits(process_budget=1250, baseline_bytes=1000, min_expert_bytes_per_layer=[100, 100, 100])
+        expert_capacity(1250, 1000, _three_layers(100), strict=True)
     msg = str(err.value)
     for number in ("1250", "1000", "1300", "300", "50"):  # budget, baseline, minimum, experts, shortfall
         assert f"{number} bytes" in msg

@@ -401,7 +401,7 @@ def test_int8_experts_fit_more_residents_in_the_same_budget(tmp_path):
 
 # -- activation envelope ------------------------------------------------------------------------
 def test_chunks_keep_rows_times_width_within_the_envelope():
-    from swapmoe_edge.runtime.facade import _chunks
+    from swapmoe_edge.runtime.requests import chunks as _chunks
 
     rows = [[1] * n for n in (3, 5, 2, 9, 1, 1, 4)]
     chunks = _chunks(rows, 10)

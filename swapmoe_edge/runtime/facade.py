@@ -17,18 +17,15 @@ from typing import Sequence
 
 import numpy as np
 
-from swapmoe_edge.model.encdec import StepDecoder as _Decoder  # noqa: F401 (scripts drive the searches with it)
 from swapmoe_edge.model.generate import Decoding
 from swapmoe_edge.model.moe import softmax
 from swapmoe_edge.model.split import MoEHook, observe
-from swapmoe_edge.residency.importance import PROFILE_NAME, ImportanceTracker, Profile  # noqa: F401
+from swapmoe_edge.residency.importance import ImportanceTracker, Profile
 from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.runtime.load import Parts, load
 from swapmoe_edge.runtime.requests import Once, background_io_closed, check_request, chunks, encode_texts
 from swapmoe_edge.runtime.stats import Meter, Result, request_stats, residents_by_rung
 from swapmoe_edge.system import pagecache
-
-_chunks = chunks  # the name older callers import
 
 
 class Runtime:
@@ -65,7 +62,6 @@ class Runtime:
     prepacked = property(lambda self: self.parts.experts.prepacked)
     runners = property(lambda self: self.parts.experts.runners)
     rungs = property(lambda self: self.parts.experts.rungs)
-    _kernel = property(lambda self: self.parts.experts.kernel)
     device = property(lambda self: self.parts.device.profile)
     providers = property(lambda self: self.parts.device.providers)
     provider_options = property(lambda self: self.parts.device.provider_options)

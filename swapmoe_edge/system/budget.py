@@ -100,33 +100,6 @@ def parse_budget(text: str) -> BudgetSpec:
     return BudgetSpec("bytes", nbytes=n)
 
 
-def expert_capacity_bytes(process_budget: int, baseline_bytes: int) -> int:
-    """Bytes left for resident experts once the baseline is paid (never negative)."""
-    return max(0, int(process_budget) - int(baseline_bytes))
-
-
-def check_fits(process_budget: int, baseline_bytes: int, min_expert_bytes_per_layer: list[int]) -> int:
-    """Raise BudgetError unless the budget holds the baseline plus one expert per sparse layer.
-
-    ``min_expert_bytes_per_layer`` is the cheapest expert of each sparse layer.
-    Returns the expert capacity in bytes.
-    """
-    needed = int(baseline_bytes) + sum(int(b) for b in min_expert_bytes_per_layer)
-    if process_budget < needed:
-        n = len(min_expert_bytes_per_layer)
-        experts = needed - int(baseline_bytes)
-        raise BudgetError(
-            f"memory budget {format_size(process_budget)} ({process_budget} bytes) cannot hold "
-            f"the model: the dense part and runtime baseline take {format_size(baseline_bytes)} "
-            f"({baseline_bytes} bytes) and one expert for each of the {n} sparse layers takes "
-            f"{format_size(experts)} ({experts} bytes), so the minimum is {format_size(needed)} "
-            f"({needed} bytes); short by {format_size(needed - process_budget)} "
-            f"({needed - process_budget} bytes). Raise the budget to at least "
-            f"{format_size(needed)}, or free memory on the device."
-        )
-    return expert_capacity_bytes(process_budget, baseline_bytes)
-
-
 def _available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
