@@ -33,7 +33,8 @@ REDO = "The artifact is damaged or was not written by `swapmoe export`; export t
 # ModelConfig's fields: (lowest, highest) for integers; floats and flags below.
 _CONFIG_INTS = {
     "vocab_size": (1, 1 << 24), "d_model": (1, 1 << 20), "d_kv": (1, 1 << 20), "d_ff": (1, 1 << 24),
-    "num_heads": (1, 1 << 12), "num_layers": (1, 1 << 12), "num_decoder_layers": (1, 1 << 12),
+    "num_heads": (1, 1 << 12), "num_layers": (0, 1 << 12),  # 0: decoder-only
+    "num_decoder_layers": (1, 1 << 12),
     "num_experts": (1, 1 << 16), "encoder_sparse_step": (0, 1 << 12), "decoder_sparse_step": (0, 1 << 12),
     "expert_capacity": (1, 1 << 30), "relative_attention_num_buckets": (1, 1 << 16),
     "relative_attention_max_distance": (1, 1 << 24),
@@ -134,7 +135,8 @@ def check_manifest(raw: Any, path, schema_version: int, format_name: str) -> Non
                    "file would run in its place)")
     ladder = {name: _rung_info(c, name, r, subgraphs) for name, r in c.dict(raw.get("ladder", {}), "ladder").items()}
     sparse = _layers(c, c.list(raw.get("layers"), "layers"), cfg, subgraphs)
-    _experts(c, c.list(raw.get("experts"), "experts"), cfg, expert_dtype, sparse, ladder)
+    wi_cols = 2 * cfg["d_ff"] if raw.get("extra", {}).get("expert_act") == "swiglu" else None  # gate | up
+    _experts(c, c.list(raw.get("experts"), "experts"), cfg, expert_dtype, sparse, ladder, wi_cols)
 
 
 def _file_entry(c: _Checker, rel: str, d: Any) -> int:
@@ -166,6 +168,8 @@ def _extra(c: _Checker, extra: dict) -> None:
         c.int(extra["max_source_tokens"], "extra.max_source_tokens", 1, 1 << 24)
     if "family" in extra:
         c.str(extra["family"], "extra.family")
+    if "expert_act" in extra:  # absent: the config's dense_act_fn between wi [D, F] and wo [F, D]
+        c.str(extra["expert_act"], "extra.expert_act", ("swiglu",))
 
 
 def _subgraph(c: _Checker, sg: Any, where: str) -> None:
@@ -243,22 +247,25 @@ def _layers(c: _Checker, layers: list, cfg: dict, subgraphs: dict) -> set[tuple[
     return sparse
 
 
-def expert_layout(expert_dtype: str, d_model: int, d_ff: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """role -> (shape, dtype) of an expert's weights as the expert kernel takes them."""
+def expert_layout(expert_dtype: str, d_model: int, d_ff: int, wi_cols: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """role -> (shape, dtype) of an expert's weights as the expert kernel takes them; ``wi_cols``: the
+    first weight's columns where they are not d_ff (SwiGLU's gate | up: 2 d_ff)."""
     D, F = d_model, d_ff
+    N = wi_cols or F
     if expert_dtype == "int8":  # per output column float32 scales
-        return {"wi": ((D, F), "int8"), "wi_scale": ((F,), "float32"), "wo": ((F, D), "int8"), "wo_scale": ((D,), "float32")}
+        return {"wi": ((D, N), "int8"), "wi_scale": ((N,), "float32"), "wo": ((F, D), "int8"), "wo_scale": ((D,), "float32")}
     if expert_dtype == "int4":  # [in, out/2] packed, float16 scales per group of input rows
-        return {"wi": ((D, F // 2), "uint8"), "wi_scale": ((D // INT4_GROUP, F), "float16"),
+        return {"wi": ((D, N // 2), "uint8"), "wi_scale": ((D // INT4_GROUP, N), "float16"),
                 "wo": ((F, D // 2), "uint8"), "wo_scale": ((F // INT4_GROUP, D), "float16")}
-    return {"wi": ((D, F), expert_dtype), "wo": ((F, D), expert_dtype)}
+    return {"wi": ((D, N), expert_dtype), "wo": ((F, D), expert_dtype)}
 
 
-def rung_layout(bits: int, block: int, d_model: int, d_ff: int) -> dict[str, tuple[tuple[int, ...], str]]:
+def rung_layout(bits: int, block: int, d_model: int, d_ff: int, wi_cols: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
     """role -> (shape, dtype) of a rung's copy: MatMulNBits' [N, K/block, block*bits/8] and scales [N, K/block]."""
     D, F, width = d_model, d_ff, block * bits // 8
+    N = wi_cols or F
     kd, kf = -(-D // block), -(-F // block)
-    return {"wi": ((F, kd, width), "uint8"), "wi_scale": ((F, kd), "float32"),
+    return {"wi": ((N, kd, width), "uint8"), "wi_scale": ((N, kd), "float32"),
             "wo": ((D, kf, width), "uint8"), "wo_scale": ((D, kf), "float32")}
 
 
@@ -295,12 +302,13 @@ def _block(c: _Checker, d: dict, where: str, layout: dict) -> None:
         c.fail(f"{where}.nbytes", f"is {nbytes}, but its tensors end at byte {pos}")
 
 
-def _experts(c: _Checker, experts: list, cfg: dict, expert_dtype: str, sparse: set, ladder: dict) -> None:
+def _experts(c: _Checker, experts: list, cfg: dict, expert_dtype: str, sparse: set, ladder: dict,
+             wi_cols: int | None = None) -> None:
     D, F = cfg["d_model"], cfg["d_ff"]
     if expert_dtype == "int4" and (D % INT4_GROUP or F % INT4_GROUP or D % 2 or F % 2):
         c.fail("expert_dtype", f"is int4, which needs d_model and d_ff ({D}, {F}) to be multiples of {INT4_GROUP}")
-    layout = expert_layout(expert_dtype, D, F)
-    rungs = {name: rung_layout(r["bits"], r["block"], D, F) for name, r in ladder.items()}
+    layout = expert_layout(expert_dtype, D, F, wi_cols)
+    rungs = {name: rung_layout(r["bits"], r["block"], D, F, wi_cols) for name, r in ladder.items()}
     seen: set[ExpertKey] = set()
     for i, d in enumerate(experts):
         where = f"experts[{i}]"
