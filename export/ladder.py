@@ -12,6 +12,10 @@ thread, docs/results/ladder.md). Per weight ``w[K, N]`` (K inputs, N outputs):
 - ``q[N, K/BLOCK, BLOCK·b/8]`` uint8 (int4: two inputs a byte, the lower one in the low
   nibble), ``scale[N, K/BLOCK]`` float32 (the type of the activations the kernel takes).
 
+The expert is Switch's FFN, ``y = act(x @ wi) @ wo`` with ``wi[D, F]``, or, with
+``act="swiglu"`` (decoder-only families), ``wi[D, 2F]`` = gate | up (gate first) and
+``y = (silu(x @ wi[:, :F]) * (x @ wi[:, F:])) @ wo``; ``wo[F, D]`` in both. ``d_ff`` is F.
+
 Files per rung: ``experts/NAME.RUNG.bin`` for every expert (wi, wi_scale, wo, wo_scale, each
 at a 4 KiB boundary), one session template ``experts/rung.RUNG.onnx`` whose initializers
 point at the placeholder ``RUNG_DATA`` (the runtime hands ONNX Runtime the bytes it read,
@@ -39,6 +43,11 @@ RUNG_DATA = "rung.bin"  # the external-data name the session templates use; neve
 ROLES = ("wi", "wi_scale", "wo", "wo_scale")
 # A rung must be below the artifact's own expert type: bytes per weight, roughly.
 _WIDTH = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}
+
+
+def wi_columns(d_ff: int, act: str) -> int:
+    """N of the expert's first weight: F, or 2F for SwiGLU's gate | up."""
+    return 2 * d_ff if act == "swiglu" else d_ff
 
 
 def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +117,8 @@ def write_rung(writer, key_name: str, scope: str, wi_t: np.ndarray, wo_t: np.nda
 
 
 def session_template(d_model: int, d_ff: int, act: str, rung: str, entry: dict) -> bytes:
-    """x[N, D] -> act(x Wi) Wo through two MatMulNBits, weights external in ``RUNG_DATA``.
+    """x[N, D] -> act(x Wi) Wo through two MatMulNBits, weights external in ``RUNG_DATA``
+    (``act="swiglu"``: Wi is gate | up, module docstring).
 
     Every expert's rung file has the same layout, so one template serves them all: the
     runtime opens a session per resident expert with that expert's bytes in memory.
@@ -129,7 +139,7 @@ def session_template(d_model: int, d_ff: int, act: str, rung: str, entry: dict) 
                                         domain=MS, K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=0))
         return out
 
-    hid = g.act(nbits(x, "wi", d_model, d_ff, "wi"), act)
+    hid = _ffn_act(g, nbits(x, "wi", d_model, wi_columns(d_ff, act), "wi"), act, d_ff)
     g.output(nbits(hid, "wo", d_ff, d_model, "wo"), "y", F32, ["N", d_model])
     built = g.model()
     built.proto.opset_import.append(helper.make_opsetid(MS, 1))
@@ -162,7 +172,7 @@ def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:
             w_nk = g.op("Slice", [w_nk, g.const([0]), g.const([k]), g.const([1])], hint=h)
         return w_nk  # [N, K]
 
-    hid = g.act(g.op("Gemm", [x, dq("wi", d_model, d_ff)], hint="wi", transB=1), act)
+    hid = _ffn_act(g, g.op("Gemm", [x, dq("wi", d_model, wi_columns(d_ff, act))], hint="wi", transB=1), act, d_ff)
     g.output(g.op("Gemm", [hid, dq("wo", d_ff, d_model)], hint="wo", transB=1), "y", F32, ["N", d_model])
     return g.model(OPSET_INT4)
 
@@ -195,7 +205,10 @@ def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str
         parts[t["role"]] = blob[t["offset"]: t["offset"] + count * dt.itemsize].view(dt).reshape(t["shape"])
     bits = info["bits"]
     wi = dequantize(parts["wi"], parts["wi_scale"], bits, d_model)
-    d_ff = wi.shape[1]
+    d_ff = wi.shape[1] // 2 if act == "swiglu" else wi.shape[1]
+    if -(-d_ff // info["block"]) != parts["wo"].shape[1]:
+        raise ExportError(f"the {rung} rung's wi has {wi.shape[1]} outputs, its wo {parts['wo'].shape[1]} blocks of "
+                          f"inputs: not a {act} expert (SwiGLU's wi is gate | up, twice wo's inputs)")
     wo = dequantize(parts["wo"], parts["wo_scale"], bits, d_ff)
     x = np.random.default_rng(0).standard_normal((3, d_model)).astype(np.float32)
     opts = ort.SessionOptions()
@@ -213,8 +226,21 @@ def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str
     return err
 
 
+def _ffn_act(g: GraphBuilder, h: str, act: str, d_ff: int) -> str:
+    """The activation between an expert's two matmuls: SwiGLU's silu(gate) * up on h[N, 2F],
+    else GraphBuilder.act on h[N, F]."""
+    if act != "swiglu":
+        return g.act(h, act)
+    gate, up = g.op("Split", [h, g.const([d_ff, d_ff])], hint="swiglu", n_out=2, axis=1)
+    silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], hint="swiglu")], hint="swiglu")
+    return g.op("Mul", [silu, up], hint="swiglu")
+
+
 def _act(h: np.ndarray, kind: str) -> np.ndarray:
-    """The expert activation in numpy (GraphBuilder.act), for the rung check."""
+    """The expert activation in numpy (``_ffn_act``), for the rung check."""
+    if kind == "swiglu":
+        gate, up = np.split(h, 2, axis=-1)
+        return gate / (1 + np.exp(-gate)) * up
     if kind == "relu":
         return np.maximum(h, 0)
     if kind == "gelu":
