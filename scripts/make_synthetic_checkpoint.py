@@ -1,7 +1,20 @@
 #!/usr/bin/env python3
-"""Write a random-weight Switch Transformers checkpoint in Hugging Face layout.
+"""Write a random-weight MoE checkpoint (Switch or decoder-only) in Hugging Face layout.
 
     python scripts/make_synthetic_checkpoint.py --shape switch-base-8 -o /tmp/sb8
+    python scripts/make_synthetic_checkpoint.py --shape olmoe-1b-7b --dtype float16 -o /tmp/olmoe
+    python scripts/make_synthetic_checkpoint.py --shape olmoe-1b-7b --layers 2 -o /tmp/olmoe-2l
+    python scripts/make_synthetic_checkpoint.py --shape mixtral-reduced --dtype float16 -o /tmp/mixtral-2l
+
+Shapes: ``switch-base-{8,16,64}`` (SwitchTransformersForConditionalGeneration), ``olmoe-1b-7b``
+(OlmoeForCausalLM at OLMoE-1B-7B's published widths: hidden 2048, 16 layers, 64 experts,
+top-8, expert width 1024, 16 heads, vocab 50304), ``mixtral-reduced`` (MixtralForCausalLM at
+Mixtral-8x7B's widths: hidden 4096, 8 experts, top-2, expert width 14336, 32 heads / 8 KV
+heads, vocab 32000, but 2 layers), and ``tiny``, ``olmoe-tiny``, ``mixtral-tiny`` for tests.
+``--layers N`` sets the depth of a decoder-only shape. Decoder-only experts are written in the
+per-expert layout the models were published in (``mlp.experts.N.gate_proj/up_proj/down_proj``
+for OLMoE, ``block_sparse_moe.experts.N.w1/w2/w3`` for Mixtral), which transformers converts
+to its fused 3-D tensors when it loads them.
 
 The output directory gets sharded safetensors (``model-0000i-of-0000N.safetensors``),
 ``model.safetensors.index.json`` (``metadata.total_size`` + ``weight_map``), ``config.json``,
@@ -11,13 +24,20 @@ The output directory gets sharded safetensors (``model-0000i-of-0000N.safetensor
 The weights are RANDOM (normal, with init scales roughly like HF's ``_init_weights`` so
 activations stay finite): use them for scale, memory and speed work only, never for quality.
 
-The model is never built in memory: tensors are generated one at a time with numpy, packed
-into a shard up to ``--max-shard-size``, written with ``safetensors.numpy.save_file`` and
-freed, so peak memory is about one shard. Only numpy and safetensors are imported (no torch,
-no transformers). Tensor names mirror the state_dict of transformers'
+The model is never built in memory: each shard's safetensors header is written first, then
+every tensor is generated with numpy in chunks of at most ``CHUNK_ELEMS`` values and appended,
+so peak memory is a few tens of MB whatever the shape. Only numpy is imported (no torch, no
+transformers, no safetensors). Switch tensor names mirror the state_dict of transformers'
 ``SwitchTransformersForConditionalGeneration`` with the tied embeddings left out (only
 ``shared.weight``). Shards are written under a temporary name and renamed when complete; the
 index is written last, so an interrupted run is never mistaken for a complete checkpoint.
+
+Scales: Switch as HF's init roughly does; decoder-only linear weights and embeddings normal
+with std ``initializer_range`` (0.02, as HF), norm weights 1, and router weights with std
+``ROUTER_LOGIT_STD / sqrt(hidden)``: the router sees the RMS-normed hidden state (RMS 1), so
+its logits have a spread of about ``ROUTER_LOGIT_STD`` (2.0: the top-2 of 8 hold ~3/4 of the
+softmax mass, the top-8 of 64 about 2/3, instead of the near-uniform softmax HF's 0.02 init
+gives at these widths).
 """
 from __future__ import annotations
 
@@ -26,11 +46,11 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 import time
 
 import numpy as np
-from safetensors.numpy import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 MARKER_NAME = "synthetic_checkpoint.json"
@@ -52,12 +72,61 @@ SHAPES = {
     "switch-base-64": dict(_BASE, num_experts=64),
 }
 
+# Decoder-only shapes: (HF architecture, config fields). The full-size fields are the published
+# config.json facts of allenai/OLMoE-1B-7B-0924 and mistralai/Mixtral-8x7B-v0.1.
+_OLMOE = dict(
+    architectures=["OlmoeForCausalLM"], model_type="olmoe", vocab_size=50304, hidden_size=2048,
+    intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+    num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, hidden_act="silu",
+    max_position_embeddings=4096, initializer_range=0.02, rms_norm_eps=1e-5, rope_theta=10000.0,
+    rope_scaling=None, attention_bias=False, attention_dropout=0.0, clip_qkv=None,
+    output_router_logits=False, router_aux_loss_coef=0.01, pad_token_id=1, bos_token_id=None,
+    eos_token_id=50279, tie_word_embeddings=False, use_cache=True)
+_MIXTRAL = dict(
+    architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
+    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    num_local_experts=8, num_experts_per_tok=2, hidden_act="silu", max_position_embeddings=32768,
+    initializer_range=0.02, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+    attention_dropout=0.0, output_router_logits=False, router_aux_loss_coef=0.02, bos_token_id=1,
+    eos_token_id=2, tie_word_embeddings=False, use_cache=True)
+CAUSAL_SHAPES = {
+    "olmoe-1b-7b": _OLMOE,
+    "mixtral-reduced": dict(_MIXTRAL, num_hidden_layers=2),
+    "olmoe-tiny": dict(_OLMOE, vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
+                       max_position_embeddings=256, eos_token_id=2),
+    "mixtral-tiny": dict(_MIXTRAL, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                         max_position_embeddings=256),
+}
+ROUTER_LOGIT_STD = 2.0
+DTYPES = {"float32": (np.float32, "F32"), "float16": (np.float16, "F16")}
+CHUNK_ELEMS = 1 << 23  # values generated at once (32 MiB of float32)
+
 
 class CheckpointError(Exception):
     """A clean refusal: reported as a one-line message and a non-zero exit status."""
 
 
-def make_config(shape: str) -> dict:
+def make_config(shape: str, layers: int | None = None, dtype: str = "float32") -> dict:
+    """config.json for a named shape (``layers``: depth of a decoder-only shape)."""
+    if shape in CAUSAL_SHAPES:
+        cfg = dict(CAUSAL_SHAPES[shape])
+        if layers is not None:
+            if layers < 1:
+                raise CheckpointError(f"--layers must be at least 1, not {layers}")
+            cfg["num_hidden_layers"] = layers
+        cfg["dtype"] = dtype
+        return cfg
+    if layers is not None:
+        raise CheckpointError(f"--layers applies to the decoder-only shapes ({', '.join(CAUSAL_SHAPES)}), "
+                              f"not to {shape}")
+    cfg = switch_config(shape)
+    cfg["dtype"] = dtype
+    return cfg
+
+
+def switch_config(shape: str) -> dict:
     """All SwitchTransformersConfig fields (transformers 5.x defaults) for a named shape."""
     cfg = dict(
         architectures=["SwitchTransformersForConditionalGeneration"], model_type="switch_transformers",
@@ -80,6 +149,51 @@ def make_config(shape: str) -> dict:
 
 
 def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], float | None]]:
+    """(name, shape, std) in state_dict order; std None means ones (norm weights)."""
+    if cfg["model_type"] in ("olmoe", "mixtral"):
+        return causal_specs(cfg)
+    return switch_specs(cfg)
+
+
+def causal_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], float | None]]:
+    """OlmoeForCausalLM / MixtralForCausalLM tensors as published (one tensor per expert matrix).
+
+    OLMoE: ``model.layers.i.mlp.gate`` (router), ``mlp.experts.e.{gate,up,down}_proj``, and
+    ``self_attn.q_norm`` / ``k_norm`` over the whole projection. Mixtral:
+    ``block_sparse_moe.gate``, ``block_sparse_moe.experts.e.w1`` (gate), ``w2`` (down), ``w3`` (up).
+    """
+    d, f, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // h
+    kv = cfg["num_key_value_heads"] * hd
+    std, router = cfg["initializer_range"], ROUTER_LOGIT_STD / d ** 0.5
+    olmoe = cfg["model_type"] == "olmoe"
+    E = cfg["num_experts"] if olmoe else cfg["num_local_experts"]
+    if cfg["tie_word_embeddings"]:
+        raise CheckpointError("only tie_word_embeddings=False is supported")
+    specs = [("model.embed_tokens.weight", (cfg["vocab_size"], d), std)]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        specs.extend([(f"{p}.self_attn.q_proj.weight", (h * hd, d), std),
+                      (f"{p}.self_attn.k_proj.weight", (kv, d), std),
+                      (f"{p}.self_attn.v_proj.weight", (kv, d), std),
+                      (f"{p}.self_attn.o_proj.weight", (d, h * hd), std)])
+        if olmoe:
+            specs.extend([(f"{p}.self_attn.q_norm.weight", (h * hd,), None),
+                          (f"{p}.self_attn.k_norm.weight", (kv,), None)])
+        moe = f"{p}.mlp" if olmoe else f"{p}.block_sparse_moe"
+        specs.append((f"{moe}.gate.weight", (E, d), router))
+        names = (("gate_proj", "up_proj", "down_proj") if olmoe else ("w1", "w3", "w2"))
+        for e in range(E):
+            specs.extend([(f"{moe}.experts.{e}.{names[0]}.weight", (f, d), std),
+                          (f"{moe}.experts.{e}.{names[1]}.weight", (f, d), std),
+                          (f"{moe}.experts.{e}.{names[2]}.weight", (d, f), std)])
+        specs.extend([(f"{p}.input_layernorm.weight", (d,), None),
+                      (f"{p}.post_attention_layernorm.weight", (d,), None)])
+    specs.extend([("model.norm.weight", (d,), None), ("lm_head.weight", (cfg["vocab_size"], d), std)])
+    return specs
+
+
+def switch_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], float | None]]:
     """(name, shape, std) in state_dict order; std None means ones (layer norms).
 
     Mirrors modeling_switch_transformers.py: block i of a stack is sparse when
@@ -128,15 +242,15 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], float | None]]:
     return specs
 
 
-def nbytes(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * 4  # float32
+def nbytes(shape: tuple[int, ...], itemsize: int = 4) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
 
 
-def plan_shards(specs: list, max_bytes: int) -> list[list]:
+def plan_shards(specs: list, max_bytes: int, itemsize: int = 4) -> list[list]:
     """Greedy packing in order (as HF does): a tensor larger than the limit gets its own shard."""
     shards, cur, cur_bytes = [], [], 0
     for spec in specs:
-        size = nbytes(spec[1])
+        size = nbytes(spec[1], itemsize)
         if cur and cur_bytes + size > max_bytes:
             shards.append(cur)
             cur, cur_bytes = [], 0
@@ -200,18 +314,61 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def generation_config(cfg: dict) -> dict:
+    keys = (("decoder_start_token_id", "eos_token_id", "pad_token_id") if cfg["model_type"] == "switch_transformers"
+            else ("bos_token_id", "eos_token_id", "pad_token_id"))
+    return dict(_from_model_config=True, use_cache=True, **{k: cfg[k] for k in keys if cfg.get(k) is not None})
+
+
+def tensor_chunks(shape: tuple[int, ...], std: float | None, rng: np.random.Generator, dtype):
+    """The tensor's values, row blocks of at most CHUNK_ELEMS values, drawn in order from ``rng``."""
+    rows, row = (shape[0], int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else (1, shape[0])
+    step = max(1, CHUNK_ELEMS // max(row, 1))
+    for r0 in range(0, rows, step):
+        n = (min(rows, r0 + step) - r0, row)
+        if std is None:
+            yield np.ones(n, dtype=dtype)
+        else:
+            arr = rng.standard_normal(n, dtype=np.float32)
+            arr *= np.float32(std)
+            yield arr.astype(dtype, copy=False)
+
+
+def write_shard(path: str, shard: list, rng: np.random.Generator, dtype: str) -> int:
+    """One safetensors file, header first, then each tensor streamed chunk by chunk; returns bytes."""
+    np_dtype, st_dtype = DTYPES[dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in shard:
+        size = nbytes(shape, itemsize)
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + size]}
+        off += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        for _, shape, std in shard:
+            for chunk in tensor_chunks(shape, std, rng, np_dtype):
+                fh.write(chunk.tobytes())
+    return off
+
+
 def make_checkpoint(shape: str, out: str, seed: int = 0, max_shard_bytes: int = 2 * 2**30,
-                    quiet: bool = False) -> dict:
+                    quiet: bool = False, layers: int | None = None, dtype: str = "float32") -> dict:
     """Write the checkpoint; return the index dict. Raises CheckpointError on a clean refusal."""
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cfg = make_config(shape)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r} (use {' or '.join(DTYPES)})")
+    itemsize = np.dtype(DTYPES[dtype][0]).itemsize
+    cfg = make_config(shape, layers, dtype)
     specs = tensor_specs(cfg)
-    shards = plan_shards(specs, max_shard_bytes)
-    total = sum(nbytes(s[1]) for s in specs)
+    shards = plan_shards(specs, max_shard_bytes, itemsize)
+    total = sum(nbytes(s[1], itemsize) for s in specs)
     # safetensors headers + index entries (~2 x name + 128 B per tensor) + json files: an estimate.
     overhead = sum(2 * len(s[0]) + 128 for s in specs) + 16 * 1024
     reclaimable = prepare_dir(out)
-    log(f"{shape}: {len(specs)} tensors, {total} bytes ({human(total)}) of float32 weights "
+    log(f"{shape}: {len(specs)} tensors, {total} bytes ({human(total)}) of {dtype} weights "
         f"in {len(shards)} shard(s) (+~{human(overhead)} headers/json) -> {out}")
     free = free_bytes(out) + reclaimable
     if total + overhead > free:
@@ -226,41 +383,30 @@ def make_checkpoint(shape: str, out: str, seed: int = 0, max_shard_bytes: int = 
         if OWNED.match(entry):
             os.remove(os.path.join(out, entry))
     write_json(os.path.join(out, MARKER_NAME), dict(
-        generator=GENERATOR, shape=shape, seed=seed, max_shard_size=max_shard_bytes,
+        generator=GENERATOR, shape=shape, seed=seed, max_shard_size=max_shard_bytes, dtype=dtype,
+        layers=cfg.get("num_hidden_layers", cfg.get("num_layers")),
         note="RANDOM weights: for scale/speed work only, never for quality"))
     write_json(os.path.join(out, "config.json"), cfg)
-    write_json(os.path.join(out, "generation_config.json"), dict(
-        _from_model_config=True, decoder_start_token_id=cfg["decoder_start_token_id"],
-        eos_token_id=cfg["eos_token_id"], pad_token_id=cfg["pad_token_id"], use_cache=True))
+    write_json(os.path.join(out, "generation_config.json"), generation_config(cfg))
 
     umask = os.umask(0o022)
     os.umask(umask)
-    mode = 0o666 & ~umask  # safetensors creates files 0600; give shards the usual permissions
+    mode = 0o666 & ~umask
     rng = np.random.default_rng(seed)
     weight_map, t_all = {}, time.perf_counter()
     for k, shard in enumerate(shards, 1):
         t0 = time.perf_counter()
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, tshape, std in shard:
-            if std is None:
-                arr = np.ones(tshape, dtype=np.float32)
-            else:
-                arr = rng.standard_normal(tshape, dtype=np.float32)
-                arr *= np.float32(std)
-            tensors[name] = arr
-            weight_map[name] = fname
         path = os.path.join(out, fname)
         try:
-            save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+            shard_bytes = write_shard(path + ".tmp", shard, rng, dtype)
             os.chmod(path + ".tmp", mode)
             os.replace(path + ".tmp", path)
         except BaseException:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
             raise
-        shard_bytes = sum(a.nbytes for a in tensors.values())
-        del tensors, arr
+        weight_map.update((name, fname) for name, _, _ in shard)
         log(f"[{k}/{len(shards)}] {fname}: {len(shard)} tensors, {human(shard_bytes)} "
             f"in {time.perf_counter() - t0:.1f}s")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -271,7 +417,10 @@ def make_checkpoint(shape: str, out: str, seed: int = 0, max_shard_bytes: int = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    parser.add_argument("--shape", required=True, choices=sorted(SHAPES) + sorted(CAUSAL_SHAPES))
+    parser.add_argument("--layers", type=int, default=None,
+                        help="depth of a decoder-only shape (default: the shape's own; mixtral-reduced: 2)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GiB"),
@@ -279,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     args = parser.parse_args(argv)
     try:
-        make_checkpoint(args.shape, args.output, args.seed, args.max_shard_size, args.quiet)
+        make_checkpoint(args.shape, args.output, args.seed, args.max_shard_size, args.quiet, args.layers, args.dtype)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
