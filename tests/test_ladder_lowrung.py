@@ -28,7 +28,7 @@ def _write_swiglu_rung(root, d: int, f: int, rung: str, seed: int = 0):
     return wi, wo, entry
 
 
-@pytest.mark.parametrize("rung,d,f", [("int4", 64, 96), ("int4", 40, 24), ("int8", 64, 32)])
+@pytest.mark.parametrize("rung,d,f", [("int4", 64, 96), ("int4", 40, 24), ("int8", 64, 32), ("int2", 64, 96), ("int2", 40, 24)])
 def test_swiglu_rung_matches_its_dequantised_float_expert(tmp_path, rung, d, f):
     wi, wo, entry = _write_swiglu_rung(tmp_path, d, f, rung)
     bits = ladder.RUNGS[rung]
@@ -62,3 +62,29 @@ def test_export_check_runs_swiglu_rungs_and_refuses_the_wrong_activation(tmp_pat
     assert ladder.check_rung(tmp_path, "int4", info, expert, d, "swiglu") < 1e-4
     with pytest.raises(ExportError, match="not a relu expert"):  # read as relu, wi is twice wo's inputs
         ladder.check_rung(tmp_path, "int4", info, expert, d, "relu")
+
+
+def test_int2_searches_each_blocks_scale_and_packs_four_inputs_a_byte():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((96, 40)).astype(np.float32)  # K not a multiple of the block
+    q, scale = ladder.quantize(w, 2)
+    assert q.shape == (40, 3, ladder.BLOCK // 4) and scale.shape == (40, 3)
+    back = ladder.dequantize(q, scale, 2, 96)
+    err = np.linalg.norm(back - w) / np.linalg.norm(w)
+    # the plain symmetric rule (s = amax, levels -2..1) on the same blocks
+    g = np.zeros((96, 40), np.float32)
+    g[:96] = w
+    blocks = g.T.reshape(40, 3, ladder.BLOCK)
+    s0 = np.abs(blocks).max(-1, keepdims=True)
+    plain = (np.clip(np.rint(blocks / s0), -2, 1) * s0).reshape(40, 96).T
+    assert err < 0.7 * np.linalg.norm(plain - w) / np.linalg.norm(w)
+    assert 0.25 < err < 0.45  # four levels: a third of the weights' RMS, not less (a wrong packing is ~1)
+    assert (scale < 0).any() and (scale > 0).any()  # the sign puts level -2 on the heavier tail
+    # every value decodes to a level of its block
+    levels = back.T.reshape(40, 3, ladder.BLOCK)[:, :2] / scale[:, :2, None]
+    assert np.allclose(levels, np.rint(levels)) and levels.min() >= -2 and levels.max() <= 1
+
+
+def test_an_int2_rung_sits_below_int4_and_float():
+    assert ladder.rung_error("int2", "float16") is None and ladder.rung_error("int2", "int4") is None
+    assert "not below" in ladder.rung_error("int4", "int4")

@@ -21,9 +21,11 @@ from swapmoe_edge.core.errors import SwapMoEError
               help="Storage type of the experts (default: --dtype). float16: lossy, 1/2 the bytes. int8: weight-only, "
                    "per-column scales: lossy, 1/4 the bytes. int4: weight-only, a float16 scale per 32 input rows: "
                    "lossy (more than int8), 1/7 the bytes; needs d_model and d_ff multiples of 32.")
-@click.option("--ladder", "ladder_", type=click.Choice(["auto", "int4", "int8", "int4,int8", "none"]), default="auto", show_default=True,
+@click.option("--ladder", "ladder_", type=click.Choice(["auto", "int4", "int8", "int4,int8", "int2", "int2,int4", "int2,int4,int8", "none"]),
+              default="auto", show_default=True,
               help="Low-bit copies of every expert for the `ladder` policy (lossy rungs below the experts' own type). "
-                   "auto: int4 when the experts are float32 or float16. int4 adds ~1/7 of float32's expert bytes on disk.")
+                   "auto: int4 when the experts are float32 or float16. int4 adds ~1/7 of float32's expert bytes on disk, "
+                   "int2 ~1/11 (for the smallest budgets; lossier).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare the split model with PyTorch before installing it: every block on PyTorch's own inputs, "
                    "token by token within a float32 rounding bound, and the logits end to end.")
@@ -83,7 +85,7 @@ def ladder_group() -> None:
 
 @ladder_group.command("add")
 @click.argument("artifact", type=click.Path(path_type=str))
-@click.option("--rung", "rungs", multiple=True, type=click.Choice(["int4", "int8"]), default=("int4",), show_default=True,
+@click.option("--rung", "rungs", multiple=True, type=click.Choice(["int2", "int4", "int8"]), default=("int4",), show_default=True,
               help="Rung to add (repeat for several).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def ladder_add_cmd(artifact: str, rungs: tuple[str, ...], quiet: bool) -> None:

@@ -48,7 +48,7 @@ PRIMARY = ""  # the rung name of the artifact's own experts
 # Measured end to end, int4 experts change the embedded model's ROUGE-2 by less than its
 # run-to-run noise (docs/results/README.md), so the planner prefers any copy of an expert to
 # none by a wide margin. A measured profile replaces these per layer (measured_quality).
-QUALITY = {"int4": 0.97, "int8": 0.995, PRIMARY: 1.0}
+QUALITY = {"int2": 0.8, "int4": 0.97, "int8": 0.995, PRIMARY: 1.0}
 
 
 @dataclass(frozen=True)
