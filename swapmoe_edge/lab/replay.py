@@ -47,7 +47,7 @@ import numpy as np
 from swapmoe_edge.artifact.store import LoadedExpert
 from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.core.keys import ExpertKey, LayerKey, parse_layer_name
-from swapmoe_edge.lab.trace import Trace
+from swapmoe_edge.lab.trace import Trace, check_top_k
 from swapmoe_edge.residency.engine import Engine
 from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.residency.planner import expert_capacity, top_experts
@@ -105,6 +105,7 @@ class _Replay:
     """What every policy's replay shares: the trace, layer keys, costs, counts and the clock."""
 
     def __init__(self, trace: Trace, cfg: ReplayConfig, profile: Profile | None):
+        check_top_k(trace.meta.get("top_k", 1), "this trace's model")
         self.t, self.cfg = trace, cfg
         self.keys = [parse_layer_name(n) for n in trace.layer_names]
         self.E = trace.num_experts

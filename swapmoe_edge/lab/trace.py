@@ -26,6 +26,9 @@ V events, N tokens, D documents, R requests):
 
 Events are in the order the runtime ran them. Padding is excluded: encoder padding by the
 attention mask, decoder rows after their EOS by the generated lengths.
+
+Traces and their replay price top-1 routing (each token's one first choice, as Switch routes):
+a model whose family routes each token to k > 1 experts is refused (``TOP_K_REFUSAL``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ from swapmoe_edge.runtime.requests import chunks
 
 TRACE_FORMAT = "swapmoe-trace"
 TRACE_VERSION = 1
+TOP_K_REFUSAL = ("routing traces and their replay price top-1 routing (one first choice a token); {what} routes "
+                 "each token to {k} experts. Compare policies on such a model with `swapmoe eval` instead.")
+
+
+def check_top_k(k: int, what: str) -> None:
+    """InputError unless ``k`` (experts a token) is 1: see TOP_K_REFUSAL."""
+    if int(k) != 1:
+        raise InputError(TOP_K_REFUSAL.format(what=what, k=int(k)))
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,7 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
     state = {"request": 0, "steps": {}}
 
     with Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads)) as rt:
+        check_top_k(rt.family.top_k, f"{artifact} (a {rt.family.name} model)")
         names = [lk.name for lk in rt.sparse]
         index = {lk: i for i, lk in enumerate(rt.sparse)}
 
@@ -200,7 +212,7 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
     med = lambda v: float(np.median(v)) if v else 0.0  # noqa: E731
     trace = Trace(
         meta={"format": TRACE_FORMAT, "version": TRACE_VERSION, "artifact": artifact_dir,
-              "documents": len(docs), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+              "documents": len(docs), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "top_k": 1,
               "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "ttft_ms": med(timings["ttft_ms"]), "token_ms": med(timings["decode_ms_per_token"]),
               "profile": profile, **(meta or {})},

@@ -211,8 +211,9 @@ class SplitModel:
         return logits
 
 
-def full_moe(run_expert: Callable, capacity: int) -> MoEFn:
-    """The exact MoE step with every expert available: ``run_expert(ExpertKey, x) -> y``."""
+def full_moe(run_expert: Callable, capacity: int, route: Callable = route) -> MoEFn:
+    """The exact MoE step with every expert available: ``run_expert(ExpertKey, x) -> y``;
+    ``route``: the family's router (Switch's top-1 by default; a top-k one's routing has a k axis)."""
 
     def moe(layer: LayerEntry, normed, logits, token_mask):
         r = route(logits, capacity)

@@ -10,7 +10,7 @@ request boundary, and masked routing over a consistent snapshot of each layer.
 The runtime's API (load.py, fit.py, facade.py):
 
     engine = make_policy(config, residents, store, kernel, tokens_per_expert, norms, profile,
-                         expert_cost=..., budget=..., baseline=..., rungs=..., runners=...)
+                         expert_cost=..., budget=..., baseline=..., rungs=..., runners=..., family=...)
     engine.warm(background=False); engine.start()    # the start set; the swapper, if it swaps
     out = engine(layer, normed, logits, token_mask)   # SplitModel's moe callback
     engine.background_io.clear() ... .set()           # no background reads during a prefill
@@ -51,7 +51,8 @@ import numpy as np
 from swapmoe_edge.artifact.manifest import LayerEntry
 from swapmoe_edge.artifact.store import LoadedExpert
 from swapmoe_edge.core.keys import ExpertKey, LayerKey
-from swapmoe_edge.model.moe import Routing, dispatch, route
+from swapmoe_edge.model.moe import Routing, dispatch
+from swapmoe_edge.model.families import DEFAULT, get_family
 from swapmoe_edge.model.rungs import Rung
 from swapmoe_edge.residency.importance import ImportanceTracker
 from swapmoe_edge.residency.limits import ExpertUnavailableError, Limits
@@ -62,6 +63,7 @@ from swapmoe_edge.residency.steps import Round
 from swapmoe_edge.system import memory
 
 log = logging.getLogger(__name__)
+DEFAULT_FAMILY = get_family(DEFAULT)  # Switch: top-1 with capacity
 KernelFn = Callable[[LoadedExpert, np.ndarray], np.ndarray]  # (expert, x [N, D]) -> y [N, D]
 
 
@@ -70,12 +72,17 @@ class Engine(Mover):
     (one rung, the artifact's experts, for a whole-expert policy) with their resident costs;
     ``budget`` and ``baseline``: the whole-process budget and what is not experts (bytes), or an
     expert capacity and 0; ``runners``: rung name -> RungRunner, for low-bit copies; ``tracker``:
-    online importance, for a policy that keeps it."""
+    online importance, for a policy that keeps it; ``family``: the model family (families.Family),
+    whose ``route`` and ``top_k`` route every token (Switch's top-1 when none is given)."""
 
     def __init__(self, policy, residents: ResidentSet, store, kernel: KernelFn, tokens_per_expert: int,
                  ladders: Mapping[LayerKey, Sequence[Rung]], budget: int, baseline: int = 0,
-                 runners: Mapping[str, object] | None = None, tracker: ImportanceTracker | None = None):
+                 runners: Mapping[str, object] | None = None, tracker: ImportanceTracker | None = None,
+                 family=None):
         super().__init__(policy, residents, store, ladders, runners)
+        self.family = family or DEFAULT_FAMILY
+        self.top_k = self.family.top_k  # experts per token: a routing's trailing k axis when > 1
+        self.absent = getattr(policy.config, "absent", "substitute")  # what a top-k choice not resident gets
         self.kernel = kernel
         self.tokens_per_expert = tokens_per_expert  # the model's expert capacity: tokens per expert and row
         self.baseline = int(baseline)
@@ -117,12 +124,21 @@ class Engine(Mover):
         ``expert`` gives it; uncounted. For measurements (substitution.py)."""
         return self._moe(normed, logits, allowed, lambda e: self.expert(layer, e))[1]
 
+    def route(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> Routing:
+        """The family's routing of ``logits`` over ``allowed`` experts (None: all), as the policy
+        sets it (renormalised gates; what an absent top-k choice gets)."""
+        if self.absent == "substitute":  # the family's route as the contract has it
+            return self.family.route(logits, self.tokens_per_expert, allowed, self.policy.renormalize)
+        return self.family.route(logits, self.tokens_per_expert, allowed, self.policy.renormalize, absent=self.absent)
+
     def _moe(self, normed, logits, allowed, expert_of) -> tuple[Routing, np.ndarray]:
-        r = route(logits, self.tokens_per_expert, allowed, self.policy.renormalize)
+        r = self.route(logits, allowed)
         return r, dispatch(r, normed, lambda e, x: self.kernel(expert_of(e), x))
 
     def count(self, r: Routing, view: LayerView, token_mask) -> None:
-        """Add one layer call's routing to the counters (``view``: the residents it ran on)."""
+        """Add one layer call's routing to the counters (``view``: the residents it ran on). A
+        top-k routing counts each of a token's k choices: first-choice residency is the share of
+        the k first choices resident."""
         first = r.first_choice.ravel() if token_mask is None else r.first_choice[token_mask]
         rerouted = r.first_choice.size - int(np.count_nonzero(view.allowed[r.first_choice]))
         hits = int(np.count_nonzero(view.allowed[first]))
@@ -130,7 +146,10 @@ class Engine(Mover):
         low = 0
         if view.low is not None:
             ran = view.low[r.choice] & r.keep
-            low = int(np.count_nonzero(ran if token_mask is None else ran & np.asarray(token_mask, bool)))
+            if token_mask is not None:
+                mask = np.asarray(token_mask, bool)
+                ran = ran & (mask if ran.ndim == mask.ndim else mask[..., None])
+            low = int(np.count_nonzero(ran))
         with self.counters.lock:
             c = self.counters
             c.routed += int(first.size)

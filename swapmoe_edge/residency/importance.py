@@ -7,7 +7,11 @@ that is not resident, and therefore masked out of the token loop, still earns
 importance and can win its way back in. ``||x||`` is the norm of the token's hidden
 state as it enters the MoE layer; ``G(x)_i`` its softmax gate probability.
 
-Shapes: N tokens, E experts.
+A top-k router (``top_k`` > 1) routes each token to its k largest probabilities: the sum runs
+over each token's k unmasked choices, each at its own softmax probability (before any
+renormalisation over the k, which scales a token's k choices alike).
+
+Shapes: N tokens, E experts, k choices per token.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from swapmoe_edge.core.errors import ArtifactError
 from swapmoe_edge.artifact.files import write_json_atomic
 from swapmoe_edge.core.keys import LayerKey, parse_layer_name
+from swapmoe_edge.model.moe import top_k as top_k_of
 from swapmoe_edge.residency.predictor import DecoderPredictor
 
 PROFILE_NAME = "profile.json"
@@ -33,17 +38,20 @@ PROFILE_SCHEMA_VERSION = 1
 
 
 def eq1(norms: np.ndarray, x_norm: np.ndarray, probs: np.ndarray,
-        valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        valid: np.ndarray | None = None, top_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 1 importance [E] and routing counts [E] of N tokens: ``x_norm`` [..., N], ``probs``
-    [..., N, E] (flattened here), the tokens ``valid`` [..., N] marks (all without it)."""
+    [..., N, E] (flattened here), the tokens ``valid`` [..., N] marks (all without it), each
+    token counted at its ``top_k`` unmasked choices."""
     probs = np.asarray(probs).reshape(-1, norms.size)  # N E
     x_norm = np.asarray(x_norm).reshape(-1)  # N
     if valid is not None:
         keep = np.asarray(valid, dtype=bool).reshape(-1)
         probs, x_norm = probs[keep], x_norm[keep]
-    choice = probs.argmax(axis=1)  # N  unmasked top-1
-    gate = probs[np.arange(choice.size), choice]  # N
-    value = np.bincount(choice, weights=x_norm * gate * norms[choice], minlength=norms.size)  # E
+    choice = top_k_of(probs, top_k)  # N k  unmasked top-k
+    gate = np.take_along_axis(probs, choice, axis=1)  # N k
+    choice = choice.reshape(-1)  # N*k
+    weight = (x_norm[:, None] * gate).reshape(-1) * norms[choice]
+    value = np.bincount(choice, weights=weight, minlength=norms.size)  # E
     return value, np.bincount(choice, minlength=norms.size)
 
 
@@ -63,12 +71,16 @@ class ImportanceTracker:
     LATER_MAX_CALLS = 256
     LATER_MAX_BYTES = 1 << 20
 
-    def __init__(self, layers: Mapping[LayerKey, np.ndarray]) -> None:
-        """``layers`` maps each sparse layer to its experts' weight norms ||E|| [E]."""
+    def __init__(self, layers: Mapping[LayerKey, np.ndarray], top_k: int = 1) -> None:
+        """``layers`` maps each sparse layer to its experts' weight norms ||E|| [E]; ``top_k``: the
+        experts the router sends each token to."""
         self._norms = {k: np.asarray(v, dtype=np.float64).copy() for k, v in layers.items()}
+        self.top_k = int(top_k)
         for key, norms in self._norms.items():
             if norms.ndim != 1 or norms.size == 0 or not np.all(np.isfinite(norms)) or np.any(norms < 0):
                 raise ValueError(f"{key}: expert norms must be a non-empty 1-D array of finite values >= 0")
+            if not 1 <= self.top_k <= norms.size:
+                raise ValueError(f"{key}: top_k {top_k} of {norms.size} experts")
         self._importance = {k: np.zeros_like(v) for k, v in self._norms.items()}
         self._counts = {k: np.zeros_like(v) for k, v in self._norms.items()}
         self._prior: dict[LayerKey, np.ndarray] = {}
@@ -101,7 +113,7 @@ class ImportanceTracker:
             raise ValueError(f"{layer}: {x_norm.size} token norms for {probs.shape[0]} router rows")
         if valid is not None and np.size(valid) != x_norm.size:
             raise ValueError(f"{layer}: valid mask has {np.size(valid)} entries for {x_norm.size} tokens")
-        value, count = eq1(norms, x_norm, probs, valid)
+        value, count = eq1(norms, x_norm, probs, valid, self.top_k)
         with self._lock:
             self._importance[layer] += value
             self._counts[layer] += count

@@ -22,10 +22,12 @@ class Counters:
     loads: int = 0  # experts read on the token loop (on-demand misses, predicted swaps, ladder waits)
     swaps: int = 0  # experts the swapper published
     evictions: int = 0
+    # Top-k routing counts choices: a token is k routed choices, each "first choice" one of its
+    # unmasked top k (first-choice residency: the share of them resident).
     routed: int = 0  # tokens routed in sparse layers (padding excluded)
     first_choice_resident: int = 0  # ... whose unmasked first choice was resident
     unavailable_hits: int = 0  # tokens whose first choice could not be read at all
-    rerouted: int = 0  # tokens, padding included, sent away from their first choice (0: routing as full's)
+    rerouted: int = 0  # tokens, padding included, sent away from (or, dropped: without) their first choice (0: as full's)
     lowbit_tokens: int = 0  # tokens (padding excluded) that ran a low-bit copy of their expert
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.model.moe import ABSENT
 from swapmoe_edge.residency.policies import POLICIES
 from swapmoe_edge.artifact.store import READ_MODES
 
@@ -48,6 +49,11 @@ class RuntimeConfig:
     # device (placement.py); "auto": device when the first provider is CUDA.
     expert_placement: str = "auto"
     renormalize: bool = False  # swapmoe/prune: gate renormalised over residents
+    # A top-k family's choice that is not resident (every lossy policy; moe.route_topk):
+    # "substitute" routes it to the best resident expert not already among the token's choices
+    # (SwapMoE's masked routing, generalised); "drop" drops it and renormalises the gates of the
+    # rest. Top-1 (Switch): "drop" skips a token whose expert is not resident.
+    absent: str = "substitute"
     # Resident experts as their own sessions with prepacked weights (prepacked.py): ~30% faster
     # expert matmuls for one token (~6% of a switch-base token), but the start takes 1.1-2.3x
     # as long (each expert opened and packed) and each may cost up to ~0.6 MiB more. "auto" uses
@@ -118,6 +124,8 @@ class RuntimeConfig:
             raise InputError(f"prepack_experts must be auto, on or off, not {self.prepack_experts!r}")
         if self.cold_start not in ("blocking", "background"):
             raise InputError(f"cold_start must be 'blocking' or 'background', not {self.cold_start!r}")
+        if self.absent not in ABSENT:
+            raise InputError(f"absent must be one of {', '.join(ABSENT)}, not {self.absent!r}")
         if self.read_mode not in READ_MODES:
             raise InputError(f"read_mode must be one of {', '.join(READ_MODES)}, not {self.read_mode!r}")
         if not (self.decoder_weight > 0 and math.isfinite(self.decoder_weight)):

@@ -131,7 +131,7 @@ class Runtime:
 
     def profile_texts(self, texts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> Profile:
         """Eq. 1 importance over calibration texts (generation included), observed on every layer."""
-        tracker = ImportanceTracker(self.norms)
+        tracker = ImportanceTracker(self.norms, self.family.top_k)  # Eq. 1 over each token's k choices
         hook = observe(lambda layer, normed, logits, mask: tracker.observe(
             layer.key, np.linalg.norm(normed, axis=-1), softmax(logits), mask))
         for i in range(0, len(texts), batch_size):

@@ -11,6 +11,7 @@ import numpy as np
 
 from swapmoe_edge.artifact.manifest import Manifest
 from swapmoe_edge.core.keys import LayerKey
+from swapmoe_edge.model.families import Family
 from swapmoe_edge.residency.engine import Engine
 from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.residency.policies import make_policy
@@ -28,7 +29,7 @@ class Fit:
 
     def __init__(self, manifest: Manifest, config: RuntimeConfig, sparse: tuple[LayerKey, ...],
                  norms: dict[LayerKey, np.ndarray], profile: Profile, experts: Experts, residents: ResidentSet,
-                 baseline: int, cap: int | None, monitor: MemoryMonitor):
+                 baseline: int, cap: int | None, monitor: MemoryMonitor, family: Family | None = None):
         self.manifest, self.config, self.sparse, self.norms, self.profile = manifest, config, sparse, norms, profile
         self.store, self._kernel, self.expert_cost = experts.store, experts.kernel, experts.cost
         self.rungs, self.runners = experts.rungs, experts.runners
@@ -40,7 +41,7 @@ class Fit:
         self.policy: Engine = make_policy(config, residents, self.store, self._kernel,
                                           manifest.config.expert_capacity, norms, profile,
                                           expert_cost=self.expert_cost, budget=self.budget_bytes, baseline=baseline,
-                                          rungs=self.rungs, runners=self.runners)
+                                          rungs=self.rungs, runners=self.runners, family=family)
 
     def on_budget(self, budget: int) -> None:
         """Monitor thread: the live budget moved; the engine shrinks the residents now (growth is the policy's)."""

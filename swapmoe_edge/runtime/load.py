@@ -236,7 +236,7 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
         total_experts = experts.cost[sparse[0]] * len(manifest.experts)
     monitor = MemoryMonitor(device.spec.process_cap(baseline, total_experts), reserve=device.reserve_bytes,
                             period_s=config.monitor_period_s, on_change=None, available_fn=available_fn, rss_fn=rss_fn)
-    fit = Fit(manifest, config, sparse, norms, profile, experts, residents, baseline, monitor.cap, monitor)
+    fit = Fit(manifest, config, sparse, norms, profile, experts, residents, baseline, monitor.cap, monitor, family)
     model = family.build(manifest, sessions, fit.policy, moe_hook)
     parts = Parts(manifest, config, family, device, sessions, tokenizer, experts, sparse, norms, profile, model,
                   no_repeat, residents, fit.policy, fit, dense_files, startup)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from swapmoe_edge.core.keys import ExpertKey, LayerKey
-from swapmoe_edge.model.moe import dispatch, route
+from swapmoe_edge.model.moe import dispatch
 from swapmoe_edge.model.rungs import PRIMARY
 from swapmoe_edge.residency.policies.base import CountPolicy, register
 
@@ -20,7 +20,7 @@ class OnDemand(CountPolicy):
         self._used: dict[LayerKey, OrderedDict[int, None]] = {lk: OrderedDict() for lk in inputs.ladders}
 
     def route(self, engine, layer, normed, logits, token_mask):
-        r = route(logits, engine.tokens_per_expert)  # unmasked: every token gets its first choice
+        r = engine.route(logits)  # unmasked: every token gets its first choices
         engine.count(r, engine.residents.view(layer.key), token_mask)
         return dispatch(r, normed, lambda e, x: engine.kernel(self.expert(engine, layer, e), x))
 

@@ -85,7 +85,8 @@ class SwapMoE(CountPolicy):
         """Add up the encoder pass; at the request's first decoder layer, predict the decoder's experts."""
         if lk.stack == "encoder":
             if lk in self.predictor.inputs:
-                value, _ = eq1(engine.tracker.norms(lk), np.linalg.norm(normed, axis=-1), probs, token_mask)
+                value, _ = eq1(engine.tracker.norms(lk), np.linalg.norm(normed, axis=-1), probs, token_mask,
+                               engine.top_k)
                 self._request_encoder[lk] = self._request_encoder.get(lk, 0.0) + value
             return
         if not self._request_encoder:
