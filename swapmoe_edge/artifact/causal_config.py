@@ -71,7 +71,7 @@ class CausalConfig:
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
             moe_intermediate_size=int(cfg["intermediate_size"] if mixtral else cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
-            num_experts=int(cfg["num_local_experts"] if mixtral else cfg["num_experts"]),
+            num_experts=int(cfg.get("num_local_experts") if mixtral else cfg.get("num_experts", cfg.get("num_local_experts"))),
             top_k=int(cfg["num_experts_per_tok"]),
             norm_topk_prob=True if mixtral else bool(cfg.get("norm_topk_prob", False)),
             shared_expert_size=int(cfg.get("shared_expert_intermediate_size") or 0) if arch == "Qwen2MoeForCausalLM" else 0,

@@ -14,7 +14,9 @@ code hold a ``Family`` and never ask which one it is:
 - ``embedding_files``, ``touch_embeddings``, ``envelope_pass``: what the memory baseline needs
   to know: which files are read row by row, and the largest pass a request makes;
 - ``check(manifest)``: ArtifactError unless the manifest names every subgraph and layer part
-  that ``build`` runs (load calls it before anything is opened).
+  that ``build`` runs (load calls it before anything is opened);
+- ``bind(manifest)`` (optional): the family as one model runs it, e.g. a router with that
+  model's k; ``family_of`` applies it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from swapmoe_edge.model.generate import Step
 from swapmoe_edge.model.moe import Routing
 
 KINDS = ("encoder-decoder", "decoder-only")
-FAMILIES = ("switch",)  # module names under this package
+FAMILIES = ("switch", "causal")  # module names under this package
 DEFAULT = "switch"  # what an artifact that names no family is
 
 
@@ -46,6 +48,8 @@ class Family:
     touch_embeddings: Callable[[Any], None]
     envelope_pass: Callable[[Any, int], None]
     check: Callable[[Manifest], None] = lambda manifest: None
+    # bind(manifest) -> the family as this model runs it (its k, its gate rule); None: the same for every model
+    bind: Callable[[Manifest], "Family"] | None = None
 
     def __post_init__(self):
         assert self.kind in KINDS and self.top_k >= 1, (self.kind, self.top_k)
@@ -60,5 +64,6 @@ def get_family(name: str) -> Family:
 
 
 def family_of(manifest: Manifest) -> Family:
-    """The family the artifact's manifest names."""
-    return get_family(str(manifest.extra.get("family", DEFAULT)))
+    """The family the artifact's manifest names, bound to that model where the family needs it."""
+    family = get_family(str(manifest.extra.get("family", DEFAULT)))
+    return family.bind(manifest) if family.bind is not None else family

@@ -1,0 +1,168 @@
+"""Decoder-only top-k MoE models (Hugging Face ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
+``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM``): the split model in model/causal.py.
+
+Each token goes to the top k of its router's softmax over all E experts, no token dropped,
+the k gates renormalised where the model says so (``norm_topk_prob``; Mixtral always), and
+the gated outputs summed in expert order, as transformers adds them. Generation pads prompts
+on the left, runs the prompt on the first step and one token a step after it, through the
+same greedy and beam searches as Switch (generate.py); the ids it returns exclude the prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from swapmoe_edge.artifact.manifest import Manifest
+from swapmoe_edge.core.errors import ArtifactError
+from swapmoe_edge.model.causal import CausalModel, causal_config, pad_left
+from swapmoe_edge.model.families import Family
+from swapmoe_edge.model.generate import Decoding, Step, beam_steps, greedy_steps
+from swapmoe_edge.model.moe import Routing, softmax
+from swapmoe_edge.model.sessions import DenseSessions
+from swapmoe_edge.model.split import MoEFn, MoEHook
+
+SUBGRAPHS = ("embed", "lm_head", "expert_kernel")
+_TOUCH_ROWS = 4096
+
+
+def build(manifest: Manifest, sessions: DenseSessions, moe: MoEFn, hook: MoEHook | None = None) -> CausalModel:
+    return CausalModel(manifest, sessions, moe, hook)
+
+
+def check(manifest: Manifest) -> None:
+    """ArtifactError unless the manifest names what CausalModel runs: its decoder config, the
+    embedding, the LM head, the expert kernel and a step graph in every layer."""
+    causal_config(manifest)
+    missing = [f"subgraph {n}" for n in SUBGRAPHS if n not in manifest.subgraphs]
+    missing += [f"{layer.key.name} part step" for layer in manifest.layers if "step" not in layer.parts]
+    if manifest.extra.get("expert_act") != "swiglu":
+        missing.append("extra.expert_act 'swiglu'")
+    if missing:
+        raise ArtifactError(f"{manifest.root / 'manifest.json'} lacks what a decoder-only MoE model runs: "
+                            f"{', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}. Export the model again.")
+
+
+def route_topk(logits: np.ndarray, k: int, allowed: np.ndarray | None = None, norm_topk_prob: bool = False) -> Routing:
+    """Top-k of softmax(logits) in HF's order (best first), an absent choice substituted by the best
+    allowed expert not already chosen, with that expert's own probability; then the k gates
+    renormalised when ``norm_topk_prob``. Routing's fields carry a trailing k axis."""
+    probs = softmax(logits.astype(np.float32))  # [B, T, E]
+    first = np.argsort(-probs, axis=-1, kind="stable")[..., :k]  # [B, T, k]
+    choice = first
+    if allowed is not None and not allowed.all():
+        if allowed.sum() < k:
+            raise ValueError(f"top-{k} routing needs at least {k} allowed experts, {int(allowed.sum())} are")
+        masked = np.where(allowed, probs, -1.0)
+        subs = np.argsort(-masked, axis=-1, kind="stable")  # allowed experts best first, then the absent ones
+        choice = first.copy()
+        flat_c, flat_s = choice.reshape(-1, k), subs.reshape(-1, subs.shape[-1])
+        for r in np.flatnonzero(~allowed[flat_c].all(axis=-1)):
+            kept = [int(e) for e in flat_c[r] if allowed[e]]
+            extra = [int(e) for e in flat_s[r] if allowed[e] and e not in kept]
+            it = iter(extra)
+            flat_c[r] = [e if allowed[e] else next(it) for e in flat_c[r]]
+    gate = np.take_along_axis(probs, choice, axis=-1)  # [B, T, k]
+    if norm_topk_prob:
+        gate = gate / gate.sum(axis=-1, keepdims=True)
+    return Routing(probs=probs, first_choice=first, choice=choice, gate=gate.astype(np.float32),
+                   keep=np.ones(choice.shape, dtype=bool))
+
+
+def dispatch_topk(routing: Routing, normed: np.ndarray, run_expert) -> np.ndarray:
+    """Sum over each token's k choices of gate x expert(normed) [B, T, D], expert by expert in index
+    order (as transformers accumulates them); ``run_expert(e, x[N, D]) -> y[N, D]``."""
+    out = np.zeros_like(normed)
+    flat_x = normed.reshape(-1, normed.shape[-1])  # [B*T, D]
+    flat_out = out.reshape(-1, out.shape[-1])
+    k = routing.choice.shape[-1]
+    choice, gate, keep = routing.choice.reshape(-1, k), routing.gate.reshape(-1, k), routing.keep.reshape(-1, k)
+    for e in np.unique(choice[keep]):
+        rows, slot = np.nonzero((choice == e) & keep)
+        y = run_expert(int(e), np.ascontiguousarray(flat_x[rows]))
+        flat_out[rows] += y * gate[rows, slot, None]
+    return out
+
+
+def exact_moe_topk(run_expert, k: int, norm_topk_prob: bool) -> MoEFn:
+    """The exact top-k MoE with every expert available: ``run_expert(ExpertKey, x) -> y``."""
+
+    def moe(layer, normed, logits, token_mask):
+        r = route_topk(logits, k, norm_topk_prob=norm_topk_prob)
+        return dispatch_topk(r, normed, lambda e, x: run_expert(layer.experts[e], x))
+
+    return moe
+
+
+def bind(manifest: Manifest) -> Family:
+    """The family with this model's k and gate rule in its router and exact MoE."""
+    c = causal_config(manifest)
+    k, norm = c.top_k, c.norm_topk_prob
+
+    def route(logits: np.ndarray, capacity: int, allowed: np.ndarray | None = None, renormalize: bool = False) -> Routing:
+        return route_topk(logits, k, allowed, norm_topk_prob=norm)
+
+    return Family(name="causal", kind="decoder-only", top_k=k, build=build, route=route,
+                  exact_moe=lambda run_expert, capacity: exact_moe_topk(run_expert, k, norm), generate=generate,
+                  embedding_files=embedding_files, touch_embeddings=touch_embeddings, envelope_pass=envelope_pass,
+                  check=check)
+
+
+def generate(model: CausalModel, rows: Sequence[Sequence[int]], decoding: Decoding,
+             hook: MoEHook | None = None) -> Iterator[Step]:
+    """Generate for ``rows`` (prompts): one ``Step`` per new token, greedy or beam."""
+    c = model.cfg
+    ids, mask = pad_left(rows, c.pad_token_id)  # [B, S]
+    state = model.start(ids, mask)
+    start = c.bos_token_id if c.bos_token_id is not None else c.pad_token_id
+    common = dict(start_id=start, eos_id=c.eos_token_id, pad_id=c.pad_token_id, max_new_tokens=decoding.max_new_tokens,
+                  no_repeat_ngram_size=decoding.no_repeat_ngram_size)
+    decoder = _StepDecoder(model, hook)
+    if decoding.num_beams > 1:
+        return beam_steps(decoder, state, len(rows), num_beams=decoding.num_beams, **common)
+    return greedy_steps(decoder, state, len(rows), forced=decoding.forced, **common)
+
+
+class _StepDecoder:
+    """The model as the searches' step/reorder protocol (generate.StepDecoder)."""
+
+    def __init__(self, model: CausalModel, hook: MoEHook | None):
+        self.model, self.hook = model, hook
+
+    def step(self, state, next_ids: np.ndarray):
+        return self.model.step(state, next_ids, hook=self.hook)
+
+    def reorder(self, state, index: np.ndarray):
+        return state.reorder(index)
+
+
+def embedding_files(manifest: Manifest) -> set[str]:
+    """The embedding table's files: read row by row as requests touch them, never read ahead."""
+    sg = manifest.subgraphs["embed"]
+    return {sg.file, sg.file + ".data"}
+
+
+def touch_embeddings(model: CausalModel) -> None:
+    """Look up every row of the embedding table, so that its mapped pages are resident."""
+    v = model.cfg.vocab_size
+    for start in range(0, v, _TOUCH_ROWS):
+        ids = np.arange(start, min(start + _TOUCH_ROWS, v), dtype=np.int64)[None, :]
+        model.sessions.run("embed", {"input_ids": ids})
+
+
+def envelope_pass(model: CausalModel, tokens: int) -> None:
+    """The largest pass a request of ``tokens`` prompt tokens makes: the prompt, then one step."""
+    state = model.start(np.full((1, tokens), 2 % model.cfg.vocab_size, dtype=np.int64), np.ones((1, tokens), dtype=np.int64))
+    _, state = model.step(state, np.zeros(1, dtype=np.int64))
+    model.step(state, np.full(1, 2 % model.cfg.vocab_size, dtype=np.int64))
+
+
+def _unbound(*args, **kwargs):
+    raise ArtifactError("a decoder-only model's router depends on its manifest: use families.family_of(manifest)")
+
+
+# Registered by name; family_of(manifest) hands out ``bind(manifest)``, whose router knows the model's k.
+FAMILY = Family(name="causal", kind="decoder-only", top_k=1, build=build, route=_unbound, exact_moe=_unbound,
+                generate=generate, embedding_files=embedding_files, touch_embeddings=touch_embeddings,
+                envelope_pass=envelope_pass, check=check, bind=bind)
