@@ -10,6 +10,7 @@ The manifest says ``extra.family = "causal"`` and records the decoder config in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -26,7 +27,7 @@ from swapmoe_edge.core.keys import ExpertKey
 
 from . import causal_graphs as cg
 from . import graphs, ladder, quant, space
-from .causal_checkpoint import CausalReader, read_causal_config
+from .causal_checkpoint import CausalReader, architecture, read_causal_config
 from .causal_validate import validate_causal
 from .checkpoint import confined
 from .staging import TerminatedBySignal, install, prepare_output, sigterm_unwinds
@@ -37,6 +38,16 @@ IO = {
     "step": (("hidden", "position_ids", "attn_bias", "past_key", "past_value"),
              ("hidden_out", "present_key", "present_value", "normed", "router_logits")),
 }
+
+
+def is_causal(model_dir) -> bool:
+    """Whether ``model_dir``'s config.json names a decoder-only MoE class this exporter serves
+    (anything unreadable is left to the Switch exporter, which says what is wrong)."""
+    try:
+        raw = json.loads(confined(Path(model_dir), "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, CheckpointError):
+        return False
+    return architecture(raw) is not None
 
 
 def swiglu_ladder() -> bool:
@@ -65,6 +76,10 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
         if why:
             raise ExportError(f"--ladder {rung}: {why}. Choose a lower rung or --ladder none.")
     model_dir, out = Path(model_dir), Path(out_dir)
+    missing = [m for m in ("torch", "transformers") if validate and importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"validation runs the PyTorch model and needs {' and '.join(missing)} (not installed); install "
+                          "the export extra, or export with --no-validate.")
     raw, cfg = read_causal_config(model_dir)
     for name in SIDE_FILES:
         confined(model_dir, name)

@@ -22,7 +22,7 @@ from swapmoe_edge.artifact.manifest import FORMAT_NAME, MANIFEST_NAME, SCHEMA_VE
 from swapmoe_edge.artifact.model_config import ModelConfig, config_to_dict
 from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
-from . import fused, graphs, ladder, quant, space
+from . import causal_export, fused, graphs, ladder, quant, space
 from .checkpoint import CheckpointReader, check_sparse_layers, confined, read_config
 from .staging import TerminatedBySignal, install, prepare_output, sigterm_unwinds
 from .validate import summary as validation_summary
@@ -93,6 +93,9 @@ def export_checkpoint(
     ``fuse_layers=False`` writes the schema-1 layout (separate attention/FFN subgraphs) for
     tests and before/after benchmarks; the fused layout decodes with fewer ORT calls.
     """
+    if causal_export.is_causal(model_dir):  # a decoder-only top-k MoE (Mixtral, Qwen-MoE, OLMoE): its own driver
+        return causal_export.export_causal(model_dir, out_dir, dtype=dtype, validate=validate, expert_dtype=expert_dtype,
+                                           quiet=quiet, stream=stream, ladder_rungs=ladder_rungs, force=force)
     if dtype not in ("float32", "float16"):
         raise ExportError(f"--dtype must be float32 or float16, not {dtype!r}")
     expert_dtype = expert_dtype or dtype
