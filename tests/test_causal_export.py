@@ -1,0 +1,145 @@
+"""Export of decoder-only top-k MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): tiny random
+models of each family built in-process; both checkpoint layouts; each expert subgraph alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from swapmoe_edge.artifact.manifest import load_manifest  # noqa: E402
+from swapmoe_edge.core.errors import CheckpointError, ExportError  # noqa: E402
+from swapmoe_edge.model.causal import causal_config  # noqa: E402
+from swapmoe_edge.model.families import family_of  # noqa: E402
+from swapmoe_export import export_checkpoint  # noqa: E402
+from swapmoe_export.causal_export import export_causal  # noqa: E402
+
+import causal_tiny as ct  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """family -> (HF model, checkpoint dir, artifact dir), exported through export_checkpoint with validation."""
+    root = tmp_path_factory.mktemp("causal")
+    out = {}
+    for fam in ct.FAMILIES:
+        model = ct.build(fam)
+        ck = ct.save(model, root / f"ck-{fam}")
+        out[fam] = (model, ck, export_checkpoint(ck, root / f"art-{fam}", quiet=True))
+    return out
+
+
+@pytest.mark.parametrize("family", list(ct.FAMILIES))
+def test_each_family_exports_validated_with_its_decoder_config(exported, family):
+    model, _, art = exported[family]
+    m = load_manifest(art)
+    assert m.validation["passed"] and m.validation["max_abs_diff"] < 1e-4
+    assert m.extra["family"] == "causal" and m.extra["expert_act"] == "swiglu"
+    assert m.extra["hf_architecture"] == type(model).__name__
+    c = causal_config(m)
+    assert (c.num_experts, c.top_k, c.num_layers) == (ct.EXPERTS, ct.TOP_K, ct.LAYERS)
+    assert c.norm_topk_prob == (family in ("mixtral", "qwen3_moe"))
+    assert c.shared_expert_size == (48 if family == "qwen2_moe" else 0)
+    assert len(m.experts) == ct.EXPERTS * ct.LAYERS
+    assert family_of(m).top_k == ct.TOP_K
+    family_of(m).check(m)
+
+
+@pytest.mark.parametrize("family", list(ct.FAMILIES))
+def test_every_expert_subgraph_alone_matches_the_torch_expert(exported, family):
+    model, _, art = exported[family]
+    m = load_manifest(art)
+    x = np.random.default_rng(0).standard_normal((5, ct.HIDDEN)).astype(np.float32)
+    for key, entry in m.experts.items():
+        experts = model.model.layers[key.layer].mlp.experts
+        with torch.no_grad():
+            gate, up = torch.nn.functional.linear(torch.from_numpy(x), experts.gate_up_proj[key.expert]).chunk(2, dim=-1)
+            ref = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, experts.down_proj[key.expert]).numpy()
+        got = ort.InferenceSession(str(m.path(entry.graph.file))).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=key.name)
+
+
+def test_fused_expert_tensors_export_the_same_experts(exported, tmp_path):
+    model, _, art = exported["mixtral"]
+    ck = ct.save(model, tmp_path / "fused", fused=True)
+    names = json.loads((ck / "config.json").read_text())
+    assert names["architectures"] == ["MixtralForCausalLM"]
+    fused = export_causal(ck, tmp_path / "art", quiet=True, validate=False)
+    a, b = load_manifest(art), load_manifest(fused)
+    for key in a.experts:
+        assert a.path(a.experts[key].weights_file).read_bytes() == b.path(b.experts[key].weights_file).read_bytes()
+
+
+@pytest.mark.parametrize("expert_dtype", ["float16", "int8"])
+def test_lossy_expert_storage_validates_against_the_rounded_model(exported, tmp_path, expert_dtype):
+    _, ck, _ = exported["olmoe"]
+    m = load_manifest(export_causal(ck, tmp_path / expert_dtype, expert_dtype=expert_dtype, quiet=True))
+    assert m.expert_dtype == expert_dtype and m.expert_dtype_lossy and m.validation["passed"]
+
+
+def test_float16_dense_weights_export_and_validate(exported, tmp_path):
+    _, ck, _ = exported["qwen2_moe"]
+    m = load_manifest(export_causal(ck, tmp_path / "f16", dtype="float16", quiet=True))
+    assert (m.dtype, m.expert_dtype) == ("float16", "float16") and m.validation["passed"]
+
+
+def _edit_config(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes, said", [
+    ({"hidden_act": "gelu"}, "silu only"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "rope type"),
+    ({"mlp_only_layers": [1]}, "every layer must be sparse"),
+])
+def test_unsupported_settings_are_refused_by_name(exported, tmp_path, changes, said):
+    _, ck, _ = exported["qwen3_moe"]
+    bad = _edit_config(ck, tmp_path / "bad", **changes)
+    with pytest.raises(CheckpointError, match=said):
+        export_causal(bad, tmp_path / "out", quiet=True, validate=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_expert_tensor_is_named(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, ck, _ = exported["mixtral"]
+    bad = _edit_config(ck, tmp_path / "bad")
+    state = load_file(str(bad / "model.safetensors"))
+    del state["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"experts\.3\.w2"):
+        export_causal(bad, tmp_path / "out", quiet=True, validate=False)
+
+
+def test_prompt_template_comes_from_swapmoe_json(exported, tmp_path):
+    _, ck, _ = exported["olmoe"]
+    good = _edit_config(ck, tmp_path / "good")
+    (good / "swapmoe.json").write_text(json.dumps({"prompt_template": "Describe: {document}\nSynopsis:"}))
+    m = load_manifest(export_causal(good, tmp_path / "out", quiet=True, validate=False))
+    assert m.extra["prompt_template"] == "Describe: {document}\nSynopsis:"
+    (good / "swapmoe.json").write_text(json.dumps({"prompt_template": "no slot"}))
+    with pytest.raises(CheckpointError, match="document"):
+        export_causal(good, tmp_path / "out2", quiet=True, validate=False)
+
+
+def test_ladder_without_swiglu_rungs_is_refused_not_written(exported, tmp_path, monkeypatch):
+    from swapmoe_export import causal_export
+
+    monkeypatch.setattr(causal_export, "swiglu_ladder", lambda: False)
+    _, ck, _ = exported["olmoe"]
+    with pytest.raises(ExportError, match="ladder"):
+        export_causal(ck, tmp_path / "out", quiet=True, validate=False, ladder_rungs=("int4",))
+    m = load_manifest(export_causal(ck, tmp_path / "out", quiet=True, validate=False))
+    assert not m.ladder

@@ -1,0 +1,120 @@
+"""Generation with decoder-only top-k MoE artifacts: tokens equal to Hugging Face ``generate``
+(greedy, alone and in a left-padded batch; beam search), the routing and the masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from swapmoe_edge.model.causal import attention_bias, pad_left, position_ids  # noqa: E402
+from swapmoe_edge.model.families.causal import dispatch_topk, route_topk  # noqa: E402
+from swapmoe_edge.model.generate import Decoding, last_step  # noqa: E402
+from swapmoe_edge.model.split import NEG  # noqa: E402
+from swapmoe_edge.runtime.config import RuntimeConfig  # noqa: E402
+from swapmoe_edge.runtime.load import load_model  # noqa: E402
+from swapmoe_export.causal_export import export_causal  # noqa: E402
+
+import causal_tiny as ct  # noqa: E402
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """family -> (HF model, the artifact's ModelParts without a budget)."""
+    root = tmp_path_factory.mktemp("causal-gen")
+    out = {}
+    for fam in ct.FAMILIES:
+        model = ct.build(fam, seed=3)
+        art = export_causal(ct.save(model, root / f"ck-{fam}"), root / f"art-{fam}", quiet=True, validate=False)
+        out[fam] = (model, load_model(art, RuntimeConfig(policy="full", verify="never")))
+    return out
+
+
+def _generate(parts, rows, **kw):
+    return last_step(parts.family.generate(parts.model, rows, Decoding(max_new_tokens=NEW, **kw)))
+
+
+@pytest.mark.parametrize("family", list(ct.FAMILIES))
+def test_greedy_tokens_equal_hf_generate_alone_and_in_a_left_padded_batch(models, family):
+    model, parts = models[family]
+    rows = ct.prompts()
+    assert len({len(r) for r in rows}) == len(rows)  # the batch is padded
+    alone = [ct.hf_greedy(model, [r], NEW)[0] for r in rows]
+    assert [_generate(parts, [r])[0] for r in rows] == alone
+    assert _generate(parts, rows) == ct.hf_greedy(model, rows, NEW)
+
+
+@pytest.mark.parametrize("family", list(ct.FAMILIES))
+def test_logits_of_a_left_padded_batch_match_hf_forward(models, family):
+    model, parts = models[family]
+    ids, mask = pad_left(ct.prompts(), ct.PAD)
+    got = parts.model.forward(ids, mask)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(position_ids(mask, ids.shape[1]))).logits.numpy()
+    real = mask.astype(bool)
+    assert np.abs(got[real] - ref[real]).max() < 1e-4
+
+
+def test_beam_search_equals_hf_generate(models):
+    model, parts = models["mixtral"]
+    rows = ct.prompts(n=2)
+    s = max(len(r) for r in rows)
+    ids, mask = pad_left(rows, ct.PAD)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW,
+                             do_sample=False, num_beams=3, pad_token_id=ct.PAD, eos_token_id=ct.EOS)
+    ref = [row[: row.index(ct.EOS) + 1] if ct.EOS in row else row for row in out[:, s:].tolist()]
+    assert _generate(parts, rows, num_beams=3) == ref
+
+
+def test_a_row_that_ends_is_fed_pad_and_stops(models):
+    model, parts = models["olmoe"]
+    rows = ct.prompts()
+    forced = np.full((len(rows), NEW), 7, dtype=np.int64)
+    forced[1, 2] = ct.EOS
+    got = _generate(parts, rows, forced=forced)
+    assert got[1] == [7, 7, ct.EOS] and got[0] == [7] * NEW
+
+
+def test_route_topk_follows_hf_order_and_renormalises():
+    logits = np.array([[[0.1, 2.0, 1.0, -1.0]]], dtype=np.float32)
+    r = route_topk(logits, 2, norm_topk_prob=False)
+    assert r.first_choice.tolist() == [[[1, 2]]] and r.choice.tolist() == [[[1, 2]]]
+    np.testing.assert_allclose(r.gate[0, 0], r.probs[0, 0, [1, 2]])
+    r = route_topk(logits, 2, norm_topk_prob=True)
+    np.testing.assert_allclose(r.gate.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_an_absent_choice_goes_to_the_best_allowed_expert_not_already_chosen():
+    logits = np.array([[[0.1, 2.0, 1.0, -1.0], [3.0, 2.0, 1.0, 0.0]]], dtype=np.float32)
+    allowed = np.array([True, False, True, True])
+    r = route_topk(logits, 2, allowed)
+    assert r.first_choice.tolist() == [[[1, 2], [0, 1]]]
+    assert r.choice.tolist() == [[[0, 2], [0, 2]]]  # 1 is absent: the best allowed expert not chosen yet
+    np.testing.assert_allclose(r.gate, np.take_along_axis(r.probs, r.choice, -1))
+
+
+def test_dispatch_sums_the_gated_outputs_of_each_tokens_k_experts():
+    normed = np.arange(6, dtype=np.float32).reshape(1, 3, 2)
+    r = route_topk(np.random.default_rng(0).standard_normal((1, 3, 4)).astype(np.float32), 2)
+    out = dispatch_topk(r, normed, lambda e, x: x * (e + 1))
+    want = normed * (r.gate * (r.choice + 1)).sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_left_padding_positions_and_mask_are_hfs():
+    ids, mask = pad_left([[5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids(mask, 3).tolist() == [[0, 1, 2], [1, 1, 0]]
+    bias = attention_bias(mask, 3)  # [B, 1, T, L]
+    assert bias.shape == (2, 1, 3, 3)
+    assert (bias[0, 0] == np.triu(np.full((3, 3), NEG), 1)).all()
+    assert (bias[1, 0, 2] == [NEG, NEG, 0]).all()
+    grown = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    assert position_ids(grown, 1).tolist() == [[3], [1]]
+    assert (attention_bias(grown, 1, window=2)[0, 0, 0] == [NEG, NEG, 0, 0]).all()
