@@ -1,0 +1,112 @@
+"""scripts/gpu_check.sh where there is no GPU: it checks its arguments, says so and exits 0;
+bad arguments fail with a message; the install path fails clearly without a package index; and
+its rehearsal (every step on the CPU provider) runs the real worker end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+
+
+def run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    # python3 on PATH must be this interpreter (the script's default), whatever the caller's PATH says
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    full = {**os.environ, "PATH": path, "NVIDIA_SMI": "/nonexistent/nvidia-smi", **(env or {})}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=full,
+                          cwd=REPO)
+
+
+def test_without_cuda_it_says_so_and_exits_0(tmp_path):
+    out = tmp_path / "gpu.json"
+    res = run(str(out))
+    assert res.returncode == 0, res.stderr
+    assert "no CUDA on this machine" in res.stdout and "untested" in res.stdout
+    assert not out.exists()  # no figures: nothing ran
+
+
+def test_a_gpu_less_nvidia_smi_counts_as_no_cuda(tmp_path):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    smi.chmod(0o755)
+    res = run(str(tmp_path / "gpu.json"), env={"NVIDIA_SMI": str(smi)})
+    assert res.returncode == 0, res.stderr
+    assert "lists no GPU" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "the JSON output path is required"),
+    (("{tmp}/gpu.txt",), "must be a .json file"),
+    (("{tmp}/missing/gpu.json",), "does not exist"),
+    (("{tmp}/gpu.json", "--shape", "switch-base-256"), "--shape must be switch-base-8 or tiny"),
+    (("{tmp}/gpu.json", "--time-limit", "900"), "--time-limit must be whole seconds from 60 to 480"),
+    (("{tmp}/gpu.json", "--time-limit", "ten"), "--time-limit must be whole seconds"),
+    (("{tmp}/gpu.json", "--wheels", "{tmp}/nowhere"), "is not a folder"),
+    (("{tmp}/gpu.json", "--frobnicate"), "unknown option --frobnicate"),
+    (("{tmp}/gpu.json", "{tmp}/other.json"), "one output path only"),
+    (("{tmp}/gpu.json", "--work"), "--work needs a value"),
+])
+def test_bad_arguments_fail_with_a_message(tmp_path, args, message):
+    res = run(*(a.format(tmp=tmp_path) for a in args))
+    assert res.returncode == 2
+    assert message in res.stderr and "usage:" in res.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_help_exits_0():
+    res = run("--help")
+    assert res.returncode == 0 and "OUT.json" in res.stdout
+
+
+@pytest.mark.slow
+def test_without_a_package_index_the_install_fails_clearly(tmp_path):
+    """A GPU (a stand-in nvidia-smi), a python without onnxruntime-gpu and an empty wheel folder:
+    the venv is made, pip finds nothing, and the script says what to bring."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\ncase \"$*\" in -L) echo 'GPU 0: Stand-in (UUID: GPU-0)';; *) echo 'Stand-in, 1.0, 1 MiB';; esac\n")
+    smi.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    res = run(str(tmp_path / "gpu.json"), "--venv", str(tmp_path / "venv"), "--wheels", str(wheels),
+              env={"NVIDIA_SMI": str(smi), "PYTHON": sys.executable})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "could not install onnxruntime-gpu" in res.stdout and "--wheels DIR" in res.stdout
+    # the venv sees the calling python's packages after its own
+    pth = next((tmp_path / "venv").glob("lib/python*/site-packages/gpu_check_outer.pth"))
+    assert any(Path(p).is_dir() for p in pth.read_text().split())
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_every_cell_on_the_cpu(tmp_path):
+    out = tmp_path / "rehearsal.json"
+    res = run(str(out), "--shape", "tiny", "--rehearsal", "--work", str(tmp_path / "work"), timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["rehearsal"] is True and d["gpu"] is None and "REHEARSAL" in d["note"]
+    assert d["problems"] == []
+    assert d["artifact"]["dtype"] == "float16" and d["artifact"]["ladder"] == ["int4"]
+    assert set(d["cells"]) == {"cpu/full", "cpu/ladder", "cpu-standin/full", "cpu-standin/ladder", "cpu-standin/prune",
+                               "cpu-standin/on-demand", "cpu-standin/prune-bytes"}
+    for name, c in d["cells"].items():
+        assert c["decode_ms_per_token"] > 0 and len(c["timed"]) == 5, name
+        assert c["graphs_on"] == {"CPUExecutionProvider": sum(c["graphs_on"].values())}
+    assert d["cells"]["cpu/full"]["first_choice_resident"] == 1.0
+    assert d["cells"]["cpu-standin/prune"]["first_choice_resident"] < 1.0  # 33%: tokens rerouted
+    assert not any(g["exact"] for c in d["cells"].values() for g in c["greedy"])  # float16 experts: lossy
+    assert d["cells"]["cpu-standin/ladder"]["placement"] == "host"
+    # the byte budget is the prune share cell's cap, 5% over
+    assert int(d["cells"]["cpu-standin/prune-bytes"]["budget"]) == int(d["cells"]["cpu-standin/prune"]["budget_bytes"] * 1.05)
+    # The same provider on both sides: every token and every router logit the same.
+    for key in ("cpu-standin/full vs cpu/full", "cpu-standin/ladder vs cpu/ladder"):
+        c = d["comparisons"][key]
+        assert c["same_tokens"] == c["requests"] == 3
+        assert c["router_rows_compared"] > 0 and c["router_top1_agreement"] == 1.0
+        assert c["router_logits_max_abs_diff"] == 0.0
+    assert d["memory"] == {}  # no nvidia-smi readings in a rehearsal
