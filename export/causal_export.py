@@ -159,6 +159,8 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
     try:
         writer = ArtifactWriter(tmp)
         body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, rungs, say)
+        for rung, info in body.get("ladder", {}).items():
+            ladder.check_rung(tmp, rung, info, body["experts"][0], cfg.hidden_size, "swiglu")
         tok = confined(model_dir, "tokenizer.json")
         if tok.is_file():
             writer.write_bytes("tokenizer.json", tok.read_bytes())

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from swapmoe_edge.model.causal import attention_bias, pad_left, position_ids  # noqa: E402
-from swapmoe_edge.model.families.causal import dispatch_topk, route_topk  # noqa: E402
+from swapmoe_edge.model.moe import dispatch, route_topk  # noqa: E402
 from swapmoe_edge.model.generate import Decoding, last_step  # noqa: E402
 from swapmoe_edge.model.split import NEG  # noqa: E402
 from swapmoe_edge.runtime.config import RuntimeConfig  # noqa: E402
@@ -102,7 +102,7 @@ def test_an_absent_choice_goes_to_the_best_allowed_expert_not_already_chosen():
 def test_dispatch_sums_the_gated_outputs_of_each_tokens_k_experts():
     normed = np.arange(6, dtype=np.float32).reshape(1, 3, 2)
     r = route_topk(np.random.default_rng(0).standard_normal((1, 3, 4)).astype(np.float32), 2)
-    out = dispatch_topk(r, normed, lambda e, x: x * (e + 1))
+    out = dispatch(r, normed, lambda e, x: x * (e + 1))
     want = normed * (r.gate * (r.choice + 1)).sum(-1, keepdims=True)
     np.testing.assert_allclose(out, want, rtol=1e-6)
 

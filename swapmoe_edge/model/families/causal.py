@@ -19,7 +19,7 @@ from swapmoe_edge.core.errors import ArtifactError
 from swapmoe_edge.model.causal import CausalModel, causal_config, pad_left
 from swapmoe_edge.model.families import Family
 from swapmoe_edge.model.generate import Decoding, Step, beam_steps, greedy_steps
-from swapmoe_edge.model.moe import Routing, softmax
+from swapmoe_edge.model.moe import dispatch, route_topk, topk_router
 from swapmoe_edge.model.sessions import DenseSessions
 from swapmoe_edge.model.split import MoEFn, MoEHook
 
@@ -44,53 +44,12 @@ def check(manifest: Manifest) -> None:
                             f"{', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}. Export the model again.")
 
 
-def route_topk(logits: np.ndarray, k: int, allowed: np.ndarray | None = None, norm_topk_prob: bool = False) -> Routing:
-    """Top-k of softmax(logits) in HF's order (best first), an absent choice substituted by the best
-    allowed expert not already chosen, with that expert's own probability; then the k gates
-    renormalised when ``norm_topk_prob``. Routing's fields carry a trailing k axis."""
-    probs = softmax(logits.astype(np.float32))  # [B, T, E]
-    first = np.argsort(-probs, axis=-1, kind="stable")[..., :k]  # [B, T, k]
-    choice = first
-    if allowed is not None and not allowed.all():
-        if allowed.sum() < k:
-            raise ValueError(f"top-{k} routing needs at least {k} allowed experts, {int(allowed.sum())} are")
-        masked = np.where(allowed, probs, -1.0)
-        subs = np.argsort(-masked, axis=-1, kind="stable")  # allowed experts best first, then the absent ones
-        choice = first.copy()
-        flat_c, flat_s = choice.reshape(-1, k), subs.reshape(-1, subs.shape[-1])
-        for r in np.flatnonzero(~allowed[flat_c].all(axis=-1)):
-            kept = [int(e) for e in flat_c[r] if allowed[e]]
-            extra = [int(e) for e in flat_s[r] if allowed[e] and e not in kept]
-            it = iter(extra)
-            flat_c[r] = [e if allowed[e] else next(it) for e in flat_c[r]]
-    gate = np.take_along_axis(probs, choice, axis=-1)  # [B, T, k]
-    if norm_topk_prob:
-        gate = gate / gate.sum(axis=-1, keepdims=True)
-    return Routing(probs=probs, first_choice=first, choice=choice, gate=gate.astype(np.float32),
-                   keep=np.ones(choice.shape, dtype=bool))
-
-
-def dispatch_topk(routing: Routing, normed: np.ndarray, run_expert) -> np.ndarray:
-    """Sum over each token's k choices of gate x expert(normed) [B, T, D], expert by expert in index
-    order (as transformers accumulates them); ``run_expert(e, x[N, D]) -> y[N, D]``."""
-    out = np.zeros_like(normed)
-    flat_x = normed.reshape(-1, normed.shape[-1])  # [B*T, D]
-    flat_out = out.reshape(-1, out.shape[-1])
-    k = routing.choice.shape[-1]
-    choice, gate, keep = routing.choice.reshape(-1, k), routing.gate.reshape(-1, k), routing.keep.reshape(-1, k)
-    for e in np.unique(choice[keep]):
-        rows, slot = np.nonzero((choice == e) & keep)
-        y = run_expert(int(e), np.ascontiguousarray(flat_x[rows]))
-        flat_out[rows] += y * gate[rows, slot, None]
-    return out
-
-
 def exact_moe_topk(run_expert, k: int, norm_topk_prob: bool) -> MoEFn:
     """The exact top-k MoE with every expert available: ``run_expert(ExpertKey, x) -> y``."""
 
     def moe(layer, normed, logits, token_mask):
         r = route_topk(logits, k, norm_topk_prob=norm_topk_prob)
-        return dispatch_topk(r, normed, lambda e, x: run_expert(layer.experts[e], x))
+        return dispatch(r, normed, lambda e, x: run_expert(layer.experts[e], x))
 
     return moe
 
@@ -99,11 +58,7 @@ def bind(manifest: Manifest) -> Family:
     """The family with this model's k and gate rule in its router and exact MoE."""
     c = causal_config(manifest)
     k, norm = c.top_k, c.norm_topk_prob
-
-    def route(logits: np.ndarray, capacity: int, allowed: np.ndarray | None = None, renormalize: bool = False) -> Routing:
-        return route_topk(logits, k, allowed, norm_topk_prob=norm)
-
-    return Family(name="causal", kind="decoder-only", top_k=k, build=build, route=route,
+    return Family(name="causal", kind="decoder-only", top_k=k, build=build, route=topk_router(k, norm),
                   exact_moe=lambda run_expert, capacity: exact_moe_topk(run_expert, k, norm), generate=generate,
                   embedding_files=embedding_files, touch_embeddings=touch_embeddings, envelope_pass=envelope_pass,
                   check=check)
