@@ -1,0 +1,84 @@
+"""Every policy serving a tiny decoder-only top-k artifact through the whole runtime (load, the
+engine, the family's router): exact policies give full's tokens at the smallest budget, the
+lossy ones run within it, the counters count each token's k choices, and a profile's Eq. 1
+counts every choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from swapmoe_edge.core.errors import InputError  # noqa: E402
+from swapmoe_edge.lab.trace import record_trace  # noqa: E402
+from swapmoe_edge.residency.policies import POLICIES  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
+from swapmoe_export.causal_export import export_causal  # noqa: E402
+
+import causal_tiny as ct  # noqa: E402
+
+NEW = 8
+SMALLEST = "25%"  # 2 of 8 experts a layer: as many as a token's k
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("topk-runtime")
+    return export_causal(ct.save(ct.build("qwen2_moe", seed=5), root / "ck"), root / "art", quiet=True, validate=False)
+
+
+def run(artifact, policy: str, budget: str, **cfg):
+    with Runtime(artifact, RuntimeConfig(policy=policy, budget=budget, threads=1, verify="never", reserve_bytes=0,
+                                         **cfg)) as rt:
+        assert rt.family.top_k == ct.TOP_K and rt.policy.top_k == ct.TOP_K
+        results = rt.generate(ct.prompts(), max_new_tokens=NEW)
+        return [r.token_ids for r in results], results[0].stats, rt.residents.counts()
+
+
+@pytest.fixture(scope="module")
+def full(artifact):
+    return run(artifact, "full", "100%")
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+def test_every_policy_serves_a_top_k_model_at_the_smallest_budget(artifact, full, policy):
+    tokens, stats, counts = run(artifact, policy, SMALLEST)
+    assert all(len(t) >= 1 for t in tokens)
+    assert 0.0 <= stats["first_choice_resident"] <= 1.0
+    if policy != "ladder":
+        assert max(counts.values()) <= 2 or policy == "on-demand"
+    if POLICIES[policy].exact:
+        assert tokens == full[0] and stats["exact"]
+
+
+def test_full_counts_every_first_choice_resident(full):
+    assert full[1]["first_choice_resident"] == 1.0 and full[1]["exact"]
+
+
+@pytest.mark.parametrize("absent", ["substitute", "drop"])
+def test_masked_policies_take_the_configured_rule_for_absent_choices(artifact, absent):
+    tokens, stats, _ = run(artifact, "prune", SMALLEST, absent=absent)
+    assert stats["first_choice_resident"] < 1.0 and not stats["exact"]
+
+
+def test_a_profile_counts_each_tokens_k_choices(artifact):
+    seen = {"tokens": 0}
+
+    def count(layer, normed, logits, mask, moe):  # the first sparse layer's tokens, padding excluded
+        if layer.key.layer == 0:
+            seen["tokens"] += int(np.size(mask) and np.count_nonzero(mask)) if mask is not None else logits.shape[0] * logits.shape[1]
+        return moe(layer, normed, logits, mask)
+
+    with Runtime(artifact, RuntimeConfig(policy="on-demand", budget="100%", threads=1, verify="never"),
+                 moe_hook=count) as rt:
+        rt.encode_texts = lambda texts: ([ct.prompts()[0]] * len(texts), [False] * len(texts))  # no tokenizer here
+        prof = rt.profile_texts(["one text"], max_new_tokens=NEW)
+    first = rt.sparse[0]
+    assert seen["tokens"] > 0 and prof.counts[first].sum() == seen["tokens"] * ct.TOP_K
+
+
+def test_recording_a_trace_of_a_top_k_model_is_refused(artifact, tmp_path):
+    with pytest.raises(InputError, match="routes each token to 2 experts"):
+        record_trace(artifact, [{"text": "a b c"}], tmp_path / "t.npz")
