@@ -12,6 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from swapmoe_edge.core.errors import InputError  # noqa: E402
+from swapmoe_edge.lab.calibrate import calibrate  # noqa: E402
 from swapmoe_edge.lab.trace import record_trace  # noqa: E402
 from swapmoe_edge.residency.policies import POLICIES  # noqa: E402
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
@@ -82,3 +83,10 @@ def test_a_profile_counts_each_tokens_k_choices(artifact):
 def test_recording_a_trace_of_a_top_k_model_is_refused(artifact, tmp_path):
     with pytest.raises(InputError, match="routes each token to 2 experts"):
         record_trace(artifact, [{"text": "a b c"}], tmp_path / "t.npz")
+
+
+def test_a_decoder_predictor_is_refused_for_a_decoder_only_model_before_any_pass(artifact, tmp_path):
+    data = tmp_path / "texts.jsonl"
+    data.write_text('{"text": "one"}\n{"text": "two"}\n')
+    with pytest.raises(InputError, match="no encoder routing"):
+        calibrate(artifact, data, with_predictor=True, budget="100%")

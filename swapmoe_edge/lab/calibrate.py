@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.lab.streams import read_stream
 from swapmoe_edge.lab.substitution import LOSS_NOTE, RUNG_LOSS_NOTE, measure_loss, measure_rung_loss
 from swapmoe_edge.model.rungs import rung_runners
@@ -34,7 +35,12 @@ def calibrate(artifact: str | Path, data: str | Path, *, limit: int | None = Non
     """
     texts = calibration_texts(data, limit, sections, exclude_sections)
     with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device)) as rt:
+        if with_predictor and not any(lk.stack == "encoder" for lk in rt.sparse):
+            raise InputError(f"{artifact}: a {rt.family.kind} model has no encoder routing to predict its decoder's "
+                             "experts from; profile it without --predict-decoder.")
         prof = rt.profile_texts(texts, max_new_tokens=max_new_tokens)
+        if rt.family.top_k > 1:  # Eq. 1 summed over each token's k choices
+            prof = replace(prof, meta={**prof.meta, "top_k": rt.family.top_k})
         if with_loss:
             loss, substitute = measure_loss(rt, texts, prof.importance, max_new_tokens=max_new_tokens)
             prof = replace(prof, loss=loss, substitute=substitute, meta={**prof.meta, "loss": LOSS_NOTE})
