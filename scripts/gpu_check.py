@@ -104,7 +104,8 @@ def cell(spec: dict) -> None:
 
     t0 = time.time()
     cfg = RuntimeConfig(policy=spec["policy"], budget=spec["budget"], device=spec["device"],
-                        expert_placement=spec["placement"], cold_start="blocking", baseline_cache=False)
+                        expert_placement=spec["placement"], cold_start="blocking", baseline_cache=False,
+                        ladder_primary=spec.get("ladder_primary", True))
     rt = Runtime(spec["artifact"], cfg)
     launch_s = time.time() - t0
     vocab = rt.manifest.config.vocab_size
@@ -405,9 +406,14 @@ def run(a: argparse.Namespace) -> int:
     cells["cpu/full"] = dict(policy="full", budget="100%", device=CPU_DEVICE, placement="auto")
     cells["cpu/ladder"] = dict(policy="ladder", budget=a.share, device=CPU_DEVICE, placement="host")
     cells[f"{tag}/prune-bytes"] = dict(policy="prune", budget=None, device=gpu_device, placement="auto")
+    # Every expert as its int4 copy (ladder_primary=False, the budget free memory allows): the same
+    # resident plan on both providers, so the MatMulNBits kernels are compared like with like.
+    for side, dev in ((tag, gpu_device), ("cpu", CPU_DEVICE)):
+        cells[f"{side}/ladder-int4"] = dict(policy="ladder", budget="auto", device=dev, placement="host",
+                                           ladder_primary=False)
     # The GPU's cells first: when time runs short, they are what this check is for.
     order = [f"{tag}/full", "cpu/full", f"{tag}/ladder", "cpu/ladder", f"{tag}/prune", f"{tag}/on-demand",
-             f"{tag}/prune-bytes"]
+             f"{tag}/prune-bytes", f"{tag}/ladder-int4", "cpu/ladder-int4"]
     plan = [(name, cells[name]) for name in order]
     failed = False
     for name, extra in plan:
@@ -451,7 +457,8 @@ def run(a: argparse.Namespace) -> int:
             say(f"  GPU memory: {result['memory'][name]['summary']}")
         save()
 
-    for ref, other in (("cpu/full", f"{tag}/full"), ("cpu/ladder", f"{tag}/ladder")):
+    for ref, other in (("cpu/full", f"{tag}/full"), ("cpu/ladder", f"{tag}/ladder"),
+                       ("cpu/ladder-int4", f"{tag}/ladder-int4")):
         r, o = result["cells"].get(ref), result["cells"].get(other)
         if r and o and "greedy" in r and "greedy" in o:
             c = _compare(r, o, work / f"routing-{ref.replace('/', '_')}.npz",

@@ -93,7 +93,8 @@ def test_rehearsal_runs_every_cell_on_the_cpu(tmp_path):
     assert d["problems"] == []
     assert d["artifact"]["dtype"] == "float16" and d["artifact"]["ladder"] == ["int4"]
     assert set(d["cells"]) == {"cpu/full", "cpu/ladder", "cpu-standin/full", "cpu-standin/ladder", "cpu-standin/prune",
-                               "cpu-standin/on-demand", "cpu-standin/prune-bytes"}
+                               "cpu-standin/on-demand", "cpu-standin/prune-bytes", "cpu-standin/ladder-int4",
+                               "cpu/ladder-int4"}
     for name, c in d["cells"].items():
         assert c["decode_ms_per_token"] > 0 and len(c["timed"]) == 5, name
         assert c["graphs_on"] == {"CPUExecutionProvider": sum(c["graphs_on"].values())}
@@ -103,10 +104,16 @@ def test_rehearsal_runs_every_cell_on_the_cpu(tmp_path):
     assert d["cells"]["cpu-standin/ladder"]["placement"] == "host"
     # the byte budget is the prune share cell's cap, 5% over
     assert int(d["cells"]["cpu-standin/prune-bytes"]["budget"]) == int(d["cells"]["cpu-standin/prune"]["budget_bytes"] * 1.05)
-    # The same provider on both sides: every token and every router logit the same.
-    for key in ("cpu-standin/full vs cpu/full", "cpu-standin/ladder vs cpu/ladder"):
+    int4 = d["cells"]["cpu-standin/ladder-int4"]["residents_by_rung"]
+    assert int4 == {"int4": sum(int4.values())} and int4["int4"] > 0  # every expert as its int4 copy
+    # The same provider on both sides: every token and every router logit the same, where the
+    # resident plans are the same (the ladder's at 33% follows copy costs measured per process).
+    for key in ("cpu-standin/full vs cpu/full", "cpu-standin/ladder vs cpu/ladder", "cpu-standin/ladder-int4 vs cpu/ladder-int4"):
         c = d["comparisons"][key]
-        assert c["same_tokens"] == c["requests"] == 3
-        assert c["router_rows_compared"] > 0 and c["router_top1_agreement"] == 1.0
-        assert c["router_logits_max_abs_diff"] == 0.0
+        assert c["requests"] == 3 and c["router_rows_compared"] > 0
+        if "/ladder " not in key:
+            assert c["same_resident_plan"], key
+        if c["same_resident_plan"]:
+            assert c["same_tokens"] == 3 and c["router_top1_agreement"] == 1.0
+            assert c["router_logits_max_abs_diff"] == 0.0
     assert d["memory"] == {}  # no nvidia-smi readings in a rehearsal
