@@ -101,19 +101,26 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
                             tuple(ladder_rungs), force, (need, free))
 
 
+def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
+    """One SwiGLU expert's weight block: wi [D, 2F] and wo [F, D] as stored, with their scales."""
+    n, g = 2 * f, quant.INT4_GROUP
+    sizes = {"float32": [d * n * 4, f * d * 4], "float16": [d * n * 2, f * d * 2],
+             "int8": [d * n, n * 4, f * d, d * 4], "int4": [d * n // 2, d // g * n * 2, f * d // 2, f // g * d * 2]}
+    return space._packed(sizes[expert_dtype])
+
+
 def artifact_bytes(cfg: CausalConfig, dtype: str, expert_dtype: str, rungs: tuple[str, ...]) -> int:
-    """Bytes on disk of the artifact (an upper estimate, whole blocks)."""
+    """Bytes on disk of the artifact export writes (an upper estimate, whole filesystem blocks)."""
     v, d, f, e, n = cfg.vocab_size, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_layers
     w = 4 if dtype == "float32" else 2
-    attn = d * cfg.num_heads * cfg.head_dim * 2 + 2 * d * cfg.num_kv_heads * cfg.head_dim + 4 * d
+    attn = 2 * d * cfg.num_heads * cfg.head_dim + 2 * d * cfg.num_kv_heads * cfg.head_dim + 4 * d
     layer = (attn + e * d + 3 * d * cfg.shared_expert_size + d) * w
-    dense = [v * d * w, v * d * w + d * w] + [layer] * n
-    block = space._packed([d * 2 * f * 4, f * d * 4]) // (1 if expert_dtype == "float32" else 2 if expert_dtype == "float16" else 3)
-    per_expert = space._blocks(block + 2 * space.BLOCK) + space._blocks(space.GRAPH_BYTES)
-    per_expert += sum(space._blocks(space.rung_block_bytes(d, 2 * f, r)) for r in rungs)
+    dense = [v * d * w, v * d * w + d * w] + [layer] * n  # embed, LM head, step graphs
+    per_expert = space._blocks(expert_block_bytes(d, f, expert_dtype)) + space._blocks(space.GRAPH_BYTES)
+    per_expert += sum(space._blocks(space.rung_block_bytes(d, f, r) + d * f * 2) for r in rungs)  # wi has 2F rows
     total = sum(space._blocks(x + space.GRAPH_BYTES) for x in dense) + n * e * per_expert
-    n_files = len(dense) + n * e * (2 + len(rungs)) + 8
-    return total + space._blocks(n_files * space.MANIFEST_BYTES_PER_FILE) + (4 << 20)
+    n_files = len(dense) + n * e * (2 + len(rungs)) + 3 * len(rungs) + 3
+    return total + len(rungs) * 3 * space._blocks(space.GRAPH_BYTES) + space._blocks(n_files * space.MANIFEST_BYTES_PER_FILE)
 
 
 def _side_json(model_dir: Path, name: str) -> dict:

@@ -1,30 +1,34 @@
-"""Check an exported decoder-only MoE artifact against the PyTorch model.
+"""Check an exported decoder-only MoE artifact against the PyTorch model, one layer at a time.
 
-Two checks, every mismatch reported together (ValidationError):
-- every expert's standalone subgraph against SwiGLU in numpy on the weights it stores, within
-  the float32 rounding bound of its two matmuls (bounds.py);
-- the split model end to end (every expert run by its own subgraph) against transformers'
-  logits on a left-padded batch, with the weights rounded as the artifact stores them, each
-  real token within the rounding bound of the whole stack. A few tokens past it while the rest
-  are within it are a routing decision flipped at a near tie (reported, not failed).
-
-The PyTorch model is loaded whole (transformers' from_pretrained), so validating needs the
-memory of the float32 model; export --no-validate for models bigger than RAM.
+The reference is transformers' own decoder layer of the family, built for one layer at a time
+with that layer's weights read from the checkpoint (rounded as the artifact stores them), so
+that validating holds one layer's weights, not the model's. Checks, every mismatch reported
+together (ValidationError), each against the float32 rounding bound of what it computes
+(bounds.py):
+- every expert's standalone subgraph against SwiGLU on the checkpoint's weights for it;
+- block by block: each layer (its step graph and routed experts) on transformers' input to it,
+  and the LM head, on a left-padded batch's real tokens;
+- end to end: the split model alone against transformers' logits; a few tokens past the whole
+  stack's bound while the blocks match are a routing decision flipped at a near tie (reported).
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from swapmoe_edge.artifact.manifest import load_manifest
 from swapmoe_edge.core.errors import ValidationError
-from swapmoe_edge.model.causal import CausalModel, causal_config, position_ids
+from swapmoe_edge.artifact.causal_config import CausalConfig
+from swapmoe_edge.model.causal import CausalModel, attention_bias, causal_config, position_ids
 from swapmoe_edge.model.families.causal import exact_moe_topk
 from swapmoe_edge.model.sessions import DenseSessions, open_session, session_options
 
 from . import bounds, quant
+from .causal_checkpoint import CausalReader
 
 FEW = 1 / 8  # at most this share of the real tokens past the bound: flipped routing, not wiring
 
@@ -40,45 +44,101 @@ def sample_inputs(vocab: int, pad: int, seed: int = 0, batch: int = 2, length: i
     return ids, mask
 
 
-def hf_logits(model_dir: Path, arch: str, ids: np.ndarray, mask: np.ndarray, dtype: str, expert_dtype: str) -> np.ndarray:
-    """transformers' logits [B, S, V], the weights rounded as the artifact stores them."""
+@dataclass
+class Reference:
+    """transformers' side of a check: each layer's input and output [B, S, D], the logits [B, S, V]."""
+
+    block_in: list[np.ndarray]
+    block_out: list[np.ndarray]
+    logits: np.ndarray
+
+
+def _layer_state(reader: CausalReader, i: int, dtype: str, expert_dtype: str) -> dict:
+    """Layer i's tensors under the names transformers' decoder layer holds them (fused experts),
+    rounded as the artifact stores them."""
+    import torch  # deferred: validation only
+
+    def dense(a: np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a.astype(np.float16).astype(np.float32) if dtype == "float16" else a))
+
+    w = reader.attention(i)
+    state = {"input_layernorm.weight": w["input_layernorm"], "post_attention_layernorm.weight": w["post_attention_layernorm"],
+             "mlp.gate.weight": reader.router(i)}
+    for k in "qkvo":
+        state[f"self_attn.{k}_proj.weight"] = w[k]
+        if w.get(f"{k}_bias") is not None:
+            state[f"self_attn.{k}_proj.bias"] = w[f"{k}_bias"]
+    if "q_norm" in w:
+        state["self_attn.q_norm.weight"], state["self_attn.k_norm.weight"] = w["q_norm"], w["k_norm"]
+    shared = reader.shared_expert(i)
+    if shared is not None:
+        for name in ("gate", "up", "down"):
+            state[f"mlp.shared_expert.{name}_proj.weight"] = shared[name]
+        state["mlp.shared_expert_gate.weight"] = shared["gate_weight"]
+    state = {k: dense(v) for k, v in state.items()}
+    gate_up, down = [], []
+    for e in range(reader.cfg.num_experts):
+        wi_t, wo_t = reader.expert(i, e)
+        gate_up.append(quant.as_stored(wi_t, expert_dtype).T)
+        down.append(quant.as_stored(wo_t, expert_dtype).T)
+    state["mlp.experts.gate_up_proj"] = torch.from_numpy(np.ascontiguousarray(np.stack(gate_up)))
+    state["mlp.experts.down_proj"] = torch.from_numpy(np.ascontiguousarray(np.stack(down)))
+    return state
+
+
+def streamed_reference(model_dir: Path, cfg: CausalConfig, ids: np.ndarray, mask: np.ndarray, dtype: str,
+                       expert_dtype: str) -> Reference:
+    """transformers' own decoder layers run one at a time on weights read from the checkpoint (one
+    layer in memory at a time), with the position ids and mask generate gives a left-padded batch."""
     import torch  # deferred: validation only
     import transformers  # deferred: validation only
 
-    model = getattr(transformers, arch).from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
+    hf_config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    hf_config._attn_implementation = "eager"
+    hf_config._experts_implementation = "eager"  # the expert loop in index order, as the split model adds them
+    module = sys.modules[getattr(transformers, cfg.architecture).__module__]
+    prefix = cfg.architecture[: -len("ForCausalLM")]
+    reader = CausalReader(model_dir, cfg)
+    t = ids.shape[1]
+    rnd = (lambda a: a.astype(np.float16).astype(np.float32)) if dtype == "float16" else (lambda a: a)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".experts." in name or name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
-                continue
-            if dtype == "float16":
-                p.copy_(p.half().float())
-        for layer in model.model.layers:
-            experts = layer.mlp.experts
-            for e in range(experts.gate_up_proj.shape[0]):
-                wi_t = experts.gate_up_proj[e].T.numpy()  # [D, 2F]
-                wo_t = experts.down_proj[e].T.numpy()  # [F, D]
-                experts.gate_up_proj[e] = torch.from_numpy(np.ascontiguousarray(quant.as_stored(wi_t, expert_dtype).T))
-                experts.down_proj[e] = torch.from_numpy(np.ascontiguousarray(quant.as_stored(wo_t, expert_dtype).T))
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(position_ids(mask, ids.shape[1])))
-    return out.logits.float().numpy()
+        h = torch.from_numpy(np.ascontiguousarray(rnd(reader.embed())[ids]))
+        pos = torch.from_numpy(position_ids(mask, t))
+        rope = getattr(module, f"{prefix}RotaryEmbedding")(hf_config)(h, pos)
+        bias = torch.from_numpy(attention_bias(mask, t, cfg.sliding_window))
+        block_in, block_out = [], []
+        for i in range(cfg.num_layers):
+            with torch.device("meta"):
+                layer = getattr(module, f"{prefix}DecoderLayer")(hf_config, i)
+            layer.load_state_dict(_layer_state(reader, i, dtype, expert_dtype), strict=True, assign=True)
+            layer.eval()
+            block_in.append(h.numpy().copy())
+            out = layer(h, position_embeddings=rope, attention_mask=bias, position_ids=pos)
+            h = out[0] if isinstance(out, tuple) else out
+            block_out.append(h.numpy().copy())
+            del layer
+        norm = getattr(module, f"{prefix}RMSNorm")(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        norm.weight.copy_(torch.from_numpy(rnd(reader.get("model.norm.weight"))))
+        logits = torch.nn.functional.linear(norm(h), torch.from_numpy(rnd(reader.lm_head()))).numpy()
+    reader.close()
+    return Reference(block_in, block_out, logits)
 
 
-def check_experts(manifest, seed: int = 0, tokens: int = 4) -> tuple[list[str], float]:
-    """Every expert's standalone subgraph against numpy SwiGLU on its stored weights: (mismatches, worst share of the bound)."""
+def check_experts(manifest, reader: CausalReader, seed: int = 0, tokens: int = 4) -> tuple[list[str], float]:
+    """Every expert's standalone subgraph against numpy SwiGLU on the checkpoint's weights for it,
+    rounded as stored (a block holding another expert's weights fails): (mismatches, worst share of the bound)."""
     rng = np.random.default_rng(seed)
     opts = session_options(1)
     d, f = manifest.config.d_model, manifest.config.d_ff
     bound = bounds.rounding_bound(d + 2 * f)
     bad, worst = [], 0.0
     for key, entry in manifest.experts.items():
-        weights = _stored_weights(manifest, entry)
+        wi_t, wo_t = (quant.as_stored(w, manifest.expert_dtype).astype(np.float64) for w in reader.expert(key.layer, key.expert))
         x = rng.standard_normal((tokens, d)).astype(np.float32)
         got = open_session(manifest.path(entry.graph.file), opts).run(None, {"x": x})[0]
-        h = x.astype(np.float64) @ weights[0]
+        h = x.astype(np.float64) @ wi_t
         gate, up = h[:, :f], h[:, f:]
-        ref = (gate / (1 + np.exp(-gate)) * up) @ weights[1]
+        ref = (gate / (1 + np.exp(-gate)) * up) @ wo_t
         cmp = bounds.compare(f"expert {key.name}", got[None], ref[None].astype(np.float32), bound)
         if isinstance(cmp, str):
             bad.append(cmp)
@@ -89,23 +149,8 @@ def check_experts(manifest, seed: int = 0, tokens: int = 4) -> tuple[list[str], 
     return bad, worst
 
 
-def _stored_weights(manifest, entry) -> tuple[np.ndarray, np.ndarray]:
-    """An expert's float64 wi [D, 2F] and wo [F, D] as its weight block stores them."""
-    raw = manifest.path(entry.weights_file).read_bytes()
-    arrays = {}
-    for t in entry.tensors:
-        dt = np.dtype(t.dtype)
-        n = int(np.prod(t.shape))
-        arrays[t.role] = np.frombuffer(raw, dtype=dt, count=n, offset=t.offset).reshape(t.shape)
-    if manifest.expert_dtype == "int8":
-        return tuple(quant.dequantize_int8(arrays[r], arrays[f"{r}_scale"]).astype(np.float64) for r in ("wi", "wo"))
-    if manifest.expert_dtype == "int4":
-        return tuple(quant.dequantize_int4(arrays[r], arrays[f"{r}_scale"]).astype(np.float64) for r in ("wi", "wo"))
-    return arrays["wi"].astype(np.float64), arrays["wo"].astype(np.float64)
-
-
-def artifact_logits(artifact: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The split model's logits, every expert run by its own standalone subgraph."""
+def split_model(artifact: Path) -> CausalModel:
+    """The split model, every expert run by its own standalone subgraph (opened per call, not kept)."""
     manifest = load_manifest(artifact)
     cfg = causal_config(manifest)
     opts = session_options()
@@ -113,43 +158,65 @@ def artifact_logits(artifact: Path, ids: np.ndarray, mask: np.ndarray) -> np.nda
     def run_expert(key, x):
         return open_session(manifest.path(manifest.experts[key].graph.file), opts).run(None, {"x": x})[0]
 
-    model = CausalModel(manifest, DenseSessions(manifest), exact_moe_topk(run_expert, cfg.top_k, cfg.norm_topk_prob))
-    return model.forward(ids, mask)
+    return CausalModel(manifest, DenseSessions(manifest), exact_moe_topk(run_expert, cfg.top_k, cfg.norm_topk_prob))
 
 
-def stack_reductions(manifest) -> int:
-    """The sum of reduction lengths along one token's path through the model (bounds.py's measure)."""
-    c = causal_config(manifest)
+def block_reductions(c: CausalConfig, length: int) -> int:
+    """The sum of reduction lengths along one token's path through one layer (bounds.py's measure):
+    the norms, q/k/v, scores, the weighted sum, o, the router, k experts, the shared expert."""
     d, f = c.hidden_size, c.moe_intermediate_size
-    per_layer = 4 * d + 2 * c.head_dim + c.num_heads * c.head_dim + c.top_k * (d + f) + 3 * c.shared_expert_size
-    return c.num_layers * per_layer + 2 * d
+    return 3 * d + c.head_dim + length + c.num_heads * c.head_dim + d + c.top_k * (d + f) + (d + c.shared_expert_size)
+
+
+def _real(got: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask.astype(bool)[..., None], got, ref)  # padded positions are not compared
 
 
 def validate_causal(model_dir: Path, artifact: Path, dtype: str = "float32", expert_dtype: str | None = None, seed: int = 0) -> dict:
-    """Compare the artifact with the HF model; raise ValidationError listing every mismatch."""
+    """Compare the artifact with the HF model; raise ValidationError listing every mismatch.
+
+    Block by block: each layer (step graph and experts) on transformers' own input to it, and the
+    LM head, every real token within the float32 rounding bound of that block. End to end: the
+    split model alone against transformers' logits; a few tokens past the whole stack's bound
+    (at most FEW of them) are a routing decision flipped at a near tie and are reported."""
     manifest = load_manifest(artifact)
     c = causal_config(manifest)
     ids, mask = sample_inputs(c.vocab_size, c.pad_token_id, seed)
-    ref = hf_logits(Path(model_dir), c.architecture, ids, mask, dtype, expert_dtype or dtype)
-    got = artifact_logits(artifact, ids, mask)
-    real = mask.astype(bool)
-    got_real = np.where(real[..., None], got, ref)  # padded positions are not compared
-    mismatches, expert_worst = check_experts(manifest, seed)
-    bound = bounds.rounding_bound(stack_reductions(manifest))
-    e2e = bounds.compare("logits (split model end to end, real tokens)", got_real, ref, bound)
+    t = ids.shape[1]
+    ref = streamed_reference(Path(model_dir), c, ids, mask, dtype, expert_dtype or dtype)
+    model = split_model(artifact)
+    pos, bias = position_ids(mask, t), attention_bias(mask, t, c.sliding_window)
+    empty = model.empty_state(ids.shape[0])
+    checks = []
+    for i, layer in enumerate(model.layers):
+        got = model.block(i, ref.block_in[i], pos, bias, empty.past_key[i], empty.past_value[i], mask.astype(bool))[0]
+        checks.append(bounds.compare(f"{layer.key.name} block output", _real(got, ref.block_out[i], mask), ref.block_out[i],
+                                     bounds.rounding_bound(block_reductions(c, t))))
+    head = model.sessions.run("lm_head", {"hidden": ref.block_out[-1]})[0]
+    checks.append(bounds.compare("logits (LM head on the PyTorch decoder output)", _real(head, ref.logits, mask), ref.logits,
+                                 bounds.rounding_bound(2 * c.hidden_size)))
+    reader = CausalReader(Path(model_dir), c)
+    mismatches, expert_worst = check_experts(manifest, reader, seed)
+    reader.close()
+    mismatches += [ch if isinstance(ch, str) else ch.describe() for ch in checks if isinstance(ch, str) or not ch.passed]
+    got = _real(model.forward(ids, mask), ref.logits, mask)
+    e2e = bounds.compare("logits (split model end to end, real tokens)", got, ref.logits,
+                         bounds.rounding_bound(c.num_layers * block_reductions(c, t) + 2 * c.hidden_size))
     if isinstance(e2e, str):
         mismatches.append(e2e)
-    elif int(e2e.bad.sum()) > max(1, FEW * int(real.sum())):
+    elif int(e2e.bad.sum()) > max(1, FEW * int(mask.sum())):
         mismatches.append(e2e.describe())
     if mismatches:
         raise ValidationError(mismatches)
+    blocks = [ch for ch in checks if not isinstance(ch, str)]
     return {
         "passed": True,
-        "max_abs_diff": float(np.max(np.abs(got_real - ref))),
+        "max_abs_diff": float(np.max(np.abs(got - ref.logits))),
+        "blocks_compared": len(blocks),
         "experts_compared": len(manifest.experts),
         "expert_worst_share_of_bound": expert_worst,
-        "inputs": {"batch": int(ids.shape[0]), "length": int(ids.shape[1]), "left_padded_rows": 1, "seed": seed},
-        "token_bound": bound,
+        "block_worst_share_of_bound": max(ch.worst / ch.bound for ch in blocks),
+        "inputs": {"batch": int(ids.shape[0]), "length": int(t), "left_padded_rows": 1, "seed": seed},
         "end_to_end_worst_token_error": e2e.worst,
         "end_to_end_outliers": e2e.outliers(),
     }

@@ -143,3 +143,43 @@ def test_ladder_without_swiglu_rungs_is_refused_not_written(exported, tmp_path, 
         export_causal(ck, tmp_path / "out", quiet=True, validate=False, ladder_rungs=("int4",))
     m = load_manifest(export_causal(ck, tmp_path / "out", quiet=True, validate=False))
     assert not m.ladder
+
+
+def test_validation_names_the_wiring_when_the_artifact_is_another_models(exported, tmp_path):
+    from swapmoe_edge.core.errors import ValidationError
+    from swapmoe_export.causal_validate import validate_causal
+
+    other = ct.save(ct.build("olmoe", seed=9), tmp_path / "other")
+    with pytest.raises(ValidationError, match="wiring"):
+        validate_causal(other, exported["olmoe"][2])
+
+
+def test_validation_names_experts_whose_weight_blocks_were_swapped(exported, tmp_path):
+    import shutil
+
+    from swapmoe_edge.core.errors import ValidationError
+    from swapmoe_export.causal_validate import validate_causal
+
+    art = shutil.copytree(exported["qwen3_moe"][2], tmp_path / "art")
+    m = load_manifest(art)
+    a, b = (m.path(m.experts[k].weights_file) for k in sorted(m.experts)[2:4])
+    block_a, block_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(block_b)
+    b.write_bytes(block_a)
+    with pytest.raises(ValidationError) as err:
+        validate_causal(exported["qwen3_moe"][1], art)
+    names = [k.name for k in sorted(m.experts)[2:4]]
+    assert all(f"expert {n}" in str(err.value) for n in names)
+
+
+def test_the_disk_estimate_covers_what_export_writes(exported, tmp_path):
+    from swapmoe_export.causal_export import artifact_bytes
+
+    _, ck, _ = exported["mixtral"]
+    for expert_dtype in ("float32", "int8", "int4"):
+        art = export_causal(ck, tmp_path / expert_dtype, expert_dtype=expert_dtype, quiet=True, validate=False,
+                            ladder_rungs=() if expert_dtype == "int4" else None)
+        m = load_manifest(art)
+        written = sum(f.size for f in m.files.values())
+        need = artifact_bytes(causal_config(m), "float32", expert_dtype, tuple(m.ladder))
+        assert written <= need < 3 * written + (1 << 20)

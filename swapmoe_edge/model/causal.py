@@ -120,17 +120,22 @@ class CausalModel:
         h = self.sessions.run("embed", {"input_ids": ids.astype(np.int64)})[0]  # [B, T, D]
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            out = self.sessions.run(layer.parts["step"], {
-                "hidden": h, "position_ids": pos, "attn_bias": bias,
-                "past_key": state.past_key[i], "past_value": state.past_value[i]})
-            # hidden_out, present_key, present_value, normed [B, T, D], router_logits [B, T, E]
-            h = out[0] + self._moe(layer, out[3], out[4], token_mask, hook)
-            keys.append(out[1])
-            values.append(out[2])
+            h, key, value = self.block(i, h, pos, bias, state.past_key[i], state.past_value[i], token_mask, hook)
+            keys.append(key)
+            values.append(value)
             if capture:
                 capture(layer.key, h)
         logits = self.sessions.run("lm_head", {"hidden": h})[0]  # [B, T, V]
         return logits, CausalState(keys, values, full)
+
+    def block(self, i: int, h: np.ndarray, pos: np.ndarray, bias: np.ndarray, past_key: np.ndarray, past_value: np.ndarray,
+              token_mask: np.ndarray | None, hook: MoEHook | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layer i on h [B, T, D]: its step graph, then the routed experts -> (h, present key, present value)."""
+        layer = self.layers[i]
+        out = self.sessions.run(layer.parts["step"], {"hidden": h, "position_ids": pos, "attn_bias": bias,
+                                                      "past_key": past_key, "past_value": past_value})
+        # hidden_out, present_key, present_value, normed [B, T, D], router_logits [B, T, E]
+        return out[0] + self._moe(layer, out[3], out[4], token_mask, hook), out[1], out[2]
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, capture: Capture | None = None,
                 hook: MoEHook | None = None) -> np.ndarray:
