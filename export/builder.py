@@ -66,8 +66,14 @@ def point_at(t: TensorProto, location: str, offset: int, length: int) -> None:
 class GraphBuilder:
     """A tiny helper that accumulates nodes and initializers for one subgraph."""
 
-    def __init__(self, scope: str, storage_dtype: str = "float32"):
+    def __init__(self, scope: str, storage_dtype: "str | quant.DenseWeights" = "float32"):
+        """``storage_dtype``: the type weights are stored in, or a DenseWeights (dense subgraphs:
+        its float type, and MatMul weights as MatMulNBits when it has ``bits``)."""
         self.scope = scope
+        self.nbits = None
+        if isinstance(storage_dtype, quant.DenseWeights):
+            self.nbits = storage_dtype if storage_dtype.bits else None
+            storage_dtype = storage_dtype.storage
         # int4 weights are packed uint8 and always added raw; numpy has no int4 of its own
         # (only ml_dtypes registers one, and only once something has imported it).
         self.storage = np.dtype(np.uint8 if storage_dtype == "int4" else storage_dtype)
@@ -139,6 +145,8 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, self.scope.strip("/").replace("/", "."), self.inputs, self.outputs, self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="swapmoe_export")
         m.ir_version = IR_VERSION
+        if self.nbits and any(n.op_type == "MatMulNBits" for n in self.nodes):
+            m.opset_import.append(helper.make_opsetid(MS, 1))
         return BuiltGraph(m, self.blobs)
 
     # -- layers ----------------------------------------------------------------------
@@ -174,12 +182,31 @@ class GraphBuilder:
         out = self.op("MultiHeadAttention", ins, hint=hint, n_out=3 if past else 1, domain=MS, num_heads=h, scale=1.0)
         return [out] if isinstance(out, str) else out
 
-    def linear(self, x: str, w_torch: np.ndarray, name: str, bias: np.ndarray | None = None, external: dict | None = None) -> str:
-        w = self.weight(f"{name}.weight", np.ascontiguousarray(w_torch.T), external)
-        y = self.op("MatMul", [x, w], hint=name)
+    def linear(self, x: str, w_torch: np.ndarray, name: str, bias: np.ndarray | None = None, external: dict | None = None,
+               keep_float: bool = False) -> str:
+        """x · w_torch^T (+ bias). In a low-bit dense graph (``nbits``) the weight is stored for
+        MatMulNBits unless ``keep_float`` (the router) or it lies in an expert's block (``external``)."""
+        if self.nbits and not keep_float and external is None:
+            y = self.matmul_nbits(x, w_torch, name)
+        else:
+            y = self.op("MatMul", [x, self.weight(f"{name}.weight", np.ascontiguousarray(w_torch.T), external)], hint=name)
         if bias is not None:
             y = self.op("Add", [y, self.weight(f"{name}.bias", bias)], hint=f"{name}/bias")
         return y
+
+    def matmul_nbits(self, x: str, w_torch: np.ndarray, name: str) -> str:
+        """x[..., K] · W[K, N] through com.microsoft.MatMulNBits, W quantised from w_torch[N, K]
+        (quant.quantize_nbits: the ladder's layout, ``self.nbits`` bits and block)."""
+        nb = self.nbits
+        n, k = w_torch.shape
+        q, s = quant.quantize_nbits(np.ascontiguousarray(w_torch.T), nb.bits, nb.block)
+        q_name = self.weight(f"{name}.weight_q{nb.bits}", q, raw=True)
+        s_name = self.weight(f"{name}.weight_scale", s, raw=True)
+        out = self._name(f"{name}_out")
+        self.nodes.append(helper.make_node("MatMulNBits", [x, q_name, s_name], [out], name=f"{self.scope}/{name}/MatMulNBits_{self._n}",
+                                           domain=MS, K=k, N=n, bits=nb.bits, block_size=nb.block,
+                                           accuracy_level=nb.accuracy_level))
+        return out
 
     def act(self, x: str, kind: str) -> str:
         if kind == "relu":

@@ -81,6 +81,8 @@ def export_checkpoint(
     fuse_layers: bool = True,
     ladder_rungs: tuple[str, ...] | None = None,
     force: bool = False,
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
 ) -> Path:
     """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path.
 
@@ -92,12 +94,19 @@ def export_checkpoint(
 
     ``fuse_layers=False`` writes the schema-1 layout (separate attention/FFN subgraphs) for
     tests and before/after benchmarks; the fused layout decodes with fewer ORT calls.
+
+    ``dtype`` int8 or int4: every dense MatMul weight but the router's is stored for ONNX Runtime's
+    MatMulNBits (``block_size`` inputs a scale, ``accuracy_level`` 4: int8 activations, 0: float32;
+    None: the measured defaults, quant.py), everything else float32. Lossy; the validation compares
+    with PyTorch running the same quantised weights and reports the loss against the float model.
     """
     if causal_export.is_causal(model_dir):  # a decoder-only top-k MoE (Mixtral, Qwen-MoE, OLMoE): its own driver
         return causal_export.export_causal(model_dir, out_dir, dtype=dtype, validate=validate, expert_dtype=expert_dtype,
                                            quiet=quiet, stream=stream, ladder_rungs=ladder_rungs, force=force)
-    if dtype not in ("float32", "float16"):
-        raise ExportError(f"--dtype must be float32 or float16, not {dtype!r}")
+    try:
+        dense = quant.dense_weights(dtype, block_size, accuracy_level)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     expert_dtype = expert_dtype or dtype
     if expert_dtype not in quant.EXPERT_DTYPES:
         raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
@@ -129,18 +138,18 @@ def export_checkpoint(
             )
     reader = CheckpointReader(model_dir)
     check_sparse_layers(model_dir, cfg, reader.names())
-    need = _artifact_bytes(reader, model_dir, cfg, dtype, expert_dtype, tuple(ladder_rungs), fuse_layers)
+    need = _artifact_bytes(reader, model_dir, cfg, dense, expert_dtype, tuple(ladder_rungs), fuse_layers)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         free = space.check_space(out.parent, need)
     except OSError as e:
         raise space.write_error(e, out, need, None) from e
     with sigterm_unwinds():
-        return _export_into(reader, model_dir, out, raw_cfg, cfg, dtype, expert_dtype, validate, quiet, stream, fuse_layers,
+        return _export_into(reader, model_dir, out, raw_cfg, cfg, dense, expert_dtype, validate, quiet, stream, fuse_layers,
                             tuple(ladder_rungs), force, (need, free))
 
 
-def _artifact_bytes(reader: CheckpointReader, model_dir: Path, cfg: ModelConfig, dtype: str, expert_dtype: str,
+def _artifact_bytes(reader: CheckpointReader, model_dir: Path, cfg: ModelConfig, dtype: quant.DenseWeights, expert_dtype: str,
                     rungs: tuple[str, ...], fuse_layers: bool) -> int:
     """space.artifact_bytes for this checkpoint: its own per-stack tables and tokenizer count too."""
     tables = 0 if cfg.tie_word_embeddings else sum(reader.has(f"{s}.embed_tokens.weight") for s in ("encoder", "decoder"))
@@ -149,7 +158,7 @@ def _artifact_bytes(reader: CheckpointReader, model_dir: Path, cfg: ModelConfig,
     return space.artifact_bytes(cfg, dtype, expert_dtype, rungs, stack_tables=tables, side_bytes=side, fused=fuse_layers)
 
 
-def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dtype: str, expert_dtype: str,
+def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dense: quant.DenseWeights, expert_dtype: str,
                  validate: bool, quiet: bool, stream, fuse_layers: bool = True, rungs: tuple[str, ...] = (), force: bool = False,
                  space_need_free: tuple[int, int] = (0, 0)) -> Path:
     def warn(what: str) -> None:  # not progress: shown even with quiet
@@ -163,7 +172,7 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, progress, fuse_layers, rungs)
+        body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, progress, fuse_layers, rungs)
         for rung, info in body.get("ladder", {}).items():
             ladder.check_rung(tmp, rung, info, body["experts"][0], cfg.d_model, cfg.dense_act_fn)
         tok = confined(model_dir, "tokenizer.json")
@@ -181,7 +190,8 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
             "schema_version": SCHEMA_VERSION if fuse_layers else 1,
             "created_by": "swapmoe_export 0.1.0",
             "source": str(model_dir.resolve()),
-            "dtype": dtype,
+            "dtype": dense.storage,
+            **({"dense_dtype": dense.name, "dense_nbits": dense.manifest()} if dense.bits else {}),
             "expert_dtype": expert_dtype,
             "expert_dtype_lossy": quant.LOSSY[expert_dtype],
             "config": config_to_dict(cfg),
@@ -198,7 +208,7 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
             # The manifest goes in first so the runtime code can read the unfinished artifact;
             # the directory is still hidden, so nobody else sees it yet.
             _write_manifest(tmp, manifest)
-            report = validate_artifact(model_dir, tmp, dtype=dtype, expert_dtype=expert_dtype)
+            report = validate_artifact(model_dir, tmp, dtype=dense.storage, expert_dtype=expert_dtype)
             manifest["validation"] = report
             progress.step(validation_summary(report))
         _write_manifest(tmp, manifest)
@@ -229,7 +239,7 @@ def _write_manifest(tmp: Path, manifest: dict) -> None:
         raise
 
 
-def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: str, expert_dtype: str, writer: ArtifactWriter,
+def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: quant.DenseWeights, expert_dtype: str, writer: ArtifactWriter,
                      progress: Progress, fuse_layers: bool = True, rungs: tuple[str, ...] = ()) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
+from . import quant
 from .builder import F32, MS, BuiltGraph, GraphBuilder
 from .graphs import (cross_attention_block, cross_attention_graph, cross_kv_graph, dense_ffn_block, dense_ffn_graph,
                      router_block, router_graph, self_attention_block, self_attention_graph)
@@ -30,7 +31,7 @@ CONTRIB_OPS = True
 
 def _model(g: GraphBuilder) -> BuiltGraph:
     built = g.model()
-    if any(n.domain == MS for n in g.nodes):
+    if any(n.domain == MS for n in g.nodes) and not any(o.domain == MS for o in built.proto.opset_import):
         built.proto.opset_import.append(helper.make_opsetid(MS, 1))
     return built
 
@@ -48,7 +49,7 @@ def _ffn_or_router(g: GraphBuilder, x: str, ffn: dict, cfg, sparse: bool) -> Non
     g.output(logits, "router_logits", F32, ["B", "T", cfg.num_experts])
 
 
-def encoder_block_graph(scope: str, attn: dict, ffn: dict, cfg, dtype: str, sparse: bool) -> BuiltGraph:
+def encoder_block_graph(scope: str, attn: dict, ffn: dict, cfg, dtype: str | quant.DenseWeights, sparse: bool) -> BuiltGraph:
     """hidden[B,S,D], attn_bias[B,H,S,S] -> hidden_out (dense) or hidden_out, normed, router_logits (sparse)."""
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "S", cfg.d_model])
@@ -67,7 +68,7 @@ def encoder_block_graph(scope: str, attn: dict, ffn: dict, cfg, dtype: str, spar
     return _model(g)
 
 
-def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict, cfg, dtype: str, sparse: bool) -> BuiltGraph:
+def decoder_step_graph(scope: str, self_attn: dict, cross_attn: dict, ffn: dict, cfg, dtype: str | quant.DenseWeights, sparse: bool) -> BuiltGraph:
     """One decoder layer for T new tokens over a cache of P: self-attention (cache grows),
     cross-attention, then the dense FFN or the sparse layer's norm and router.
 
@@ -137,14 +138,14 @@ def _ffn_or_router_contrib(g: GraphBuilder, x: str, attn_out: str, ffn: dict, cf
         return
     with g.sub("moe"):
         x, n = g.skip_rms_norm(attn_out, x, ffn["layer_norm"], eps)
-        logits = g.linear(n, ffn["classifier"], "router/classifier", bias=ffn.get("classifier_bias"))
+        logits = g.linear(n, ffn["classifier"], "router/classifier", bias=ffn.get("classifier_bias"), keep_float=True)
     g.output(x, "hidden_out", F32, ["B", "T", d])
     g.output(n, "normed", F32, ["B", "T", d])
     g.output(logits, "router_logits", F32, ["B", "T", cfg.num_experts])
 
 
 def add_layer_graphs(add, name: str, scope: str, stack: str, self_attn: dict, cross_attn: dict | None,
-                     ffn: dict, cfg, dtype: str, sparse: bool, fuse: bool = True) -> dict[str, str]:
+                     ffn: dict, cfg, dtype: str | quant.DenseWeights, sparse: bool, fuse: bool = True) -> dict[str, str]:
     """Write one layer's dense subgraphs through ``add(name, kind, graph)``; return its manifest parts.
 
     Fused (schema 2): encoder {"block"}; decoder {"cross_kv", "step"} (cross_kv runs once

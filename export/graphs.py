@@ -7,6 +7,9 @@ H heads, K d_kv, F d_ff, E experts, V vocab, N routed tokens.
 Weights come in as numpy arrays in PyTorch layout (``[out, in]`` for linear layers) and
 are stored transposed (``[in, out]``) so every projection is one MatMul. Node names are
 hierarchical (``/decoder/block.5/self_attn/q/MatMul``) so profiles read well.
+
+``dtype`` of a dense subgraph is a storage type name or a ``quant.DenseWeights`` (``--dtype
+int8|int4``: every MatMul weight but the router's as MatMulNBits, GraphBuilder.linear).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from . import quant
 from .builder import F16, F32, I8, I64, OPSET, OPSET_INT4, U8, BuiltGraph, GraphBuilder, tensor_type
 
 
-def embed_graph(shared: np.ndarray, dtype: str) -> BuiltGraph:
+def embed_graph(shared: np.ndarray, dtype: str | quant.DenseWeights) -> BuiltGraph:
     g = GraphBuilder("/embed", dtype)
     ids = g.input("input_ids", I64, ["B", "T"])
     w = g.weight("shared.weight", shared)
@@ -50,7 +53,7 @@ def relative_position_buckets(bidirectional: bool, num_buckets: int, max_distanc
     return buckets + np.where(rel < max_exact, rel, large)
 
 
-def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.ndarray, max_distance: int, dtype: str) -> BuiltGraph:
+def position_bias_graph(scope: str, bias_weight: np.ndarray, bucket_table: np.ndarray, max_distance: int, dtype: str | quant.DenseWeights) -> BuiltGraph:
     """rel_pos[Q, K] (memory - query position) -> bias[1, H, Q, K].
 
     ``bucket_table[r + max_distance]`` is HF's bucket for relative position r, computed at
@@ -112,10 +115,10 @@ def dense_ffn_block(g: GraphBuilder, x: str, w: dict, cfg) -> str:
 def router_block(g: GraphBuilder, x: str, w: dict, cfg) -> tuple[str, str]:
     """The sparse layer's pre-FFN norm and router logits -> (normed, logits)."""
     n = g.rms_norm(x, w["layer_norm"], cfg.layer_norm_epsilon)
-    return n, g.linear(n, w["classifier"], "router/classifier", bias=w.get("classifier_bias"))
+    return n, g.linear(n, w["classifier"], "router/classifier", bias=w.get("classifier_bias"), keep_float=True)
 
 
-def self_attention_graph(scope: str, w: dict, cfg, dtype: str, with_cache: bool) -> BuiltGraph:
+def self_attention_graph(scope: str, w: dict, cfg, dtype: str | quant.DenseWeights, with_cache: bool) -> BuiltGraph:
     """hidden + SelfAttention(LayerNorm(hidden)); with_cache adds past/present key and value."""
     h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     g = GraphBuilder(scope, dtype)
@@ -130,7 +133,7 @@ def self_attention_graph(scope: str, w: dict, cfg, dtype: str, with_cache: bool)
     return g.model()
 
 
-def cross_kv_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
+def cross_kv_graph(scope: str, w: dict, cfg, dtype: str | quant.DenseWeights) -> BuiltGraph:
     """Encoder output -> this layer's cross-attention keys and values, computed once per request."""
     h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     g = GraphBuilder(scope, dtype)
@@ -140,7 +143,7 @@ def cross_kv_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     return g.model()
 
 
-def cross_attention_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
+def cross_attention_graph(scope: str, w: dict, cfg, dtype: str | quant.DenseWeights) -> BuiltGraph:
     h, k, d = cfg.num_heads, cfg.d_kv, cfg.d_model
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", d])
@@ -151,7 +154,7 @@ def cross_attention_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     return g.model()
 
 
-def dense_ffn_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
+def dense_ffn_graph(scope: str, w: dict, cfg, dtype: str | quant.DenseWeights) -> BuiltGraph:
     d = cfg.d_model
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", d])
@@ -159,7 +162,7 @@ def dense_ffn_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
     return g.model()
 
 
-def router_graph(scope: str, w: dict, cfg, dtype: str) -> BuiltGraph:
+def router_graph(scope: str, w: dict, cfg, dtype: str | quant.DenseWeights) -> BuiltGraph:
     """The sparse layer's pre-FFN norm and router logits; experts and the residual run outside."""
     d, e = cfg.d_model, cfg.num_experts
     g = GraphBuilder(scope, dtype)
@@ -240,14 +243,14 @@ def expert_int4_graph(scope: str, tensors: dict, act: str, location: str, offset
     return g.model(OPSET_INT4)
 
 
-def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str) -> BuiltGraph:
+def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str | quant.DenseWeights) -> BuiltGraph:
     g = GraphBuilder(scope, dtype)
     x = g.input("hidden", F32, ["B", "T", cfg.d_model])
     g.output(g.rms_norm(x, weight, cfg.layer_norm_epsilon, "final_layer_norm"), "hidden_out", F32, ["B", "T", cfg.d_model])
     return g.model()
 
 
-def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str, fused: bool = False) -> BuiltGraph:
+def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str | quant.DenseWeights, fused: bool = False) -> BuiltGraph:
     """Decoder final norm, the tied-embedding rescale HF applies, and the vocabulary projection.
 
     ``fused`` (schema 2 with ORT's fused nodes): the norm as one node and the projection as one
@@ -261,6 +264,9 @@ def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str,
     n = norm(x, norm_weight, cfg.layer_norm_epsilon, "decoder/final_layer_norm")
     if cfg.tie_word_embeddings:
         n = g.op("Mul", [n, g.const(np.float32(cfg.d_model ** -0.5), np.float32, "scale")], hint="tied_rescale")
+    if g.nbits:  # MatMulNBits takes [B, T, D] as it is, whatever the layout
+        g.output(g.matmul_nbits(n, lm_head, "lm_head"), "logits", F32, ["B", "T", cfg.vocab_size])
+        return g.model()
     if fused:
         y = g.op("MatMul", [n, g.weight("lm_head.weight", np.ascontiguousarray(lm_head.T))], hint="lm_head")
         g.output(y, "logits", F32, ["B", "T", cfg.vocab_size])

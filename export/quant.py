@@ -20,6 +20,8 @@ with either scale type (int8: 0.0077).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 EXPERT_DTYPES = ("float32", "float16", "int8", "int4")
@@ -98,3 +100,105 @@ def as_stored(w_t: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "int4":
         return dequantize_int4(*quantize_int4(w_t))
     return np.asarray(w_t, dtype=dtype).astype(np.float32)
+
+
+# -- dense weights as MatMulNBits ---------------------------------------------------------------
+# ``--dtype int8|int4``: every dense MatMul weight (attention, cross-attention, dense FFN, LM head)
+# is stored in ONNX Runtime's com.microsoft.MatMulNBits layout, the layout of the ladder's rungs
+# (ladder.py): q[N, K/block, block·bits/8] uint8, scale[N, K/block] float32, symmetric with the
+# kernel's default zero point. Embeddings, norms, position bias and the router stay floating point:
+# the router is E x D (8 x 768 at switch-base, 24 KB) and its argmax picks the expert, so a
+# quantised router would move tokens to other experts to save nothing measurable.
+#
+# accuracy_level 4 makes the kernel quantise the activations too: each block of ``block`` inputs of
+# a row to int8, symmetric, ``rint(x · (1 / s))`` with ``s = amax / 127``, then integer dot products.
+# ``quantize_activations`` is that step in numpy, so that export validation can run PyTorch on what
+# the kernel computes (measured: 3e-7..8e-7 relative, float32 rounding, against 5e-3 without it).
+# Defaults measured by scripts/bench_nbits_kernels.py (docs/results/dense_lowbit/README.md).
+
+DENSE_NBITS = {"int8": 8, "int4": 4}  # --dtype -> bits
+DENSE_DTYPES = ("float32", "float16", *DENSE_NBITS)
+BLOCK_SIZES = (16, 32, 64, 128)
+ACCURACY_LEVELS = (0, 4)  # float32 compute, or int8 activations (levels 1-3 are float types on a CPU)
+DEFAULT_BLOCK = {"int8": 64, "int4": 64}
+DEFAULT_ACCURACY = 4
+
+
+@dataclass(frozen=True)
+class DenseWeights:
+    """How a dense subgraph stores its weights: ``storage`` for float tensors (embeddings, norms,
+    position bias, router); ``bits`` None: MatMul weights in ``storage`` too, else MatMulNBits."""
+
+    storage: str = "float32"
+    bits: int | None = None
+    block: int = 64
+    accuracy_level: int = DEFAULT_ACCURACY
+
+    @property
+    def name(self) -> str:
+        """The --dtype it was made from."""
+        return f"int{self.bits}" if self.bits else self.storage
+
+    def manifest(self) -> dict | None:
+        """The manifest's ``dense_nbits`` entry (None for float dense weights)."""
+        if not self.bits:
+            return None
+        return {"bits": self.bits, "block_size": self.block, "accuracy_level": self.accuracy_level,
+                "float_dtype": self.storage, "router": self.storage}
+
+
+def dense_weights(dtype: str, block: int | None = None, accuracy_level: int | None = None, float_dtype: str = "float32") -> DenseWeights:
+    """``--dtype`` (and ``--block-size``, ``--accuracy-level``) as a DenseWeights; ValueError for bad input."""
+    if dtype not in DENSE_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DENSE_DTYPES)}, not {dtype!r}")
+    if dtype not in DENSE_NBITS:
+        if block is not None or accuracy_level is not None:
+            raise ValueError(f"--block-size and --accuracy-level apply to --dtype int8 or int4, not {dtype}")
+        return DenseWeights(storage=dtype)
+    if float_dtype not in ("float32", "float16"):
+        raise ValueError(f"the float part of an {dtype} model must be float32 or float16, not {float_dtype!r}")
+    block = DEFAULT_BLOCK[dtype] if block is None else block
+    level = DEFAULT_ACCURACY if accuracy_level is None else accuracy_level
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {block}")
+    if level not in ACCURACY_LEVELS:
+        raise ValueError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))}, not {level}")
+    return DenseWeights(storage=float_dtype, bits=DENSE_NBITS[dtype], block=block, accuracy_level=level)
+
+
+def quantize_nbits(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """w[K, N] float -> (q[N, ceil(K/block), block·bits/8] uint8, scale[N, ceil(K/block)] float32).
+
+    ladder.quantize with the block size a parameter (the ladder's is fixed at 32; a test pins the two
+    to the same bytes there); ladder.dequantize reads either back.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    kb = -(-k // block)
+    padded = np.zeros((kb * block, n), np.float32)
+    padded[:k] = w
+    g = padded.T.reshape(n, kb, block)
+    qmax = (1 << (bits - 1)) - 1
+    scale = (np.abs(g).max(axis=-1) / qmax).astype(np.float32)
+    if not np.isfinite(scale).all():
+        raise ValueError(f"a weight of magnitude {np.abs(w).max():.3g} cannot be quantised to {bits} bits")
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(g / scale[..., None]), -(qmax + 1), qmax) + (qmax + 1)).astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return np.ascontiguousarray(q), scale
+
+
+def quantize_activations(x: np.ndarray, block: int) -> np.ndarray:
+    """What MatMulNBits at accuracy_level 4 multiplies instead of x[..., K]: each block of ``block``
+    inputs rounded to int8 steps of amax / 127 (the kernel's ``rint(x · (1 / s))``), in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    k = x.shape[-1]
+    kb = -(-k // block)
+    pad = np.zeros(x.shape[:-1] + (kb * block,), np.float32)
+    pad[..., :k] = x
+    g = pad.reshape(x.shape[:-1] + (kb, block))
+    s = (np.abs(g).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
+    return (np.rint(g * inv) * s).reshape(pad.shape)[..., :k]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,8 +21,9 @@ import numpy as np
 from swapmoe_edge.core.errors import ExportError
 from swapmoe_edge.core.keys import LayerKey
 
+from . import ladder
 from .checkpoint import CheckpointReader
-from .quant import as_stored
+from .quant import as_stored, quantize_nbits
 
 
 @dataclass
@@ -62,12 +64,39 @@ def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np
     return buckets.numpy().astype(np.int64)
 
 
-def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None) -> Reference:
+# The dense Linear layers an int8/int4 artifact runs through MatMulNBits (all but experts and router).
+_NBITS_LINEAR = re.compile(r"(\.(SelfAttention|EncDecAttention)\.[qkvo]|\.mlp\.w[io]|^lm_head)$")
+
+
+def _quantize_activations_hook(block: int):
+    """A forward pre-hook: the Linear's input as MatMulNBits at accuracy_level 4 rounds it
+    (quant.quantize_activations, in torch)."""
+    import torch
+
+    def hook(module, args):
+        x = args[0]
+        k = x.shape[-1]
+        pad = (-k) % block
+        g = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block)
+        s = g.abs().amax(dim=-1, keepdim=True) / torch.tensor(127, dtype=torch.float32)
+        inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+        q = (torch.round(g * inv) * s).reshape(*x.shape[:-1], k + pad)[..., :k]
+        return (q, *args[1:])
+
+    return hook
+
+
+def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None,
+                        dense_nbits: dict | None = None) -> Reference:
     """Teacher-forced logits of the HF model and each block's output.
 
     The model is built on the ``meta`` device; each module that owns weights gets them
     just before it runs and gives them back right after, so about one expert's weights
     are in memory at a time (plus embeddings and LM head).
+
+    ``dense_nbits`` (an int8/int4 artifact's manifest entry): the dense Linear weights are the
+    artifact's dequantised MatMulNBits blocks, and at accuracy_level 4 their inputs are rounded
+    as the kernel rounds them, so the comparison stays one of float32 rounding.
     """
     import torch
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
@@ -88,15 +117,20 @@ def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float3
             "lm_head.weight": ("shared.weight",) if config.tie_word_embeddings else (),
         }
         source = next((n for n in (name, *alias.get(name, ())) if reader.has(n)), name)
-        if source in loaded:
+        nbits = dense_nbits is not None and _NBITS_LINEAR.search(name[: -len(".weight")]) is not None
+        if source in loaded and not nbits:
             return loaded[source]
         arr = reader.get(source)
         if ".mlp.experts." in source:  # the expert weights the artifact runs ([out, in] here)
             arr = np.ascontiguousarray(as_stored(arr.T, expert_dtype or round_to).T)
+        elif nbits:  # a MatMulNBits weight: [out, in] here, [K, N] = [in, out] there
+            bits = dense_nbits["bits"]
+            q, scale = quantize_nbits(np.ascontiguousarray(arr.T), bits, dense_nbits["block_size"])
+            arr = np.ascontiguousarray(ladder.dequantize(q, scale, bits, arr.shape[1]).T)
         elif round_to == "float16":
             arr = arr.astype(np.float16).astype(np.float32)
         tensor = torch.from_numpy(arr)
-        if ".block." not in source:
+        if ".block." not in source and not nbits:
             loaded[source] = tensor
         return tensor
 
@@ -120,6 +154,11 @@ def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float3
         if ".block." in mname and any(p is not None for p in module._parameters.values()):
             module.register_forward_pre_hook(lambda mod, args, prefix=mname + ".": assign(mod, prefix, True))
             module.register_forward_hook(lambda mod, args, out: assign(mod, "", False))
+
+    if dense_nbits is not None and dense_nbits["accuracy_level"] == 4:
+        for mname, module in model.named_modules():
+            if _NBITS_LINEAR.search(mname):
+                module.register_forward_pre_hook(_quantize_activations_hook(dense_nbits["block_size"]))
 
     # What each block got and gave, so the split model can be checked block by block on
     # the same inputs (independent end-to-end runs drift apart in deep random models).
@@ -161,25 +200,28 @@ def _child(args: list[str], out: Path) -> dict[str, np.ndarray]:
 IN_PROCESS_ENV = "SWAPMOE_EXPORT_REFERENCE"
 
 
-def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None) -> Reference:
+def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None,
+                               dense_nbits: dict | None = None) -> Reference:
     """The PyTorch model's outputs, computed in a child process so that torch's memory never
     counts against the exporter's (unless ``$SWAPMOE_EXPORT_REFERENCE=inprocess``)."""
     if os.environ.get(IN_PROCESS_ENV) == "inprocess":
-        return streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype or round_to)
+        return streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype or round_to, dense_nbits)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.npz"
         np.savez(inputs, ids=ids, mask=mask, dec=dec)
-        z = _child(["forward", str(model_dir), str(inputs), round_to, expert_dtype or round_to], Path(tmp) / "ref.npz")
+        z = _child(["forward", str(model_dir), str(inputs), round_to, expert_dtype or round_to, json.dumps(dense_nbits)],
+                   Path(tmp) / "ref.npz")
     return Reference.from_npz(z)
 
 
 def main(argv: list[str]) -> None:
     cmd, *rest = argv
     if cmd == "forward":
-        model_dir, inputs, round_to, expert_dtype, out = rest
+        model_dir, inputs, round_to, expert_dtype, dense_nbits, out = rest
         with np.load(inputs) as z:
             ids, mask, dec = z["ids"], z["mask"], z["dec"]
-        np.savez(out, **streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype).to_npz())
+        ref = streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype, json.loads(dense_nbits))
+        np.savez(out, **ref.to_npz())
     else:
         raise SystemExit(f"unknown command {cmd!r}: {json.dumps(argv)}")
 

@@ -60,30 +60,44 @@ def rung_block_bytes(d: int, f: int, rung: str) -> int:
     return _packed(q_and_scale(d, f) + q_and_scale(f, d))
 
 
-def artifact_bytes(cfg: ModelConfig, dtype: str, expert_dtype: str, rungs: tuple[str, ...] = (),
+def matmul_bytes(k: int, n: int, dense: "str | quant.DenseWeights") -> int:
+    """Bytes of a dense MatMul weight [K, N] as stored: floats, or MatMulNBits' blocks and float32 scales."""
+    if isinstance(dense, str) or not dense.bits:
+        return k * n * _WIDTH[dense if isinstance(dense, str) else dense.storage]
+    kb = -(-k // dense.block)
+    return n * kb * dense.block * dense.bits // 8 + n * kb * 4
+
+
+def artifact_bytes(cfg: ModelConfig, dtype: "str | quant.DenseWeights", expert_dtype: str, rungs: tuple[str, ...] = (),
                    stack_tables: int = 0, side_bytes: int = 0, fused: bool = True) -> int:
     """Bytes on disk of the artifact export writes for ``cfg`` (an upper estimate, whole blocks).
 
+    ``dtype``: the dense weights' type (a quant.DenseWeights for MatMulNBits dense weights).
     ``stack_tables``: per-stack embedding tables beside the shared one (untied checkpoints whose
     tables may differ); ``side_bytes``: files copied as they are (tokenizer.json).
     """
     v, d, h, k, f, e = cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.num_experts
-    w = _WIDTH[dtype]
+    w = _WIDTH[dtype if isinstance(dtype, str) else dtype.storage]
     hk = h * k
+    if not isinstance(dtype, str) and dtype.bits:  # a float-width upper estimate of a projection: its bytes / (d·hk)
+        per = max(matmul_bytes(d, hk, dtype), matmul_bytes(hk, d, dtype)) / (d * hk)
+        ffn_per = max(matmul_bytes(d, f, dtype), matmul_bytes(f, d, dtype)) / (d * f)
+    else:
+        per = ffn_per = w
     dense: list[int] = []  # weight bytes per dense graph (its .onnx and .onnx.data together)
     dense += [v * d * w] * (1 + stack_tables)  # embed (and per-stack tables)
-    dense += [v * d * w + d * w, d * w]  # lm_head with the final decoder norm, the encoder's final norm
+    dense += [matmul_bytes(d, v, dtype) + d * w, d * w]  # lm_head with the final decoder norm, the encoder's final norm
     dense += [cfg.relative_attention_num_buckets * h * w] * 2  # position bias, each stack
     for stack in ("encoder", "decoder"):
         for i in range(cfg.depth(stack)):
-            attn = 4 * d * hk + d  # q, k, v, o and the norm
+            proj = 4 * d * hk * per + d * w  # q, k, v, o and the norm
             if stack == "decoder":
-                attn += 4 * d * hk + d + (2 * d * hk if not fused else 0)  # cross attention; split layout repeats k, v
-            ffn = (e * d + (e if cfg.router_bias else 0) + d) if cfg.is_sparse(stack, i) else (2 * d * f + d)
+                proj += 4 * d * hk * per + d * w + (2 * d * hk * per if not fused else 0)  # cross attention; split layout repeats k, v
+            ffn = (e * d + (e if cfg.router_bias else 0) + d) * w if cfg.is_sparse(stack, i) else (2 * d * f * ffn_per + d * w)
             if stack == "decoder":  # cross_kv (the cross attention's k and v) and the step graph
-                dense += [2 * d * hk * w, (attn + ffn - 2 * d * hk) * w]
+                dense += [int(2 * d * hk * per), int(proj + ffn - 2 * d * hk * per)]
             else:
-                dense.append((attn + ffn) * w)
+                dense.append(int(proj + ffn))
     files = [_blocks(n + GRAPH_BYTES) for n in dense]
     n_experts = e * len(cfg.sparse_layers())
     per_expert = _blocks(expert_block_bytes(d, f, expert_dtype)) + _blocks(GRAPH_BYTES)

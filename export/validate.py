@@ -22,6 +22,14 @@ from . import bounds
 from .reference import Reference, reference_forward_in_child
 
 E2E_TOL = 1e-2  # per token, relative: the split model alone against PyTorch, through every layer
+# Dense MatMulNBits at accuracy_level 4 round each activation block to int8: where the two sides'
+# float32 inputs differ by rounding, a value can round to the next int8 step (the PyTorch side
+# reproduces the rounding, not its ties), so each block differs more than float32 rounding alone
+# (the embedded model's int8 dense blocks: up to 1.8x the bound) and a deep random model amplifies
+# it: synthetic switch-base-8 measured median 4.1e-2 (int4 dense) and 1.1e-1 (int8) end to end, with
+# every block within its bound. The blocks stay checked tightly on PyTorch's own inputs; end to
+# end, only gross wiring (errors of the order of the logits) is caught for these artifacts.
+E2E_TOL_INT8_ACTIVATIONS = 0.3
 
 
 def sample_inputs(vocab: int, pad: int, start: int, seed: int = 0, batch: int = 2, src: int = 24, tgt: int = 8):
@@ -119,7 +127,8 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
     ids, mask, dec = sample_inputs(c.vocab_size, c.pad_token_id, c.decoder_start_token_id, seed)
     # The PyTorch side runs in a child process: torch alone takes ~350 MB of RSS, which
     # this process (writing and checking the artifact) then never pays.
-    ref = reference_forward_in_child(Path(model_dir), ids, mask, dec, round_to=dtype, expert_dtype=expert_dtype)
+    ref = reference_forward_in_child(Path(model_dir), ids, mask, dec, round_to=dtype, expert_dtype=expert_dtype,
+                                     dense_nbits=manifest.dense_nbits)
     got_blocks, got_logits = artifact_blockwise(artifact, ref, ids, mask, dec)
     src_len, tgt_len = ids.shape[1], dec.shape[1]
     checks: list = []
@@ -139,7 +148,9 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
     checks.append(bounds.compare("enc.final_norm output", ends["enc.final_norm"], ref.encoder_out,
                                  bounds.rounding_bound(bounds.final_norm_reductions(c))))
     e2e_logits, _ = artifact_forward(artifact, ids, mask, dec)
-    e2e = bounds.compare("logits (split model end to end)", e2e_logits, ref.logits, E2E_TOL, what="the end-to-end tolerance")
+    nb = manifest.dense_nbits
+    tol = E2E_TOL_INT8_ACTIVATIONS if nb is not None and nb["accuracy_level"] == 4 else E2E_TOL
+    e2e = bounds.compare("logits (split model end to end)", e2e_logits, ref.logits, tol, what="the end-to-end tolerance")
     mismatches = [ch if isinstance(ch, str) else ch.describe() for ch in checks if isinstance(ch, str) or not ch.passed]
     blocks = [ch for ch in checks if not isinstance(ch, str)]
     if isinstance(e2e, str):
@@ -148,6 +159,10 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
         mismatches.append(_e2e_describe(e2e, bool(mismatches)))
     if mismatches:
         raise ValidationError(mismatches)
+    loss = None
+    if manifest.dense_nbits is not None:  # the quantisation's own cost: the artifact against the float model
+        float_ref = reference_forward_in_child(Path(model_dir), ids, mask, dec, round_to="float32", expert_dtype="float32")
+        loss = quantisation_error(e2e_logits, float_ref.logits)
     return {
         "passed": True,
         "max_abs_diff": float(np.max(np.abs(got_logits - ref.logits))),
@@ -160,12 +175,27 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
         # Tokens a little past the rounding bound in a block whose other tokens are within it:
         # rounding at a near tie, accepted (bounds.NEAR).
         "rounding_outliers": {ch.name: ch.outliers() for ch in blocks if ch.kind == "rounding"},
-        "end_to_end_tol": E2E_TOL,
+        "end_to_end_tol": tol,
         "end_to_end_worst_token_error": e2e.worst,
         # A few tokens off end to end while every block matched: rounding that grew through
         # the layers and flipped a routing decision at a near tie.
         "end_to_end_outliers": e2e.outliers(),
+        # int8/int4 dense weights: the checks above are against PyTorch on the same quantised
+        # weights; this is how far the artifact is from the float32 checkpoint (lossy, measured).
+        **({"quantisation_vs_float": loss} if loss is not None else {}),
     }
+
+
+def quantisation_error(logits: np.ndarray, float_logits: np.ndarray) -> dict:
+    """Teacher-forced logits of a quantised model against the float model's: max and mean absolute
+    difference, both also relative to the float logits' RMS, and the share of positions whose top-1
+    token agrees."""
+    diff = np.abs(logits.astype(np.float64) - float_logits)
+    rms = float(np.sqrt(np.mean(float_logits.astype(np.float64) ** 2)))
+    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "max_diff_over_logit_rms": float(diff.max() / rms), "mean_diff_over_logit_rms": float(diff.mean() / rms),
+            "top1_agreement": float(np.mean(logits.argmax(-1) == float_logits.argmax(-1))),
+            "positions": int(np.prod(logits.shape[:-1]))}
 
 
 def _e2e_describe(e2e: "bounds.Comparison", blocks_failed: bool) -> str:
@@ -182,6 +212,10 @@ def summary(report: dict) -> str:
     near = sum(len(v) for v in report["rounding_outliers"].values())
     if near:
         line += f" ({near} token(s) just past it, at a near tie: accepted)"
+    q = report.get("quantisation_vs_float")
+    if q:
+        line += (f"; against the float model (quantisation): top-1 agrees at {q['top1_agreement']:.0%} of "
+                 f"{q['positions']} positions, logits off by {q['mean_diff_over_logit_rms']:.3f} of their RMS on average")
     off, tol = report["end_to_end_outliers"], report["end_to_end_tol"]
     if off:
         return line + (f"; end to end {len(off)} token(s) off by up to {max(o['error'] for o in off):.1e}, the rest within "

@@ -1,5 +1,13 @@
 """Paired A/B of two runtimes in one process: decode tokens (or encoder passes) interleaved.
 
+    python scripts/bench_decode_pairs.py --floors ART_1 ART_2 [ART_3 ...] [--steps 90] [--json OUT]
+
+``--floors``: every artifact's `full` decode in one process, each step run by every runtime in
+a rotating order and then once by the bandwidth probe of bench_decode.py (256 MiB of float32
+MatMul weights). Each artifact's floor is decode_floor.bytes_per_token of its own files (a
+model with int8/int4 dense weights is held to its own, lower floor) over the probe's rate;
+per step: ms/token of each, its ratio to the first artifact's and to its own floor (medians).
+
     python scripts/bench_decode_pairs.py ART_A '{"prepack_experts": "off"}' ART_B '{"prepack_experts": "on"}' \
         [--steps 90] [--encoder 512 --pairs 10]
 
@@ -14,14 +22,74 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+from bench_decode import PROBE_BYTES, PROBE_D, probe_session
 
+from swapmoe_edge.lab.decode_floor import bytes_per_token
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 
+def floors(arts: list[str], steps: int, threads: int = 1) -> dict:
+    """Every artifact's `full` decode, paired step by step, against its own floor (module docstring)."""
+    rts = [Runtime(art, RuntimeConfig(policy="full", budget="100%", threads=threads)) for art in arts]
+    probe = probe_session(threads)
+    x = {"x": np.ones((1, PROBE_D), np.float32)}
+    for _ in range(3):
+        probe.run(None, x)
+    need = [bytes_per_token(rt.manifest) for rt in rts]
+    vocab = rts[0].manifest.config.vocab_size
+    ids = np.array([[int(t) for t in np.random.default_rng(0).integers(5, vocab, 59)] + [1]])
+    mask = np.ones_like(ids)
+    times: list[list[float]] = [[] for _ in rts]
+    probe_ms: list[float] = []
+    for step in range(steps):
+        if step % 30 == 0:
+            states = [rt.model.start_decoder(rt.model.encode(ids, mask), mask) for rt in rts]
+            toks = [np.zeros((1, 1), np.int64) for _ in rts]
+        order = [(j + step) % len(rts) for j in range(len(rts))]
+        for j in order:
+            t = time.perf_counter()
+            logits, states[j] = rts[j].model.decode(toks[j], states[j])
+            times[j].append((time.perf_counter() - t) * 1e3)
+            toks[j] = logits[:, -1].argmax(-1).reshape(1, 1)
+        t = time.perf_counter()
+        probe.run(None, x)
+        probe_ms.append((time.perf_counter() - t) * 1e3)
+    gbps = [PROBE_BYTES / (ms * 1e-3) / 1e9 for ms in probe_ms]
+    out = {"threads": threads, "steps": steps, "probe_gbps_median": statistics.median(gbps), "artifacts": []}
+    for j, (art, rt, tb) in enumerate(zip(arts, rts, need)):
+        floor = [tb.total / (g * 1e9) * 1e3 for g in gbps]  # this step's floor, ms
+        row = {"artifact": art, "dense_dtype": rt.manifest.dense_dtype, "expert_dtype": rt.manifest.expert_dtype,
+               "bytes_per_token": tb.total, "bytes_by_part": tb.weights,
+               "decode_ms": statistics.median(times[j]),
+               "floor_ms": statistics.median(floor),
+               "ratio_to_floor": statistics.median([t / f for t, f in zip(times[j], floor)]),
+               "ratio_to_first": statistics.median([t / t0 for t, t0 in zip(times[j], times[0])])}
+        out["artifacts"].append(row)
+        print(f"{art}: dense {row['dense_dtype']}, {tb.total / 1e6:.1f} MB/token; decode {row['decode_ms']:.2f} ms/token, "
+              f"floor {row['floor_ms']:.2f} ms ({row['ratio_to_floor']:.2f}x), {row['ratio_to_first']:.3f}x the first")
+    print(f"probe {out['probe_gbps_median']:.2f} GB/s (median of {steps} runs, one after every step)")
+    for rt in rts:
+        rt.close()
+    return out
+
+
 def main() -> None:
+    if "--floors" in sys.argv:
+        fp = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        fp.add_argument("--floors", nargs="+", required=True, metavar="ARTIFACT")
+        fp.add_argument("--steps", type=int, default=90, help="decode steps (a fresh request every 30)")
+        fp.add_argument("--json", default=None)
+        f = fp.parse_args()
+        res = floors(f.floors, f.steps)
+        if f.json:
+            Path(f.json).write_text(json.dumps(res, indent=1))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("art_a")
     ap.add_argument("cfg_a", help="RuntimeConfig fields as JSON")

@@ -126,6 +126,15 @@ class Manifest:
     validation: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     ladder: dict[str, LadderRung] = field(default_factory=dict)  # rung name -> rung; empty: no ladder
+    # The dense MatMul weights' type: ``dtype`` or, for MatMulNBits weights, int8/int4 with
+    # ``dense_nbits`` {bits, block_size, accuracy_level, float_dtype} (lossy; ``dtype`` is then
+    # the type of the embeddings, norms, position bias and router).
+    dense_dtype: str = ""
+    dense_nbits: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if not self.dense_dtype:
+            object.__setattr__(self, "dense_dtype", self.dtype)
 
     # -- derived views -------------------------------------------------------------
     def layer(self, stack: str, index: int) -> LayerEntry:
@@ -144,6 +153,11 @@ class Manifest:
     def expert_dtype_lossy(self) -> bool:
         """Whether the experts hold rounded or quantised weights (the output then differs from the checkpoint's)."""
         return self.expert_dtype in LOSSY_EXPERT_DTYPES
+
+    @property
+    def dense_dtype_lossy(self) -> bool:
+        """Whether the dense weights are rounded or quantised (float16, int8, int4)."""
+        return self.dense_dtype != "float32"
 
     @property
     def expert_bytes(self) -> int:
@@ -200,6 +214,9 @@ class Manifest:
             "artifact": str(self.root),
             "schema_version": self.schema_version,
             "dtype": self.dtype,
+            "dense_dtype": self.dense_dtype,
+            "dense_nbits": self.dense_nbits,
+            "dense_parts": dense_parts(self),
             "expert_dtype": self.expert_dtype,
             "expert_dtype_lossy": self.expert_dtype_lossy,
             "d_model": c.d_model,
@@ -224,6 +241,34 @@ class Manifest:
                               "share_of_expert_bytes": round(self.rung_bytes(name) / max(1, self.expert_bytes), 4)}
                        for name, r in self.ladder.items()},
         }
+
+
+def dense_parts(m: Manifest) -> dict[str, int]:
+    """The dense files' bytes by part: embeddings, position bias, the blocks by stack (encoder
+    blocks; the decoder's cross-attention K/V, run once per request; the decoder steps), the
+    final norms and LM head, and the expert kernels."""
+    parts: dict[str, int] = {}
+    seen: set[str] = set()
+
+    def add(part: str, rel: str) -> None:
+        for f in (rel, rel + ".data"):
+            if f in m.files and f not in seen:
+                seen.add(f)
+                parts[part] = parts.get(part, 0) + m.files[f].size
+
+    roles = {name: ("decoder cross K/V" if role == "cross_kv" else f"{entry.key.stack} blocks")
+             for entry in m.layers for role, name in entry.parts.items()}
+    for name, sg in sorted(m.subgraphs.items()):
+        if name.endswith("embed"):
+            part = "embeddings"
+        elif name.endswith("position_bias"):
+            part = "position bias"
+        elif name == "lm_head":
+            part = "lm head"
+        else:
+            part = roles.get(name, "other")
+        add(part, sg.file)
+    return parts
 
 
 # -- reading -------------------------------------------------------------
@@ -315,6 +360,8 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
             generation=raw.get("generation", {}),
             validation=raw.get("validation"),
             extra=raw.get("extra", {}),
+            dense_dtype=raw.get("dense_dtype", raw["dtype"]),
+            dense_nbits=raw.get("dense_nbits"),
             ladder={name: LadderRung(name, int(r["bits"]), int(r["block"]), r["session_graph"], r["kernel"], r["data_name"])
                     for name, r in raw.get("ladder", {}).items()},
         )

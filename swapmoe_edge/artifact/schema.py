@@ -22,6 +22,7 @@ from swapmoe_edge.core.keys import STACK_PREFIX, STACKS, ExpertKey
 
 ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1}
 DENSE_DTYPES = ("float32", "float16")
+DENSE_NBITS = {"int8": 8, "int4": 4}  # dense_dtype -> bits of its MatMulNBits weights
 EXPERT_DTYPES = ("float32", "float16", "int8", "int4")
 ROLES = ("wi", "wo", "wi_scale", "wo_scale")
 INT4_GROUP = 32  # input rows sharing one float16 scale in an int4 expert
@@ -116,6 +117,7 @@ def check_manifest(raw: Any, path, schema_version: int, format_name: str) -> Non
     c.int(version, "schema_version", 1, schema_version)
     c.files = {rel: _file_entry(c, rel, d) for rel, d in c.dict(raw.get("files"), "'files'").items()}
     c.str(raw.get("dtype"), "dtype", DENSE_DTYPES)
+    _dense_nbits(c, raw)
     expert_dtype = c.str(raw.get("expert_dtype", raw.get("dtype")), "expert_dtype", EXPERT_DTYPES)
     cfg = _config(c, raw.get("config"))
     if raw.get("tokenizer") is not None:
@@ -137,6 +139,22 @@ def check_manifest(raw: Any, path, schema_version: int, format_name: str) -> Non
     sparse = _layers(c, c.list(raw.get("layers"), "layers"), cfg, subgraphs)
     wi_cols = 2 * cfg["d_ff"] if raw.get("extra", {}).get("expert_act") == "swiglu" else None  # gate | up
     _experts(c, c.list(raw.get("experts"), "experts"), cfg, expert_dtype, sparse, ladder, wi_cols)
+
+
+def _dense_nbits(c: _Checker, raw: dict) -> None:
+    """``dense_dtype`` int8/int4 (MatMulNBits dense weights) comes with its ``dense_nbits`` settings."""
+    dense = c.str(raw.get("dense_dtype", raw.get("dtype")), "dense_dtype", DENSE_DTYPES + tuple(DENSE_NBITS))
+    nb = raw.get("dense_nbits")
+    if dense not in DENSE_NBITS:
+        if nb is not None:
+            c.fail("dense_nbits", f"is set, but dense_dtype is {dense}")
+        return
+    nb = c.dict(nb, "dense_nbits")
+    if c.int(nb.get("bits"), "dense_nbits.bits", 2, 8) != DENSE_NBITS[dense]:
+        c.fail("dense_nbits.bits", f"is {nb['bits']}, but dense_dtype is {dense}")
+    c.int(nb.get("block_size"), "dense_nbits.block_size", 16, 1 << 12)
+    c.int(nb.get("accuracy_level"), "dense_nbits.accuracy_level", 0, 4)
+    c.str(nb.get("float_dtype", raw.get("dtype")), "dense_nbits.float_dtype", DENSE_DTYPES)
 
 
 def _file_entry(c: _Checker, rel: str, d: Any) -> int:

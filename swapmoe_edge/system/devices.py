@@ -33,6 +33,7 @@ CUDA = "CUDAExecutionProvider"
 FALLBACK = "cpu-x86_64"  # for machines that no profile matches
 _DTYPES = ("float16", "float32", "int8", "int4")
 _ARENA = ("kSameAsRequested", "kNextPowerOfTwo")
+_OPTIONAL = {"dense_dtype": "float32", "dense_dtype_why": ""}  # profile fields a file may leave out
 _DETECT_KEYS = {"model_contains", "tegra_release", "memory_gib", "machine", "nvidia_driver"}
 
 
@@ -70,6 +71,10 @@ class DeviceProfile:
     provider_hint: str | None  # what to install when a GPU provider is missing
     detect: DetectRule
     notes: tuple[str, ...]
+    # The dense weights' type to export for this board (``swapmoe export --dtype``), and why in
+    # one sentence; optional in a profile file (default float32, no reason given).
+    dense_dtype: str = "float32"
+    dense_dtype_why: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -123,7 +128,7 @@ def profile_from_dict(d: Any, where: str = "device profile") -> DeviceProfile:
     if not isinstance(d, dict):
         raise InputError(f"{where}: a device profile must be a JSON object")
     names = {f.name for f in fields(DeviceProfile)}
-    missing, unknown = names - set(d), set(d) - names
+    missing, unknown = names - set(d) - set(_OPTIONAL), set(d) - names
     if missing or unknown:
         raise InputError(f"{where}: missing field(s) {sorted(missing)}, unknown field(s) {sorted(unknown)}; "
                          f"a profile has exactly {sorted(names)}")
@@ -149,6 +154,12 @@ def profile_from_dict(d: Any, where: str = "device profile") -> DeviceProfile:
     hint = d["provider_hint"]
     if hint is not None and (not isinstance(hint, str) or not hint.strip()):
         raise InputError(f"{where}: provider_hint must be a non-empty string or null")
+    dense = d.get("dense_dtype", _OPTIONAL["dense_dtype"])
+    if dense not in _DTYPES:
+        raise InputError(f"{where}: dense_dtype must be one of {_DTYPES}, not {dense!r}")
+    why = d.get("dense_dtype_why", _OPTIONAL["dense_dtype_why"])
+    if not isinstance(why, str):
+        raise InputError(f"{where}: dense_dtype_why must be a string (one sentence: why this dense type suits the board)")
     reserve = _int_or_none(where, "reserve_bytes", d["reserve_bytes"], 0)
     if reserve is None:
         raise InputError(f"{where}: reserve_bytes must be an integer >= 0, not null")
@@ -167,6 +178,8 @@ def profile_from_dict(d: Any, where: str = "device profile") -> DeviceProfile:
         provider_hint=hint,
         detect=_rule(where, d["detect"]),
         notes=_strings(where, "notes", d["notes"]),
+        dense_dtype=dense,
+        dense_dtype_why=why,
     )
 
 
