@@ -41,11 +41,21 @@ def read_causal_config(model_dir: Path) -> tuple[dict, CausalConfig]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be read as UTF-8 JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object: it is not a model config.")
+    gen = confined(Path(model_dir), "generation_config.json")
+    gen_eos = None
+    if gen.is_file():  # generate stops at the generation config's EOS ids, where it names them
+        try:
+            gen_eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        except (ValueError, AttributeError):
+            gen_eos = None
+    merged = raw if gen_eos is None else {**raw, "eos_token_id": gen_eos}
     arch = architecture(raw)
     if arch is None:
         raise CheckpointError(f"{path}: architectures={raw.get('architectures')} names none of {', '.join(ARCHITECTURES)}.")
     try:
-        cfg = CausalConfig.from_hf_dict(arch, raw)
+        cfg = CausalConfig.from_hf_dict(arch, merged)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: a field {arch} needs is missing or not a number ({type(e).__name__}: {e}).") from e
     why = []
@@ -64,8 +74,8 @@ def read_causal_config(model_dir: Path) -> tuple[dict, CausalConfig]:
         why.append(f"top-{cfg.top_k} of {cfg.num_experts} experts")
     if cfg.head_dim % 2:
         why.append(f"odd head_dim {cfg.head_dim} (rotary positions rotate halves)")
-    if arch == "Qwen2MoeForCausalLM" and "sliding_attention" in (raw.get("layer_types") or []) and not raw.get("use_sliding_window"):
-        why.append("layer_types with sliding_attention")
+    if len(set(raw.get("layer_types") or [])) > 1:
+        why.append(f"layers of different attention kinds ({', '.join(sorted(set(raw['layer_types'])))})")
     assert cfg.qk_norm in QK_NORMS
     if why:
         raise CheckpointError(f"{path}: this {arch} cannot be exported: {'; '.join(why)}.")

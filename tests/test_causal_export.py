@@ -102,6 +102,7 @@ def _edit_config(src, dst, **changes):
     ({"hidden_act": "gelu"}, "silu only"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "rope type"),
     ({"mlp_only_layers": [1]}, "every layer must be sparse"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "attention kinds"),
 ])
 def test_unsupported_settings_are_refused_by_name(exported, tmp_path, changes, said):
     _, ck, _ = exported["qwen3_moe"]

@@ -118,3 +118,14 @@ def test_left_padding_positions_and_mask_are_hfs():
     grown = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
     assert position_ids(grown, 1).tolist() == [[3], [1]]
     assert (attention_bias(grown, 1, window=2)[0, 0, 0] == [NEG, NEG, 0, 0]).all()
+
+
+def test_a_sliding_window_masks_keys_as_hf_does(tmp_path):
+    model = ct.build("mixtral", seed=5, sliding_window=4)
+    art = export_causal(ct.save(model, tmp_path / "ck"), tmp_path / "art", quiet=True)
+    parts = load_model(art, RuntimeConfig(policy="full", verify="never"))
+    assert parts.model.cfg.sliding_window == 4
+    rows = ct.prompts()
+    want = ct.hf_greedy(model, rows, NEW)
+    assert want != ct.hf_greedy(ct.build("mixtral", seed=5), rows, NEW)  # the window changes the tokens
+    assert _generate(parts, rows) == want

@@ -57,9 +57,10 @@ class CausalConfig:
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [] if eos is None else [eos]))
         pad = cfg.get("pad_token_id")
         mixtral = arch == "MixtralForCausalLM"
-        window = cfg.get("sliding_window")
-        if arch == "Qwen2MoeForCausalLM" or arch == "Qwen3MoeForCausalLM":
-            window = window if cfg.get("use_sliding_window") else None
+        window = cfg.get("sliding_window")  # Mixtral's and Qwen3-MoE's masks use it whenever it is set
+        if arch == "Qwen2MoeForCausalLM":  # per layer (layer_types); a mix of kinds is refused at export
+            types = cfg.get("layer_types") or []
+            window = window if types and all(t == "sliding_attention" for t in types) else None
         if arch == "OlmoeForCausalLM":
             window = None
         return cls(
