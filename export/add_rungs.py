@@ -43,20 +43,56 @@ def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: b
         d.setdefault("rungs", {}).update({r: ladder.write_rung(writer, key.name, scope, views["wi"], views["wo"], r) for r in rungs})
         if not quiet and (i + 1 == n or (i + 1) % max(1, n // 10) == 0):
             print(f"[ladder] {i + 1}/{n} experts, {time.perf_counter() - t0:.0f}s", file=stream or sys.stderr, flush=True)
-    c = m.config
+    c, act = m.config, _expert_act(m)
     entries = raw.setdefault("ladder", {})
     for rung in rungs:
-        writer.write_bytes(ladder.template_rel(rung), ladder.session_template(c.d_model, c.d_ff, c.dense_act_fn, rung,
+        writer.write_bytes(ladder.template_rel(rung), ladder.session_template(c.d_model, c.d_ff, act, rung,
                                                                                raw["experts"][0]["rungs"][rung]))
         rel = f"dense/{ladder.kernel_name(rung)}.onnx"
-        writer.write_onnx(rel, ladder.kernel_graph(c.d_model, c.d_ff, c.dense_act_fn, rung))
+        writer.write_onnx(rel, ladder.kernel_graph(c.d_model, c.d_ff, act, rung))
         ins, outs = graphs.IO["rung_kernel"]
         raw["subgraphs"][ladder.kernel_name(rung)] = {"file": rel, "inputs": list(ins), "outputs": list(outs)}
         entries[rung] = ladder.ladder_entry(rung, ladder.template_rel(rung), ladder.kernel_name(rung))
-        ladder.check_rung(root, rung, entries[rung], raw["experts"][0], c.d_model, c.dense_act_fn)
+        ladder.check_rung(root, rung, entries[rung], raw["experts"][0], c.d_model, act)
     raw["files"].update(writer.files)
     write_json_atomic(root / MANIFEST_NAME, raw)
     return entries
+
+
+def retemplate(artifact: str | Path, accuracy_level: int | None = None) -> dict[str, int]:
+    """Write every rung's session template again at ``accuracy_level`` (None: the exporter's
+    default, ladder.ACCURACY_LEVEL); the copies are unchanged. For artifacts exported with an
+    older level (0 before level 4 was measured faster at prefill). Returns rung -> level.
+
+    Each template is written to a new file (never through an existing one, which may be a
+    hard link into another artifact) and the manifest replaced atomically at the end.
+    """
+    root = Path(artifact)
+    m = load_manifest(root)
+    if not m.ladder:
+        raise ExportError(f"{root} has no precision ladder to rewrite")
+    raw = json.loads((root / MANIFEST_NAME).read_text())
+    writer = ArtifactWriter(root)
+    c, act = m.config, _expert_act(m)
+    first = raw["experts"][0]
+    levels = {}
+    for rung, info in raw["ladder"].items():
+        rel = info["session_graph"]
+        data = ladder.session_template(c.d_model, c.d_ff, act, rung, first["rungs"][rung], accuracy_level)
+        tmp = f"{rel}.new"
+        writer.write_bytes(tmp, data)
+        (root / tmp).replace(root / rel)  # a new inode: a hard-linked old template elsewhere stays as it was
+        writer.files[rel] = writer.files.pop(tmp)
+        ladder.check_rung(root, rung, info, first, c.d_model, act)
+        levels[rung] = ladder.template_accuracy(root / rel)
+    raw["files"].update(writer.files)
+    write_json_atomic(root / MANIFEST_NAME, raw)
+    return levels
+
+
+def _expert_act(m) -> str:
+    """The activation the rung templates compute: SwiGLU where the manifest says so."""
+    return m.extra.get("expert_act") or m.config.dense_act_fn
 
 
 def _weights(m, entry) -> dict[str, np.ndarray]:

@@ -46,10 +46,15 @@ def test_swiglu_rung_matches_its_dequantised_float_expert(tmp_path, rung, d, f):
     block = np.fromfile(tmp_path / entry["weights_file"], dtype=np.uint8)
     opts = ort.SessionOptions()
     opts.add_external_initializers_from_files_in_memory([ladder.RUNG_DATA], [block], [block.nbytes])
-    sess = ort.InferenceSession(str(tmp_path / ladder.template_rel(rung)), opts)
+    exact = ort.InferenceSession(ladder.session_template(d, f, "swiglu", rung, entry, accuracy_level=0), opts)
     kernel = ort.InferenceSession(str(tmp_path / f"dense/{ladder.kernel_name(rung)}.onnx"))
-    assert np.abs(sess.run(None, {"x": x})[0] - want).max() < 1e-5 * scale
+    assert np.abs(exact.run(None, {"x": x})[0] - want).max() < 1e-5 * scale
     assert np.abs(kernel.run(None, {"x": x, **parts})[0] - want).max() < 1e-5 * scale
+    # the template export writes: level 4 rounds the activations to int8 per block, ~1% of the output
+    written = ort.InferenceSession(str(tmp_path / ladder.template_rel(rung)), opts)
+    assert ladder.template_accuracy(tmp_path / ladder.template_rel(rung)) == ladder.ACCURACY_LEVEL == 4
+    err = np.abs(written.run(None, {"x": x})[0] - want).max() / scale
+    assert 1e-6 < err < 0.03
 
 
 def test_export_check_runs_swiglu_rungs_and_refuses_the_wrong_activation(tmp_path):
@@ -59,7 +64,7 @@ def test_export_check_runs_swiglu_rungs_and_refuses_the_wrong_activation(tmp_pat
     _, _, entry = _write_swiglu_rung(tmp_path, d, f, "int4")
     info = ladder.ladder_entry("int4", ladder.template_rel("int4"), ladder.kernel_name("int4"))
     expert = {"stack": "decoder", "layer": 0, "expert": 0, "rungs": {"int4": entry}}
-    assert ladder.check_rung(tmp_path, "int4", info, expert, d, "swiglu") < 1e-4
+    assert ladder.check_rung(tmp_path, "int4", info, expert, d, "swiglu") < ladder.ACTIVATION_ROUNDING
     with pytest.raises(ExportError, match="not a relu expert"):  # read as relu, wi is twice wo's inputs
         ladder.check_rung(tmp_path, "int4", info, expert, d, "relu")
 
@@ -88,3 +93,33 @@ def test_int2_searches_each_blocks_scale_and_packs_four_inputs_a_byte():
 def test_an_int2_rung_sits_below_int4_and_float():
     assert ladder.rung_error("int2", "float16") is None and ladder.rung_error("int2", "int4") is None
     assert "not below" in ladder.rung_error("int4", "int4")
+
+
+def test_retemplate_rewrites_the_accuracy_level_and_leaves_a_hard_linked_twin_alone(tmp_path):
+    import os
+    import shutil
+
+    from swapmoe_edge.artifact.manifest import load_manifest
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+    from swapmoe_export.add_rungs import retemplate
+    from swapmoe_export.exporter import export_checkpoint
+
+    from tiny import save_tiny
+
+    ckpt = save_tiny(tmp_path / "ckpt", seed=3, d_model=64, d_ff=128, d_kv=16, num_experts=4)
+    art = export_checkpoint(ckpt, tmp_path / "art", validate=False, quiet=True, ladder_rungs=("int2", "int4"))
+    tmpl = {r: art / ladder.template_rel(r) for r in ("int2", "int4")}
+    assert {r: ladder.template_accuracy(p) for r, p in tmpl.items()} == {"int2": 4, "int4": 4}
+    twin = tmp_path / "twin"
+    shutil.copytree(art, twin, copy_function=os.link)
+    assert retemplate(art, 0) == {"int2": 0, "int4": 0}
+    load_manifest(art, verify=True)  # the manifest lists the new templates' hashes
+    load_manifest(twin, verify=True)
+    assert ladder.template_accuracy(twin / ladder.template_rel("int2")) == 4
+    ids = [[5, 6, 7, 8, 9, 1], [13, 14, 15, 1]]
+    cfg = RuntimeConfig(policy="ladder", ladder_primary=False, ladder_rungs="int2", lowbit_kernel="nbits", threads=1)
+    with Runtime(art, cfg) as a, Runtime(twin, cfg) as b:
+        out_a = [r.token_ids for r in a.generate(ids, max_new_tokens=6)]
+        out_b = [r.token_ids for r in b.generate(ids, max_new_tokens=6)]
+        assert a.residents_by_rung() == b.residents_by_rung() == {"int2": 8}
+    assert len(out_a) == len(out_b) == 2  # both levels serve (their tokens may differ by the activations' rounding)
