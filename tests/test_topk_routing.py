@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from swapmoe_edge.model import moe
 from swapmoe_edge.model.moe import dispatch, route, route_topk, topk_router
 
 SHAPES = [(8, 2), (64, 8), (60, 4), (5, 5)]  # (experts, k): Mixtral, OLMoE, Qwen2-MoE, every expert
@@ -168,3 +169,24 @@ def test_switch_route_keeps_its_shapes_and_drop_skips_rerouted_tokens(tokens):
     np.testing.assert_array_equal(drop.choice, sub.choice)
     with pytest.raises(ValueError, match="absent"):
         route(logits, 64, allowed, absent="nope")
+
+
+@pytest.mark.parametrize("num_experts,k", SHAPES)
+@pytest.mark.parametrize("absent", ["substitute", "drop"])
+def test_one_token_route_topk_equals_the_general_arithmetic(num_experts, k, absent):
+    """The single-token path gives bit for bit what the batched path gives that token."""
+    rng = np.random.default_rng(num_experts * 10 + k)
+    for trial in range(40):
+        logits = (rng.normal(size=(1, 1, num_experts)) * 3).astype(np.float32)
+        allowed = None if trial % 5 == 0 else rng.random(num_experts) < rng.choice([0.1, 0.3, 0.7])
+        if allowed is not None and not allowed.any():
+            allowed[rng.integers(num_experts)] = True
+        if trial % 7 == 0 and allowed is not None:  # none of its choices allowed
+            allowed = np.zeros(num_experts, bool)
+            allowed[np.argsort(-logits[0, 0])[-1]] = True
+        norm, renorm = bool(trial % 2), bool(trial % 3 == 0)
+        fast = route_topk(logits, k, allowed, norm, absent, renorm)
+        general = moe._route_topk_many(logits, k, allowed, norm, absent, renorm)  # the batched path, same input
+        for field, a, b in zip(fast._fields, fast, general):
+            assert a.shape == b.shape, field
+            np.testing.assert_array_equal(a, b, err_msg=field)

@@ -158,13 +158,19 @@ def route_topk(
     num_experts = logits.shape[-1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"route_topk(): k={k} choices of {num_experts} experts")
+    if allowed is not None and not allowed.any():
+        raise ValueError("route_topk(): no expert is allowed in this layer")
+    if logits.size == num_experts:
+        return _route_topk_one(logits, k, allowed, norm_topk_prob, absent, renormalize)
+    return _route_topk_many(logits, k, allowed, norm_topk_prob, absent, renormalize)
+
+
+def _route_topk_many(logits, k, allowed, norm_topk_prob, absent, renormalize) -> Routing:
     probs = softmax(logits.astype(np.float32))  # [B, T, E]
     first = top_k(probs, k)  # [B, T, k]
     first_p = np.take_along_axis(probs, first, axis=-1)  # [B, T, k]
     if allowed is None or allowed.all():
         choice, p, keep = first, first_p, np.ones(first.shape, dtype=bool)
-    elif not allowed.any():
-        raise ValueError("route_topk(): no expert is allowed in this layer")
     elif absent == "substitute":
         choice, keep = _substitutes(probs, first, allowed, k)
         p = np.where(keep, np.take_along_axis(probs, choice, axis=-1), np.float32(0))
@@ -189,6 +195,42 @@ def _substitutes(probs, first, allowed, k) -> tuple[np.ndarray, np.ndarray]:
     choice = np.where(ok, first, np.take_along_axis(ranked, slot, axis=-1))
     keep = ok | (slot < int(np.count_nonzero(allowed)))
     return choice, keep
+
+
+def _route_topk_one(logits, k, allowed, norm_topk_prob, absent, renormalize) -> Routing:
+    """``route_topk`` for a single token: the same float32 arithmetic on its one row (the same
+    numpy reductions over the same lengths), the slots filled in Python: about half the numpy
+    calls, which run cold after each expert's weights went through the caches."""
+    row = logits.reshape(-1).astype(np.float32)  # [E]
+    e = np.exp(row - row.max())
+    probs = e / e.sum()
+    first = np.argsort(-probs, kind="stable")[:k]  # [k] as top_k
+    p = probs[first]
+    choice, keep = first, np.ones(k, dtype=bool)
+    ok = allowed[first] if allowed is not None else keep
+    if not ok.all() and absent == "substitute":
+        ranked = np.argsort(np.where(allowed, -probs, np.float32(1)), kind="stable")[:k].tolist()  # the top k allowed
+        ch, kept, n_allowed, j = first.tolist(), ok.tolist(), int(np.count_nonzero(allowed)), int(ok.sum())
+        for s in range(k):
+            if not kept[s]:  # the next substitute in the allowed ranking
+                ch[s], kept[s], j = ranked[j], j < n_allowed, j + 1
+        choice, keep = np.array(ch), np.array(kept)
+        p = np.where(keep, probs[choice], np.float32(0))
+        if renormalize:
+            p = p / probs[allowed].sum()
+    elif not ok.all():  # drop
+        choice, keep = first, ok
+        p = np.where(ok, p, np.float32(0))
+        if not ok.any():  # the best allowed expert alone
+            best = int(np.where(allowed, probs, np.float32(-1)).argmax())
+            choice, keep = first.copy(), ok.copy()
+            choice[0], keep[0], p[0] = best, True, probs[best]
+        if not norm_topk_prob:
+            p = p * (probs[first].sum() / p.sum())
+    gate = p / p.sum() if norm_topk_prob else p
+    shape = (*logits.shape[:-1], k)
+    return Routing(probs=probs.reshape(logits.shape), first_choice=first.reshape(shape), choice=choice.reshape(shape),
+                   gate=gate.astype(np.float32).reshape(shape), keep=keep.reshape(shape))
 
 
 def _drop_absent(probs, first, first_p, allowed, norm_topk_prob):
@@ -248,11 +290,21 @@ def _dispatch_k(routing: Routing, normed: np.ndarray, run_expert) -> np.ndarray:
     keep = routing.keep.reshape(n, k)
     gate = routing.gate.reshape(n, k)
     if n == 1:  # one token (decoding one row): its experts in index order, no gather or scatter
-        for s in sorted(np.flatnonzero(keep[0]), key=lambda s: choice[0, s]):
-            flat_out += run_expert(int(choice[0, s]), flat_x) * gate[0, s]
+        ch, kept = choice[0].tolist(), keep[0].tolist()
+        for s in sorted(range(k), key=ch.__getitem__):
+            if kept[s]:
+                flat_out += run_expert(ch[s], flat_x) * gate[0, s]
         return out
-    for e in np.unique(choice[keep]):
-        rows, slots = np.nonzero(keep & (choice == e))  # a token holds an expert in one slot at most
-        y = run_expert(int(e), np.ascontiguousarray(flat_x[rows]))
-        flat_out[rows] += y * gate[rows, slots, None]
+    flat_c = np.where(keep, choice, -1).reshape(-1)  # [N*k] each slot's expert (-1: not kept)
+    order = np.argsort(flat_c, kind="stable")  # slots grouped by expert, in index order, tokens ascending
+    experts = flat_c[order]
+    start = int(np.searchsorted(experts, 0))
+    if start == experts.size:
+        return out
+    bounds = np.flatnonzero(np.diff(experts[start:])) + 1
+    flat_gate = gate.reshape(-1)
+    for idx in np.split(order[start:], bounds):  # a token holds an expert in one slot at most
+        rows = idx // k
+        y = run_expert(int(flat_c[idx[0]]), np.ascontiguousarray(flat_x[rows]))
+        flat_out[rows] += y * flat_gate[idx, None]
     return out
