@@ -10,7 +10,9 @@ the checkpoint as save_pretrained writes it (per-expert tensors) and with transf
   left-padded batch, and beam search (3 beams) on the batch;
 - `on-demand` at the smallest budget that loads (5% steps), greedy on the batch;
 - every expert's standalone subgraph against the torch expert (largest |difference|);
-- the largest |logit difference| of a left-padded batch's real tokens against HF's forward.
+- the largest |logit difference| of a left-padded batch's real tokens against HF's forward;
+- the export validation's worst layer as a share of its float32 rounding bound, for float32 and
+  for float16 dense weights with int8 experts (validated against the model rounded the same way).
 Writes OUT.md and OUT.json.
 """
 
@@ -86,6 +88,10 @@ def check(family: str, work: Path) -> dict:
     art = arts["per-expert"]
     m = load_manifest(art)
     row["validation_max_abs_logit_diff"] = m.validation["max_abs_diff"]
+    row["validation_block_worst_share_of_bound"] = m.validation["block_worst_share_of_bound"]
+    lossy = export_checkpoint(work / f"ck-{family}-per-expert", work / f"art-{family}-f16-int8", dtype="float16",
+                              expert_dtype="int8", quiet=True, force=True)
+    row["validation_f16_int8_block_worst_share_of_bound"] = load_manifest(lossy).validation["block_worst_share_of_bound"]
     parts = load_model(art, RuntimeConfig(policy="full", verify="never"))
     gen = lambda rs, **kw: last_step(parts.family.generate(parts.model, rs, Decoding(max_new_tokens=NEW, **kw)))  # noqa: E731
     ref_batch = ct.hf_greedy(model, rows, NEW)
