@@ -220,6 +220,7 @@ class GpuWatch:
 
 # -- the parent --------------------------------------------------------------------------------
 def _child(args: list[str], env: dict, watch: bool, timeout: float, stdin=subprocess.DEVNULL):
+    idle = used_mib() if watch else None  # the whole GPU's use before the child: for when no per-process figure shows
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=stdin, text=True, env=env, cwd=REPO)
     w = GpuWatch(proc.pid) if watch else None
@@ -230,11 +231,14 @@ def _child(args: list[str], env: dict, watch: bool, timeout: float, stdin=subpro
         out, err = proc.communicate()
         err += f"\n(killed after {timeout:.0f} s)"
     mem = w.stop() if w else None
+    if mem is not None:
+        mem["idle_total_mib"] = idle
     last = next((json.loads(line) for line in reversed(out.splitlines()) if line.startswith("{")), None)
     return proc.returncode, last, err, mem
 
 
 def _run_probe(artifact: Path, env: dict, device: str, rehearsal: bool) -> dict:
+    idle = None if rehearsal else used_mib()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "probe", str(artifact), device],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
                             env=env, cwd=REPO)
@@ -249,6 +253,9 @@ def _run_probe(artifact: Path, env: dict, device: str, rehearsal: bool) -> dict:
         time.sleep(1.0)
         samples = [process_mib(proc.pid) for _ in range(3)]
         mib = max((s for s in samples if s is not None), default=None)
+        if mib is None and idle is not None:  # no process table: the whole GPU's use over its idle use
+            now = used_mib()
+            mib = now - idle if now is not None else None
     _, err = proc.communicate(input="", timeout=60)  # closes its stdin: the probe exits
     said = _plain("".join(said))
     err = _plain(err)
@@ -475,8 +482,9 @@ def _budget_verdict(res: dict, mem: dict, context_mib: float | None) -> dict:
     """The GPU memory a cell took beyond the CUDA context, against its budget."""
     mib = 2**20
     peak, source = mem.get("peak_process_mib"), "nvidia-smi per process"
-    if peak is None:
-        peak, source = mem.get("peak_total_mib"), "nvidia-smi whole GPU (process table not visible)"
+    if peak is None and mem.get("peak_total_mib") is not None:
+        peak, source = mem["peak_total_mib"] - (mem.get("idle_total_mib") or 0.0), \
+            "nvidia-smi whole GPU over its use before the cell (process table not visible)"
     if peak is None:
         return {"summary": "nvidia-smi gave no reading", "holds": None}
     beyond = peak - (context_mib or 0.0)

@@ -117,3 +117,56 @@ def test_rehearsal_runs_every_cell_on_the_cpu(tmp_path):
             assert c["same_tokens"] == 3 and c["router_top1_agreement"] == 1.0
             assert c["router_logits_max_abs_diff"] == 0.0
     assert d["memory"] == {}  # no nvidia-smi readings in a rehearsal
+
+
+def _worker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_worker", REPO / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_budget_verdict_counts_beyond_the_context():
+    g = _worker()
+    mib = 2**20
+    res = {"dense_file_bytes": 100 * mib, "resident_expert_bytes": 50 * mib, "budget_bytes": 400 * mib,
+           "provider_options": {g.CUDA: {"gpu_mem_limit": str(400 * mib)}}}
+    over = g._budget_verdict(res, {"peak_process_mib": 800.0, "peak_total_mib": 9000.0}, 300.0)
+    assert over["holds"] is False and over["beyond_context_mib"] == 500.0 and "EXCEEDED" in over["summary"]
+    assert over["over_dense_plus_experts"] == round(500 / 150, 3) and over["gpu_mem_limit"] == str(400 * mib)
+    # No process table: the whole GPU's peak over its use before the cell.
+    whole = g._budget_verdict(res, {"peak_process_mib": None, "peak_total_mib": 1500.0, "idle_total_mib": 1000.0}, 300.0)
+    assert whole["holds"] is True and whole["beyond_context_mib"] == 200.0 and "whole GPU" in whole["source"]
+    assert g._budget_verdict(res, {"peak_process_mib": None, "peak_total_mib": None}, 300.0)["holds"] is None
+
+
+def test_nvidia_smi_readings(tmp_path, monkeypatch):
+    g = _worker()
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\ncase \"$*\" in\n  *compute-apps*) echo '11, 100'; echo '4242, 2048';;\n"
+                   "  *name,driver*) echo 'H, 580.1, 81559, 7';;\n  *memory.used*) echo '1234';;\nesac\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("NVIDIA_SMI", str(smi))
+    assert g.process_mib(4242) == 2048.0 and g.process_mib(5) is None
+    assert g.used_mib() == 1234.0
+    assert g.gpu_info() == {"name": "H", "driver": "580.1", "memory_total_mib": 81559.0, "memory_used_mib": 7.0, "gpus": 1}
+    monkeypatch.setenv("NVIDIA_SMI", str(tmp_path / "missing"))
+    assert g.process_mib(4242) is None and g.used_mib() is None and g.gpu_info() is None
+
+
+def test_compare_finds_the_first_different_token(tmp_path):
+    import numpy as np
+
+    g = _worker()
+    a = {"greedy": [{"tokens": [5, 6, 7]}, {"tokens": [1, 2]}], "resident_plan": {"x": 1}}
+    b = {"greedy": [{"tokens": [5, 9, 7]}, {"tokens": [1, 2]}], "resident_plan": {"x": 1}}
+    logits = np.array([[0.0, 1.0], [2.0, 0.0]], np.float32)
+    np.savez(tmp_path / "a.npz", r0_0_enc=logits, r0_1_dec=logits)
+    np.savez(tmp_path / "b.npz", r0_0_enc=logits + [[0.0, 0.5], [0.0, 3.0]], r0_1_dec=np.zeros((3, 2), np.float32))
+    c = g._compare(a, b, tmp_path / "a.npz", tmp_path / "b.npz")
+    assert c["same_tokens"] == 1 and c["first_difference"] == [1, None] and c["same_resident_plan"]
+    # only the call whose shapes match is compared: row 2's top-1 flips
+    assert c["router_rows_compared"] == 2 and c["router_top1_agreement"] == 0.5
+    assert c["router_logits_max_abs_diff"] == 3.0
