@@ -76,13 +76,13 @@ def _layer_state(reader: CausalReader, i: int, dtype: str, expert_dtype: str) ->
             state[f"mlp.shared_expert.{name}_proj.weight"] = shared[name]
         state["mlp.shared_expert_gate.weight"] = shared["gate_weight"]
     state = {k: dense(v) for k, v in state.items()}
-    gate_up, down = [], []
-    for e in range(reader.cfg.num_experts):
+    c = reader.cfg
+    gate_up = np.empty((c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size), np.float32)  # filled in place:
+    down = np.empty((c.num_experts, c.hidden_size, c.moe_intermediate_size), np.float32)  # one layer's experts, once
+    for e in range(c.num_experts):
         wi_t, wo_t = reader.expert(i, e)
-        gate_up.append(quant.as_stored(wi_t, expert_dtype).T)
-        down.append(quant.as_stored(wo_t, expert_dtype).T)
-    state["mlp.experts.gate_up_proj"] = torch.from_numpy(np.ascontiguousarray(np.stack(gate_up)))
-    state["mlp.experts.down_proj"] = torch.from_numpy(np.ascontiguousarray(np.stack(down)))
+        gate_up[e], down[e] = quant.as_stored(wi_t, expert_dtype).T, quant.as_stored(wo_t, expert_dtype).T
+    state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"] = torch.from_numpy(gate_up), torch.from_numpy(down)
     return state
 
 

@@ -129,3 +129,11 @@ def test_a_sliding_window_masks_keys_as_hf_does(tmp_path):
     want = ct.hf_greedy(model, rows, NEW)
     assert want != ct.hf_greedy(ct.build("mixtral", seed=5), rows, NEW)  # the window changes the tokens
     assert _generate(parts, rows) == want
+
+
+def test_an_empty_prompt_is_refused_with_a_typed_error(models):
+    from swapmoe_edge.core.errors import InputError
+
+    _, parts = models["olmoe"]
+    with pytest.raises(InputError, match="at least one token"):
+        _generate(parts, [[5, 6], []])

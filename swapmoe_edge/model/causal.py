@@ -19,7 +19,7 @@ import numpy as np
 
 from swapmoe_edge.artifact.causal_config import CausalConfig
 from swapmoe_edge.artifact.manifest import LayerEntry, Manifest
-from swapmoe_edge.core.errors import ArtifactError
+from swapmoe_edge.core.errors import ArtifactError, InputError
 from swapmoe_edge.model.sessions import DenseSessions
 from swapmoe_edge.model.split import NEG, Capture, MoEFn, MoEHook, _around
 
@@ -37,7 +37,7 @@ def causal_config(manifest: Manifest) -> CausalConfig:
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token-id rows -> ids and attention mask [B, S], padded on the left."""
     if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token (an empty prompt has no position to continue from)")
     b, s = len(rows), max(len(r) for r in rows)
     ids = np.full((b, s), pad_id, dtype=np.int64)
     mask = np.zeros((b, s), dtype=np.int64)
