@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from swapmoe_edge.core.keys import ExpertKey, LayerKey
-from swapmoe_edge.model.moe import top_k
+from swapmoe_edge.model.moe import softmax, top_k
 from swapmoe_edge.residency.limits import Limits
 from swapmoe_edge.residency.loss_split import copies_by_loss
 from swapmoe_edge.residency.planner import Placement, plan, values
@@ -63,7 +63,7 @@ class Ladder(Policy):
         """Read the lowest copy of every first choice (padding included, as routing and capacity
         count it) that has none resident, on the token loop."""
         lk = layer.key
-        first = np.unique(top_k(logits, engine.top_k))  # the softmax's top k: the unmasked first choices
+        first = np.unique(top_k(softmax(logits.astype(np.float32)), engine.top_k))  # the unmasked first choices
         missing = [int(e) for e in first if int(e) not in engine.residents.layer(lk)
                    and not engine.residents.is_unavailable(layer.experts[int(e)])]
         if not missing:
