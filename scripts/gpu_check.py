@@ -15,7 +15,9 @@ and calls ``run``). ``run`` does, each step printed as it goes and the JSON rewr
 3. cells, each a fresh process (``cell``) running ``Runtime`` with the real configuration:
    the ``cpu-x86_64`` profile for the CPU reference (full, ladder at the share), the
    ``cuda-desktop`` profile for the GPU (full, ladder, prune, on-demand at the share, and prune
-   at a byte budget, which is what sets the CUDA arena's ``gpu_mem_limit``). Experts sit where
+   at a byte budget, which is what sets the CUDA arena's ``gpu_mem_limit``; the ladder with every
+   expert as its int4 copy, and ``full`` on a second export whose dense part is int4 MatMulNBits,
+   on both providers). Experts sit where
    ``expert_placement=auto`` puts them (on the GPU), except the ladder's, which the runtime holds
    on the host (its int4 copies run as MatMulNBits sessions on the CUDA provider). Each cell
    runs greedy requests (tokens and each sparse layer's router logits, compared with the CPU's)
@@ -135,6 +137,7 @@ def cell(spec: dict) -> None:
     runners = {r: {"mode": run.mode, "modes": dict(run.modes)} for r, run in (rt.runners or {}).items()}
     dense = sum(rt.manifest.path(rel).stat().st_size for rel in rt.parts.dense_files)
     out = {"event": "done", "policy": spec["policy"], "budget": spec["budget"], "device": spec["device"],
+           "artifact": spec["artifact"],
            "providers": list(rt.providers), "provider_options": rt.provider_options,
            "device_messages": list(rt.device_messages), "placement": rt.placement, "preload": preload,
            "graphs_on": {p: sum(1 for v in took.values() if v == p) for p in sorted(set(took.values()))},
@@ -348,6 +351,18 @@ def _build(shape: str, work: Path, env: dict, log: list) -> Path:
     return art
 
 
+def _build_int4dense(work: Path, env: dict, log: list) -> Path:
+    """The same checkpoint with every dense MatMul weight as int4 MatMulNBits (float16 experts, no ladder)."""
+    art = work / "art-int4dense"
+    if not (art / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "swapmoe_edge", "export", str(work / "ckpt"), "-o", str(art), "--dtype", "int4",
+               "--expert-dtype", "float16", "--ladder", "none", "--no-validate", "--quiet"]
+        say("export: " + " ".join(cmd))
+        log.append(cmd)
+        subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    return art
+
+
 def run(a: argparse.Namespace) -> int:
     t_start = time.time()
     deadline = t_start + a.time_limit
@@ -416,20 +431,36 @@ def run(a: argparse.Namespace) -> int:
     # Every expert as its int4 copy (ladder_primary=False, the budget free memory allows): the same
     # resident plan on both providers, so the MatMulNBits kernels are compared like with like.
     for side, dev in ((tag, gpu_device), ("cpu", CPU_DEVICE)):
+        # The dense part as int4 MatMulNBits too (export --dtype int4), full's experts on each provider.
+        cells[f"{side}/full-int4dense"] = dict(policy="full", budget="100%", device=dev, placement="auto",
+                                               artifact="int4dense")
         cells[f"{side}/ladder-int4"] = dict(policy="ladder", budget="auto", device=dev, placement="host",
                                            ladder_primary=False)
     # The GPU's cells first: when time runs short, they are what this check is for.
     order = [f"{tag}/full", "cpu/full", f"{tag}/ladder", "cpu/ladder", f"{tag}/prune", f"{tag}/on-demand",
-             f"{tag}/prune-bytes", f"{tag}/ladder-int4", "cpu/ladder-int4"]
+             f"{tag}/prune-bytes", f"{tag}/ladder-int4", "cpu/ladder-int4", f"{tag}/full-int4dense",
+             "cpu/full-int4dense"]
     plan = [(name, cells[name]) for name in order]
     failed = False
+    int4dense: Path | None = None
     for name, extra in plan:
         left = deadline - time.time()
-        if left < 20:
+        if left < (90 if extra.get("artifact") == "int4dense" and int4dense is None else 20):
             say(f"SKIP {name}: the time limit is near")
             result["problems"].append(f"{name} skipped: time limit")
             failed = True
             continue
+        if extra.get("artifact") == "int4dense":  # built on first use, after the cells the check is for
+            if int4dense is None:
+                try:
+                    int4dense = _build_int4dense(work, env, result["commands"])
+                except subprocess.CalledProcessError as e:
+                    say(f"FAIL: {' '.join(map(str, e.cmd))} exited {e.returncode}")
+                    result["problems"].append(f"the int4-dense export failed (exit {e.returncode})")
+                    int4dense = False
+            if not int4dense:
+                continue
+            extra = dict(extra, artifact=str(int4dense))
         if extra["budget"] is None:  # a byte budget: what sets the CUDA arena's gpu_mem_limit
             prev = result["cells"].get(f"{tag}/prune", {})
             if not prev.get("budget_bytes"):
@@ -465,7 +496,7 @@ def run(a: argparse.Namespace) -> int:
         save()
 
     for ref, other in (("cpu/full", f"{tag}/full"), ("cpu/ladder", f"{tag}/ladder"),
-                       ("cpu/ladder-int4", f"{tag}/ladder-int4")):
+                       ("cpu/ladder-int4", f"{tag}/ladder-int4"), ("cpu/full-int4dense", f"{tag}/full-int4dense")):
         r, o = result["cells"].get(ref), result["cells"].get(other)
         if r and o and "greedy" in r and "greedy" in o:
             c = _compare(r, o, work / f"routing-{ref.replace('/', '_')}.npz",

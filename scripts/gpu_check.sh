@@ -2,7 +2,7 @@
 # The GPU check: the runtime on ONNX Runtime's CUDA execution provider, against the CPU.
 #
 #   bash scripts/gpu_check.sh OUT.json [--shape switch-base-8|tiny] [--work DIR] [--venv DIR]
-#                                      [--wheels DIR] [--time-limit SECONDS] [--rehearsal]
+#                                      [--wheels DIR] [--time-limit SECONDS] [--rehearsal] [--quick]
 #
 # On a machine with an NVIDIA GPU (nvidia-smi lists one) it builds a random-weight
 # switch-base-8 (float16 dense graphs and experts, int4 MatMulNBits ladder copies), then runs
@@ -19,17 +19,18 @@
 #
 # Without a GPU it checks its arguments, says that there is no CUDA here, and exits 0; nothing is
 # written. --rehearsal runs every step on the CPU provider instead (to test the script itself;
-# its JSON says REHEARSAL and holds no GPU figure). Exit status: 0 done (or no GPU), 1 a step
+# its JSON says REHEARSAL and holds no GPU figure). --quick: fewer and shorter requests (1 greedy,
+# 2 timed, 4 tokens; for tests). Exit status: 0 done (or no GPU), 1 a step
 # failed (the JSON says which), 2 bad arguments.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
-USAGE="usage: scripts/gpu_check.sh OUT.json [--shape switch-base-8|tiny] [--work DIR] [--venv DIR] [--wheels DIR] [--time-limit SECONDS] [--rehearsal]"
+USAGE="usage: scripts/gpu_check.sh OUT.json [--shape switch-base-8|tiny] [--work DIR] [--venv DIR] [--wheels DIR] [--time-limit SECONDS] [--rehearsal] [--quick]"
 die() { echo "gpu_check.sh: error: $*" >&2; echo "$USAGE" >&2; exit 2; }
 say() { echo "[gpu_check] $*"; }
 
-OUT="" SHAPE="switch-base-8" WORK="" VENV="${XDG_CACHE_HOME:-$HOME/.cache}/swapmoe-gpu-check/venv" WHEELS="" LIMIT=480 REHEARSAL=0
+OUT="" SHAPE="switch-base-8" WORK="" VENV="${XDG_CACHE_HOME:-$HOME/.cache}/swapmoe-gpu-check/venv" WHEELS="" LIMIT=480 REHEARSAL=0 QUICK=0
 while (($#)); do
     case "$1" in
         -h|--help) sed -n '2,/^set /p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -40,6 +41,7 @@ while (($#)); do
             esac
             shift 2 ;;
         --rehearsal) REHEARSAL=1; shift ;;
+        --quick) QUICK=1; shift ;;
         -*) die "unknown option $1" ;;
         *) [[ -z $OUT ]] || die "one output path only (got $OUT and $1)"; OUT=$1; shift ;;
     esac
@@ -146,6 +148,7 @@ LEFT=$((LIMIT - (SECONDS - T0)))
 ((LEFT >= 60)) || { say "FAIL: the install took $((SECONDS - T0)) s; under a minute is left"; exit 1; }
 ARGS=(run --out "$OUT" --shape "$SHAPE" --work "$WORK" --time-limit $((LEFT - 10)))
 ((REHEARSAL)) && ARGS+=(--rehearsal)
+((QUICK)) && ARGS+=(--greedy 1 --timed 2 --tokens 4)
 say "run: $PY scripts/gpu_check.py ${ARGS[*]}"
 cd "$REPO" || exit 1
 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" timeout --kill-after=10 "$((LEFT - 2))" "$PY" "$HERE/gpu_check.py" "${ARGS[@]}"
