@@ -207,6 +207,7 @@ def test_without_a_family_the_engine_routes_as_switch_top_1():
     normed, logits = batch(3)
     r = eng.route(logits)
     assert r.choice.shape == (2, 3)
+    assert eng(layer(L0), normed, logits, None).shape == normed.shape
 
 
 def test_traces_refuse_a_top_k_model_with_a_clear_error():

@@ -60,7 +60,7 @@ def test_full_counts_every_first_choice_resident(full):
 
 @pytest.mark.parametrize("absent", ["substitute", "drop"])
 def test_masked_policies_take_the_configured_rule_for_absent_choices(artifact, absent):
-    tokens, stats, _ = run(artifact, "prune", SMALLEST, absent=absent)
+    _, stats, _ = run(artifact, "prune", SMALLEST, absent=absent)
     assert stats["first_choice_resident"] < 1.0 and not stats["exact"]
 
 

@@ -51,8 +51,8 @@ import numpy as np
 from swapmoe_edge.artifact.manifest import LayerEntry
 from swapmoe_edge.artifact.store import LoadedExpert
 from swapmoe_edge.core.keys import ExpertKey, LayerKey
-from swapmoe_edge.model.moe import Routing, dispatch
 from swapmoe_edge.model.families import DEFAULT, get_family
+from swapmoe_edge.model.moe import Routing, dispatch
 from swapmoe_edge.model.rungs import Rung
 from swapmoe_edge.residency.importance import ImportanceTracker
 from swapmoe_edge.residency.limits import ExpertUnavailableError, Limits
