@@ -281,9 +281,7 @@ def _find_cuda(art: Path, env: dict, work: Path, rehearsal: bool, result: dict) 
     onnxruntime.preload_dlls(). Every try is recorded; a fallback is a problem the JSON names."""
     if rehearsal:
         return _run_probe(art, env, CPU_DEVICE, True)
-    from swapmoe_edge.system.devices import get_profile  # deferred: the product's own profile, read once here
-
-    shipped = get_profile(GPU_DEVICE).to_json()
+    shipped = json.loads((REPO / "devices" / f"{GPU_DEVICE}.json").read_text())  # the profile the runtime ships
     plain = dict(shipped, name="cuda-desktop-cuda-only", providers=[CUDA, "CPUExecutionProvider"])
     plain_path = work / "cuda-desktop-cuda-only.json"
     plain_path.write_text(json.dumps(plain, indent=1))
@@ -378,7 +376,6 @@ def run(a: argparse.Namespace) -> int:
             (links / name).symlink_to(REPO / folder, target_is_directory=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), str(links), os.environ.get("PYTHONPATH")) if p))
-    sys.path[:0] = [str(REPO), str(links)]
     gpu_device = CPU_DEVICE if a.rehearsal else GPU_DEVICE
     result: dict = {"what": "scripts/gpu_check.sh: the runtime on the CUDA execution provider against the CPU",
                     "rehearsal": a.rehearsal, "shape": a.shape, "gpu": None if a.rehearsal else gpu_info(),
