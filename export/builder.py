@@ -194,17 +194,18 @@ class GraphBuilder:
             y = self.op("Add", [y, self.weight(f"{name}.bias", bias)], hint=f"{name}/bias")
         return y
 
-    def matmul_nbits(self, x: str, w_torch: np.ndarray, name: str) -> str:
+    def matmul_nbits(self, x: str, w_torch: np.ndarray, name: str, bits: int | None = None) -> str:
         """x[..., K] · W[K, N] through com.microsoft.MatMulNBits, W quantised from w_torch[N, K]
-        (quant.quantize_nbits: the ladder's layout, ``self.nbits`` bits and block)."""
+        (quant.quantize_nbits: the ladder's layout, ``bits`` or ``self.nbits``' bits, its block)."""
         nb = self.nbits
+        bits = bits or nb.bits
         n, k = w_torch.shape
-        q, s = quant.quantize_nbits(np.ascontiguousarray(w_torch.T), nb.bits, nb.block)
-        q_name = self.weight(f"{name}.weight_q{nb.bits}", q, raw=True)
+        q, s = quant.quantize_nbits(np.ascontiguousarray(w_torch.T), bits, nb.block)
+        q_name = self.weight(f"{name}.weight_q{bits}", q, raw=True)
         s_name = self.weight(f"{name}.weight_scale", s, raw=True)
         out = self._name(f"{name}_out")
         self.nodes.append(helper.make_node("MatMulNBits", [x, q_name, s_name], [out], name=f"{self.scope}/{name}/MatMulNBits_{self._n}",
-                                           domain=MS, K=k, N=n, bits=nb.bits, block_size=nb.block,
+                                           domain=MS, K=k, N=n, bits=bits, block_size=nb.block,
                                            accuracy_level=nb.accuracy_level))
         return out
 

@@ -83,6 +83,7 @@ def export_checkpoint(
     force: bool = False,
     block_size: int | None = None,
     accuracy_level: int | None = None,
+    lm_head: str | None = None,
 ) -> Path:
     """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path.
 
@@ -104,7 +105,7 @@ def export_checkpoint(
         return causal_export.export_causal(model_dir, out_dir, dtype=dtype, validate=validate, expert_dtype=expert_dtype,
                                            quiet=quiet, stream=stream, ladder_rungs=ladder_rungs, force=force)
     try:
-        dense = quant.dense_weights(dtype, block_size, accuracy_level)
+        dense = quant.dense_weights(dtype, block_size, accuracy_level, lm_head=lm_head)
     except ValueError as e:
         raise ExportError(str(e)) from None
     expert_dtype = expert_dtype or dtype

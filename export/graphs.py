@@ -265,7 +265,7 @@ def lm_head_graph(norm_weight: np.ndarray, lm_head: np.ndarray, cfg, dtype: str 
     if cfg.tie_word_embeddings:
         n = g.op("Mul", [n, g.const(np.float32(cfg.d_model ** -0.5), np.float32, "scale")], hint="tied_rescale")
     if g.nbits:  # MatMulNBits takes [B, T, D] as it is, whatever the layout
-        g.output(g.matmul_nbits(n, lm_head, "lm_head"), "logits", F32, ["B", "T", cfg.vocab_size])
+        g.output(g.matmul_nbits(n, lm_head, "lm_head", g.nbits.lm_head_bits), "logits", F32, ["B", "T", cfg.vocab_size])
         return g.model()
     if fused:
         y = g.op("MatMul", [n, g.weight("lm_head.weight", np.ascontiguousarray(lm_head.T))], hint="lm_head")

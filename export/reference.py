@@ -124,7 +124,7 @@ def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float3
         if ".mlp.experts." in source:  # the expert weights the artifact runs ([out, in] here)
             arr = np.ascontiguousarray(as_stored(arr.T, expert_dtype or round_to).T)
         elif nbits:  # a MatMulNBits weight: [out, in] here, [K, N] = [in, out] there
-            bits = dense_nbits["bits"]
+            bits = dense_nbits.get("lm_head_bits", dense_nbits["bits"]) if name == "lm_head.weight" else dense_nbits["bits"]
             q, scale = quantize_nbits(np.ascontiguousarray(arr.T), bits, dense_nbits["block_size"])
             arr = np.ascontiguousarray(ladder.dequantize(q, scale, bits, arr.shape[1]).T)
         elif round_to == "float16":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from swapmoe_edge.artifact.model_config import ModelConfig
@@ -86,7 +87,8 @@ def artifact_bytes(cfg: ModelConfig, dtype: "str | quant.DenseWeights", expert_d
         per = ffn_per = w
     dense: list[int] = []  # weight bytes per dense graph (its .onnx and .onnx.data together)
     dense += [v * d * w] * (1 + stack_tables)  # embed (and per-stack tables)
-    dense += [matmul_bytes(d, v, dtype) + d * w, d * w]  # lm_head with the final decoder norm, the encoder's final norm
+    head = dtype if isinstance(dtype, str) or not dtype.bits else replace(dtype, bits=dtype.lm_head_bits or dtype.bits)
+    dense += [matmul_bytes(d, v, head) + d * w, d * w]  # lm_head with the final decoder norm, the encoder's final norm
     dense += [cfg.relative_attention_num_buckets * h * w] * 2  # position bias, each stack
     for stack in ("encoder", "decoder"):
         for i in range(cfg.depth(stack)):

@@ -7,6 +7,9 @@ a rotating order and then once by the bandwidth probe of bench_decode.py (256 Mi
 MatMul weights). Each artifact's floor is decode_floor.bytes_per_token of its own files (a
 model with int8/int4 dense weights is held to its own, lower floor) over the probe's rate;
 per step: ms/token of each, its ratio to the first artifact's and to its own floor (medians).
+``ART:RUNG`` (e.g. ``ART:int4``) runs that artifact's experts as their ladder copies only (the
+`ladder` policy at 100% with ``ladder_primary`` off: the whole model on the low-bit rungs), its
+floor counting the copies' bytes.
 
     python scripts/bench_decode_pairs.py ART_A '{"prepack_experts": "off"}' ART_B '{"prepack_experts": "on"}' \
         [--steps 90] [--encoder 512 --pairs 10]
@@ -36,12 +39,15 @@ from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 def floors(arts: list[str], steps: int, threads: int = 1) -> dict:
     """Every artifact's `full` decode, paired step by step, against its own floor (module docstring)."""
-    rts = [Runtime(art, RuntimeConfig(policy="full", budget="100%", threads=threads)) for art in arts]
+    specs = [(a.rsplit(":", 1) + [None])[:2] if ":" in a else [a, None] for a in arts]
+    rts = [Runtime(art, RuntimeConfig(policy="full", budget="100%", threads=threads)) if rung is None else
+           Runtime(art, RuntimeConfig(policy="ladder", budget="100%", threads=threads, ladder_primary=False))
+           for art, rung in specs]
     probe = probe_session(threads)
     x = {"x": np.ones((1, PROBE_D), np.float32)}
     for _ in range(3):
         probe.run(None, x)
-    need = [bytes_per_token(rt.manifest) for rt in rts]
+    need = [bytes_per_token(rt.manifest, rung) for rt, (_, rung) in zip(rts, specs)]
     vocab = rts[0].manifest.config.vocab_size
     ids = np.array([[int(t) for t in np.random.default_rng(0).integers(5, vocab, 59)] + [1]])
     mask = np.ones_like(ids)
@@ -64,14 +70,14 @@ def floors(arts: list[str], steps: int, threads: int = 1) -> dict:
     out = {"threads": threads, "steps": steps, "probe_gbps_median": statistics.median(gbps), "artifacts": []}
     for j, (art, rt, tb) in enumerate(zip(arts, rts, need)):
         floor = [tb.total / (g * 1e9) * 1e3 for g in gbps]  # this step's floor, ms
-        row = {"artifact": art, "dense_dtype": rt.manifest.dense_dtype, "expert_dtype": rt.manifest.expert_dtype,
+        row = {"artifact": art, "dense_dtype": rt.manifest.dense_dtype, "experts": specs[j][1] or rt.manifest.expert_dtype,
                "bytes_per_token": tb.total, "bytes_by_part": tb.weights,
                "decode_ms": statistics.median(times[j]),
                "floor_ms": statistics.median(floor),
                "ratio_to_floor": statistics.median([t / f for t, f in zip(times[j], floor)]),
                "ratio_to_first": statistics.median([t / t0 for t, t0 in zip(times[j], times[0])])}
         out["artifacts"].append(row)
-        print(f"{art}: dense {row['dense_dtype']}, {tb.total / 1e6:.1f} MB/token; decode {row['decode_ms']:.2f} ms/token, "
+        print(f"{art}: dense {row['dense_dtype']}, experts {row['experts']}, {tb.total / 1e6:.1f} MB/token; decode {row['decode_ms']:.2f} ms/token, "
               f"floor {row['floor_ms']:.2f} ms ({row['ratio_to_floor']:.2f}x), {row['ratio_to_first']:.3f}x the first")
     print(f"probe {out['probe_gbps_median']:.2f} GB/s (median of {steps} runs, one after every step)")
     for rt in rts:

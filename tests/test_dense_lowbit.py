@@ -85,7 +85,8 @@ def test_matmulnbits_computes_the_dequantised_weights_on_rounded_activations(bit
 
 def test_bad_settings_are_refused(ckpt, tmp_path):
     for kw, what in ((dict(dtype="int3"), "--dtype"), (dict(dtype="float32", block_size=32), "--block-size"),
-                     (dict(dtype="int4", block_size=48), "--block-size"), (dict(dtype="int8", accuracy_level=2), "--accuracy-level")):
+                     (dict(dtype="int4", block_size=48), "--block-size"), (dict(dtype="int8", accuracy_level=2), "--accuracy-level"),
+                     (dict(dtype="int8", lm_head="int4"), "--lm-head"), (dict(dtype="float16", lm_head="int8"), "--lm-head")):
         with pytest.raises(ExportError, match=what):
             export_checkpoint(ckpt, tmp_path / "x", validate=False, quiet=True, **kw)
         assert not (tmp_path / "x").exists()
@@ -96,7 +97,7 @@ def test_bad_settings_are_refused(ckpt, tmp_path):
 def test_every_dense_matmul_but_the_router_is_matmulnbits(int4_art):
     m = load_manifest(int4_art)
     assert (m.dtype, m.dense_dtype, m.expert_dtype) == ("float32", "int4", "float32") and m.dense_dtype_lossy
-    assert m.dense_nbits == {"bits": 4, "block_size": quant.DEFAULT_BLOCK["int4"], "accuracy_level": 4,
+    assert m.dense_nbits == {"bits": 4, "block_size": quant.DEFAULT_BLOCK["int4"], "accuracy_level": 4, "lm_head_bits": 8,
                              "float_dtype": "float32", "router": "float32"}
     counts = {"MatMulNBits": 0, "router MatMul": 0, "other MatMul": 0}
     for name, sg in m.subgraphs.items():
@@ -105,7 +106,7 @@ def test_every_dense_matmul_but_the_router_is_matmulnbits(int4_art):
         for node in onnx.load(str(m.path(sg.file)), load_external_data=False).graph.node:
             if node.op_type == "MatMulNBits":
                 counts["MatMulNBits"] += 1
-                assert dict((a.name, a.i) for a in node.attribute)["bits"] == 4
+                assert dict((a.name, a.i) for a in node.attribute)["bits"] == (8 if name == "lm_head" else 4), name
             elif node.op_type in ("MatMul", "Gemm"):
                 weight_like = any(i.endswith(".weight") for i in node.input)
                 key = "router MatMul" if "router" in node.name else "other MatMul" if weight_like else None
@@ -126,7 +127,7 @@ def test_validation_runs_the_quantised_model_and_reports_the_loss(int4_art):
 def test_info_shows_the_dense_type_and_bytes_per_part(int4_art, float_art):
     out = CliRunner().invoke(cli, ["info", str(int4_art)])
     assert out.exit_code == 0, out.output
-    assert "dense int4 MatMulNBits (block 64, accuracy level 4, lossy)" in out.output and "by part" in out.output
+    assert "dense int4 MatMulNBits (block 32, LM head int8, accuracy level 4, lossy)" in out.output and "by part" in out.output
     parts = {a: load_manifest(a).summary()["dense_parts"] for a in (int4_art, float_art)}
     assert parts[int4_art]["embeddings"] == parts[float_art]["embeddings"]  # stays float32
     for part in ("decoder blocks", "encoder blocks", "lm head"):

@@ -154,6 +154,7 @@ def _dense_nbits(c: _Checker, raw: dict) -> None:
         c.fail("dense_nbits.bits", f"is {nb['bits']}, but dense_dtype is {dense}")
     c.int(nb.get("block_size"), "dense_nbits.block_size", 16, 1 << 12)
     c.int(nb.get("accuracy_level"), "dense_nbits.accuracy_level", 0, 4)
+    c.int(nb.get("lm_head_bits", nb["bits"]), "dense_nbits.lm_head_bits", nb["bits"], 8)
     c.str(nb.get("float_dtype", raw.get("dtype")), "dense_nbits.float_dtype", DENSE_DTYPES)
 
 

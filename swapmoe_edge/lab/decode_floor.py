@@ -47,7 +47,9 @@ def _file_bytes(m: Manifest, rel: str) -> int:
     return sum(m.files[f].size for f in (rel, rel + ".data") if f in m.files)
 
 
-def bytes_per_token(m: Manifest) -> TokenBytes:
+def bytes_per_token(m: Manifest, rung: str | None = None) -> TokenBytes:
+    """``rung``: the experts run as their ladder copies on that rung (the ``ladder`` policy with
+    low-bit copies only), so their bytes are the copies'."""
     c = m.config
     k = family_of(m).top_k
     experts = "expert (top-1)" if k == 1 else f"experts (top-{k})"
@@ -61,7 +63,8 @@ def bytes_per_token(m: Manifest) -> TokenBytes:
             calls += 1
         if layer.sparse:  # experts of one layer have one size; k of them (or all, if fewer)
             chosen = layer.experts[:k]
-            weights[experts] = weights.get(experts, 0) + sum(m.experts[e].nbytes for e in chosen)
+            size = [m.experts[e].rungs[rung].nbytes if rung else m.experts[e].nbytes for e in chosen]
+            weights[experts] = weights.get(experts, 0) + sum(size)
             calls += len(chosen)
     weights["lm_head"] = _file_bytes(m, m.subgraphs["lm_head"].file)
     weights["embed (one row)"] = c.d_model * _ITEMSIZE.get(m.dtype, 4)
