@@ -13,7 +13,13 @@ the checkpoint as save_pretrained writes it (per-expert tensors) and with transf
 - the largest |logit difference| of a left-padded batch's real tokens against HF's forward;
 - the export validation's worst layer as a share of its float32 rounding bound, for float32 and
   for float16 dense weights with int8 experts (validated against the model rounded the same way).
-Writes OUT.md and OUT.json.
+Writes OUT.json and OUT.table.md.
+
+    python scripts/check_families.py --checkpoint CK --artifact ART [--new 12]
+
+A checkpoint at real shapes (scripts/make_synthetic_checkpoint.py) and its artifact: greedy
+tokens of `full` on a left-padded batch of two random prompts (7 and 12 tokens) against HF
+generate on the checkpoint loaded in float32; prints one JSON line.
 """
 
 from __future__ import annotations
@@ -129,11 +135,38 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_checkpoint(ck: str, art: str, new: int) -> dict:
+    """Greedy tokens of ``art`` (full) against HF generate on ``ck``, one left-padded batch."""
+    import transformers  # deferred: this mode only
+
+    rng = np.random.default_rng(0)
+    parts = load_model(art, RuntimeConfig(policy="full", verify="never"))
+    vocab = parts.model.cfg.vocab_size
+    rows = [[int(t) for t in rng.integers(10, vocab - 10, size=n)] for n in (7, 12)]
+    got = last_step(parts.family.generate(parts.model, rows, Decoding(max_new_tokens=new)))
+    pad, eos = parts.model.cfg.pad_token_id, parts.model.cfg.eos_token_id
+    del parts
+    model = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
+    ids, mask = pad_left(rows, pad)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=new,
+                             do_sample=False, num_beams=1, pad_token_id=pad)
+    ref = [r[: r.index(eos) + 1] if eos in r else r for r in out[:, ids.shape[1]:].tolist()]
+    return {"checkpoint": ck, "artifact": art, "hf_class": type(model).__name__, "same": got == ref,
+            "tokens_compared": sum(len(r) for r in ref)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="docs/results/causal/families")
     ap.add_argument("--work", default="/tmp/families")
+    ap.add_argument("--checkpoint", help="a checkpoint folder to compare with its --artifact instead")
+    ap.add_argument("--artifact")
+    ap.add_argument("--new", type=int, default=12)
     args = ap.parse_args()
+    if args.checkpoint:
+        print(json.dumps(check_checkpoint(args.checkpoint, args.artifact, args.new)))
+        return
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
