@@ -75,7 +75,7 @@ def test_fused_expert_tensors_export_the_same_experts(exported, tmp_path):
         assert a.path(a.experts[key].weights_file).read_bytes() == b.path(b.experts[key].weights_file).read_bytes()
 
 
-@pytest.mark.parametrize("expert_dtype", ["float16", "int8"])
+@pytest.mark.parametrize("expert_dtype", ["float16", "int8", "int4"])
 def test_lossy_expert_storage_validates_against_the_rounded_model(exported, tmp_path, expert_dtype):
     _, ck, _ = exported["olmoe"]
     m = load_manifest(export_causal(ck, tmp_path / expert_dtype, expert_dtype=expert_dtype, quiet=True))
