@@ -26,11 +26,12 @@ from swapmoe_edge.lab.evaluate import read_pairs
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 
-def _pairs(artifact: Path, texts: list[str], threads: int, policy: str, budget: str) -> tuple[list[float], list[float]]:
+def _pairs(artifact: Path, texts: list[str], threads: int, policy: str, budget: str, lowbit_kernel: str = "auto"
+           ) -> tuple[list[float], list[float]]:
     """(policy / full ratio per batch, full ms/token per batch), the two runtimes taking turns."""
     batches = [texts[i: i + 8] for i in range(0, len(texts), 8)]
     with Runtime(artifact, RuntimeConfig(threads=threads, policy="full", budget="100%")) as full, \
-            Runtime(artifact, RuntimeConfig(threads=threads, policy=policy, budget=budget)) as rt:
+            Runtime(artifact, RuntimeConfig(threads=threads, policy=policy, budget=budget, lowbit_kernel=lowbit_kernel)) as rt:
         for r in (full, rt):
             r.summarize(batches[0])  # warm: sessions, arenas, the swapper's first plan
 
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lowbit-kernel", default="auto", help="the ladder's rung kernels (auto|nbits|standard)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     texts = [d["text"] for d in read_pairs(a.data, a.docs)]
@@ -66,7 +68,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
     for rnd in range(a.rounds):
         for p, b in configs:
-            r, base = _pairs(a.artifact, texts, a.threads, p, b)
+            r, base = _pairs(a.artifact, texts, a.threads, p, b, a.lowbit_kernel)
             ratios[f"{p} {b}"] += r
             full_ms += base
             print(f"round {rnd + 1}/{a.rounds}: {p} {b} {statistics.median(r):.2f}x "
@@ -77,6 +79,7 @@ def main() -> None:
         return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "batches": len(v)}
 
     res = {"artifact": str(a.artifact), "documents": len(texts), "rounds": a.rounds, "threads": a.threads,
+           "lowbit_kernel": a.lowbit_kernel,
            "pairing": "batch", "full_ms_per_token": statistics.median(full_ms),
            "ratios": {k: statistics.median(v) for k, v in ratios.items()},
            "quartiles": {k: quartiles(v) for k, v in ratios.items()},

@@ -95,19 +95,26 @@ def test_an_int2_rung_sits_below_int4_and_float():
     assert "not below" in ladder.rung_error("int4", "int4")
 
 
-def test_retemplate_rewrites_the_accuracy_level_and_leaves_a_hard_linked_twin_alone(tmp_path):
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    from swapmoe_export.exporter import export_checkpoint
+
+    from tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("lowrung")
+    ckpt = save_tiny(root / "ckpt", seed=3, d_model=128, d_ff=512, d_kv=32, num_experts=4)
+    return export_checkpoint(ckpt, root / "art", validate=False, quiet=True, ladder_rungs=("int2", "int4"))
+
+
+def test_retemplate_rewrites_the_accuracy_level_and_leaves_a_hard_linked_twin_alone(art, tmp_path):
     import os
     import shutil
 
     from swapmoe_edge.artifact.manifest import load_manifest
     from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
     from swapmoe_export.add_rungs import retemplate
-    from swapmoe_export.exporter import export_checkpoint
 
-    from tiny import save_tiny
-
-    ckpt = save_tiny(tmp_path / "ckpt", seed=3, d_model=64, d_ff=128, d_kv=16, num_experts=4)
-    art = export_checkpoint(ckpt, tmp_path / "art", validate=False, quiet=True, ladder_rungs=("int2", "int4"))
+    art = shutil.copytree(art, tmp_path / "art", copy_function=os.link)  # the fixture's files stay level 4
     tmpl = {r: art / ladder.template_rel(r) for r in ("int2", "int4")}
     assert {r: ladder.template_accuracy(p) for r, p in tmpl.items()} == {"int2": 4, "int4": 4}
     twin = tmp_path / "twin"
@@ -123,3 +130,19 @@ def test_retemplate_rewrites_the_accuracy_level_and_leaves_a_hard_linked_twin_al
         out_b = [r.token_ids for r in b.generate(ids, max_new_tokens=6)]
         assert a.residents_by_rung() == b.residents_by_rung() == {"int2": 8}
     assert len(out_a) == len(out_b) == 2  # both levels serve (their tokens may differ by the activations' rounding)
+
+
+def test_large_encoder_copies_keep_the_fast_kernel_even_when_their_session_costs_more(art, monkeypatch):
+    """The standard-op kernel dequantises a copy on every call (~40 ms for a switch-base expert
+    against ~0.2 ms as a session), so only small copies trade speed for their session's overhead."""
+    from swapmoe_edge.model import rungs
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+
+    cfg = RuntimeConfig(policy="ladder", ladder_rungs="int4", budget="50%", threads=1, read_mode="cached")
+    with Runtime(art, cfg) as rt:
+        assert rt.runners["int4"].modes == {"encoder": "standard", "decoder": "nbits"}  # small: bytes count more
+    monkeypatch.setattr(rungs, "STANDARD_MAX_BYTES", 0)  # as if these copies were large
+    with Runtime(art, cfg) as rt:
+        runner = rt.runners["int4"]
+        assert runner.modes == {"encoder": "nbits", "decoder": "nbits"}
+        assert runner.costs["encoder"] == runner.costs["decoder"] > rt.manifest.rung_bytes("int4") // 16

@@ -19,7 +19,7 @@ size), not assumed: ORT's packed form and per-session state differ from the file
 ``auto`` decides per stack. Decoder experts run once per generated token: they always get
 ``nbits`` where it runs. Encoder experts run once per request, so memory counts more than
 speed there: when a session costs more than ``SESSION_OVERHEAD_LIMIT`` times the copy's
-bytes (small experts: ORT keeps ~25-50 KiB of state per session, so an 80 KiB int4 copy of
+bytes and the copy is small (``STANDARD_MAX_BYTES``; small experts: ORT keeps ~25-50 KiB of state per session, so an 80 KiB int4 copy of
 the embedded model's experts costs ~120 KiB as a session), encoder copies run ``standard``.
 On the embedded model at 33% of its float16 expert bytes that held 56 experts instead of
 44 and lifted validation ROUGE-2 from 0.2545 to 0.2646 (docs/results/ladder.md).
@@ -61,6 +61,11 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "nbits", "standard")
 _NBITS_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")  # where ORT ships MatMulNBits
 SESSION_OVERHEAD_LIMIT = 1.25
+# ... and only for copies this small: the standard-op kernel dequantises the whole copy on every
+# call, ~0.2 ms for the embedded model's 128x512 copies but ~40 ms for a 768x3072 one, whose
+# session (accuracy level 4: int8 compute) costs 1.42x its bytes for its packed form, not for
+# fixed state (docs/results/ladder.md).
+STANDARD_MAX_BYTES = 1 << 20
 
 
 class RungRunner:
@@ -156,7 +161,7 @@ class RungRunner:
             session = max(int((reading() - before) / n), nbytes)
             del held
             memory.trim()
-        if self.requested == "auto" and session > SESSION_OVERHEAD_LIMIT * nbytes:
+        if self.requested == "auto" and session > SESSION_OVERHEAD_LIMIT * nbytes and nbytes <= STANDARD_MAX_BYTES:
             self.modes["encoder"] = "standard"
         self.costs = {stack: session if mode == "nbits" else nbytes for stack, mode in self.modes.items()}
         return dict(self.costs)
