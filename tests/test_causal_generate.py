@@ -137,3 +137,15 @@ def test_an_empty_prompt_is_refused_with_a_typed_error(models):
     _, parts = models["olmoe"]
     with pytest.raises(InputError, match="at least one token"):
         _generate(parts, [[5, 6], []])
+
+
+def test_greedy_bans_repeated_ngrams_over_prompt_and_new_tokens_as_hf(models):
+    model, parts = models["qwen2_moe"]
+    rows = ct.prompts()
+    ids, mask = pad_left(rows, ct.PAD)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW,
+                             do_sample=False, num_beams=1, pad_token_id=ct.PAD, eos_token_id=ct.EOS, no_repeat_ngram_size=1)
+    want = [r[: r.index(ct.EOS) + 1] if ct.EOS in r else r for r in out[:, ids.shape[1]:].tolist()]
+    assert want != ct.hf_greedy(model, rows, NEW)  # the ban changes the tokens
+    assert _generate(parts, rows, no_repeat_ngram_size=1) == want

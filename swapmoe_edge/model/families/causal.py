@@ -18,7 +18,7 @@ from swapmoe_edge.artifact.manifest import Manifest
 from swapmoe_edge.core.errors import ArtifactError
 from swapmoe_edge.model.causal import CausalModel, causal_config, pad_left
 from swapmoe_edge.model.families import Family
-from swapmoe_edge.model.generate import Decoding, Step, beam_steps, greedy_steps
+from swapmoe_edge.model.generate import Decoding, Step, ban_repeated_ngrams, beam_steps, greedy_steps
 from swapmoe_edge.model.moe import dispatch, route_topk, topk_router
 from swapmoe_edge.model.sessions import DenseSessions
 from swapmoe_edge.model.split import MoEFn, MoEHook
@@ -66,29 +66,42 @@ def bind(manifest: Manifest) -> Family:
 
 def generate(model: CausalModel, rows: Sequence[Sequence[int]], decoding: Decoding,
              hook: MoEHook | None = None) -> Iterator[Step]:
-    """Generate for ``rows`` (prompts): one ``Step`` per new token, greedy or beam."""
+    """Generate for ``rows`` (prompts): one ``Step`` per new token, greedy or beam.
+
+    ``no_repeat_ngram_size``: greedy bans the n-grams of the whole row, left padding and prompt
+    included, as HF does for a decoder-only model; beam search (generate.py's) bans those of the
+    new tokens only."""
     c = model.cfg
     ids, mask = pad_left(rows, c.pad_token_id)  # [B, S]
     state = model.start(ids, mask)
     start = c.bos_token_id if c.bos_token_id is not None else c.pad_token_id
-    common = dict(start_id=start, eos_id=c.eos_token_id, pad_id=c.pad_token_id, max_new_tokens=decoding.max_new_tokens,
-                  no_repeat_ngram_size=decoding.no_repeat_ngram_size)
-    decoder = _StepDecoder(model, hook)
+    common = dict(start_id=start, eos_id=c.eos_token_id, pad_id=c.pad_token_id, max_new_tokens=decoding.max_new_tokens)
     if decoding.num_beams > 1:
-        return beam_steps(decoder, state, len(rows), num_beams=decoding.num_beams, **common)
+        return beam_steps(_StepDecoder(model, hook), state, len(rows), num_beams=decoding.num_beams,
+                          no_repeat_ngram_size=decoding.no_repeat_ngram_size, **common)
+    decoder = _StepDecoder(model, hook, decoding.no_repeat_ngram_size, ids)
     return greedy_steps(decoder, state, len(rows), forced=decoding.forced, **common)
 
 
 class _StepDecoder:
-    """The model as the searches' step/reorder protocol (generate.StepDecoder)."""
+    """The model as the searches' step/reorder protocol (generate.StepDecoder); with ``ban`` (greedy
+    only: nothing reorders its rows) it bans repeated n-grams over the prompt and the tokens fed."""
 
-    def __init__(self, model: CausalModel, hook: MoEHook | None):
-        self.model, self.hook = model, hook
+    def __init__(self, model: CausalModel, hook: MoEHook | None, ban: int = 0, prompt: np.ndarray | None = None):
+        self.model, self.hook, self.ban = model, hook, ban
+        self.history = prompt  # [B, S + t]: HF's input_ids, left padding included
 
     def step(self, state, next_ids: np.ndarray):
-        return self.model.step(state, next_ids, hook=self.hook)
+        first = state.prompt is not None  # the first step runs the prompt; next_ids is not a token yet
+        logits, state = self.model.step(state, next_ids, hook=self.hook)  # [B, V]
+        if self.ban:
+            if not first:
+                self.history = np.concatenate([self.history, next_ids.reshape(-1, 1)], axis=1)
+            logits = ban_repeated_ngrams(self.history, logits, self.ban)
+        return logits, state
 
     def reorder(self, state, index: np.ndarray):
+        assert not self.ban, "a banning decoder keeps one history per row"
         return state.reorder(index)
 
 
