@@ -1,6 +1,7 @@
 """The precision ladder's tables for docs/results/ladder.md, from a sweep's sweep.json.
 
     python scripts/ladder_tables.py SWEEP_DIR [--also OTHER_SWEEP_DIR] [--decode PAIRS.json]
+    python scripts/ladder_tables.py --cells CELLS_DIR      # scripts/ladder_eval.py results, full.json among them
 
 One table per measure (reference ROUGE-2, same-as-full, peak RSS / budget, decode ms/token
 as a ratio to `full` of the same sweep), policies as rows and budgets as columns, and the
@@ -18,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from swapmoe_edge.lab.evaluate import results_paired_se
+from swapmoe_edge.lab.evaluate import paired_se, read_pairs, results_paired_se
 
 POLICIES = ("ladder", "swapmoe", "prune", "on-demand")
 
@@ -27,12 +28,38 @@ def _budget_key(b: str) -> float:
     return -float(b.rstrip("%")) if b.endswith("%") else 0.0
 
 
+def cells_table(folder: Path) -> None:
+    """One row per scripts/ladder_eval.py cell of FOLDER, against its full.json, paired by document."""
+    cells = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    full = cells.pop("full")
+    docs = read_pairs(full["data"], full["documents"])
+    refs = [d["summary"] for d in docs]
+    ref_out = [o["summary"] for o in full["outputs"]]
+    print(f"{full['documents']} documents; full: ROUGE-2 {full['rouge2']:.4f}. Budgets are shares of the artifact's "
+          "expert bytes; copies by rung (int2 + int4 + own precision).\n")
+    print("| cell | policy | budget | config | ROUGE-2 | - full (± paired s.e.) | same as full | experts resident "
+          "| first choice resident | peak / budget |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, c in sorted(cells.items(), key=lambda kv: (kv[1]["policy"], _budget_key(kv[1]["budget"]), kv[0])):
+        same = sum(list(o["token_ids"]) == list(f["token_ids"]) for o, f in zip(c["outputs"], full["outputs"])) / len(refs)
+        se = paired_se(refs, ref_out, [o["summary"] for o in c["outputs"]])
+        by = c.get("residents_by_rung") or {}
+        res = "+".join(str(by.get(k, 0)) for k in ("int2", "int4", "float16", "float32") if k in by) if by else str(c["resident_experts"])
+        cfg = ", ".join(f"{k}={v}" for k, v in (c.get("config") or {}).items()) or "default"
+        print(f"| {name} | {c['policy']} | {c['budget']} | {cfg} | {c['rouge2']:.4f} | {c['rouge2'] - full['rouge2']:+.4f} (± {se:.4f}) "
+              f"| {same:.1%} | {res} | {c['first_choice_resident']:.3f} | {c['peak_rss_bytes'] / c['budget_bytes']:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sweep", type=Path)
+    ap.add_argument("sweep", type=Path, nargs="?")
     ap.add_argument("--decode", type=Path)
     ap.add_argument("--also", type=Path)
+    ap.add_argument("--cells", type=Path, help="a folder of scripts/ladder_eval.py results instead of a sweep")
     a = ap.parse_args()
+    if a.cells:
+        cells_table(a.cells)
+        return
     d = json.loads((a.sweep / "sweep.json").read_text())
     cells = [c for c in d["cells"] if not c.get("error")]
     if a.also:
