@@ -33,10 +33,10 @@ def build(family: str, seed: int = 0, std: float = 0.2, **overrides):
     import transformers  # deferred: tests and scripts only
 
     config_cls, model_cls, extra = FAMILIES[family]
-    cfg = getattr(transformers, config_cls)(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, num_experts_per_tok=TOP_K, initializer_range=std, eos_token_id=EOS,
-        pad_token_id=PAD, bos_token_id=1, tie_word_embeddings=False, max_position_embeddings=256, **{**extra, **overrides})
+    fields = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, num_experts_per_tok=TOP_K, initializer_range=std, eos_token_id=EOS,
+                  pad_token_id=PAD, bos_token_id=1, tie_word_embeddings=False, max_position_embeddings=256)
+    cfg = getattr(transformers, config_cls)(**{**fields, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # norms away from 1 so that a missing norm weight shows

@@ -149,3 +149,21 @@ def test_greedy_bans_repeated_ngrams_over_prompt_and_new_tokens_as_hf(models):
     want = [r[: r.index(ct.EOS) + 1] if ct.EOS in r else r for r in out[:, ids.shape[1]:].tolist()]
     assert want != ct.hf_greedy(model, rows, NEW)  # the ban changes the tokens
     assert _generate(parts, rows, no_repeat_ngram_size=1) == want
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("olmoe", {"clip_qkv": 0.3}),
+    ("qwen3_moe", {"attention_bias": True, "num_key_value_heads": 1}),
+    ("qwen2_moe", {"norm_topk_prob": True, "tie_word_embeddings": True}),
+])
+def test_config_variants_export_validated_and_generate_hfs_tokens(tmp_path, family, overrides):
+    model = ct.build(family, seed=4, **overrides)
+    if overrides.get("attention_bias"):  # biases start at zero: make them count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("proj.bias"):
+                    p.normal_(0, 0.5)
+    art = export_causal(ct.save(model, tmp_path / "ck"), tmp_path / "art", quiet=True)
+    parts = load_model(art, RuntimeConfig(policy="full", verify="never"))
+    rows = ct.prompts()
+    assert _generate(parts, rows) == ct.hf_greedy(model, rows, NEW)
