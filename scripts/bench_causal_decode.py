@@ -22,6 +22,7 @@ import importlib.util
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +86,17 @@ class Profile(dict):
         return out
 
 
-def run(artifact: str, threads: int, tokens: int, requests: int, prompt_len: int, profile: bool) -> dict:
+def run(artifact: str, threads: int, tokens: int, requests: int, prompt_len: int, profile: bool,
+        prepack: str = "off") -> dict:
     bd = _bench_decode()
-    rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None))
+    rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None, prepack_experts=prepack))
     m, fam = rt.manifest, rt.family
     c = m.config
     need = bytes_per_token(m)
+    if fam.top_k > 1 and "expert (top-1)" in need.weights:  # a floor that predates top-k: k experts a layer
+        w = dict(need.weights)
+        w[f"experts (top-{fam.top_k})"] = w.pop("expert (top-1)") * fam.top_k
+        need = replace(need, weights=w)
     avoid = {int(t) for t in (getattr(c, "eos_token_id", None), getattr(c, "pad_token_id", None)) if t is not None}
     vocab = c.vocab_size
     probe = bd.probe_session(threads)
@@ -137,7 +143,7 @@ def run(artifact: str, threads: int, tokens: int, requests: int, prompt_len: int
             plain.append(request(100 + i, paired=False)[2])
     gbps = bd.PROBE_BYTES / (statistics.median(probe_ms) / 1e3) / 1e9
     out = {
-        "artifact": str(artifact), "family": fam.name, "top_k": fam.top_k, "threads": threads, "tokens": tokens,
+        "artifact": str(artifact), "prepacked_experts": rt.prepacked, "family": fam.name, "top_k": fam.top_k, "threads": threads, "tokens": tokens,
         "requests": requests, "prompt_len": prompt_len, "expert_dtype": m.expert_dtype, "dtype": m.dtype,
         "bytes_per_token": need.total, "bytes_by_part": need.weights, "ort_calls_per_token": need.ort_calls,
         "probe_gbps_median": gbps, "floor_ms": need.total / gbps / 1e6,
@@ -165,10 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=7)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="time each part of a decode step (adds a little)")
+    ap.add_argument("--prepack-experts", choices=["auto", "on", "off"], default="off",
+                    help="RuntimeConfig.prepack_experts (experts as their own prepacked sessions; default off)")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args(argv)
-    out = run(a.artifact, a.threads, a.tokens, a.requests, a.prompt_len, a.profile)
-    print(f"{out['family']} top-{out['top_k']}, {out['expert_dtype']} experts, {a.threads} thread(s): "
+    out = run(a.artifact, a.threads, a.tokens, a.requests, a.prompt_len, a.profile, a.prepack_experts)
+    print(f"{out['family']} top-{out['top_k']}, {out['expert_dtype']} experts"
+          f"{' (prepacked)' if out['prepacked_experts'] else ''}, {a.threads} thread(s): "
           f"{out['bytes_per_token'] / 2**20:.1f} MiB/token; probe {out['probe_gbps_median']:.2f} GB/s "
           f"-> floor {out['floor_ms']:.1f} ms/token")
     for part, n in out["bytes_by_part"].items():
