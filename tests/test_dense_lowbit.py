@@ -172,3 +172,18 @@ def test_every_shipped_profile_says_which_dense_type_suits_it():
     assert profile_from_dict(d).dense_dtype == "float32"  # optional in a profile file
     with pytest.raises(Exception, match="dense_dtype"):
         profile_from_dict({**d, "dense_dtype": "int3"})
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_the_size_estimate_covers_a_low_bit_artifact(ckpt, tmp_path, dtype):
+    from swapmoe_export import space
+    from swapmoe_export.checkpoint import read_config
+
+    art = export_checkpoint(ckpt, tmp_path / dtype, dtype=dtype, expert_dtype="float32", validate=False, quiet=True)
+    m = load_manifest(art)
+    _, cfg = read_config(ckpt)
+    est = space.artifact_bytes(cfg, quant.dense_weights(dtype), "float32", tuple(m.ladder),
+                               side_bytes=(ckpt / "tokenizer.json").stat().st_size)
+    real = sum(-(-p.stat().st_size // space.BLOCK) * space.BLOCK for p in art.rglob("*") if p.is_file())
+    assert real <= est <= 1.3 * real, (real, est)
+    assert est < space.artifact_bytes(cfg, "float32", "float32", tuple(m.ladder), side_bytes=(ckpt / "tokenizer.json").stat().st_size)
