@@ -184,3 +184,24 @@ def test_the_disk_estimate_covers_what_export_writes(exported, tmp_path):
         written = sum(f.size for f in m.files.values())
         need = artifact_bytes(causal_config(m), "float32", expert_dtype, tuple(m.ladder))
         assert written <= need < 3 * written + (1 << 20)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda raw: raw["extra"]["causal_config"].update(num_experts=7), "num_experts"),
+    (lambda raw: raw["extra"]["causal_config"].update(top_k=99), "top-99"),
+    (lambda raw: raw["extra"].pop("causal_config"), "causal_config"),
+    (lambda raw: raw["extra"].pop("expert_act"), "expert_act|wi"),
+])
+def test_a_manifest_whose_decoder_config_disagrees_is_refused_at_load(exported, tmp_path, edit, said):
+    import shutil
+
+    from swapmoe_edge.core.errors import ArtifactError
+    from swapmoe_edge.runtime.config import RuntimeConfig
+    from swapmoe_edge.runtime.load import load_model
+
+    art = shutil.copytree(exported["mixtral"][2], tmp_path / "art")
+    raw = json.loads((art / "manifest.json").read_text())
+    edit(raw)
+    (art / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match=said):
+        load_model(art, RuntimeConfig(policy="full", verify="never"))

@@ -34,7 +34,16 @@ def build(manifest: Manifest, sessions: DenseSessions, moe: MoEFn, hook: MoEHook
 def check(manifest: Manifest) -> None:
     """ArtifactError unless the manifest names what CausalModel runs: its decoder config, the
     embedding, the LM head, the expert kernel and a step graph in every layer."""
-    causal_config(manifest)
+    c, m = causal_config(manifest), manifest.config
+    for name, got, want in (("hidden_size", c.hidden_size, m.d_model), ("num_layers", c.num_layers, m.num_decoder_layers),
+                            ("num_experts", c.num_experts, m.num_experts), ("moe_intermediate_size", c.moe_intermediate_size, m.d_ff),
+                            ("vocab_size", c.vocab_size, m.vocab_size)):
+        if got != want:
+            raise ArtifactError(f"{manifest.root / 'manifest.json'}: extra.causal_config.{name} is {got}, the config block "
+                                f"says {want}. Export the model again.")
+    if not 1 <= c.top_k <= c.num_experts or c.num_heads % c.num_kv_heads:
+        raise ArtifactError(f"{manifest.root / 'manifest.json'}: extra.causal_config has top-{c.top_k} of {c.num_experts} "
+                            f"experts and {c.num_heads} heads over {c.num_kv_heads} key/value heads. Export the model again.")
     missing = [f"subgraph {n}" for n in SUBGRAPHS if n not in manifest.subgraphs]
     missing += [f"{layer.key.name} part step" for layer in manifest.layers if "step" not in layer.parts]
     if manifest.extra.get("expert_act") != "swiglu":
