@@ -27,6 +27,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
              "ROUGE of a policy at a budget on DATA, the lead-8 baseline, and fidelity to the full policy."),
     "export": ("swapmoe_edge.cli.export", "export_cmd",
                "Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact."),
+    "generate": ("swapmoe_edge.cli.generate", "generate_cmd",
+                 "Continue TEXT arguments or the lines of --file inside a memory budget, streaming tokens to stdout."),
     "info": ("swapmoe_edge.cli.export", "info_cmd", "Layers, experts and bytes of an artifact."),
     "ladder": ("swapmoe_edge.cli.export", "ladder_group", "The precision ladder: low-bit copies of every expert."),
     "profile": ("swapmoe_edge.cli.profile", "profile_cmd",

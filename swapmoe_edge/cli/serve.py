@@ -1,4 +1,5 @@
-"""``swapmoe summarize``: serve documents inside a memory budget (the Runtime does the work)."""
+"""``swapmoe summarize``: serve documents inside a memory budget (the Runtime does the work);
+the options and output that ``swapmoe generate`` shares with it."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from swapmoe_edge.core.errors import SwapMoEError
 from swapmoe_edge.core.progress import DocumentProgress, stderr_is_terminal
 from swapmoe_edge.core.textio import read_documents
 from swapmoe_edge.core.units import format_size
+from swapmoe_edge.runtime.embedded import EMBEDDED_NAME, shipped_models
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 
-def _read_inputs(texts: tuple[str, ...], file: str | None) -> list[str]:
+def read_inputs(texts: tuple[str, ...], file: str | None, what: str = "summarise") -> list[str]:
     if file and texts:
         raise click.UsageError("give TEXT arguments or --file, not both")
     if file:
         return [d["text"] for d in read_documents(file)]
     if not texts:
-        raise click.UsageError("nothing to summarise: give TEXT arguments or --file F")
+        raise click.UsageError(f"nothing to {what}: give TEXT arguments or --file F")
     return list(texts)
 
 
@@ -30,7 +32,7 @@ def _source(source: str) -> str:
     return {"cap": "your cap", "machine": "free memory"}.get(source, source)
 
 
-def _stats_line(st: dict, exact: bool) -> str:
+def stats_line(st: dict, exact: bool) -> str:
     line = (f"[{st['policy']}, {'exact' if exact else 'approximate'}] budget {format_size(st['budget_bytes'])} "
             f"({_source(st['budget_source'])}), "
             f"peak RSS {format_size(st['peak_rss_bytes'])}, residents {sum(st['residents'].values())}, "
@@ -47,35 +49,58 @@ def _stats_line(st: dict, exact: bool) -> str:
     return line
 
 
+def serving_options(fn):
+    """The options that ``summarize`` and ``generate`` share: where the model comes from, the
+    budget and policy, decoding, and output."""
+    options = [
+        click.option("--artifact", type=click.Path(path_type=str), help="Artifact directory (default: a shipped model, see --model)."),
+        click.option("--model", "model", default=None,
+                     help=f"A shipped model, exported into the cache on first use: {', '.join(shipped_models())} "
+                          f"(default {EMBEDDED_NAME}). Not with --artifact."),
+        click.option("--file", "file", type=click.Path(path_type=str), help="One document per line, or JSONL with a `text` field."),
+        click.option("--budget", default="auto", show_default=True, help="Whole-process bytes (4.7GiB), share of expert bytes (33%), or auto."),
+        click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe", "ladder"]), default="swapmoe",
+                     show_default=True,
+                     help="ladder: every expert resident at int4 or full precision by importance (lossy; needs an artifact with a ladder)."),
+        click.option("--planner", type=click.Choice(["importance", "uniform"]), default="importance", show_default=True),
+        click.option("--num-beams", type=COUNT, default=1, show_default=True),
+        click.option("--max-new-tokens", type=COUNT, default=32, show_default=True),
+        click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Inputs generated together."),
+        click.option("--device", default=None, help="Device profile name or .json path (default: detected; see `swapmoe devices`)."),
+        click.option("--cold-start", type=click.Choice(["blocking", "background"]), default="blocking", show_default=True,
+                     help="background: serve once the dense part and one expert per layer are in, fill the rest meanwhile "
+                          "(faster first token on slow flash; lossy policies then route early tokens to fewer experts)."),
+        click.option("--deterministic/--no-deterministic", default=None,
+                     help="Swaps take effect only between requests, so the same inputs and --batch-size give the same "
+                          "outputs under any load (a memory-pressure shrink still acts at once; the stats say so). "
+                          "Default: on for swapmoe (unless --cold-start background), off for ladder."),
+        click.option("--quiet", is_flag=True, help="No progress or per-input statistics on stderr."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def open_runtime(artifact: str | None, model: str | None, quiet: bool, **config) -> Runtime:
+    """The Runtime of ``--artifact`` or ``--model`` (a shipped model, exported on first use)."""
+    return Runtime(artifact_or_default(artifact, quiet, model=model), RuntimeConfig(baseline_cache=True, **config))
+
+
 @click.command("summarize")
 @click.argument("texts", nargs=-1)
-@click.option("--artifact", type=click.Path(path_type=str), help="Artifact directory (default: the embedded model).")
-@click.option("--file", "file", type=click.Path(path_type=str), help="One document per line, or JSONL with a `text` field.")
-@click.option("--budget", default="auto", show_default=True, help="Whole-process bytes (4.7GiB), share of expert bytes (33%), or auto.")
-@click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe", "ladder"]), default="swapmoe", show_default=True,
-              help="ladder: every expert resident at int4 or full precision by importance (lossy; needs an artifact with a ladder).")
-@click.option("--planner", type=click.Choice(["importance", "uniform"]), default="importance", show_default=True)
-@click.option("--num-beams", type=COUNT, default=1, show_default=True)
-@click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
-@click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Documents generated together.")
-@click.option("--device", default=None, help="Device profile name or .json path (default: detected; see `swapmoe devices`).")
+@serving_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input: summary, token_ids, exact, stats.")
-@click.option("--cold-start", type=click.Choice(["blocking", "background"]), default="blocking", show_default=True,
-              help="background: serve once the dense part and one expert per layer are in, fill the rest meanwhile "
-                   "(faster first token on slow flash; lossy policies then route early tokens to fewer experts).")
-@click.option("--deterministic/--no-deterministic", default=None,
-              help="Swaps take effect only between requests, so the same inputs and --batch-size give the same "
-                   "summaries under any load (a memory-pressure shrink still acts at once; the stats say so). "
-                   "Default: on for swapmoe (unless --cold-start background), off for ladder.")
-@click.option("--quiet", is_flag=True, help="No progress or per-document statistics on stderr.")
-def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device, as_json,
-                  cold_start, deterministic, quiet) -> None:
-    """Summarise TEXT arguments or the documents of --file inside a memory budget."""
+def summarize_cmd(texts, artifact, model, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device,
+                  cold_start, deterministic, quiet, as_json) -> None:
+    """Summarise TEXT arguments or the documents of --file inside a memory budget.
+
+    A decoder-only model reads each document through the prompt template its artifact records
+    (exported from the checkpoint's swapmoe.json); one without a template is refused.
+    """
     try:
-        docs = _read_inputs(texts, file)
-        config = RuntimeConfig(policy=policy, budget=budget, planner=planner, device=device, cold_start=cold_start,
-                               baseline_cache=True, deterministic=deterministic)
-        with Runtime(artifact_or_default(artifact, quiet), config) as rt:
+        docs = read_inputs(texts, file)
+        with open_runtime(artifact, model, quiet, policy=policy, budget=budget, planner=planner, device=device,
+                          cold_start=cold_start, deterministic=deterministic) as rt:
             # Progress for --file on a terminal only: piped stderr stays machine-readable.
             progress = DocumentProgress(len(docs), enabled=bool(file) and not quiet and stderr_is_terminal())
             for i in range(0, len(docs), batch_size):
@@ -85,7 +110,7 @@ def summarize_cmd(texts, artifact, file, budget, policy, planner, num_beams, max
                     else:
                         click.echo(r.summary)
                         if not quiet:
-                            click.echo(_stats_line(r.stats, r.exact), err=True)
+                            click.echo(stats_line(r.stats, r.exact), err=True)
                 progress.update(min(i + batch_size, len(docs)))
     except SwapMoEError as e:
         fail(e)

@@ -1,4 +1,5 @@
-"""The embedded default model: a small Switch summariser shipped as a HF checkpoint.
+"""The shipped models: small summarisers shipped as HF checkpoints under ``model_data/``, the
+Switch one (switch-debian) the default, a decoder-only one (mixtral-debian) beside it.
 
 On first use it is exported, like any user checkpoint, into a per-user cache directory
 (``$SWAPMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/swapmoe_edge``, else
@@ -30,8 +31,24 @@ from swapmoe_edge.residency.importance import PROFILE_NAME
 from swapmoe_edge.runtime import baseline_cache
 
 Exporter = Callable[..., Path]
-EMBEDDED_NAME = "switch-debian"
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "model_data" / EMBEDDED_NAME
+EMBEDDED_NAME = "switch-debian"  # the default
+MODEL_DATA = Path(__file__).resolve().parent.parent / "model_data"
+EMBEDDED_DIR = MODEL_DATA / EMBEDDED_NAME
+
+
+def shipped_models() -> list[str]:
+    """The names of the models shipped in this installation (folders of model_data with a config.json)."""
+    return sorted(p.name for p in MODEL_DATA.iterdir() if (p / "config.json").is_file()) if MODEL_DATA.is_dir() else []
+
+
+def model_dir(name: str | None) -> Path:
+    """The checkpoint folder of the shipped model ``name`` (None: the default); ArtifactError for an unknown name."""
+    name = name or EMBEDDED_NAME
+    if name not in shipped_models():
+        known = ", ".join(shipped_models()) or "none"
+        raise ArtifactError(f"no shipped model is called {name!r} (this installation has: {known}); "
+                            "pass --artifact DIR for a model you exported.")
+    return MODEL_DATA / name
 
 
 def cache_root() -> Path:
@@ -52,8 +69,9 @@ def _fingerprint(ckpt: Path) -> str:
 
 
 def default_artifact(export: Exporter, ckpt: Path | None = None, quiet: bool = False,
-                     validate: bool = False, rebuild: bool = False) -> Path:
-    """The exported embedded model, exported with ``export`` on the first call.
+                     validate: bool = False, rebuild: bool = False, model: str | None = None) -> Path:
+    """The exported shipped model (``model``: its name, None: the default; or ``ckpt``: its
+    folder), exported with ``export`` on the first call.
 
     ``export(checkpoint, out, quiet=, validate=)`` is ``swapmoe_export.export_checkpoint``;
     the caller passes it because the runtime never imports the exporter. ``validate``
@@ -64,6 +82,8 @@ def default_artifact(export: Exporter, ckpt: Path | None = None, quiet: bool = F
     once and a killed one leaves nothing visible. A cache that fails its check is rebuilt,
     with a note on stderr.
     """
+    if model is not None:
+        ckpt = model_dir(model)
     ckpt = Path(ckpt or EMBEDDED_DIR)
     if not (ckpt / "config.json").is_file():
         raise ArtifactError(
@@ -152,9 +172,9 @@ def _install(export: Exporter, ckpt: Path, out: Path, why: str, quiet: bool, val
     for stale in out.parent.glob(f".{out.name}.staging-*"):  # left by a killed first use
         shutil.rmtree(stale, ignore_errors=True)
     if why != "missing":
-        print(f"[swapmoe] the embedded model's cache {out} is rebuilt: {why}", file=sys.stderr, flush=True)
+        print(f"[swapmoe] the cache of the shipped model {ckpt.name}, {out}, is rebuilt: {why}", file=sys.stderr, flush=True)
     elif not quiet:
-        print(f"[swapmoe] first use: exporting the embedded model into {out} (once)", file=sys.stderr, flush=True)
+        print(f"[swapmoe] first use: exporting the shipped model {ckpt.name} into {out} (once)", file=sys.stderr, flush=True)
     stage = out.parent / f".{out.name}.staging-{os.getpid()}"
     stage.mkdir()
     try:

@@ -33,24 +33,71 @@ def generation_settings(generation: dict[str, Any]) -> int:
     return n
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_source_tokens: int,
-                 root: Path) -> tuple[list[list[int]], list[bool]]:
-    """Token ids of each text (cut to ``max_source_tokens``, keeping the closing </s>), and which were cut."""
-    if tokenizer is None:
-        raise InputError(f"artifact {root} has no tokenizer.json; pass token ids instead of text.")
+def encode_texts(tokenizer, texts: Sequence[str], max_source_tokens: int, root: Path,
+                 keep_end: bool = False) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of each text, as the tokenizer makes them, and which were cut to ``max_source_tokens``:
+    an encoder input keeps its head and its closing </s>; with ``keep_end`` (a decoder-only
+    prompt, continued from its end) the text keeps its last tokens."""
+    _check_tokenizer(tokenizer, root)
     ids, truncated = [], []
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"input {i + 1} is empty; give some text to summarise.")
+        _check_text(text, i)
         row = tokenizer.encode(text).ids
         cut = len(row) > max_source_tokens
         if cut:
             warnings.warn(f"input {i + 1} has {len(row)} tokens; truncated to the model's limit of "
-                          f"{max_source_tokens}", stacklevel=4)
-            row = row[: max_source_tokens - 1] + row[-1:]  # keep the closing </s>
+                          f"{max_source_tokens}" + (" (its last tokens kept)" if keep_end else ""), stacklevel=4)
+            # keep_end: the prompt's end, which generation continues; else the closing </s>
+            row = row[-max_source_tokens:] if keep_end else row[: max_source_tokens - 1] + row[-1:]
         ids.append(row)
         truncated.append(cut)
     return ids, truncated
+
+
+def encode_prompts(tokenizer, documents: Sequence[str], template: str, max_source_tokens: int,
+                   root: Path) -> tuple[list[list[int]], list[bool]]:
+    """A decoder-only summariser's prompts: each document put into ``template`` (at its
+    "{document}") and the whole text tokenised, and which documents were cut.
+
+    A document is cut so that the prompt fits in ``max_source_tokens``: after the token that
+    leaves room for the template's own tokens, at that token's end in the original text (the
+    same cut a training script makes with the tokenizer's offsets).
+    """
+    _check_tokenizer(tokenizer, root)
+    if not isinstance(template, str) or "{document}" not in template:
+        raise InputError(f"artifact {root}: its prompt template must be a string holding '{{document}}', not {template!r}")
+    overhead = len(tokenizer.encode(template.replace("{document}", "x")).ids) - len(tokenizer.encode("x").ids)
+    if max_source_tokens - overhead < 1:
+        raise InputError(f"max_source_tokens ({max_source_tokens}) leaves no room for a document beside the prompt "
+                         f"template's {overhead} tokens; raise max_source_tokens.")
+    ids, truncated = [], []
+    for i, text in enumerate(documents):
+        _check_text(text, i)
+        enc = tokenizer.encode(text)
+        room, cut = max_source_tokens - overhead, False
+        while True:
+            if len(enc.ids) > room:
+                text, cut = text[: enc.offsets[room - 1][1]], True
+            row = tokenizer.encode(template.replace("{document}", text)).ids
+            if len(row) <= max_source_tokens or room == 1:
+                break
+            room -= 1  # the cut merged differently with the template: one token less
+        if cut:
+            warnings.warn(f"input {i + 1} has {len(enc.ids)} tokens; cut to {room} to fit the prompt template in "
+                          f"the model's limit of {max_source_tokens}", stacklevel=4)
+        ids.append(row)
+        truncated.append(cut)
+    return ids, truncated
+
+
+def _check_tokenizer(tokenizer, root: Path) -> None:
+    if tokenizer is None:
+        raise InputError(f"artifact {root} has no tokenizer.json; pass token ids instead of text.")
+
+
+def _check_text(text, i: int) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"input {i + 1} is empty; give some text.")
 
 
 def check_request(input_ids: Sequence[Sequence[int]], max_new_tokens: int, num_beams: int,
