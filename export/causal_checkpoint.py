@@ -44,13 +44,14 @@ def read_causal_config(model_dir: Path) -> tuple[dict, CausalConfig]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object: it is not a model config.")
     gen = confined(Path(model_dir), "generation_config.json")
-    gen_eos = None
-    if gen.is_file():  # generate stops at the generation config's EOS ids, where it names them
+    gen_ids = {}
+    if gen.is_file():  # generate takes its special ids from the generation config, where it names them
         try:
-            gen_eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+            gen_ids = {k: v for k, v in json.loads(gen.read_text(encoding="utf-8")).items()
+                       if k in ("eos_token_id", "pad_token_id", "bos_token_id") and v is not None}
         except (ValueError, AttributeError):
-            gen_eos = None
-    merged = raw if gen_eos is None else {**raw, "eos_token_id": gen_eos}
+            gen_ids = {}
+    merged = {**raw, **gen_ids}
     arch = architecture(raw)
     if arch is None:
         raise CheckpointError(f"{path}: architectures={raw.get('architectures')} names none of {', '.join(ARCHITECTURES)}.")
