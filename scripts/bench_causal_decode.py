@@ -22,7 +22,6 @@ import importlib.util
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +91,7 @@ def run(artifact: str, threads: int, tokens: int, requests: int, prompt_len: int
     rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None, prepack_experts=prepack))
     m, fam = rt.manifest, rt.family
     c = m.config
-    need = bytes_per_token(m)
-    if fam.top_k > 1 and "expert (top-1)" in need.weights:  # a floor that predates top-k: k experts a layer
-        w = dict(need.weights)
-        w[f"experts (top-{fam.top_k})"] = w.pop("expert (top-1)") * fam.top_k
-        need = replace(need, weights=w)
+    need = bytes_per_token(m)  # k experts a layer (the family's top_k)
     avoid = {int(t) for t in (getattr(c, "eos_token_id", None), getattr(c, "pad_token_id", None)) if t is not None}
     vocab = c.vocab_size
     probe = bd.probe_session(threads)

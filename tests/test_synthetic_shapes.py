@@ -145,3 +145,29 @@ def test_float16_is_stored_as_float16_and_loads(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
     assert torch.isfinite(logits).all()
+
+
+def _bench_script():
+    path = SCRIPT.parent / "bench_causal_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_causal_decode", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_exports_validated_and_the_decode_bench_counts_k_experts(tmp_path):
+    """The published per-expert layout goes through the exporter's PyTorch validation, and the
+    decode bench on the artifact counts the bytes of k experts a layer."""
+    pytest.importorskip("torch")
+    from swapmoe_edge.artifact.manifest import load_manifest
+    from swapmoe_export import export_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    assert msc.main(["--shape", "olmoe-tiny", "-o", str(ckpt), "--quiet"]) == 0
+    art = export_checkpoint(ckpt, tmp_path / "art", quiet=True)
+    m = load_manifest(art)
+    assert m.extra["family"] == "causal" and m.extra["hf_architecture"] == "OlmoeForCausalLM"
+    out = _bench_script().run(str(art), threads=1, tokens=3, requests=1, prompt_len=5, profile=False)
+    expert = next(iter(m.experts.values())).nbytes
+    assert out["top_k"] == 4 and out["bytes_by_part"]["experts (top-4)"] == 2 * 4 * expert
+    assert out["ratio_median"] > 0 and len(out["plain_ms_per_token_by_request"]) == 1
