@@ -135,7 +135,9 @@ def export_checkpoint(
         if why:
             raise ExportError(
                 f"--expert-dtype int4 needs d_model and d_ff to be multiples of {quant.INT4_GROUP} "
-                f"(d_model {cfg.d_model}, d_ff {cfg.d_ff}); expert weight {'; '.join(why)}. Use int8 instead."
+                f"(d_model {cfg.d_model}, d_ff {cfg.d_ff}); expert weight {'; '.join(why)}. Use int8 instead"
+                + (" (the experts follow --dtype int4 unless --expert-dtype is given: add --expert-dtype float32 or int8)."
+                   if dtype == "int4" else ".")
             )
     reader = CheckpointReader(model_dir)
     check_sparse_layers(model_dir, cfg, reader.names())
