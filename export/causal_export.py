@@ -56,14 +56,21 @@ def swiglu_ladder() -> bool:
 
 
 def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = True, expert_dtype: str | None = None,
-                  quiet: bool = False, stream=None, ladder_rungs: tuple[str, ...] | None = None, force: bool = False) -> Path:
+                  quiet: bool = False, stream=None, ladder_rungs: tuple[str, ...] | None = None, force: bool = False,
+                  block_size: int | None = None, accuracy_level: int | None = None, lm_head: str | None = None) -> Path:
     """Export ``model_dir`` (a HF decoder-only MoE checkpoint) to ``out_dir``; return the artifact path.
 
+    ``dtype`` int8 or int4: q/k/v/o, the shared expert and the LM head are stored for ONNX Runtime's
+    MatMulNBits (``block_size``, ``accuracy_level``, the LM head's width ``lm_head``; None: quant.py's
+    measured defaults), the embedding, norms and router float32. Lossy: validation compares with
+    PyTorch on the same quantised weights and reports the loss against the float model.
     ``ladder_rungs``: None: int4 where ladder.py can write SwiGLU rungs and the experts are float32
     or float16, none otherwise; ``()``: none.
     """
-    if dtype not in ("float32", "float16"):
-        raise ExportError(f"--dtype must be float32 or float16, not {dtype!r}")
+    try:
+        dense = quant.dense_weights(dtype, block_size, accuracy_level, lm_head=lm_head)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     expert_dtype = expert_dtype or dtype
     if expert_dtype not in quant.EXPERT_DTYPES:
         raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
@@ -90,14 +97,14 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
             raise ExportError(f"--expert-dtype int4 needs hidden and expert sizes that are multiples of {quant.INT4_GROUP} "
                               f"({d}, {f}): {'; '.join(why)}. Use int8 instead.")
     reader = CausalReader(model_dir, cfg)
-    need = artifact_bytes(cfg, dtype, expert_dtype, tuple(ladder_rungs))
+    need = artifact_bytes(cfg, dense, expert_dtype, tuple(ladder_rungs))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         free = space.check_space(out.parent, need)
     except OSError as e:
         raise space.write_error(e, out, need, None) from e
     with sigterm_unwinds():
-        return _export_into(reader, model_dir, out, raw, cfg, dtype, expert_dtype, validate, quiet, stream,
+        return _export_into(reader, model_dir, out, raw, cfg, dense, expert_dtype, validate, quiet, stream,
                             tuple(ladder_rungs), force, (need, free))
 
 
@@ -109,13 +116,18 @@ def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
     return space._packed(sizes[expert_dtype])
 
 
-def artifact_bytes(cfg: CausalConfig, dtype: str, expert_dtype: str, rungs: tuple[str, ...]) -> int:
+def artifact_bytes(cfg: CausalConfig, dtype: "str | quant.DenseWeights", expert_dtype: str, rungs: tuple[str, ...]) -> int:
     """Bytes on disk of the artifact export writes (an upper estimate, whole filesystem blocks)."""
     v, d, f, e, n = cfg.vocab_size, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_layers
-    w = 4 if dtype == "float32" else 2
-    attn = 2 * d * cfg.num_heads * cfg.head_dim + 2 * d * cfg.num_kv_heads * cfg.head_dim + 4 * d
-    layer = (attn + e * d + 3 * d * cfg.shared_expert_size + d) * w
-    dense = [v * d * w, v * d * w + d * w] + [layer] * n  # embed, LM head, step graphs
+    dw = dtype if isinstance(dtype, quant.DenseWeights) else quant.dense_weights(dtype)
+    w = 4 if dw.storage == "float32" else 2
+
+    def mm(bits: int | None) -> float:  # bytes per MatMul weight: float, or MatMulNBits' codes and a float32 scale a block
+        return w if not bits else bits / 8 + 4 / dw.block
+
+    attn = 2 * d * cfg.num_heads * cfg.head_dim + 2 * d * cfg.num_kv_heads * cfg.head_dim
+    layer = int((attn + 3 * d * cfg.shared_expert_size) * mm(dw.bits)) + (4 * d + e * d + 2 * d) * w
+    dense = [v * d * w, int(v * d * mm(dw.lm_head_bits or dw.bits)) + d * w] + [layer] * n  # embed, LM head, step graphs
     per_expert = space._blocks(expert_block_bytes(d, f, expert_dtype)) + space._blocks(space.GRAPH_BYTES)
     per_expert += sum(space._blocks(space.rung_block_bytes(d, f, r) + d * f * 2) for r in rungs)  # wi has 2F rows
     total = sum(space._blocks(x + space.GRAPH_BYTES) for x in dense) + n * e * per_expert
@@ -151,7 +163,7 @@ def extra_of(model_dir: Path, cfg: CausalConfig) -> dict:
     return extra
 
 
-def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cfg: CausalConfig, dtype: str, expert_dtype: str,
+def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cfg: CausalConfig, dense: quant.DenseWeights, expert_dtype: str,
                  validate: bool, quiet: bool, stream, rungs: tuple[str, ...], force: bool, need_free: tuple[int, int]) -> Path:
     stream = stream or sys.stderr
 
@@ -165,7 +177,7 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
         raise space.write_error(e, out, *need_free) from e
     try:
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dtype, expert_dtype, writer, rungs, say)
+        body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, rungs, say)
         for rung, info in body.get("ladder", {}).items():
             ladder.check_rung(tmp, rung, info, body["experts"][0], cfg.hidden_size, "swiglu")
         tok = confined(model_dir, "tokenizer.json")
@@ -173,7 +185,8 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
             writer.write_bytes("tokenizer.json", tok.read_bytes())
         manifest = {
             "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "created_by": "swapmoe_export 0.1.0",
-            "source": str(model_dir.resolve()), "dtype": dtype, "expert_dtype": expert_dtype,
+            "source": str(model_dir.resolve()), "dtype": dense.storage,
+            **({"dense_dtype": dense.name, "dense_nbits": dense.manifest()} if dense.bits else {}), "expert_dtype": expert_dtype,
             "expert_dtype_lossy": quant.LOSSY[expert_dtype], "config": cfg.switch_view(), "hf_config": raw,
             "tokenizer": "tokenizer.json" if tok.is_file() else None,
             "generation": _side_json(model_dir, "generation_config.json"), "extra": extra_of(model_dir, cfg),
@@ -182,8 +195,12 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
         reader.close()
         if validate:
             write_json_atomic(tmp / MANIFEST_NAME, manifest)
-            manifest["validation"] = validate_causal(model_dir, tmp, dtype=dtype, expert_dtype=expert_dtype)
+            manifest["validation"] = validate_causal(model_dir, tmp, dtype=dense.storage, expert_dtype=expert_dtype)
             say(f"validated: max |logit difference| {manifest['validation']['max_abs_diff']:.2e}")
+            q = manifest["validation"].get("quantisation_vs_float")
+            if q:
+                say(f"against the float model (quantisation, lossy): top-1 agrees at {q['top1_agreement']:.0%} of "
+                    f"{q['positions']} positions, logits off by {q['mean_diff_over_logit_rms']:.3f} of their RMS on average")
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         install(tmp, out)
         say(f"wrote {out} ({sum(x['size'] for x in writer.files.values()) / 2**20:.1f} MiB)")
@@ -201,7 +218,7 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
         raise
 
 
-def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: str, expert_dtype: str, writer: ArtifactWriter,
+def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: quant.DenseWeights, expert_dtype: str, writer: ArtifactWriter,
                      rungs: tuple[str, ...], say) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []

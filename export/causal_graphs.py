@@ -10,6 +10,10 @@ adds the routed experts' sum (model/causal.py).
 Shapes: B batch, T new tokens, P cached tokens, L = P + T, D hidden, H heads, Hk key/value
 heads, G = H / Hk, Dh head dim, F expert width, E experts, V vocabulary, N routed tokens.
 Weights come in PyTorch layout ([out, in]); GraphBuilder.linear stores them [in, out].
+
+``dtype`` a quant.DenseWeights with bits (``--dtype int8|int4``): q/k/v/o, the shared expert's
+gate/up/down and the LM head are com.microsoft.MatMulNBits (GraphBuilder.linear); the embedding,
+the norms, the router and the shared expert's one-column gate stay floating point.
 """
 
 from __future__ import annotations
@@ -79,11 +83,12 @@ def _repeat_kv(g: GraphBuilder, x: str, cfg: CausalConfig, hint: str) -> str:
 
 def _mlp(g: GraphBuilder, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str) -> str:
     """A dense SwiGLU MLP (the shared expert) with its weights in the graph."""
-    h = g.linear(x, np.concatenate([gate, up], axis=0), f"{name}/gate_up_proj")
+    h = g.linear(x, np.concatenate([gate, up], axis=0), f"{name}/gate_up_proj")  # MatMulNBits: per output column
     return g.linear(swiglu(g, h, gate.shape[0]), down, f"{name}/down_proj")
 
 
-def step_graph(scope: str, w: dict, router: np.ndarray, shared: dict | None, cfg: CausalConfig, dtype: str) -> BuiltGraph:
+def step_graph(scope: str, w: dict, router: np.ndarray, shared: dict | None, cfg: CausalConfig,
+               dtype: str | quant.DenseWeights) -> BuiltGraph:
     """hidden, position_ids, attn_bias, past_key, past_value -> hidden_out (residual + attention
     [+ the gated shared expert]), present_key, present_value, normed, router_logits."""
     d, hk, dh, e = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts
@@ -115,10 +120,10 @@ def step_graph(scope: str, w: dict, router: np.ndarray, shared: dict | None, cfg
         h = g.op("Add", [x, g.linear(ctx, w["o"], "o_proj", bias=w.get("o_bias"))], hint="residual")
     with g.sub("mlp"):
         normed = g.rms_norm(h, w["post_attention_layernorm"], cfg.rms_norm_eps, "post_attention_layernorm")
-        logits = g.linear(normed, router, "gate")  # [B, T, E]
+        logits = g.linear(normed, router, "gate", keep_float=True)  # [B, T, E]
         if shared is not None:  # Qwen2-MoE: sigmoid(normed . gate_weight) * SwiGLU(normed)
             s = _mlp(g, normed, shared["gate"], shared["up"], shared["down"], "shared_expert")
-            sg = g.op("Sigmoid", [g.linear(normed, shared["gate_weight"], "shared_expert_gate")], hint="shared_expert_gate")
+            sg = g.op("Sigmoid", [g.linear(normed, shared["gate_weight"], "shared_expert_gate", keep_float=True)], hint="shared_expert_gate")
             h = g.op("Add", [h, g.op("Mul", [sg, s], hint="shared_expert")], hint="shared_expert/residual")
     g.output(h, "hidden_out", F32, ["B", "T", d])
     g.output(key, "present_key", F32, ["B", hk, "L", dh])
@@ -128,12 +133,13 @@ def step_graph(scope: str, w: dict, router: np.ndarray, shared: dict | None, cfg
     return g.model()
 
 
-def lm_head_graph(norm: np.ndarray, lm_head: np.ndarray, cfg: CausalConfig, dtype: str) -> BuiltGraph:
-    """hidden [B, T, D] -> the final RMSNorm -> logits [B, T, V]."""
+def lm_head_graph(norm: np.ndarray, lm_head: np.ndarray, cfg: CausalConfig, dtype: str | quant.DenseWeights) -> BuiltGraph:
+    """hidden [B, T, D] -> the final RMSNorm -> logits [B, T, V] (MatMulNBits at the LM head's own width where low-bit)."""
     g = GraphBuilder("/lm_head", dtype)
     x = g.input("hidden", F32, ["B", "T", cfg.hidden_size])
     n = g.rms_norm(x, norm, cfg.rms_norm_eps, "model/norm")
-    g.output(g.linear(n, lm_head, "lm_head"), "logits", F32, ["B", "T", cfg.vocab_size])
+    y = g.matmul_nbits(n, lm_head, "lm_head", g.nbits.lm_head_bits) if g.nbits else g.linear(n, lm_head, "lm_head")
+    g.output(y, "logits", F32, ["B", "T", cfg.vocab_size])
     return g.model()
 
 

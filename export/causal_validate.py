@@ -10,10 +10,16 @@ together (ValidationError), each against the float32 rounding bound of what it c
   and the LM head, on a left-padded batch's real tokens;
 - end to end: the split model alone against transformers' logits; a few tokens past the whole
   stack's bound while the blocks match are a routing decision flipped at a near tie (reported).
+
+An int8/int4 dense artifact (manifest ``dense_nbits``) is checked as Switch's is: transformers
+runs the artifact's dequantised MatMulNBits weights, their inputs rounded as the kernel rounds
+them at accuracy level 4 (reference.py's hook); the loss against the float model is measured
+separately (``quantisation_vs_float``, lossy).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +33,21 @@ from swapmoe_edge.model.causal import CausalModel, attention_bias, causal_config
 from swapmoe_edge.model.families.causal import exact_moe_topk
 from swapmoe_edge.model.sessions import DenseSessions, open_session, session_options
 
-from . import bounds, quant
+from . import bounds, ladder, quant
 from .causal_checkpoint import CausalReader
+from .reference import _quantize_activations_hook
+from .validate import quantisation_error
 
 FEW = 1 / 8  # at most this share of the real tokens past the bound: flipped routing, not wiring
+# The decoder layer's Linear modules an int8/int4 artifact runs as MatMulNBits (router and the
+# shared expert's one-column gate stay float).
+NBITS_LINEAR = re.compile(r"(self_attn\.[qkvo]_proj|shared_expert\.(gate|up|down)_proj)$")
+
+
+def nbits_weight(w: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """A PyTorch-layout weight [out, in] as the MatMulNBits block stored for it computes it (float32)."""
+    q, scale = quant.quantize_nbits(np.ascontiguousarray(w.T), bits, block)
+    return np.ascontiguousarray(ladder.dequantize(q, scale, bits, w.shape[1]).T)
 
 
 def sample_inputs(vocab: int, pad: int, seed: int = 0, batch: int = 2, length: int = 12):
@@ -53,12 +70,14 @@ class Reference:
     logits: np.ndarray
 
 
-def _layer_state(reader: CausalReader, i: int, dtype: str, expert_dtype: str) -> dict:
+def _layer_state(reader: CausalReader, i: int, dtype: str, expert_dtype: str, nbits: dict | None = None) -> dict:
     """Layer i's tensors under the names transformers' decoder layer holds them (fused experts),
-    rounded as the artifact stores them."""
+    rounded as the artifact stores them (``nbits``: the manifest's dense_nbits)."""
     import torch  # deferred: validation only
 
-    def dense(a: np.ndarray):
+    def dense(name: str, a: np.ndarray):
+        if nbits is not None and NBITS_LINEAR.search(name[: -len(".weight")]):
+            return torch.from_numpy(nbits_weight(a, nbits["bits"], nbits["block_size"]))
         return torch.from_numpy(np.ascontiguousarray(a.astype(np.float16).astype(np.float32) if dtype == "float16" else a))
 
     w = reader.attention(i)
@@ -75,7 +94,7 @@ def _layer_state(reader: CausalReader, i: int, dtype: str, expert_dtype: str) ->
         for name in ("gate", "up", "down"):
             state[f"mlp.shared_expert.{name}_proj.weight"] = shared[name]
         state["mlp.shared_expert_gate.weight"] = shared["gate_weight"]
-    state = {k: dense(v) for k, v in state.items()}
+    state = {k: dense(k, v) for k, v in state.items()}
     c = reader.cfg
     gate_up = np.empty((c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size), np.float32)  # filled in place:
     down = np.empty((c.num_experts, c.hidden_size, c.moe_intermediate_size), np.float32)  # one layer's experts, once
@@ -87,9 +106,11 @@ def _layer_state(reader: CausalReader, i: int, dtype: str, expert_dtype: str) ->
 
 
 def streamed_reference(model_dir: Path, cfg: CausalConfig, ids: np.ndarray, mask: np.ndarray, dtype: str,
-                       expert_dtype: str) -> Reference:
+                       expert_dtype: str, nbits: dict | None = None) -> Reference:
     """transformers' own decoder layers run one at a time on weights read from the checkpoint (one
-    layer in memory at a time), with the position ids and mask generate gives a left-padded batch."""
+    layer in memory at a time), with the position ids and mask generate gives a left-padded batch.
+    ``nbits`` (an int8/int4 artifact's dense_nbits): MatMulNBits weights dequantised, and at
+    accuracy level 4 their inputs rounded to int8 per block as the kernel does."""
     import torch  # deferred: validation only
     import transformers  # deferred: validation only
 
@@ -110,8 +131,12 @@ def streamed_reference(model_dir: Path, cfg: CausalConfig, ids: np.ndarray, mask
         for i in range(cfg.num_layers):
             with torch.device("meta"):
                 layer = getattr(module, f"{prefix}DecoderLayer")(hf_config, i)
-            layer.load_state_dict(_layer_state(reader, i, dtype, expert_dtype), strict=True, assign=True)
+            layer.load_state_dict(_layer_state(reader, i, dtype, expert_dtype, nbits), strict=True, assign=True)
             layer.eval()
+            if nbits is not None and nbits["accuracy_level"] == 4:
+                for name, sub in layer.named_modules():
+                    if NBITS_LINEAR.search(name):
+                        sub.register_forward_pre_hook(_quantize_activations_hook(nbits["block_size"]))
             block_in.append(h.numpy().copy())
             out = layer(h, position_embeddings=rope, attention_mask=bias, position_ids=pos)
             h = out[0] if isinstance(out, tuple) else out
@@ -119,7 +144,12 @@ def streamed_reference(model_dir: Path, cfg: CausalConfig, ids: np.ndarray, mask
             del layer
         norm = getattr(module, f"{prefix}RMSNorm")(cfg.hidden_size, eps=cfg.rms_norm_eps)
         norm.weight.copy_(torch.from_numpy(rnd(reader.get("model.norm.weight"))))
-        logits = torch.nn.functional.linear(norm(h), torch.from_numpy(rnd(reader.lm_head()))).numpy()
+        head, n = rnd(reader.lm_head()), norm(h)
+        if nbits is not None:
+            head = nbits_weight(head, nbits["lm_head_bits"], nbits["block_size"])
+            if nbits["accuracy_level"] == 4:
+                n = torch.from_numpy(quant.quantize_activations(n.numpy(), nbits["block_size"]))
+        logits = torch.nn.functional.linear(n, torch.from_numpy(head)).numpy()
     reader.close()
     return Reference(block_in, block_out, logits)
 
@@ -183,7 +213,8 @@ def validate_causal(model_dir: Path, artifact: Path, dtype: str = "float32", exp
     c = causal_config(manifest)
     ids, mask = sample_inputs(c.vocab_size, c.pad_token_id, seed)
     t = ids.shape[1]
-    ref = streamed_reference(Path(model_dir), c, ids, mask, dtype, expert_dtype or dtype)
+    nb = manifest.dense_nbits
+    ref = streamed_reference(Path(model_dir), c, ids, mask, dtype, expert_dtype or dtype, nb)
     model = split_model(artifact)
     pos, bias = position_ids(mask, t), attention_bias(mask, t, c.sliding_window)
     empty = model.empty_state(ids.shape[0])
@@ -208,6 +239,9 @@ def validate_causal(model_dir: Path, artifact: Path, dtype: str = "float32", exp
         mismatches.append(e2e.describe())
     if mismatches:
         raise ValidationError(mismatches)
+    loss = None
+    if nb is not None:  # the quantisation's own cost: the artifact against the float32 model
+        loss = quantisation_error(got, streamed_reference(Path(model_dir), c, ids, mask, "float32", "float32").logits)
     blocks = [ch for ch in checks if not isinstance(ch, str)]
     return {
         "passed": True,
@@ -219,4 +253,7 @@ def validate_causal(model_dir: Path, artifact: Path, dtype: str = "float32", exp
         "inputs": {"batch": int(ids.shape[0]), "length": int(t), "left_padded_rows": 1, "seed": seed},
         "end_to_end_worst_token_error": e2e.worst,
         "end_to_end_outliers": e2e.outliers(),
+        # int8/int4 dense: the checks above are against PyTorch on the same quantised weights; this
+        # is how far the artifact is from the float32 checkpoint (lossy, measured).
+        **({"quantisation_vs_float": loss} if loss is not None else {}),
     }
