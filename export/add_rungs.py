@@ -61,8 +61,9 @@ def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: b
 
 def retemplate(artifact: str | Path, accuracy_level: int | None = None) -> dict[str, int]:
     """Write every rung's session template again at ``accuracy_level`` (None: the exporter's
-    default, ladder.ACCURACY_LEVEL); the copies are unchanged. For artifacts exported with an
-    older level (0 before level 4 was measured faster at prefill). Returns rung -> level.
+    default, ladder.default_accuracy); the copies are unchanged. For artifacts exported with
+    an older level (0 everywhere before level 4 was measured faster at prefill). Returns
+    rung -> level.
 
     Each template is written to a new file (never through an existing one, which may be a
     hard link into another artifact) and the manifest replaced atomically at the end.

@@ -51,11 +51,16 @@ ROLES = ("wi", "wi_scale", "wo", "wo_scale")
 _WIDTH = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int2": 2}
 # MatMulNBits' accuracy level in the session templates. 4 quantises the activations to int8
 # per block and runs int8 dot products: at 768x3072, one thread, an int4 call of 2-8 tokens
-# took 0.20-0.43 ms against 1.0-1.3 ms at level 0 or 1 (prefill routes a few tokens to each of
-# many experts), one token 0.14 against 0.33 ms; int2 and int8 have no fast kernel below 4
-# (int2 at level 1: 40 ms a token). Its cost is the activations' rounding, ~0.7% of an
-# expert's output (scripts/bench_rung_prefill.py, docs/results/ladder.md).
+# took 0.17-0.46 ms against 1.0-1.4 ms at level 0 or 1 (prefill routes a few tokens to each of
+# many experts), one token 0.14 against 0.32 ms; int2 and int8 have no fast kernel below 4
+# (int2 at level 1: 40 ms a token; at 128x512, level 0: 0.2 ms against 0.01). Its costs: the
+# activations' rounding (~0.7% of an expert's output) and memory (a level-4 session packs a
+# 768x3072 int4 copy into 1.42x its bytes; a 128x512 one +33 KB). So int4 copies of at most
+# SMALL_COPY bytes keep level 0 (their calls take ~10-40 us either way, and the embedded
+# model's ladder at 33% held 50 copies at level 0 against 44 at 4), the rest get level 4
+# (scripts/bench_rung_prefill.py, docs/results/ladder.md).
 ACCURACY_LEVEL = 4
+SMALL_COPY = 1 << 20
 ACTIVATION_ROUNDING = 0.05  # the export check's bound on a level-4 template against float (measured ~0.01)
 SEARCH = np.linspace(0.2, 1.2, 41)  # int2: candidate scales, as multiples of the block's amax
 
@@ -149,16 +154,23 @@ def write_rung(writer, key_name: str, scope: str, wi_t: np.ndarray, wo_t: np.nda
     }
 
 
+def default_accuracy(rung: str, d_model: int, d_ff: int, act: str) -> int:
+    """The accuracy level export gives a rung's template: 0 for small int4 copies, else 4."""
+    bits = RUNGS[rung]
+    copy = (d_model * wi_columns(d_ff, act) + d_ff * d_model) * bits // 8
+    return 0 if rung == "int4" and copy <= SMALL_COPY else ACCURACY_LEVEL
+
+
 def session_template(d_model: int, d_ff: int, act: str, rung: str, entry: dict, accuracy_level: int | None = None) -> bytes:
     """x[N, D] -> act(x Wi) Wo through two MatMulNBits, weights external in ``RUNG_DATA``
     (``act="swiglu"``: Wi is gate | up, module docstring); ``accuracy_level``: MatMulNBits'
-    (None: ``ACCURACY_LEVEL``).
+    (None: ``default_accuracy``).
 
     Every expert's rung file has the same layout, so one template serves them all: the
     runtime opens a session per resident expert with that expert's bytes in memory.
     """
     bits = RUNGS[rung]
-    accuracy_level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+    accuracy_level = default_accuracy(rung, d_model, d_ff, act) if accuracy_level is None else accuracy_level
     g = GraphBuilder(f"/ladder/{rung}")
     x = g.input("x", F32, ["N", d_model])
     where = {t["role"]: t for t in entry["tensors"]}
