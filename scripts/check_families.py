@@ -27,15 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny models the tests use
-import causal_tiny as ct  # noqa: E402
+from importlib import util as _importlib_util
+
+_TINY = Path(__file__).resolve().parent.parent / "tests" / "causal_tiny.py"  # the tiny models the tests build
+_spec = _importlib_util.spec_from_file_location("causal_tiny", _TINY)
+ct = _importlib_util.module_from_spec(_spec)
+_spec.loader.exec_module(ct)
 
 from swapmoe_edge.artifact.manifest import load_manifest  # noqa: E402
 from swapmoe_edge.core.errors import BudgetError  # noqa: E402
