@@ -167,3 +167,36 @@ def test_config_variants_export_validated_and_generate_hfs_tokens(tmp_path, fami
     parts = load_model(art, RuntimeConfig(policy="full", verify="never"))
     rows = ct.prompts()
     assert _generate(parts, rows) == ct.hf_greedy(model, rows, NEW)
+
+
+def _cut(row: list[int], eos: set[int]) -> list[int]:
+    """A generated row up to and with its first EOS (any of ``eos``)."""
+    return next((row[: i + 1] for i, t in enumerate(row) if t in eos), row)
+
+
+def test_several_eos_ids_stop_greedy_and_beam_search_as_hf(models, tmp_path):
+    model, _ = models["qwen3_moe"]
+    rows = ct.prompts()
+    free = ct.hf_greedy(model, rows, NEW)  # which tokens each row makes, ending at the config's EOS
+    assert not any(ct.EOS in r[:-1] for r in free)
+    extra = [free[0][2], free[1][4]]  # tokens the first two rows make mid-way: they must now end there
+    eos = [ct.EOS, *dict.fromkeys(e for e in extra if e != ct.EOS)]
+    assert len(eos) >= 2
+    model.generation_config.eos_token_id = eos  # written to generation_config.json, which export reads
+    try:
+        art = export_causal(ct.save(model, tmp_path / "ck"), tmp_path / "art", quiet=True, validate=False)
+    finally:
+        model.generation_config.eos_token_id = ct.EOS
+    parts = load_model(art, RuntimeConfig(policy="full", verify="never"))
+    assert list(parts.model.cfg.eos_token_ids) == eos
+    s = max(len(r) for r in rows)
+    ids, mask = pad_left(rows, ct.PAD)
+    for beams in (1, 3):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW,
+                                 do_sample=False, num_beams=beams, pad_token_id=ct.PAD, eos_token_id=eos)
+        ref = [_cut(row, set(eos)) for row in out[:, s:].tolist()]
+        got = _generate(parts, rows, num_beams=beams)
+        assert got == ref, beams
+        if beams == 1:  # greedy's first row now stops at its first extra EOS, or earlier
+            assert len(got[0]) <= 3 and got[0][-1] in eos

@@ -13,13 +13,13 @@ differently: torch's CPU ``topk`` orders them as its partial sort happens to, we
 complete an n-gram already in the row (decoder start token included) gets -inf, on the
 logits for greedy and on the log-probabilities for beam search, where HF applies it.
 
-B batch rows, K beams, V vocabulary, C = 2K candidates per row, T max_new_tokens.
+B batch rows, K beams, V vocabulary, C = (1 + #EOS ids) K candidates per row (at least 2K), T max_new_tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -41,6 +41,7 @@ class StepDecoder(Protocol):
 
 
 OnToken = Callable[[int], None]
+EosIds = Union[int, Sequence[int]]  # one EOS id, or several (any of them ends a row, as HF's list)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def ban_repeated_ngrams(seqs: np.ndarray, scores: np.ndarray, n: int) -> np.ndar
 
 
 def greedy_search(
-    decoder: StepDecoder, state: object, batch: int, *, start_id: int, eos_id: int, pad_id: int,
+    decoder: StepDecoder, state: object, batch: int, *, start_id: int, eos_id: EosIds, pad_id: int,
     max_new_tokens: int, on_token: OnToken | None = None, no_repeat_ngram_size: int = 0,
     forced: np.ndarray | None = None,
 ) -> list[list[int]]:
@@ -109,7 +110,7 @@ def greedy_search(
 
 
 def greedy_steps(
-    decoder: StepDecoder, state: object, batch: int, *, start_id: int, eos_id: int, pad_id: int,
+    decoder: StepDecoder, state: object, batch: int, *, start_id: int, eos_id: EosIds, pad_id: int,
     max_new_tokens: int, no_repeat_ngram_size: int = 0, forced: np.ndarray | None = None,
 ) -> Iterator[Step]:
     """Greedy decoding, one ``Step`` a decoder step; the last carries each row's tokens, EOS included.
@@ -124,7 +125,16 @@ def greedy_steps(
     return _greedy(decoder, state, batch, start_id, eos_id, pad_id, max_new_tokens, no_repeat_ngram_size, forced)
 
 
+def eos_array(eos_id: EosIds) -> np.ndarray:
+    """One EOS id or several (HF's ``generation_config.eos_token_id`` list: any of them ends a row) as int64 [n]."""
+    ids = np.asarray(list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id], dtype=np.int64)
+    if ids.ndim != 1:
+        raise InputError(f"eos ids must be one id or a flat list of ids, got {eos_id!r}")
+    return ids
+
+
 def _greedy(decoder, state, batch, start_id, eos_id, pad_id, max_new_tokens, no_repeat_ngram_size, forced):
+    eos = eos_array(eos_id)
     out: list[list[int]] = [[] for _ in range(batch)]
     unfinished = np.ones(batch, dtype=bool)  # [B]
     next_ids = np.full(batch, start_id, dtype=np.int64)  # [B]
@@ -139,7 +149,7 @@ def _greedy(decoder, state, batch, start_id, eos_id, pad_id, max_new_tokens, no_
         tokens = np.where(unfinished, chosen, pad_id).astype(np.int64)  # [B]
         for row in np.flatnonzero(unfinished):
             out[row].append(int(tokens[row]))
-        unfinished &= tokens != eos_id
+        unfinished &= ~np.isin(tokens, eos)
         if not unfinished.any() or t == max_new_tokens - 1:
             yield Step(t, tokens, out)
             return
@@ -149,7 +159,7 @@ def _greedy(decoder, state, batch, start_id, eos_id, pad_id, max_new_tokens, no_
 
 
 def beam_search(
-    decoder: StepDecoder, state: object, batch: int, *, num_beams: int, start_id: int, eos_id: int,
+    decoder: StepDecoder, state: object, batch: int, *, num_beams: int, start_id: int, eos_id: EosIds,
     pad_id: int, max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
     num_return_sequences: int = 1, on_token: OnToken | None = None, no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
@@ -164,7 +174,7 @@ def beam_search(
 
 
 def beam_steps(
-    decoder: StepDecoder, state: object, batch: int, *, num_beams: int, start_id: int, eos_id: int,
+    decoder: StepDecoder, state: object, batch: int, *, num_beams: int, start_id: int, eos_id: EosIds,
     pad_id: int, max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
     num_return_sequences: int = 1, no_repeat_ngram_size: int = 0,
 ) -> Iterator[Step]:
@@ -191,7 +201,8 @@ def beam_steps(
 def _beam(decoder, state, batch, num_beams, start_id, eos_id, max_new_tokens, length_penalty, early_stopping,
           num_return_sequences, no_repeat_ngram_size):
     B, K, T = batch, num_beams, max_new_tokens
-    C = 2 * K  # HF keeps (1 + #EOS ids) * K candidates so that K live beams survive even if K end now
+    eos = eos_array(eos_id)
+    C = max(2, 1 + eos.size) * K  # HF keeps (1 + #EOS ids) * K candidates so that K live beams survive even if K end now
     rows = np.arange(B)[:, None]  # [B, 1] for fancy indexing along the beam axis
 
     live_seqs = np.full((B, K, T), -1, dtype=np.int64)  # tokens of the live beams, -1 = not yet
@@ -223,7 +234,7 @@ def _beam(decoder, state, batch, num_beams, start_id, eos_id, max_new_tokens, le
         cand_beam, cand_tok = np.divmod(flat, V)  # [B, C]
         cand_seqs = live_seqs[rows, cand_beam]  # [B, C, T] (a copy)
         cand_seqs[:, :, t] = cand_tok
-        ends = (cand_tok == eos_id) | (t == T - 1)  # [B, C] EOS or max length: HF's stopping criteria
+        ends = np.isin(cand_tok, eos) | (t == T - 1)  # [B, C] EOS or max length: HF's stopping criteria
 
         # Live beams for the next step: the best K candidates that did not end.
         live_cand = cand_scores + _penalty(ends)  # [B, C]

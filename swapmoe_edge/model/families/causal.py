@@ -84,7 +84,7 @@ def generate(model: CausalModel, rows: Sequence[Sequence[int]], decoding: Decodi
     ids, mask = pad_left(rows, c.pad_token_id)  # [B, S]
     state = model.start(ids, mask)
     start = c.bos_token_id if c.bos_token_id is not None else c.pad_token_id
-    common = dict(start_id=start, eos_id=c.eos_token_id, pad_id=c.pad_token_id, max_new_tokens=decoding.max_new_tokens)
+    common = dict(start_id=start, eos_id=c.eos_token_ids, pad_id=c.pad_token_id, max_new_tokens=decoding.max_new_tokens)
     if decoding.num_beams > 1:
         return beam_steps(_StepDecoder(model, hook), state, len(rows), num_beams=decoding.num_beams,
                           no_repeat_ngram_size=decoding.no_repeat_ngram_size, **common)
