@@ -2,6 +2,7 @@
 summarises Debian package descriptions as a prompt and its completion, from scratch, on CPU.
 
     python scripts/train_causal_summarizer.py --data /tmp/debcorpus -o /tmp/mixtral-debian
+    python scripts/train_causal_summarizer.py --score /tmp/mixtral-debian --data /tmp/debcorpus --split test --limit 1000
 
 --data holds train/validation.jsonl from swapmoe_edge.lab.corpus. The tokenizer is the
 embedded Switch model's (trained on the same training split), without the closing </s> its
@@ -207,13 +208,34 @@ def eval_and_save(model, tok, hf_tok, prompts, refs, args, step, start, best, lo
     return best
 
 
+def score(args) -> dict:
+    """ROUGE F1 (stemmed) of the checkpoint at ``args.score`` (HF ``generate``, greedy, its own
+    generation config) and of lead-8 on the first ``--limit`` documents of ``--split``."""
+    from rouge_score import rouge_scorer
+
+    rows = ts.load_jsonl(args.data / f"{args.split}.jsonl", args.limit)
+    tok = prompt_tokenizer(args.score / "tokenizer.json")
+    model = MixtralForCausalLM.from_pretrained(args.score, dtype=torch.float32).eval()
+    prompts = [tok.encode(render_prompt(tok, r["text"], args.max_source_len)).ids for r in rows]
+    preds = summarize(model, tok, prompts, model.generation_config.max_new_tokens or args.max_target_len)
+    lead = [" ".join(r["text"].split()[:8]) for r in rows]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    out = {"checkpoint": str(args.score), "split": args.split, "documents": len(rows),
+           "cut_inputs": sum(len(tok.encode(r["text"]).ids) > args.max_source_len for r in rows)}
+    for name, texts in (("model", preds), ("lead8", lead)):
+        scores = [scorer.score(r["summary"], t) for r, t in zip(rows, texts)]
+        out[name] = {k: round(statistics.fmean(s[k].fmeasure for s in scores), 4) for k in ("rouge1", "rouge2", "rougeL")}
+    out["examples"] = [{"reference": r["summary"], "model": p} for r, p in zip(rows[:5], preds)]
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder with train/validation.jsonl")
-    p.add_argument("-o", "--out", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("-o", "--out", type=Path, default=None, help="checkpoint folder to write")
     p.add_argument("--tokenizer", type=Path, default=SWITCH / "tokenizer.json", help="tokenizer.json to reuse")
     p.add_argument("--max-steps", type=int, default=50000)
     p.add_argument("--max-minutes", type=float, default=80.0, help="training-loop budget; 0 = none")
@@ -240,9 +262,18 @@ def parse_args(argv=None):
                    help="safetensors with a shared.weight [vocab, d_model] to start the embeddings and head from; "
                         "'none' for a random start")
     p.add_argument("--embed-scale", type=float, default=0.1, help="factor on the copied input embeddings")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this checkpoint's weights (a run of this script) instead of a fresh model; "
+                        "the optimizer, warm-up and schedule start afresh")
     p.add_argument("--experts-impl", default="padded_bmm", help="transformers experts implementation while training")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    return p.parse_args(argv)
+    p.add_argument("--score", type=Path, default=None,
+                   help="instead of training: ROUGE of this checkpoint and lead-8 on --split (JSON on stdout)")
+    p.add_argument("--split", default="test", help="with --score: the corpus file to score on")
+    args = p.parse_args(argv)
+    if args.score is None and args.out is None:
+        p.error("-o/--out is required when training")
+    return args
 
 
 def main(argv=None) -> int:
@@ -252,6 +283,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.score is not None:
+        print(json.dumps(score(args), indent=1))
+        return 0
     train = ts.load_jsonl(args.data / "train.jsonl", args.limit)
     val = ts.load_jsonl(args.data / "validation.jsonl")
     random.Random(args.seed).shuffle(val)  # the same 300 validation documents as train_summarizer.py
@@ -267,10 +301,13 @@ def main(argv=None) -> int:
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                      model_max_length=args.max_source_len, padding_side="left")
 
-    model = MixtralForCausalLM(make_config(args, tok.get_vocab_size()))
+    if args.init_from is not None:
+        model = MixtralForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        model = MixtralForCausalLM(make_config(args, tok.get_vocab_size()))
+        if str(args.init_embeddings) != "none":
+            init_embeddings(model, args.init_embeddings, args.embed_scale)
     model.set_experts_implementation(args.experts_impl)
-    if str(args.init_embeddings) != "none":
-        init_embeddings(model, args.init_embeddings, args.embed_scale)
     add_dropout(model, args.dropout)
     model.generation_config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
                                                max_new_tokens=args.max_target_len, do_sample=False, num_beams=1)
