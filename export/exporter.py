@@ -85,7 +85,8 @@ def export_checkpoint(
     accuracy_level: int | None = None,
     lm_head: str | None = None,
 ) -> Path:
-    """Export ``model_dir`` (HF Switch checkpoint) to ``out_dir``; return the artifact path.
+    """Export ``model_dir`` (a HF Switch checkpoint, or a decoder-only MoE one: causal_export.py) to
+    ``out_dir``; return the artifact path.
 
     An old artifact at ``out_dir`` is replaced; one that holds files its manifest does not list
     (a profile, notes) is refused unless ``force``, which removes them and says so.
@@ -103,7 +104,8 @@ def export_checkpoint(
     """
     if causal_export.is_causal(model_dir):  # a decoder-only top-k MoE (Mixtral, Qwen-MoE, OLMoE): its own driver
         return causal_export.export_causal(model_dir, out_dir, dtype=dtype, validate=validate, expert_dtype=expert_dtype,
-                                           quiet=quiet, stream=stream, ladder_rungs=ladder_rungs, force=force)
+                                           quiet=quiet, stream=stream, ladder_rungs=ladder_rungs, force=force,
+                                           block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head)
     try:
         dense = quant.dense_weights(dtype, block_size, accuracy_level, lm_head=lm_head)
     except ValueError as e:
