@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from swapmoe_edge.core.errors import InputError  # noqa: E402
 from swapmoe_edge.lab.calibrate import calibrate  # noqa: E402
+from swapmoe_edge.lab.substitution import _PromptBatch  # noqa: E402
 from swapmoe_edge.lab.trace import record_trace  # noqa: E402
 from swapmoe_edge.residency.policies import POLICIES  # noqa: E402
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig  # noqa: E402
@@ -90,3 +91,33 @@ def test_a_decoder_predictor_is_refused_for_a_decoder_only_model_before_any_pass
     data.write_text('{"text": "one"}\n{"text": "two"}\n')
     with pytest.raises(InputError, match="no encoder routing"):
         calibrate(artifact, data, with_predictor=True, budget="100%")
+
+
+def test_teacher_forcing_a_decoder_only_model_predicts_its_own_greedy_tokens(artifact):
+    with Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=1, verify="never", reserve_bytes=0)) as rt:
+        prompts = ct.prompts()
+        outs = [r.token_ids for r in rt.generate(prompts, max_new_tokens=NEW)]
+        b = _PromptBatch(prompts, outs, rt.manifest.config.pad_token_id)
+        picked = b.logits(rt.model).argmax(axis=-1)  # [B, T]
+    assert b.valid.sum() == sum(map(len, outs)) > 0
+    assert [list(row[v]) for row, v in zip(picked, b.valid)] == [list(o) for o in outs]
+
+
+def test_measured_substitution_loss_of_a_decoder_only_model(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    ck = ct.save(ct.build("mixtral", seed=4), tmp_path / "ck")
+    tok = Tokenizer(models.WordLevel({"<pad>": ct.PAD, "<unk>": 2, "</s>": ct.EOS,
+                                      **{f"w{i}": i for i in range(4, ct.VOCAB)}}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(ck / "tokenizer.json"))
+    (ck / "swapmoe.json").write_text('{"prompt_template": "{document} w9"}')
+    art = export_causal(ck, tmp_path / "art", quiet=True, validate=False)
+    data = tmp_path / "texts.jsonl"
+    data.write_text('{"text": "w5 w6 w7 w8"}\n{"text": "w11 w12"}\n{"text": "w20 w21 w22"}\n')
+    prof = calibrate(art, data, with_loss=True, budget="100%", max_new_tokens=6)
+    assert set(prof.loss) == set(prof.importance) and prof.loss
+    for lk, loss in prof.loss.items():
+        assert loss.shape == (ct.EXPERTS,) and np.isfinite(loss).all() and loss.min() >= 0 and loss[-1] == 0
+        assert 0 <= prof.substitute[lk] < ct.EXPERTS
+    assert max(float(loss[0]) for loss in prof.loss.values()) > 0  # one expert a layer changes something

@@ -65,6 +65,32 @@ class _Batch:
             self.dec[i, 1: len(out)] = out[:-1]
             self.valid[i, : max(1, len(out))] = True
 
+    def logits(self, model, hook=None) -> np.ndarray:
+        """Teacher-forced logits [B, T, V] of the summaries' tokens."""
+        return model.forward(self.ids, self.mask, self.dec, hook=hook)
+
+
+class _PromptBatch:
+    """The same for a decoder-only model: each prompt followed by its summary, left-padded, and
+    the logits at the positions that predict the summary's tokens."""
+
+    def __init__(self, ids: Sequence[Sequence[int]], outs: Sequence[Sequence[int]], pad_id: int):
+        rows = [list(row) + list(out[:-1]) for row, out in zip(ids, outs)]
+        b, s, t = len(rows), max(map(len, rows)), max(1, max(map(len, outs)))
+        self.ids = np.full((b, s), pad_id, np.int64)
+        self.mask = np.zeros((b, s), np.int64)
+        self.at = np.full((b, t), s - 1, np.int64)  # position whose logits predict summary token j
+        self.valid = np.zeros((b, t), bool)
+        for i, (row, prompt, out) in enumerate(zip(rows, ids, outs)):
+            self.ids[i, s - len(row):], self.mask[i, s - len(row):] = row, 1
+            first = s - len(row) + len(prompt) - 1  # the prompt's last position predicts the first new token
+            self.at[i, : len(out)] = first + np.arange(len(out))
+            self.valid[i, : len(out)] = True
+
+    def logits(self, model, hook=None) -> np.ndarray:
+        full = model.forward(self.ids, self.mask, hook=hook)  # [B, S, V]
+        return full[np.arange(full.shape[0])[:, None], self.at]  # [B, T, V]
+
 
 def _mean_kl(rt, texts: Sequence[str], hooks: Sequence[Callable], max_new_tokens: int, batch_size: int,
              progress: Callable[[int, int], None] | None) -> np.ndarray:
@@ -74,13 +100,16 @@ def _mean_kl(rt, texts: Sequence[str], hooks: Sequence[Callable], max_new_tokens
     total, tokens = np.zeros(len(hooks)), 0
     n_batches = (len(texts) + batch_size - 1) // batch_size
     for bi in range(n_batches):
-        ids, _ = rt.encode_texts(list(texts[bi * batch_size: (bi + 1) * batch_size]))
+        chunk = list(texts[bi * batch_size: (bi + 1) * batch_size])
+        # what profile_texts ran: a decoder-only model's documents in its prompt template, where it has one
+        ids, _ = (rt.encode_documents if rt.prompt_template or not rt.decoder_only else rt.encode_texts)(chunk)
         outs = [r.token_ids for r in rt.generate(ids, max_new_tokens=max_new_tokens)]
-        b = _Batch(ids, outs, c.decoder_start_token_id, c.pad_token_id)
-        ref = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec))  # [B, T, V]
+        b = (_PromptBatch(ids, outs, c.pad_token_id) if rt.family.kind == "decoder-only"
+             else _Batch(ids, outs, c.decoder_start_token_id, c.pad_token_id))
+        ref = _log_softmax(b.logits(rt.model))  # [B, T, V]
         p_ref = np.exp(ref)
         for j, hook in enumerate(hooks):
-            lp = _log_softmax(rt.model.forward(b.ids, b.mask, b.dec, hook=hook))
+            lp = _log_softmax(b.logits(rt.model, hook))
             total[j] += float((p_ref * (ref - lp)).sum(axis=-1)[b.valid].sum())  # KL [B, T] over real tokens
         tokens += int(b.valid.sum())
         if progress is not None:
