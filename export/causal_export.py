@@ -10,7 +10,6 @@ The manifest says ``extra.family = "causal"`` and records the decoder config in
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -26,7 +25,7 @@ from swapmoe_edge.core.errors import CheckpointError, ExportError
 from swapmoe_edge.core.keys import ExpertKey
 
 from . import causal_graphs as cg
-from . import graphs, ladder, quant, space
+from . import graphs, ladder, options, quant, space
 from .causal_checkpoint import CausalReader, architecture, read_causal_config
 from .causal_validate import validate_causal
 from .checkpoint import confined
@@ -67,26 +66,12 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
     ``ladder_rungs``: None: int4 where ladder.py can write SwiGLU rungs and the experts are float32
     or float16, none otherwise; ``()``: none.
     """
-    try:
-        dense = quant.dense_weights(dtype, block_size, accuracy_level, lm_head=lm_head)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    expert_dtype = expert_dtype or dtype
-    if expert_dtype not in quant.EXPERT_DTYPES:
-        raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
-    if ladder_rungs is None:
-        ladder_rungs = ("int4",) if swiglu_ladder() and not ladder.rung_error("int4", expert_dtype) else ()
+    dense, expert_dtype, ladder_rungs = options.export_types(dtype, block_size, accuracy_level, lm_head, expert_dtype,
+                                                             ladder_rungs, default_ladder=swiglu_ladder())
     if ladder_rungs and not swiglu_ladder():
         raise ExportError("the precision ladder has no SwiGLU rungs in this version; export with --ladder none.")
-    for rung in ladder_rungs:
-        why = ladder.rung_error(rung, expert_dtype)
-        if why:
-            raise ExportError(f"--ladder {rung}: {why}. Choose a lower rung or --ladder none.")
     model_dir, out = Path(model_dir), Path(out_dir)
-    missing = [m for m in ("torch", "transformers") if validate and importlib.util.find_spec(m) is None]
-    if missing:
-        raise ExportError(f"validation runs the PyTorch model and needs {' and '.join(missing)} (not installed); install "
-                          "the export extra, or export with --no-validate.")
+    options.check_validation_packages(validate)
     raw, cfg = read_causal_config(model_dir)
     for name in SIDE_FILES:
         confined(model_dir, name)

@@ -6,7 +6,6 @@ Reads the checkpoint block by block, writes one subgraph per dense block and one
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from swapmoe_edge.artifact.manifest import FORMAT_NAME, MANIFEST_NAME, SCHEMA_VE
 from swapmoe_edge.artifact.model_config import ModelConfig, config_to_dict
 from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
-from . import causal_export, fused, graphs, ladder, quant, space
+from . import causal_export, fused, graphs, ladder, options, quant, space
 from .checkpoint import CheckpointReader, check_sparse_layers, confined, read_config
 from .staging import TerminatedBySignal, install, prepare_output, sigterm_unwinds
 from .validate import summary as validation_summary
@@ -63,13 +62,6 @@ def _tokenizer_extra(model_dir: Path) -> dict:
     return {"max_source_tokens": int(n)} if isinstance(n, (int, float)) and 0 < n <= 1_000_000 else {}
 
 
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def export_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -106,28 +98,10 @@ def export_checkpoint(
         return causal_export.export_causal(model_dir, out_dir, dtype=dtype, validate=validate, expert_dtype=expert_dtype,
                                            quiet=quiet, stream=stream, ladder_rungs=ladder_rungs, force=force,
                                            block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head)
-    try:
-        dense = quant.dense_weights(dtype, block_size, accuracy_level, lm_head=lm_head)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    expert_dtype = expert_dtype or dtype
-    if expert_dtype not in quant.EXPERT_DTYPES:
-        raise ExportError(f"--expert-dtype must be one of {', '.join(quant.EXPERT_DTYPES)}, not {expert_dtype!r}")
-    if ladder_rungs is None:
-        ladder_rungs = () if ladder.rung_error("int4", expert_dtype) else ("int4",)
-    for rung in ladder_rungs:
-        why = ladder.rung_error(rung, expert_dtype)
-        if why:
-            raise ExportError(f"--ladder {rung}: {why}. Choose a lower rung or --ladder none.")
+    dense, expert_dtype, ladder_rungs = options.export_types(dtype, block_size, accuracy_level, lm_head, expert_dtype,
+                                                             ladder_rungs)
     model_dir, out = Path(model_dir), Path(out_dir)
-    if validate:
-        missing = [m for m in ("torch", "transformers") if not _importable(m)]
-        if missing:
-            raise ExportError(
-                f"validation runs the PyTorch model and needs {' and '.join(missing)} (not installed). Install "
-                "torch==2.13.0 then `pip install 'swapmoe-edge[export]'`, or export with --no-validate "
-                "(the export itself needs neither)."
-            )
+    options.check_validation_packages(validate)
     raw_cfg, cfg = read_config(model_dir)
     for name in SIDE_FILES:  # refused now, not after the weights are written
         confined(model_dir, name)
