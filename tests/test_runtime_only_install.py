@@ -60,7 +60,7 @@ def test_runtime_only_install_runs_the_quickstart_offline(tmp_path):
     r = subprocess.run([*_offline_prefix(), str(swapmoe), "summarize", TEXT], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "first use: exporting the embedded model" in r.stderr and "Traceback" not in r.stderr
+    assert "first use: exporting the shipped model switch-debian" in r.stderr and "Traceback" not in r.stderr
     summary = r.stdout.strip()
     assert summary and len(summary.split()) <= 32, r.stdout
     assert any(w.lower() in summary.lower() for w in ("GNOME", "Sudoku", "puzzle")), summary

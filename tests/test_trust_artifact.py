@@ -218,7 +218,7 @@ def test_a_damaged_embedded_cache_is_rebuilt_with_a_note(tmp_path, capsys, rel):
     again = embedded.default_artifact(export_checkpoint, ckpt, quiet=True)
     assert again == art
     err = capsys.readouterr().err
-    assert f"the embedded model's cache {art} is rebuilt" in err and rel in err
+    assert f"the cache of the shipped model switch-debian, {art}, is rebuilt" in err and rel in err
     assert embedded.incomplete(art, ckpt) is None
     with Runtime(art, RuntimeConfig(policy="full", threads=1)) as rt:
         assert rt.generate(ROWS[:1], max_new_tokens=2)[0].exact
