@@ -23,7 +23,7 @@ python scripts/train_causal_summarizer.py --score "$CKPT" --data "$CORPUS" --spl
 
 # float32 experts with the default int4 ladder; the importance profile from validation documents.
 [ -f "$WORK/art/manifest.json" ] || swapmoe export "$CKPT" -o "$WORK/art" --quiet
-[ -f "$WORK/art/profile.json" ] || swapmoe profile "$WORK/art" --data "$CORPUS/validation.jsonl" --limit 256
+[ -f "$WORK/art/profile.json" ] || swapmoe profile "$WORK/art" --data "$CORPUS/validation.jsonl" --limit 256 --measure-loss
 
 swapmoe sweep "$WORK/art" --data "$CORPUS/test.jsonl" -o "$WORK/sweep" --limit "$LIMIT" --threads "$THREADS" \
   --budgets 100%,50%,33%,25% --policies full,prune,swapmoe,ladder --planners importance --quiet
