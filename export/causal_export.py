@@ -11,7 +11,6 @@ The manifest says ``extra.family = "causal"`` and records the decoder config in
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from . import graphs, ladder, options, quant, space
 from .causal_checkpoint import CausalReader, architecture, read_causal_config
 from .causal_validate import validate_causal
 from .checkpoint import confined
-from .staging import TerminatedBySignal, install, prepare_output, sigterm_unwinds
+from .staging import install, prepare_output, removed_on_failure, sigterm_unwinds
 from .writer import ArtifactWriter
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "swapmoe.json")
@@ -160,7 +159,7 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
         tmp = prepare_output(out, force=force, say=lambda w: print(f"[export] {w}", file=stream, flush=True))
     except OSError as e:
         raise space.write_error(e, out, *need_free) from e
-    try:
+    with removed_on_failure(tmp, out, need_free):
         writer = ArtifactWriter(tmp)
         body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, rungs, say)
         for rung, info in body.get("ladder", {}).items():
@@ -190,17 +189,6 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
         install(tmp, out)
         say(f"wrote {out} ({sum(x['size'] for x in writer.files.values()) / 2**20:.1f} MiB)")
         return out
-    except TerminatedBySignal:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename and tmp not in Path(e.filename).parents:
-            raise CheckpointError(f"cannot read {e.filename}: {e.strerror or e}. Check the checkpoint's files.") from e
-        raise space.write_error(e, out, *need_free) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: quant.DenseWeights, expert_dtype: str, writer: ArtifactWriter,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
 from . import causal_export, fused, graphs, ladder, options, quant, space
 from .checkpoint import CheckpointReader, check_sparse_layers, confined, read_config
-from .staging import TerminatedBySignal, install, prepare_output, sigterm_unwinds
+from .staging import install, prepare_output, removed_on_failure, sigterm_unwinds
 from .validate import summary as validation_summary
 from .validate import validate_artifact
 from .writer import ArtifactWriter
@@ -147,7 +146,11 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         tmp = prepare_output(out, force=force, say=warn)
     except OSError as e:
         raise space.write_error(e, out, *space_need_free) from e
-    try:
+    def stopped() -> None:
+        if not quiet:
+            print(f"[export] stopped by a signal; removed the partial artifact {tmp}", file=stream or sys.stderr, flush=True)
+
+    with removed_on_failure(tmp, out, space_need_free, on_signal=stopped):
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
         writer = ArtifactWriter(tmp)
@@ -194,19 +197,6 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         install(tmp, out)
         progress.say(f"wrote {out} ({sum(f['size'] for f in writer.files.values()) / 2**20:.1f} MiB)")
         return out
-    except TerminatedBySignal:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not quiet:
-            print(f"[export] stopped by a signal; removed the partial artifact {tmp}", file=stream or sys.stderr, flush=True)
-        raise
-    except OSError as e:  # a full disk, a read-only or vanished folder: one line that names the file
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename and tmp not in Path(e.filename).parents:
-            raise CheckpointError(f"cannot read {e.filename}: {e.strerror or e}. Check the checkpoint's files.") from e
-        raise space.write_error(e, out, *space_need_free) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_manifest(tmp: Path, manifest: dict) -> None:

@@ -17,7 +17,9 @@ import threading
 from pathlib import Path
 
 from swapmoe_edge.artifact.manifest import MANIFEST_NAME
-from swapmoe_edge.core.errors import ExportError
+from swapmoe_edge.core.errors import CheckpointError, ExportError
+
+from . import space
 
 
 def _pid_alive(pid: int) -> bool:
@@ -159,3 +161,26 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path, out: Path, need_free: tuple[int, int], on_signal=None):
+    """Run an export's writing into the staging folder ``tmp``; on any failure remove ``tmp`` and
+    re-raise: a signal as it is (after ``on_signal()``), an OSError as one line that names the
+    file (a checkpoint file that cannot be read, or the artifact's write that failed with the
+    space it needed, space.write_error)."""
+    try:
+        yield
+    except TerminatedBySignal:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if on_signal is not None:
+            on_signal()
+        raise
+    except OSError as e:  # a full disk, a read-only or vanished folder: one line that names the file
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename and tmp not in Path(e.filename).parents:
+            raise CheckpointError(f"cannot read {e.filename}: {e.strerror or e}. Check the checkpoint's files.") from e
+        raise space.write_error(e, out, *need_free) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
