@@ -41,6 +41,7 @@ from onnx import helper
 
 from swapmoe_edge.core.errors import ExportError
 
+from . import quant
 from .builder import F32, MS, OPSET_INT4, U8, BuiltGraph, GraphBuilder, external_tensor, point_at
 
 BLOCK = 32
@@ -71,25 +72,9 @@ def wi_columns(d_ff: int, act: str) -> int:
 
 
 def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """w[K, N] float -> (q[N, ceil(K/BLOCK), BLOCK*bits/8] uint8, scale[N, ceil(K/BLOCK)] float32)."""
-    w = np.asarray(w, dtype=np.float32)
-    k, n = w.shape
-    kb = -(-k // BLOCK)
-    padded = np.zeros((kb * BLOCK, n), np.float32)
-    padded[:k] = w
-    g = padded.T.reshape(n, kb, BLOCK)  # [N, K/B, B]
-    qmax = (1 << (bits - 1)) - 1
-    amax = np.abs(g).max(axis=-1)
-    if not np.isfinite(amax / qmax).all():
-        raise ValueError(f"a weight of magnitude {np.abs(w).max():.3g} cannot be quantised to {bits} bits")
-    scale = _search_scale(g, amax, bits) if bits == 2 else (amax / qmax).astype(np.float32)  # [N, K/B]
-    scale[scale == 0] = 1.0  # an all-zero block stores zeros
-    q = np.clip(np.rint(g / scale[..., None]), -(qmax + 1), qmax) + (qmax + 1)  # [N, K/B, B] in 0 .. 2^b - 1
-    q = q.astype(np.uint8)
-    per = 8 // bits  # inputs a byte, the lowest bits first
-    if per > 1:
-        q = np.bitwise_or.reduce([q[..., j::per] << (j * bits) for j in range(per)], axis=0).astype(np.uint8)
-    return np.ascontiguousarray(q), scale
+    """w[K, N] float -> (q[N, ceil(K/BLOCK), BLOCK*bits/8] uint8, scale[N, ceil(K/BLOCK)] float32);
+    int2's scale is searched per block (_search_scale)."""
+    return quant.quantize_nbits(w, bits, BLOCK, _search_scale if bits == 2 else None)
 
 
 def _search_scale(g: np.ndarray, amax: np.ndarray, bits: int) -> np.ndarray:

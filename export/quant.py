@@ -177,26 +177,31 @@ def dense_weights(dtype: str, block: int | None = None, accuracy_level: int | No
                         lm_head_bits=DENSE_NBITS[head])
 
 
-def quantize_nbits(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """w[K, N] float -> (q[N, ceil(K/block), block·bits/8] uint8, scale[N, ceil(K/block)] float32).
+def quantize_nbits(w: np.ndarray, bits: int, block: int, search_scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """w[K, N] float -> (q[N, ceil(K/block), block·bits/8] uint8, scale[N, ceil(K/block)] float32), the
+    layout of ONNX Runtime's MatMulNBits: blocks of ``block`` consecutive inputs per output column
+    (the last zero-padded), symmetric, ``n = q + 2^(bits-1)`` packed lowest bits first.
 
-    ladder.quantize with the block size a parameter (the ladder's is fixed at 32; a test pins the two
-    to the same bytes there); ladder.dequantize reads either back.
+    The scale is amax / (2^(bits-1) - 1) per block, or ``search_scale(g, amax, bits)`` where given
+    (the ladder's int2 rung searches it). The dense weights and the ladder's copies both quantise
+    here; ladder.dequantize reads either back.
     """
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
     kb = -(-k // block)
     padded = np.zeros((kb * block, n), np.float32)
     padded[:k] = w
-    g = padded.T.reshape(n, kb, block)
+    g = padded.T.reshape(n, kb, block)  # [N, K/B, B]
     qmax = (1 << (bits - 1)) - 1
-    scale = (np.abs(g).max(axis=-1) / qmax).astype(np.float32)
-    if not np.isfinite(scale).all():
+    amax = np.abs(g).max(axis=-1)
+    if not np.isfinite(amax / qmax).all():
         raise ValueError(f"a weight of magnitude {np.abs(w).max():.3g} cannot be quantised to {bits} bits")
-    scale[scale == 0] = 1.0
-    q = (np.clip(np.rint(g / scale[..., None]), -(qmax + 1), qmax) + (qmax + 1)).astype(np.uint8)
-    if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    scale = search_scale(g, amax, bits) if search_scale is not None else (amax / qmax).astype(np.float32)
+    scale[scale == 0] = 1.0  # an all-zero block stores zeros
+    q = (np.clip(np.rint(g / scale[..., None]), -(qmax + 1), qmax) + (qmax + 1)).astype(np.uint8)  # 0 .. 2^b - 1
+    per = 8 // bits  # inputs a byte, the lowest bits first
+    if per > 1:
+        q = np.bitwise_or.reduce([q[..., j::per] << (j * bits) for j in range(per)], axis=0).astype(np.uint8)
     return np.ascontiguousarray(q), scale
 
 
