@@ -256,6 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4, help="decoder layers, every one sparse")
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam width of validation and of the checkpoint's generation_config.json")
     p.add_argument("--aux-loss", type=float, default=0.01, help="load-balancing loss weight")
     p.add_argument("--dropout", type=float, default=0.1, help="embedding, attention and MoE output dropout")
     p.add_argument("--init-embeddings", type=Path, default=SWITCH / "model.safetensors",
@@ -310,7 +312,8 @@ def main(argv=None) -> int:
     model.set_experts_implementation(args.experts_impl)
     add_dropout(model, args.dropout)
     model.generation_config = GenerationConfig(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
-                                               max_new_tokens=args.max_target_len, do_sample=False, num_beams=1)
+                                               max_new_tokens=args.max_target_len, do_sample=False,
+                                               num_beams=args.num_beams)
     split = ts.parameter_split(model)
     print(f"parameters: {split['total'] / 1e6:.2f}M total, {split['experts'] / 1e6:.2f}M in experts "
           f"({split['expert_share']:.0%}); ~{split['float16_mb']:.1f} MB in float16", flush=True)

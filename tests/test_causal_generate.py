@@ -13,7 +13,10 @@ from swapmoe_edge.model.causal import attention_bias, pad_left, position_ids  # 
 from swapmoe_edge.model.moe import dispatch, route_topk  # noqa: E402
 from swapmoe_edge.model.generate import Decoding, last_step  # noqa: E402
 from swapmoe_edge.model.split import NEG  # noqa: E402
+from swapmoe_edge.core.errors import InputError  # noqa: E402
 from swapmoe_edge.runtime.config import RuntimeConfig  # noqa: E402
+from swapmoe_edge.runtime.facade import Runtime  # noqa: E402
+from swapmoe_edge.runtime.requests import generation_beams  # noqa: E402
 from swapmoe_edge.runtime.load import load_model  # noqa: E402
 from swapmoe_export.causal_export import export_causal  # noqa: E402
 
@@ -200,3 +203,26 @@ def test_several_eos_ids_stop_greedy_and_beam_search_as_hf(models, tmp_path):
         assert got == ref, beams
         if beams == 1:  # greedy's first row now stops at its first extra EOS, or earlier
             assert len(got[0]) <= 3 and got[0][-1] in eos
+
+
+def test_a_request_without_num_beams_takes_the_checkpoints_beam_width(models, tmp_path):
+    model, _ = models["mixtral"]
+    rows = ct.prompts(n=2)
+    model.generation_config.num_beams = 3  # written to generation_config.json, which export reads
+    try:
+        art = export_causal(ct.save(model, tmp_path / "ck"), tmp_path / "art", quiet=True, validate=False)
+    finally:
+        model.generation_config.num_beams = 1
+    s = max(len(r) for r in rows)
+    ids, mask = pad_left(rows, ct.PAD)
+    with torch.no_grad():  # HF reads the same default from the same file
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW,
+                             do_sample=False, num_beams=3, pad_token_id=ct.PAD, eos_token_id=ct.EOS)
+    ref = [row[: row.index(ct.EOS) + 1] if ct.EOS in row else row for row in out[:, s:].tolist()]
+    with Runtime(art, RuntimeConfig(policy="full", threads=1)) as rt:
+        assert rt.default_num_beams == 3
+        assert [r.token_ids for r in rt.generate(rows, max_new_tokens=NEW)] == ref
+        assert [r.token_ids for r in rt.generate(rows, max_new_tokens=NEW, num_beams=1)] == ct.hf_greedy(model, rows, NEW)
+    for bad in (0, 2.5):
+        with pytest.raises(InputError, match="num_beams must be a positive integer"):
+            generation_beams({"num_beams": bad})

@@ -57,7 +57,7 @@ def _split(values: tuple[str, ...], default: tuple[str, ...], allowed: tuple[str
 @click.option("--planner", type=click.Choice(PLANNERS), default="importance", show_default=True)
 @click.option("--limit", type=COUNT, default=None, help="Use the first N documents.")
 @click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
-@click.option("--num-beams", type=COUNT, default=1, show_default=True)
+@click.option("--num-beams", type=COUNT, default=None, help="Beam width (default: the model's generation config, 1 if it sets none).")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True, help="Documents generated together.")
 @click.option("--threads", type=COUNT, default=None, help="ONNX Runtime threads (default: the device profile's).")
 @deterministic_option
@@ -92,7 +92,7 @@ def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num
 @click.option("--planners", multiple=True, help="Comma-separated or repeated  [default: importance,uniform]")
 @click.option("--limit", type=COUNT, default=500, show_default=True, help="Use the first N documents.")
 @click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
-@click.option("--num-beams", type=COUNT, default=1, show_default=True)
+@click.option("--num-beams", type=COUNT, default=None, help="Beam width (default: the model's generation config, 1 if it sets none).")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
 @click.option("--threads", type=COUNT, default=None, help="ONNX Runtime threads per cell.")
 @deterministic_option

@@ -50,7 +50,7 @@ def generate_cmd(texts, artifact, model, file, budget, policy, planner, num_beam
         prompts = read_inputs(texts, file, what="continue")
         with open_runtime(artifact, model, quiet, policy=policy, budget=budget, planner=planner, device=device,
                           cold_start=cold_start, deterministic=deterministic) as rt:
-            stream = num_beams == 1 and not as_json
+            stream = (num_beams or rt.default_num_beams) == 1 and not as_json
             size = 1 if stream else batch_size
             for i in range(0, len(prompts), size):
                 out = _Stream(rt) if stream else None

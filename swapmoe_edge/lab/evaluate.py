@@ -151,7 +151,7 @@ def _progress(quiet: bool, label: str, done: int, total: int) -> None:
 
 
 def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner: str, max_new_tokens: int,
-              num_beams: int, batch_size: int, threads: int | None, quiet: bool,
+              num_beams: int | None, batch_size: int, threads: int | None, quiet: bool,
               config: Mapping[str, Any] | None = None, profile: str | Path | None = None):
     """Summarise ``texts`` in batches; returns (results, per-request stats, runtime facts).
 
@@ -167,7 +167,8 @@ def _generate(artifact, texts: Sequence[str], policy: str, budget: str, planner:
                                          **(config or {})), profile=prof) as rt:
         if prof is not None:
             prof.check_layers({lk: rt.manifest.config.num_experts for lk in rt.sparse}, where=str(profile))
-        facts = {"budget_bytes": int(rt.budget_bytes), "baseline_bytes": int(rt.baseline)}
+        num_beams = rt.default_num_beams if num_beams is None else num_beams
+        facts = {"budget_bytes": int(rt.budget_bytes), "baseline_bytes": int(rt.baseline), "num_beams": num_beams}
         _progress(quiet, label, 0, len(texts))
         for i in range(0, len(texts), batch_size):
             with warnings.catch_warnings():  # counted in the result as truncated_inputs instead
@@ -211,7 +212,7 @@ def _outputs(results) -> list[dict]:
 
 
 def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: str, planner: str = "importance",
-             limit: int | None = None, max_new_tokens: int = 32, num_beams: int = 1, batch_size: int = 8,
+             limit: int | None = None, max_new_tokens: int = 32, num_beams: int | None = None, batch_size: int = 8,
              reference_outputs: Sequence[Mapping[str, Any]] | None = None, *, compare_to_full: bool = True,
              keep_outputs: bool = False, threads: int | None = None, quiet: bool = False,
              config: Mapping[str, Any] | None = None, order: str = "file", sections: Sequence[str] = (),
@@ -222,7 +223,7 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
     e.g. a saved ``full`` run) when given; else against a ``full`` run made here *after*
     this policy's run, so that this run's memory readings are not disturbed by it. With
     ``compare_to_full=False`` and no reference, fidelity is left out (``None``).
-    Latency medians are over requests (batches of ``batch_size`` documents). ``config``
+    ``num_beams`` None: the checkpoint's generation config's. Latency medians are over requests (batches of ``batch_size`` documents). ``config``
     sets further RuntimeConfig fields (``decoder_weight``, ``decay``, ...) of this run.
     ``order``, ``sections``, ``exclude_sections``: the stream (read_pairs); ``profile``: an
     importance profile file instead of the artifact's (e.g. calibrated on other sections).
@@ -277,7 +278,6 @@ def evaluate(artifact: str | Path, data_path: str | Path, policy: str, budget: s
         "requests": len(requests),
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
-        "num_beams": num_beams,
         **rouge([d["summary"] for d in docs], [o["summary"] for o in outputs]),
         "fidelity": fidelity,
         **stats,

@@ -91,8 +91,9 @@ def plan_cells(budgets: Sequence[str], policies: Sequence[str], planners: Sequen
 def _cell_command(cell: Cell, settings: dict[str, Any], reference: Path | None, quiet: bool) -> list[str]:
     cmd = [sys.executable, "-m", "swapmoe_edge.lab.sweep", "--cell", cell.policy, cell.budget, cell.planner or "-",
            "--artifact", settings["artifact"], "--data", settings["data"],
-           "--max-new-tokens", str(settings["max_new_tokens"]), "--num-beams", str(settings["num_beams"]),
-           "--batch-size", str(settings["batch_size"])]
+           "--max-new-tokens", str(settings["max_new_tokens"]), "--batch-size", str(settings["batch_size"])]
+    if settings["num_beams"] is not None:
+        cmd += ["--num-beams", str(settings["num_beams"])]
     if settings["limit"] is not None:
         cmd += ["--limit", str(settings["limit"])]
     if settings["threads"] is not None:
@@ -139,7 +140,7 @@ def _cell_main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--num-beams", type=int, default=1)
+    ap.add_argument("--num-beams", type=int, default=None, help="default: the checkpoint's generation config's")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reference", default=None, help="a full cell's JSON: fidelity is measured against its outputs")
@@ -214,7 +215,7 @@ def sweep(artifact: str | Path, data_path: str | Path, out_dir: str | Path,
           budgets: Sequence[str] = ("100%", "75%", "50%", "33%", "25%"),
           policies: Sequence[str] = ("full", "on-demand", "prune", "swapmoe"),
           planners: Sequence[str] = ("importance", "uniform"), limit: int | None = 500, max_new_tokens: int = 32,
-          num_beams: int = 1, batch_size: int = 8, threads: int | None = None, timeout_s: float | None = None,
+          num_beams: int | None = None, batch_size: int = 8, threads: int | None = None, timeout_s: float | None = None,
           plots: bool = True, quiet: bool = False, order: str = "file", sections: Sequence[str] = (),
           exclude_sections: Sequence[str] = (), profile: str | Path | None = None,
           deterministic: bool | None = None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from swapmoe_edge.residency.importance import ImportanceTracker, Profile
 from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.runtime.load import Parts, load
 from swapmoe_edge.runtime.requests import (Once, background_io_closed, check_request, chunks, encode_prompts,
-                                           encode_texts)
+                                           encode_texts, generation_beams)
 from swapmoe_edge.runtime.stats import Meter, Result, request_stats, residents_by_rung
 from swapmoe_edge.system import pagecache
 
@@ -63,6 +63,8 @@ class Runtime:
     policy = property(lambda self: self.parts.policy)
     startup = property(lambda self: self.parts.startup)
     no_repeat_ngram_size = property(lambda self: self.parts.no_repeat_ngram_size)
+    # a request's beam width when it names none: the checkpoint's generation config's
+    default_num_beams = property(lambda self: generation_beams(self.parts.manifest.generation))
     store = property(lambda self: self.parts.experts.store)
     expert_cost = property(lambda self: self.parts.experts.cost)
     placement = property(lambda self: self.parts.experts.placement)
@@ -106,11 +108,12 @@ class Runtime:
         return encode_prompts(self.tokenizer, texts, self.prompt_template, self.config.max_source_tokens,
                               self.manifest.root)
 
-    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, num_beams: int = 1,
+    def generate(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, num_beams: int | None = None,
                  forced_ids: Sequence[Sequence[int]] | None = None, *, hook: MoEHook | None = None,
                  on_step: Callable[[int, Step], None] | None = None) -> list[Result]:
         """Generate for a batch of token-id rows (padded by the family's loop); one Result per row.
 
+        ``num_beams``: the beam width; None takes the checkpoint's generation config's (1 if unset).
         Rows run together in chunks of at most ``max_source_tokens`` rows x beams x tokens
         (the envelope the baseline measured); each chunk is one request, and each Result's
         stats are its chunk's. ``forced_ids`` (greedy only, one row per input): decoder tokens
@@ -120,6 +123,7 @@ class Runtime:
         (greedy: ``step.tokens`` holds each of its rows' new token), for streaming.
         """
         limit = self.config.max_source_tokens
+        num_beams = self.default_num_beams if num_beams is None else num_beams
         check_request(input_ids, max_new_tokens, num_beams, forced_ids, limit)
         results: list[Result] = []
         for chunk in chunks(input_ids, limit // num_beams):
@@ -154,14 +158,14 @@ class Runtime:
         p.policy.end_request()
         return [Result(None, list(map(int, row)), stats["exact"], dict(stats)) for row in step.sequences]
 
-    def summarize(self, texts: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1, *,
+    def summarize(self, texts: Sequence[str], max_new_tokens: int = 32, num_beams: int | None = None, *,
                   hook: MoEHook | None = None) -> list[Result]:
         """Summaries of documents (``Result.summary``); a decoder-only model's through its prompt template."""
         ids, truncated = self.encode_documents(texts)
         results = self.generate(ids, max_new_tokens=max_new_tokens, num_beams=num_beams, hook=hook)
         return self._decoded(results, truncated)
 
-    def generate_texts(self, texts: Sequence[str], max_new_tokens: int = 32, num_beams: int = 1, *,
+    def generate_texts(self, texts: Sequence[str], max_new_tokens: int = 32, num_beams: int | None = None, *,
                        hook: MoEHook | None = None, on_step: Callable[[int, Step], None] | None = None) -> list[Result]:
         """Continuations of prompts as they are (``Result.summary`` holds the generated text, ``token_ids``
         its ids without the prompt); an encoder-decoder model reads each prompt as its encoder input."""

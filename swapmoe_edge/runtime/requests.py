@@ -33,6 +33,16 @@ def generation_settings(generation: dict[str, Any]) -> int:
     return n
 
 
+def generation_beams(generation: dict[str, Any]) -> int:
+    """The checkpoint's beam width (``num_beams``, 1 where it sets none): a request's default."""
+    n = generation.get("num_beams")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"generation config: num_beams must be a positive integer, not {n!r}")
+    return n
+
+
 def encode_texts(tokenizer, texts: Sequence[str], max_source_tokens: int, root: Path,
                  keep_end: bool = False) -> tuple[list[list[int]], list[bool]]:
     """Token ids of each text, as the tokenizer makes them, and which were cut to ``max_source_tokens``:
