@@ -149,3 +149,32 @@ def test_large_encoder_copies_keep_the_fast_kernel_even_when_their_session_costs
         runner = rt.runners["int4"]
         assert runner.modes == {"encoder": "nbits", "decoder": "nbits"}
         assert runner.costs["encoder"] == runner.costs["decoder"] > rt.manifest.rung_bytes("int4") // 16
+
+
+def test_a_budget_short_of_sessions_runs_small_decoder_copies_on_the_standard_kernel(art):
+    """Coverage before speed: where the first budget cannot hold every expert's lowest copy as a
+    session (each costs its copy plus ONNX Runtime's per-session state), ``auto`` runs the small
+    decoder copies dequantising too, and the same budget holds more of them."""
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+
+    ids = [[5, 6, 7, 8, 9, 1], [13, 14, 15, 1]]
+    held = {}
+    for kernel in ("auto", "nbits"):
+        cfg = RuntimeConfig(policy="ladder", ladder_primary=False, ladder_rungs="int4", budget="12%", threads=1,
+                            read_mode="cached", lowbit_kernel=kernel)
+        with Runtime(art, cfg) as rt:
+            runner = rt.runners["int4"]
+            lowest = {lk: ladder[0].cost for lk, ladder in rt.rungs.items()}
+            assert rt.generate(ids, max_new_tokens=4)  # it serves
+            rt.policy.settle()
+            held[kernel] = rt.residents_by_rung().get("int4", 0)
+            if kernel == "auto":
+                assert runner.modes == {"encoder": "standard", "decoder": "standard"}
+                assert set(lowest.values()) == {runner.nbytes}  # priced as stored
+            else:
+                assert runner.modes["decoder"] == "nbits" and runner.costs["decoder"] > runner.nbytes
+    assert held["auto"] > held["nbits"]
+    cfg = RuntimeConfig(policy="ladder", ladder_primary=False, ladder_rungs="int4", budget="100%", threads=1,
+                        read_mode="cached")
+    with Runtime(art, cfg) as rt:  # every copy fits as a session: the decoder keeps the fast kernel
+        assert rt.runners["int4"].modes == {"encoder": "standard", "decoder": "nbits"}

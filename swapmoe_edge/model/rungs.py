@@ -16,13 +16,18 @@ Two ways, chosen once at load (``RungRunner.mode``):
 A resident copy's budget cost is measured (RSS added per session, never below its block
 size), not assumed: ORT's packed form and per-session state differ from the file's bytes.
 
-``auto`` decides per stack. Decoder experts run once per generated token: they always get
-``nbits`` where it runs. Encoder experts run once per request, so memory counts more than
+``auto`` decides per stack. Decoder experts run once per generated token: they get ``nbits``
+where it runs, unless the first budget is short of sessions (``sessions_short``). Encoder experts run once per request, so memory counts more than
 speed there: when a session costs more than ``SESSION_OVERHEAD_LIMIT`` times the copy's
 bytes and the copy is small (``STANDARD_MAX_BYTES``; small experts: ORT keeps ~25-50 KiB of state per session, so an 80 KiB int4 copy of
 the embedded model's experts costs ~120 KiB as a session), encoder copies run ``standard``.
 On the embedded model at 33% of its float16 expert bytes that held 56 experts instead of
 44 and lifted validation ROUGE-2 from 0.2545 to 0.2646 (docs/results/ladder.md).
+
+Coverage before speed: where the first budget's expert capacity cannot hold every expert's
+lowest copy at the measured session cost, the stacks whose small copies cost more than
+``SESSION_OVERHEAD_LIMIT`` times their bytes as sessions run ``standard`` too (decoder
+included), so that the budget holds more of them (``sessions_short``; once, at load).
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class RungRunner:
         self.mode = self._choose(mode)  # the decoder's (and, unless measure_cost says otherwise, the encoder's)
         self.modes = {"encoder": self.mode, "decoder": self.mode}
         self.costs: dict[str, int] = {}  # stack -> measured resident bytes of one copy
+        self.nbytes = 0  # one copy's bytes as stored (measure_cost)
 
     def _choose(self, mode: str) -> str:
         if mode == "standard":
@@ -148,7 +154,7 @@ class RungRunner:
                 log.warning("%s; measuring the %s rung's cost on another expert", e, self.rung)
         if raw is None:
             raise ArtifactError(f"{self.manifest.root}: no expert's {self.rung} copy can be read; export the model again.")
-        nbytes = raw.nbytes
+        nbytes = self.nbytes = raw.nbytes
         session = nbytes
         if self.mode == "nbits":
             n = max(4, -(-(4 << 20) // max(nbytes, 1)))  # >= 4 MiB in all
@@ -167,6 +173,19 @@ class RungRunner:
             self.modes["encoder"] = "standard"
         self.costs = {stack: session if mode == "nbits" else nbytes for stack, mode in self.modes.items()}
         return dict(self.costs)
+
+    def dearer_as_sessions(self) -> list[str]:
+        """Stacks that ``auto`` runs as sessions though a small copy costs more than
+        ``SESSION_OVERHEAD_LIMIT`` times its bytes that way."""
+        if self.requested != "auto" or not self.nbytes or self.nbytes > STANDARD_MAX_BYTES:
+            return []
+        return [s for s, mode in self.modes.items()
+                if mode == "nbits" and self.costs.get(s, 0) > SESSION_OVERHEAD_LIMIT * self.nbytes]
+
+    def use_standard(self, stack: str) -> None:
+        """Run this stack's copies on the standard-op kernel (before any is loaded)."""
+        self.modes[stack] = "standard"
+        self.costs[stack] = self.nbytes
 
 
 def rung_runners(manifest: Manifest, config, sessions, threads: int | None, providers: list[str],
@@ -187,6 +206,13 @@ def measure_ladders(runners: dict[str, RungRunner], store, expert_cost: dict[Lay
     """Each sparse layer's ladder, lowest first, with the measured cost of one copy per rung (a
     copy may cost more in one stack than the other); ``primary``: the artifact's own experts on top."""
     costs = {name: runner.measure_cost(lambda k, name=name: store.read(k, rung=name)) for name, runner in runners.items()}
+    return ladders_from_costs(costs, expert_cost, primary, primary_name)
+
+
+def ladders_from_costs(costs: dict[str, dict[str, int]], expert_cost: dict[LayerKey, int], primary: bool,
+                       primary_name: str) -> dict[LayerKey, list[Rung]]:
+    """Each sparse layer's ladder from each rung's cost of one copy per stack (a rung that costs
+    more than a better one is left out)."""
     ladders = {}
     for lk, own in expert_cost.items():
         rungs = [Rung(name, c[lk.stack], QUALITY[name]) for name, c in costs.items()]
@@ -203,3 +229,13 @@ def measure_ladders(runners: dict[str, RungRunner], store, expert_cost: dict[Lay
             kept.append(r)
         ladders[lk] = kept
     return ladders
+
+
+def sessions_short(runners: dict[str, RungRunner], ladders: dict[LayerKey, list[Rung]], capacity: int,
+                   num_experts: int) -> list[tuple[str, str]]:
+    """(rung, stack) pairs that should run the standard kernel for ``capacity`` bytes of experts:
+    none where every expert's lowest copy fits as measured; else each stack whose small copies
+    cost more than ``SESSION_OVERHEAD_LIMIT`` times their bytes as sessions (``auto`` only)."""
+    if sum(num_experts * ladder[0].cost for ladder in ladders.values()) <= capacity:
+        return []
+    return [(name, stack) for name, r in runners.items() for stack in r.dearer_as_sessions()]

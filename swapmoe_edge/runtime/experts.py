@@ -20,7 +20,7 @@ from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.core.keys import LayerKey
 from swapmoe_edge.model.placement import DeviceKernel, PlacingStore
 from swapmoe_edge.model.prepacked import PrepackedStore
-from swapmoe_edge.model.rungs import Rung, RungRunner, measure_ladders
+from swapmoe_edge.model.rungs import Rung, RungRunner, ladders_from_costs, measure_ladders, sessions_short
 from swapmoe_edge.model.sessions import DenseSessions
 from swapmoe_edge.residency.planner import measured_quality
 from swapmoe_edge.residency.policies import policy_class
@@ -73,6 +73,25 @@ def measure_rungs(experts: Experts, primary: bool, primary_name: str, profile) -
     if rungs and profile.rung_loss:
         rungs = measured_quality(rungs, profile.importance, profile.loss, profile.rung_loss)
     return replace(experts, rungs=rungs)
+
+
+def kernels_for_capacity(experts: Experts, capacity: int, primary: bool, primary_name: str, profile,
+                         num_experts: int) -> tuple[Experts, list[tuple[str, str]]]:
+    """``lowbit_kernel="auto"`` with the first budget known: where ``capacity`` cannot hold every
+    expert's lowest copy as a session, small copies dearer as sessions run the standard kernel
+    (rungs.sessions_short) and the ladders are priced again. Returns the experts and what moved."""
+    if not experts.runners:
+        return experts, []
+    moved = sessions_short(experts.runners, experts.rungs, capacity, num_experts)
+    if not moved:
+        return experts, []
+    for name, stack in moved:
+        experts.runners[name].use_standard(stack)
+    costs = {name: dict(r.costs) for name, r in experts.runners.items()}
+    rungs = ladders_from_costs(costs, experts.cost, primary, primary_name)
+    if rungs and profile.rung_loss:
+        rungs = measured_quality(rungs, profile.importance, profile.loss, profile.rung_loss)
+    return replace(experts, rungs=rungs), moved
 
 
 def prepacking(experts: Experts, want: str, policy: str, manifest: Manifest) -> bool:

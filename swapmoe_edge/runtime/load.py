@@ -236,6 +236,9 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
         total_experts = experts.cost[sparse[0]] * len(manifest.experts)
     monitor = MemoryMonitor(device.spec.process_cap(baseline, total_experts), reserve=device.reserve_bytes,
                             period_s=config.monitor_period_s, on_change=None, available_fn=available_fn, rss_fn=rss_fn)
+    if experts.runners:  # lowbit_kernel="auto": copies as sessions, unless the first budget is short of them
+        experts, baseline = _kernels_for_budget(experts, monitor.sample_once().budget, baseline, manifest, config,
+                                                family, sessions, device, profile)
     fit = Fit(manifest, config, sparse, norms, profile, experts, residents, baseline, monitor.cap, monitor, family)
     model = family.build(manifest, sessions, fit.policy, moe_hook)
     parts = Parts(manifest, config, family, device, sessions, tokenizer, experts, sparse, norms, profile, model,
@@ -253,6 +256,22 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
     monitor.on_change = fit.on_budget  # residents exist now: budget moves may resize them
     monitor.start()
     return parts
+
+
+def _kernels_for_budget(experts: Experts, budget: int, baseline: int, manifest: Manifest, config: RuntimeConfig,
+                        family: Family, sessions: DenseSessions, device: Device, profile: Profile) -> tuple[Experts, int]:
+    """Experts priced for the first budget's capacity (experts.kernels_for_capacity), and the
+    baseline measured again (uncached) where a rung took the standard kernel's buffers on."""
+    had = {name for name, r in experts.runners.items() if "standard" in r.modes.values()}
+    experts, moved = ex.kernels_for_capacity(experts, budget - baseline, config.ladder_primary, manifest.expert_dtype,
+                                             profile, manifest.config.num_experts)
+    if moved:
+        log.info("ladder: %s run on the standard-op kernel: the budget cannot hold every expert's lowest copy "
+                 "as a session", ", ".join(f"{stack} {name}" for name, stack in moved))
+    if {name for name, _ in moved} - had:
+        baseline, _ = baseline_mod.baseline(manifest, replace(config, baseline_cache=False), family, sessions, experts,
+                                            device.threads, device.providers)
+    return experts, baseline
 
 
 def load_model(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store: ExpertStore | None = None,
