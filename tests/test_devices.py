@@ -1,6 +1,7 @@
 """Device profiles: every shipped one is valid, boards are recognised, providers fall back clearly."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -153,6 +154,9 @@ def test_devices_command_marks_exactly_one_profile():
     assert r.exit_code == 0, r.output
     marked = [ln for ln in r.output.splitlines() if ln.startswith("*")]
     assert len(marked) == 1 and marked[0].split()[1] in SHIPPED
+    here = get_profile(marked[0].split()[1])
+    assert re.split(r"\s{2,}", marked[0])[7] == here.dense_dtype  # the dense column
+    assert f"dense weights for this board: {here.dense_dtype} (swapmoe export --dtype {here.dense_dtype})" in r.output
     r = CliRunner().invoke(main, ["devices", "--json"])
     obj = json.loads(r.output)
     assert obj["detected"] in SHIPPED and {p["name"] for p in obj["profiles"]} == SHIPPED

@@ -38,10 +38,10 @@ def devices_cmd(as_json: bool) -> None:
             "profiles": [p.to_json() for p in profiles],
         }))
         return
-    rows = [("", "name", "memory", "unified", "reserve", "flash MB/s", "experts", "providers")]
+    rows = [("", "name", "memory", "unified", "reserve", "flash MB/s", "experts", "dense", "providers")]
     for p in profiles:
         rows.append(("*" if p is here else "", p.name, _gib(p.memory_bytes), "yes" if p.unified_memory else "no",
-                     _gib(p.reserve_bytes), f"{p.flash_read_mb_s:g}", p.expert_dtype,
+                     _gib(p.reserve_bytes), f"{p.flash_read_mb_s:g}", p.expert_dtype, p.dense_dtype,
                      ", ".join(q.removesuffix("ExecutionProvider") for q in p.providers)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -53,5 +53,7 @@ def devices_cmd(as_json: bool) -> None:
         "NVIDIA driver" if facts.nvidia_driver else "") if x)
     click.echo(f"\ndetected here: {here.name} ({seen}); to use another, give its name (or a profile .json path) as the device")
     click.echo(f"  providers here: {', '.join(providers)}")
+    click.echo(f"  dense weights for this board: {here.dense_dtype} (swapmoe export --dtype {here.dense_dtype})"
+               + (f": {here.dense_dtype_why}" if here.dense_dtype_why else ""))
     for msg in messages:
         click.echo(f"  warning: {msg}")
