@@ -147,3 +147,20 @@ def test_model_names_a_shipped_model_exported_on_first_use(causal, tmp_path, mon
     assert isinstance(row["text"], str) and 1 <= len(row["token_ids"]) <= 3
     made = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir() if p.is_dir())
     assert made == ["switch-debian", "tiny-causal"]  # each exported into its own cache folder
+
+
+def test_absent_chooses_what_becomes_of_a_choice_whose_expert_is_not_resident(causal):
+    _, _, art, _, _ = causal
+    prompts = [_words(p) for p in ct.prompts(seed=8, n=3)]
+    got, want = {}, {}
+    for absent in ("substitute", "drop"):
+        r = _run("generate", "--artifact", art, "--policy", "prune", "--budget", "25%", "--absent", absent, "--json",
+                 "--quiet", "--max-new-tokens", 8, *prompts)
+        assert r.exit_code == 0, r.output
+        got[absent] = [json.loads(line)["token_ids"] for line in r.stdout.splitlines()]
+        with Runtime(art, RuntimeConfig(policy="prune", budget="25%", absent=absent)) as rt:
+            want[absent] = [res.token_ids for res in rt.generate_texts(prompts, max_new_tokens=8)]
+    assert got == want
+    assert got["substitute"] != got["drop"]  # 2 of 8 experts a layer resident: many second choices are absent
+    r = _run("generate", "--artifact", art, "--absent", "skip", "w5")
+    assert r.exit_code == 2 and "'skip' is not one of" in r.output

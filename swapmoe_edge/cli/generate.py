@@ -36,7 +36,7 @@ class _Stream:
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per prompt, once it is done: text, token_ids (the generated ids, without the "
                    "prompt), exact, stats.")
-def generate_cmd(texts, artifact, model, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device,
+def generate_cmd(texts, artifact, model, file, budget, policy, planner, absent, num_beams, max_new_tokens, batch_size, device,
                  cold_start, deterministic, quiet, as_json) -> None:
     """Continue TEXT arguments or the lines of --file inside a memory budget, streaming tokens to stdout.
 
@@ -48,8 +48,8 @@ def generate_cmd(texts, artifact, model, file, budget, policy, planner, num_beam
     """
     try:
         prompts = read_inputs(texts, file, what="continue")
-        with open_runtime(artifact, model, quiet, policy=policy, budget=budget, planner=planner, device=device,
-                          cold_start=cold_start, deterministic=deterministic) as rt:
+        with open_runtime(artifact, model, quiet, policy=policy, budget=budget, planner=planner, absent=absent,
+                          device=device, cold_start=cold_start, deterministic=deterministic) as rt:
             stream = (num_beams or rt.default_num_beams) == 1 and not as_json
             size = 1 if stream else batch_size
             for i in range(0, len(prompts), size):

@@ -63,6 +63,10 @@ def serving_options(fn):
                      show_default=True,
                      help="ladder: every expert resident at int4 or full precision by importance (lossy; needs an artifact with a ladder)."),
         click.option("--planner", type=click.Choice(["importance", "uniform"]), default="importance", show_default=True),
+        click.option("--absent", type=click.Choice(["substitute", "drop"]), default="substitute", show_default=True,
+                     help="Top-k models under a lossy policy: a token's choice whose expert is not resident goes to the "
+                          "best resident expert it did not choose (substitute), or is dropped and the others' weights "
+                          "renormalised (drop)."),
         click.option("--num-beams", type=COUNT, default=None,
                      help="Beam width (default: the model's generation config, 1 if it sets none)."),
         click.option("--max-new-tokens", type=COUNT, default=32, show_default=True),
@@ -91,7 +95,7 @@ def open_runtime(artifact: str | None, model: str | None, quiet: bool, **config)
 @click.argument("texts", nargs=-1)
 @serving_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input: summary, token_ids, exact, stats.")
-def summarize_cmd(texts, artifact, model, file, budget, policy, planner, num_beams, max_new_tokens, batch_size, device,
+def summarize_cmd(texts, artifact, model, file, budget, policy, planner, absent, num_beams, max_new_tokens, batch_size, device,
                   cold_start, deterministic, quiet, as_json) -> None:
     """Summarise TEXT arguments or the documents of --file inside a memory budget.
 
@@ -100,8 +104,8 @@ def summarize_cmd(texts, artifact, model, file, budget, policy, planner, num_bea
     """
     try:
         docs = read_inputs(texts, file)
-        with open_runtime(artifact, model, quiet, policy=policy, budget=budget, planner=planner, device=device,
-                          cold_start=cold_start, deterministic=deterministic) as rt:
+        with open_runtime(artifact, model, quiet, policy=policy, budget=budget, planner=planner, absent=absent,
+                          device=device, cold_start=cold_start, deterministic=deterministic) as rt:
             # Progress for --file on a terminal only: piped stderr stays machine-readable.
             progress = DocumentProgress(len(docs), enabled=bool(file) and not quiet and stderr_is_terminal())
             for i in range(0, len(docs), batch_size):
