@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from swapmoe_edge.artifact.files import write_json_atomic
-from swapmoe_edge.artifact.manifest import FORMAT_NAME, MANIFEST_NAME, SCHEMA_VERSION
+from swapmoe_edge.artifact.manifest import FORMAT_NAME, SCHEMA_VERSION
 from swapmoe_edge.artifact.causal_config import CausalConfig
 from swapmoe_edge.core.errors import CheckpointError, ExportError
 from swapmoe_edge.core.keys import ExpertKey
@@ -29,7 +28,7 @@ from .causal_checkpoint import CausalReader, architecture, read_causal_config
 from .causal_validate import validate_causal
 from .checkpoint import confined
 from .staging import install, prepare_output, removed_on_failure, sigterm_unwinds
-from .writer import ArtifactWriter
+from .writer import ArtifactWriter, write_manifest
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "swapmoe.json")
 IO = {
@@ -178,14 +177,14 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
         }
         reader.close()
         if validate:
-            write_json_atomic(tmp / MANIFEST_NAME, manifest)
+            write_manifest(tmp, manifest)
             manifest["validation"] = validate_causal(model_dir, tmp, dtype=dense.storage, expert_dtype=expert_dtype)
             say(f"validated: max |logit difference| {manifest['validation']['max_abs_diff']:.2e}")
             q = manifest["validation"].get("quantisation_vs_float")
             if q:
                 say(f"against the float model (quantisation, lossy): top-1 agrees at {q['top1_agreement']:.0%} of "
                     f"{q['positions']} positions, logits off by {q['mean_diff_over_logit_rms']:.3f} of their RMS on average")
-        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        write_manifest(tmp, manifest)
         install(tmp, out)
         say(f"wrote {out} ({sum(x['size'] for x in writer.files.values()) / 2**20:.1f} MiB)")
         return out

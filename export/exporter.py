@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from swapmoe_edge.core.errors import CheckpointError, ExportError
-from swapmoe_edge.artifact.files import write_json_atomic
-from swapmoe_edge.artifact.manifest import FORMAT_NAME, MANIFEST_NAME, SCHEMA_VERSION
+from swapmoe_edge.artifact.manifest import FORMAT_NAME, SCHEMA_VERSION
 from swapmoe_edge.artifact.model_config import ModelConfig, config_to_dict
 from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
@@ -25,7 +24,7 @@ from .checkpoint import CheckpointReader, check_sparse_layers, confined, read_co
 from .staging import install, prepare_output, removed_on_failure, sigterm_unwinds
 from .validate import summary as validation_summary
 from .validate import validate_artifact
-from .writer import ArtifactWriter
+from .writer import ArtifactWriter, write_manifest
 
 
 # What export reads from the checkpoint besides config.json and the weights.
@@ -189,23 +188,14 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         if validate:
             # The manifest goes in first so the runtime code can read the unfinished artifact;
             # the directory is still hidden, so nobody else sees it yet.
-            _write_manifest(tmp, manifest)
+            write_manifest(tmp, manifest)
             report = validate_artifact(model_dir, tmp, dtype=dense.storage, expert_dtype=expert_dtype)
             manifest["validation"] = report
             progress.step(validation_summary(report))
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
         install(tmp, out)
         progress.say(f"wrote {out} ({sum(f['size'] for f in writer.files.values()) / 2**20:.1f} MiB)")
         return out
-
-
-def _write_manifest(tmp: Path, manifest: dict) -> None:
-    try:
-        write_json_atomic(tmp / MANIFEST_NAME, manifest)
-    except OSError as e:
-        if e.filename is None:
-            raise OSError(e.errno, e.strerror or str(e), str(tmp / MANIFEST_NAME)) from e
-        raise
 
 
 def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: quant.DenseWeights, expert_dtype: str, writer: ArtifactWriter,

@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from swapmoe_edge.artifact.files import write_json_atomic
+from swapmoe_edge.artifact.manifest import MANIFEST_NAME
+
 from .builder import BuiltGraph, point_at
 
 ALIGN = 4096  # expert tensors start on page boundaries so plain reads can land in place
@@ -76,4 +79,14 @@ def _naming(path: Path):
     except OSError as e:
         if e.filename is None:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
+def write_manifest(tmp: Path, manifest: dict) -> None:
+    """The manifest into the staging folder (atomically); an OSError names the file."""
+    try:
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(tmp / MANIFEST_NAME)) from e
         raise
