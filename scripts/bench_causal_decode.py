@@ -32,7 +32,7 @@ from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 
 def _bench_decode():
-    """scripts/bench_decode.py, for its bandwidth probe (one definition of the floor's rate)."""
+    """scripts/bench_decode.py, for its bandwidth probe (one definition of the floor's rate) and its step profile."""
     path = Path(__file__).resolve().parent / "bench_decode.py"
     spec = importlib.util.spec_from_file_location("bench_decode", path)
     mod = importlib.util.module_from_spec(spec)
@@ -43,46 +43,6 @@ def _bench_decode():
 def _ids(vocab: int, avoid: set[int], n: int, seed: int) -> list[int]:
     ids = np.random.default_rng(seed).integers(3, vocab, n)
     return [int(t) if int(t) not in avoid else 3 for t in ids]
-
-
-class Profile(dict):
-    """Seconds per part, summed over the decode steps while ``active``."""
-
-    def __init__(self, rt: Runtime):
-        super().__init__()
-        self.active = False
-        sessions, policy = rt.sessions, rt.policy
-        run, kernel = sessions.run, policy.kernel
-        self.in_moe = 0.0
-
-        def timed_run(name, feeds):
-            t = time.perf_counter()
-            out = run(name, feeds)
-            if self.active:
-                self.add(f"ort:{name.rsplit('.', 1)[-1]}", time.perf_counter() - t)
-            return out
-
-        def timed_kernel(expert, x):
-            t = time.perf_counter()
-            out = kernel(expert, x)
-            dt = time.perf_counter() - t
-            if self.active:
-                self.add("ort:expert_kernel", dt)
-                self.in_moe += dt
-            return out
-
-        sessions.run, policy.kernel = timed_run, timed_kernel
-
-    def add(self, key: str, dt: float) -> None:
-        self[key] = self.get(key, 0.0) + dt
-
-    def hook(self, layer, normed, logits, mask, moe):  # split.MoEHook: routing + dispatch minus the kernel
-        self.in_moe = 0.0
-        t = time.perf_counter()
-        out = moe(layer, normed, logits, mask)
-        if self.active:
-            self.add("python:routing+dispatch", time.perf_counter() - t - self.in_moe)
-        return out
 
 
 def run(artifact: str, threads: int, tokens: int, requests: int, prompt_len: int, profile: bool,
@@ -98,7 +58,7 @@ def run(artifact: str, threads: int, tokens: int, requests: int, prompt_len: int
     x = {"x": np.ones((1, bd.PROBE_D), np.float32)}
     for _ in range(3):
         probe.run(None, x)
-    prof = Profile(rt) if profile else None
+    prof = bd.StepProfile(rt) if profile else None
 
     def request(seed: int, paired: bool) -> tuple[list[float], list[float], float]:
         row = _ids(vocab, avoid, prompt_len, seed)

@@ -193,10 +193,37 @@ def _paired_floor(model, c, threads: int, tokens: int, requests: int, source_len
     return {"token_ms": token_ms, "probe_ms": probe_ms, "probe_bytes": PROBE_BYTES}
 
 
-class _Timers(dict):
-    def __init__(self):
+class StepProfile(dict):
+    """Seconds (and calls) per part of a decode step, summed while ``active``: every ORT call by
+    subgraph kind, the expert kernel, and the routing glue around it (``hook``, a split.MoEHook
+    around the model's MoE). Installs itself on the runtime's sessions and policy."""
+
+    def __init__(self, rt):
         super().__init__()
         self.counts: dict[str, int] = {}
+        self.active = False
+        self.in_moe = 0.0
+        sessions, policy = rt.sessions, rt.policy
+        run, kernel = sessions.run, policy.kernel
+
+        def timed_run(name, feeds):
+            if not self.active:
+                return run(name, feeds)
+            t = time.perf_counter()
+            out = run(name, feeds)
+            self.add(f"ort:{name.rsplit('.', 1)[-1]}", time.perf_counter() - t)
+            return out
+
+        def timed_kernel(expert, x):
+            t = time.perf_counter()
+            out = kernel(expert, x)
+            dt = time.perf_counter() - t
+            if self.active:
+                self.add("ort:expert_kernel", dt)
+                self.in_moe += dt
+            return out
+
+        sessions.run, policy.kernel = timed_run, timed_kernel
 
     def add(self, key: str, dt: float, calls: int = 1) -> None:
         self[key] = self.get(key, 0.0) + dt
@@ -206,55 +233,33 @@ class _Timers(dict):
         super().clear()
         self.counts.clear()
 
-
-def _install_profile(rt) -> _Timers:
-    """Time every decoder-side ORT call by subgraph kind, the expert kernel, and the routing glue.
-
-    The encoder's calls are timed too but only decode steps are counted per token: the profile
-    wraps only calls made while a decode step runs.
-    """
-    timers = _Timers()
-    sessions, policy, model = rt.sessions, rt.policy, rt.model
-    run, kernel, decode = sessions.run, policy.kernel, model.decode
-    active = [False]
-    in_moe = [0.0]
-
-    def timed_run(name, feeds):
-        if not active[0]:
-            return run(name, feeds)
-        t = time.perf_counter()
-        out = run(name, feeds)
-        timers.add(f"ort:{name.rsplit('.', 1)[-1]}", time.perf_counter() - t)
-        return out
-
-    def timed_kernel(expert, x):
-        t = time.perf_counter()
-        out = kernel(expert, x)
-        dt = time.perf_counter() - t
-        if active[0]:
-            timers.add("ort:expert_kernel", dt)
-            in_moe[0] += dt
-        return out
-
-    def timed_moe(layer, normed, logits, mask, moe):  # a MoE hook (split.MoEHook) around the model's MoE
-        in_moe[0] = 0.0
+    def hook(self, layer, normed, logits, mask, moe):
+        self.in_moe = 0.0
         t = time.perf_counter()
         out = moe(layer, normed, logits, mask)
-        if active[0]:
-            timers.add("python:routing+dispatch", time.perf_counter() - t - in_moe[0])
+        if self.active:
+            self.add("python:routing+dispatch", time.perf_counter() - t - self.in_moe)
         return out
 
+
+def _install_profile(rt) -> StepProfile:
+    """A StepProfile active during the Switch model's decode steps only (the encoder's calls are
+    not counted), with each step's total."""
+    prof = StepProfile(rt)
+    model = rt.model
+    decode = model.decode
+
     def timed_decode(ids, state, capture=None, hook=None):
-        active[0] = True
+        prof.active = True
         t = time.perf_counter()
         try:
-            return decode(ids, state, capture, hook=timed_moe)
+            return decode(ids, state, capture, hook=prof.hook)
         finally:
-            active[0] = False
-            timers.add("decode() total", time.perf_counter() - t)
+            prof.active = False
+            prof.add("decode() total", time.perf_counter() - t)
 
-    sessions.run, policy.kernel, model.decode = timed_run, timed_kernel, timed_decode
-    return timers
+    model.decode = timed_decode
+    return prof
 
 
 def phase_hfpair(artifact: str, checkpoint: str, threads: int, tokens: int, requests: int, source_len: int,
