@@ -264,6 +264,32 @@ def test_a_budget_too_small_for_one_expert_per_layer_fails_with_the_numbers(mode
     assert "10.00 MiB" in msg and "minimum" in msg and "short by" in msg
 
 
+def test_a_dense_part_bigger_than_free_memory_is_refused_before_it_loads(models, monkeypatch):
+    """Free memory (or a cgroup) that cannot take the dense part: a BudgetError with the numbers
+    before any session is built, not an OOM kill part-way through the load."""
+    from swapmoe_edge.artifact.manifest import load_manifest
+    from swapmoe_edge.model.sessions import DenseSessions
+    from swapmoe_edge.runtime import baseline
+
+    _, art = models["8exp_all_sparse"]
+    m = load_manifest(art)
+    dense = tuple(rel for rel in m.files if not rel.startswith("experts/"))
+    need = baseline.predicted_dense_bytes(m, dense, ["CPUExecutionProvider"])
+    assert need == sum(m.files[rel].size for rel in dense)  # float32 dense: about its bytes
+    built = []
+    monkeypatch.setattr(DenseSessions, "load_all", lambda self: built.append(self))
+    rss = 300 << 20
+    with pytest.raises(BudgetError) as info:
+        Runtime(art, RuntimeConfig(policy="swapmoe", budget="auto"), available_fn=lambda: need // 2,
+                rss_fn=lambda: rss)
+    msg = str(info.value)
+    assert "dense part needs about" in msg and "short by" in msg and "--dtype int8" in msg
+    assert not built  # refused before loading
+    assert baseline.predicted_dense_bytes(m, dense, ["CUDAExecutionProvider"]) == need
+    object.__setattr__(m, "dense_dtype", "float16")  # ORT folds float16 weights into float32 copies on the CPU
+    assert baseline.predicted_dense_bytes(m, dense, ["CPUExecutionProvider"]) == 2 * need
+
+
 def test_full_policy_refuses_a_budget_that_cannot_hold_every_expert(models):
     _, art = models["8exp_all_sparse"]
     with pytest.raises(BudgetError, match="full policy"):

@@ -11,6 +11,8 @@ import os
 import numpy as np
 
 from swapmoe_edge.artifact.manifest import Manifest
+from swapmoe_edge.core.errors import BudgetError
+from swapmoe_edge.core.units import format_size
 from swapmoe_edge.artifact.store import LoadedExpert
 from swapmoe_edge.model.families import Family
 from swapmoe_edge.model.sessions import DenseSessions
@@ -18,6 +20,12 @@ from swapmoe_edge.runtime import baseline_cache
 from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.runtime.experts import Experts
 from swapmoe_edge.system import memory
+from swapmoe_edge.system.budget import MemoryMonitor
+
+# ONNX Runtime on the CPU folds each float16-to-float32 Cast of a dense weight into a float32
+# copy at load: the OLMoE-1B-7B shape's float16 dense part held 2.06x its stored bytes
+# (docs/results/causal/device_box.md). Other dense types are held at about their bytes.
+FLOAT16_ON_CPU = 2.0
 
 
 def measure(manifest: Manifest, config: RuntimeConfig, family: Family, sessions: DenseSessions,
@@ -81,3 +89,32 @@ def baseline(manifest: Manifest, config: RuntimeConfig, family: Family, sessions
     measured = measure(manifest, config, family, sessions, experts)
     baseline_cache.store(key, measured, rss)
     return measured, False
+
+
+def predicted_dense_bytes(manifest: Manifest, dense_files: tuple[str, ...], providers: list[str]) -> int:
+    """About what the dense part will hold once its sessions are loaded (a lower bound)."""
+    stored = sum(manifest.files[rel].size for rel in dense_files)
+    on_cpu = not providers or providers[0] == "CPUExecutionProvider"
+    return int(stored * (FLOAT16_ON_CPU if on_cpu and manifest.dense_dtype == "float16" else 1.0))
+
+
+def check_dense_fits(manifest: Manifest, dense_files: tuple[str, ...], providers: list[str], available_fn=None,
+                     rss_fn=None) -> None:
+    """BudgetError, with the numbers, where the dense part alone cannot fit in what this process
+    can get (the cgroup's limit, free memory) before loading it, instead of the kernel killing the
+    process part-way through the load. (A byte budget below it fails after the baseline is
+    measured, with the exact figures.)"""
+    if providers and providers[0] != "CPUExecutionProvider":
+        return  # the dense weights go to the accelerator's memory
+    need = predicted_dense_bytes(manifest, dense_files, providers)
+    sample = MemoryMonitor(None, reserve=0, available_fn=available_fn, rss_fn=rss_fn).sample_once()
+    short = sample.rss + need - sample.budget
+    if short <= 0:
+        return
+    stored = sum(manifest.files[rel].size for rel in dense_files)
+    folded = " (its float16 weights become float32 copies on the CPU)" if need > stored else ""
+    raise BudgetError(
+        f"the model's dense part needs about {format_size(need)} once loaded{folded}; with this process's "
+        f"{format_size(sample.rss)} that is more than the {format_size(sample.budget)} it can hold "
+        f"({sample.source}): short by {format_size(short)}. Raise the memory limit or free memory, or export "
+        f"the model with smaller dense weights (swapmoe export ... --dtype int8 or int4).")

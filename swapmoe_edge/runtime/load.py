@@ -207,6 +207,7 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
     manifest, config, family, device, sparse, norms, profile, startup["verify_s"] = _open(artifact, config, profile)
     store = store or ExpertStore(manifest, verify=config.verify, read_mode=config.read_mode)
     dense_files = tuple(rel for rel in manifest.files if not rel.startswith("experts/"))
+    baseline_mod.check_dense_fits(manifest, dense_files, device.providers, available_fn, rss_fn)
     prefetch = _start_prefetch(manifest, config, family, store, norms, profile, sparse, dense_files)
     sessions = DenseSessions(manifest, threads=device.threads, providers=device.providers,
                              provider_options=device.provider_options)
