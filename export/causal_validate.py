@@ -35,6 +35,7 @@ from swapmoe_edge.model.sessions import DenseSessions, open_session, session_opt
 
 from . import bounds, ladder, quant
 from .causal_checkpoint import CausalReader
+from .expert_check import check_experts
 from .reference import _quantize_activations_hook
 from .validate import quantisation_error
 
@@ -154,31 +155,6 @@ def streamed_reference(model_dir: Path, cfg: CausalConfig, ids: np.ndarray, mask
     return Reference(block_in, block_out, logits)
 
 
-def check_experts(manifest, reader: CausalReader, seed: int = 0, tokens: int = 4) -> tuple[list[str], float]:
-    """Every expert's standalone subgraph against numpy SwiGLU on the checkpoint's weights for it,
-    rounded as stored (a block holding another expert's weights fails): (mismatches, worst share of the bound)."""
-    rng = np.random.default_rng(seed)
-    opts = session_options(1)
-    d, f = manifest.config.d_model, manifest.config.d_ff
-    bound = bounds.rounding_bound(d + 2 * f)
-    bad, worst = [], 0.0
-    for key, entry in manifest.experts.items():
-        wi_t, wo_t = (quant.as_stored(w, manifest.expert_dtype).astype(np.float64) for w in reader.expert(key.layer, key.expert))
-        x = rng.standard_normal((tokens, d)).astype(np.float32)
-        got = open_session(manifest.path(entry.graph.file), opts).run(None, {"x": x})[0]
-        h = x.astype(np.float64) @ wi_t
-        gate, up = h[:, :f], h[:, f:]
-        ref = (gate / (1 + np.exp(-gate)) * up) @ wo_t
-        cmp = bounds.compare(f"expert {key.name}", got[None], ref[None].astype(np.float32), bound)
-        if isinstance(cmp, str):
-            bad.append(cmp)
-            continue
-        worst = max(worst, cmp.worst / bound)
-        if not cmp.passed:
-            bad.append(cmp.describe())
-    return bad, worst
-
-
 def split_model(artifact: Path) -> CausalModel:
     """The split model, every expert run by its own standalone subgraph (opened per call, not kept)."""
     manifest = load_manifest(artifact)
@@ -227,7 +203,7 @@ def validate_causal(model_dir: Path, artifact: Path, dtype: str = "float32", exp
     checks.append(bounds.compare("logits (LM head on the PyTorch decoder output)", _real(head, ref.logits, mask), ref.logits,
                                  bounds.rounding_bound(2 * c.hidden_size)))
     reader = CausalReader(Path(model_dir), c)
-    mismatches, expert_worst = check_experts(manifest, reader, seed)
+    mismatches, expert_worst = check_experts(manifest, lambda k: reader.expert(k.layer, k.expert), "swiglu", seed)
     reader.close()
     mismatches += [ch if isinstance(ch, str) else ch.describe() for ch in checks if isinstance(ch, str) or not ch.passed]
     got = _real(model.forward(ids, mask), ref.logits, mask)

@@ -19,6 +19,8 @@ from swapmoe_edge.model.split import SplitModel, full_moe
 from swapmoe_edge.model.sessions import DenseSessions, open_session, session_options
 
 from . import bounds
+from .checkpoint import CheckpointReader
+from .expert_check import check_experts
 from .reference import Reference, reference_forward_in_child
 
 E2E_TOL = 1e-2  # per token, relative: the split model alone against PyTorch, through every layer
@@ -152,6 +154,8 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
     tol = E2E_TOL_INT8_ACTIVATIONS if nb is not None and nb["accuracy_level"] == 4 else E2E_TOL
     e2e = bounds.compare("logits (split model end to end)", e2e_logits, ref.logits, tol, what="the end-to-end tolerance")
     mismatches = [ch if isinstance(ch, str) else ch.describe() for ch in checks if isinstance(ch, str) or not ch.passed]
+    expert_bad, expert_worst = _check_every_expert(Path(model_dir), manifest, seed)
+    mismatches += expert_bad
     blocks = [ch for ch in checks if not isinstance(ch, str)]
     if isinstance(e2e, str):
         mismatches.append(e2e)
@@ -175,6 +179,8 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
         # Tokens a little past the rounding bound in a block whose other tokens are within it:
         # rounding at a near tie, accepted (bounds.NEAR).
         "rounding_outliers": {ch.name: ch.outliers() for ch in blocks if ch.kind == "rounding"},
+        "experts_compared": len(manifest.experts),  # each alone, whether or not a token reached it
+        "expert_worst_share_of_bound": expert_worst,
         "end_to_end_tol": tol,
         "end_to_end_worst_token_error": e2e.worst,
         # A few tokens off end to end while every block matched: rounding that grew through
@@ -184,6 +190,19 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
         # weights; this is how far the artifact is from the float32 checkpoint (lossy, measured).
         **({"quantisation_vs_float": loss} if loss is not None else {}),
     }
+
+
+def _check_every_expert(model_dir: Path, manifest, seed: int) -> tuple[list[str], float]:
+    """Each expert's own subgraph against the checkpoint's weights for it (expert_check.py)."""
+    reader = CheckpointReader(model_dir)
+    try:
+        def weights(key):
+            ff = f"{key.stack}.block.{key.layer}.layer.{2 if key.stack == 'decoder' else 1}.mlp.experts.expert_{key.expert}"
+            return reader.get(f"{ff}.wi.weight").T, reader.get(f"{ff}.wo.weight").T
+
+        return check_experts(manifest, weights, manifest.config.dense_act_fn, seed)
+    finally:
+        reader.close()
 
 
 def quantisation_error(logits: np.ndarray, float_logits: np.ndarray) -> dict:

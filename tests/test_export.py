@@ -185,6 +185,28 @@ def test_validation_reports_every_mismatch_in_one_typed_error(tmp_path):
     assert any("logits" in m for m in info.value.mismatches)
 
 
+def test_validation_compares_every_expert_alone_and_names_a_wrong_one(tmp_path):
+    """The block checks see only the experts their tokens reach; each expert is also run alone
+    against the checkpoint's weights for it, so a wrong expert is named whatever the routing."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(seed=7, num_experts=8, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2)
+    model.save_pretrained(tmp_path / "ck")
+    art = export_checkpoint(tmp_path / "ck", tmp_path / "art", quiet=True, validate=False)
+    report = validate_artifact(tmp_path / "ck", art)
+    experts = list(load_manifest(art).experts)
+    assert report["experts_compared"] == len(experts) == 32  # 4 sparse layers of 8
+    assert 0 < report["expert_worst_share_of_bound"] <= 1
+    key = next(k for k in reversed(experts) if k.stack == "decoder" and k.expert == 5)
+    state = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    name = f"decoder.block.{key.layer}.layer.2.mlp.experts.expert_5.wo.weight"
+    state[name] = state[name] * 1.01  # the checkpoint's expert differs from the artifact's
+    save_file(state, str(tmp_path / "ck" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValidationError) as info:
+        validate_artifact(tmp_path / "ck", art)
+    assert any(m.startswith(f"expert {key.name}") for m in info.value.mismatches), info.value.mismatches
+
+
 # -- bad input -------------------------------------------------------------------------
 
 
