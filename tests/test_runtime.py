@@ -405,6 +405,31 @@ def test_cli_profile_writes_a_profile_the_runtime_then_uses(models, tmp_path):
         assert rt.policy.policy.predictor is None
 
 
+def test_profile_runs_on_the_threads_it_is_given(models, tmp_path, monkeypatch):
+    from swapmoe_edge.cli.main import main as cli
+    from swapmoe_edge.lab import calibrate
+
+    from click.testing import CliRunner
+
+    _, art = models["4exp_deeper"]
+    seen = []
+
+    class Spy(Runtime):
+        def __init__(self, artifact, config, **kw):
+            seen.append(config.threads)
+            super().__init__(artifact, config, **kw)
+
+    monkeypatch.setattr(calibrate, "Runtime", Spy)
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(words(r[:-1]) for r in _rows(3)) + "\n")
+    for extra, want in (([], None), (["--threads", "1"], 1)):
+        r = CliRunner().invoke(cli, ["profile", str(art), "--data", str(data), "--max-new-tokens", "3",
+                                     "-o", str(tmp_path / "p.json"), *extra])
+        assert r.exit_code == 0, r.output
+        assert seen[-1] == want
+    assert CliRunner().invoke(cli, ["profile", str(art), "--data", str(data), "--threads", "0"]).exit_code == 2
+
+
 def test_int8_experts_fit_more_residents_in_the_same_budget(tmp_path):
     model = tiny_model(seed=40, num_experts=16, d_model=64, d_ff=512, d_kv=16, num_sparse_encoder_layers=2,
                        num_sparse_decoder_layers=2)

@@ -20,6 +20,7 @@ from swapmoe_edge.lab.streams import parse_sections
 @click.option("--budget", default="auto", show_default=True, help="Budget for the profiling run (exact, on-demand).")
 @click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
 @click.option("--device", default=None, help="Device profile name or .json path (default: detected).")
+@click.option("--threads", type=COUNT, default=None, help="ONNX Runtime threads (default: the device profile's).")
 @click.option("--sections", default="", help="Calibrate on documents of these sections only (comma-separated; JSONL `section`).")
 @click.option("--exclude-sections", default="", help="Leave out documents of these sections (comma-separated).")
 @click.option("--measure-loss", is_flag=True,
@@ -33,7 +34,7 @@ from swapmoe_edge.lab.streams import parse_sections
                    "a document at a time.")
 @click.option("-o", "--out", "out", default=None, type=click.Path(path_type=str),
               help="Where to write the profile  [default: ARTIFACT/profile.json]")
-def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections, exclude_sections, measure_loss,
+def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, threads, sections, exclude_sections, measure_loss,
                 predict_decoder, out) -> None:
     """Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."""
     try:
@@ -41,7 +42,8 @@ def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, sections,
             warnings.simplefilter("always")
             prof = calibrate(artifact, data, limit=limit, sections=parse_sections(sections),
                              exclude_sections=parse_sections(exclude_sections), budget=budget, device=device,
-                             max_new_tokens=max_new_tokens, with_loss=measure_loss, with_predictor=predict_decoder)
+                             max_new_tokens=max_new_tokens, with_loss=measure_loss, with_predictor=predict_decoder,
+                             threads=threads)
         texts = prof.meta["texts"]
         cut = [w for w in caught if "tokens; truncated" in str(w.message)]
         for w in caught:

@@ -26,15 +26,17 @@ def calibration_texts(data: str | Path, limit: int | None = None, sections: Sequ
 
 def calibrate(artifact: str | Path, data: str | Path, *, limit: int | None = None, sections: Sequence[str] = (),
               exclude_sections: Sequence[str] = (), budget: str = "auto", device: str | None = None,
-              max_new_tokens: int = 32, with_loss: bool = False, with_predictor: bool = False) -> Profile:
+              max_new_tokens: int = 32, with_loss: bool = False, with_predictor: bool = False,
+              threads: int | None = None) -> Profile:
     """The importance profile of ARTIFACT (run exact, on-demand, at ``budget``) over DATA's texts.
 
     ``with_loss``: also each layer's loss curve and best substitute (teacher-forced KL against
     the full model's summaries) and, with a ladder on the host, each rung's loss.
     ``with_predictor``: also the decoder predictor (one more pass, a text at a time).
+    ``threads``: ONNX Runtime threads (None: the device profile's).
     """
     texts = calibration_texts(data, limit, sections, exclude_sections)
-    with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device)) as rt:
+    with Runtime(artifact, RuntimeConfig(policy="on-demand", budget=budget, device=device, threads=threads)) as rt:
         if with_predictor and not any(lk.stack == "encoder" for lk in rt.sparse):
             raise InputError(f"{artifact}: a {rt.family.kind} model has no encoder routing to predict its decoder's "
                              "experts from; profile it without --predict-decoder.")
