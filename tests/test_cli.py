@@ -84,3 +84,17 @@ def test_sweep_refuses_negative_threads_before_it_runs_a_cell(tmp_path):
                                   str(tmp_path / "out"), "--threads", "-1"])
     assert r.exit_code == 2 and "Invalid value for '--threads'" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_passes_its_cell_timeout_and_no_plots_to_the_sweep(tmp_path, monkeypatch):
+    from swapmoe_edge.cli import eval as eval_cli
+
+    seen = {}
+    monkeypatch.setattr(eval_cli, "sweep", lambda *a, **kw: seen.update(kw) or {"failed": [], "cells": []})
+    args = ["sweep", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "out"), "--quiet"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert seen["timeout_s"] is None and seen["plots"] is True
+    assert CliRunner().invoke(main, [*args, "--timeout-s", "90", "--no-plots"]).exit_code == 0
+    assert seen["timeout_s"] == 90 and seen["plots"] is False
+    r = CliRunner().invoke(main, [*args, "--timeout-s", "0"])
+    assert r.exit_code == 2 and "--timeout-s" in r.output

@@ -95,11 +95,14 @@ def eval_cmd(artifact, data, budget, policy, planner, limit, max_new_tokens, num
 @click.option("--num-beams", type=COUNT, default=None, help="Beam width (default: the model's generation config, 1 if it sets none).")
 @click.option("--batch-size", type=COUNT, default=8, show_default=True)
 @click.option("--threads", type=COUNT, default=None, help="ONNX Runtime threads per cell.")
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop a cell that runs longer than this (it is reported as failed; the others go on).")
+@click.option("--no-plots", is_flag=True, help="Write the CSV and JSON only (no matplotlib needed).")
 @deterministic_option
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @stream_options
 def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_tokens, num_beams, batch_size, threads,
-              deterministic, quiet, order, sections, exclude_sections, profile) -> None:
+              timeout_s, no_plots, deterministic, quiet, order, sections, exclude_sections, profile) -> None:
     """Every policy x budget x planner on DATA, each in its own process: CSV, JSON and plots in OUT."""
     budgets = _split(budgets, ("100%", "75%", "50%", "33%", "25%"))
     policies = _split(policies, ("full", "on-demand", "prune", "swapmoe"), POLICIES)
@@ -107,7 +110,7 @@ def sweep_cmd(artifact, data, out, budgets, policies, planners, limit, max_new_t
     try:
         res = sweep(artifact, data, out, budgets=budgets, policies=policies, planners=planners, limit=limit,
                     max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, threads=threads,
-                    quiet=quiet, order=order, sections=parse_sections(sections),
+                    timeout_s=timeout_s, plots=not no_plots, quiet=quiet, order=order, sections=parse_sections(sections),
                     exclude_sections=parse_sections(exclude_sections), profile=profile, deterministic=deterministic)
     except SwapMoEError as e:
         fail(e)
