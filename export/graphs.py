@@ -23,10 +23,15 @@ from .builder import F16, F32, I8, I64, OPSET, OPSET_INT4, U8, BuiltGraph, Graph
 
 
 def embed_graph(shared: np.ndarray, dtype: str | quant.DenseWeights) -> BuiltGraph:
+    """ids -> the embedding rows in float32. A float16 table is gathered first and only its rows
+    cast: ONNX Runtime folds a Cast of the whole table into a float32 copy of it at load."""
     g = GraphBuilder("/embed", dtype)
     ids = g.input("input_ids", I64, ["B", "T"])
-    w = g.weight("shared.weight", shared)
-    g.output(g.op("Gather", [w, ids], hint="gather", axis=0), "hidden", F32, ["B", "T", shared.shape[1]])
+    w = g.weight("shared.weight", np.asarray(shared, dtype=g.storage), raw=True)
+    rows = g.op("Gather", [w, ids], hint="gather", axis=0)
+    if g.storage != np.float32:
+        rows = g.op("Cast", [rows], hint="gather/cast", to=F32)
+    g.output(rows, "hidden", F32, ["B", "T", shared.shape[1]])
     return g.model()
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -143,6 +144,11 @@ def test_float16_export_halves_expert_bytes_and_matches_fp16_rounded_weights(tmp
     e16 = sum(t.nbytes for e in m16.experts.values() for t in e.tensors)
     assert e16 * 2 == e32
     assert m16.validation["passed"] and m16.dtype == "float16"
+    # the float16 table is gathered, then its rows cast: a Cast of the whole table would be
+    # folded by ONNX Runtime into a float32 copy of it at load
+    ops = [n.op_type for n in onnx.load(str(m16.path("dense/embed.onnx")), load_external_data=False).graph.node]
+    assert ops[:2] == ["Gather", "Cast"] and ops.count("Cast") == 1
+    assert "Cast" not in [n.op_type for n in onnx.load(str(m32.path("dense/embed.onnx")), load_external_data=False).graph.node]
 
 
 def test_float16_experts_stay_within_rounding_of_the_float32_model(tmp_path):

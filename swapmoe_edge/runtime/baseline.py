@@ -24,7 +24,8 @@ from swapmoe_edge.system.budget import MemoryMonitor
 
 # ONNX Runtime on the CPU folds each float16-to-float32 Cast of a dense weight into a float32
 # copy at load: the OLMoE-1B-7B shape's float16 dense part held 2.06x its stored bytes
-# (docs/results/causal/device_box.md). Other dense types are held at about their bytes.
+# (docs/results/causal/device_box.md). Other dense types are held at about their bytes, and so
+# is the embedding table (its graph gathers float16 rows, then casts them).
 FLOAT16_ON_CPU = 2.0
 
 
@@ -93,9 +94,15 @@ def baseline(manifest: Manifest, config: RuntimeConfig, family: Family, sessions
 
 def predicted_dense_bytes(manifest: Manifest, dense_files: tuple[str, ...], providers: list[str]) -> int:
     """About what the dense part will hold once its sessions are loaded (a lower bound)."""
-    stored = sum(manifest.files[rel].size for rel in dense_files)
     on_cpu = not providers or providers[0] == "CPUExecutionProvider"
-    return int(stored * (FLOAT16_ON_CPU if on_cpu and manifest.dense_dtype == "float16" else 1.0))
+    doubled = on_cpu and manifest.dense_dtype == "float16"
+    return int(sum(manifest.files[rel].size * (FLOAT16_ON_CPU if doubled and not is_embedding(rel) else 1)
+                   for rel in dense_files))
+
+
+def is_embedding(rel: str) -> bool:
+    """Whether an artifact file belongs to an embedding table's graph (dense/embed.*, dense/enc.embed.*)."""
+    return "embed" in rel.rsplit("/", 1)[-1].split(".")
 
 
 def check_dense_fits(manifest: Manifest, dense_files: tuple[str, ...], providers: list[str], available_fn=None,
