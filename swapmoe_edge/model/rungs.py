@@ -202,17 +202,17 @@ def rung_runners(manifest: Manifest, config, sessions, threads: int | None, prov
 
 
 def measure_ladders(runners: dict[str, RungRunner], store, expert_cost: dict[LayerKey, int], primary: bool,
-                    primary_name: str) -> dict[LayerKey, list[Rung]]:
+                    primary_name: str, warn: bool = True) -> dict[LayerKey, list[Rung]]:
     """Each sparse layer's ladder, lowest first, with the measured cost of one copy per rung (a
     copy may cost more in one stack than the other); ``primary``: the artifact's own experts on top."""
     costs = {name: runner.measure_cost(lambda k, name=name: store.read(k, rung=name)) for name, runner in runners.items()}
-    return ladders_from_costs(costs, expert_cost, primary, primary_name)
+    return ladders_from_costs(costs, expert_cost, primary, primary_name, warn)
 
 
 def ladders_from_costs(costs: dict[str, dict[str, int]], expert_cost: dict[LayerKey, int], primary: bool,
-                       primary_name: str) -> dict[LayerKey, list[Rung]]:
+                       primary_name: str, warn: bool = True) -> dict[LayerKey, list[Rung]]:
     """Each sparse layer's ladder from each rung's cost of one copy per stack (a rung that costs
-    more than a better one is left out)."""
+    more than a better one is left out, with a warning where ``warn``)."""
     ladders = {}
     for lk, own in expert_cost.items():
         rungs = [Rung(name, c[lk.stack], QUALITY[name]) for name, c in costs.items()]
@@ -222,9 +222,10 @@ def ladders_from_costs(costs: dict[str, dict[str, int]], expert_cost: dict[Layer
         kept: list[Rung] = []
         for r in rungs:  # a rung that costs more than a better one is never worth holding
             if kept and r.quality <= kept[-1].quality:
-                log.warning("ladder: in %s the %s rung costs %s an expert as measured, more than the better %s rung (%s); "
-                            "not used", lk.name, r.name or primary_name, format_size(r.cost),
-                            kept[-1].name or primary_name, format_size(kept[-1].cost))
+                (log.warning if warn else log.debug)(
+                    "ladder: in %s the %s rung costs %s an expert as measured, more than the better %s rung (%s); "
+                    "not used", lk.name, r.name or primary_name, format_size(r.cost),
+                    kept[-1].name or primary_name, format_size(kept[-1].cost))
                 continue
             kept.append(r)
         ladders[lk] = kept
