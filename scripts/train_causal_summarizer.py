@@ -13,7 +13,7 @@ post-processor appends: a decoder-only prompt is tokenised as it is. A training 
 
 and the loss is taken on the completion's tokens only. Writes a Hugging Face checkpoint
 (MixtralForCausalLM, float16 safetensors, tokenizer, generation_config.json and
-swapmoe.json with the prompt template) for the best validation ROUGE-2 seen (greedy). Data
+swapmoe.json with the prompt template) for the best validation ROUGE-2 seen (--num-beams). Data
 loading, the learning-rate schedule, ROUGE and checkpoint keeping come from
 train_summarizer.py, the Switch model's trainer.
 """
@@ -209,18 +209,27 @@ def eval_and_save(model, tok, hf_tok, prompts, refs, args, step, start, best, lo
 
 
 def score(args) -> dict:
-    """ROUGE F1 (stemmed) of the checkpoint at ``args.score`` (HF ``generate``, greedy, its own
-    generation config) and of lead-8 on the first ``--limit`` documents of ``--split``."""
+    """ROUGE F1 (stemmed) of the checkpoint at ``args.score`` (HF ``generate`` with its own
+    generation config, or ``--score-beams``) and of lead-8 on the first ``--limit`` documents of ``--split``."""
     from rouge_score import rouge_scorer
 
-    rows = ts.load_jsonl(args.data / f"{args.split}.jsonl", args.limit)
+    if args.shuffle or args.skip:  # the trainer's validation order (seeded shuffle), then a slice of it
+        rows = ts.load_jsonl(args.data / f"{args.split}.jsonl")
+        if args.shuffle:
+            random.Random(args.seed).shuffle(rows)
+        rows = rows[args.skip:][:args.limit]
+    else:
+        rows = ts.load_jsonl(args.data / f"{args.split}.jsonl", args.limit)
     tok = prompt_tokenizer(args.score / "tokenizer.json")
     model = MixtralForCausalLM.from_pretrained(args.score, dtype=torch.float32).eval()
+    if args.score_beams:
+        model.generation_config.num_beams = args.score_beams
     prompts = [tok.encode(render_prompt(tok, r["text"], args.max_source_len)).ids for r in rows]
     preds = summarize(model, tok, prompts, model.generation_config.max_new_tokens or args.max_target_len)
     lead = [" ".join(r["text"].split()[:8]) for r in rows]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     out = {"checkpoint": str(args.score), "split": args.split, "documents": len(rows),
+           "num_beams": model.generation_config.num_beams, "shuffled": args.shuffle, "skipped": args.skip,
            "cut_inputs": sum(len(tok.encode(r["text"]).ids) > args.max_source_len for r in rows)}
     for name, texts in (("model", preds), ("lead8", lead)):
         scores = [scorer.score(r["summary"], t) for r, t in zip(rows, texts)]
@@ -272,6 +281,9 @@ def parse_args(argv=None):
     p.add_argument("--score", type=Path, default=None,
                    help="instead of training: ROUGE of this checkpoint and lead-8 on --split (JSON on stdout)")
     p.add_argument("--split", default="test", help="with --score: the corpus file to score on")
+    p.add_argument("--score-beams", type=int, default=None, help="with --score: beams (default: the checkpoint's)")
+    p.add_argument("--shuffle", action="store_true", help="with --score: the documents in the trainer's shuffled order")
+    p.add_argument("--skip", type=int, default=0, help="with --score: leave out the first N documents")
     args = p.parse_args(argv)
     if args.score is None and args.out is None:
         p.error("-o/--out is required when training")
