@@ -96,6 +96,12 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
 _ROUTER = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.router\.classifier\.weight")
 
 
+def ff_prefix(stack: str, layer: int) -> str:
+    """The checkpoint's name prefix of a Switch block's feed-forward sublayer (the decoder's is
+    its third, after cross-attention)."""
+    return f"{stack}.block.{layer}.layer.{2 if stack == 'decoder' else 1}"
+
+
 def check_sparse_layers(model_dir: Path, config: ModelConfig, tensor_names) -> None:
     """Raise CheckpointError unless the sparse layers config.json implies (by transformers' rule)
     are exactly the layers whose router weights the checkpoint holds."""

@@ -20,7 +20,7 @@ from swapmoe_edge.artifact.model_config import ModelConfig, config_to_dict
 from swapmoe_edge.core.keys import STACK_PREFIX, ExpertKey
 
 from . import causal_export, fused, graphs, ladder, options, quant, space
-from .checkpoint import CheckpointReader, check_sparse_layers, confined, read_config
+from .checkpoint import CheckpointReader, check_sparse_layers, confined, ff_prefix, read_config
 from .staging import install, prepare_output, removed_on_failure, sigterm_unwinds
 from .validate import summary as validation_summary
 from .validate import validate_artifact
@@ -251,7 +251,7 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: quant.De
             if stack == "decoder":
                 ca = attn_w(f"{p}.1.EncDecAttention")
                 ca["layer_norm"] = reader.get(f"{p}.1.layer_norm.weight")
-            ff = f"{p}.{2 if stack == 'decoder' else 1}"
+            ff = ff_prefix(stack, i)
             sparse = cfg.is_sparse(stack, i)
             w = {"layer_norm": reader.get(f"{ff}.layer_norm.weight")}
             if not sparse:

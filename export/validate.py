@@ -19,7 +19,7 @@ from swapmoe_edge.model.split import SplitModel, full_moe
 from swapmoe_edge.model.sessions import DenseSessions, open_session, session_options
 
 from . import bounds
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, ff_prefix
 from .expert_check import check_experts
 from .reference import Reference, reference_forward_in_child
 
@@ -197,7 +197,7 @@ def _check_every_expert(model_dir: Path, manifest, seed: int) -> tuple[list[str]
     reader = CheckpointReader(model_dir)
     try:
         def weights(key):
-            ff = f"{key.stack}.block.{key.layer}.layer.{2 if key.stack == 'decoder' else 1}.mlp.experts.expert_{key.expert}"
+            ff = f"{ff_prefix(key.stack, key.layer)}.mlp.experts.expert_{key.expert}"
             return reader.get(f"{ff}.wi.weight").T, reader.get(f"{ff}.wo.weight").T
 
         return check_experts(manifest, weights, manifest.config.dense_act_fn, seed)
