@@ -66,13 +66,11 @@ def with_rungs(experts: Experts, runners: dict[str, RungRunner]) -> Experts:
     return replace(experts, kernel=kernel, runners=dict(runners))
 
 
-def measure_rungs(experts: Experts, primary: bool, primary_name: str, profile) -> Experts:
-    """Each layer's ladder with the measured cost of one copy per rung (reads one copy of each);
-    rung qualities from the profile where it measured them (``profile --measure-loss``)."""
+def measure_rungs(experts: Experts, primary: bool, primary_name: str) -> Experts:
+    """Each layer's ladder with the measured cost of one copy per rung (reads one copy of each),
+    before the budget is known: kernels_for_capacity settles the kernels and prices the rungs."""
     # quiet: the costs may change once the first budget is known (kernels_for_capacity warns then)
     rungs = measure_ladders(experts.runners, experts.store, experts.cost, primary, primary_name, warn=False)
-    if rungs and profile.rung_loss:
-        rungs = measured_quality(rungs, profile.importance, profile.loss, profile.rung_loss)
     return replace(experts, rungs=rungs)
 
 
@@ -80,8 +78,9 @@ def kernels_for_capacity(experts: Experts, capacity: int, primary: bool, primary
                          num_experts: int) -> tuple[Experts, list[tuple[str, str]]]:
     """``lowbit_kernel="auto"`` with the first budget known: where ``capacity`` cannot hold every
     expert's lowest copy as a session, small copies dearer as sessions run the standard kernel
-    (rungs.sessions_short); the ladders are priced again either way (saying which rung a layer
-    leaves out, and why). Returns the experts and what moved."""
+    (rungs.sessions_short); then the ladders are priced (saying which rung a layer leaves out,
+    and why), with rung qualities from the profile where it measured them (``profile
+    --measure-loss``). Returns the experts and what moved."""
     if not experts.runners:
         return experts, []
     moved = sessions_short(experts.runners, experts.rungs, capacity, num_experts)

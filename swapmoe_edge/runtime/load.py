@@ -222,7 +222,7 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
 
     # What an expert costs resident, the measured baseline, and the first live budget.
     if experts.runners:  # before the baseline: the cost measurement settles which stacks run the standard kernel
-        experts = ex.measure_rungs(experts, config.ladder_primary, manifest.expert_dtype, profile)
+        experts = ex.measure_rungs(experts, config.ladder_primary, manifest.expert_dtype)
     t1 = time.perf_counter()
     if prefetch is not None and not config.baseline_cache:
         prefetch.join()  # a measured baseline subtracts the prefetched experts: they must all be in
