@@ -230,22 +230,6 @@ class GraphBuilder:
         """
         return self.op("Mul", [self.op("Cast", [q], hint=f"{hint}/dequant", to=F32), scale], hint=f"{hint}/dequant")
 
-    def dequantize_int4(self, packed: str, scale: str, n_in: int, n_out: int, hint: str) -> str:
-        """packed uint8 [in, out/2] and float16 scale [in/G, out] -> float32 w [in, out].
-
-        Standard ops only, so every execution provider runs it; op for op what
-        ``quant.dequantize_int4`` computes: (float32(n) - 8) · float32(scale) per group.
-        """
-        h = f"{hint}/dequant"
-        lo = self.op("BitwiseAnd", [packed, self.const(np.uint8(15), np.uint8)], hint=h)  # even columns
-        hi = self.op("BitShift", [packed, self.const(np.uint8(4), np.uint8)], hint=h, direction="RIGHT")  # odd
-        pairs = self.op("Concat", [self.op("Unsqueeze", [x, self.const([2])], hint=h) for x in (lo, hi)], hint=h, axis=2)
-        n = self.op("Reshape", [pairs, self.const([n_in, n_out])], hint=h)  # [in, out/2, 2] -> [in, out]
-        q = self.op("Sub", [self.op("Cast", [n], hint=h, to=F32), self.const(np.float32(8), np.float32)], hint=h)
-        groups = self.op("Reshape", [q, self.const([n_in // quant.INT4_GROUP, quant.INT4_GROUP, n_out])], hint=h)
-        s = self.op("Unsqueeze", [self.op("Cast", [scale], hint=h, to=F32), self.const([1])], hint=h)  # [in/G, 1, out]
-        return self.op("Reshape", [self.op("Mul", [groups, s], hint=h), self.const([n_in, n_out])], hint=h)
-
     def heads(self, x: str, h: int, k: int, hint: str) -> str:
         """[B, T, H*K] -> [B, H, T, K]"""
         r = self.op("Reshape", [x, self.const([0, 0, h, k])], hint=f"{hint}/split_heads")

@@ -74,11 +74,6 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
     for name in SIDE_FILES:
         confined(model_dir, name)
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
-    if expert_dtype == "int4":
-        why = [w for w in (quant.int4_shape_error(d, 2 * f), quant.int4_shape_error(f, d)) if w]
-        if why:
-            raise ExportError(f"--expert-dtype int4 needs hidden and expert sizes that are multiples of {quant.INT4_GROUP} "
-                              f"({d}, {f}): {'; '.join(why)}. Use int8 instead.")
     reader = CausalReader(model_dir, cfg)
     need = artifact_bytes(cfg, dense, expert_dtype, tuple(ladder_rungs))
     try:
@@ -93,9 +88,9 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
 
 def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
     """One SwiGLU expert's weight block: wi [D, 2F] and wo [F, D] as stored, with their scales."""
-    n, g = 2 * f, quant.INT4_GROUP
+    n = 2 * f
     sizes = {"float32": [d * n * 4, f * d * 4], "float16": [d * n * 2, f * d * 2],
-             "int8": [d * n, n * 4, f * d, d * 4], "int4": [d * n // 2, d // g * n * 2, f * d // 2, f // g * d * 2]}
+             "int8": [d * n, n * 4, f * d, d * 4], "int4": space.nbits_sizes(d, n, 4) + space.nbits_sizes(f, d, 4)}
     return space._packed(sizes[expert_dtype])
 
 
@@ -242,8 +237,7 @@ def stored_parts(wi_t: np.ndarray, wo_t: np.ndarray, expert_dtype: str) -> tuple
         (qi, si), (qo, so) = quant.quantize_int8(wi_t), quant.quantize_int8(wo_t)
         return {"wi": qi, "wi_scale": si, "wo": qo, "wo_scale": so}, (quant.dequantize_int8(qi, si), quant.dequantize_int8(qo, so))
     if expert_dtype == "int4":
-        (pi, si), (po, so) = quant.quantize_int4(wi_t), quant.quantize_int4(wo_t)
-        return {"wi": pi, "wi_scale": si, "wo": po, "wo_scale": so}, (quant.dequantize_int4(pi, si), quant.dequantize_int4(po, so))
+        return ladder.int4_expert(wi_t, wo_t)
     parts = {"wi": wi_t.astype(expert_dtype), "wo": wo_t.astype(expert_dtype)}
     return parts, (parts["wi"].astype(np.float32), parts["wo"].astype(np.float32))
 

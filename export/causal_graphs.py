@@ -22,7 +22,7 @@ import numpy as np
 
 from swapmoe_edge.artifact.causal_config import CausalConfig
 
-from . import quant
+from . import ladder, quant
 from .builder import F16, F32, I8, I64, OPSET, OPSET_INT4, U8, BuiltGraph, GraphBuilder, tensor_type
 
 
@@ -146,9 +146,6 @@ def lm_head_graph(norm: np.ndarray, lm_head: np.ndarray, cfg: CausalConfig, dtyp
 def _expert_weights(g: GraphBuilder, dtype: str, d: int, f: int, get) -> tuple[str, str]:
     """wi [D, 2F] and wo [F, D] as float32 tensor names, dequantised where stored as int8/int4;
     ``get(role)`` adds one stored array (a weight or an input) and returns its name."""
-    if dtype == "int4":
-        return (g.dequantize_int4(get("wi"), get("wi_scale"), d, 2 * f, "wi"),
-                g.dequantize_int4(get("wo"), get("wo_scale"), f, d, "wo"))
     if dtype == "int8":
         return g.dequantize(get("wi"), get("wi_scale"), "wi"), g.dequantize(get("wo"), get("wo_scale"), "wo")
     wi, wo = get("wi"), get("wo")
@@ -159,6 +156,9 @@ def _expert_weights(g: GraphBuilder, dtype: str, d: int, f: int, get) -> tuple[s
 
 def expert_graph(scope: str, parts: dict, dtype: str, location: str, offsets: dict) -> BuiltGraph:
     """One expert alone: x [N, D] -> SwiGLU(x wi) wo, its stored arrays external in its weight block."""
+    if dtype == "int4":  # MatMulNBits (ladder.int4_expert): wi [2F, D/32, 16], wo [D, F/32, 16]
+        d, f = parts["wo"].shape[0], parts["wi"].shape[0] // 2
+        return ladder.int4_expert_graph(scope, d, f, "swiglu", parts, offsets, location)
     g = GraphBuilder(scope, dtype)
     d, f = parts["wi"].shape[0], parts["wo"].shape[0]
     x = g.input("x", F32, ["N", d])
@@ -170,23 +170,22 @@ def expert_graph(scope: str, parts: dict, dtype: str, location: str, offsets: di
     wi, wo = _expert_weights(g, dtype, d, f, get)
     y = g.op("MatMul", [swiglu(g, g.op("MatMul", [x, wi], hint="wi"), f), wo], hint="wo")
     g.output(y, "y", F32, ["N", d])
-    return g.model(OPSET_INT4 if dtype == "int4" else OPSET)
+    return g.model(OPSET)
 
 
 def kernel_graph(d: int, f: int, dtype: str) -> BuiltGraph:
     """The expert computation with its weights as inputs (one session runs every expert):
     x [N, D], wi [D, 2F], wo [F, D] in the storage type (int8: + wi_scale [2F], wo_scale [D];
-    int4: wi [D, F] and wo [F, D/2] packed, wi_scale [D/32, 2F], wo_scale [F/32, D] float16)."""
+    int4: MatMulNBits' layout, ladder.int4_expert)."""
+    if dtype == "int4":  # the int4 rung's layout and standard-op kernel
+        return ladder.kernel_graph(d, f, "swiglu", "int4")
     g = GraphBuilder("/expert_kernel", dtype)
     x = g.input("x", F32, ["N", d])
     n = 2 * f
-    if dtype == "int4":
-        G = quant.INT4_GROUP
-        shapes = {"wi": (U8, [d, n // 2]), "wi_scale": (F16, [d // G, n]), "wo": (U8, [f, d // 2]), "wo_scale": (F16, [f // G, d])}
-    elif dtype == "int8":
+    if dtype == "int8":
         shapes = {"wi": (I8, [d, n]), "wi_scale": (F32, [n]), "wo": (I8, [f, d]), "wo_scale": (F32, [d])}
     else:
         shapes = {"wi": (tensor_type(dtype), [d, n]), "wo": (tensor_type(dtype), [f, d])}
     wi, wo = _expert_weights(g, dtype, d, f, lambda role: g.input(role, *shapes[role]))
     g.output(g.op("MatMul", [swiglu(g, g.op("MatMul", [x, wi], hint="wi"), f), wo], hint="wo"), "y", F32, ["N", d])
-    return g.model(OPSET_INT4 if dtype == "int4" else OPSET)
+    return g.model(OPSET)

@@ -103,16 +103,6 @@ def export_checkpoint(
     raw_cfg, cfg = read_config(model_dir)
     for name in SIDE_FILES:  # refused now, not after the weights are written
         confined(model_dir, name)
-    if expert_dtype == "int4":
-        why = [f"wi [{cfg.d_model}, {cfg.d_ff}]: {w}" for w in [quant.int4_shape_error(cfg.d_model, cfg.d_ff)] if w]
-        why += [f"wo [{cfg.d_ff}, {cfg.d_model}]: {w}" for w in [quant.int4_shape_error(cfg.d_ff, cfg.d_model)] if w]
-        if why:
-            raise ExportError(
-                f"--expert-dtype int4 needs d_model and d_ff to be multiples of {quant.INT4_GROUP} "
-                f"(d_model {cfg.d_model}, d_ff {cfg.d_ff}); expert weight {'; '.join(why)}. Use int8 instead"
-                + (" (the experts follow --dtype int4 unless --expert-dtype is given: add --expert-dtype float32 or int8)."
-                   if dtype == "int4" else ".")
-            )
     reader = CheckpointReader(model_dir)
     check_sparse_layers(model_dir, cfg, reader.names())
     need = _artifact_bytes(reader, model_dir, cfg, dense, expert_dtype, tuple(ladder_rungs), fuse_layers)
@@ -313,13 +303,11 @@ def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str,
         names = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
     elif expert_dtype == "int4":
         try:
-            (pi, si), (po, so) = quant.quantize_int4(wi_t), quant.quantize_int4(wo_t)
+            parts, ran = ladder.int4_expert(wi_t, wo_t)
         except ValueError as e:
             raise ExportError(f"expert {key.name}: {e}. Export with --expert-dtype int8 instead.") from e
-        parts = {"wi": pi, "wi_scale": si, "wo": po, "wo_scale": so}
         offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
-        model = graphs.expert_int4_graph(name, parts, cfg.dense_act_fn, f"{key.name}.bin", offs)
-        ran = (quant.dequantize_int4(pi, si), quant.dequantize_int4(po, so))
+        model = ladder.int4_expert_graph(name, cfg.d_model, cfg.d_ff, cfg.dense_act_fn, parts, offs, f"{key.name}.bin")
         names = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
     else:
         parts = {"wi": wi_t.astype(expert_dtype), "wo": wo_t.astype(expert_dtype)}

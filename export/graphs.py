@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from . import quant
+from . import ladder, quant
 from .builder import F16, F32, I8, I64, OPSET, OPSET_INT4, U8, BuiltGraph, GraphBuilder, tensor_type
 
 
@@ -192,16 +192,15 @@ def expert_kernel_graph(d_model: int, d_ff: int, act: str, dtype: str) -> BuiltG
     """The expert computation with its weights as inputs: one session serves every expert.
 
     x[N, D], wi[D, F], wo[F, D] (storage dtype; int8 adds wi_scale[F], wo_scale[D]) -> y[N, D].
-    int4: wi[D, F/2], wo[F, D/2] packed uint8, wi_scale[D/G, F], wo_scale[F/G, D] float16.
+    int4: MatMulNBits' layout, wi[F, D/32, 16] and wo[D, F/32, 16] uint8 with float32 scales
+    wi_scale[F, D/32], wo_scale[D, F/32] (export/ladder.py).
     The runtime holds each resident expert as plain arrays read straight from its weight block.
     """
+    if dtype == "int4":  # the int4 rung's layout and standard-op kernel (ladder.int4_expert)
+        return ladder.kernel_graph(d_model, d_ff, act, "int4")
     g = GraphBuilder("/expert_kernel", dtype)
     x = g.input("x", F32, ["N", d_model])
-    if dtype == "int4":
-        G = quant.INT4_GROUP
-        wi = g.dequantize_int4(g.input("wi", U8, [d_model, d_ff // 2]), g.input("wi_scale", F16, [d_model // G, d_ff]), d_model, d_ff, "wi")
-        wo = g.dequantize_int4(g.input("wo", U8, [d_ff, d_model // 2]), g.input("wo_scale", F16, [d_ff // G, d_model]), d_ff, d_model, "wo")
-    elif dtype == "int8":
+    if dtype == "int8":
         wi = g.dequantize(g.input("wi", I8, [d_model, d_ff]), g.input("wi_scale", F32, [d_ff]), "wi")
         wo = g.dequantize(g.input("wo", I8, [d_ff, d_model]), g.input("wo_scale", F32, [d_model]), "wo")
     else:
@@ -212,7 +211,7 @@ def expert_kernel_graph(d_model: int, d_ff: int, act: str, dtype: str) -> BuiltG
             wo = g.op("Cast", [wo], hint="wo/cast", to=F32)
     hid = g.act(g.op("MatMul", [x, wi], hint="wi"), act)
     g.output(g.op("MatMul", [hid, wo], hint="wo"), "y", F32, ["N", d_model])
-    return g.model(OPSET_INT4 if dtype == "int4" else OPSET)
+    return g.model(OPSET)
 
 
 def expert_int8_graph(scope: str, tensors: dict, act: str, location: str, offsets: dict) -> BuiltGraph:
@@ -229,23 +228,6 @@ def expert_int8_graph(scope: str, tensors: dict, act: str, location: str, offset
     hid = g.act(g.op("MatMul", [x, dq("wi")], hint="wi"), act)
     g.output(g.op("MatMul", [hid, dq("wo")], hint="wo"), "y", F32, ["N", d])
     return g.model()
-
-
-def expert_int4_graph(scope: str, tensors: dict, act: str, location: str, offsets: dict) -> BuiltGraph:
-    """x[N, D] -> act(x dq(wi)) dq(wo) with packed int4 weights and float16 group scales, all external."""
-    g = GraphBuilder(scope, "float32")
-    d = tensors["wi"].shape[0]
-    x = g.input("x", F32, ["N", d])
-
-    def dq(name: str) -> str:
-        packed = tensors[name]
-        q = g.weight(f"{name}.weight", packed, {"location": location, "offset": offsets[name]}, raw=True)
-        s = g.weight(f"{name}.scale", tensors[f"{name}_scale"], {"location": location, "offset": offsets[f"{name}_scale"]}, raw=True)
-        return g.dequantize_int4(q, s, packed.shape[0], packed.shape[1] * 2, name)
-
-    hid = g.act(g.op("MatMul", [x, dq("wi")], hint="wi"), act)
-    g.output(g.op("MatMul", [hid, dq("wo")], hint="wo"), "y", F32, ["N", d])
-    return g.model(OPSET_INT4)
 
 
 def final_norm_graph(scope: str, weight: np.ndarray, cfg, dtype: str | quant.DenseWeights) -> BuiltGraph:

@@ -94,15 +94,7 @@ def _search_scale(g: np.ndarray, amax: np.ndarray, bits: int) -> np.ndarray:
 
 def dequantize(q: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.ndarray:
     """The float32 w[K, N] a rung stands for: (n - 2^(b-1)) * scale per block."""
-    per = 8 // bits
-    if per > 1:
-        n = np.empty(q.shape[:2] + (q.shape[2] * per,), np.uint8)
-        for j in range(per):
-            n[..., j::per] = (q >> (j * bits)) & ((1 << bits) - 1)
-    else:
-        n = q
-    w = (n.astype(np.float32) - np.float32(1 << (bits - 1))) * scale[..., None]  # [N, K/B, B]
-    return np.ascontiguousarray(w.reshape(w.shape[0], -1)[:, :k].T)
+    return quant.dequantize_nbits(q, scale, bits, k)
 
 
 def rung_error(rung: str, expert_dtype: str) -> str | None:
@@ -154,20 +146,29 @@ def session_template(d_model: int, d_ff: int, act: str, rung: str, entry: dict, 
     Every expert's rung file has the same layout, so one template serves them all: the
     runtime opens a session per resident expert with that expert's bytes in memory.
     """
-    bits = RUNGS[rung]
     accuracy_level = default_accuracy(rung, d_model, d_ff, act) if accuracy_level is None else accuracy_level
-    g = GraphBuilder(f"/ladder/{rung}")
+    built = _nbits_expert(f"/ladder/{rung}", d_model, d_ff, act, RUNGS[rung], entry["tensors"], RUNG_DATA, accuracy_level)
+    return built.proto.SerializeToString()
+
+
+def _nbits_expert(scope: str, d_model: int, d_ff: int, act: str, bits: int, tensors: list[dict], location: str,
+                accuracy_level: int) -> BuiltGraph:
+    """An expert's two weights as MatMulNBits constants, external in ``location`` at the offsets of
+    ``tensors`` (the rung layout's wi, wi_scale, wo, wo_scale entries, each initializer named by
+    its entry's ``name``, else its role): x[N, D] -> act(x Wi) Wo."""
+    g = GraphBuilder(scope)
     x = g.input("x", F32, ["N", d_model])
-    where = {t["role"]: t for t in entry["tensors"]}
+    where = {t["role"]: t for t in tensors}
+    name = {role: where[role].get("name", role) for role in ROLES}
     for role in ROLES:
         t = where[role]
-        init = external_tensor(role, U8 if t["dtype"] == "uint8" else F32, t["shape"])
-        point_at(init, RUNG_DATA, t["offset"], int(np.prod(t["shape"])) * (1 if t["dtype"] == "uint8" else 4))
+        init = external_tensor(name[role], U8 if t["dtype"] == "uint8" else F32, t["shape"])
+        point_at(init, location, t["offset"], int(np.prod(t["shape"])) * (1 if t["dtype"] == "uint8" else 4))
         g.inits.append(init)
 
     def nbits(a: str, w: str, k: int, n: int, hint: str) -> str:
         out = g._name(hint)
-        g.nodes.append(helper.make_node("MatMulNBits", [a, w, f"{w}_scale"], [out], name=f"/ladder/{rung}/{hint}/MatMulNBits",
+        g.nodes.append(helper.make_node("MatMulNBits", [a, name[w], name[f"{w}_scale"]], [out], name=f"{scope}/{hint}/MatMulNBits",
                                         domain=MS, K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level))
         return out
 
@@ -175,7 +176,24 @@ def session_template(d_model: int, d_ff: int, act: str, rung: str, entry: dict, 
     g.output(nbits(hid, "wo", d_ff, d_model, "wo"), "y", F32, ["N", d_model])
     built = g.model()
     built.proto.opset_import.append(helper.make_opsetid(MS, 1))
-    return built.proto.SerializeToString()
+    return built
+
+
+def int4_expert(wi_t: np.ndarray, wo_t: np.ndarray) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """An int4 expert as the artifact stores it (``--expert-dtype int4``: the int4 rung's layout,
+    its blocks ``quant.INT4_GROUP`` inputs) and the float32 weights wi[D, F'], wo[F, D] it stands for."""
+    assert quant.INT4_GROUP == BLOCK
+    parts = rung_arrays(wi_t, wo_t, "int4")
+    return parts, (dequantize(parts["wi"], parts["wi_scale"], 4, wi_t.shape[0]),
+                   dequantize(parts["wo"], parts["wo_scale"], 4, wo_t.shape[0]))
+
+
+def int4_expert_graph(scope: str, d_model: int, d_ff: int, act: str, parts: dict, offsets: dict, location: str) -> BuiltGraph:
+    """An int4 expert's own subgraph: two MatMulNBits at ``quant.INT4_ACCURACY`` on its weight block."""
+    leaf = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}  # the manifest's names
+    tensors = [{"name": f"{scope}/{leaf[r]}", "role": r, "offset": offsets[r], "shape": list(a.shape), "dtype": str(a.dtype)}
+               for r, a in parts.items()]
+    return _nbits_expert(scope, d_model, d_ff, act, 4, tensors, location, quant.INT4_ACCURACY)
 
 
 def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:

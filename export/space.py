@@ -46,19 +46,19 @@ def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
         return _packed([d * f * w, f * d * w])
     if expert_dtype == "int8":
         return _packed([d * f, f * 4, f * d, d * 4])
-    g = quant.INT4_GROUP
-    return _packed([d * f // 2, d // g * f * 2, f * d // 2, f // g * d * 2])
+    return _packed(nbits_sizes(d, f, 4) + nbits_sizes(f, d, 4))  # ladder.int4_expert
+
+
+def nbits_sizes(k: int, n: int, bits: int) -> list[int]:
+    """Bytes of a [K, N] weight's codes and float32 scales in the rungs' MatMulNBits layout."""
+    kb = -(-k // ladder.BLOCK)
+    return [n * kb * ladder.BLOCK * bits // 8, n * kb * 4]
 
 
 def rung_block_bytes(d: int, f: int, rung: str) -> int:
     """The size of one expert's ladder copy ``experts/NAME.RUNG.bin`` (ladder.rung_arrays)."""
-    bits, b = ladder.RUNGS[rung], ladder.BLOCK
-
-    def q_and_scale(k: int, n: int) -> list[int]:
-        kb = -(-k // b)
-        return [n * kb * b * bits // 8, n * kb * 4]
-
-    return _packed(q_and_scale(d, f) + q_and_scale(f, d))
+    bits = ladder.RUNGS[rung]
+    return _packed(nbits_sizes(d, f, bits) + nbits_sizes(f, d, bits))
 
 
 def matmul_bytes(k: int, n: int, dense: "str | quant.DenseWeights") -> int:

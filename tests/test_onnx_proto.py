@@ -145,11 +145,13 @@ def _subgraph_cases(writer: ArtifactWriter) -> dict:
         o = _expert_block(writer, name, {"wi": wi.astype(dt), "wo": wo.astype(dt)})
         add(graphs.expert_graph, f"experts/{name}.onnx",
             graphs.expert_graph(f"/x/{name}", wi.T, wo.T, act, dt, f"{name}.bin", (o["wi"], o["wo"])))
-    for name, quantize, build in (("i8", quant.quantize_int8, graphs.expert_int8_graph),
-                                  ("i4", quant.quantize_int4, graphs.expert_int4_graph)):
-        (qi, si), (qo, so) = quantize(wi), quantize(wo)
-        parts = {"wi": qi, "wi_scale": si, "wo": qo, "wo_scale": so}
-        add(build, f"experts/{name}.onnx", build(f"/x/{name}", parts, "gelu_new", f"{name}.bin", _expert_block(writer, name, parts)))
+    (qi, si), (qo, so) = quant.quantize_int8(wi), quant.quantize_int8(wo)
+    parts = {"wi": qi, "wi_scale": si, "wo": qo, "wo_scale": so}
+    add(graphs.expert_int8_graph, "experts/i8.onnx",
+        graphs.expert_int8_graph("/x/i8", parts, "gelu_new", "i8.bin", _expert_block(writer, "i8", parts)))
+    parts, _ = ladder.int4_expert(wi, wo)
+    add(ladder.int4_expert_graph, "experts/i4.onnx",
+        ladder.int4_expert_graph("/x/i4", 32, 64, "gelu_new", parts, _expert_block(writer, "i4", parts), "i4.bin"))
     for rung in ladder.RUNGS:
         entry = ladder.write_rung(writer, "f32", "/x/f32", wi, wo, rung)
         writer.write_bytes(ladder.template_rel(rung), ladder.session_template(32, 64, "relu", rung, entry))

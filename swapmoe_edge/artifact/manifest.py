@@ -27,8 +27,8 @@ from swapmoe_edge.core.keys import ExpertKey, LayerKey
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "swapmoe-artifact"
-# Expert types stored with less precision than the float32 checkpoint; int4 packs two
-# weights per uint8 with float16 scales per group of 32 input rows.
+# Expert types stored with less precision than the float32 checkpoint; int4 is MatMulNBits'
+# layout (two weights a byte, a float32 scale per 32 inputs of an output column).
 LOSSY_EXPERT_DTYPES = ("float16", "int8", "int4")
 
 

@@ -25,7 +25,7 @@ DENSE_DTYPES = ("float32", "float16")
 DENSE_NBITS = {"int8": 8, "int4": 4}  # dense_dtype -> bits of its MatMulNBits weights
 EXPERT_DTYPES = ("float32", "float16", "int8", "int4")
 ROLES = ("wi", "wo", "wi_scale", "wo_scale")
-INT4_GROUP = 32  # input rows sharing one float16 scale in an int4 expert
+INT4_GROUP = 32  # inputs sharing one float32 scale in an int4 expert (MatMulNBits block_size)
 ALIGN = 4096  # where each tensor of a weight block starts (export's writer.ALIGN): page boundaries
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BIG = 1 << 48  # no file, offset or count of a real artifact comes near this
@@ -273,9 +273,8 @@ def expert_layout(expert_dtype: str, d_model: int, d_ff: int, wi_cols: int | Non
     N = wi_cols or F
     if expert_dtype == "int8":  # per output column float32 scales
         return {"wi": ((D, N), "int8"), "wi_scale": ((N,), "float32"), "wo": ((F, D), "int8"), "wo_scale": ((D,), "float32")}
-    if expert_dtype == "int4":  # [in, out/2] packed, float16 scales per group of input rows
-        return {"wi": ((D, N // 2), "uint8"), "wi_scale": ((D // INT4_GROUP, N), "float16"),
-                "wo": ((F, D // 2), "uint8"), "wo_scale": ((F // INT4_GROUP, D), "float16")}
+    if expert_dtype == "int4":  # MatMulNBits' layout, blocks of INT4_GROUP inputs (the int4 rung's)
+        return rung_layout(4, INT4_GROUP, D, F, wi_cols)
     return {"wi": ((D, N), expert_dtype), "wo": ((F, D), expert_dtype)}
 
 
@@ -324,8 +323,11 @@ def _block(c: _Checker, d: dict, where: str, layout: dict) -> None:
 def _experts(c: _Checker, experts: list, cfg: dict, expert_dtype: str, sparse: set, ladder: dict,
              wi_cols: int | None = None) -> None:
     D, F = cfg["d_model"], cfg["d_ff"]
-    if expert_dtype == "int4" and (D % INT4_GROUP or F % INT4_GROUP or D % 2 or F % 2):
-        c.fail("expert_dtype", f"is int4, which needs d_model and d_ff ({D}, {F}) to be multiples of {INT4_GROUP}")
+    first = experts[0] if experts and isinstance(experts[0], dict) else {}
+    scales = [t.get("dtype") for t in first.get("tensors") or () if isinstance(t, dict)][1:2]
+    if expert_dtype == "int4" and scales == ["float16"]:
+        c.fail("expert_dtype", "is int4 in an earlier layout (float16 scales per group of input rows), which this "
+                               "version does not run")
     layout = expert_layout(expert_dtype, D, F, wi_cols)
     rungs = {name: rung_layout(r["bits"], r["block"], D, F, wi_cols) for name, r in ladder.items()}
     seen: set[ExpertKey] = set()

@@ -53,7 +53,7 @@ class LoadedExpert:
     nbytes: int
     session: Any = None  # prepacked.py / rungs.py: the expert's own session (then feeds is empty)
     rung: str | None = None  # the precision ladder's low-bit copy it is (None: the artifact's own experts)
-    block: np.ndarray | None = field(default=None, repr=False)  # the read block ``feeds`` view (rungs.py builds sessions from it)
+    block: np.ndarray | None = field(default=None, repr=False)  # the read block ``feeds`` view (sessions are built from it)
 
     @property
     def wi(self) -> np.ndarray:
@@ -214,7 +214,7 @@ class ExpertStore:
             self.bytes_read += entry.nbytes
             self.reads += 1
             self.read_seconds += time.perf_counter() - t0
-        return LoadedExpert(key, feeds, entry.nbytes, rung=rung, block=buf if rung is not None else None)
+        return LoadedExpert(key, feeds, entry.nbytes, rung=rung, block=buf)
 
     def counters(self) -> dict[str, float]:
         with self._lock:

@@ -30,8 +30,8 @@ from swapmoe_edge.core.errors import SwapMoEError
                    "integer dot products (int8 weights run 20x faster than at 0); 0: float32 activations.")
 @click.option("--expert-dtype", type=click.Choice(["float32", "float16", "int8", "int4"]), default=None,
               help="Storage type of the experts (default: --dtype). float16: lossy, 1/2 the bytes. int8: weight-only, "
-                   "per-column scales: lossy, 1/4 the bytes. int4: weight-only, a float16 scale per 32 input rows: "
-                   "lossy (more than int8), 1/7 the bytes; needs d_model and d_ff multiples of 32.")
+                   "per-column scales: lossy, 1/4 the bytes. int4: weight-only MatMulNBits, a float32 scale per 32 inputs: "
+                   "lossy (more than int8), 1/6.4 the bytes.")
 @click.option("--ladder", "ladder_", type=click.Choice(["auto", "int4", "int8", "int4,int8", "int2", "int2,int4", "int2,int4,int8", "none"]),
               default="auto", show_default=True,
               help="Low-bit copies of every expert for the `ladder` policy (lossy rungs below the experts' own type). "

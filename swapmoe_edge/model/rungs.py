@@ -38,13 +38,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnxruntime as ort
 
-from swapmoe_edge.system import memory
 from swapmoe_edge.core.units import format_size
 from swapmoe_edge.core.errors import ArtifactError, InputError
 from swapmoe_edge.artifact.manifest import LadderRung, Manifest
 from swapmoe_edge.core.keys import LayerKey
 from swapmoe_edge.model.sessions import session_options
 from swapmoe_edge.artifact.store import ExpertReadError, LoadedExpert
+from swapmoe_edge.model.prepacked import NBITS_PROVIDERS, session_bytes
 
 
 PRIMARY = ""  # the rung name of the artifact's own experts
@@ -66,7 +66,6 @@ class Rung:
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "nbits", "standard")
-_NBITS_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")  # where ORT ships MatMulNBits
 SESSION_OVERHEAD_LIMIT = 1.25
 # ... and only for copies this small: the standard-op kernel dequantises the whole copy on every
 # call, ~0.2 ms for the embedded model's 128x512 copies but ~40 ms for a 768x3072 one, whose
@@ -101,7 +100,7 @@ class RungRunner:
         if mode == "standard":
             return "standard"
         why = None
-        if self.providers[0] not in _NBITS_PROVIDERS:
+        if self.providers[0] not in NBITS_PROVIDERS:
             why = f"the first provider {self.providers[0]} has no MatMulNBits kernel"
         else:
             try:  # a template this ORT build cannot run falls back instead of failing every swap
@@ -157,18 +156,8 @@ class RungRunner:
         nbytes = self.nbytes = raw.nbytes
         session = nbytes
         if self.mode == "nbits":
-            n = max(4, -(-(4 << 20) // max(nbytes, 1)))  # >= 4 MiB in all
-            self.load(raw, "nbits")  # the first session's one-off state is not per expert
-            # Heap in use where glibc reports it: RSS misses what reuses freed heap (in a test
-            # process full of freed memory, the embedded model's copies measured 1.1x their bytes).
-            reading = memory.heap_in_use if memory.heap_in_use() is not None else memory.current_rss
-            memory.trim()
-            before = reading()
-            held = [self.load(raw, "nbits") for _ in range(n)]  # noqa: F841 (alive until measured)
-            memory.trim()
-            session = max(int((reading() - before) / n), nbytes)
-            del held
-            memory.trim()
+            # heap in use: in a test process full of freed memory, RSS put the embedded model's copies at 1.1x their bytes
+            session = session_bytes(lambda: self.load(raw, "nbits"), nbytes)
         if self.requested == "auto" and session > SESSION_OVERHEAD_LIMIT * nbytes and nbytes <= STANDARD_MAX_BYTES:
             self.modes["encoder"] = "standard"
         self.costs = {stack: session if mode == "nbits" else nbytes for stack, mode in self.modes.items()}

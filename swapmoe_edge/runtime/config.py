@@ -105,7 +105,8 @@ class RuntimeConfig:
     # The `ladder` policy (residency/policies/ladder.py): which of the artifact's low-bit rungs to use
     # ("auto": all it has; or e.g. "int4"), whether the artifact's own precision is the top
     # rung (False: experts are only ever held as low-bit copies), and how copies run
-    # (rungs.py: "nbits" ORT's MatMulNBits, "standard" dequantising ops, "auto" nbits where it runs).
+    # (rungs.py: "nbits" ORT's MatMulNBits, "standard" dequantising ops, "auto" nbits where it runs);
+    # ``lowbit_kernel`` also says how an artifact's own int4 experts run (prepacked.NbitsStore).
     ladder_rungs: str = "auto"
     ladder_primary: bool = True
     lowbit_kernel: str = "auto"

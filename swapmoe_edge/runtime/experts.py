@@ -9,6 +9,7 @@ the experts its store returns, and the token loop takes no branch for a variant 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -17,14 +18,17 @@ import numpy as np
 from swapmoe_edge.artifact.manifest import Manifest
 from swapmoe_edge.artifact.store import LoadedExpert
 from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.core.units import format_size
 from swapmoe_edge.core.keys import LayerKey
 from swapmoe_edge.model.placement import DeviceKernel, PlacingStore
-from swapmoe_edge.model.prepacked import PrepackedStore
-from swapmoe_edge.model.rungs import Rung, RungRunner, ladders_from_costs, measure_ladders, sessions_short
+from swapmoe_edge.model.prepacked import NBITS_PROVIDERS, NbitsStore, PrepackedStore
+from swapmoe_edge.model.rungs import (SESSION_OVERHEAD_LIMIT, STANDARD_MAX_BYTES, Rung, RungRunner, ladders_from_costs,
+                                      measure_ladders, sessions_short)
 from swapmoe_edge.model.sessions import DenseSessions
 from swapmoe_edge.residency.planner import measured_quality
 from swapmoe_edge.residency.policies import policy_class
 
+log = logging.getLogger(__name__)
 KernelFn = Callable[[LoadedExpert, np.ndarray], np.ndarray]  # (expert, x [N, D]) -> y [N, D]
 
 
@@ -45,6 +49,42 @@ def shared_kernel(manifest: Manifest, store, sessions: DenseSessions) -> Experts
     session = sessions.get("expert_kernel")
     cost = {lay.key: manifest.experts[lay.experts[0]].nbytes for lay in manifest.sparse_layers()}
     return Experts(store, lambda e, x: session.run(None, {"x": x, **e.feeds})[0], cost)
+
+
+def int4_sessions(experts: Experts, manifest: Manifest, lowbit_kernel: str, threads: int | None,
+                  providers: list[str]) -> Experts:
+    """int4 experts as MatMulNBits sessions of their own (NbitsStore), at their measured cost; the
+    shared standard-op kernel where ``lowbit_kernel`` is "standard", the experts sit on the device
+    or the first provider has no MatMulNBits (InputError where ``lowbit_kernel`` is "nbits"), and,
+    under "auto", for small experts that cost more than ``SESSION_OVERHEAD_LIMIT`` times their
+    bytes as sessions (as the ladder's small copies: ORT keeps ~25-50 KiB of state a session, and
+    dequantising a small expert on each call is cheap)."""
+    if manifest.expert_dtype != "int4" or lowbit_kernel == "standard":
+        return experts
+    why = (f"the first provider {providers[0]} has no MatMulNBits kernel" if providers[0] not in NBITS_PROVIDERS
+           else "experts are placed on the device" if experts.placement != "host" else None)
+    if why:
+        if lowbit_kernel == "nbits":
+            raise InputError(f"lowbit_kernel=nbits cannot be used: {why}. Use lowbit_kernel=auto or standard.")
+        log.warning("the int4 experts run on standard ONNX ops (slower): %s", why)
+        return experts
+    store = NbitsStore(experts.store, threads, providers)
+    cost = store.measure_cost()
+    nbytes = next(iter(manifest.experts.values())).nbytes
+    if lowbit_kernel == "auto" and nbytes <= STANDARD_MAX_BYTES and cost > SESSION_OVERHEAD_LIMIT * nbytes:
+        log.info("int4 experts run on standard ONNX ops: as sessions they would cost %s each, %.2fx their bytes",
+                 format_size(cost), cost / nbytes)
+        return experts
+    return replace(experts, store=store, kernel=_sessions_first(experts.kernel), cost={lk: cost for lk in experts.cost})
+
+
+def _sessions_first(inner: KernelFn) -> KernelFn:
+    """Experts with a session of their own run it; the others go to ``inner``."""
+
+    def kernel(e: LoadedExpert, x: np.ndarray) -> np.ndarray:
+        return e.session.run(None, {"x": x})[0] if e.session is not None else inner(e, x)
+
+    return kernel
 
 
 def place(experts: Experts, placement: str, ort_device: str, sessions: DenseSessions) -> Experts:
@@ -100,6 +140,8 @@ def prepacking(experts: Experts, want: str, policy: str, manifest: Manifest) -> 
     why = None
     if experts.placement != "host":
         why = "experts are placed on the device"
+    elif manifest.expert_dtype == "int4":
+        why = "int4 experts are sessions of their own already"
     elif manifest.expert_dtype != "float32":
         why = f"experts are {manifest.expert_dtype} (ORT would fold them to float32 constants)"
     if why:
@@ -114,10 +156,5 @@ def prepack(experts: Experts, manifest: Manifest, threads: int | None, providers
     session added to RSS (reads and opens one expert now)."""
     store = PrepackedStore(experts.store, threads, providers)
     cost = store.measure_cost(next(iter(manifest.experts)))
-    inner = experts.kernel
-
-    def kernel(e: LoadedExpert, x: np.ndarray) -> np.ndarray:
-        return e.session.run(None, {"x": x})[0] if e.session is not None else inner(e, x)
-
-    return replace(experts, store=store, kernel=kernel, cost={lk: cost for lk in experts.cost}, prepacked=True)
+    return replace(experts, store=store, kernel=_sessions_first(experts.kernel), cost={lk: cost for lk in experts.cost}, prepacked=True)
 

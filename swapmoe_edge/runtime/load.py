@@ -164,6 +164,7 @@ def _start_prefetch(manifest: Manifest, config: RuntimeConfig, family: Family, s
 def _expert_path(manifest: Manifest, config: RuntimeConfig, device: Device, sessions: DenseSessions, store) -> Experts:
     """The shared kernel, placed where the device puts experts, with the ladder's rungs for a policy that uses them."""
     experts = ex.place(ex.shared_kernel(manifest, store, sessions), device.placement, device.ort_device, sessions)
+    experts = ex.int4_sessions(experts, manifest, config.lowbit_kernel, device.threads, list(device.providers))
     if policy_class(config.policy).uses_rungs:
         experts = ex.with_rungs(experts, rung_runners(manifest, config, sessions, device.threads,
                                                       list(device.providers), device.placement))
