@@ -46,13 +46,11 @@ def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: b
     c, act = m.config, _expert_act(m)
     entries = raw.setdefault("ladder", {})
     for rung in rungs:
-        writer.write_bytes(ladder.template_rel(rung), ladder.session_template(c.d_model, c.d_ff, act, rung,
-                                                                               raw["experts"][0]["rungs"][rung]))
+        entries[rung] = ladder.write_templates(writer, c.d_model, c.d_ff, act, rung, raw["experts"][0]["rungs"][rung])
         rel = f"dense/{ladder.kernel_name(rung)}.onnx"
         writer.write_onnx(rel, ladder.kernel_graph(c.d_model, c.d_ff, act, rung))
         ins, outs = graphs.IO["rung_kernel"]
         raw["subgraphs"][ladder.kernel_name(rung)] = {"file": rel, "inputs": list(ins), "outputs": list(outs)}
-        entries[rung] = ladder.ladder_entry(rung, ladder.template_rel(rung), ladder.kernel_name(rung))
         ladder.check_rung(root, rung, entries[rung], raw["experts"][0], c.d_model, act)
     raw["files"].update(writer.files)
     write_json_atomic(root / MANIFEST_NAME, raw)
@@ -78,14 +76,20 @@ def retemplate(artifact: str | Path, accuracy_level: int | None = None) -> dict[
     first = raw["experts"][0]
     levels = {}
     for rung, info in raw["ladder"].items():
-        rel = info["session_graph"]
-        data = ladder.session_template(c.d_model, c.d_ff, act, rung, first["rungs"][rung], accuracy_level)
-        tmp = f"{rel}.new"
-        writer.write_bytes(tmp, data)
-        (root / tmp).replace(root / rel)  # a new inode: a hard-linked old template elsewhere stays as it was
-        writer.files[rel] = writer.files.pop(tmp)
+        old_alt = info.get("session_graph_level0")
+        entry = ladder.write_templates(writer, c.d_model, c.d_ff, act, rung, first["rungs"][rung], accuracy_level, ".new")
+        for rel in (entry["session_graph"], entry.get("session_graph_level0")):
+            if rel:
+                (root / f"{rel}.new").replace(root / rel)  # a new inode: a hard-linked old template elsewhere stays as it was
+                writer.files[rel] = writer.files.pop(f"{rel}.new")
+        if old_alt and not entry.get("session_graph_level0"):
+            (root / old_alt).unlink(missing_ok=True)
+            raw["files"].pop(old_alt, None)
+        info.update(entry)
+        if "session_graph_level0" not in entry:
+            info.pop("session_graph_level0", None)
         ladder.check_rung(root, rung, info, first, c.d_model, act)
-        levels[rung] = ladder.template_accuracy(root / rel)
+        levels[rung] = ladder.template_accuracy(root / info["session_graph"])
     raw["files"].update(writer.files)
     write_json_atomic(root / MANIFEST_NAME, raw)
     return levels

@@ -73,7 +73,6 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
     raw, cfg = read_causal_config(model_dir)
     for name in SIDE_FILES:
         confined(model_dir, name)
-    d, f = cfg.hidden_size, cfg.moe_intermediate_size
     reader = CausalReader(model_dir, cfg)
     need = artifact_bytes(cfg, dense, expert_dtype, tuple(ladder_rungs))
     try:
@@ -225,9 +224,8 @@ def _ladder_graphs(writer: ArtifactWriter, add, cfg: CausalConfig, rungs: tuple[
     out = {}
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     for rung in rungs:
-        writer.write_bytes(ladder.template_rel(rung), ladder.session_template(d, f, "swiglu", rung, first["rungs"][rung]))
+        out[rung] = ladder.write_templates(writer, d, f, "swiglu", rung, first["rungs"][rung])
         add(ladder.kernel_name(rung), graphs.IO["rung_kernel"], ladder.kernel_graph(d, f, "swiglu", rung))
-        out[rung] = ladder.ladder_entry(rung, ladder.template_rel(rung), ladder.kernel_name(rung))
     return out
 
 

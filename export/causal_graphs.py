@@ -23,7 +23,7 @@ import numpy as np
 from swapmoe_edge.artifact.causal_config import CausalConfig
 
 from . import ladder, quant
-from .builder import F16, F32, I8, I64, OPSET, OPSET_INT4, U8, BuiltGraph, GraphBuilder, tensor_type
+from .builder import F32, I8, I64, OPSET, BuiltGraph, GraphBuilder, tensor_type
 
 
 def inv_freq(cfg: CausalConfig) -> np.ndarray:

@@ -281,10 +281,8 @@ def add_ladder_graphs(writer: ArtifactWriter, add, cfg: ModelConfig, rungs: tupl
     """Each rung's session template and standard-op kernel; the manifest's ``ladder`` entry."""
     out = {}
     for rung in rungs:
-        writer.write_bytes(ladder.template_rel(rung),
-                           ladder.session_template(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, rung, first_expert["rungs"][rung]))
+        out[rung] = ladder.write_templates(writer, cfg.d_model, cfg.d_ff, cfg.dense_act_fn, rung, first_expert["rungs"][rung])
         add(ladder.kernel_name(rung), "rung_kernel", ladder.kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, rung))
-        out[rung] = ladder.ladder_entry(rung, ladder.template_rel(rung), ladder.kernel_name(rung))
     return out
 
 

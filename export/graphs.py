@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from . import ladder, quant
-from .builder import F16, F32, I8, I64, OPSET, OPSET_INT4, U8, BuiltGraph, GraphBuilder, tensor_type
+from .builder import F32, I8, I64, OPSET, BuiltGraph, GraphBuilder, tensor_type
 
 
 def embed_graph(shared: np.ndarray, dtype: str | quant.DenseWeights) -> BuiltGraph:

@@ -230,12 +230,32 @@ def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:
     return g.model(OPSET_INT4)
 
 
-def ladder_entry(rung: str, template_rel: str, kernel_name: str) -> dict:
-    return {"bits": RUNGS[rung], "block": BLOCK, "session_graph": template_rel, "kernel": kernel_name, "data_name": RUNG_DATA}
+def ladder_entry(rung: str, template_rel: str, kernel_name: str, level0_rel: str | None = None) -> dict:
+    return {"bits": RUNGS[rung], "block": BLOCK, "session_graph": template_rel, "kernel": kernel_name, "data_name": RUNG_DATA,
+            **({"session_graph_level0": level0_rel} if level0_rel else {})}
 
 
 def template_rel(rung: str) -> str:
     return f"experts/rung.{rung}.onnx"
+
+
+def level0_rel(rung: str) -> str:
+    return f"experts/rung.{rung}.a0.onnx"
+
+
+def write_templates(writer, d_model: int, d_ff: int, act: str, rung: str, entry: dict, accuracy_level: int | None = None,
+                    temp_suffix: str = "") -> dict:
+    """Write a rung's session template (``accuracy_level``; None: ``default_accuracy``) and, for an
+    int4 rung at a level above 0, the same template at level 0 beside it, which the runtime takes when
+    the first budget cannot hold every copy at the level-4 session's cost (a level-4 session packs
+    an int4 copy into ~1.4x its bytes; model/rungs.py). Returns the rung's manifest entry.
+    ``temp_suffix``: write each file under that suffix (the caller renames it into place)."""
+    level = default_accuracy(rung, d_model, d_ff, act) if accuracy_level is None else accuracy_level
+    writer.write_bytes(template_rel(rung) + temp_suffix, session_template(d_model, d_ff, act, rung, entry, level))
+    alt = level0_rel(rung) if level > 0 and rung == "int4" else None  # int2/int8 have no fast kernel below level 4
+    if alt:
+        writer.write_bytes(alt + temp_suffix, session_template(d_model, d_ff, act, rung, entry, 0))
+    return ladder_entry(rung, template_rel(rung), kernel_name(rung), alt)
 
 
 def kernel_name(rung: str) -> str:
@@ -243,7 +263,7 @@ def kernel_name(rung: str) -> str:
 
 
 def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str) -> float:
-    """Run one expert's rung through its session template and its standard-op kernel and
+    """Run one expert's rung through its session templates and its standard-op kernel and
     compare both with the numpy dequantisation; return the larger relative error.
 
     Export calls this for each rung it writes (a template ONNX Runtime cannot run, or a
@@ -267,13 +287,14 @@ def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_external_initializers_from_files_in_memory([RUNG_DATA], [blob], [blob.nbytes])
-    sess = ort.InferenceSession(str(Path(root) / info["session_graph"]), opts)
+    templates = [Path(root) / rel for rel in (info["session_graph"], info.get("session_graph_level0")) if rel]
     kernel = ort.InferenceSession(str(Path(root) / f"dense/{info['kernel']}.onnx"))
-    ys = [sess.run(None, {"x": x})[0], kernel.run(None, {"x": x, **parts})[0]]
+    ys = [ort.InferenceSession(str(t), opts).run(None, {"x": x})[0] for t in templates]
+    ys.append(kernel.run(None, {"x": x, **parts})[0])
     ref = _act(x @ wi, act) @ wo
     errs = [float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)) for y in ys]
     # level 4 rounds the activations to int8 (~1% of the output); a layout error is ~100%
-    bound = [ACTIVATION_ROUNDING if template_accuracy(Path(root) / info["session_graph"]) >= 4 else 1e-4, 1e-4]
+    bound = [ACTIVATION_ROUNDING if template_accuracy(t) >= 4 else 1e-4 for t in templates] + [1e-4]
     err = max(errs)
     if not all(e < b for e, b in zip(errs, bound)):
         raise ExportError(f"the {rung} rung of expert {expert['stack']}.{expert['layer']}.{expert['expert']} "

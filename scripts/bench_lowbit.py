@@ -3,9 +3,9 @@
     python scripts/bench_lowbit.py ARTIFACT [--threads 1] [--rounds 3] [--out results.json]
 
 ARTIFACT needs a ladder (export, or `swapmoe ladder add`). One expert, one token (and 16):
-the shared float32 kernel (weights fed as inputs), int4 on standard ONNX ops as the
-`--expert-dtype int4` artifacts run it (before), the ladder rung's standard-op kernel, and
-the rung's MatMulNBits session (after). Whole model: `full` (float32 experts) against
+the shared float32 kernel (weights fed as inputs), the int4 rung's standard-op kernel (as
+small `--expert-dtype int4` experts and providers without MatMulNBits run them), and the
+rung's MatMulNBits session (as larger int4 experts and copies run). Whole model: `full` (float32 experts) against
 `ladder` with every expert an int4 copy (`ladder_primary=False`), on MatMulNBits and on
 standard ops, decode ms/token over random 64-token inputs with forced decoder ids,
 interleaved round by round, medians. (The cells share one process, so no memory figures
@@ -28,7 +28,7 @@ import onnxruntime as ort
 from swapmoe_edge.artifact.manifest import load_manifest
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 from swapmoe_edge.model.sessions import session_options
-from swapmoe_export import graphs, ladder, quant
+from swapmoe_export import graphs, ladder
 
 
 def _median_ms(fn, n: int) -> float:
@@ -51,9 +51,6 @@ def one_expert(art: Path, threads: int, calls: int) -> dict:
     w = {t.role: blob[t.offset: t.offset + t.nbytes].view(t.dtype).reshape(t.shape).astype(np.float32) for t in e.tensors}
     opts = session_options(threads)
     f32 = ort.InferenceSession(graphs.expert_kernel_graph(c.d_model, c.d_ff, c.dense_act_fn, "float32").proto.SerializeToString(), opts)
-    old = ort.InferenceSession(graphs.expert_kernel_graph(c.d_model, c.d_ff, c.dense_act_fn, "int4").proto.SerializeToString(), opts)
-    (pi, si), (po, so) = quant.quantize_int4(w["wi"]), quant.quantize_int4(w["wo"])
-    old_feeds = {"wi": pi, "wi_scale": si, "wo": po, "wo_scale": so}
     r = e.rungs["int4"]
     rblob = np.fromfile(m.path(r.weights_file), dtype=np.uint8)
     parts = {t.role: rblob[t.offset: t.offset + t.nbytes].view(t.dtype).reshape(t.shape) for t in r.tensors}
@@ -67,12 +64,10 @@ def one_expert(art: Path, threads: int, calls: int) -> dict:
         x = np.random.default_rng(0).standard_normal((tokens, c.d_model)).astype(np.float32)
         row = {
             "float32_kernel_ms": _median_ms(lambda: f32.run(None, {"x": x, "wi": w["wi"], "wo": w["wo"]}), calls),
-            "int4_standard_ops_before_ms": _median_ms(lambda: old.run(None, {"x": x, **old_feeds}), calls),
             "int4_rung_standard_ops_ms": _median_ms(lambda: std.run(None, {"x": x, **parts}), calls),
             "int4_rung_matmulnbits_ms": _median_ms(lambda: nbits.run(None, {"x": x}), calls),
         }
         row["nbits_vs_float32"] = row["int4_rung_matmulnbits_ms"] / row["float32_kernel_ms"]
-        row["before_vs_float32"] = row["int4_standard_ops_before_ms"] / row["float32_kernel_ms"]
         out[f"{tokens}_token"] = row
     return out
 

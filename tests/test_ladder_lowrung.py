@@ -178,3 +178,54 @@ def test_a_budget_short_of_sessions_runs_small_decoder_copies_on_the_standard_ke
                         read_mode="cached")
     with Runtime(art, cfg) as rt:  # every copy fits as a session: the decoder keeps the fast kernel
         assert rt.runners["int4"].modes == {"encoder": "standard", "decoder": "nbits"}
+
+
+def test_an_int4_rung_at_level_4_opens_at_level_0_where_the_budget_cannot_hold_every_copy(art, tmp_path):
+    """A level-4 session packs an int4 copy into more bytes than a level-0 one; where the first
+    budget cannot hold every expert's copy at the level-4 cost, the runtime takes the level-0
+    template export wrote beside it, and at a budget that holds them all it keeps level 4."""
+    import os
+    import shutil
+
+    from swapmoe_edge.artifact.manifest import load_manifest
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+    from swapmoe_export.add_rungs import retemplate
+
+    art = shutil.copytree(art, tmp_path / "art", copy_function=os.link)
+    assert retemplate(art, 4) == {"int2": 4, "int4": 4}
+    m = load_manifest(art, verify=True)
+    assert m.ladder["int4"].session_graph_level0 == ladder.level0_rel("int4") and m.ladder["int2"].session_graph_level0 is None
+    assert ladder.template_accuracy(art / ladder.level0_rel("int4")) == 0
+    ids = [[5, 6, 7, 8, 9, 1], [13, 14, 15, 1]]
+    cfg = dict(policy="ladder", ladder_rungs="int4", threads=1)
+    with Runtime(art, RuntimeConfig(budget="100%", **cfg)) as rt:
+        runner = rt.runners["int4"]
+        assert runner.level0_costs and not runner.on_level0  # everything fits: the fast template
+        full_budget_costs = dict(runner.costs)
+    cheaper = sum(runner.level0_costs.values()) < sum(full_budget_costs.values())
+    with Runtime(art, RuntimeConfig(budget="12%", **cfg)) as rt:  # ~6 of the 8 copies
+        runner = rt.runners["int4"]
+        assert runner.on_level0 == cheaper  # as measured on this machine
+        if cheaper:  # each stack at its level-0 session's cost, or on the standard kernel (small copies: sessions_short)
+            assert all(runner.costs[s] == (runner.nbytes if runner.modes[s] == "standard" else runner.level0_costs[s])
+                       for s in runner.costs)
+        assert all(len(r.token_ids) > 0 for r in rt.generate(ids, max_new_tokens=4))
+    assert retemplate(art, 0) == {"int2": 0, "int4": 0}  # no level-0 twin of a level-0 template
+    assert not (art / ladder.level0_rel("int4")).exists() and load_manifest(art, verify=True).ladder["int4"].session_graph_level0 is None
+
+
+def test_levels_short_switches_only_rungs_that_save_bytes_and_only_when_copies_do_not_fit():
+    from swapmoe_edge.core.keys import LayerKey
+    from swapmoe_edge.model.rungs import Rung, levels_short
+
+    class Runner:
+        def __init__(self, cheaper):
+            self.cheaper = cheaper
+
+        def cheaper_at_level0(self):
+            return self.cheaper
+
+    ladders = {LayerKey("encoder", 1): [Rung("int4", 10, 0.97)], LayerKey("decoder", 1): [Rung("int4", 10, 0.97)]}
+    runners = {"int4": Runner(True), "int2": Runner(False)}
+    assert levels_short(runners, ladders, capacity=80, num_experts=4) == []  # 2 layers x 4 x 10 fit
+    assert levels_short(runners, ladders, capacity=79, num_experts=4) == ["int4"]

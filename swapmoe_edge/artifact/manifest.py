@@ -87,6 +87,7 @@ class LadderRung:
     session_graph: str  # template whose initializers are the copy's bytes, handed over in memory
     kernel: str  # subgraph name: the same computation in standard ops, weights as inputs
     data_name: str  # the external-data name the template uses for those bytes
+    session_graph_level0: str | None = None  # the template at MatMulNBits accuracy level 0, where the default is not
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class Manifest:
         """Every file of the precision ladder: the copies, each rung's session template and kernel."""
         files = {r.weights_file for e in self.experts.values() for r in e.rungs.values()}
         files |= {r.session_graph for r in self.ladder.values()}
+        files |= {r.session_graph_level0 for r in self.ladder.values() if r.session_graph_level0}
         return files | {self.subgraphs[r.kernel].file for r in self.ladder.values() if r.kernel in self.subgraphs}
 
     @property
@@ -362,7 +364,8 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
             extra=raw.get("extra", {}),
             dense_dtype=raw.get("dense_dtype", raw["dtype"]),
             dense_nbits=raw.get("dense_nbits"),
-            ladder={name: LadderRung(name, int(r["bits"]), int(r["block"]), r["session_graph"], r["kernel"], r["data_name"])
+            ladder={name: LadderRung(name, int(r["bits"]), int(r["block"]), r["session_graph"], r["kernel"], r["data_name"],
+                                     r.get("session_graph_level0"))
                     for name, r in raw.get("ladder", {}).items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:

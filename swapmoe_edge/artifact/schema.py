@@ -206,6 +206,9 @@ def _rung_info(c: _Checker, name: str, r: Any, subgraphs: dict) -> dict:
     if (block * bits) % 8:
         c.fail(f"{where}.block", f"is {block}: {block} weights of {bits} bits do not fill whole bytes")
     _named(c, c.file(r.get("session_graph"), f"{where}.session_graph"), f"experts/rung.{name}.onnx", f"{where}.session_graph")
+    if r.get("session_graph_level0") is not None:  # the same template at MatMulNBits accuracy level 0
+        _named(c, c.file(r["session_graph_level0"], f"{where}.session_graph_level0"), f"experts/rung.{name}.a0.onnx",
+               f"{where}.session_graph_level0")
     if c.str(r.get("kernel"), f"{where}.kernel") not in subgraphs:
         c.fail(f"{where}.kernel", f"names {r['kernel'][:60]!r}, which is not a subgraph")
     _named(c, r["kernel"], f"rung_kernel.{name}", f"{where}.kernel")

@@ -178,7 +178,7 @@ def _hash(path: Path, drop: bool) -> tuple[str, os.stat_result]:
 
 def checked_at_load(manifest: Manifest) -> list[str]:
     """The files the runtime opens whole: every file but the experts' weight blocks (the store
-    hashes each as it reads it) and their own graphs (opened only by prepacking, which checks them)."""
+    hashes each as it reads it) and their own graphs (opened only as sessions of their own, which check them)."""
     per_expert = {f for e in manifest.experts.values() for f in (e.weights_file, e.graph.file)}
     per_expert |= {r.weights_file for e in manifest.experts.values() for r in e.rungs.values()}
     return [rel for rel in manifest.files if rel not in per_expert]

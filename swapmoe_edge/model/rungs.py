@@ -25,9 +25,13 @@ On the embedded model at 33% of its float16 expert bytes that held 56 experts in
 44 and lifted validation ROUGE-2 from 0.2545 to 0.2646 (docs/results/ladder.md).
 
 Coverage before speed: where the first budget's expert capacity cannot hold every expert's
-lowest copy at the measured session cost, the stacks whose small copies cost more than
-``SESSION_OVERHEAD_LIMIT`` times their bytes as sessions run ``standard`` too (decoder
-included), so that the budget holds more of them (``sessions_short``; once, at load).
+lowest copy at the measured session cost, a rung whose template runs at accuracy level 4
+opens its sessions from its level-0 template instead where that holds fewer bytes
+(``levels_short``: a level-4 session packs a 768x3072 int4 copy into 1.42x its bytes, a
+level-0 one into about its bytes; level 0 is slower on many-token prefill), and the stacks
+whose small copies cost more than ``SESSION_OVERHEAD_LIMIT`` times their bytes as sessions
+run ``standard`` too (decoder included), so that the budget holds more of them
+(``sessions_short``). Both are chosen once, at load.
 """
 
 from __future__ import annotations
@@ -90,6 +94,10 @@ class RungRunner:
         self.sessions = sessions  # DenseSessions: the standard-op kernel lives there
         self.threads, self.providers = threads, providers or ["CPUExecutionProvider"]
         self.template = manifest.path(self.info.session_graph).read_bytes()  # read once, not on every swap
+        alt = self.info.session_graph_level0  # the template at accuracy level 0, where the default is higher
+        self.level0 = manifest.path(alt).read_bytes() if alt else None
+        self.level0_costs: dict[str, int] = {}  # stack -> one copy's measured bytes as a level-0 session
+        self.on_level0 = False
         self.requested = mode
         self.mode = self._choose(mode)  # the decoder's (and, unless measure_cost says otherwise, the encoder's)
         self.modes = {"encoder": self.mode, "decoder": self.mode}
@@ -161,7 +169,24 @@ class RungRunner:
         if self.requested == "auto" and session > SESSION_OVERHEAD_LIMIT * nbytes and nbytes <= STANDARD_MAX_BYTES:
             self.modes["encoder"] = "standard"
         self.costs = {stack: session if mode == "nbits" else nbytes for stack, mode in self.modes.items()}
+        if self.mode == "nbits" and self.level0 is not None and self.requested == "auto":
+            default, self.template = self.template, self.level0
+            try:
+                level0 = session_bytes(lambda: self.load(raw, "nbits"), nbytes)
+            finally:
+                self.template = default
+            self.level0_costs = {stack: level0 if mode == "nbits" else nbytes for stack, mode in self.modes.items()}
         return dict(self.costs)
+
+    def cheaper_at_level0(self) -> bool:
+        """Whether this rung's sessions hold fewer bytes at accuracy level 0 (as measured)."""
+        return not self.on_level0 and bool(self.level0_costs) and \
+            sum(self.level0_costs.values()) < sum(self.costs.values())
+
+    def use_level0(self) -> None:
+        """Open this rung's sessions from the level-0 template (before any is loaded): float32
+        arithmetic on the dequantised weights, no packed int8 form beside them."""
+        self.template, self.costs, self.on_level0 = self.level0, dict(self.level0_costs), True
 
     def dearer_as_sessions(self) -> list[str]:
         """Stacks that ``auto`` runs as sessions though a small copy costs more than
@@ -219,6 +244,16 @@ def ladders_from_costs(costs: dict[str, dict[str, int]], expert_cost: dict[Layer
             kept.append(r)
         ladders[lk] = kept
     return ladders
+
+
+def levels_short(runners: dict[str, RungRunner], ladders: dict[LayerKey, list[Rung]], capacity: int,
+                 num_experts: int) -> list[str]:
+    """Rungs that should open their sessions at accuracy level 0 for ``capacity`` bytes of
+    experts: none where every expert's lowest copy fits as measured; else each whose level-0
+    sessions hold fewer bytes (``auto`` only: ``measure_cost`` measures level 0 then)."""
+    if sum(num_experts * ladder[0].cost for ladder in ladders.values()) <= capacity:
+        return []
+    return [name for name, r in runners.items() if r.cheaper_at_level0()]
 
 
 def sessions_short(runners: dict[str, RungRunner], ladders: dict[LayerKey, list[Rung]], capacity: int,

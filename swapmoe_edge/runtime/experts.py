@@ -23,7 +23,7 @@ from swapmoe_edge.core.keys import LayerKey
 from swapmoe_edge.model.placement import DeviceKernel, PlacingStore
 from swapmoe_edge.model.prepacked import NBITS_PROVIDERS, NbitsStore, PrepackedStore
 from swapmoe_edge.model.rungs import (SESSION_OVERHEAD_LIMIT, STANDARD_MAX_BYTES, Rung, RungRunner, ladders_from_costs,
-                                      measure_ladders, sessions_short)
+                                      levels_short, measure_ladders, sessions_short)
 from swapmoe_edge.model.sessions import DenseSessions
 from swapmoe_edge.residency.planner import measured_quality
 from swapmoe_edge.residency.policies import policy_class
@@ -123,7 +123,16 @@ def kernels_for_capacity(experts: Experts, capacity: int, primary: bool, primary
     --measure-loss``). Returns the experts and what moved."""
     if not experts.runners:
         return experts, []
-    moved = sessions_short(experts.runners, experts.rungs, capacity, num_experts)
+    ladders = experts.rungs
+    leveled = levels_short(experts.runners, ladders, capacity, num_experts)
+    if leveled:
+        for name in leveled:
+            experts.runners[name].use_level0()
+        log.info("ladder: %s copies open at MatMulNBits accuracy level 0: the budget cannot hold every expert's "
+                 "lowest copy as a level-4 session", ", ".join(leveled))
+        ladders = ladders_from_costs({n: dict(r.costs) for n, r in experts.runners.items()}, experts.cost, primary,
+                                     primary_name, warn=False)
+    moved = sessions_short(experts.runners, ladders, capacity, num_experts)
     for name, stack in moved:
         experts.runners[name].use_standard(stack)
     costs = {name: dict(r.costs) for name, r in experts.runners.items()}

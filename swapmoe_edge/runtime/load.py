@@ -232,10 +232,10 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
     if cached:
         startup["baseline_cached"] = 1.0
     startup["baseline_s"] = time.perf_counter() - t1
-    total_experts = sum(e.nbytes for e in manifest.experts.values())
     if ex.prepacking(experts, config.prepack_experts, config.policy, manifest):
         experts = ex.prepack(experts, manifest, device.threads, device.providers)
-        total_experts = experts.cost[sparse[0]] * len(manifest.experts)
+    # every expert at its measured resident cost (a session's, where experts are sessions): what "100%" holds
+    total_experts = sum(experts.cost[lay.key] * len(lay.experts) for lay in manifest.sparse_layers())
     monitor = MemoryMonitor(device.spec.process_cap(baseline, total_experts), reserve=device.reserve_bytes,
                             period_s=config.monitor_period_s, on_change=None, available_fn=available_fn, rss_fn=rss_fn)
     if experts.runners:  # lowbit_kernel="auto": copies as sessions, unless the first budget is short of them
