@@ -15,7 +15,9 @@ moves every variant alike), medians:
   activations quantised to int8 per block, int8 dot products).
 
 Also the error of each variant against float32 on the same dequantised weights (the
-accuracy level's own loss: level 4 quantises the activations).
+accuracy level's own loss: level 4 quantises the activations), and, with ``--session-bytes``,
+what one more session of each rung variant holds resident (prepacked.session_bytes: heap in
+use over several sessions) against the copy's bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from swapmoe_edge.model.prepacked import session_bytes
 from swapmoe_edge.model.sessions import session_options
 from swapmoe_export import graphs, ladder
 from swapmoe_export.writer import ArtifactWriter
@@ -42,13 +45,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--variants", default="float16_kernel,float32_kernel,int4_acc0,int4_acc1,int4_acc4,int2_acc0,int2_acc4")
+    ap.add_argument("--session-bytes", action="store_true", help="also measure each rung variant's resident bytes")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     d, f = a.d_model, a.d_ff
     rng = np.random.default_rng(0)
     wi = (rng.standard_normal((d, f)) / np.sqrt(d)).astype(np.float32)
     wo = (rng.standard_normal((f, d)) / np.sqrt(f)).astype(np.float32)
-    variants, ref_w = {}, {}
+    variants, ref_w, held = {}, {}, {}
     import tempfile  # deferred: only for the rung blocks this writes
 
     tmp = tempfile.TemporaryDirectory()
@@ -70,13 +74,20 @@ def main(argv=None) -> int:
         opts = session_options(a.threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_external_initializers_from_files_in_memory([ladder.RUNG_DATA], [block], [block.nbytes])
-        sess = ort.InferenceSession(ladder.session_template(d, f, "relu", rung, entry, int(level)), opts)
+        template = ladder.session_template(d, f, "relu", rung, entry, int(level))
+        sess = ort.InferenceSession(template, opts)
+        if a.session_bytes:
+            held[name] = {"copy_bytes": int(block.nbytes),
+                          "session_bytes": session_bytes(lambda t=template, o=opts: ort.InferenceSession(t, o), block.nbytes)}
+            print(f"{name}: copy {block.nbytes / 1e6:.2f} MB, a session holds {held[name]['session_bytes'] / 1e6:.2f} MB "
+                  f"({held[name]['session_bytes'] / block.nbytes:.2f}x)", flush=True)
         variants[name] = (lambda x, s=sess: s.run(None, {"x": x})[0])
         parts = ladder.rung_arrays(wi, wo, rung)
         bits = ladder.RUNGS[rung]
         ref_w[name] = (ladder.dequantize(parts["wi"], parts["wi_scale"], bits, d),
                        ladder.dequantize(parts["wo"], parts["wo_scale"], bits, f))
-    out = {"d_model": d, "d_ff": f, "threads": a.threads, "calls": a.calls, "ort": ort.__version__, "tokens": {}}
+    out = {"d_model": d, "d_ff": f, "threads": a.threads, "calls": a.calls, "ort": ort.__version__, "tokens": {},
+           **({"session_bytes": held} if held else {})}
     for m in [int(t) for t in a.tokens.split(",")]:
         x = rng.standard_normal((m, d)).astype(np.float32)
         times = {n: [] for n in variants}
