@@ -16,7 +16,7 @@ from swapmoe_edge.model.split import NEG  # noqa: E402
 from swapmoe_edge.core.errors import InputError  # noqa: E402
 from swapmoe_edge.runtime.config import RuntimeConfig  # noqa: E402
 from swapmoe_edge.runtime.facade import Runtime  # noqa: E402
-from swapmoe_edge.runtime.requests import generation_beams  # noqa: E402
+from swapmoe_edge.runtime.requests import generation_beams, generation_settings  # noqa: E402
 from swapmoe_edge.runtime.load import load_model  # noqa: E402
 from swapmoe_export.causal_export import export_causal  # noqa: E402
 
@@ -226,3 +226,5 @@ def test_a_request_without_num_beams_takes_the_checkpoints_beam_width(models, tm
     for bad in (0, 2.5):
         with pytest.raises(InputError, match="num_beams must be a positive integer"):
             generation_beams({"num_beams": bad})
+        with pytest.raises(InputError, match="num_beams must be a positive integer"):
+            generation_settings({"num_beams": bad})  # what load runs: refused before any request

@@ -510,6 +510,19 @@ def test_int4_full_policy_reproduces_hf_generate_on_the_quantised_weights(int4_p
         assert all(r.exact is False and r.stats["expert_dtype"] == "int4" for r in results)
 
 
+def test_a_full_budget_holds_int4_experts_at_their_measured_session_cost(int4_pair):
+    """As sessions of their own, int4 experts hold more than their blocks; "100%" is every expert
+    at that measured cost, so full fits in it."""
+    _, _, art = int4_pair
+    with Runtime(art, RuntimeConfig(policy="full", budget="100%", lowbit_kernel="nbits")) as rt:
+        cost = next(iter(rt.parts.experts.cost.values()))
+        n = len(rt.manifest.experts)
+        assert cost > rt.manifest.experts[next(iter(rt.manifest.experts))].nbytes  # ORT's state beside the packed copy
+        assert rt.parts.fit.cap >= rt.parts.fit.baseline + n * cost
+        assert sum(rt.residents.counts().values()) == n
+        assert len(rt.generate(_rows(3), max_new_tokens=3)[0].token_ids) > 0
+
+
 def test_int4_experts_fit_about_seven_times_the_residents_in_the_same_budget(int4_pair):
     from swapmoe_edge.artifact.manifest import load_manifest
 

@@ -20,7 +20,8 @@ _UNSUPPORTED_GENERATION = {"repetition_penalty": 1.0, "min_length": 0, "min_new_
 
 
 def generation_settings(generation: dict[str, Any]) -> int:
-    """The checkpoint's ``no_repeat_ngram_size``; warns about settings this runtime ignores."""
+    """The checkpoint's ``no_repeat_ngram_size``; warns about settings this runtime ignores, and
+    refuses a beam width no request could use (at load, not at the first request)."""
     ignored = {k: generation[k] for k, neutral in _UNSUPPORTED_GENERATION.items()
                if generation.get(k) not in (None, neutral, [])}
     if ignored:
@@ -30,6 +31,7 @@ def generation_settings(generation: dict[str, Any]) -> int:
     n = generation.get("no_repeat_ngram_size") or 0
     if not isinstance(n, int) or n < 0:
         raise InputError(f"generation config: no_repeat_ngram_size must be a non-negative integer, not {n!r}")
+    generation_beams(generation)
     return n
 
 
