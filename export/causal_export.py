@@ -216,6 +216,8 @@ def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: quant.Dense
     body = {"subgraphs": subgraphs, "layers": layers, "experts": experts}
     if rungs and experts:
         body["ladder"] = _ladder_graphs(writer, add, cfg, rungs, experts[0])
+    if expert_dtype == "int4":
+        body["expert_nbits"] = quant.expert_nbits(quant.INT4_ACCURACY)
     return body
 
 

@@ -44,8 +44,16 @@ def activation(h: np.ndarray, act: str) -> np.ndarray:
 def check_experts(manifest, weights: Callable[[ExpertKey], tuple[np.ndarray, np.ndarray]], act: str, seed: int = 0,
                   tokens: int = 4) -> tuple[list[str], float]:
     """(mismatches, worst share of the bound) over every expert of ``manifest``; ``weights(key)``
-    gives its (wi [D, F'], wo [F, D]) from the checkpoint, in the layout the graph multiplies."""
+    gives its (wi [D, F'], wo [F, D]) from the checkpoint, in the layout the graph multiplies.
+    int4 experts at accuracy level 4 round each product's input as MatMulNBits does
+    (quant.quantize_activations), here too."""
     rng = np.random.default_rng(seed)
+    nb = manifest.expert_nbits
+    block = nb["block_size"] if nb and nb["accuracy_level"] == 4 else None
+
+    def rounded(a: np.ndarray) -> np.ndarray:
+        return quant.quantize_activations(a.astype(np.float32), block).astype(np.float64) if block else a.astype(np.float64)
+
     opts = session_options(1)
     d, f = manifest.config.d_model, manifest.config.d_ff
     bound = bounds.rounding_bound(d + (2 * f if act == "swiglu" else f))
@@ -54,7 +62,7 @@ def check_experts(manifest, weights: Callable[[ExpertKey], tuple[np.ndarray, np.
         wi_t, wo_t = (quant.as_stored(w, manifest.expert_dtype).astype(np.float64) for w in weights(key))
         x = rng.standard_normal((tokens, d)).astype(np.float32)
         got = open_session(manifest.path(entry.graph.file), opts).run(None, {"x": x})[0]
-        ref = activation(x.astype(np.float64) @ wi_t, act) @ wo_t
+        ref = rounded(activation(rounded(x) @ wi_t, act)) @ wo_t
         cmp = bounds.compare(f"expert {key.name}", got[None], ref[None].astype(np.float32), bound)
         if isinstance(cmp, str):
             bad.append(cmp)

@@ -188,12 +188,13 @@ def int4_expert(wi_t: np.ndarray, wo_t: np.ndarray) -> tuple[dict[str, np.ndarra
                    dequantize(parts["wo"], parts["wo_scale"], 4, wo_t.shape[0]))
 
 
-def int4_expert_graph(scope: str, d_model: int, d_ff: int, act: str, parts: dict, offsets: dict, location: str) -> BuiltGraph:
-    """An int4 expert's own subgraph: two MatMulNBits at ``quant.INT4_ACCURACY`` on its weight block."""
+def int4_expert_graph(scope: str, d_model: int, d_ff: int, act: str, parts: dict, offsets: dict, location: str,
+                      accuracy_level: int = quant.INT4_ACCURACY) -> BuiltGraph:
+    """An int4 expert's own subgraph: two MatMulNBits at ``accuracy_level`` on its weight block."""
     leaf = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}  # the manifest's names
     tensors = [{"name": f"{scope}/{leaf[r]}", "role": r, "offset": offsets[r], "shape": list(a.shape), "dtype": str(a.dtype)}
                for r, a in parts.items()]
-    return _nbits_expert(scope, d_model, d_ff, act, 4, tensors, location, quant.INT4_ACCURACY)
+    return _nbits_expert(scope, d_model, d_ff, act, 4, tensors, location, accuracy_level)
 
 
 def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:

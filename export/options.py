@@ -34,6 +34,19 @@ def export_types(dtype: str, block_size: int | None, accuracy_level: int | None,
     return dense, expert_dtype, tuple(ladder_rungs)
 
 
+def expert_level(level: int | None, expert_dtype: str) -> int:
+    """The int4 experts' MatMulNBits accuracy level (None: quant.INT4_ACCURACY); ExportError for
+    another type's experts or another level."""
+    if level is None:
+        return quant.INT4_ACCURACY
+    if expert_dtype != "int4":
+        raise ExportError(f"--expert-accuracy-level applies to int4 experts; these are {expert_dtype} "
+                          "(add --expert-dtype int4, or leave the option out).")
+    if level not in quant.ACCURACY_LEVELS:
+        raise ExportError(f"--expert-accuracy-level must be one of {', '.join(map(str, quant.ACCURACY_LEVELS))}, not {level!r}")
+    return level
+
+
 def importable(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

@@ -156,6 +156,11 @@ def quantize_nbits(w: np.ndarray, bits: int, block: int, search_scale=None) -> t
     return np.ascontiguousarray(q), scale
 
 
+def expert_nbits(accuracy_level: int) -> dict:
+    """The manifest's ``expert_nbits`` entry of int4 experts at ``accuracy_level``."""
+    return {"bits": 4, "block_size": INT4_GROUP, "accuracy_level": accuracy_level}
+
+
 def dequantize_nbits(q: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.ndarray:
     """The float32 w[K, N] that ``quantize_nbits``' (q, scale) stand for: (n - 2^(b-1)) * scale per block."""
     per = 8 // bits

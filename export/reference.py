@@ -66,6 +66,7 @@ def bucket_table(bidirectional: bool, num_buckets: int, max_distance: int) -> np
 
 # The dense Linear layers an int8/int4 artifact runs through MatMulNBits (all but experts and router).
 _NBITS_LINEAR = re.compile(r"(\.(SelfAttention|EncDecAttention)\.[qkvo]|\.mlp\.w[io]|^lm_head)$")
+_EXPERT_LINEAR = re.compile(r"\.mlp\.experts\.expert_\d+\.w[io]$")
 
 
 def _quantize_activations_hook(block: int):
@@ -87,7 +88,7 @@ def _quantize_activations_hook(block: int):
 
 
 def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None,
-                        dense_nbits: dict | None = None) -> Reference:
+                        dense_nbits: dict | None = None, expert_nbits: dict | None = None) -> Reference:
     """Teacher-forced logits of the HF model and each block's output.
 
     The model is built on the ``meta`` device; each module that owns weights gets them
@@ -96,7 +97,8 @@ def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float3
 
     ``dense_nbits`` (an int8/int4 artifact's manifest entry): the dense Linear weights are the
     artifact's dequantised MatMulNBits blocks, and at accuracy_level 4 their inputs are rounded
-    as the kernel rounds them, so the comparison stays one of float32 rounding.
+    as the kernel rounds them, so the comparison stays one of float32 rounding. ``expert_nbits``
+    (int4 experts' entry): at accuracy_level 4 the experts' inputs are rounded alike.
     """
     import torch
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
@@ -155,10 +157,11 @@ def streamed_hf_forward(model_dir: Path, ids, mask, dec, round_to: str = "float3
             module.register_forward_pre_hook(lambda mod, args, prefix=mname + ".": assign(mod, prefix, True))
             module.register_forward_hook(lambda mod, args, out: assign(mod, "", False))
 
-    if dense_nbits is not None and dense_nbits["accuracy_level"] == 4:
-        for mname, module in model.named_modules():
-            if _NBITS_LINEAR.search(mname):
-                module.register_forward_pre_hook(_quantize_activations_hook(dense_nbits["block_size"]))
+    for nb, which in ((dense_nbits, _NBITS_LINEAR), (expert_nbits, _EXPERT_LINEAR)):
+        if nb is not None and nb["accuracy_level"] == 4:
+            for mname, module in model.named_modules():
+                if which.search(mname):
+                    module.register_forward_pre_hook(_quantize_activations_hook(nb["block_size"]))
 
     # What each block got and gave, so the split model can be checked block by block on
     # the same inputs (independent end-to-end runs drift apart in deep random models).
@@ -201,26 +204,28 @@ IN_PROCESS_ENV = "SWAPMOE_EXPORT_REFERENCE"
 
 
 def reference_forward_in_child(model_dir: Path, ids, mask, dec, round_to: str = "float32", expert_dtype: str | None = None,
-                               dense_nbits: dict | None = None) -> Reference:
+                               dense_nbits: dict | None = None, expert_nbits: dict | None = None) -> Reference:
     """The PyTorch model's outputs, computed in a child process so that torch's memory never
     counts against the exporter's (unless ``$SWAPMOE_EXPORT_REFERENCE=inprocess``)."""
     if os.environ.get(IN_PROCESS_ENV) == "inprocess":
-        return streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype or round_to, dense_nbits)
+        return streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype or round_to, dense_nbits,
+                                   expert_nbits)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "inputs.npz"
         np.savez(inputs, ids=ids, mask=mask, dec=dec)
-        z = _child(["forward", str(model_dir), str(inputs), round_to, expert_dtype or round_to, json.dumps(dense_nbits)],
-                   Path(tmp) / "ref.npz")
+        z = _child(["forward", str(model_dir), str(inputs), round_to, expert_dtype or round_to, json.dumps(dense_nbits),
+                    json.dumps(expert_nbits)], Path(tmp) / "ref.npz")
     return Reference.from_npz(z)
 
 
 def main(argv: list[str]) -> None:
     cmd, *rest = argv
     if cmd == "forward":
-        model_dir, inputs, round_to, expert_dtype, dense_nbits, out = rest
+        model_dir, inputs, round_to, expert_dtype, dense_nbits, expert_nbits, out = rest
         with np.load(inputs) as z:
             ids, mask, dec = z["ids"], z["mask"], z["dec"]
-        ref = streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype, json.loads(dense_nbits))
+        ref = streamed_hf_forward(Path(model_dir), ids, mask, dec, round_to, expert_dtype, json.loads(dense_nbits),
+                                  json.loads(expert_nbits))
         np.savez(out, **ref.to_npz())
     else:
         raise SystemExit(f"unknown command {cmd!r}: {json.dumps(argv)}")

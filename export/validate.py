@@ -130,7 +130,7 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
     # The PyTorch side runs in a child process: torch alone takes ~350 MB of RSS, which
     # this process (writing and checking the artifact) then never pays.
     ref = reference_forward_in_child(Path(model_dir), ids, mask, dec, round_to=dtype, expert_dtype=expert_dtype,
-                                     dense_nbits=manifest.dense_nbits)
+                                     dense_nbits=manifest.dense_nbits, expert_nbits=manifest.expert_nbits)
     got_blocks, got_logits = artifact_blockwise(artifact, ref, ids, mask, dec)
     src_len, tgt_len = ids.shape[1], dec.shape[1]
     checks: list = []
@@ -150,8 +150,8 @@ def validate_artifact(model_dir: Path, artifact: Path, dtype: str = "float32", s
     checks.append(bounds.compare("enc.final_norm output", ends["enc.final_norm"], ref.encoder_out,
                                  bounds.rounding_bound(bounds.final_norm_reductions(c))))
     e2e_logits, _ = artifact_forward(artifact, ids, mask, dec)
-    nb = manifest.dense_nbits
-    tol = E2E_TOL_INT8_ACTIVATIONS if nb is not None and nb["accuracy_level"] == 4 else E2E_TOL
+    rounds = [nb for nb in (manifest.dense_nbits, manifest.expert_nbits) if nb is not None and nb["accuracy_level"] == 4]
+    tol = E2E_TOL_INT8_ACTIVATIONS if rounds else E2E_TOL
     e2e = bounds.compare("logits (split model end to end)", e2e_logits, ref.logits, tol, what="the end-to-end tolerance")
     mismatches = [ch if isinstance(ch, str) else ch.describe() for ch in checks if isinstance(ch, str) or not ch.passed]
     expert_bad, expert_worst = _check_every_expert(Path(model_dir), manifest, seed)

@@ -634,3 +634,53 @@ def test_expert_buffers_live_in_their_own_mapping_so_eviction_frees_their_pages(
     raw = manifest.path(entry.weights_file).read_bytes()[:entry.nbytes]
     base = owner(expert.wi)
     assert isinstance(base, mmap.mmap) and bytes(base[:entry.nbytes]) == raw
+
+
+def test_int4_experts_at_accuracy_level_4_validate_and_reproduce_pytorch_rounding_alike(int4_pair, tmp_path):
+    """--expert-accuracy-level 4: the experts' MatMulNBits round their inputs to int8 per block of
+    32; export validates against PyTorch with the same rounding, and full reproduces that model."""
+    import copy
+
+    import torch
+
+    from swapmoe_edge.artifact.manifest import load_manifest
+    from swapmoe_export.reference import _EXPERT_LINEAR, _quantize_activations_hook
+    from swapmoe_export.quant import as_stored
+
+    model, _, _ = int4_pair
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    art = export_checkpoint(ckpt, tmp_path / "a4", expert_dtype="int4", expert_accuracy_level=4, quiet=True)  # validates
+    m = load_manifest(art, verify=True)
+    assert m.expert_nbits == {"bits": 4, "block_size": 32, "accuracy_level": 4} and m.validation["passed"]
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if ".mlp.experts." in name:
+                p.copy_(torch.from_numpy(as_stored(p.numpy().T, "int4").T.copy()))
+    for name, module in rounded.named_modules():
+        if _EXPERT_LINEAR.search(name):
+            module.register_forward_pre_hook(_quantize_activations_hook(32))
+    rows = _rows(0)
+    with Runtime(art, RuntimeConfig(policy="full")) as rt:  # auto: sessions even for experts this small
+        got = [r.token_ids for r in rt.generate(rows, max_new_tokens=10)]
+        level4_cost = next(iter(rt.parts.experts.cost.values()))
+    assert got == hf_generate(rounded, rows, 10)
+    with Runtime(int4_pair[2], RuntimeConfig(policy="full", lowbit_kernel="nbits")) as rt:
+        assert level4_cost > next(iter(rt.parts.experts.cost.values()))  # int8 packing beside the int4 weights
+    with pytest.raises(Exception, match="applies to int4 experts"):
+        export_checkpoint(ckpt, tmp_path / "bad", expert_accuracy_level=4, quiet=True, validate=False)
+
+
+def test_int4_experts_in_the_earlier_float16_scale_layout_ask_for_a_new_export(int4_pair, tmp_path):
+    import shutil
+
+    from swapmoe_edge.artifact.manifest import load_manifest
+
+    art = shutil.copytree(int4_pair[2], tmp_path / "old")
+    raw = json.loads((art / "manifest.json").read_text())
+    for e in raw["experts"]:  # what an artifact of the earlier layout lists: float16 group scales
+        e["tensors"][1]["dtype"] = "float16"
+    (art / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match="int4 in an earlier layout.*export the model again"):
+        load_manifest(art)

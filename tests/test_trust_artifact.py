@@ -289,6 +289,8 @@ MALFORMED = {
     "an out-of-range token id": (_set(["config", "eos_token_id"], 10**6), "outside"),
     "validation a list": (_set(["validation"], [1]), "must be a JSON object"),
     "max_source_tokens a string": (_set(["extra", "max_source_tokens"], "many"), "must be an integer"),
+    "int4 settings on float experts": (_set(["expert_nbits"], {"bits": 4, "block_size": 32, "accuracy_level": 0}),
+                                       "expert_nbits is set, but expert_dtype is float32"),
 }
 
 

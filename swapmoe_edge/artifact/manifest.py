@@ -132,6 +132,9 @@ class Manifest:
     # the type of the embeddings, norms, position bias and router).
     dense_dtype: str = ""
     dense_nbits: dict[str, Any] | None = None
+    # int4 experts' MatMulNBits settings {bits, block_size, accuracy_level} (0: float32
+    # arithmetic; 4: int8 activations, as the experts' own graphs say)
+    expert_nbits: dict[str, Any] | None = None
 
     def __post_init__(self):
         if not self.dense_dtype:
@@ -218,6 +221,7 @@ class Manifest:
             "dtype": self.dtype,
             "dense_dtype": self.dense_dtype,
             "dense_nbits": self.dense_nbits,
+            "expert_nbits": self.expert_nbits,
             "dense_parts": dense_parts(self),
             "expert_dtype": self.expert_dtype,
             "expert_dtype_lossy": self.expert_dtype_lossy,
@@ -364,6 +368,7 @@ def load_manifest(root: str | os.PathLike, verify: bool = False) -> Manifest:
             extra=raw.get("extra", {}),
             dense_dtype=raw.get("dense_dtype", raw["dtype"]),
             dense_nbits=raw.get("dense_nbits"),
+            expert_nbits=raw.get("expert_nbits"),
             ladder={name: LadderRung(name, int(r["bits"]), int(r["block"]), r["session_graph"], r["kernel"], r["data_name"],
                                      r.get("session_graph_level0"))
                     for name, r in raw.get("ladder", {}).items()},

@@ -119,6 +119,7 @@ def check_manifest(raw: Any, path, schema_version: int, format_name: str) -> Non
     c.str(raw.get("dtype"), "dtype", DENSE_DTYPES)
     _dense_nbits(c, raw)
     expert_dtype = c.str(raw.get("expert_dtype", raw.get("dtype")), "expert_dtype", EXPERT_DTYPES)
+    _expert_nbits(c, raw, expert_dtype)
     cfg = _config(c, raw.get("config"))
     if raw.get("tokenizer") is not None:
         c.file(raw["tokenizer"], "tokenizer")
@@ -139,6 +140,20 @@ def check_manifest(raw: Any, path, schema_version: int, format_name: str) -> Non
     sparse = _layers(c, c.list(raw.get("layers"), "layers"), cfg, subgraphs)
     wi_cols = 2 * cfg["d_ff"] if raw.get("extra", {}).get("expert_act") == "swiglu" else None  # gate | up
     _experts(c, c.list(raw.get("experts"), "experts"), cfg, expert_dtype, sparse, ladder, wi_cols)
+
+
+def _expert_nbits(c: _Checker, raw: dict, expert_dtype: str) -> None:
+    """int4 experts say their MatMulNBits settings (``expert_nbits``): blocks of INT4_GROUP, level 0 or 4."""
+    nb = raw.get("expert_nbits")
+    if nb is None:
+        return
+    if expert_dtype != "int4":
+        c.fail("expert_nbits", f"is set, but expert_dtype is {expert_dtype}")
+    nb = c.dict(nb, "expert_nbits")
+    c.int(nb.get("bits"), "expert_nbits.bits", 4, 4)
+    c.int(nb.get("block_size"), "expert_nbits.block_size", INT4_GROUP, INT4_GROUP)
+    if c.int(nb.get("accuracy_level"), "expert_nbits.accuracy_level", 0, 4) not in (0, 4):
+        c.fail("expert_nbits.accuracy_level", f"is {nb['accuracy_level']}; int4 experts run at level 0 or 4")
 
 
 def _dense_nbits(c: _Checker, raw: dict) -> None:

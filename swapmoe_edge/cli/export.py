@@ -32,6 +32,10 @@ from swapmoe_edge.core.errors import SwapMoEError
               help="Storage type of the experts (default: --dtype). float16: lossy, 1/2 the bytes. int8: weight-only, "
                    "per-column scales: lossy, 1/4 the bytes. int4: weight-only MatMulNBits, a float32 scale per 32 inputs: "
                    "lossy (more than int8), 1/6.4 the bytes.")
+@click.option("--expert-accuracy-level", type=click.Choice(["0", "4"]), default=None,
+              help="int4 experts: MatMulNBits' compute type. 0 (default): float32 arithmetic, a resident expert holds "
+                   "its bytes; 4: activations rounded to int8 per block, faster decode (~15% at switch-base-8), a "
+                   "resident expert holds ~1.4x its bytes.")
 @click.option("--ladder", "ladder_", type=click.Choice(["auto", "int4", "int8", "int4,int8", "int2", "int2,int4", "int2,int4,int8", "none"]),
               default="auto", show_default=True,
               help="Low-bit copies of every expert for the `ladder` policy (lossy rungs below the experts' own type). "
@@ -45,7 +49,7 @@ from swapmoe_edge.core.errors import SwapMoEError
                    "notes); they are deleted, and named. Without it such an artifact is left as it is.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def export_cmd(model_dir: str, output: str, dtype: str, block_size: str | None, lm_head: str | None, accuracy_level: str | None,
-               expert_dtype: str | None,
+               expert_dtype: str | None, expert_accuracy_level: str | None,
                ladder_: str, validate: bool, force: bool, quiet: bool) -> None:
     """Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact.
 
@@ -59,7 +63,8 @@ def export_cmd(model_dir: str, output: str, dtype: str, block_size: str | None, 
     try:
         export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet,
                           ladder_rungs=rungs, force=force, block_size=None if block_size is None else int(block_size),
-                          accuracy_level=None if accuracy_level is None else int(accuracy_level), lm_head=lm_head)
+                          accuracy_level=None if accuracy_level is None else int(accuracy_level), lm_head=lm_head,
+                          expert_accuracy_level=None if expert_accuracy_level is None else int(expert_accuracy_level))
     except SwapMoEError as e:
         fail(e)
 
@@ -82,7 +87,9 @@ def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     head = f", LM head int{nb['lm_head_bits']}" if nb and nb.get("lm_head_bits", nb["bits"]) != nb["bits"] else ""
     dense = (f"dense {summary['dense_dtype']} MatMulNBits (block {nb['block_size']}{head}, accuracy level {nb['accuracy_level']}, lossy), "
              f"the rest {summary['dtype']}") if nb else summary["dtype"]
-    click.echo(f"artifact        {summary['artifact']}  (schema {summary['schema_version']}, {dense}, experts {summary['expert_dtype']}"
+    en = summary.get("expert_nbits")
+    experts = f"{summary['expert_dtype']} MatMulNBits (accuracy level {en['accuracy_level']})" if en else summary["expert_dtype"]
+    click.echo(f"artifact        {summary['artifact']}  (schema {summary['schema_version']}, {dense}, experts {experts}"
                f"{', lossy' if summary['expert_dtype_lossy'] else ''})")
     click.echo(f"model           d_model {summary['d_model']}, d_ff {summary['d_ff']}, heads {summary['num_heads']}, vocab {summary['vocab_size']}")
     click.echo(f"layers          encoder {summary['encoder_layers']}, decoder {summary['decoder_layers']}; sparse: {', '.join(summary['sparse_layers'])}")

@@ -58,20 +58,26 @@ def int4_sessions(experts: Experts, manifest: Manifest, lowbit_kernel: str, thre
     or the first provider has no MatMulNBits (InputError where ``lowbit_kernel`` is "nbits"), and,
     under "auto", for small experts that cost more than ``SESSION_OVERHEAD_LIMIT`` times their
     bytes as sessions (as the ladder's small copies: ORT keeps ~25-50 KiB of state a session, and
-    dequantising a small expert on each call is cheap)."""
-    if manifest.expert_dtype != "int4" or lowbit_kernel == "standard":
+    dequantising a small expert on each call is cheap), unless the experts are at accuracy level 4:
+    the standard-op kernel computes level 0's float32 arithmetic, so it would not run the
+    artifact's validated model (a warning says so where it must)."""
+    if manifest.expert_dtype != "int4":
         return experts
-    why = (f"the first provider {providers[0]} has no MatMulNBits kernel" if providers[0] not in NBITS_PROVIDERS
+    level4 = (manifest.expert_nbits or {}).get("accuracy_level") == 4
+    why = ("lowbit_kernel is standard" if lowbit_kernel == "standard"
+           else f"the first provider {providers[0]} has no MatMulNBits kernel" if providers[0] not in NBITS_PROVIDERS
            else "experts are placed on the device" if experts.placement != "host" else None)
     if why:
         if lowbit_kernel == "nbits":
             raise InputError(f"lowbit_kernel=nbits cannot be used: {why}. Use lowbit_kernel=auto or standard.")
-        log.warning("the int4 experts run on standard ONNX ops (slower): %s", why)
+        if level4 or lowbit_kernel != "standard":
+            log.warning("the int4 experts run on standard ONNX ops (slower%s): %s",
+                        "; without the level-4 rounding of their activations that export validated" if level4 else "", why)
         return experts
     store = NbitsStore(experts.store, threads, providers)
     cost = store.measure_cost()
     nbytes = next(iter(manifest.experts.values())).nbytes
-    if lowbit_kernel == "auto" and nbytes <= STANDARD_MAX_BYTES and cost > SESSION_OVERHEAD_LIMIT * nbytes:
+    if lowbit_kernel == "auto" and not level4 and nbytes <= STANDARD_MAX_BYTES and cost > SESSION_OVERHEAD_LIMIT * nbytes:
         log.info("int4 experts run on standard ONNX ops: as sessions they would cost %s each, %.2fx their bytes",
                  format_size(cost), cost / nbytes)
         return experts
