@@ -20,12 +20,15 @@ from swapmoe_edge.core.errors import ArtifactError, ExportError
 from swapmoe_edge.artifact.files import write_json_atomic
 from swapmoe_edge.artifact.manifest import MANIFEST_NAME, load_manifest
 
-from . import graphs, ladder
+from . import graphs, ladder, options
 from .writer import ArtifactWriter
 
 
-def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: bool = False, stream=None) -> dict:
-    """Write ``rungs`` for every expert of ``artifact``; return the manifest's new ``ladder`` entry."""
+def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: bool = False, stream=None,
+              block: int | None = None) -> dict:
+    """Write ``rungs`` for every expert of ``artifact`` (``block`` inputs a scale; None: ladder.BLOCK);
+    return the manifest's new ``ladder`` entry."""
+    block = options.ladder_block(block, rungs)
     root = Path(artifact)
     m = load_manifest(root)  # checks the artifact before anything is written
     for rung in rungs:
@@ -40,7 +43,8 @@ def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: b
         views = _weights(m, entry)
         d = by_key[(key.stack, key.layer, key.expert)]
         scope = entry.tensors[0].name.rsplit("/", 1)[0]
-        d.setdefault("rungs", {}).update({r: ladder.write_rung(writer, key.name, scope, views["wi"], views["wo"], r) for r in rungs})
+        d.setdefault("rungs", {}).update({r: ladder.write_rung(writer, key.name, scope, views["wi"], views["wo"], r, block)
+                                          for r in rungs})
         if not quiet and (i + 1 == n or (i + 1) % max(1, n // 10) == 0):
             print(f"[ladder] {i + 1}/{n} experts, {time.perf_counter() - t0:.0f}s", file=stream or sys.stderr, flush=True)
     c, act = m.config, _expert_act(m)
@@ -48,7 +52,7 @@ def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: b
     for rung in rungs:
         entries[rung] = ladder.write_templates(writer, c.d_model, c.d_ff, act, rung, raw["experts"][0]["rungs"][rung])
         rel = f"dense/{ladder.kernel_name(rung)}.onnx"
-        writer.write_onnx(rel, ladder.kernel_graph(c.d_model, c.d_ff, act, rung))
+        writer.write_onnx(rel, ladder.kernel_graph(c.d_model, c.d_ff, act, rung, entries[rung]["block"]))
         ins, outs = graphs.IO["rung_kernel"]
         raw["subgraphs"][ladder.kernel_name(rung)] = {"file": rel, "inputs": list(ins), "outputs": list(outs)}
         ladder.check_rung(root, rung, entries[rung], raw["experts"][0], c.d_model, act)

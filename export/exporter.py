@@ -75,6 +75,7 @@ def export_checkpoint(
     accuracy_level: int | None = None,
     lm_head: str | None = None,
     expert_accuracy_level: int | None = None,
+    ladder_block: int | None = None,
 ) -> Path:
     """Export ``model_dir`` (a HF Switch checkpoint, or a decoder-only MoE one: causal_export.py) to
     ``out_dir``; return the artifact path.
@@ -93,6 +94,10 @@ def export_checkpoint(
     None: the measured defaults, quant.py), everything else float32. Lossy; the validation compares
     with PyTorch running the same quantised weights and reports the loss against the float model.
 
+    ``ladder_block`` (None: ladder.BLOCK, 32): inputs a scale in the ladder's copies (16-128). A
+    larger block holds fewer bytes, and a level-4 session of it less still (switch-base int4: 4.17
+    MB a session at 32, 2.85 MB at 128; docs/results/device_box_lowbit/).
+
     ``expert_accuracy_level`` (int4 experts only; None: ``quant.INT4_ACCURACY``, 0): MatMulNBits'
     compute type in the experts' own graphs. 4 rounds each expert's activations to int8 per block
     (faster, and validated against PyTorch rounding them alike), and a session then holds ~1.4x
@@ -102,12 +107,16 @@ def export_checkpoint(
         if expert_accuracy_level not in (None, quant.INT4_ACCURACY):
             raise ExportError(f"--expert-accuracy-level {expert_accuracy_level} is for Switch checkpoints in this version; "
                               "decoder-only families' int4 experts run at level 0 (leave it out).")
+        if ladder_block not in (None, ladder.BLOCK):
+            raise ExportError(f"--ladder-block {ladder_block} is for Switch checkpoints in this version; decoder-only "
+                              f"families' ladder copies use blocks of {ladder.BLOCK} (leave it out).")
         return causal_export.export_causal(model_dir, out_dir, dtype=dtype, validate=validate, expert_dtype=expert_dtype,
                                            quiet=quiet, stream=stream, ladder_rungs=ladder_rungs, force=force,
                                            block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head)
     dense, expert_dtype, ladder_rungs = options.export_types(dtype, block_size, accuracy_level, lm_head, expert_dtype,
                                                              ladder_rungs)
     expert_level = options.expert_level(expert_accuracy_level, expert_dtype)
+    block = options.ladder_block(ladder_block, ladder_rungs)
     model_dir, out = Path(model_dir), Path(out_dir)
     options.check_validation_packages(validate)
     raw_cfg, cfg = read_config(model_dir)
@@ -123,7 +132,7 @@ def export_checkpoint(
         raise space.write_error(e, out, need, None) from e
     with sigterm_unwinds():
         return _export_into(reader, model_dir, out, raw_cfg, cfg, dense, expert_dtype, validate, quiet, stream, fuse_layers,
-                            tuple(ladder_rungs), force, (need, free), expert_level)
+                            tuple(ladder_rungs), force, (need, free), expert_level, block)
 
 
 def _artifact_bytes(reader: CheckpointReader, model_dir: Path, cfg: ModelConfig, dtype: quant.DenseWeights, expert_dtype: str,
@@ -137,7 +146,8 @@ def _artifact_bytes(reader: CheckpointReader, model_dir: Path, cfg: ModelConfig,
 
 def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dense: quant.DenseWeights, expert_dtype: str,
                  validate: bool, quiet: bool, stream, fuse_layers: bool = True, rungs: tuple[str, ...] = (), force: bool = False,
-                 space_need_free: tuple[int, int] = (0, 0), expert_level: int = quant.INT4_ACCURACY) -> Path:
+                 space_need_free: tuple[int, int] = (0, 0), expert_level: int = quant.INT4_ACCURACY,
+                 ladder_block: int = ladder.BLOCK) -> Path:
     def warn(what: str) -> None:  # not progress: shown even with quiet
         print(f"[export] {what}", file=stream or sys.stderr, flush=True)
 
@@ -153,7 +163,8 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
         n_layers = cfg.num_layers + cfg.num_decoder_layers
         progress = Progress(n_layers + 4 + (1 if validate else 0), quiet, stream)
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, progress, fuse_layers, rungs, expert_level)
+        body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, progress, fuse_layers, rungs, expert_level,
+                                ladder_block)
         for rung, info in body.get("ladder", {}).items():
             ladder.check_rung(tmp, rung, info, body["experts"][0], cfg.d_model, cfg.dense_act_fn)
         tok = confined(model_dir, "tokenizer.json")
@@ -200,7 +211,7 @@ def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: 
 
 def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: quant.DenseWeights, expert_dtype: str, writer: ArtifactWriter,
                      progress: Progress, fuse_layers: bool = True, rungs: tuple[str, ...] = (),
-                     expert_level: int = quant.INT4_ACCURACY) -> dict:
+                     expert_level: int = quant.INT4_ACCURACY, ladder_block: int = ladder.BLOCK) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []
     experts: list[dict] = []
@@ -268,7 +279,7 @@ def _write_subgraphs(reader: CheckpointReader, cfg: ModelConfig, dtype: quant.De
                 layer["experts"] = list(range(cfg.num_experts))
                 for e in range(cfg.num_experts):
                     experts.append(_write_expert(reader, cfg, expert_dtype, writer, ExpertKey(stack, i, e), f"{ff}.mlp.experts.expert_{e}",
-                                                 scope, rungs, expert_level))
+                                                 scope, rungs, expert_level, ladder_block))
             layers.append(layer)
             kind = f"sparse, {cfg.num_experts} experts" if sparse else "dense"
             progress.step(f"{name} ({kind}) {time.perf_counter() - t0:.1f}s")
@@ -295,12 +306,13 @@ def add_ladder_graphs(writer: ArtifactWriter, add, cfg: ModelConfig, rungs: tupl
     out = {}
     for rung in rungs:
         out[rung] = ladder.write_templates(writer, cfg.d_model, cfg.d_ff, cfg.dense_act_fn, rung, first_expert["rungs"][rung])
-        add(ladder.kernel_name(rung), "rung_kernel", ladder.kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, rung))
+        add(ladder.kernel_name(rung), "rung_kernel",
+            ladder.kernel_graph(cfg.d_model, cfg.d_ff, cfg.dense_act_fn, rung, out[rung]["block"]))
     return out
 
 
 def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str, writer: ArtifactWriter, key: ExpertKey, prefix: str, scope: str,
-                  rungs: tuple[str, ...] = (), expert_level: int = quant.INT4_ACCURACY) -> dict:
+                  rungs: tuple[str, ...] = (), expert_level: int = quant.INT4_ACCURACY, ladder_block: int = ladder.BLOCK) -> dict:
     wi_t = np.ascontiguousarray(reader.get(f"{prefix}.wi.weight").T)  # [D, F], as the graph multiplies
     wo_t = np.ascontiguousarray(reader.get(f"{prefix}.wo.weight").T)  # [F, D]
     bin_rel = f"experts/{key.name}.bin"
@@ -332,7 +344,8 @@ def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str,
     onnx_rel = f"experts/{key.name}.onnx"
     writer.write_onnx(onnx_rel, model)
     ins, outs = graphs.IO["expert"]
-    rung_entries = {r: ladder.write_rung(writer, key.name, name, wi_t, wo_t, r) for r in rungs}  # from the checkpoint's weights
+    rung_entries = {r: ladder.write_rung(writer, key.name, name, wi_t, wo_t, r, ladder_block)  # from the checkpoint's weights
+                    for r in rungs}
     return {
         **({"rungs": rung_entries} if rung_entries else {}),
         "stack": key.stack,

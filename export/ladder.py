@@ -44,7 +44,8 @@ from swapmoe_edge.core.errors import ExportError
 from . import quant
 from .builder import F32, MS, OPSET_INT4, U8, BuiltGraph, GraphBuilder, external_tensor, point_at
 
-BLOCK = 32
+BLOCK = 32  # the default; export's --ladder-block (and `swapmoe ladder add --block`) may choose 16-128
+BLOCKS = (16, 32, 64, 128)
 RUNGS = {"int2": 2, "int4": 4, "int8": 8}  # rung name -> bits (ORT 1.32's MatMulNBits refuses 3)
 RUNG_DATA = "rung.bin"  # the external-data name the session templates use; never a file on disk
 ROLES = ("wi", "wi_scale", "wo", "wo_scale")
@@ -71,10 +72,10 @@ def wi_columns(d_ff: int, act: str) -> int:
     return 2 * d_ff if act == "swiglu" else d_ff
 
 
-def quantize(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """w[K, N] float -> (q[N, ceil(K/BLOCK), BLOCK*bits/8] uint8, scale[N, ceil(K/BLOCK)] float32);
+def quantize(w: np.ndarray, bits: int, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """w[K, N] float -> (q[N, ceil(K/block), block*bits/8] uint8, scale[N, ceil(K/block)] float32);
     int2's scale is searched per block (_search_scale)."""
-    return quant.quantize_nbits(w, bits, BLOCK, _search_scale if bits == 2 else None)
+    return quant.quantize_nbits(w, bits, block, _search_scale if bits == 2 else None)
 
 
 def _search_scale(g: np.ndarray, amax: np.ndarray, bits: int) -> np.ndarray:
@@ -106,11 +107,11 @@ def rung_error(rung: str, expert_dtype: str) -> str | None:
     return None
 
 
-def rung_arrays(wi_t: np.ndarray, wo_t: np.ndarray, rung: str) -> dict[str, np.ndarray]:
+def rung_arrays(wi_t: np.ndarray, wo_t: np.ndarray, rung: str, block: int = BLOCK) -> dict[str, np.ndarray]:
     """The four arrays of one expert's rung, from its float weights wi[D, F] and wo[F, D]."""
     bits = RUNGS[rung]
-    qi, si = quantize(wi_t, bits)
-    qo, so = quantize(wo_t, bits)
+    qi, si = quantize(wi_t, bits, block)
+    qo, so = quantize(wo_t, bits, block)
     return {"wi": qi, "wi_scale": si, "wo": qo, "wo_scale": so}
 
 
@@ -118,9 +119,9 @@ def rung_file(key_name: str, rung: str) -> str:
     return f"experts/{key_name}.{rung}.bin"
 
 
-def write_rung(writer, key_name: str, scope: str, wi_t: np.ndarray, wo_t: np.ndarray, rung: str) -> dict:
-    """Write one expert's rung; return its manifest entry."""
-    parts = rung_arrays(wi_t, wo_t, rung)
+def write_rung(writer, key_name: str, scope: str, wi_t: np.ndarray, wo_t: np.ndarray, rung: str, block: int = BLOCK) -> dict:
+    """Write one expert's rung (``block`` inputs a scale); return its manifest entry."""
+    parts = rung_arrays(wi_t, wo_t, rung, block)
     rel = rung_file(key_name, rung)
     offs = writer.write_blocks(rel, list(parts.values()))
     return {
@@ -160,6 +161,7 @@ def _nbits_expert(scope: str, d_model: int, d_ff: int, act: str, bits: int, tens
     x = g.input("x", F32, ["N", d_model])
     where = {t["role"]: t for t in tensors}
     name = {role: where[role].get("name", role) for role in ROLES}
+    block = where["wi"]["shape"][2] * 8 // bits  # q[N, K/block, block*bits/8]
     for role in ROLES:
         t = where[role]
         init = external_tensor(name[role], U8 if t["dtype"] == "uint8" else F32, t["shape"])
@@ -169,7 +171,7 @@ def _nbits_expert(scope: str, d_model: int, d_ff: int, act: str, bits: int, tens
     def nbits(a: str, w: str, k: int, n: int, hint: str) -> str:
         out = g._name(hint)
         g.nodes.append(helper.make_node("MatMulNBits", [a, name[w], name[f"{w}_scale"]], [out], name=f"{scope}/{hint}/MatMulNBits",
-                                        domain=MS, K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=accuracy_level))
+                                        domain=MS, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
         return out
 
     hid = _ffn_act(g, nbits(x, "wi", d_model, wi_columns(d_ff, act), "wi"), act, d_ff)
@@ -197,7 +199,7 @@ def int4_expert_graph(scope: str, d_model: int, d_ff: int, act: str, parts: dict
     return _nbits_expert(scope, d_model, d_ff, act, 4, tensors, location, accuracy_level)
 
 
-def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:
+def kernel_graph(d_model: int, d_ff: int, act: str, rung: str, block: int = BLOCK) -> BuiltGraph:
     """The rung's computation in standard ONNX ops, weights as inputs (any execution provider).
 
     Slower than MatMulNBits (it dequantises on every call), but it runs where that kernel does not.
@@ -207,8 +209,8 @@ def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:
     x = g.input("x", F32, ["N", d_model])
 
     def dq(w: str, k: int, n: int) -> str:
-        kb = -(-k // BLOCK)
-        q = g.input(w, U8, [n, kb, BLOCK * bits // 8])
+        kb = -(-k // block)
+        q = g.input(w, U8, [n, kb, block * bits // 8])
         s = g.input(f"{w}_scale", F32, [n, kb])
         h = f"{w}/dequant"
         per = 8 // bits
@@ -218,11 +220,11 @@ def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:
                                         if j else q, mask], hint=h) for j in range(per - 1)]
             vals.append(g.op("BitShift", [q, g.const(np.uint8(8 - bits), np.uint8)], hint=h, direction="RIGHT"))
             q = g.op("Concat", [g.op("Unsqueeze", [v, g.const([3])], hint=h) for v in vals], hint=h, axis=3)
-        full = g.op("Reshape", [q, g.const([n, kb, BLOCK])], hint=h)
+        full = g.op("Reshape", [q, g.const([n, kb, block])], hint=h)
         val = g.op("Sub", [g.op("Cast", [full], hint=h, to=F32), g.const(np.float32(1 << (bits - 1)), np.float32)], hint=h)
         w_nk = g.op("Mul", [val, g.op("Unsqueeze", [s, g.const([2])], hint=h)], hint=h)  # [N, K/B, B]
-        w_nk = g.op("Reshape", [w_nk, g.const([n, kb * BLOCK])], hint=h)
-        if kb * BLOCK != k:
+        w_nk = g.op("Reshape", [w_nk, g.const([n, kb * block])], hint=h)
+        if kb * block != k:
             w_nk = g.op("Slice", [w_nk, g.const([0]), g.const([k]), g.const([1])], hint=h)
         return w_nk  # [N, K]
 
@@ -231,8 +233,8 @@ def kernel_graph(d_model: int, d_ff: int, act: str, rung: str) -> BuiltGraph:
     return g.model(OPSET_INT4)
 
 
-def ladder_entry(rung: str, template_rel: str, kernel_name: str, level0_rel: str | None = None) -> dict:
-    return {"bits": RUNGS[rung], "block": BLOCK, "session_graph": template_rel, "kernel": kernel_name, "data_name": RUNG_DATA,
+def ladder_entry(rung: str, template_rel: str, kernel_name: str, level0_rel: str | None = None, block: int = BLOCK) -> dict:
+    return {"bits": RUNGS[rung], "block": block, "session_graph": template_rel, "kernel": kernel_name, "data_name": RUNG_DATA,
             **({"session_graph_level0": level0_rel} if level0_rel else {})}
 
 
@@ -256,7 +258,13 @@ def write_templates(writer, d_model: int, d_ff: int, act: str, rung: str, entry:
     alt = level0_rel(rung) if level > 0 and rung == "int4" else None  # int2/int8 have no fast kernel below level 4
     if alt:
         writer.write_bytes(alt + temp_suffix, session_template(d_model, d_ff, act, rung, entry, 0))
-    return ladder_entry(rung, template_rel(rung), kernel_name(rung), alt)
+    return ladder_entry(rung, template_rel(rung), kernel_name(rung), alt, entry_block(entry, rung))
+
+
+def entry_block(entry: dict, rung: str) -> int:
+    """The block size of a rung copy's manifest entry, from its wi codes' shape [N, K/block, block*bits/8]."""
+    wi = next(t for t in entry["tensors"] if t["role"] == "wi")
+    return wi["shape"][2] * 8 // RUNGS[rung]
 
 
 def kernel_name(rung: str) -> str:

@@ -47,6 +47,19 @@ def expert_level(level: int | None, expert_dtype: str) -> int:
     return level
 
 
+def ladder_block(block: int | None, rungs: tuple[str, ...]) -> int:
+    """The ladder copies' block size (None: ladder.BLOCK); ExportError for another size, or one given
+    without rungs to apply it to."""
+    if block is None:
+        return ladder.BLOCK
+    if not rungs:
+        raise ExportError("--ladder-block applies to the ladder's copies, and this export writes none "
+                          "(leave it out, or choose rungs with --ladder).")
+    if block not in ladder.BLOCKS:
+        raise ExportError(f"--ladder-block must be one of {', '.join(map(str, ladder.BLOCKS))}, not {block!r}")
+    return block
+
+
 def importable(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

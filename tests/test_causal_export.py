@@ -83,11 +83,13 @@ def test_lossy_expert_storage_validates_against_the_rounded_model(exported, tmp_
     assert m.expert_nbits == ({"bits": 4, "block_size": 32, "accuracy_level": 0} if expert_dtype == "int4" else None)
 
 
-def test_int4_experts_at_accuracy_level_4_are_refused_for_decoder_only_families(exported, tmp_path):
+def test_switch_only_export_options_are_refused_for_decoder_only_families(exported, tmp_path):
     _, ck, _ = exported["olmoe"]
     with pytest.raises(ExportError, match="expert-accuracy-level 4 is for Switch checkpoints"):
         export_checkpoint(ck, tmp_path / "a4", expert_dtype="int4", expert_accuracy_level=4, quiet=True)
-    assert not (tmp_path / "a4").exists()
+    with pytest.raises(ExportError, match="ladder-block 128 is for Switch checkpoints"):
+        export_checkpoint(ck, tmp_path / "b128", ladder_block=128, quiet=True)
+    assert not (tmp_path / "a4").exists() and not (tmp_path / "b128").exists()
 
 
 def test_float16_dense_weights_export_and_validate(exported, tmp_path):

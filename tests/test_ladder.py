@@ -107,6 +107,38 @@ def test_ladder_add_writes_what_export_writes(ckpt, art, tmp_path):
         assert (bare / e.rungs["int4"].weights_file).read_bytes() == (art / ref.experts[key].rungs["int4"].weights_file).read_bytes()
 
 
+@pytest.mark.parametrize("block", [64, 128])
+def test_larger_ladder_blocks_export_add_and_serve_with_both_kernels(ckpt, tmp_path, block):
+    """--ladder-block: the copies carry fewer scales, the manifest and the kernels say the block,
+    and the ladder serves on MatMulNBits sessions and on the standard-op kernel alike."""
+    art = export_checkpoint(ckpt, tmp_path / "a", quiet=True, ladder_block=block)  # export checks the rung
+    m = load_manifest(art, verify=True)
+    e = next(iter(m.experts.values())).rungs["int4"]
+    wi = next(t for t in e.tensors if t.role == "wi")
+    assert m.ladder["int4"].block == block and wi.shape[2] == block // 2
+    bare = export_checkpoint(ckpt, tmp_path / "bare", validate=False, quiet=True, ladder_rungs=())
+    add_rungs(bare, ("int4",), quiet=True, block=block)
+    for key, x in load_manifest(bare, verify=True).experts.items():
+        assert (bare / x.rungs["int4"].weights_file).read_bytes() == (art / m.experts[key].rungs["int4"].weights_file).read_bytes()
+    rows = [[5, 6, 7, 8, 9, 1], [13, 14, 15, 1]]
+    outs = {}
+    for kernel in ("nbits", "standard"):
+        cfg = RuntimeConfig(policy="ladder", ladder_primary=False, lowbit_kernel=kernel, threads=1)
+        with Runtime(art, cfg) as rt:
+            outs[kernel] = [r.token_ids for r in rt.generate(rows, max_new_tokens=6)]
+    assert outs["nbits"] == outs["standard"]  # small copies: both kernels at level 0, float32 arithmetic
+
+
+def test_a_ladder_block_is_one_matmulnbits_runs_and_needs_copies(ckpt, tmp_path):
+    from swapmoe_edge.core.errors import ExportError
+
+    with pytest.raises(ExportError, match="must be one of 16, 32, 64, 128"):
+        export_checkpoint(ckpt, tmp_path / "x", validate=False, quiet=True, ladder_block=48)
+    with pytest.raises(ExportError, match="writes none"):
+        export_checkpoint(ckpt, tmp_path / "y", validate=False, quiet=True, ladder_rungs=(), ladder_block=64)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_a_rung_must_sit_below_the_experts(ckpt, tmp_path):
     from swapmoe_edge.core.errors import ExportError
 

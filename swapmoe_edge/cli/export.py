@@ -41,6 +41,10 @@ from swapmoe_edge.core.errors import SwapMoEError
               help="Low-bit copies of every expert for the `ladder` policy (lossy rungs below the experts' own type). "
                    "auto: int4 when the experts are float32 or float16. int4 adds ~1/7 of float32's expert bytes on disk, "
                    "int2 ~1/11 (for the smallest budgets; lossier).")
+@click.option("--ladder-block", type=click.Choice(["16", "32", "64", "128"]), default=None,
+              help="Inputs per scale in the ladder's copies (default 32). Larger: fewer bytes a copy, and a level-4 "
+                   "session holds less (switch-base int4: 4.17 MB at 32, 2.85 MB at 128); quality measured in "
+                   "docs/results/device_box_lowbit/.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare the split model with PyTorch before installing it: every block on PyTorch's own inputs, "
                    "token by token within a float32 rounding bound, and the logits end to end.")
@@ -50,7 +54,7 @@ from swapmoe_edge.core.errors import SwapMoEError
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def export_cmd(model_dir: str, output: str, dtype: str, block_size: str | None, lm_head: str | None, accuracy_level: str | None,
                expert_dtype: str | None, expert_accuracy_level: str | None,
-               ladder_: str, validate: bool, force: bool, quiet: bool) -> None:
+               ladder_: str, ladder_block: str | None, validate: bool, force: bool, quiet: bool) -> None:
     """Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact.
 
     Reads only files inside MODEL_DIR (a symlink that leads out is refused; a Hugging Face
@@ -64,7 +68,8 @@ def export_cmd(model_dir: str, output: str, dtype: str, block_size: str | None, 
         export_checkpoint(model_dir, output, dtype=dtype, expert_dtype=expert_dtype, validate=validate, quiet=quiet,
                           ladder_rungs=rungs, force=force, block_size=None if block_size is None else int(block_size),
                           accuracy_level=None if accuracy_level is None else int(accuracy_level), lm_head=lm_head,
-                          expert_accuracy_level=None if expert_accuracy_level is None else int(expert_accuracy_level))
+                          expert_accuracy_level=None if expert_accuracy_level is None else int(expert_accuracy_level),
+                          ladder_block=None if ladder_block is None else int(ladder_block))
     except SwapMoEError as e:
         fail(e)
 
@@ -112,11 +117,14 @@ def ladder_group() -> None:
 @click.argument("artifact", type=click.Path(path_type=str))
 @click.option("--rung", "rungs", multiple=True, type=click.Choice(["int2", "int4", "int8"]), default=("int4",), show_default=True,
               help="Rung to add (repeat for several).")
+@click.option("--block", type=click.Choice(["16", "32", "64", "128"]), default=None,
+              help="Inputs per scale in the copies (default 32). Larger: fewer bytes, and a level-4 session holds "
+                   "less (switch-base int4: 4.17 MB at 32, 2.85 MB at 128).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def ladder_add_cmd(artifact: str, rungs: tuple[str, ...], quiet: bool) -> None:
+def ladder_add_cmd(artifact: str, rungs: tuple[str, ...], block: str | None, quiet: bool) -> None:
     """Write low-bit copies of every expert into an artifact exported without them."""
     try:
-        entries = add_rungs(artifact, tuple(rungs), quiet=quiet)
+        entries = add_rungs(artifact, tuple(rungs), quiet=quiet, block=None if block is None else int(block))
     except SwapMoEError as e:
         fail(e)
     except OSError as e:  # a read-only artifact, a full disk: the old manifest still stands
