@@ -42,7 +42,7 @@ def main() -> None:
                          "same_as_float32_full": same, "decode_ms_per_token": c["decode_ms_per_token"],
                          "peak_rss_bytes": c["peak_rss_bytes"], "baseline_bytes": c["baseline_bytes"],
                          "resident_experts": c["resident_experts"], "documents": c["documents"]})
-    print(f"| dense | policy, budget | ROUGE-2 | vs float32 full | same as float32 full | decode ms/token | baseline MiB | residents |")
+    print("| dense | policy, budget | ROUGE-2 | vs float32 full | same as float32 full | decode ms/token | baseline MiB | residents |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dense']} | {r['policy']} {r['budget']} | {r['rouge2']:.4f} | {r['delta_rouge2']:+.4f} (± {r['paired_se']:.4f}) | "
