@@ -33,6 +33,9 @@ def add_rungs(artifact: str | Path, rungs: tuple[str, ...] = ("int4",), quiet: b
     m = load_manifest(root)  # checks the artifact before anything is written
     for rung in rungs:
         why = ladder.rung_error(rung, m.expert_dtype)
+        if rung in m.ladder:  # its files would be rewritten under the manifest's old hashes
+            why = (f"it has one already (block {m.ladder[rung].block}); to write it again at another block, "
+                   f"export the model again with --ladder-block")
         if why:
             raise ExportError(f"cannot add the {rung} rung to {root}: {why}.")
     raw = json.loads((root / MANIFEST_NAME).read_text())

@@ -118,6 +118,12 @@ def test_larger_ladder_blocks_export_add_and_serve_with_both_kernels(ckpt, tmp_p
     assert m.ladder["int4"].block == block and wi.shape[2] == block // 2
     bare = export_checkpoint(ckpt, tmp_path / "bare", validate=False, quiet=True, ladder_rungs=())
     add_rungs(bare, ("int4",), quiet=True, block=block)
+    from swapmoe_edge.core.errors import ExportError
+
+    before = (bare / "manifest.json").read_bytes()
+    with pytest.raises(ExportError, match=f"has one already \\(block {block}\\)"):
+        add_rungs(bare, ("int4",), quiet=True, block=32)
+    assert (bare / "manifest.json").read_bytes() == before
     for key, x in load_manifest(bare, verify=True).experts.items():
         assert (bare / x.rungs["int4"].weights_file).read_bytes() == (art / m.experts[key].rungs["int4"].weights_file).read_bytes()
     rows = [[5, 6, 7, 8, 9, 1], [13, 14, 15, 1]]
