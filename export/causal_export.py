@@ -54,7 +54,8 @@ def swiglu_ladder() -> bool:
 
 def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = True, expert_dtype: str | None = None,
                   quiet: bool = False, stream=None, ladder_rungs: tuple[str, ...] | None = None, force: bool = False,
-                  block_size: int | None = None, accuracy_level: int | None = None, lm_head: str | None = None) -> Path:
+                  block_size: int | None = None, accuracy_level: int | None = None, lm_head: str | None = None,
+                  ladder_block: int | None = None) -> Path:
     """Export ``model_dir`` (a HF decoder-only MoE checkpoint) to ``out_dir``; return the artifact path.
 
     ``dtype`` int8 or int4: q/k/v/o, the shared expert and the LM head are stored for ONNX Runtime's
@@ -62,12 +63,13 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
     measured defaults), the embedding, norms and router float32. Lossy: validation compares with
     PyTorch on the same quantised weights and reports the loss against the float model.
     ``ladder_rungs``: None: int4 where ladder.py can write SwiGLU rungs and the experts are float32
-    or float16, none otherwise; ``()``: none.
+    or float16, none otherwise; ``()``: none. ``ladder_block``: inputs a scale in their copies (None: 32).
     """
     dense, expert_dtype, ladder_rungs = options.export_types(dtype, block_size, accuracy_level, lm_head, expert_dtype,
                                                              ladder_rungs, default_ladder=swiglu_ladder())
     if ladder_rungs and not swiglu_ladder():
         raise ExportError("the precision ladder has no SwiGLU rungs in this version; export with --ladder none.")
+    block = options.ladder_block(ladder_block, ladder_rungs)
     model_dir, out = Path(model_dir), Path(out_dir)
     options.check_validation_packages(validate)
     raw, cfg = read_causal_config(model_dir)
@@ -82,7 +84,7 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
         raise space.write_error(e, out, need, None) from e
     with sigterm_unwinds():
         return _export_into(reader, model_dir, out, raw, cfg, dense, expert_dtype, validate, quiet, stream,
-                            tuple(ladder_rungs), force, (need, free))
+                            tuple(ladder_rungs), force, (need, free), block)
 
 
 def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
@@ -141,7 +143,8 @@ def extra_of(model_dir: Path, cfg: CausalConfig) -> dict:
 
 
 def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cfg: CausalConfig, dense: quant.DenseWeights, expert_dtype: str,
-                 validate: bool, quiet: bool, stream, rungs: tuple[str, ...], force: bool, need_free: tuple[int, int]) -> Path:
+                 validate: bool, quiet: bool, stream, rungs: tuple[str, ...], force: bool, need_free: tuple[int, int],
+                 ladder_block: int = ladder.BLOCK) -> Path:
     stream = stream or sys.stderr
 
     def say(what: str) -> None:
@@ -154,7 +157,7 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
         raise space.write_error(e, out, *need_free) from e
     with removed_on_failure(tmp, out, need_free):
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, rungs, say)
+        body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, rungs, say, ladder_block)
         for rung, info in body.get("ladder", {}).items():
             ladder.check_rung(tmp, rung, info, body["experts"][0], cfg.hidden_size, "swiglu")
         tok = confined(model_dir, "tokenizer.json")
@@ -185,7 +188,7 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
 
 
 def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: quant.DenseWeights, expert_dtype: str, writer: ArtifactWriter,
-                     rungs: tuple[str, ...], say) -> dict:
+                     rungs: tuple[str, ...], say, ladder_block: int = ladder.BLOCK) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []
     experts: list[dict] = []
@@ -208,7 +211,7 @@ def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: quant.Dense
         for e in range(cfg.num_experts):
             wi_t, wo_t = reader.expert(i, e)
             experts.append(write_expert(writer, ExpertKey("decoder", i, e), f"{scope}/mlp/experts.{e}", wi_t, wo_t,
-                                        expert_dtype, rungs))
+                                        expert_dtype, rungs, ladder_block))
         say(f"{key.name}: {cfg.num_experts} experts ({time.perf_counter() - t0:.1f}s)")
     add("lm_head", graphs.IO["lm_head"], cg.lm_head_graph(reader.get("model.norm.weight"), reader.lm_head(), cfg, dtype))
     kernel_io = f"expert_kernel_{expert_dtype}" if expert_dtype in ("int8", "int4") else "expert_kernel"
@@ -227,7 +230,7 @@ def _ladder_graphs(writer: ArtifactWriter, add, cfg: CausalConfig, rungs: tuple[
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     for rung in rungs:
         out[rung] = ladder.write_templates(writer, d, f, "swiglu", rung, first["rungs"][rung])
-        add(ladder.kernel_name(rung), graphs.IO["rung_kernel"], ladder.kernel_graph(d, f, "swiglu", rung))
+        add(ladder.kernel_name(rung), graphs.IO["rung_kernel"], ladder.kernel_graph(d, f, "swiglu", rung, out[rung]["block"]))
     return out
 
 
@@ -243,7 +246,7 @@ def stored_parts(wi_t: np.ndarray, wo_t: np.ndarray, expert_dtype: str) -> tuple
 
 
 def write_expert(writer: ArtifactWriter, key: ExpertKey, scope: str, wi_t: np.ndarray, wo_t: np.ndarray, expert_dtype: str,
-                 rungs: tuple[str, ...] = ()) -> dict:
+                 rungs: tuple[str, ...] = (), ladder_block: int = ladder.BLOCK) -> dict:
     """One expert's weight block, its standalone subgraph and rung copies; its manifest entry."""
     try:
         parts, ran = stored_parts(wi_t, wo_t, expert_dtype)
@@ -254,7 +257,7 @@ def write_expert(writer: ArtifactWriter, key: ExpertKey, scope: str, wi_t: np.nd
     onnx_rel = f"experts/{key.name}.onnx"
     writer.write_onnx(onnx_rel, cg.expert_graph(scope, parts, expert_dtype, f"{key.name}.bin", offs))
     ins, outs = graphs.IO["expert"]
-    rung_entries = {r: ladder.write_rung(writer, key.name, scope, wi_t, wo_t, r) for r in rungs}
+    rung_entries = {r: ladder.write_rung(writer, key.name, scope, wi_t, wo_t, r, ladder_block) for r in rungs}
     leaf = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
     return {
         **({"rungs": rung_entries} if rung_entries else {}),

@@ -83,13 +83,23 @@ def test_lossy_expert_storage_validates_against_the_rounded_model(exported, tmp_
     assert m.expert_nbits == ({"bits": 4, "block_size": 32, "accuracy_level": 0} if expert_dtype == "int4" else None)
 
 
-def test_switch_only_export_options_are_refused_for_decoder_only_families(exported, tmp_path):
+def test_int4_experts_at_accuracy_level_4_are_refused_for_decoder_only_families(exported, tmp_path):
     _, ck, _ = exported["olmoe"]
     with pytest.raises(ExportError, match="expert-accuracy-level 4 is for Switch checkpoints"):
         export_checkpoint(ck, tmp_path / "a4", expert_dtype="int4", expert_accuracy_level=4, quiet=True)
-    with pytest.raises(ExportError, match="ladder-block 128 is for Switch checkpoints"):
-        export_checkpoint(ck, tmp_path / "b128", ladder_block=128, quiet=True)
-    assert not (tmp_path / "a4").exists() and not (tmp_path / "b128").exists()
+    assert not (tmp_path / "a4").exists()
+
+
+def test_ladder_copies_at_block_64_export_and_serve(exported, tmp_path):
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+
+    _, ck, _ = exported["olmoe"]
+    art = export_checkpoint(ck, tmp_path / "b64", ladder_rungs=("int4",), ladder_block=64, quiet=True)  # checks the rung
+    m = load_manifest(art, verify=True)
+    wi = next(t for t in next(iter(m.experts.values())).rungs["int4"].tensors if t.role == "wi")
+    assert m.ladder["int4"].block == 64 and wi.shape[2] == 32
+    with Runtime(art, RuntimeConfig(policy="ladder", ladder_primary=False, threads=1)) as rt:
+        assert all(len(r.token_ids) > 0 for r in rt.generate([[5, 6, 7, 8], [9, 10]], max_new_tokens=4))
 
 
 def test_float16_dense_weights_export_and_validate(exported, tmp_path):
