@@ -75,6 +75,33 @@ def test_beam_search_equals_hf_generate(models):
     assert _generate(parts, rows, num_beams=3) == ref
 
 
+def test_beam_search_runs_each_prompt_once_and_the_head_on_its_last_position(models):
+    """Beam search picks K copies of each row before the prompt runs: the prompt runs once a row,
+    the LM head on its last position only, and the K rows of cache and logits come from that run."""
+    _, parts = models["mixtral"]
+    model = parts.model
+    ids, mask = pad_left(ct.prompts(n=2), ct.PAD)
+    seen = []
+    run = model.sessions.run
+
+    def spy(name, feeds):
+        seen.append((name, {k: v.shape for k, v in feeds.items()}))
+        return run(name, feeds)
+
+    state = model.start(ids, mask).reorder(np.repeat(np.arange(2), 3))
+    assert state.prompt.shape[0] == 2 and list(state.rows) == [0, 0, 0, 1, 1, 1]
+    model.sessions.run = spy
+    try:
+        logits, state = model.step(state, None)
+    finally:
+        model.sessions.run = run
+    assert {shape["input_ids"][0] for name, shape in seen if name == "embed"} == {2}  # each prompt row once
+    assert [shape["hidden"] for name, shape in seen if name == "lm_head"] == [(2, 1, model.cfg.hidden_size)]
+    assert logits.shape[0] == 6 and state.past_key[0].shape[0] == 6 and state.prompt is None
+    full = model.forward(ids, mask)[:, -1]
+    np.testing.assert_allclose(logits, full[[0, 0, 0, 1, 1, 1]], rtol=1e-5, atol=1e-5 * np.abs(full).max())
+
+
 def test_a_row_that_ends_is_fed_pad_and_stops(models):
     model, parts = models["olmoe"]
     rows = ct.prompts()

@@ -12,7 +12,7 @@ Hk key/value heads, Dh head dim, E experts, V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -68,13 +68,16 @@ def attention_bias(mask: np.ndarray, t: int, window: int | None = None) -> np.nd
 @dataclass
 class CausalState:
     """A request's cache: per layer key/value [B, Hk, P, Dh], the mask of its P columns [B, P],
-    and the prompt and its mask [B, S] that the first step runs (None once it has)."""
+    and the prompt and its mask [B, S] that the first step runs (None once it has). ``rows``: the
+    rows of the prompt that the first step's outputs stand for, where a search picked rows before
+    the prompt ran (beam search's K copies of each): the prompt runs once a row, not K times."""
 
     past_key: list[np.ndarray]
     past_value: list[np.ndarray]
     mask: np.ndarray
     prompt: np.ndarray | None = None
     prompt_mask: np.ndarray | None = None
+    rows: np.ndarray | None = None
 
     @property
     def past_len(self) -> int:
@@ -82,6 +85,8 @@ class CausalState:
 
     def reorder(self, index: np.ndarray) -> "CausalState":
         """Select rows (beam search keeps the cache of the surviving beams)."""
+        if self.prompt is not None:  # not run yet: remember the rows, run each prompt row once
+            return replace(self, rows=index if self.rows is None else self.rows[index])
         pick = (lambda a: a[index])
         return CausalState([pick(k) for k in self.past_key], [pick(v) for v in self.past_value], pick(self.mask),
                            None if self.prompt is None else pick(self.prompt),
@@ -110,8 +115,9 @@ class CausalModel:
         return CausalState([empty] * len(self.layers), [empty] * len(self.layers), np.zeros((batch, 0), dtype=np.int64))
 
     def run(self, ids: np.ndarray, mask: np.ndarray, state: CausalState, capture: Capture | None = None,
-            hook: MoEHook | None = None) -> tuple[np.ndarray, CausalState]:
-        """ids, mask [B, T] (T new tokens after the state's P) -> logits [B, T, V] and the grown cache."""
+            hook: MoEHook | None = None, last_only: bool = False) -> tuple[np.ndarray, CausalState]:
+        """ids, mask [B, T] (T new tokens after the state's P) -> logits [B, T, V] (``last_only``: of the
+        last position, [B, 1, V]) and the grown cache."""
         t = ids.shape[1]
         full = np.concatenate([state.mask, mask.astype(np.int64)], axis=1)  # [B, L]
         pos = position_ids(full, t)  # [B, T]
@@ -125,7 +131,9 @@ class CausalModel:
             values.append(value)
             if capture:
                 capture(layer.key, h)
-        logits = self.sessions.run("lm_head", {"hidden": h})[0]  # [B, T, V]
+        # A prompt's step needs the last position only: the head on all T positions held B x T x V
+        # floats (9 MB for a 70-token prompt's four beams at a vocabulary of 8192) for one row of them.
+        logits = self.sessions.run("lm_head", {"hidden": h[:, -1:] if last_only else h})[0]  # [B, T or 1, V]
         return logits, CausalState(keys, values, full)
 
     def block(self, i: int, h: np.ndarray, pos: np.ndarray, bias: np.ndarray, past_key: np.ndarray, past_value: np.ndarray,
@@ -154,7 +162,11 @@ class CausalModel:
         """The next-token logits [B, V]: of the prompt's last position on the first step (``next_ids``
         unused), else of ``next_ids`` [B] after the cache."""
         if state.prompt is not None:
-            logits, state = self.run(state.prompt, state.prompt_mask, self.empty_state(state.prompt.shape[0]), hook=hook)
+            rows = state.rows
+            logits, state = self.run(state.prompt, state.prompt_mask, self.empty_state(state.prompt.shape[0]), hook=hook,
+                                     last_only=True)
+            if rows is not None:
+                logits, state = logits[rows], state.reorder(rows)
         else:
             ids = next_ids.reshape(-1, 1).astype(np.int64)
             logits, state = self.run(ids, np.ones_like(ids), state, hook=hook)
