@@ -81,7 +81,7 @@ def retemplate(artifact: str | Path, accuracy_level: int | None = None) -> dict[
     writer = ArtifactWriter(root)
     c, act = m.config, _expert_act(m)
     first = raw["experts"][0]
-    levels = {}
+    levels, stale = {}, []
     for rung, info in raw["ladder"].items():
         old_alt = info.get("session_graph_level0")
         entry = ladder.write_templates(writer, c.d_model, c.d_ff, act, rung, first["rungs"][rung], accuracy_level, ".new")
@@ -90,15 +90,15 @@ def retemplate(artifact: str | Path, accuracy_level: int | None = None) -> dict[
                 (root / f"{rel}.new").replace(root / rel)  # a new inode: a hard-linked old template elsewhere stays as it was
                 writer.files[rel] = writer.files.pop(f"{rel}.new")
         if old_alt and not entry.get("session_graph_level0"):
-            (root / old_alt).unlink(missing_ok=True)
             raw["files"].pop(old_alt, None)
-        info.update(entry)
-        if "session_graph_level0" not in entry:
-            info.pop("session_graph_level0", None)
-        ladder.check_rung(root, rung, info, first, c.d_model, act)
-        levels[rung] = ladder.template_accuracy(root / info["session_graph"])
+            stale.append(root / old_alt)
+        raw["ladder"][rung] = entry
+        ladder.check_rung(root, rung, entry, first, c.d_model, act)
+        levels[rung] = ladder.template_accuracy(root / entry["session_graph"])
     raw["files"].update(writer.files)
     write_json_atomic(root / MANIFEST_NAME, raw)
+    for path in stale:  # once the manifest no longer lists it
+        path.unlink(missing_ok=True)
     return levels
 
 

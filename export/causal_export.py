@@ -76,7 +76,7 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
     for name in SIDE_FILES:
         confined(model_dir, name)
     reader = CausalReader(model_dir, cfg)
-    need = artifact_bytes(cfg, dense, expert_dtype, tuple(ladder_rungs))
+    need = artifact_bytes(cfg, dense, expert_dtype, tuple(ladder_rungs), block)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         free = space.check_space(out.parent, need)
@@ -95,7 +95,8 @@ def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
     return space._packed(sizes[expert_dtype])
 
 
-def artifact_bytes(cfg: CausalConfig, dtype: "str | quant.DenseWeights", expert_dtype: str, rungs: tuple[str, ...]) -> int:
+def artifact_bytes(cfg: CausalConfig, dtype: "str | quant.DenseWeights", expert_dtype: str, rungs: tuple[str, ...],
+                   ladder_block: int = ladder.BLOCK) -> int:
     """Bytes on disk of the artifact export writes (an upper estimate, whole filesystem blocks)."""
     v, d, f, e, n = cfg.vocab_size, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_layers
     dw = dtype if isinstance(dtype, quant.DenseWeights) else quant.dense_weights(dtype)
@@ -108,7 +109,7 @@ def artifact_bytes(cfg: CausalConfig, dtype: "str | quant.DenseWeights", expert_
     layer = int((attn + 3 * d * cfg.shared_expert_size) * mm(dw.bits)) + (4 * d + e * d + 2 * d) * w
     dense = [v * d * w, int(v * d * mm(dw.lm_head_bits or dw.bits)) + d * w] + [layer] * n  # embed, LM head, step graphs
     per_expert = space._blocks(expert_block_bytes(d, f, expert_dtype)) + space._blocks(space.GRAPH_BYTES)
-    per_expert += sum(space._blocks(space.rung_block_bytes(d, f, r) + d * f * 2) for r in rungs)  # wi has 2F rows
+    per_expert += sum(space._blocks(space.rung_block_bytes(d, f, r, ladder_block) + d * f * 2) for r in rungs)  # wi has 2F rows
     total = sum(space._blocks(x + space.GRAPH_BYTES) for x in dense) + n * e * per_expert
     n_files = len(dense) + n * e * (2 + len(rungs)) + 3 * len(rungs) + 3
     return total + len(rungs) * 3 * space._blocks(space.GRAPH_BYTES) + space._blocks(n_files * space.MANIFEST_BYTES_PER_FILE)
@@ -258,7 +259,6 @@ def write_expert(writer: ArtifactWriter, key: ExpertKey, scope: str, wi_t: np.nd
     writer.write_onnx(onnx_rel, cg.expert_graph(scope, parts, expert_dtype, f"{key.name}.bin", offs))
     ins, outs = graphs.IO["expert"]
     rung_entries = {r: ladder.write_rung(writer, key.name, scope, wi_t, wo_t, r, ladder_block) for r in rungs}
-    leaf = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
     return {
         **({"rungs": rung_entries} if rung_entries else {}),
         "stack": key.stack, "layer": key.layer, "expert": key.expert,
@@ -266,6 +266,6 @@ def write_expert(writer: ArtifactWriter, key: ExpertKey, scope: str, wi_t: np.nd
         "weights_file": bin_rel, "nbytes": writer.files[bin_rel]["size"],
         # ||E|| of SwapMoE's Eq. 1, on the weights that actually run
         "norm": float(np.sqrt(sum(np.sum(np.asarray(w, np.float64) ** 2) for w in ran))),
-        "tensors": [{"name": f"{scope}/{leaf[role]}", "role": role, "offset": offs[role], "shape": list(arr.shape),
+        "tensors": [{"name": f"{scope}/{quant.TENSOR_LEAF[role]}", "role": role, "offset": offs[role], "shape": list(arr.shape),
                      "dtype": str(arr.dtype)} for role, arr in parts.items()],
     }

@@ -164,8 +164,7 @@ def expert_graph(scope: str, parts: dict, dtype: str, location: str, offsets: di
     x = g.input("x", F32, ["N", d])
 
     def get(role: str) -> str:
-        name = f"{role.replace('_scale', '')}.{'scale' if role.endswith('_scale') else 'weight'}"
-        return g.weight(name, parts[role], {"location": location, "offset": offsets[role]}, raw=True)
+        return g.weight(quant.TENSOR_LEAF[role], parts[role], {"location": location, "offset": offsets[role]}, raw=True)
 
     wi, wo = _expert_weights(g, dtype, d, f, get)
     y = g.op("MatMul", [swiglu(g, g.op("MatMul", [x, wi], hint="wi"), f), wo], hint="wo")

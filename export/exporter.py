@@ -122,7 +122,7 @@ def export_checkpoint(
         confined(model_dir, name)
     reader = CheckpointReader(model_dir)
     check_sparse_layers(model_dir, cfg, reader.names())
-    need = _artifact_bytes(reader, model_dir, cfg, dense, expert_dtype, tuple(ladder_rungs), fuse_layers)
+    need = _artifact_bytes(reader, model_dir, cfg, dense, expert_dtype, tuple(ladder_rungs), fuse_layers, block)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         free = space.check_space(out.parent, need)
@@ -134,12 +134,13 @@ def export_checkpoint(
 
 
 def _artifact_bytes(reader: CheckpointReader, model_dir: Path, cfg: ModelConfig, dtype: quant.DenseWeights, expert_dtype: str,
-                    rungs: tuple[str, ...], fuse_layers: bool) -> int:
+                    rungs: tuple[str, ...], fuse_layers: bool, ladder_block: int = ladder.BLOCK) -> int:
     """space.artifact_bytes for this checkpoint: its own per-stack tables and tokenizer count too."""
     tables = 0 if cfg.tie_word_embeddings else sum(reader.has(f"{s}.embed_tokens.weight") for s in ("encoder", "decoder"))
     tok = confined(model_dir, "tokenizer.json")
     side = tok.stat().st_size if tok.is_file() else 0
-    return space.artifact_bytes(cfg, dtype, expert_dtype, rungs, stack_tables=tables, side_bytes=side, fused=fuse_layers)
+    return space.artifact_bytes(cfg, dtype, expert_dtype, rungs, stack_tables=tables, side_bytes=side, fused=fuse_layers,
+                                ladder_block=ladder_block)
 
 
 def _export_into(reader: CheckpointReader, model_dir: Path, out: Path, raw_cfg: dict, cfg: ModelConfig, dense: quant.DenseWeights, expert_dtype: str,
@@ -321,7 +322,6 @@ def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str,
         offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
         model = graphs.expert_int8_graph(name, parts, cfg.dense_act_fn, f"{key.name}.bin", offs)
         ran = (quant.dequantize_int8(qi, si), quant.dequantize_int8(qo, so))
-        names = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
     elif expert_dtype == "int4":
         try:
             parts, ran = ladder.int4_expert(wi_t, wo_t)
@@ -330,13 +330,11 @@ def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str,
         offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
         model = ladder.int4_expert_graph(name, cfg.d_model, cfg.d_ff, cfg.dense_act_fn, parts, offs, f"{key.name}.bin",
                                          expert_level)
-        names = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
     else:
         parts = {"wi": wi_t.astype(expert_dtype), "wo": wo_t.astype(expert_dtype)}
         offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
         model = graphs.expert_graph(name, wi_t.T, wo_t.T, cfg.dense_act_fn, expert_dtype, f"{key.name}.bin", (offs["wi"], offs["wo"]))
         ran = (parts["wi"], parts["wo"])
-        names = {"wi": "wi.weight", "wo": "wo.weight"}
     # ||E|| of SwapMoE's Eq. 1, on the weights that actually run.
     norm = float(np.sqrt(sum(np.sum(np.asarray(w, np.float64) ** 2) for w in ran)))
     onnx_rel = f"experts/{key.name}.onnx"
@@ -354,7 +352,7 @@ def _write_expert(reader: CheckpointReader, cfg: ModelConfig, expert_dtype: str,
         "nbytes": writer.files[bin_rel]["size"],
         "norm": norm,
         "tensors": [
-            {"name": f"{name}/{names[role]}", "role": role, "offset": offs[role], "shape": list(arr.shape), "dtype": str(arr.dtype)}
+            {"name": f"{name}/{quant.TENSOR_LEAF[role]}", "role": role, "offset": offs[role], "shape": list(arr.shape), "dtype": str(arr.dtype)}
             for role, arr in parts.items()
         ],
     }

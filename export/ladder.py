@@ -43,6 +43,7 @@ from swapmoe_edge.core.errors import ExportError
 
 from . import quant
 from .builder import F32, MS, OPSET_INT4, U8, BuiltGraph, GraphBuilder, external_tensor, point_at
+from .expert_check import activation
 
 BLOCK = 32  # the default; export's --ladder-block (and `swapmoe ladder add --block`) may choose 16-128
 BLOCKS = (16, 32, 64, 128)
@@ -161,7 +162,7 @@ def _nbits_expert(scope: str, d_model: int, d_ff: int, act: str, bits: int, tens
     x = g.input("x", F32, ["N", d_model])
     where = {t["role"]: t for t in tensors}
     name = {role: where[role].get("name", role) for role in ROLES}
-    block = where["wi"]["shape"][2] * 8 // bits  # q[N, K/block, block*bits/8]
+    block = codes_block(where["wi"]["shape"], bits)
     for role in ROLES:
         t = where[role]
         init = external_tensor(name[role], U8 if t["dtype"] == "uint8" else F32, t["shape"])
@@ -193,8 +194,7 @@ def int4_expert(wi_t: np.ndarray, wo_t: np.ndarray) -> tuple[dict[str, np.ndarra
 def int4_expert_graph(scope: str, d_model: int, d_ff: int, act: str, parts: dict, offsets: dict, location: str,
                       accuracy_level: int = quant.INT4_ACCURACY) -> BuiltGraph:
     """An int4 expert's own subgraph: two MatMulNBits at ``accuracy_level`` on its weight block."""
-    leaf = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}  # the manifest's names
-    tensors = [{"name": f"{scope}/{leaf[r]}", "role": r, "offset": offsets[r], "shape": list(a.shape), "dtype": str(a.dtype)}
+    tensors = [{"name": f"{scope}/{quant.TENSOR_LEAF[r]}", "role": r, "offset": offsets[r], "shape": list(a.shape), "dtype": str(a.dtype)}
                for r, a in parts.items()]
     return _nbits_expert(scope, d_model, d_ff, act, 4, tensors, location, accuracy_level)
 
@@ -262,9 +262,13 @@ def write_templates(writer, d_model: int, d_ff: int, act: str, rung: str, entry:
 
 
 def entry_block(entry: dict, rung: str) -> int:
-    """The block size of a rung copy's manifest entry, from its wi codes' shape [N, K/block, block*bits/8]."""
-    wi = next(t for t in entry["tensors"] if t["role"] == "wi")
-    return wi["shape"][2] * 8 // RUNGS[rung]
+    """The block size of a rung copy's manifest entry."""
+    return codes_block(next(t for t in entry["tensors"] if t["role"] == "wi")["shape"], RUNGS[rung])
+
+
+def codes_block(shape, bits: int) -> int:
+    """The block size of MatMulNBits codes of ``shape`` [N, K/block, block*bits/8]."""
+    return shape[2] * 8 // bits
 
 
 def kernel_name(rung: str) -> str:
@@ -300,7 +304,7 @@ def check_rung(root, rung: str, info: dict, expert: dict, d_model: int, act: str
     kernel = ort.InferenceSession(str(Path(root) / f"dense/{info['kernel']}.onnx"))
     ys = [ort.InferenceSession(str(t), opts).run(None, {"x": x})[0] for t in templates]
     ys.append(kernel.run(None, {"x": x, **parts})[0])
-    ref = _act(x @ wi, act) @ wo
+    ref = activation(x @ wi, act) @ wo
     errs = [float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)) for y in ys]
     # level 4 rounds the activations to int8 (~1% of the output); a layout error is ~100%
     bound = [ACTIVATION_ROUNDING if template_accuracy(t) >= 4 else 1e-4 for t in templates] + [1e-4]
@@ -329,17 +333,3 @@ def _ffn_act(g: GraphBuilder, h: str, act: str, d_ff: int) -> str:
     gate, up = g.op("Split", [h, g.const([d_ff, d_ff])], hint="swiglu", n_out=2, axis=1)
     silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], hint="swiglu")], hint="swiglu")
     return g.op("Mul", [silu, up], hint="swiglu")
-
-
-def _act(h: np.ndarray, kind: str) -> np.ndarray:
-    """The expert activation in numpy (``_ffn_act``), for the rung check."""
-    if kind == "swiglu":
-        gate, up = np.split(h, 2, axis=-1)
-        return gate / (1 + np.exp(-gate)) * up
-    if kind == "relu":
-        return np.maximum(h, 0)
-    if kind == "gelu":
-        from math import erf, sqrt
-
-        return 0.5 * h * (1 + np.vectorize(erf)(h / sqrt(2))).astype(np.float32)
-    return 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))

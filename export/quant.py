@@ -28,6 +28,8 @@ EXPERT_DTYPES = ("float32", "float16", "int8", "int4")
 LOSSY = {"float32": False, "float16": True, "int8": True, "int4": True}
 INT4_GROUP = 32  # inputs per scale of an int4 expert (MatMulNBits block_size)
 INT4_ACCURACY = 0  # MatMulNBits accuracy level of an int4 expert's own graph
+# role -> the leaf of a stored expert tensor's name (its graph initializer, the manifest's "name")
+TENSOR_LEAF = {"wi": "wi.weight", "wi_scale": "wi.scale", "wo": "wo.weight", "wo_scale": "wo.scale"}
 
 
 def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -49,16 +49,16 @@ def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
     return _packed(nbits_sizes(d, f, 4) + nbits_sizes(f, d, 4))  # ladder.int4_expert
 
 
-def nbits_sizes(k: int, n: int, bits: int) -> list[int]:
+def nbits_sizes(k: int, n: int, bits: int, block: int = ladder.BLOCK) -> list[int]:
     """Bytes of a [K, N] weight's codes and float32 scales in the rungs' MatMulNBits layout."""
-    kb = -(-k // ladder.BLOCK)
-    return [n * kb * ladder.BLOCK * bits // 8, n * kb * 4]
+    kb = -(-k // block)
+    return [n * kb * block * bits // 8, n * kb * 4]
 
 
-def rung_block_bytes(d: int, f: int, rung: str) -> int:
+def rung_block_bytes(d: int, f: int, rung: str, block: int = ladder.BLOCK) -> int:
     """The size of one expert's ladder copy ``experts/NAME.RUNG.bin`` (ladder.rung_arrays)."""
     bits = ladder.RUNGS[rung]
-    return _packed(nbits_sizes(d, f, bits) + nbits_sizes(f, d, bits))
+    return _packed(nbits_sizes(d, f, bits, block) + nbits_sizes(f, d, bits, block))
 
 
 def matmul_bytes(k: int, n: int, dense: "str | quant.DenseWeights") -> int:
@@ -70,7 +70,7 @@ def matmul_bytes(k: int, n: int, dense: "str | quant.DenseWeights") -> int:
 
 
 def artifact_bytes(cfg: ModelConfig, dtype: "str | quant.DenseWeights", expert_dtype: str, rungs: tuple[str, ...] = (),
-                   stack_tables: int = 0, side_bytes: int = 0, fused: bool = True) -> int:
+                   stack_tables: int = 0, side_bytes: int = 0, fused: bool = True, ladder_block: int = ladder.BLOCK) -> int:
     """Bytes on disk of the artifact export writes for ``cfg`` (an upper estimate, whole blocks).
 
     ``dtype``: the dense weights' type (a quant.DenseWeights for MatMulNBits dense weights).
@@ -103,7 +103,7 @@ def artifact_bytes(cfg: ModelConfig, dtype: "str | quant.DenseWeights", expert_d
     files = [_blocks(n + GRAPH_BYTES) for n in dense]
     n_experts = e * len(cfg.sparse_layers())
     per_expert = _blocks(expert_block_bytes(d, f, expert_dtype)) + _blocks(GRAPH_BYTES)
-    per_expert += sum(_blocks(rung_block_bytes(d, f, r)) for r in rungs)
+    per_expert += sum(_blocks(rung_block_bytes(d, f, r, ladder_block)) for r in rungs)
     n_files = len(files) + n_experts * (2 + len(rungs)) + 3 * len(rungs) + 3
     total = sum(files) + n_experts * per_expert + len(rungs) * 3 * _blocks(GRAPH_BYTES)  # rung template, kernels
     total += _blocks(side_bytes) + _blocks(n_files * MANIFEST_BYTES_PER_FILE) + _blocks(GRAPH_BYTES)  # expert kernel

@@ -107,7 +107,7 @@ def test_ladder_add_writes_what_export_writes(ckpt, art, tmp_path):
         assert (bare / e.rungs["int4"].weights_file).read_bytes() == (art / ref.experts[key].rungs["int4"].weights_file).read_bytes()
 
 
-@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("block", [16, 64, 128])
 def test_larger_ladder_blocks_export_add_and_serve_with_both_kernels(ckpt, tmp_path, block):
     """--ladder-block: the copies carry fewer scales, the manifest and the kernels say the block,
     and the ladder serves on MatMulNBits sessions and on the standard-op kernel alike."""
@@ -116,6 +116,9 @@ def test_larger_ladder_blocks_export_add_and_serve_with_both_kernels(ckpt, tmp_p
     e = next(iter(m.experts.values())).rungs["int4"]
     wi = next(t for t in e.tensors if t.role == "wi")
     assert m.ladder["int4"].block == block and wi.shape[2] == block // 2
+    from swapmoe_export import space
+
+    assert e.nbytes == space.rung_block_bytes(m.config.d_model, m.config.d_ff, "int4", block)  # the disk estimate's
     bare = export_checkpoint(ckpt, tmp_path / "bare", validate=False, quiet=True, ladder_rungs=())
     add_rungs(bare, ("int4",), quiet=True, block=block)
     from swapmoe_edge.core.errors import ExportError

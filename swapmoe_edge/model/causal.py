@@ -87,10 +87,7 @@ class CausalState:
         """Select rows (beam search keeps the cache of the surviving beams)."""
         if self.prompt is not None:  # not run yet: remember the rows, run each prompt row once
             return replace(self, rows=index if self.rows is None else self.rows[index])
-        pick = (lambda a: a[index])
-        return CausalState([pick(k) for k in self.past_key], [pick(v) for v in self.past_value], pick(self.mask),
-                           None if self.prompt is None else pick(self.prompt),
-                           None if self.prompt_mask is None else pick(self.prompt_mask))
+        return CausalState([k[index] for k in self.past_key], [v[index] for v in self.past_value], self.mask[index])
 
 
 class CausalModel:

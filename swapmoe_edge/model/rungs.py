@@ -124,13 +124,14 @@ class RungRunner:
         log.warning("the %s rung runs on standard ONNX ops (slower): %s", self.rung, why)
         return "standard"
 
-    def _session(self, block: np.ndarray) -> ort.InferenceSession:
+    def _session(self, block: np.ndarray, template: bytes | None = None) -> ort.InferenceSession:
+        """A session of ``template`` (None: the rung's current one) on the copy's bytes ``block``."""
         opts = session_options(self.threads)
         # Two MatMulNBits and an activation: graph rewrites have nothing to fuse, and skipping
         # them shortens every session build (one per copy swapped in).
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_external_initializers_from_files_in_memory([self.info.data_name], [block], [block.nbytes])
-        return ort.InferenceSession(self.template, sess_options=opts, providers=self.providers)
+        return ort.InferenceSession(template or self.template, sess_options=opts, providers=self.providers)
 
     def load(self, expert: LoadedExpert, mode: str | None = None) -> LoadedExpert:
         """A read rung block -> an expert the kernel runs (a session of its own in ``nbits`` mode)."""
@@ -170,11 +171,7 @@ class RungRunner:
             self.modes["encoder"] = "standard"
         self.costs = {stack: session if mode == "nbits" else nbytes for stack, mode in self.modes.items()}
         if self.mode == "nbits" and self.level0 is not None and self.requested == "auto":
-            default, self.template = self.template, self.level0
-            try:
-                level0 = session_bytes(lambda: self.load(raw, "nbits"), nbytes)
-            finally:
-                self.template = default
+            level0 = session_bytes(lambda: self._session(raw.block, self.level0), nbytes)
             self.level0_costs = {stack: level0 if mode == "nbits" else nbytes for stack, mode in self.modes.items()}
         return dict(self.costs)
 
