@@ -5,8 +5,9 @@
 Opens the artifact's decoder step subgraph alone (one thread, the runtime's graph
 optimisations), feeds it one token of random activations with ``--past`` cached positions and
 a 64-token encoder output, runs it ``--calls`` times after a warm-up, and prints the time a call
-takes, ONNX Runtime's own per-node profile summed by operator type, and what is left for the
-call itself (binding, allocation, the executor). The step's weights stay in cache across calls,
+takes, ONNX Runtime's own per-node profile summed by operator type, what is left for the
+call itself (binding, allocation, the executor, and most of all the profiler's own work), and
+the time a call takes in a session without the profiler. The step's weights stay in cache across calls,
 so this prices compute and overhead, not the memory-bandwidth floor (bench_decode.py).
 
     python scripts/bench_step_nodes.py ART --decode 90 [--json OUT]
@@ -15,7 +16,9 @@ so this prices compute and overhead, not the memory-bandwidth floor (bench_decod
 The runtime (`full`, one thread) decodes N tokens (a new 60-token request every 30) with ONNX
 Runtime's profiler on in its decoder step graphs and LM head; prints ms/token by part (ORT calls
 by subgraph kind, the expert kernel, the routing and dispatch around it) and the step graphs'
-and LM head's node time by operator type, a token's worth. Profiling itself adds a little.
+and LM head's node time by operator type, a token's worth. The profiler costs time of its own
+(tens of microseconds a call, mostly outside the nodes), so the same tokens are decoded first
+without it, and that total is printed beside.
 
     python scripts/bench_step_nodes.py ART --pair dec.L02.step,dec.L03.step
 
@@ -65,6 +68,14 @@ def profile(art: Path, layer: str, past: int, calls: int) -> dict:
             sess.run(None, feeds)
         per_call = (time.perf_counter() - t0) / calls * 1e6
         events = json.loads(Path(sess.end_profiling()).read_text())
+        opts.enable_profiling = False  # the same calls without the profiler, which costs time of its own
+        plain = ort.InferenceSession(str(m.path(m.subgraphs[layer].file)), opts, providers=["CPUExecutionProvider"])
+        for _ in range(warm):
+            plain.run(None, feeds)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            plain.run(None, feeds)
+        plain_call = (time.perf_counter() - t0) / calls * 1e6
     runs = warm + calls
     by_op, count = collections.Counter(), collections.Counter()
     for e in events:
@@ -72,7 +83,8 @@ def profile(art: Path, layer: str, past: int, calls: int) -> dict:
             by_op[e["args"]["op_name"]] += e["dur"]
             count[e["args"]["op_name"]] += 1
     nodes = sum(by_op.values()) / runs
-    return {"artifact": str(art), "layer": layer, "past": past, "call_us": per_call, "nodes_us": nodes,
+    return {"artifact": str(art), "layer": layer, "past": past, "call_us": per_call, "unprofiled_call_us": plain_call,
+            "nodes_us": nodes,
             "outside_nodes_us": per_call - nodes,
             "by_op_us": {op: d / runs for op, d in by_op.most_common()}, "nodes_per_call": {op: count[op] / runs for op in by_op}}
 
@@ -98,26 +110,33 @@ def decode_profile(art: Path, tokens: int) -> dict:
     vocab = rt.manifest.config.vocab_size
     ids = np.array([[int(t) for t in np.random.default_rng(0).integers(5, vocab, 59)] + [1]])
     mask = np.ones_like(ids)
+    timers = _install_profile(rt)
+
+    def run(tokens: int) -> None:
+        for step in range(tokens + 1):
+            if step % 30 == 0:
+                state, tok = model.start_decoder(model.encode(ids, mask), mask), np.zeros((1, 1), np.int64)
+            if step == 1:
+                timers.clear()  # the first token (opening the profiled sessions, on the second pass) left out
+            logits, state = model.decode(tok, state)
+            tok = logits[:, -1].argmax(-1).reshape(1, 1)
+
+    run(tokens)  # without ORT's profiler: what profiling adds is the difference of the totals
+    plain = timers["decode() total"] / timers.counts["decode() total"] * 1e3
     with tempfile.TemporaryDirectory() as tmp:
         sessions.opts.enable_profiling = True  # the sessions released here reopen with it on first use
         sessions.opts.profile_file_prefix = str(Path(tmp) / "dec")
         for name in profiled:
             sessions.release(name)
-        timers = _install_profile(rt)
-        for step in range(tokens + 1):
-            if step % 30 == 0:
-                state, tok = model.start_decoder(model.encode(ids, mask), mask), np.zeros((1, 1), np.int64)
-            if step == 1:
-                timers.clear()  # the first token opened the profiled sessions
-            logits, state = model.decode(tok, state)
-            tok = logits[:, -1].argmax(-1).reshape(1, 1)
+        run(tokens)
         parts = {"step" if n != "lm_head" else "lm_head": collections.Counter() for n in profiled}
         for name in profiled:
             by_op, runs = _node_events(json.loads(Path(sessions.get(name).end_profiling()).read_text()))
             for op, us in by_op.items():
                 parts["step" if name != "lm_head" else "lm_head"][op] += us / max(runs, 1)  # one call a token
     n = timers.counts.get("decode() total", 1)
-    out = {"artifact": str(art), "tokens": tokens, "ms_per_token": {k: v / n * 1e3 for k, v in sorted(timers.items())},
+    out = {"artifact": str(art), "tokens": tokens, "unprofiled_ms_per_token": plain,
+           "ms_per_token": {k: v / n * 1e3 for k, v in sorted(timers.items())},
            "nodes_us_per_token": {part: dict(c.most_common()) for part, c in parts.items()}}
     rt.close()
     return out
@@ -175,7 +194,8 @@ def main(argv=None) -> int:
         for art in a.artifacts:
             if a.decode:
                 r = decode_profile(art, a.decode)
-                print(f"{art}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ms_per_token"].items()) + " (ms/token)")
+                print(f"{art}: without ORT's profiler {r['unprofiled_ms_per_token']:.2f} ms/token; with it "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in r["ms_per_token"].items()) + " (ms/token)")
                 for part, ops in r["nodes_us_per_token"].items():
                     print(f"    {part}: " + ", ".join(f"{op} {us:.0f}" for op, us in list(ops.items())[:8]) + " (us/token)")
             else:
@@ -189,7 +209,8 @@ def main(argv=None) -> int:
     for art in a.artifacts:
         r = profile(art, a.layer, a.past, a.calls)
         out.append(r)
-        print(f"{art}: {r['call_us']:.1f} us a call, nodes {r['nodes_us']:.1f} us, outside them {r['outside_nodes_us']:.1f} us")
+        print(f"{art}: {r['call_us']:.1f} us a call, nodes {r['nodes_us']:.1f} us, outside them {r['outside_nodes_us']:.1f} us; "
+              f"without the profiler {r['unprofiled_call_us']:.1f} us a call")
         for op, us in r["by_op_us"].items():
             print(f"    {op:34s} {us:8.1f} us  ({r['nodes_per_call'][op]:.0f} a call)")
     if a.json:

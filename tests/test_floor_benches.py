@@ -51,6 +51,7 @@ def test_decode_profile_splits_a_token_by_part_and_operator(artifact, tmp_path):
     _run(["bench_step_nodes.py", str(artifact), "--decode", "4", "--json", str(out)])
     (r,) = json.loads(out.read_text())
     ms = r["ms_per_token"]
+    assert r["unprofiled_ms_per_token"] > 0
     assert ms["decode() total"] > 0 and ms["ort:step"] > 0 and ms["ort:lm_head"] > 0
     steps, head = r["nodes_us_per_token"]["step"], r["nodes_us_per_token"]["lm_head"]
     assert "MultiHeadAttention" in steps and any(op.endswith("MatMul") for op in steps)
