@@ -55,7 +55,7 @@ def swiglu_ladder() -> bool:
 def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = True, expert_dtype: str | None = None,
                   quiet: bool = False, stream=None, ladder_rungs: tuple[str, ...] | None = None, force: bool = False,
                   block_size: int | None = None, accuracy_level: int | None = None, lm_head: str | None = None,
-                  ladder_block: int | None = None) -> Path:
+                  ladder_block: int | None = None, expert_accuracy_level: int | None = None) -> Path:
     """Export ``model_dir`` (a HF decoder-only MoE checkpoint) to ``out_dir``; return the artifact path.
 
     ``dtype`` int8 or int4: q/k/v/o, the shared expert and the LM head are stored for ONNX Runtime's
@@ -64,12 +64,15 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
     PyTorch on the same quantised weights and reports the loss against the float model.
     ``ladder_rungs``: None: int4 where ladder.py can write SwiGLU rungs and the experts are float32
     or float16, none otherwise; ``()``: none. ``ladder_block``: inputs a scale in their copies (None: 32).
+    ``expert_accuracy_level`` (int4 experts; None: 0): 4 rounds the experts' activations to int8 per
+    block, validated against transformers rounding them alike.
     """
     dense, expert_dtype, ladder_rungs = options.export_types(dtype, block_size, accuracy_level, lm_head, expert_dtype,
                                                              ladder_rungs, default_ladder=swiglu_ladder())
     if ladder_rungs and not swiglu_ladder():
         raise ExportError("the precision ladder has no SwiGLU rungs in this version; export with --ladder none.")
     block = options.ladder_block(ladder_block, ladder_rungs)
+    expert_level = options.expert_level(expert_accuracy_level, expert_dtype)
     model_dir, out = Path(model_dir), Path(out_dir)
     options.check_validation_packages(validate)
     raw, cfg = read_causal_config(model_dir)
@@ -84,7 +87,7 @@ def export_causal(model_dir, out_dir, dtype: str = "float32", validate: bool = T
         raise space.write_error(e, out, need, None) from e
     with sigterm_unwinds():
         return _export_into(reader, model_dir, out, raw, cfg, dense, expert_dtype, validate, quiet, stream,
-                            tuple(ladder_rungs), force, (need, free), block)
+                            tuple(ladder_rungs), force, (need, free), block, expert_level)
 
 
 def expert_block_bytes(d: int, f: int, expert_dtype: str) -> int:
@@ -145,7 +148,7 @@ def extra_of(model_dir: Path, cfg: CausalConfig) -> dict:
 
 def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cfg: CausalConfig, dense: quant.DenseWeights, expert_dtype: str,
                  validate: bool, quiet: bool, stream, rungs: tuple[str, ...], force: bool, need_free: tuple[int, int],
-                 ladder_block: int = ladder.BLOCK) -> Path:
+                 ladder_block: int = ladder.BLOCK, expert_level: int = quant.INT4_ACCURACY) -> Path:
     stream = stream or sys.stderr
 
     def say(what: str) -> None:
@@ -158,7 +161,7 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
         raise space.write_error(e, out, *need_free) from e
     with removed_on_failure(tmp, out, need_free):
         writer = ArtifactWriter(tmp)
-        body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, rungs, say, ladder_block)
+        body = _write_subgraphs(reader, cfg, dense, expert_dtype, writer, rungs, say, ladder_block, expert_level)
         for rung, info in body.get("ladder", {}).items():
             ladder.check_rung(tmp, rung, info, body["experts"][0], cfg.hidden_size, "swiglu")
         tok = confined(model_dir, "tokenizer.json")
@@ -189,7 +192,8 @@ def _export_into(reader: CausalReader, model_dir: Path, out: Path, raw: dict, cf
 
 
 def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: quant.DenseWeights, expert_dtype: str, writer: ArtifactWriter,
-                     rungs: tuple[str, ...], say, ladder_block: int = ladder.BLOCK) -> dict:
+                     rungs: tuple[str, ...], say, ladder_block: int = ladder.BLOCK,
+                     expert_level: int = quant.INT4_ACCURACY) -> dict:
     subgraphs: dict[str, dict] = {}
     layers: list[dict] = []
     experts: list[dict] = []
@@ -212,7 +216,7 @@ def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: quant.Dense
         for e in range(cfg.num_experts):
             wi_t, wo_t = reader.expert(i, e)
             experts.append(write_expert(writer, ExpertKey("decoder", i, e), f"{scope}/mlp/experts.{e}", wi_t, wo_t,
-                                        expert_dtype, rungs, ladder_block))
+                                        expert_dtype, rungs, ladder_block, expert_level))
         say(f"{key.name}: {cfg.num_experts} experts ({time.perf_counter() - t0:.1f}s)")
     add("lm_head", graphs.IO["lm_head"], cg.lm_head_graph(reader.get("model.norm.weight"), reader.lm_head(), cfg, dtype))
     kernel_io = f"expert_kernel_{expert_dtype}" if expert_dtype in ("int8", "int4") else "expert_kernel"
@@ -221,7 +225,7 @@ def _write_subgraphs(reader: CausalReader, cfg: CausalConfig, dtype: quant.Dense
     if rungs and experts:
         body["ladder"] = _ladder_graphs(writer, add, cfg, rungs, experts[0])
     if expert_dtype == "int4":
-        body["expert_nbits"] = quant.expert_nbits(quant.INT4_ACCURACY)
+        body["expert_nbits"] = quant.expert_nbits(expert_level)
     return body
 
 
@@ -247,7 +251,7 @@ def stored_parts(wi_t: np.ndarray, wo_t: np.ndarray, expert_dtype: str) -> tuple
 
 
 def write_expert(writer: ArtifactWriter, key: ExpertKey, scope: str, wi_t: np.ndarray, wo_t: np.ndarray, expert_dtype: str,
-                 rungs: tuple[str, ...] = (), ladder_block: int = ladder.BLOCK) -> dict:
+                 rungs: tuple[str, ...] = (), ladder_block: int = ladder.BLOCK, expert_level: int = quant.INT4_ACCURACY) -> dict:
     """One expert's weight block, its standalone subgraph and rung copies; its manifest entry."""
     try:
         parts, ran = stored_parts(wi_t, wo_t, expert_dtype)
@@ -256,7 +260,7 @@ def write_expert(writer: ArtifactWriter, key: ExpertKey, scope: str, wi_t: np.nd
     bin_rel = f"experts/{key.name}.bin"
     offs = dict(zip(parts, writer.write_blocks(bin_rel, list(parts.values()))))
     onnx_rel = f"experts/{key.name}.onnx"
-    writer.write_onnx(onnx_rel, cg.expert_graph(scope, parts, expert_dtype, f"{key.name}.bin", offs))
+    writer.write_onnx(onnx_rel, cg.expert_graph(scope, parts, expert_dtype, f"{key.name}.bin", offs, expert_level))
     ins, outs = graphs.IO["expert"]
     rung_entries = {r: ladder.write_rung(writer, key.name, scope, wi_t, wo_t, r, ladder_block) for r in rungs}
     return {

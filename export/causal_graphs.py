@@ -154,11 +154,13 @@ def _expert_weights(g: GraphBuilder, dtype: str, d: int, f: int, get) -> tuple[s
     return wi, wo
 
 
-def expert_graph(scope: str, parts: dict, dtype: str, location: str, offsets: dict) -> BuiltGraph:
-    """One expert alone: x [N, D] -> SwiGLU(x wi) wo, its stored arrays external in its weight block."""
+def expert_graph(scope: str, parts: dict, dtype: str, location: str, offsets: dict,
+                 accuracy_level: int = quant.INT4_ACCURACY) -> BuiltGraph:
+    """One expert alone: x [N, D] -> SwiGLU(x wi) wo, its stored arrays external in its weight block
+    (int4: two MatMulNBits at ``accuracy_level``)."""
     if dtype == "int4":  # MatMulNBits (ladder.int4_expert): wi [2F, D/32, 16], wo [D, F/32, 16]
         d, f = parts["wo"].shape[0], parts["wi"].shape[0] // 2
-        return ladder.int4_expert_graph(scope, d, f, "swiglu", parts, offsets, location)
+        return ladder.int4_expert_graph(scope, d, f, "swiglu", parts, offsets, location, accuracy_level)
     g = GraphBuilder(scope, dtype)
     d, f = parts["wi"].shape[0], parts["wo"].shape[0]
     x = g.input("x", F32, ["N", d])

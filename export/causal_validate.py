@@ -14,7 +14,8 @@ together (ValidationError), each against the float32 rounding bound of what it c
 An int8/int4 dense artifact (manifest ``dense_nbits``) is checked as Switch's is: transformers
 runs the artifact's dequantised MatMulNBits weights, their inputs rounded as the kernel rounds
 them at accuracy level 4 (reference.py's hook); the loss against the float model is measured
-separately (``quantisation_vs_float``, lossy).
+separately (``quantisation_vs_float``, lossy). int4 experts at accuracy level 4 (manifest
+``expert_nbits``) run in transformers with their inputs rounded alike (``rounded_experts``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from swapmoe_edge.model.sessions import DenseSessions, open_session, session_opt
 from . import bounds, ladder, quant
 from .causal_checkpoint import CausalReader
 from .expert_check import check_experts
-from .reference import _quantize_activations_hook
+from .reference import _quantize_activations_hook, round_activations
 from .validate import quantisation_error
 
 FEW = 1 / 8  # at most this share of the real tokens past the bound: flipped routing, not wiring
@@ -49,6 +50,36 @@ def nbits_weight(w: np.ndarray, bits: int, block: int) -> np.ndarray:
     """A PyTorch-layout weight [out, in] as the MatMulNBits block stored for it computes it (float32)."""
     q, scale = quant.quantize_nbits(np.ascontiguousarray(w.T), bits, block)
     return np.ascontiguousarray(ladder.dequantize(q, scale, bits, w.shape[1]).T)
+
+
+def rounded_experts(block: int) -> str:
+    """An experts implementation registered with transformers' experts interface under the name
+    returned: the families' own eager expert loop (experts in index order, a token's outputs added
+    with ``index_add_``; the four families run the same one), each product's input rounded to int8
+    per ``block`` as MatMulNBits at accuracy level 4 rounds it. A config whose
+    ``_experts_implementation`` names it runs int4 experts as an artifact of that level does."""
+    import torch  # deferred: validation only
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # deferred: validation only
+
+    name = f"swapmoe_int8_activations_b{block}"
+    if name in ALL_EXPERTS_FUNCTIONS:
+        return name
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        slots = top_k_index.T  # [k, tokens]: the eager loop's order of (slot, token) pairs
+        for e in sorted(set(top_k_index.flatten().tolist())):
+            if e >= self.num_experts:  # a masked slot's index
+                continue
+            pos, tok = torch.where(slots == e)
+            gate, up = torch.nn.functional.linear(round_activations(hidden_states[tok], block),
+                                                  self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(round_activations(self.act_fn(gate) * up, block), self.down_proj[e])
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+    ALL_EXPERTS_FUNCTIONS[name] = forward
+    return name
 
 
 def sample_inputs(vocab: int, pad: int, seed: int = 0, batch: int = 2, length: int = 12):
@@ -107,17 +138,21 @@ def _layer_state(reader: CausalReader, i: int, dtype: str, expert_dtype: str, nb
 
 
 def streamed_reference(model_dir: Path, cfg: CausalConfig, ids: np.ndarray, mask: np.ndarray, dtype: str,
-                       expert_dtype: str, nbits: dict | None = None) -> Reference:
+                       expert_dtype: str, nbits: dict | None = None, expert_nbits: dict | None = None) -> Reference:
     """transformers' own decoder layers run one at a time on weights read from the checkpoint (one
     layer in memory at a time), with the position ids and mask generate gives a left-padded batch.
     ``nbits`` (an int8/int4 artifact's dense_nbits): MatMulNBits weights dequantised, and at
-    accuracy level 4 their inputs rounded to int8 per block as the kernel does."""
+    accuracy level 4 their inputs rounded to int8 per block as the kernel does. ``expert_nbits``
+    (int4 experts' entry): at accuracy level 4 the experts' inputs are rounded alike
+    (``rounded_experts``)."""
     import torch  # deferred: validation only
     import transformers  # deferred: validation only
 
     hf_config = transformers.AutoConfig.from_pretrained(str(model_dir))
     hf_config._attn_implementation = "eager"
     hf_config._experts_implementation = "eager"  # the expert loop in index order, as the split model adds them
+    if expert_nbits is not None and expert_nbits["accuracy_level"] == 4:
+        hf_config._experts_implementation = rounded_experts(expert_nbits["block_size"])
     module = sys.modules[getattr(transformers, cfg.architecture).__module__]
     prefix = cfg.architecture[: -len("ForCausalLM")]
     reader = CausalReader(model_dir, cfg)
@@ -190,7 +225,7 @@ def validate_causal(model_dir: Path, artifact: Path, dtype: str = "float32", exp
     ids, mask = sample_inputs(c.vocab_size, c.pad_token_id, seed)
     t = ids.shape[1]
     nb = manifest.dense_nbits
-    ref = streamed_reference(Path(model_dir), c, ids, mask, dtype, expert_dtype or dtype, nb)
+    ref = streamed_reference(Path(model_dir), c, ids, mask, dtype, expert_dtype or dtype, nb, manifest.expert_nbits)
     model = split_model(artifact)
     pos, bias = position_ids(mask, t), attention_bias(mask, t, c.sliding_window)
     empty = model.empty_state(ids.shape[0])

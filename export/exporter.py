@@ -104,13 +104,10 @@ def export_checkpoint(
     the expert's bytes.
     """
     if causal_export.is_causal(model_dir):  # a decoder-only top-k MoE (Mixtral, Qwen-MoE, OLMoE): its own driver
-        if expert_accuracy_level not in (None, quant.INT4_ACCURACY):
-            raise ExportError(f"--expert-accuracy-level {expert_accuracy_level} is for Switch checkpoints in this version; "
-                              "decoder-only families' int4 experts run at level 0 (leave it out).")
         return causal_export.export_causal(model_dir, out_dir, dtype=dtype, validate=validate, expert_dtype=expert_dtype,
                                            quiet=quiet, stream=stream, ladder_rungs=ladder_rungs, force=force,
                                            block_size=block_size, accuracy_level=accuracy_level, lm_head=lm_head,
-                                           ladder_block=ladder_block)
+                                           ladder_block=ladder_block, expert_accuracy_level=expert_accuracy_level)
     dense, expert_dtype, ladder_rungs = options.export_types(dtype, block_size, accuracy_level, lm_head, expert_dtype,
                                                              ladder_rungs)
     expert_level = options.expert_level(expert_accuracy_level, expert_dtype)

@@ -69,20 +69,24 @@ _NBITS_LINEAR = re.compile(r"(\.(SelfAttention|EncDecAttention)\.[qkvo]|\.mlp\.w
 _EXPERT_LINEAR = re.compile(r"\.mlp\.experts\.expert_\d+\.w[io]$")
 
 
+def round_activations(x, block: int):
+    """``x`` (a torch tensor) as MatMulNBits at accuracy_level 4 rounds its input: int8 per block of
+    ``block`` along the last axis (quant.quantize_activations, in torch)."""
+    import torch  # deferred: validation only
+
+    k = x.shape[-1]
+    pad = (-k) % block
+    g = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block)
+    s = g.abs().amax(dim=-1, keepdim=True) / torch.tensor(127, dtype=torch.float32)
+    inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    return (torch.round(g * inv) * s).reshape(*x.shape[:-1], k + pad)[..., :k]
+
+
 def _quantize_activations_hook(block: int):
-    """A forward pre-hook: the Linear's input as MatMulNBits at accuracy_level 4 rounds it
-    (quant.quantize_activations, in torch)."""
-    import torch
+    """A forward pre-hook: the Linear's input as MatMulNBits at accuracy_level 4 rounds it."""
 
     def hook(module, args):
-        x = args[0]
-        k = x.shape[-1]
-        pad = (-k) % block
-        g = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block)
-        s = g.abs().amax(dim=-1, keepdim=True) / torch.tensor(127, dtype=torch.float32)
-        inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
-        q = (torch.round(g * inv) * s).reshape(*x.shape[:-1], k + pad)[..., :k]
-        return (q, *args[1:])
+        return (round_activations(args[0], block), *args[1:])
 
     return hook
 

@@ -83,10 +83,62 @@ def test_lossy_expert_storage_validates_against_the_rounded_model(exported, tmp_
     assert m.expert_nbits == ({"bits": 4, "block_size": 32, "accuracy_level": 0} if expert_dtype == "int4" else None)
 
 
-def test_int4_experts_at_accuracy_level_4_are_refused_for_decoder_only_families(exported, tmp_path):
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+def test_int4_experts_at_accuracy_level_4_validate_and_reproduce_transformers_rounding_alike(exported, tmp_path, family):
+    """--expert-accuracy-level 4 on a decoder-only family: the experts' MatMulNBits round their
+    inputs to int8 per block of 32; export validates against transformers' expert loop rounding them
+    alike, and `full` gives the tokens of that model (greedy, a left-padded batch)."""
+    import copy
+
+    import onnx
+
+    from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
+    from swapmoe_export.causal_validate import rounded_experts
+    from swapmoe_export.quant import as_stored
+
+    model, ck, _ = exported[family]
+    art = export_checkpoint(ck, tmp_path / "a4", expert_dtype="int4", expert_accuracy_level=4, quiet=True)  # validates
+    m = load_manifest(art, verify=True)
+    assert m.expert_nbits == {"bits": 4, "block_size": 32, "accuracy_level": 4} and m.validation["passed"]
+    graph = onnx.load(str(m.path(next(iter(m.experts.values())).graph.file)), load_external_data=False).graph
+    levels = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    assert levels == [4, 4]
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in rounded.model.layers:
+            ex = layer.mlp.experts
+            for p in (ex.gate_up_proj, ex.down_proj):  # [E, out, in]: each expert as the artifact stores it
+                p.copy_(torch.stack([torch.from_numpy(as_stored(w.numpy().T, "int4").T.copy()) for w in p]))
+    rounded.config._experts_implementation = rounded_experts(32)
+    rows = ct.prompts()
+    with Runtime(art, RuntimeConfig(policy="full")) as rt:
+        got = [r.token_ids for r in rt.generate(rows, max_new_tokens=8)]
+    want = ct.hf_greedy(rounded, rows, 8)
+    assert got == want
+    rounded.config._experts_implementation = "eager"
+    assert ct.hf_greedy(rounded, rows, 8) != want  # the rounding shows in the tokens
+
+
+def test_a_level_4_artifact_checked_against_unrounded_experts_fails_validation(exported, tmp_path):
+    """The reference's rounding is what lets a level-4 artifact pass: told its experts run at level 0
+    (the graphs still round), validation finds the experts and the blocks off."""
+    from swapmoe_edge.core.errors import ValidationError
+    from swapmoe_export.causal_validate import validate_causal
+
     _, ck, _ = exported["olmoe"]
-    with pytest.raises(ExportError, match="expert-accuracy-level 4 is for Switch checkpoints"):
-        export_checkpoint(ck, tmp_path / "a4", expert_dtype="int4", expert_accuracy_level=4, quiet=True)
+    art = export_checkpoint(ck, tmp_path / "a4", expert_dtype="int4", expert_accuracy_level=4, quiet=True, validate=False)
+    path = art / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["expert_nbits"]["accuracy_level"] = 0
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValidationError, match="block output"):
+        validate_causal(ck, art, expert_dtype="int4")
+
+
+def test_expert_accuracy_level_4_needs_int4_experts_on_decoder_only_families_too(exported, tmp_path):
+    _, ck, _ = exported["olmoe"]
+    with pytest.raises(ExportError, match="applies to int4 experts"):
+        export_checkpoint(ck, tmp_path / "a4", expert_dtype="float16", expert_accuracy_level=4, quiet=True)
     assert not (tmp_path / "a4").exists()
 
 
