@@ -47,35 +47,44 @@ from swapmoe_edge.artifact.manifest import load_manifest
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
 
 
-def profile(art: Path, layer: str, past: int, calls: int) -> dict:
-    m = load_manifest(art)
+def _options(profiling: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.enable_profiling = True
+    opts.enable_profiling = profiling
+    return opts
+
+
+def _random_feeds(sess: ort.InferenceSession, past: int, rng) -> dict[str, np.ndarray]:
+    """One token of random activations for a decoder step with ``past`` cached positions, 64 source tokens."""
+    dims = {"B": 1, "b": 1, "T": 1, "P": past, "S": 64, "L": past + 1}
+    return {i.name: (rng.standard_normal([d if isinstance(d, int) else dims.get(d, 1) for d in i.shape]) * 0.1)
+            .astype(np.float32) for i in sess.get_inputs()}
+
+
+def _per_call_us(call, warm: int, calls: int) -> float:
+    for _ in range(warm):
+        call()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def profile(art: Path, layer: str, past: int, calls: int) -> dict:
+    m = load_manifest(art)
+    path = str(m.path(m.subgraphs[layer].file))
+    opts = _options(profiling=True)
+    warm = max(50, calls // 2)
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = str(Path(tmp) / "step")
-        sess = ort.InferenceSession(str(m.path(m.subgraphs[layer].file)), opts, providers=["CPUExecutionProvider"])
-        dims = {"B": 1, "b": 1, "T": 1, "P": past, "S": 64, "L": past + 1}
-        rng = np.random.default_rng(0)
-        feeds = {i.name: (rng.standard_normal([d if isinstance(d, int) else dims.get(d, 1) for d in i.shape]) * 0.1)
-                 .astype(np.float32) for i in sess.get_inputs()}
-        warm = max(50, calls // 2)
-        for _ in range(warm):
-            sess.run(None, feeds)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            sess.run(None, feeds)
-        per_call = (time.perf_counter() - t0) / calls * 1e6
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        feeds = _random_feeds(sess, past, np.random.default_rng(0))
+        per_call = _per_call_us(lambda: sess.run(None, feeds), warm, calls)
         events = json.loads(Path(sess.end_profiling()).read_text())
-        opts.enable_profiling = False  # the same calls without the profiler, which costs time of its own
-        plain = ort.InferenceSession(str(m.path(m.subgraphs[layer].file)), opts, providers=["CPUExecutionProvider"])
-        for _ in range(warm):
-            plain.run(None, feeds)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            plain.run(None, feeds)
-        plain_call = (time.perf_counter() - t0) / calls * 1e6
+        # the same calls without the profiler, which costs time of its own
+        plain = ort.InferenceSession(path, _options(), providers=["CPUExecutionProvider"])
+        plain_call = _per_call_us(lambda: plain.run(None, feeds), warm, calls)
     runs = warm + calls
     by_op, count = collections.Counter(), collections.Counter()
     for e in events:
@@ -148,19 +157,10 @@ def pair_profile(art: Path, layers: list[str], past: int, calls: int) -> dict:
     first, second = (onnx.load(str(m.path(m.subgraphs[n].file))) for n in layers)
     graph = compose.merge_graphs(first.graph, compose.add_prefix(second, "b_").graph, io_map=[("hidden_out", "b_hidden")])
     merged = onnx.helper.make_model(graph, opset_imports=first.opset_import, ir_version=first.ir_version)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    a, b, both = (ort.InferenceSession(g.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    a, b, both = (ort.InferenceSession(g.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
                   for g in (first, second, merged))
-    dims = {"B": 1, "b": 1, "T": 1, "P": past, "S": 64, "L": past + 1}
     rng = np.random.default_rng(0)
-
-    def feeds(sess):
-        return {i.name: (rng.standard_normal([d if isinstance(d, int) else dims.get(d, 1) for d in i.shape]) * 0.1)
-                .astype(np.float32) for i in sess.get_inputs()}
-
-    fa, fb, fboth = feeds(a), feeds(b), feeds(both)
+    fa, fb, fboth = (_random_feeds(s, past, rng) for s in (a, b, both))
 
     def two():
         fb["hidden"] = a.run(None, fa)[0]
@@ -168,13 +168,11 @@ def pair_profile(art: Path, layers: list[str], past: int, calls: int) -> dict:
 
     variants = {"two calls": two, "one graph": lambda: both.run(None, fboth)}
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(9):
+    for r in range(9):  # alternating rounds, the first a warm-up
         for v, fn in variants.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
+            us = _per_call_us(fn, 0, calls)
             if r:
-                times[v].append((time.perf_counter() - t0) / calls * 1e6)
+                times[v].append(us)
     res = {v: statistics.median(t) for v, t in times.items()}
     return {"artifact": str(art), "layers": layers, "past": past, "us": res, "one_over_two": res["one graph"] / res["two calls"]}
 
