@@ -6,7 +6,7 @@
 `full` at 100%, greedy, one row: each request is a random prompt of --prompt-len ids and
 --tokens decode steps that are fed a fixed, varied id sequence (forced ids), so that routing
 varies as it would on text although the weights are random. In the same process, after every
-token, bench_decode's bandwidth probe streams 256 MiB of prepacked float32 MatMul weights
+token, decode_probe.py's bandwidth probe streams 256 MiB of prepacked float32 MatMul weights
 once: each token is set against the probe run beside it, so both see the same load on a
 shared machine. floor = decode_floor.bytes_per_token (the artifact's bytes one token reads:
 dense blocks, k experts a layer, LM head, one embedding row) / the probe's rate; the ratio is
@@ -18,26 +18,17 @@ goes (ORT calls by subgraph, the expert kernel, routing and dispatch in Python, 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import time
 from pathlib import Path
 
+import decode_probe
 import numpy as np
 
 from swapmoe_edge.lab.decode_floor import bytes_per_token
 from swapmoe_edge.model.generate import Decoding
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig
-
-
-def _bench_decode():
-    """scripts/bench_decode.py, for its bandwidth probe (one definition of the floor's rate) and its step profile."""
-    path = Path(__file__).resolve().parent / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _ids(vocab: int, avoid: set[int], n: int, seed: int) -> list[int]:
@@ -47,18 +38,17 @@ def _ids(vocab: int, avoid: set[int], n: int, seed: int) -> list[int]:
 
 def run(artifact: str, threads: int, tokens: int, requests: int, prompt_len: int, profile: bool,
         prepack: str = "off") -> dict:
-    bd = _bench_decode()
     rt = Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads or None, prepack_experts=prepack))
     m, fam = rt.manifest, rt.family
     c = m.config
     need = bytes_per_token(m)  # k experts a layer (the family's top_k)
     avoid = {int(t) for t in (getattr(c, "eos_token_id", None), getattr(c, "pad_token_id", None)) if t is not None}
     vocab = c.vocab_size
-    probe = bd.probe_session(threads)
-    x = {"x": np.ones((1, bd.PROBE_D), np.float32)}
+    probe = decode_probe.probe_session(threads)
+    x = {"x": np.ones((1, decode_probe.PROBE_D), np.float32)}
     for _ in range(3):
         probe.run(None, x)
-    prof = bd.StepProfile(rt) if profile else None
+    prof = decode_probe.StepProfile(rt) if profile else None
 
     def request(seed: int, paired: bool) -> tuple[list[float], list[float], float]:
         row = _ids(vocab, avoid, prompt_len, seed)
@@ -93,10 +83,10 @@ def run(artifact: str, threads: int, tokens: int, requests: int, prompt_len: int
         tm, pm, _ = request(i, paired=True)
         token_ms += tm
         probe_ms += pm
-        ratios += [t / (need.total * p / bd.PROBE_BYTES) for t, p in zip(tm, pm)]
+        ratios += [t / (need.total * p / decode_probe.PROBE_BYTES) for t, p in zip(tm, pm)]
         if prof is None:
             plain.append(request(100 + i, paired=False)[2])
-    gbps = bd.PROBE_BYTES / (statistics.median(probe_ms) / 1e3) / 1e9
+    gbps = decode_probe.PROBE_BYTES / (statistics.median(probe_ms) / 1e3) / 1e9
     out = {
         "artifact": str(artifact), "prepacked_experts": rt.prepacked, "family": fam.name, "top_k": fam.top_k, "threads": threads, "tokens": tokens,
         "requests": requests, "prompt_len": prompt_len, "expert_dtype": m.expert_dtype, "dtype": m.dtype,

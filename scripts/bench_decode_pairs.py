@@ -3,7 +3,7 @@
     python scripts/bench_decode_pairs.py --floors ART_1 ART_2 [ART_3 ...] [--steps 90] [--json OUT]
 
 ``--floors``: every artifact's `full` decode in one process, each step run by every runtime in
-a rotating order and then once by the bandwidth probe of bench_decode.py (256 MiB of float32
+a rotating order and then once by the bandwidth probe of decode_probe.py (256 MiB of float32
 MatMul weights). Each artifact's floor is decode_floor.bytes_per_token of its own files (a
 model with int8/int4 dense weights is held to its own, lower floor) over the probe's rate;
 per step: ms/token of each, its ratio to the first artifact's and to its own floor (medians).
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_decode import PROBE_BYTES, PROBE_D, probe_session
+from decode_probe import PROBE_BYTES, PROBE_D, probe_session
 
 from swapmoe_edge.lab.decode_floor import bytes_per_token
 from swapmoe_edge.runtime.facade import Runtime, RuntimeConfig

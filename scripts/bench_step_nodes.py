@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from bench_decode import _install_profile
+from decode_probe import install_profile
 from onnx import compose
 
 from swapmoe_edge.artifact.manifest import load_manifest
@@ -119,7 +119,7 @@ def decode_profile(art: Path, tokens: int) -> dict:
     vocab = rt.manifest.config.vocab_size
     ids = np.array([[int(t) for t in np.random.default_rng(0).integers(5, vocab, 59)] + [1]])
     mask = np.ones_like(ids)
-    timers = _install_profile(rt)
+    timers = install_profile(rt)
 
     def run(tokens: int) -> None:
         for step in range(tokens + 1):
