@@ -50,6 +50,19 @@ def test_each_family_exports_validated_with_its_decoder_config(exported, family)
     family_of(m).check(m)
 
 
+def test_info_names_top_k_routing_without_a_capacity(exported):
+    from click.testing import CliRunner
+
+    from swapmoe_edge.cli.main import main as cli
+
+    _, _, art = exported["qwen3_moe"]
+    summary = load_manifest(art).summary()
+    assert (summary["family"], summary["top_k"]) == ("causal", ct.TOP_K)
+    out = CliRunner().invoke(cli, ["info", str(art)])
+    assert out.exit_code == 0, out.output
+    assert f"top-{ct.TOP_K} routing, no capacity" in out.output and str(summary["expert_capacity"]) not in out.output
+
+
 @pytest.mark.parametrize("family", list(ct.FAMILIES))
 def test_every_expert_subgraph_alone_matches_the_torch_expert(exported, family):
     model, _, art = exported[family]

@@ -98,7 +98,9 @@ def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
                f"{', lossy' if summary['expert_dtype_lossy'] else ''})")
     click.echo(f"model           d_model {summary['d_model']}, d_ff {summary['d_ff']}, heads {summary['num_heads']}, vocab {summary['vocab_size']}")
     click.echo(f"layers          encoder {summary['encoder_layers']}, decoder {summary['decoder_layers']}; sparse: {', '.join(summary['sparse_layers'])}")
-    click.echo(f"experts         {summary['experts_per_layer']} per sparse layer, {summary['experts_total']} in all, capacity {summary['expert_capacity']}")
+    routing = (f"top-{summary['top_k']} routing, no capacity" if summary["family"] != "switch"
+               else f"top-1 routing, capacity {summary['expert_capacity']}")
+    click.echo(f"experts         {summary['experts_per_layer']} per sparse layer, {summary['experts_total']} in all, {routing}")
     click.echo(f"dense bytes     {summary['dense_bytes']:,} ({summary['dense_bytes'] / gib:.3f} GiB)")
     click.echo("  by part       " + "; ".join(f"{part} {n:,}" for part, n in summary["dense_parts"].items()))
     click.echo(f"expert bytes    {summary['expert_bytes']:,} ({summary['expert_bytes'] / gib:.3f} GiB; {summary['bytes_per_expert']:,} each)")
