@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from swapmoe_edge.cli.serve import stats_line
 from swapmoe_edge.core.errors import BudgetError, InputError
 from swapmoe_edge.residency import planner
 from swapmoe_edge.residency.planner import measured_quality, placement_bytes
@@ -443,3 +445,39 @@ def test_a_background_start_holds_no_read_ahead_expert_uncounted(art):
         assert rt.wait_ready(30)
         assert rt.store.prefetched_bytes == 0
         assert rt.generate(INPUTS[:1], max_new_tokens=4)[0].token_ids
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_an_expert_whose_own_file_is_corrupt_runs_at_its_intact_low_bit_copy(art, tmp_path):
+    """The ladder holds an expert whose float file fails its check at the int4 copy (the stats
+    name it, and the file); an expert with both copies corrupt is routed around, as prune does
+    for any corrupt file."""
+    bad = shutil.copytree(art, tmp_path / "art")
+    dec = sorted(p.name[: -len(".bin")] for p in (bad / "experts").glob("dec.L*.E0[0-3].bin"))
+    assert len(dec) == 4, dec
+    for name in dec:
+        _flip(bad / "experts" / f"{name}.bin")
+    _flip(bad / "experts" / f"{dec[3]}.int4.bin")  # this one has no readable copy left
+    with Runtime(bad, _cfg(policy="ladder", budget="100%")) as rt:
+        give_up = time.monotonic() + 60  # a failed read wakes the swapper, which places the int4 copies
+        while rt.residents_by_rung().get("int4", 0) < 3 and time.monotonic() < give_up:
+            time.sleep(0.05)
+        assert rt.residents_by_rung() == {"float32": 12, "int4": 3}
+        res = rt.generate(INPUTS, max_new_tokens=8)
+    st = res[-1].stats
+    assert st["unavailable_experts"] == [dec[3]]
+    assert st["degraded_experts"] == {name: ["float32"] for name in dec[:3]}
+    assert sorted(st["unavailable_files"]) == sorted(
+        [str(bad / "experts" / f"{n}.bin") for n in dec] + [str(bad / "experts" / f"{dec[3]}.int4.bin")])
+    assert all(not r.exact for r in res) and sum(r.stats["low_precision_tokens"] for r in res) > 0
+    line = stats_line(st, False)
+    assert f"unavailable {dec[3]}; {dec[0]} without its float32 copy; {dec[1]} without its float32 copy" in line
+    assert "failed its check: export the model again or restore the file" in line
+    with Runtime(bad, _cfg(policy="prune", budget="100%")) as rt:
+        st = rt.generate(INPUTS, max_new_tokens=8)[-1].stats
+    assert st["unavailable_experts"] == dec and st["degraded_experts"] == {}

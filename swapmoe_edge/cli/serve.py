@@ -42,7 +42,9 @@ def stats_line(st: dict, exact: bool) -> str:
     if st["policy"] == "ladder":
         line += f", residents by precision {st['residents_by_rung']}, low-bit tokens {st['low_precision_tokens']}"
     if st.get("unavailable_files"):  # a read failed its sha256 or I/O: tokens went to the layer's other experts
-        line += (f", unavailable {' '.join(st['unavailable_experts'])} ({' '.join(st['unavailable_files'])} failed "
+        held = [f"{name} without its {'/'.join(bad)} copy" for name, bad in (st.get("degraded_experts") or {}).items()]
+        gone = [f"unavailable {' '.join(st['unavailable_experts'])}"] if st["unavailable_experts"] else []
+        line += (f", {'; '.join(gone + held)} ({' '.join(st['unavailable_files'])} failed "
                  "its check: export the model again or restore the file)")
     # whether the same inputs give this output again under any load, and if not, why
     line += ", deterministic" if st.get("deterministic") else f", not deterministic ({'; '.join(st.get('nondeterminism') or ['?'])})"

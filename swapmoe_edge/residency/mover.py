@@ -37,7 +37,7 @@ class Mover:
         self.runners = dict(runners or {})
         self.limits = Limits()
         self.counters = Counters()
-        self.failed: dict[ExpertKey, ExpertReadError] = {}  # experts marked unavailable by a failed read, and why
+        self.failed: dict[tuple[ExpertKey, str], ExpertReadError] = {}  # (expert, rung) copies that failed a read, and why
         self.lock = threading.RLock()
         # Closed while a request runs up to its first token (the encoder pass and the first
         # decoder step): the filler and the swapper wait. On a device the first request's
@@ -77,33 +77,46 @@ class Mover:
             self.counters.add(loads=expert is not None, stall_s=time.perf_counter() - t0)
         return expert
 
+    def wake(self) -> None:
+        """Plan at once rather than at the next interval; a mover without a swapper has none to wake."""
+
     def cost(self, lk: LayerKey, rung: str) -> int:
         """The resident bytes of one copy of an expert of ``lk`` at ``rung``."""
         return self._cost[(lk, rung)]
 
     def read(self, key: ExpertKey, rung: str = PRIMARY, own_mapping: bool = True, strict: bool = False) -> LoadedExpert | None:
-        """Read ``key`` at ``rung``. An unreadable expert is marked so (never planned again; ``failed``
-        keeps why, for the stats) and gives None, or, ``strict`` under an exact policy,
-        ExpertUnavailableError: one line that names the file and the fix."""
+        """Read ``key`` at ``rung``. A copy that cannot be read is marked so (never read again;
+        ``failed`` keeps why, for the stats) and gives None, or, ``strict`` under an exact policy,
+        ExpertUnavailableError: one line that names the file and the fix. The expert itself is
+        marked unavailable (never planned again) once none of the policy's rungs of it can be read:
+        the ladder holds an expert whose own file is corrupt at its intact low-bit copy."""
         try:
-            if self.residents.is_unavailable(key):
-                was = self.failed.get(key)
+            if self.residents.is_unavailable(key) or rung in self.residents.unreadable_rungs(key):
+                was = self.failed.get((key, rung)) or next((e for (k, _), e in self.failed.items() if k == key), None)
                 raise ExpertReadError(key, was.path, f"{was.why}, as an earlier read found", was.fix) if was is not None else \
                     ExpertReadError(key, key.name, "marked unavailable by an earlier read")
             if rung != PRIMARY:
                 return self.runners[rung].load(self.store.read(key, rung=rung))
             return self.store.read(key) if own_mapping else self.store.read(key, False)  # False: the cheaper fill
         except ExpertReadError as e:
-            first = not self.residents.is_unavailable(key)
+            first = rung not in self.residents.unreadable_rungs(key)
+            left: list[str] = []
             if first:
-                self.failed.setdefault(key, e)
-                self.residents.mark_unavailable(key)
+                self.failed.setdefault((key, rung), e)
+                bad = self.residents.mark_unreadable(key, rung)
+                left = [r.name for r in self.ladders.get(key.layer_key, ()) if r.name not in bad]
+                if not left:
+                    self.residents.mark_unavailable(key)
             if strict and self.exact:
                 raise ExpertUnavailableError(
                     f"expert {key} ({e.path}) cannot be read: {e.why}. The {self.name} policy is exact and cannot go on "
                     f"without it: {e.fix[0].lower()}{e.fix[1:].rstrip('.')} (an approximate policy, swapmoe, prune or "
                     "ladder, routes around it).") from e
-            if first:
+            if first and left:
+                log.warning("%s This copy is marked unreadable: the expert runs at its other precisions (%s).", e,
+                            ", ".join(r or "its own" for r in left))
+                self.wake()  # plan now: the expert's readable copies take the place of this one
+            elif first:
                 log.warning("%s The expert is marked unavailable: its tokens go to the layer's other experts.", e)
             return None
 
@@ -151,7 +164,7 @@ class Mover:
         if m.rung is None:
             self.evict(m.key)
             return None
-        if self.residents.is_unavailable(m.key):
+        if self.residents.is_unavailable(m.key) or m.rung in self.residents.unreadable_rungs(m.key):
             return None
         lk = m.key.layer_key
         if m.evict is not None:

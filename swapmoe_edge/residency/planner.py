@@ -115,6 +115,7 @@ def plan(
     hysteresis: float = 0.0,
     unavailable: frozenset = frozenset(),
     max_copies: Mapping[LayerKey, int] | None = None,
+    top_rung: Mapping[tuple[LayerKey, int], int] | None = None,
 ) -> Placement:
     """The (expert, rung) pairs to hold within ``capacity_bytes``; ``ladders``: the same rungs for
     every layer or per layer (a copy's cost may differ by stack: rungs.py), lowest first.
@@ -123,7 +124,8 @@ def plan(
     value, so near-equal experts do not trade places on every plan. ``unavailable``: (layer,
     expert) pairs that cannot be read; never planned. ``max_copies``: at most this many experts
     per layer (a split measured on the model's output, loss_split.plan_by_loss, or the uniform
-    split); the rest of the bytes then lift copies.
+    split); the rest of the bytes then lift copies. ``top_rung``: (layer, expert) -> the highest
+    rung index it may be lifted to (its copies above cannot be read).
     """
     layers = list(importance)
     per_layer = ladders if isinstance(ladders, Mapping) else {lk: ladders for lk in layers}
@@ -146,8 +148,10 @@ def plan(
     # (-value per byte, copies the layer held at the push, layer position, expert, to level, layer)
     heap: list[tuple[float, int, int, int, int, LayerKey]] = []
 
+    tops = top_rung or {}
+
     def push(pos: int, lk: LayerKey, e: int, to: int) -> None:
-        if to < len(costs[lk]):
+        if to < len(costs[lk]) and to <= tops.get((lk, e), to):
             gain, extra = step(lk, to)
             heapq.heappush(heap, (-value[lk][e] * gain / max(extra, 1), held[lk], pos, e, to, lk))
 

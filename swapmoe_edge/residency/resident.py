@@ -41,6 +41,7 @@ class ResidentSet:
     def __init__(self, layers: Iterable[LayerKey], num_experts: int):
         self.num_experts = num_experts
         self._unavailable: set[ExpertKey] = set()
+        self._unreadable: dict[ExpertKey, frozenset[str]] = {}  # rungs (PRIMARY: "") whose read failed
         self._lock = threading.Lock()
         self._views: dict[LayerKey, LayerView] = {}
         for lk in layers:
@@ -115,6 +116,22 @@ class ResidentSet:
 
     def is_unavailable(self, key: ExpertKey) -> bool:
         return key in self._unavailable
+
+    def mark_unreadable(self, key: ExpertKey, rung: str) -> frozenset[str]:
+        """Note that ``key``'s copy at ``rung`` cannot be read; returns every rung of it that cannot.
+        The expert stays available while a policy can run another of its copies (mark_unavailable)."""
+        with self._lock:
+            bad = self._unreadable[key] = self._unreadable.get(key, frozenset()) | {rung}
+            return bad
+
+    def unreadable_rungs(self, key: ExpertKey) -> frozenset[str]:
+        return self._unreadable.get(key, frozenset())
+
+    @property
+    def degraded(self) -> dict[ExpertKey, frozenset[str]]:
+        """Experts still available with some copy unreadable: {expert: the rungs that cannot be read}."""
+        with self._lock:
+            return {k: r for k, r in self._unreadable.items() if k not in self._unavailable}
 
     @property
     def unavailable(self) -> frozenset[ExpertKey]:

@@ -94,7 +94,10 @@ def request_stats(parts, meter: Meter, request: int) -> dict[str, Any]:
         "low_precision_tokens": int(lowbit),  # ran a low-bit copy of their expert (ladder; lossy)
         "residents_by_rung": residents_by_rung(residents, parts.sparse, manifest.expert_dtype),
         "unavailable_experts": sorted(k.name for k in residents.unavailable),
-        # the files behind them, for the user to restore (a read failed its sha256 or I/O)
+        # experts held only at the precisions that can still be read (the ladder): {expert: unreadable rungs}
+        "degraded_experts": {k.name: sorted(r or manifest.expert_dtype for r in bad)
+                             for k, bad in sorted(residents.degraded.items(), key=lambda kv: kv[0].name)},
+        # the files behind both, for the user to restore (a read failed its sha256 or I/O)
         "unavailable_files": sorted({str(e.path) for e in parts.policy.failed.values()}),
         "exact": exact,
         # The same inputs give this output again under any load (RuntimeConfig.deterministic, or a

@@ -64,11 +64,12 @@ class Ladder(Policy):
         count it) that has none resident, on the token loop."""
         lk = layer.key
         first = np.unique(top_k(softmax(logits.astype(np.float32)), engine.top_k))  # the unmasked first choices
+        lowest = self.ladders[lk][0]
         missing = [int(e) for e in first if int(e) not in engine.residents.layer(lk)
-                   and not engine.residents.is_unavailable(layer.experts[int(e)])]
+                   and not engine.residents.is_unavailable(layer.experts[int(e)])
+                   and lowest.name not in engine.residents.unreadable_rungs(layer.experts[int(e)])]
         if not missing:
             return
-        lowest = self.ladders[lk][0]
         with engine.lock:
             room = self._victims(engine, lk, {int(x) for x in first})
             for e in missing:
@@ -93,11 +94,25 @@ class Ladder(Policy):
     def target(self, engine) -> tuple[Placement, dict]:
         """The plan for today's importance and budget, and the values it weighed."""
         importance = engine.tracker.snapshot()
-        unavailable = frozenset((k.layer_key, k.expert) for k in engine.residents.unavailable)
+        unavailable, tops = self._unreadable(engine.residents)
         capacity = engine.limits.capacity
         want = plan(importance, self.ladders, capacity, self.layer_weight, engine.residents.placement(),
-                    self.hysteresis, unavailable, max_copies=self._copies(capacity))
+                    self.hysteresis, unavailable, max_copies=self._copies(capacity), top_rung=tops)
         return want, values(importance, self.layer_weight)
+
+    def _unreadable(self, residents) -> tuple[frozenset, dict[tuple[LayerKey, int], int]]:
+        """The (layer, expert) pairs the plan must leave out, and the highest rung each expert with
+        an unreadable copy may climb to: the rungs below its lowest unreadable one (none left: out)."""
+        out = {(k.layer_key, k.expert) for k in residents.unavailable}
+        tops = {}
+        for key, bad in residents.degraded.items():
+            names = [r.name for r in self.ladders[key.layer_key]]
+            first_bad = min((names.index(r) for r in bad if r in names), default=None)
+            if first_bad == 0:
+                out.add((key.layer_key, key.expert))
+            elif first_bad is not None:
+                tops[(key.layer_key, key.expert)] = first_bad - 1
+        return frozenset(out), tops
 
     def _copies(self, capacity: int) -> dict[LayerKey, int] | None:
         """How many copies each layer holds, by the measured loss of keeping k experts (None: no
