@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 
+from swapmoe_edge.cli.main import main
 from swapmoe_edge.cli.serve import stats_line
 from swapmoe_edge.core.errors import BudgetError, InputError
 from swapmoe_edge.residency import planner
@@ -103,7 +105,10 @@ def test_export_lists_every_copy_with_its_checksum(art):
 def test_ladder_add_writes_what_export_writes(ckpt, art, tmp_path):
     bare = export_checkpoint(ckpt, tmp_path / "bare", validate=False, quiet=True, ladder_rungs=())
     assert not load_manifest(bare).ladder
-    add_rungs(bare, ("int4",), quiet=True)
+    (bare / "profile.json").write_text("{}")  # a profile there: the command says how to price the new rung
+    r = CliRunner().invoke(main, ["ladder", "add", str(bare), "--rung", "int4"])
+    assert r.exit_code == 0, r.output
+    assert f"swapmoe profile {bare} --data TEXTS --add rung-loss" in r.stderr
     m, ref = load_manifest(bare, verify=True), load_manifest(art)
     for key, e in m.experts.items():
         assert (bare / e.rungs["int4"].weights_file).read_bytes() == (art / ref.experts[key].rungs["int4"].weights_file).read_bytes()

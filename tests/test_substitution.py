@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from swapmoe_edge.core.errors import ArtifactError
+from swapmoe_edge.core.errors import ArtifactError, InputError
 from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.core.keys import ExpertKey, LayerKey
 from swapmoe_edge.residency import loss_split
@@ -237,3 +237,55 @@ def test_cli_profile_measure_loss(art, tmp_path):
     assert set(prof.rung_loss) == set(prof.importance) and "rung" in prof.meta["rung_loss"]
     r = CliRunner().invoke(main, ["profile", str(art), "--data", str(data), "--max-new-tokens", "3", "-o", str(out)])
     assert r.exit_code == 0 and Profile.load(out).loss == {}  # without the flag: importance only, as before
+
+
+def test_cli_profile_adds_parts_onto_an_existing_profile(art, tmp_path):
+    """`--add` measures only the named parts and keeps the rest of the profile as it was."""
+    from click.testing import CliRunner
+
+    from swapmoe_edge.cli.main import main
+
+    from tiny import words
+
+    rng = np.random.default_rng(3)
+    data = tmp_path / "docs.txt"
+    data.write_text("".join(words(rng.integers(3, 96, 10).tolist()) + "\n" for _ in range(3)))
+    out = tmp_path / "p.json"
+    run = ["profile", str(art), "--data", str(data), "--max-new-tokens", "3", "-o", str(out)]
+    r = CliRunner().invoke(main, [*run, "--add", "loss"])
+    assert r.exit_code == 2 and "no importance profile at" in r.stderr  # nothing to add to yet
+    assert CliRunner().invoke(main, run).exit_code == 0
+    base = Profile.load(out)
+    assert base.loss == {} and base.rung_loss == {} and base.predictor is None
+    r = CliRunner().invoke(main, [*run, "--add", "rung-loss", "--limit", "2"])
+    assert r.exit_code == 0, r.output
+    ladder = Profile.load(out)
+    assert set(ladder.rung_loss) == set(base.importance) and ladder.loss == {}
+    assert all(np.array_equal(ladder.importance[k], base.importance[k]) for k in base.importance)
+    assert ladder.meta["texts"] == base.meta["texts"] == 3
+    assert ladder.meta["added"] == [{"parts": ["rung-loss"], "texts": 2}]
+    r = CliRunner().invoke(main, [*run, "--add", "loss", "--add", "predictor"])
+    assert r.exit_code == 0, r.output
+    both = Profile.load(out)
+    assert set(both.loss) == set(base.importance) and both.predictor is not None
+    assert both.rung_loss == ladder.rung_loss  # kept
+    assert [a["parts"] for a in both.meta["added"]] == [["rung-loss"], ["loss", "predictor"]]
+    r = CliRunner().invoke(main, [*run, "--add", "loss", "--measure-loss"])
+    assert r.exit_code == 2 and "instead of --measure-loss" in r.stderr
+
+
+def test_adding_rung_losses_to_an_artifact_without_a_ladder_says_so(tmp_path):
+    from swapmoe_edge.lab.calibrate import calibrate
+    from swapmoe_export import export_checkpoint
+
+    from tiny import save_tiny, words
+
+    plain = export_checkpoint(save_tiny(tmp_path / "ckpt", seed=5), tmp_path / "art", validate=False, quiet=True,
+                              ladder_rungs=())
+    data = tmp_path / "docs.txt"
+    data.write_text(words([5, 9, 13, 17]) + "\n")
+    prof = calibrate(plain, data, max_new_tokens=2, budget="100%")
+    with pytest.raises(InputError, match="no ladder on the host"):
+        calibrate(plain, data, max_new_tokens=2, budget="100%", onto=prof, parts=["rung-loss"])
+    with pytest.raises(InputError, match="choose what to add"):
+        calibrate(plain, data, max_new_tokens=2, budget="100%", onto=prof, parts=[])

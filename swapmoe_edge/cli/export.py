@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from swapmoe_export import export_checkpoint
@@ -11,6 +12,7 @@ from swapmoe_export.add_rungs import add_rungs
 from swapmoe_edge.artifact.manifest import load_manifest
 from swapmoe_edge.cli.common import fail
 from swapmoe_edge.core.errors import SwapMoEError
+from swapmoe_edge.residency.importance import PROFILE_NAME
 
 
 @click.command("export")
@@ -134,3 +136,6 @@ def ladder_add_cmd(artifact: str, rungs: tuple[str, ...], block: str | None, qui
                           "does not name the new files); free space or make it writable and run again."))
     if not quiet:
         click.echo(f"{artifact}: ladder rungs {', '.join(entries)}")
+        if (Path(artifact) / PROFILE_NAME).is_file():  # priced by guesses until measured
+            click.echo(f"measure what the rungs cost onto its profile: swapmoe profile {artifact} --data TEXTS --add rung-loss",
+                       err=True)

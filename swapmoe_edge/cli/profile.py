@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from swapmoe_edge.cli.common import COUNT, fail
-from swapmoe_edge.core.errors import SwapMoEError
-from swapmoe_edge.lab.calibrate import calibrate
+from swapmoe_edge.core.errors import InputError, SwapMoEError
+from swapmoe_edge.lab.calibrate import PARTS, calibrate
 from swapmoe_edge.lab.streams import parse_sections
+from swapmoe_edge.residency.importance import Profile
 
 
 @click.command("profile")
@@ -32,18 +33,28 @@ from swapmoe_edge.lab.streams import parse_sections
               help="Also fit the decoder predictor: which decoder experts a request will want, from its encoder "
                    "routing (swapmoe plans each request's decoder layers by it). One more pass over the texts, "
                    "a document at a time.")
+@click.option("--add", "add", multiple=True, type=click.Choice(PARTS),
+              help="Keep the profile at --out (its importance and all else it holds) and measure only this onto it, "
+                   "over --data: loss (the layers' loss curves), rung-loss (each ladder rung's cost, e.g. after "
+                   "`swapmoe ladder add`), predictor. Repeat for more than one.")
 @click.option("-o", "--out", "out", default=None, type=click.Path(path_type=str),
               help="Where to write the profile  [default: ARTIFACT/profile.json]")
 def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, threads, sections, exclude_sections, measure_loss,
-                predict_decoder, out) -> None:
+                predict_decoder, add, out) -> None:
     """Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."""
     try:
+        onto = None
+        if add:
+            if measure_loss or predict_decoder:
+                raise InputError("--add measures parts onto an existing profile; name them there (--add loss "
+                                 "--add rung-loss, --add predictor) instead of --measure-loss or --predict-decoder.")
+            onto = Profile.load(Path(out) if out else Path(artifact))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             prof = calibrate(artifact, data, limit=limit, sections=parse_sections(sections),
                              exclude_sections=parse_sections(exclude_sections), budget=budget, device=device,
                              max_new_tokens=max_new_tokens, with_loss=measure_loss, with_predictor=predict_decoder,
-                             threads=threads)
+                             threads=threads, onto=onto, parts=add)
         texts = prof.meta["texts"]
         cut = [w for w in caught if "tokens; truncated" in str(w.message)]
         for w in caught:
@@ -52,6 +63,7 @@ def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, threads, 
         if cut:  # one line instead of one warning per long document
             click.echo(f"{len(cut)} of {texts} documents were truncated to the model's input limit", err=True)
         path = prof.save(Path(out) if out else Path(artifact))  # a folder: its profile.json
-        click.echo(f"wrote {path} ({texts} documents)", err=True)
+        click.echo(f"wrote {path} ({texts} documents" + (f"; {', '.join(add)} measured now over {prof.meta['added'][-1]['texts']})"
+                                                          if add else ")"), err=True)
     except SwapMoEError as e:
         fail(e)
