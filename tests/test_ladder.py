@@ -176,6 +176,19 @@ def test_an_artifact_without_a_ladder_still_serves_and_says_what_the_ladder_need
         Runtime(old, _cfg(policy="ladder", budget="50%"))
 
 
+def test_int4_experts_without_a_ladder_are_told_the_export_that_gives_them_one(ckpt, tmp_path):
+    """Rungs sit below the experts' type and are made from float experts: an int4 artifact is
+    pointed at --ladder int2 (or float experts), not at `ladder add`, which cannot; that export serves."""
+    plain = export_checkpoint(ckpt, tmp_path / "i4", dtype="int4", validate=False, quiet=True)
+    assert not load_manifest(plain).ladder
+    with pytest.raises(InputError, match="experts are int4.*cannot: export the model again with --ladder int2"):
+        Runtime(plain, _cfg(policy="ladder", budget="50%"))
+    low = export_checkpoint(ckpt, tmp_path / "i4i2", dtype="int4", ladder_rungs=("int2",), validate=False, quiet=True)
+    with Runtime(low, _cfg(policy="ladder", budget="40%")) as rt:
+        res = rt.generate(INPUTS[:1], max_new_tokens=4)[0]
+        assert rt.residents_by_rung().get("int2", 0) > 0 and res.stats["low_precision_tokens"] > 0
+
+
 # -- the planner -------------------------------------------------------------------------------
 
 def _layers(n_layers=3, experts=8, seed=0, flat=False):

@@ -199,14 +199,24 @@ class RungRunner:
         self.costs[stack] = self.nbytes
 
 
+def _how_to_add(manifest: Manifest) -> str:
+    """How to give this artifact a ladder: rungs sit below the experts' type and are made from float experts."""
+    dtype = manifest.expert_dtype
+    if dtype in ("float32", "float16"):
+        return "Export the model again (its int4 rung is the default) or add one: swapmoe ladder add ARTIFACT --rung int4."
+    below = "--ladder int2" if dtype == "int4" else "--ladder int4"
+    return (f"Its experts are {dtype}, and rungs are made from float experts, so `swapmoe ladder add` cannot: export "
+            f"the model again with {below}, or with --expert-dtype float16 for the default int4 ladder; or serve "
+            f"this artifact with swapmoe or prune, which run the {dtype} experts as they are.")
+
+
 def rung_runners(manifest: Manifest, config, sessions, threads: int | None, providers: list[str],
                  placement: str) -> dict[str, RungRunner]:
     """A runner per rung the config asks for (``ladder_rungs``: "auto" is all the artifact has)."""
     have = list(manifest.ladder)
     want = have if config.ladder_rungs == "auto" else [r.strip() for r in config.ladder_rungs.split(",")]
     if not want:
-        raise InputError(f"{manifest.root} has no precision ladder: the ladder policy needs one. Export the model "
-                         "again (its int4 rung is the default) or add one: swapmoe ladder add ARTIFACT --rung int4.")
+        raise InputError(f"{manifest.root} has no precision ladder: the ladder policy needs one. {_how_to_add(manifest)}")
     if placement != "host":
         raise InputError("the ladder policy holds experts on the host for now; use expert_placement=host")
     return {r: RungRunner(manifest, r, sessions, threads, providers, config.lowbit_kernel) for r in want}
