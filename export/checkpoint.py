@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from swapmoe_edge.core.errors import CheckpointError
+from swapmoe_edge.artifact.causal_config import ARCHITECTURES
 from swapmoe_edge.artifact.model_config import ModelConfig
 
 SUPPORTED_ACTS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
@@ -69,8 +70,8 @@ def read_config(model_dir: Path) -> tuple[dict, ModelConfig]:
         archs = raw.get("architectures")
         raise CheckpointError(
             f"{path} describes model_type={model_type!r} (architectures={archs}); swapmoe exports "
-            "only Switch Transformers (model_type 'switch_transformers', "
-            "SwitchTransformersForConditionalGeneration)."
+            "Switch Transformers (model_type 'switch_transformers', SwitchTransformersForConditionalGeneration) "
+            f"and the decoder-only MoE classes {', '.join(ARCHITECTURES)} (named in `architectures`)."
         )
     try:
         config = ModelConfig.from_hf_dict(raw)

@@ -1,4 +1,4 @@
-"""Export a HF Switch Transformer checkpoint into a swapmoe artifact directory: the driver.
+"""Export a HF MoE checkpoint into a swapmoe artifact directory: the driver (Switch Transformers here; a decoder-only family goes to causal_export.py).
 
 Reads the checkpoint block by block, writes one subgraph per dense block and one per expert
 (writer.py), then the manifest, last, and only then shows the directory (staging.py).

@@ -57,7 +57,7 @@ from swapmoe_edge.residency.importance import PROFILE_NAME
 def export_cmd(model_dir: str, output: str, dtype: str, block_size: str | None, lm_head: str | None, accuracy_level: str | None,
                expert_dtype: str | None, expert_accuracy_level: str | None,
                ladder_: str, ladder_block: str | None, validate: bool, force: bool, quiet: bool) -> None:
-    """Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact.
+    """Split a Hugging Face MoE checkpoint (Switch Transformers; Mixtral, Qwen-MoE, OLMoE) into an ONNX artifact.
 
     Reads only files inside MODEL_DIR (a symlink that leads out is refused; a Hugging Face
     hub cache snapshot may point into its own blobs folder). Checks first that the output's

@@ -26,13 +26,13 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "eval": ("swapmoe_edge.cli.eval", "eval_cmd",
              "ROUGE of a policy at a budget on DATA, the lead-8 baseline, and fidelity to the full policy."),
     "export": ("swapmoe_edge.cli.export", "export_cmd",
-               "Split a Hugging Face Switch Transformer checkpoint into an ONNX artifact."),
+               "Split a Hugging Face MoE checkpoint (Switch Transformers; Mixtral, Qwen-MoE, OLMoE) into an ONNX artifact."),
     "generate": ("swapmoe_edge.cli.generate", "generate_cmd",
                  "Continue TEXT arguments or the lines of --file inside a memory budget, streaming tokens to stdout."),
     "info": ("swapmoe_edge.cli.export", "info_cmd", "Layers, experts and bytes of an artifact."),
     "ladder": ("swapmoe_edge.cli.export", "ladder_group", "The precision ladder: low-bit copies of every expert."),
     "profile": ("swapmoe_edge.cli.profile", "profile_cmd",
-                "Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."),
+                "Write the importance profile of ARTIFACT over calibration texts (SwapMoE's equation 1)."),
     "summarize": ("swapmoe_edge.cli.serve", "summarize_cmd",
                   "Summarise TEXT arguments or the documents of --file inside a memory budget."),
     "sweep": ("swapmoe_edge.cli.eval", "sweep_cmd",
@@ -72,4 +72,4 @@ class _Main(click.Group):
 @click.group(cls=_Main)
 @click.version_option(package_name="swapmoe-edge")
 def main() -> None:
-    """Serve Switch Transformer MoE models inside a memory budget (SwapMoE)."""
+    """Serve Mixture-of-Experts models (Switch Transformers; Mixtral, Qwen-MoE, OLMoE) inside a memory budget (SwapMoE)."""

@@ -41,7 +41,7 @@ from swapmoe_edge.residency.importance import Profile
               help="Where to write the profile  [default: ARTIFACT/profile.json]")
 def profile_cmd(artifact, data, limit, budget, max_new_tokens, device, threads, sections, exclude_sections, measure_loss,
                 predict_decoder, add, out) -> None:
-    """Write the importance profile (SwapMoE Eq. 1) of ARTIFACT over calibration texts."""
+    """Write the importance profile of ARTIFACT over calibration texts (SwapMoE's equation 1)."""
     try:
         onto = None
         if add:
