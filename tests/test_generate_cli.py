@@ -164,3 +164,17 @@ def test_absent_chooses_what_becomes_of_a_choice_whose_expert_is_not_resident(ca
     assert got["substitute"] != got["drop"]  # 2 of 8 experts a layer resident: many second choices are absent
     r = _run("generate", "--artifact", art, "--absent", "skip", "w5")
     assert r.exit_code == 2 and "'skip' is not one of" in r.output
+
+
+def test_an_empty_output_says_why_and_how_to_prompt_a_summariser(tmp_path, monkeypatch):
+    """The shipped decoder-only model is a summariser: a bare prompt ends at once, and the command
+    says so and names the form it was trained on; a prompt in that form is continued."""
+    monkeypatch.setenv("SWAPMOE_CACHE_DIR", str(tmp_path / "cache"))
+    doc = "Package: vim. Vim is an almost compatible version of the UNIX editor Vi."
+    r = _run("generate", "--model", "mixtral-debian", "--policy", "full", "--quiet", doc)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "\n"
+    assert "note: 1 of 1 outputs are empty" in r.stderr and "'{document}\\nSummary:'" in r.stderr
+    r = _run("generate", "--model", "mixtral-debian", "--policy", "full", "--quiet", doc + "\nSummary:")
+    assert r.exit_code == 0 and r.stdout.strip(), r.output
+    assert "outputs are empty" not in r.stderr

@@ -30,6 +30,16 @@ class _Stream:
         click.echo(text[len(self.shown):] if text.startswith(self.shown) else "", nl=True)
 
 
+def _why_empty(rt, empty: int, total: int) -> str:
+    """One line for outputs that came back empty: the model ended the text at once."""
+    line = f"note: {empty} of {total} outputs are empty: the model's first token ended the text."
+    template = rt.prompt_template if rt.decoder_only else None
+    if template:  # a summariser continues only prompts of the form it was trained on
+        line += (f" This model was trained on prompts of the form {template!r}: `swapmoe summarize` writes them, "
+                 "or end your prompt that way.")
+    return line
+
+
 @click.command("generate")
 @click.argument("texts", nargs=-1)
 @serving_options
@@ -52,10 +62,12 @@ def generate_cmd(texts, artifact, model, file, budget, policy, planner, absent, 
                           device=device, cold_start=cold_start, deterministic=deterministic) as rt:
             stream = (num_beams or rt.default_num_beams) == 1 and not as_json
             size = 1 if stream else batch_size
+            empty = 0
             for i in range(0, len(prompts), size):
                 out = _Stream(rt) if stream else None
                 for r in rt.generate_texts(prompts[i: i + size], max_new_tokens=max_new_tokens, num_beams=num_beams,
                                            on_step=out):
+                    empty += not r.summary.strip()
                     if as_json:
                         click.echo(json.dumps({"text": r.summary, "token_ids": r.token_ids, "exact": r.exact,
                                                "stats": r.stats}))
@@ -66,5 +78,7 @@ def generate_cmd(texts, artifact, model, file, budget, policy, planner, absent, 
                         click.echo(r.summary)
                     if not quiet:
                         click.echo(stats_line(r.stats, r.exact), err=True)
+            if empty:
+                click.echo(_why_empty(rt, empty, len(prompts)), err=True)
     except SwapMoEError as e:
         fail(e)
