@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -262,6 +263,14 @@ def test_a_budget_too_small_for_one_expert_per_layer_fails_with_the_numbers(mode
         Runtime(art, RuntimeConfig(policy="swapmoe", budget="10MiB"))
     msg = str(info.value)
     assert "10.00 MiB" in msg and "minimum" in msg and "short by" in msg
+    assert "As a share" not in msg  # the user gave bytes
+    with pytest.raises(BudgetError, match=r"As a share of the expert bytes \(1% of expert bytes asked\): at least (\d+)%") as info:
+        Runtime(art, RuntimeConfig(policy="swapmoe", budget="1%"))
+    least = int(re.search(r"at least (\d+)%", str(info.value)).group(1))
+    with pytest.raises(BudgetError):
+        Runtime(art, RuntimeConfig(policy="swapmoe", budget=f"{least - 1}%"))
+    with Runtime(art, RuntimeConfig(policy="swapmoe", budget=f"{least}%")) as rt:  # the share it names serves
+        assert rt.generate(_rows(1), max_new_tokens=2)[0].token_ids
 
 
 def test_a_dense_part_bigger_than_free_memory_is_refused_before_it_loads(models, monkeypatch):

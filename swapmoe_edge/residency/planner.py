@@ -86,12 +86,14 @@ def expert_capacity(budget: int, baseline: int, lowest: Mapping[LayerKey, int], 
         copy = f"{rung} expert copy" if rung else "expert"
         short = need - (budget - baseline)
         if baseline:
-            raise BudgetError(
+            err = BudgetError(
                 f"memory budget {format_size(budget)} ({budget} bytes) cannot hold the model: the dense part and "
                 f"runtime baseline take {format_size(baseline)} ({baseline} bytes) and one {copy} for each of the "
                 f"{len(lowest)} sparse layers takes {format_size(need)} ({need} bytes), so the minimum is "
                 f"{format_size(baseline + need)} ({baseline + need} bytes); short by {format_size(short)} ({short} "
                 f"bytes). Raise the budget to at least {format_size(baseline + need)}, or free memory on the device.")
+            err.minimum = baseline + need  # for a caller that can say it in the user's own terms (a share)
+            raise err
         raise BudgetError(
             f"expert capacity {format_size(budget)} ({budget} bytes) cannot hold one {copy} for each of the "
             f"{len(lowest)} sparse layers, which needs {format_size(need)} ({need} bytes). Raise the budget by at "

@@ -15,6 +15,7 @@ teacher-forced loss) take that.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from swapmoe_edge.artifact.files import check_inside
 from swapmoe_edge.artifact.manifest import Manifest, load_manifest
 from swapmoe_edge.artifact.store import ExpertStore, StartupPrefetch
 from swapmoe_edge.artifact.verify import HashCache, checked_at_load, verify_files
-from swapmoe_edge.core.errors import InputError
+from swapmoe_edge.core.errors import BudgetError, InputError
 from swapmoe_edge.core.keys import LayerKey
 from swapmoe_edge.model.families import Family, family_of
 from swapmoe_edge.model.placement import resolve_placement
@@ -183,6 +184,15 @@ def verify_dense(manifest: Manifest, config: RuntimeConfig, family: Family) -> f
     return time.perf_counter() - t0
 
 
+def _in_share_terms(e: BudgetError, spec: BudgetSpec, baseline: int, total_experts: int) -> BudgetError:
+    """A share budget's BudgetError with the smallest share that serves, beside the bytes."""
+    minimum = getattr(e, "minimum", None)
+    if spec.kind != "share" or minimum is None or total_experts <= 0:
+        return e
+    pct = math.ceil(100 * (minimum - baseline) / total_experts)
+    return BudgetError(f"{e} As a share of the expert bytes ({spec} asked): at least {pct}%.") if pct <= 100 else e
+
+
 def _open(artifact: str | Path, config: RuntimeConfig, profile: Profile | None):
     manifest = load_manifest(artifact)
     config = settle_config(config, manifest)
@@ -241,7 +251,10 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
     if experts.runners:  # lowbit_kernel="auto": copies as sessions, unless the first budget is short of them
         experts, baseline = _kernels_for_budget(experts, monitor.sample_once().budget, baseline, manifest, config,
                                                 family, sessions, device, profile)
-    fit = Fit(manifest, config, sparse, norms, profile, experts, residents, baseline, monitor.cap, monitor, family)
+    try:
+        fit = Fit(manifest, config, sparse, norms, profile, experts, residents, baseline, monitor.cap, monitor, family)
+    except BudgetError as e:
+        raise _in_share_terms(e, device.spec, baseline, total_experts) from None
     model = family.build(manifest, sessions, fit.policy, moe_hook)
     parts = Parts(manifest, config, family, device, sessions, tokenizer, experts, sparse, norms, profile, model,
                   no_repeat, residents, fit.policy, fit, dense_files, startup)
