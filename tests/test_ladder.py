@@ -232,6 +232,28 @@ def test_plan_skips_unreadable_experts_and_says_when_nothing_fits():
         planner.plan(imp, rungs, 30 * 3 - 1)
 
 
+def test_plan_holds_an_expert_only_at_the_rungs_it_can_read():
+    """rung_range: an expert whose int4 copy is corrupt enters at its float file, whole cost;
+    one whose float file is corrupt stays at int4; the budget holds and no layer loses its cover."""
+    rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
+    for seed in range(20):
+        imp = _layers(seed=seed)
+        lk = next(iter(imp))
+        order = [int(e) for e in np.argsort(-imp[lk], kind="stable")]
+        ranges = {(lk, order[0]): (1, 1), (lk, order[1]): (0, 0)}
+        for capacity in (90, 160, 400, 1000, 5000):
+            plan = planner.plan(imp, rungs, capacity, rung_range=ranges)
+            assert placement_bytes(plan, rungs) <= capacity and all(plan[k] for k in imp)
+            assert plan[lk].get(order[0], PRIMARY) == PRIMARY and plan[lk].get(order[1], "int4") == "int4"
+        everything = planner.plan(imp, rungs, 10_000, rung_range=ranges)
+        assert everything[lk][order[0]] == PRIMARY and everything[lk][order[1]] == "int4"
+        assert len(everything[lk]) == 8
+        # the dear expert's cover, when it does not fit, does not keep the rest of its layer out
+        one = {lk: imp[lk]}
+        tight = planner.plan(one, rungs, 30 + 50, rung_range=ranges)  # its best cheap cover, then 50 bytes
+        assert order[0] not in tight[lk] and len(tight[lk]) == 2
+
+
 def test_plan_keeps_a_measured_split_and_lifts_copies_with_the_rest():
     imp = _layers(flat=True)
     rungs = [Rung("int4", 30, 0.97), Rung(PRIMARY, 100, 1.0)]
@@ -499,3 +521,28 @@ def test_an_expert_whose_own_file_is_corrupt_runs_at_its_intact_low_bit_copy(art
     with Runtime(bad, _cfg(policy="prune", budget="100%")) as rt:
         st = rt.generate(INPUTS, max_new_tokens=8)[-1].stats
     assert st["unavailable_experts"] == dec and st["degraded_experts"] == {}
+
+
+def test_an_expert_whose_low_bit_copy_is_corrupt_is_held_at_its_float_file(art, tmp_path):
+    """The mirror case: the int4 copies of a layer's experts fail their check, their float files
+    are intact. The ladder never holds those experts at int4 again, and none is unavailable."""
+    bad = shutil.copytree(art, tmp_path / "art")
+    m = load_manifest(bad)
+    lk = next(lay.key for lay in m.sparse_layers() if lay.key.stack == "decoder")
+    broken = [k for k in m.experts if k.layer_key == lk]
+    for key in broken:
+        _flip(bad / m.experts[key].rungs["int4"].weights_file)
+    with Runtime(bad, _cfg(policy="ladder", budget="30%", ladder_wait=True)) as rt:
+        give_up = time.monotonic() + 60
+        while not rt.residents.degraded and time.monotonic() < give_up:  # the start fill read some
+            time.sleep(0.05)
+        res = rt.generate(INPUTS, max_new_tokens=8)
+        held = rt.residents.placement()[lk]
+        degraded = set(rt.residents.degraded)
+    st = res[-1].stats
+    assert degraded and degraded <= set(broken) and st["unavailable_experts"] == []
+    assert all(rung == PRIMARY for rung in held.values()), held  # never the corrupt copy
+    assert held  # the layer is still served, at full precision
+    assert all(v == ["int4"] for v in st["degraded_experts"].values())
+    assert set(st["unavailable_files"]) <= {str(bad / m.experts[k].rungs["int4"].weights_file) for k in broken}
+

@@ -63,7 +63,8 @@ def serving_options(fn):
         click.option("--budget", default="auto", show_default=True, help="Whole-process bytes (4.7GiB), share of expert bytes (33%), or auto."),
         click.option("--policy", type=click.Choice(["full", "on-demand", "prune", "swapmoe", "ladder"]), default="swapmoe",
                      show_default=True,
-                     help="ladder: every expert resident at int4 or full precision by importance (lossy; needs an artifact with a ladder)."),
+                     help="ladder: every expert resident at one of its precisions (its own, or a low-bit copy: int8, "
+                          "int4, int2) by importance (lossy; needs an artifact with a ladder)."),
         click.option("--planner", type=click.Choice(["importance", "uniform"]), default="importance", show_default=True),
         click.option("--absent", type=click.Choice(["substitute", "drop"]), default="substitute", show_default=True,
                      help="Top-k models under a lossy policy: a token's choice whose expert is not resident goes to the "

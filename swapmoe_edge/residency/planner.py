@@ -117,7 +117,7 @@ def plan(
     hysteresis: float = 0.0,
     unavailable: frozenset = frozenset(),
     max_copies: Mapping[LayerKey, int] | None = None,
-    top_rung: Mapping[tuple[LayerKey, int], int] | None = None,
+    rung_range: Mapping[tuple[LayerKey, int], tuple[int, int]] | None = None,
 ) -> Placement:
     """The (expert, rung) pairs to hold within ``capacity_bytes``; ``ladders``: the same rungs for
     every layer or per layer (a copy's cost may differ by stack: rungs.py), lowest first.
@@ -126,8 +126,9 @@ def plan(
     value, so near-equal experts do not trade places on every plan. ``unavailable``: (layer,
     expert) pairs that cannot be read; never planned. ``max_copies``: at most this many experts
     per layer (a split measured on the model's output, loss_split.plan_by_loss, or the uniform
-    split); the rest of the bytes then lift copies. ``top_rung``: (layer, expert) -> the highest
-    rung index it may be lifted to (its copies above cannot be read).
+    split); the rest of the bytes then lift copies. ``rung_range``: (layer, expert) -> the lowest
+    and highest rung index it may be held at (its copies outside cannot be read); it enters at
+    the lowest, at that rung's whole cost and quality.
     """
     layers = list(importance)
     per_layer = ladders if isinstance(ladders, Mapping) else {lk: ladders for lk in layers}
@@ -139,48 +140,65 @@ def plan(
         if lk in value and held:
             value[lk] = value[lk].copy()
             value[lk][list(held)] *= 1 + hysteresis
-    expert_capacity(int(capacity_bytes), 0, {lk: costs[lk][0] for lk in layers}, strict=True,
+    ranges = rung_range or {}
+
+    def bottom(lk: LayerKey, e: int) -> int:
+        return ranges.get((lk, e), (0, 0))[0]
+
+    orders: dict[LayerKey, list[int]] = {}
+    for lk in layers:  # each layer's experts by value, less those that cannot be read
+        orders[lk] = [int(e) for e in np.argsort(-value[lk], kind="stable") if (lk, int(e)) not in unavailable]
+        if not orders[lk]:
+            raise BudgetError(f"{lk}: every expert is unavailable (unreadable); cannot route.")
+    # each layer's guaranteed cover: its best expert that enters at the lowest rung (else its best)
+    firsts = {lk: next((e for e in orders[lk] if bottom(lk, e) == 0), orders[lk][0]) for lk in layers}
+    expert_capacity(int(capacity_bytes), 0, {lk: costs[lk][bottom(lk, firsts[lk])] for lk in layers}, strict=True,
                     rung=per_layer[layers[0]][0].name if layers else "")
     left = int(capacity_bytes)
 
-    def step(lk: LayerKey, to: int) -> tuple[float, int]:
+    def step(lk: LayerKey, e: int, to: int) -> tuple[float, int]:
         q, c = quality[lk], costs[lk]
-        return q[to] - (q[to - 1] if to > 0 else 0.0), c[to] - (c[to - 1] if to > 0 else 0)
+        below = to > bottom(lk, e)  # a lift from the rung below, or the expert's entry at its lowest
+        return q[to] - (q[to - 1] if below else 0.0), c[to] - (c[to - 1] if below else 0)
 
     # (-value per byte, copies the layer held at the push, layer position, expert, to level, layer)
     heap: list[tuple[float, int, int, int, int, LayerKey]] = []
 
-    tops = top_rung or {}
-
     def push(pos: int, lk: LayerKey, e: int, to: int) -> None:
-        if to < len(costs[lk]) and to <= tops.get((lk, e), to):
-            gain, extra = step(lk, to)
+        if to < len(costs[lk]) and to <= ranges.get((lk, e), (0, to))[1]:
+            gain, extra = step(lk, e, to)
             heapq.heappush(heap, (-value[lk][e] * gain / max(extra, 1), held[lk], pos, e, to, lk))
+
+    def next_cover(pos: int, lk: LayerKey) -> None:
+        if absent[lk]:  # a layer's next cover waits in the heap one at a time
+            e = absent[lk].pop()
+            push(pos, lk, e, bottom(lk, e))
 
     level: dict[tuple[LayerKey, int], int] = {}
     absent: dict[LayerKey, list[int]] = {}  # each layer's experts not yet planned, most valuable last
     held = {lk: 1 for lk in layers}
     for pos, lk in enumerate(layers):
-        order = [int(e) for e in np.argsort(-value[lk], kind="stable") if (lk, int(e)) not in unavailable]
-        if not order:
-            raise BudgetError(f"{lk}: every expert is unavailable (unreadable); cannot route.")
-        level[(lk, order[0])] = 0
-        left -= costs[lk][0]
-        absent[lk] = order[:0:-1]
-        push(pos, lk, order[0], 1)
-        if absent[lk]:  # a layer's next cover waits in the heap one at a time: they all cost the same
-            push(pos, lk, absent[lk].pop(), 0)
+        first = firsts[lk]
+        level[(lk, first)] = bottom(lk, first)
+        left -= costs[lk][bottom(lk, first)]
+        absent[lk] = [e for e in orders[lk] if e != first][::-1]
+        push(pos, lk, first, bottom(lk, first) + 1)
+        next_cover(pos, lk)
     while heap:
         _, _, pos, e, to, lk = heapq.heappop(heap)
-        extra = step(lk, to)[1]
-        if extra > left or (to == 0 and max_copies is not None and held[lk] >= max_copies.get(lk, held[lk] + 1)):
+        extra = step(lk, e, to)[1]
+        cover = to == bottom(lk, e)
+        if cover and max_copies is not None and held[lk] >= max_copies.get(lk, held[lk] + 1):
+            continue  # the layer holds its share of copies
+        if extra > left:
+            if cover and to > 0:  # a dearer cover than the rest: the layer's next may still fit
+                next_cover(pos, lk)
             continue  # a cover that does not fit: neither does the layer's next (bytes only fall)
         level[(lk, e)] = to
         left -= extra
-        if to == 0:
+        if cover:
             held[lk] += 1
-            if absent[lk]:
-                push(pos, lk, absent[lk].pop(), 0)
+            next_cover(pos, lk)
         push(pos, lk, e, to + 1)
     out: Placement = {lk: {} for lk in layers}
     for (lk, e), lv in level.items():

@@ -64,15 +64,16 @@ class Ladder(Policy):
         count it) that has none resident, on the token loop."""
         lk = layer.key
         first = np.unique(top_k(softmax(logits.astype(np.float32)), engine.top_k))  # the unmasked first choices
-        lowest = self.ladders[lk][0]
         missing = [int(e) for e in first if int(e) not in engine.residents.layer(lk)
-                   and not engine.residents.is_unavailable(layer.experts[int(e)])
-                   and lowest.name not in engine.residents.unreadable_rungs(layer.experts[int(e)])]
+                   and not engine.residents.is_unavailable(layer.experts[int(e)])]
         if not missing:
             return
         with engine.lock:
             room = self._victims(engine, lk, {int(x) for x in first})
             for e in missing:
+                lowest = self._lowest_readable(engine, layer.experts[e])
+                if lowest is None:
+                    continue
                 if engine.load_now(layer.experts[e], lowest.name, room) is None and not engine.fits(lk, lowest.cost, True):
                     break  # nothing left to evict: the rest are rerouted (the result says it is not exact)
 
@@ -94,25 +95,33 @@ class Ladder(Policy):
     def target(self, engine) -> tuple[Placement, dict]:
         """The plan for today's importance and budget, and the values it weighed."""
         importance = engine.tracker.snapshot()
-        unavailable, tops = self._unreadable(engine.residents)
+        unavailable, ranges = self._unreadable(engine.residents)
         capacity = engine.limits.capacity
         want = plan(importance, self.ladders, capacity, self.layer_weight, engine.residents.placement(),
-                    self.hysteresis, unavailable, max_copies=self._copies(capacity), top_rung=tops)
+                    self.hysteresis, unavailable, max_copies=self._copies(capacity), rung_range=ranges)
         return want, values(importance, self.layer_weight)
 
-    def _unreadable(self, residents) -> tuple[frozenset, dict[tuple[LayerKey, int], int]]:
-        """The (layer, expert) pairs the plan must leave out, and the highest rung each expert with
-        an unreadable copy may climb to: the rungs below its lowest unreadable one (none left: out)."""
+    def _unreadable(self, residents) -> tuple[frozenset, dict[tuple[LayerKey, int], tuple[int, int]]]:
+        """The (layer, expert) pairs the plan must leave out, and for each expert with an unreadable
+        copy the rungs it may be held at: from its lowest readable rung up to the next unreadable one."""
         out = {(k.layer_key, k.expert) for k in residents.unavailable}
-        tops = {}
+        ranges = {}
         for key, bad in residents.degraded.items():
             names = [r.name for r in self.ladders[key.layer_key]]
-            first_bad = min((names.index(r) for r in bad if r in names), default=None)
-            if first_bad == 0:
+            ok = [i for i, name in enumerate(names) if name not in bad]
+            if not ok:
                 out.add((key.layer_key, key.expert))
-            elif first_bad is not None:
-                tops[(key.layer_key, key.expert)] = first_bad - 1
-        return frozenset(out), tops
+                continue
+            top = ok[0]
+            while top + 1 < len(names) and names[top + 1] not in bad:
+                top += 1
+            ranges[(key.layer_key, key.expert)] = (ok[0], top)
+        return frozenset(out), ranges
+
+    def _lowest_readable(self, engine, key: ExpertKey):
+        """The expert's lowest rung whose copy can be read (None: none can)."""
+        bad = engine.residents.unreadable_rungs(key)
+        return next((r for r in self.ladders[key.layer_key] if r.name not in bad), None)
 
     def _copies(self, capacity: int) -> dict[LayerKey, int] | None:
         """How many copies each layer holds, by the measured loss of keeping k experts (None: no
