@@ -61,6 +61,26 @@ def test_exact_policies_on_a_known_sequence():
     assert res["lfu"].loads >= res["belady"].loads
 
 
+def test_a_top_k_trace_counts_each_of_a_tokens_k_choices():
+    """Top-2, 4 experts, 50%: the static set {0, 1} (the profile's) holds 4 of the 6 choices of
+    the tokens (0, 1), (0, 2), (3, 1); the exact policies route every choice through the engine."""
+    choices = [(0, 1), (0, 2), (3, 1)]
+    t = make_trace(["dec.L00"], [(0, 0, 1, [c[0] for c in choices])], E=4)
+    p = np.full((3, 4), 0.05, np.float32)
+    for row, (a, b) in enumerate(choices):
+        p[row, a], p[row, b] = 0.5, 0.4
+    t = replace(t, probs=p.astype(np.float16), meta={**t.meta, "top_k": 2,
+                                                    "routing": {"family": "causal", "top_k": 2, "norm_topk_prob": True}})
+    assert t.choices().tolist() == [list(c) for c in choices] and t.family().top_k == 2
+    res = by_name(replay(t, ["static", "best-fixed", "lru", "belady"], ReplayConfig(budget="50%"),
+                         profile_of(["dec.L00"], [[4, 3, 2, 1]])))
+    assert all(r.tokens == 6 for r in res.values())
+    assert res["static"].hits == 4
+    assert res["best-fixed"].hits == 4  # {0, 1}: 0 twice, 1 twice (2 and 3 once each)
+    assert res["lru"].hits == 4 and res["lru"].loads == 2  # 2 and 3 read on the token loop
+    assert res["belady"].loads <= res["lru"].loads
+
+
 def test_fixed_sets_prune_static_hindsight_and_best_fixed():
     # Layer choices: expert 3 x5, expert 2 x3, expert 1 x2, expert 0 x0; norms favour 0 and 1.
     choices = [3] * 5 + [2] * 3 + [1] * 2

@@ -81,9 +81,44 @@ def test_a_profile_counts_each_tokens_k_choices(artifact):
     assert seen["tokens"] > 0 and prof.counts[first].sum() == seen["tokens"] * ct.TOP_K
 
 
-def test_recording_a_trace_of_a_top_k_model_is_refused(artifact, tmp_path):
-    with pytest.raises(InputError, match="routes each token to 2 experts"):
-        record_trace(artifact, [{"text": "a b c"}], tmp_path / "t.npz")
+def test_a_trace_of_a_top_k_model_records_every_token_and_replays_its_k_choices(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from swapmoe_edge.lab.replay import POLICIES as REPLAYED, ReplayConfig, replay
+    from swapmoe_edge.lab.trace import load_trace
+
+    ck = ct.save(ct.build("mixtral", seed=6), tmp_path / "ck")
+    tok = Tokenizer(models.WordLevel({"<pad>": ct.PAD, "<unk>": 2, "</s>": ct.EOS,
+                                      **{f"w{i}": i for i in range(4, ct.VOCAB)}}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(ck / "tokenizer.json"))
+    art = export_causal(ck, tmp_path / "art", quiet=True, validate=False)
+    docs = [{"text": " ".join(f"w{i}" for i in p)} for p in ct.prompts(seed=9, n=5)]
+    t = record_trace(art, docs, tmp_path / "t.npz", max_new_tokens=6, batch_size=2)
+    back = load_trace(tmp_path / "t.npz")
+    assert back.top_k == ct.TOP_K and back.meta["routing"]["family"] == "causal"
+    assert back.choices().shape == (back.probs.shape[0], ct.TOP_K)
+    with Runtime(art, RuntimeConfig(policy="full", budget="100%", threads=1)) as rt:
+        prompts = [rt.encode_texts([d["text"]])[0][0] for d in docs]
+        outs = [len(r.token_ids) for r in rt.generate(prompts, max_new_tokens=6, num_beams=1)]
+    lay = np.repeat(back.ev_layer, np.diff(back.ev_offset))
+    for li in range(len(back.layer_names)):  # the prompt at step 1, then each generated token but the last
+        for doc, (prompt, gen) in enumerate(zip(prompts, outs)):
+            assert ((lay == li) & (back.tok_doc == doc)).sum() == len(prompt) + gen - 1
+    res = {r.policy: r for r in replay(back, REPLAYED, ReplayConfig(budget="50%"))}
+    assert all(r.tokens == back.probs.shape[0] * ct.TOP_K for r in res.values())  # each token's k choices
+    assert res["belady"].loads <= res["lru"].loads and res["hindsight"].hits >= res["static"].hits
+    assert all(res[n].hits <= res["best-fixed"].hits for n in ("prune", "static", "hindsight"))
+    full = {r.policy: r for r in replay(back, ["lru", "static"], ReplayConfig(budget="100%"))}
+    assert full["lru"].hit_rate == full["static"].hit_rate == 1.0 and full["lru"].loads == 0
+    from click.testing import CliRunner
+
+    from swapmoe_edge.cli.main import main
+
+    r = CliRunner().invoke(main, ["trace", "replay", str(tmp_path / "t.npz"), "--budget", "50%", "--policies", "lru"])
+    assert r.exit_code == 0, r.output
+    assert f"({ct.TOP_K} choices each: hit rates count choices)" in r.output
+    assert f"{res['lru'].hit_rate:6.3f}      -" in r.output  # no encoder: its column says so
 
 
 def test_a_decoder_predictor_is_refused_for_a_decoder_only_model_before_any_pass(artifact, tmp_path):

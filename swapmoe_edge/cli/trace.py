@@ -73,14 +73,16 @@ def replay_cmd(trace, budgets, policies, flash_mbps, token_ms, encoder_ms, exper
                 click.echo(json.dumps({"trace": trace, "budget": budget, "flash_mbps": flash_mbps,
                                        "results": [r.to_json() for r in results]}))
                 continue
-            click.echo(f"{trace}: budget {budget}, {t.probs.shape[0]} tokens, flash {flash_mbps:g} MB/s")
+            each = f" ({t.top_k} choices each: hit rates count choices)" if t.top_k > 1 else ""
+            click.echo(f"{trace}: budget {budget}, {t.probs.shape[0]} tokens{each}, flash {flash_mbps:g} MB/s")
             click.echo(f"  {'policy':11s} {'semantics':9s} {'hit':>6s} {'enc':>6s} {'dec':>6s} {'experts':>7s} "
                        f"{'MB read':>9s} {'stall s':>8s} {'swaps':>6s}")
             for r in results:
                 j = r.to_json()
                 tag = "  (bound)" if r.policy in BOUNDS else ""
-                click.echo(f"  {r.policy:11s} {r.semantics:9s} {j['hit_rate']:6.3f} {j['encoder_hit_rate']:6.3f} "
-                           f"{j['decoder_hit_rate']:6.3f} {j['resident_experts']:7d} {r.bytes_read / 1e6:9.1f} "
+                rate = lambda x, n: f"{x:6.3f}" if n else f"{'-':>6s}"  # noqa: E731  (a stack with no tokens)
+                click.echo(f"  {r.policy:11s} {r.semantics:9s} {j['hit_rate']:6.3f} {rate(j['encoder_hit_rate'], r.enc_tokens)} "
+                           f"{rate(j['decoder_hit_rate'], r.dec_tokens)} {j['resident_experts']:7d} {r.bytes_read / 1e6:9.1f} "
                            f"{r.stall_s:8.2f} {r.swaps:6d}{tag}")
     except SwapMoEError as e:
         fail(e)

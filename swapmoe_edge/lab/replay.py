@@ -31,7 +31,9 @@ makes on the token loop for a decoder prediction (``predict_decoder`` wait).
 
 What a replay does not model: a lossy policy changes the hidden states and therefore the
 later routing; the trace holds full's routing throughout.
-Hit rates count tokens whose unmasked first choice was resident when their layer ran.
+Hit rates count tokens whose unmasked first choice was resident when their layer ran; for a
+top-k model (the trace's ``top_k``), each of a token's k first choices counts, as the runtime's
+first-choice residency does, and the engine routes with the model's own top-k router.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import numpy as np
 from swapmoe_edge.artifact.store import LoadedExpert
 from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.core.keys import ExpertKey, LayerKey, parse_layer_name
-from swapmoe_edge.lab.trace import Trace, check_top_k
+from swapmoe_edge.lab.trace import Trace
 from swapmoe_edge.residency.engine import Engine
 from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.residency.planner import expert_capacity, top_experts
@@ -105,7 +107,6 @@ class _Replay:
     """What every policy's replay shares: the trace, layer keys, costs, counts and the clock."""
 
     def __init__(self, trace: Trace, cfg: ReplayConfig, profile: Profile | None):
-        check_top_k(trace.meta.get("top_k", 1), "this trace's model")
         self.t, self.cfg = trace, cfg
         self.keys = [parse_layer_name(n) for n in trace.layer_names]
         self.E = trace.num_experts
@@ -120,7 +121,8 @@ class _Replay:
         n_enc = sum(lk.stack == "encoder" for lk in self.keys) or 1
         n_dec = sum(lk.stack == "decoder" for lk in self.keys) or 1
         self.event_s = {lk: (self.encoder_s / n_enc if lk.stack == "encoder" else self.token_s / n_dec) for lk in self.keys}
-        self.first = trace.first_choice()  # [N]
+        self.first = trace.choices()  # [N, k]: each token's k first choices
+        self.family = trace.family()
 
     def budget(self) -> int:
         """The expert bytes the runtime would hold (its budget with the baseline left out), never
@@ -134,7 +136,8 @@ class _Replay:
         """The runtime's engine for ``policy`` (its config, the trace's expert sizes), its start set resident."""
         store = _NullStore(self.cost)
         eng = make_policy(replace(self.cfg.runtime, policy=policy), ResidentSet(self.keys, self.E), store,
-                          _no_kernel, 1 << 30, self.norms, self.profile, expert_cost=self.cost, budget=self.budget())
+                          _no_kernel, 1 << 30, self.norms, self.profile, expert_cost=self.cost, budget=self.budget(),
+                          family=self.family)
         eng.warm()
         return eng, store
 
@@ -191,10 +194,10 @@ def best_fixed_sets(r: _Replay, capacity: int) -> tuple[dict[LayerKey, frozenset
 
 
 def _chosen(r: _Replay) -> dict[LayerKey, np.ndarray]:
-    """Per layer [E]: how many of the trace's tokens chose each expert first."""
+    """Per layer [E]: how many of the trace's tokens chose each expert first (top-k: among their k)."""
     chosen = {lk: np.zeros(r.E, np.int64) for lk in r.keys}
     for _, li, _, sl in r.t.events():
-        chosen[r.keys[li]] += np.bincount(r.first[sl], minlength=r.E)
+        chosen[r.keys[li]] += np.bincount(r.first[sl].ravel(), minlength=r.E)
     return chosen
 
 
@@ -257,10 +260,10 @@ def _run(r: _Replay, name: str, semantics: str, policy: str) -> ReplayResult:
             wake = max(now + interval, ready)
         probs = r.t.probs[sl].astype(np.float32)  # n E
         x = r.t.x_norm[sl].astype(np.float32)  # n
-        before = eng.counters.first_choice_resident
+        before, routed = eng.counters.first_choice_resident, eng.counters.routed
         store.on_loop.clear()  # what the call below reads, it reads on the token loop
         eng(layers[lk], x[None, :, None], np.log(np.maximum(probs, 1e-12))[None], None)
-        r.tally(res, lk, x.size, eng.counters.first_choice_resident - before)
+        r.tally(res, lk, eng.counters.routed - routed, eng.counters.first_choice_resident - before)  # k a token
         if eng.take_wake():  # a decoder prediction wakes the swapper at once, as in the runtime
             wake = now
         for read_lk in store.on_loop:  # misses, and a decoder prediction's swaps, read on the token loop: stall
@@ -279,7 +282,7 @@ def _accesses(r: _Replay) -> dict[LayerKey, list[list[tuple[int, int]]]]:
     """Per layer and event: (expert, tokens) in the order an exact policy reads them (np.unique)."""
     out: dict[LayerKey, list[list[tuple[int, int]]]] = {lk: [] for lk in r.keys}
     for _, li, _, sl in r.t.events():
-        experts, n = np.unique(r.first[sl], return_counts=True)
+        experts, n = np.unique(r.first[sl].ravel(), return_counts=True)
         out[r.keys[li]].append(list(zip(experts.tolist(), n.tolist())))
     return out
 

@@ -27,8 +27,9 @@ V events, N tokens, D documents, R requests):
 Events are in the order the runtime ran them. Padding is excluded: encoder padding by the
 attention mask, decoder rows after their EOS by the generated lengths.
 
-Traces and their replay price top-1 routing (each token's one first choice, as Switch routes):
-a model whose family routes each token to k > 1 experts is refused (``TOP_K_REFUSAL``).
+A top-k model (the decoder-only families) keeps every token's full softmax as Switch does; the
+meta records its ``routing`` (family, k, whether the k gates are renormalised), so that a replay
+routes each token to its k first choices with the model's own router (``Trace.family``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from swapmoe_edge.core.errors import InputError
-from swapmoe_edge.model.moe import softmax
+from swapmoe_edge.model.causal import causal_config
+from swapmoe_edge.model.families import DEFAULT, Family, get_family
+from swapmoe_edge.model.families import causal as causal_family
+from swapmoe_edge.model.moe import softmax, top_k
 from swapmoe_edge.residency.importance import Profile
 from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.runtime.facade import Runtime
@@ -51,14 +55,6 @@ from swapmoe_edge.runtime.requests import chunks
 
 TRACE_FORMAT = "swapmoe-trace"
 TRACE_VERSION = 1
-TOP_K_REFUSAL = ("routing traces and their replay price top-1 routing (one first choice a token); {what} routes "
-                 "each token to {k} experts. Compare policies on such a model with `swapmoe eval` instead.")
-
-
-def check_top_k(k: int, what: str) -> None:
-    """InputError unless ``k`` (experts a token) is 1: see TOP_K_REFUSAL."""
-    if int(k) != 1:
-        raise InputError(TOP_K_REFUSAL.format(what=what, k=int(k)))
 
 
 @dataclass(frozen=True)
@@ -91,9 +87,25 @@ class Trace:
             yield (int(self.ev_request[v]), int(self.ev_layer[v]), int(self.ev_step[v]),
                    slice(int(self.ev_offset[v]), int(self.ev_offset[v + 1])))
 
+    @property
+    def top_k(self) -> int:
+        """Experts a token goes to (Switch: 1)."""
+        return int(self.meta.get("top_k", 1))
+
     def first_choice(self) -> np.ndarray:
         """[N] each token's unmasked top-1 expert."""
         return self.probs.argmax(axis=1)
+
+    def choices(self) -> np.ndarray:
+        """[N, k] each token's unmasked k first choices, largest first (the router's order)."""
+        return top_k(self.probs.astype(np.float32), self.top_k)
+
+    def family(self) -> Family:
+        """The model family whose router the trace's tokens went through, bound to its k."""
+        routing = self.meta.get("routing") or {}
+        if self.top_k == 1 and routing.get("family", DEFAULT) == DEFAULT:
+            return get_family(DEFAULT)
+        return causal_family.routed(self.top_k, bool(routing.get("norm_topk_prob", False)))
 
     def profile(self) -> Profile | None:
         """The importance profile the recording artifact had (None if it had none)."""
@@ -145,7 +157,8 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
                  batch_size: int = 8, threads: int | None = 1, meta: dict[str, Any] | None = None,
                  quiet: bool = True) -> Trace:
     """Run ``full`` greedy generation over ``docs`` (records with ``text``; ``id``/``section``
-    kept when present) in stream order, and write the routing trace to ``out``."""
+    kept when present) in stream order, and write the routing trace to ``out``. A decoder-only
+    model with a prompt template reads each document through it, as ``summarize`` does."""
     if not docs:
         raise InputError("a trace needs at least one document")
     events: list[tuple[int, int, int]] = []  # (request, layer, step)
@@ -155,7 +168,8 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
     state = {"request": 0, "steps": {}}
 
     with Runtime(artifact, RuntimeConfig(policy="full", budget="100%", threads=threads)) as rt:
-        check_top_k(rt.family.top_k, f"{artifact} (a {rt.family.name} model)")
+        routing = {"family": rt.family.name, "top_k": rt.family.top_k,
+                   "norm_topk_prob": bool(causal_config(rt.manifest).norm_topk_prob) if rt.decoder_only else False}
         names = [lk.name for lk in rt.sparse]
         index = {lk: i for i, lk in enumerate(rt.sparse)}
 
@@ -179,10 +193,11 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
         for i in range(0, len(docs), batch_size):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
-                ids, _ = rt.encode_texts([d["text"] for d in docs[i: i + batch_size]])
+                encode = rt.encode_documents if rt.prompt_template or not rt.decoder_only else rt.encode_texts
+                ids, _ = encode([d["text"] for d in docs[i: i + batch_size]])  # as summarize sends them
             start = i
             for chunk in chunks(ids, rt.config.max_source_tokens):  # one request each, as the runtime runs them
-                results = rt.generate(chunk, max_new_tokens=max_new_tokens, hook=recording)
+                results = rt.generate(chunk, max_new_tokens=max_new_tokens, num_beams=1, hook=recording)
                 lengths.append([len(r.token_ids) for r in results])
                 doc_of_row.append(list(range(start, start + len(chunk))))
                 timings["ttft_ms"].append(results[0].stats["ttft_ms"])
@@ -212,7 +227,8 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
     med = lambda v: float(np.median(v)) if v else 0.0  # noqa: E731
     trace = Trace(
         meta={"format": TRACE_FORMAT, "version": TRACE_VERSION, "artifact": artifact_dir,
-              "documents": len(docs), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "top_k": 1,
+              "documents": len(docs), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "top_k": routing["top_k"],
+              "routing": routing,
               "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "ttft_ms": med(timings["ttft_ms"]), "token_ms": med(timings["decode_ms_per_token"]),
               "profile": profile, **(meta or {})},

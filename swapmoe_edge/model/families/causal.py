@@ -66,7 +66,12 @@ def exact_moe_topk(run_expert, k: int, norm_topk_prob: bool) -> MoEFn:
 def bind(manifest: Manifest) -> Family:
     """The family with this model's k and gate rule in its router and exact MoE."""
     c = causal_config(manifest)
-    k, norm = c.top_k, c.norm_topk_prob
+    return routed(c.top_k, c.norm_topk_prob)
+
+
+def routed(k: int, norm: bool) -> Family:
+    """The family with a router of ``k`` experts a token, gates renormalised when ``norm``
+    (``bind`` gives a manifest's; a routing trace's replay gives the one it recorded)."""
     return Family(name="causal", kind="decoder-only", top_k=k, build=build, route=topk_router(k, norm),
                   exact_moe=lambda run_expert, capacity: exact_moe_topk(run_expert, k, norm), generate=generate,
                   embedding_files=embedding_files, touch_embeddings=touch_embeddings, envelope_pass=envelope_pass,
