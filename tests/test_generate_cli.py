@@ -98,7 +98,7 @@ def test_summarize_on_a_decoder_only_artifact_without_template_is_refused(causal
 def test_a_long_document_is_cut_so_that_the_template_fits():
     tok = _tokenizer()
     doc = _words(range(10, 40))  # 30 tokens
-    with pytest.warns(UserWarning, match="cut to 10"):
+    with pytest.warns(UserWarning, match="tokens; truncated to 10 to fit the prompt template"):
         (row,), (cut,) = encode_prompts(tok, [doc], TEMPLATE, 12, root=".")
     assert cut and row == list(range(10, 20)) + [90, 91]
     (row,), (cut,) = encode_prompts(tok, ["w5 w6"], TEMPLATE, 12, root=".")
@@ -178,3 +178,17 @@ def test_an_empty_output_says_why_and_how_to_prompt_a_summariser(tmp_path, monke
     r = _run("generate", "--model", "mixtral-debian", "--policy", "full", "--quiet", doc + "\nSummary:")
     assert r.exit_code == 0 and r.stdout.strip(), r.output
     assert "outputs are empty" not in r.stderr
+
+
+def test_profiling_a_summariser_on_long_documents_says_how_many_were_cut_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWAPMOE_CACHE_DIR", str(tmp_path / "cache"))
+    r = _run("embedded", "--model", "mixtral-debian", "--quiet")
+    assert r.exit_code == 0, r.output
+    art = r.stdout.strip()
+    data = tmp_path / "docs.txt"
+    long = " ".join(["vim is a highly configurable text editor"] * 20)
+    data.write_text(f"{long}\nshort text about an editor\n{long} again\n")
+    r = _run("profile", art, "--data", data, "--max-new-tokens", 2, "-o", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    assert "2 of 3 documents were truncated to the model's input limit" in r.stderr
+    assert "warning: input" not in r.stderr  # one line, not one warning a document

@@ -51,7 +51,7 @@ def test_the_runtime_builds_the_prompts_it_was_trained_on():
     tok = trainer.prompt_tokenizer(CKPT / "tokenizer.json")
     limit = json.loads((CKPT / "tokenizer_config.json").read_text())["model_max_length"]
     served = Tokenizer.from_file(str(CKPT / "tokenizer.json"))  # as the runtime loads it
-    with pytest.warns(UserWarning, match="cut to 64"):
+    with pytest.warns(UserWarning, match="tokens; truncated to 64 to fit the prompt template"):
         ids, cut = encode_prompts(served, DOCS, trainer.PROMPT_TEMPLATE, limit, root=CKPT)
     assert cut == [False, True, False]
     assert ids == [tok.encode(trainer.render_prompt(tok, d, 64)).ids for d in DOCS]

@@ -95,7 +95,7 @@ def encode_prompts(tokenizer, documents: Sequence[str], template: str, max_sourc
                 break
             room -= 1  # the cut merged differently with the template: one token less
         if cut:
-            warnings.warn(f"input {i + 1} has {len(enc.ids)} tokens; cut to {room} to fit the prompt template in "
+            warnings.warn(f"input {i + 1} has {len(enc.ids)} tokens; truncated to {room} to fit the prompt template in "
                           f"the model's limit of {max_source_tokens}", stacklevel=4)
         ids.append(row)
         truncated.append(cut)
