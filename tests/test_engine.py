@@ -162,6 +162,18 @@ def test_the_engine_counts_loads_stalls_evictions_and_routing_once_for_every_pol
     assert (c["lowbit_tokens"], c["rerouted"], c["routed"]) == (2, 1, 2)
 
 
+@pytest.mark.parametrize("rule,kept", [("frequency", {1, 2}), ("recency", {0, 2})])
+def test_on_demand_evicts_the_least_chosen_or_the_least_recent(rule, kept):
+    eng = engine("on-demand", 4 * COST, on_demand_evict=rule)
+    assert eng.limits.counts[DEC] == 2 and set(eng.residents.layer(DEC)) == {0, 1}
+    call(eng, DEC, [1, 1, 1])  # 1 chosen three times ...
+    call(eng, DEC, [0])  # ... 0 once, and last
+    call(eng, DEC, [2])  # a miss: frequency lets 0 go, recency 1
+    assert set(eng.residents.layer(DEC)) == kept
+    with pytest.raises(InputError, match="on_demand_evict must be"):
+        RuntimeConfig(on_demand_evict="random")
+
+
 def test_an_exact_policy_raises_on_an_unreadable_expert_and_a_lossy_one_goes_on():
     store = Store()
     store.broken.add(ExpertKey("decoder", 1, 1))

@@ -154,7 +154,8 @@ def test_residents_tokens_and_summaries_are_those_of_the_policies_before_the_eng
     m = load_manifest(art)
     profile = _profiles([lay.key for lay in m.sparse_layers()])[prof]
     cfg = RuntimeConfig(policy=policy, budget=budget, threads=1, read_mode="cached", reserve_bytes=0,
-                        swap_interval_s=3600, lowbit_kernel="standard")  # standard: a copy costs its bytes
+                        swap_interval_s=3600, lowbit_kernel="standard",  # standard: a copy costs its bytes
+                        on_demand_evict="recency")  # the rule on-demand's pins were taken under
     with Runtime(art, cfg, profile=profile) as rt:
         if "counts" in pin:
             assert {lk.name: n for lk, n in rt.policy.limits.counts.items()} == pin["counts"]

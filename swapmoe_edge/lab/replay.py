@@ -132,10 +132,11 @@ class _Replay:
             raise InputError("a replay needs a budget as a share of the experts (50%) or bytes of experts (4GiB), not auto")
         return expert_capacity(cap, 0, self.cost)
 
-    def engine(self, policy: str) -> tuple[Engine, "_NullStore"]:
-        """The runtime's engine for ``policy`` (its config, the trace's expert sizes), its start set resident."""
+    def engine(self, policy: str, **runtime) -> tuple[Engine, "_NullStore"]:
+        """The runtime's engine for ``policy`` (its config, ``runtime``'s fields changed, and the
+        trace's expert sizes), its start set resident."""
         store = _NullStore(self.cost)
-        eng = make_policy(replace(self.cfg.runtime, policy=policy), ResidentSet(self.keys, self.E), store,
+        eng = make_policy(replace(self.cfg.runtime, policy=policy, **runtime), ResidentSet(self.keys, self.E), store,
                           _no_kernel, 1 << 30, self.norms, self.profile, expert_cost=self.cost, budget=self.budget(),
                           family=self.family)
         eng.warm()
@@ -218,10 +219,10 @@ class _NullStore:
         return LoadedExpert(key, {}, self.cost[key.layer_key])
 
 
-def _run(r: _Replay, name: str, semantics: str, policy: str) -> ReplayResult:
-    """The engine of ``policy`` fed the trace's router outputs, event by event; a policy that swaps
-    has its swapper's rounds run on the simulated clock."""
-    eng, store = r.engine(policy)
+def _run(r: _Replay, name: str, semantics: str, policy: str, **runtime) -> ReplayResult:
+    """The engine of ``policy`` (``runtime``: config fields) fed the trace's router outputs, event
+    by event; a policy that swaps has its swapper's rounds run on the simulated clock."""
+    eng, store = r.engine(policy, **runtime)
     res = r.result(name, semantics, eng.limits.counts)
     layers = {lk: SimpleNamespace(key=lk, experts=[ExpertKey(lk.stack, lk.layer, e) for e in range(r.E)])
               for lk in r.keys}
@@ -339,8 +340,8 @@ def replay(trace: Trace, policies: Sequence[str] = POLICIES, cfg: ReplayConfig =
     r = _Replay(trace, cfg, profile)
     out = []
     for name in policies:
-        if name == "lru":
-            out.append(_run(r, name, "exact", "on-demand"))
+        if name == "lru":  # the runtime's on-demand with its recency eviction
+            out.append(_run(r, name, "exact", "on-demand", on_demand_evict="recency"))
         elif name in EXACT:
             out.append(_evicting(r, name))
         elif name == "swapmoe":
