@@ -273,6 +273,59 @@ def test_a_budget_too_small_for_one_expert_per_layer_fails_with_the_numbers(mode
         assert rt.generate(_rows(1), max_new_tokens=2)[0].token_ids
 
 
+def test_rss_over_the_users_cap_is_held_off_the_experts_and_said(models):
+    """Memory the runtime does not account for (here: played as ``extra``) that takes the process
+    over the user's cap: the experts give it up at the next steady sample, and keep it given up."""
+    _, art = models["8exp_all_sparse"]
+    held = {"rt": None, "extra": 0}
+
+    def rss():  # the process as the runtime sees it, plus what it does not account for
+        rt = held["rt"]
+        return 0 if rt is None else rt.baseline + rt.residents.nbytes + held["extra"]
+
+    with Runtime(art, RuntimeConfig(policy="prune", budget="100%", threads=1), available_fn=lambda: 1 << 40,
+                 rss_fn=rss) as rt:
+        held["rt"] = rt
+        rt.parts.fit.over_tolerance = 0  # this model's experts are 14 KiB: far under the default's 1 MiB
+        cap, one = rt.budget_bytes, max(rt.expert_cost.values())
+        assert rt.budget_source == "cap"
+        rt.monitor.sample_once()
+        full_set = sum(rt.residents.counts().values())
+        assert rt.parts.fit.unaccounted == 0  # at or under the cap: nothing to do
+        held["extra"] = 3 * one + 12345
+        rt.monitor.sample_once()
+        assert rss() <= cap and rt.parts.fit.unaccounted >= 3 * one
+        assert sum(rt.residents.counts().values()) <= full_set - 3
+        held["extra"] = 0  # given back: the experts stay within what is left, no churn
+        rt.monitor.sample_once()
+        kept = rt.parts.fit.unaccounted
+        assert kept >= 3 * one and rt.residents.nbytes <= cap - rt.baseline - kept
+        r = rt.generate(_rows(1), max_new_tokens=2)[0]
+        assert r.stats["unaccounted_bytes"] == kept
+    stuck = {"rss": 0}
+    with Runtime(art, RuntimeConfig(policy="prune", budget="100%", threads=1), available_fn=lambda: 1 << 40,
+                 rss_fn=lambda: stuck["rss"]) as rt:  # an RSS that evicting experts does not lower
+        rt.parts.fit.over_tolerance = 0
+        stuck["rss"] = rt.budget_bytes + 3 * max(rt.expert_cost.values())
+        rt.monitor.sample_once()
+        first, held_now = rt.parts.fit.unaccounted, sum(rt.residents.counts().values())
+        for _ in range(3):
+            rt.monitor.sample_once()
+        assert first > 0 and rt.parts.fit.unaccounted == first  # it gave up once, saw nothing freed, stopped
+        assert sum(rt.residents.counts().values()) == held_now
+    with Runtime(art, RuntimeConfig(policy="swapmoe", budget="100%", threads=1), available_fn=lambda: 1 << 40,
+                 rss_fn=lambda: stuck["rss"]) as rt:  # deterministic: its residents do not follow its RSS
+        assert rt.policy.deterministic
+        rt.parts.fit.over_tolerance = 0
+        stuck["rss"] = rt.budget_bytes + 3 * max(rt.expert_cost.values())
+        rt.monitor.sample_once()
+        assert rt.parts.fit.unaccounted == 0
+    with Runtime(art, RuntimeConfig(policy="prune", budget="auto", threads=1), available_fn=lambda: 1 << 30,
+                 rss_fn=lambda: 1 << 29) as rt:  # a budget from free memory follows the RSS by itself
+        rt.monitor.sample_once()
+        assert rt.budget_source == "machine" and rt.parts.fit.unaccounted == 0
+
+
 def test_a_dense_part_bigger_than_free_memory_is_refused_before_it_loads(models, monkeypatch):
     """Free memory (or a cgroup) that cannot take the dense part: a BudgetError with the numbers
     before any session is built, not an OOM kill part-way through the load."""

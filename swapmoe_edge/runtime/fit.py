@@ -7,6 +7,8 @@ budget moves on to it (the engine turns a budget into per-layer counts or the la
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from swapmoe_edge.artifact.manifest import Manifest
@@ -18,7 +20,13 @@ from swapmoe_edge.residency.policies import make_policy
 from swapmoe_edge.residency.resident import ResidentSet
 from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.runtime.experts import Experts
-from swapmoe_edge.system.budget import MemoryMonitor
+from swapmoe_edge.core.units import MIB, format_size
+from swapmoe_edge.system.budget import MemoryMonitor, MemorySample
+
+log = logging.getLogger(__name__)
+
+# RSS this far over the budget is noise (a sample between a free and the allocator's return of it)
+OVER_TOLERANCE = 1 * MIB
 
 
 class Fit:
@@ -34,6 +42,9 @@ class Fit:
         self.store, self._kernel, self.expert_cost = experts.store, experts.kernel, experts.cost
         self.rungs, self.runners = experts.rungs, experts.runners
         self.residents, self.baseline, self.cap, self.monitor = residents, baseline, cap, monitor
+        self.unaccounted = 0  # bytes of RSS over the budget found while serving, held off the experts since
+        self.over_tolerance: float = OVER_TOLERANCE
+        self._fixed_at: tuple[int, int] | None = None  # (RSS, expert bytes) when experts were last given up
         first = monitor.sample_once()
         self.budget_bytes, self.budget_source = first.budget, first.source
         # The residency engine running the configured policy; its limits follow the budget
@@ -48,4 +59,33 @@ class Fit:
         self.budget_bytes = budget
         last = self.monitor.last_sample()
         self.budget_source = last.source if last is not None else self.budget_source
-        self.policy.resize(budget)
+        self.policy.resize(budget - self.unaccounted)
+
+    def on_steady(self, sample: MemorySample) -> None:
+        """Monitor thread, the budget unmoved: where the process's RSS is over the budget by more
+        than OVER_TOLERANCE, memory the baseline and the residents' costs do not account for
+        (allocator growth, buffers of a kind the start did not run) has grown; the experts give it
+        up, and keep it given up (``unaccounted`` only grows, so the residents do not churn).
+        Only under the user's cap: a budget from free memory already falls as the RSS grows. Not
+        for a deterministic lossy runtime (swapmoe's default): its outputs would then depend on
+        how the allocator grew; its stats show the peak against the budget instead."""
+        if sample.source != "cap" or (self.policy.deterministic and not self.policy.exact):
+            return
+        over = sample.rss - self.budget_bytes
+        beyond = sample.rss - self.baseline - self.residents.nbytes  # what neither the baseline nor the experts hold
+        if not (over > self.over_tolerance and beyond > self.unaccounted):
+            return
+        if self._fixed_at is not None and sample.rss >= self._fixed_at[0] and self.residents.nbytes < self._fixed_at[1]:
+            # the experts given up last time did not lower the RSS: giving up more would cost
+            # quality for nothing (their memory stays in the allocator); say so once and stop
+            log.warning("RSS %s stays over the budget %s although the experts gave up %s: not their memory; "
+                        "no further experts are given up for it", format_size(sample.rss),
+                        format_size(self.budget_bytes), format_size(self.unaccounted))
+            self.over_tolerance = float("inf")
+            return
+        self.unaccounted = beyond  # the engine keeps a layer's last expert whatever this takes
+        self._fixed_at = (sample.rss, self.residents.nbytes)
+        log.warning("RSS %s is over the budget %s: %s the runtime does not account for; holding that much "
+                    "fewer expert bytes from now on", format_size(sample.rss), format_size(self.budget_bytes),
+                    format_size(self.unaccounted))
+        self.policy.resize(self.budget_bytes - self.unaccounted)

@@ -269,6 +269,7 @@ def load(artifact: str | Path, config: RuntimeConfig = RuntimeConfig(), *, store
     startup["warm_s"] = time.perf_counter() - t1
     fit.policy.start()
     monitor.on_change = fit.on_budget  # residents exist now: budget moves may resize them
+    monitor.on_steady = fit.on_steady  # and RSS over the budget holds fewer expert bytes
     monitor.start()
     return parts
 

@@ -83,6 +83,9 @@ def request_stats(parts, meter: Meter, request: int) -> dict[str, Any]:
         "peak_rss_bytes": memory.peak_rss(),
         "budget_bytes": int(fit.budget_bytes) if fit.budget_bytes is not None else None,
         "budget_source": fit.budget_source,
+        # RSS found over the budget while serving (memory the baseline does not account for),
+        # held off the experts since
+        "unaccounted_bytes": int(fit.unaccounted),
         "baseline_bytes": fit.baseline,
         "resident_expert_bytes": residents.nbytes,
         "residents": residents.counts(),

@@ -138,7 +138,8 @@ class MemoryMonitor:
     ``on_change(budget)`` runs (on the monitor thread, or the caller's for
     ``sample_once``) at the first sample and whenever the budget has moved by more
     than ``threshold_bytes`` since the last value reported; slow drifts therefore add
-    up and are reported too. ``available_fn`` and ``rss_fn`` are injectable so tests
+    up and are reported too. ``on_steady(sample)`` runs after every other sample (the
+    budget unmoved): where the process's own RSS can be held against the budget. ``available_fn`` and ``rss_fn`` are injectable so tests
     can play another app taking memory; ``limits_fn`` returns the memory cgroups on the
     process's path (default: read them, unless ``available_fn`` is injected).
     """
@@ -161,6 +162,7 @@ class MemoryMonitor:
         self.period_s = float(period_s)
         self.threshold_bytes = int(threshold_bytes)
         self.on_change = on_change
+        self.on_steady: Callable[[MemorySample], None] | None = None
         if limits_fn is None and available_fn is None:
             limits_fn = memory_limits
         self._limits_fn = limits_fn or (lambda: [])
@@ -196,6 +198,8 @@ class MemoryMonitor:
                 self._reported = budget
         if changed and self.on_change is not None:
             self.on_change(budget)
+        elif not changed and self.on_steady is not None:
+            self.on_steady(sample)
         return sample
 
     def current(self) -> int:
