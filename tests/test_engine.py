@@ -170,7 +170,7 @@ def test_on_demand_evicts_the_least_chosen_or_the_least_recent(rule, kept):
     call(eng, DEC, [0])  # ... 0 once, and last
     call(eng, DEC, [2])  # a miss: frequency lets 0 go, recency 1
     assert set(eng.residents.layer(DEC)) == kept
-    with pytest.raises(InputError, match="on_demand_evict must be"):
+    with pytest.raises(InputError, match="on_demand_evict must be one of frequency, recency, not 'random'"):
         RuntimeConfig(on_demand_evict="random")
 
 

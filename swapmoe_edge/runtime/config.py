@@ -13,6 +13,7 @@ from swapmoe_edge.core.errors import InputError
 from swapmoe_edge.core.keys import LayerKey
 from swapmoe_edge.model.moe import ABSENT
 from swapmoe_edge.residency.policies import POLICIES
+from swapmoe_edge.residency.policies.on_demand import EVICT
 from swapmoe_edge.artifact.store import READ_MODES
 
 PREDICT_MODES = ("auto", "wait", "background", "off")
@@ -133,8 +134,8 @@ class RuntimeConfig:
             raise InputError(f"absent must be one of {', '.join(ABSENT)}, not {self.absent!r}")
         if self.read_mode not in READ_MODES:
             raise InputError(f"read_mode must be one of {', '.join(READ_MODES)}, not {self.read_mode!r}")
-        if self.on_demand_evict not in ("frequency", "recency"):
-            raise InputError(f"on_demand_evict must be 'frequency' or 'recency', not {self.on_demand_evict!r}")
+        if self.on_demand_evict not in EVICT:
+            raise InputError(f"on_demand_evict must be one of {', '.join(EVICT)}, not {self.on_demand_evict!r}")
         if not (self.decoder_weight > 0 and math.isfinite(self.decoder_weight)):
             raise InputError(f"decoder_weight must be a positive number, got {self.decoder_weight!r}")
 

@@ -29,7 +29,7 @@ class OnDemand(CountPolicy):
 
     def __init__(self, inputs):
         super().__init__(inputs)
-        self.evict = getattr(self.config, "on_demand_evict", "frequency")
+        self.evict = self.config.on_demand_evict
         self._used: dict[LayerKey, OrderedDict[int, None]] = {lk: OrderedDict() for lk in inputs.ladders}
         # tokens (each of a top-k token's choices) routed to each expert so far, padding excluded
         self._chosen: dict[LayerKey, np.ndarray] = {lk: np.zeros(len(inputs.norms[lk]), np.int64) for lk in inputs.ladders}
