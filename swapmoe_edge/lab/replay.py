@@ -5,7 +5,8 @@ The replay runs the runtime's own residency engine and policies (residency/polic
 outputs; only the clock is simulated. Two semantics, as in the runtime:
 
 - **exact** (the output is full's): a token whose expert is not resident waits while it is
-  read. ``lru`` is the runtime's ``on-demand``; ``lfu`` evicts the least-used expert instead,
+  read. ``lru`` is the runtime's ``on-demand`` with ``on_demand_evict="recency"``; ``lfu`` evicts
+  the least-used expert instead (the rule ``on-demand`` has by default, kept here by the replay),
   and ``belady`` the one needed furthest in the future (offline, the optimum: no
   demand-loading policy with the same per-layer slots reads fewer experts). Both keep
   on-demand's slots and start set.
