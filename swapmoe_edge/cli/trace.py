@@ -49,7 +49,8 @@ def record_cmd(artifact, data, out, limit, order, sections, exclude_sections, ma
 @trace_group.command("replay")
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--budget", "budgets", multiple=True, help="Share of the expert bytes (50%) or bytes of experts; repeat or comma-separate  [default: 50%,33%,25%]")
-@click.option("--policies", default=",".join(("lru", "lfu", "belady", "prune", "static", "swapmoe", "hindsight", "best-fixed")),
+@click.option("--policies", default=",".join(("on-demand", "lru", "lfu", "belady", "prune", "static", "swapmoe", "hindsight",
+                                                "best-fixed")),
               show_default=True, help="Comma-separated.")
 @click.option("--flash-mbps", type=POSITIVE, default=250.0, show_default=True, help="Expert read speed, MB/s.")
 @click.option("--token-ms", type=click.FloatRange(min=0), default=None, help="Decoder step time (default: measured while recording).")

@@ -5,7 +5,9 @@ The replay runs the runtime's own residency engine and policies (residency/polic
 outputs; only the clock is simulated. Two semantics, as in the runtime:
 
 - **exact** (the output is full's): a token whose expert is not resident waits while it is
-  read. ``lru`` is the runtime's ``on-demand`` with ``on_demand_evict="recency"``; ``lfu`` evicts
+  read. ``on-demand`` is the runtime's, as ``ReplayConfig.runtime`` configures it (its default
+  evicts the layer's least chosen expert so far); ``lru`` is it with
+  ``on_demand_evict="recency"``; ``lfu`` evicts
   the least-used expert instead (the rule ``on-demand`` has by default, kept here by the replay),
   and ``belady`` the one needed furthest in the future (offline, the optimum: no
   demand-loading policy with the same per-layer slots reads fewer experts). Both keep
@@ -59,7 +61,7 @@ from swapmoe_edge.residency.resident import ResidentSet
 from swapmoe_edge.runtime.config import RuntimeConfig
 from swapmoe_edge.system.budget import parse_budget
 
-EXACT = ("lru", "lfu", "belady")
+EXACT = ("on-demand", "lru", "lfu", "belady")
 MASKED = ("prune", "static", "swapmoe", "hindsight", "best-fixed")
 POLICIES = EXACT + MASKED
 BOUNDS = {"belady": "exact", "best-fixed": "masked, fixed sets"}
@@ -341,7 +343,9 @@ def replay(trace: Trace, policies: Sequence[str] = POLICIES, cfg: ReplayConfig =
     r = _Replay(trace, cfg, profile)
     out = []
     for name in policies:
-        if name == "lru":  # the runtime's on-demand with its recency eviction
+        if name == "on-demand":  # the runtime's, as configured (its default: the least chosen goes)
+            out.append(_run(r, name, "exact", "on-demand"))
+        elif name == "lru":  # the runtime's on-demand with its recency eviction
             out.append(_run(r, name, "exact", "on-demand", on_demand_evict="recency"))
         elif name in EXACT:
             out.append(_evicting(r, name))
