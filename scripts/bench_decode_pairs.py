@@ -14,7 +14,7 @@ floor counting the copies' bytes.
     python scripts/bench_decode_pairs.py ART_A '{"prepack_experts": "off"}' ART_B '{"prepack_experts": "on"}' \
         [--steps 90] [--encoder 512 --pairs 10]
 
-Both runtimes run `full` at 100% with one thread, on the same random input (60 tokens);
+Both runtimes run `full` at 100% with one thread unless their JSON says otherwise (`{"policy": "on-demand"}`), on the same random input (60 tokens);
 each decode step (or encoder pass) runs A then B, or B then A on odd steps, and the
 median of the per-step ratio B/A is printed. On a shared machine this is the robust way
 to price one change: both sides see the same load at the same moment. Needs memory for
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--encoder", type=int, help="time the encoder on this many source tokens instead of decoding")
     ap.add_argument("--pairs", type=int, default=10)
     a = ap.parse_args()
-    rts = [Runtime(art, RuntimeConfig(policy="full", budget="100%", threads=1, **json.loads(cfg)))
+    rts = [Runtime(art, RuntimeConfig(**{"policy": "full", "budget": "100%", "threads": 1, **json.loads(cfg)}))
            for art, cfg in ((a.art_a, a.cfg_a), (a.art_b, a.cfg_b))]
     vocab = rts[0].manifest.config.vocab_size
     times: list[list[float]] = [[], []]
