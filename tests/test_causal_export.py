@@ -61,6 +61,8 @@ def test_info_names_top_k_routing_without_a_capacity(exported):
     out = CliRunner().invoke(cli, ["info", str(art)])
     assert out.exit_code == 0, out.output
     assert f"top-{ct.TOP_K} routing, no capacity" in out.output and str(summary["expert_capacity"]) not in out.output
+    assert summary["architecture"] == "Qwen3MoeForCausalLM"
+    assert f"layers          {ct.LAYERS}, decoder-only (Qwen3MoeForCausalLM); sparse: " in out.output
 
 
 @pytest.mark.parametrize("family", list(ct.FAMILIES))

@@ -284,9 +284,10 @@ def test_cli_export_and_info(tmp_path):
     r = subprocess.run([*exe, "info", str(tmp_path / "art"), "--json"], capture_output=True, text=True)
     info = json.loads(r.stdout)
     assert info["experts_total"] == 8 and info["validated"] is True
-    assert (info["family"], info["top_k"]) == ("switch", 1)
+    assert (info["family"], info["top_k"], info["architecture"]) == ("switch", 1, "SwitchTransformersForConditionalGeneration")
     r = subprocess.run([*exe, "info", str(tmp_path / "art")], capture_output=True, text=True)
     assert f"top-1 routing, capacity {info['expert_capacity']}" in r.stdout
+    assert f"layers          encoder {info['encoder_layers']}, decoder {info['decoder_layers']}; sparse: " in r.stdout
     r = subprocess.run([*exe, "export", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x"), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
 

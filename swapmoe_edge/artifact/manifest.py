@@ -238,6 +238,9 @@ class Manifest:
             "family": self.extra.get("family", "switch"),
             # experts a token goes to (Switch: 1, capacity-limited; decoder-only: the router's top k, no capacity)
             "top_k": int(self.extra.get("causal_config", {}).get("top_k", 1)),
+            # the Hugging Face class it was exported from
+            "architecture": str(self.extra.get("causal_config", {}).get("architecture",
+                                                                       "SwitchTransformersForConditionalGeneration")),
             "dense_bytes": self.dense_bytes,
             "expert_bytes": self.expert_bytes,
             "bytes_per_expert": (self.expert_bytes // len(self.experts)) if self.experts else 0,

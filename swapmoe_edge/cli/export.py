@@ -99,7 +99,9 @@ def info_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     click.echo(f"artifact        {summary['artifact']}  (schema {summary['schema_version']}, {dense}, experts {experts}"
                f"{', lossy' if summary['expert_dtype_lossy'] else ''})")
     click.echo(f"model           d_model {summary['d_model']}, d_ff {summary['d_ff']}, heads {summary['num_heads']}, vocab {summary['vocab_size']}")
-    click.echo(f"layers          encoder {summary['encoder_layers']}, decoder {summary['decoder_layers']}; sparse: {', '.join(summary['sparse_layers'])}")
+    stacks = (f"{summary['decoder_layers']}, decoder-only ({summary['architecture']})" if summary["family"] != "switch"
+              else f"encoder {summary['encoder_layers']}, decoder {summary['decoder_layers']}")
+    click.echo(f"layers          {stacks}; sparse: {', '.join(summary['sparse_layers'])}")
     routing = (f"top-{summary['top_k']} routing, no capacity" if summary["family"] != "switch"
                else f"top-1 routing, capacity {summary['expert_capacity']}")
     click.echo(f"experts         {summary['experts_per_layer']} per sparse layer, {summary['experts_total']} in all, {routing}")
