@@ -155,7 +155,7 @@ def test_trace_round_trip_and_bad_files(tmp_path):
     t = make_trace(["enc.L01", "dec.L01"], [(0, 0, 0, [1, 2]), (0, 1, 1, [3])], E=4)
     path = t.save(tmp_path / "t.npz")
     back = load_trace(path)
-    assert back.layer_names == t.layer_names and np.array_equal(back.first_choice(), t.first_choice())
+    assert back.layer_names == t.layer_names and np.array_equal(back.choices(), t.choices())
     assert [e[:3] for e in back.events()] == [(0, 0, 0), (0, 1, 1)]
     (tmp_path / "bad.npz").write_bytes(b"not a trace")
     with pytest.raises(InputError, match="not a swapmoe trace"):

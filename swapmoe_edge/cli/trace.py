@@ -10,7 +10,7 @@ import click
 from swapmoe_edge.cli.common import COUNT, POSITIVE, fail
 from swapmoe_edge.core.errors import SwapMoEError
 from swapmoe_edge.core.units import parse_size
-from swapmoe_edge.lab.replay import BOUNDS, ReplayConfig, replay
+from swapmoe_edge.lab.replay import BOUNDS, POLICIES, ReplayConfig, replay
 from swapmoe_edge.lab.streams import ORDERS, parse_sections, read_stream
 from swapmoe_edge.lab.trace import load_trace, record_trace
 from swapmoe_edge.residency.importance import Profile
@@ -49,8 +49,7 @@ def record_cmd(artifact, data, out, limit, order, sections, exclude_sections, ma
 @trace_group.command("replay")
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--budget", "budgets", multiple=True, help="Share of the expert bytes (50%) or bytes of experts; repeat or comma-separate  [default: 50%,33%,25%]")
-@click.option("--policies", default=",".join(("on-demand", "lru", "lfu", "belady", "prune", "static", "swapmoe", "hindsight",
-                                                "best-fixed")),
+@click.option("--policies", default=",".join(POLICIES),
               show_default=True, help="Comma-separated.")
 @click.option("--flash-mbps", type=POSITIVE, default=250.0, show_default=True, help="Expert read speed, MB/s.")
 @click.option("--token-ms", type=click.FloatRange(min=0), default=None, help="Decoder step time (default: measured while recording).")

@@ -101,8 +101,7 @@ def _mean_kl(rt, texts: Sequence[str], hooks: Sequence[Callable], max_new_tokens
     n_batches = (len(texts) + batch_size - 1) // batch_size
     for bi in range(n_batches):
         chunk = list(texts[bi * batch_size: (bi + 1) * batch_size])
-        # what profile_texts ran: a decoder-only model's documents in its prompt template, where it has one
-        ids, _ = (rt.encode_documents if rt.prompt_template or not rt.decoder_only else rt.encode_texts)(chunk)
+        ids, _ = rt.encode_measured(chunk)  # what profile_texts ran
         outs = [r.token_ids for r in rt.generate(ids, max_new_tokens=max_new_tokens)]
         b = (_PromptBatch(ids, outs, c.pad_token_id) if rt.family.kind == "decoder-only"
              else _Batch(ids, outs, c.decoder_start_token_id, c.pad_token_id))

@@ -92,10 +92,6 @@ class Trace:
         """Experts a token goes to (Switch: 1)."""
         return int(self.meta.get("top_k", 1))
 
-    def first_choice(self) -> np.ndarray:
-        """[N] each token's unmasked top-1 expert."""
-        return self.probs.argmax(axis=1)
-
     def choices(self) -> np.ndarray:
         """[N, k] each token's unmasked k first choices, largest first (the router's order)."""
         return top_k(self.probs.astype(np.float32), self.top_k)
@@ -193,8 +189,7 @@ def record_trace(artifact: str | Path, docs: Sequence[dict], out: str | Path, *,
         for i in range(0, len(docs), batch_size):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r"input \d+ has \d+ tokens; truncated")
-                encode = rt.encode_documents if rt.prompt_template or not rt.decoder_only else rt.encode_texts
-                ids, _ = encode([d["text"] for d in docs[i: i + batch_size]])  # as summarize sends them
+                ids, _ = rt.encode_measured([d["text"] for d in docs[i: i + batch_size]])  # as summarize sends them
             start = i
             for chunk in chunks(ids, rt.config.max_source_tokens):  # one request each, as the runtime runs them
                 results = rt.generate(chunk, max_new_tokens=max_new_tokens, num_beams=1, hook=recording)

@@ -135,10 +135,10 @@ class Engine(Mover):
         r = self.route(logits, allowed)
         return r, dispatch(r, normed, lambda e, x: self.kernel(expert_of(e), x))
 
-    def count(self, r: Routing, view: LayerView, token_mask) -> None:
-        """Add one layer call's routing to the counters (``view``: the residents it ran on). A
-        top-k routing counts each of a token's k choices: first-choice residency is the share of
-        the k first choices resident."""
+    def count(self, r: Routing, view: LayerView, token_mask) -> np.ndarray:
+        """Add one layer call's routing to the counters (``view``: the residents it ran on); returns
+        the first choices it counted (padding excluded). A top-k routing counts each of a token's k
+        choices: first-choice residency is the share of the k first choices resident."""
         first = r.first_choice.ravel() if token_mask is None else r.first_choice[token_mask]
         rerouted = r.first_choice.size - int(np.count_nonzero(view.allowed[r.first_choice]))
         hits = int(np.count_nonzero(view.allowed[first]))
@@ -157,6 +157,7 @@ class Engine(Mover):
             c.unavailable_hits += missing
             c.rerouted += rerouted
             c.lowbit_tokens += low
+        return first
 
     def expert(self, layer: LayerEntry, e: int) -> LoadedExpert:
         """Expert ``e`` of ``layer`` to run now: the resident copy, or what the policy does on a miss

@@ -145,6 +145,9 @@ def plan(
     def bottom(lk: LayerKey, e: int) -> int:
         return ranges.get((lk, e), (0, 0))[0]
 
+    def top(lk: LayerKey, e: int) -> int:
+        return ranges.get((lk, e), (0, len(costs[lk]) - 1))[1]
+
     orders: dict[LayerKey, list[int]] = {}
     for lk in layers:  # each layer's experts by value, less those that cannot be read
         orders[lk] = [int(e) for e in np.argsort(-value[lk], kind="stable") if (lk, int(e)) not in unavailable]
@@ -165,7 +168,7 @@ def plan(
     heap: list[tuple[float, int, int, int, int, LayerKey]] = []
 
     def push(pos: int, lk: LayerKey, e: int, to: int) -> None:
-        if to < len(costs[lk]) and to <= ranges.get((lk, e), (0, to))[1]:
+        if to <= top(lk, e):
             gain, extra = step(lk, e, to)
             heapq.heappush(heap, (-value[lk][e] * gain / max(extra, 1), held[lk], pos, e, to, lk))
 

@@ -185,15 +185,18 @@ class Runtime:
     def residents_by_rung(self) -> dict[str, int]:
         return residents_by_rung(self.residents, self.sparse, self.manifest.expert_dtype)
 
+    def encode_measured(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Texts as the measuring tools (profile, loss, traces) run them: what summarize runs, a
+        decoder-only model's documents in its prompt template where it has one; else as they are."""
+        return (self.encode_documents if self.prompt_template or not self.decoder_only else self.encode_texts)(texts)
+
     def profile_texts(self, texts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> Profile:
         """Eq. 1 importance over calibration texts (generation included), observed on every layer."""
         tracker = ImportanceTracker(self.norms, self.family.top_k)  # Eq. 1 over each token's k choices
         hook = observe(lambda layer, normed, logits, mask: tracker.observe(
             layer.key, np.linalg.norm(normed, axis=-1), softmax(logits), mask))
         for i in range(0, len(texts), batch_size):
-            # what summarize runs: a decoder-only model's documents in its prompt template, where it has one
-            ids, _ = (self.encode_documents if self.prompt_template or not self.decoder_only
-                      else self.encode_texts)(texts[i: i + batch_size])
+            ids, _ = self.encode_measured(texts[i: i + batch_size])
             self.generate(ids, max_new_tokens=max_new_tokens, hook=hook)
         return replace(Profile.from_tracker(tracker, {"texts": len(texts), "max_new_tokens": max_new_tokens}), source="profile")
 

@@ -139,8 +139,8 @@ class MemoryMonitor:
     ``sample_once``) at the first sample and whenever the budget has moved by more
     than ``threshold_bytes`` since the last value reported; slow drifts therefore add
     up and are reported too. ``on_steady(sample)`` runs after every other sample (the
-    budget unmoved): where the process's own RSS can be held against the budget. ``available_fn`` and ``rss_fn`` are injectable so tests
-    can play another app taking memory; ``limits_fn`` returns the memory cgroups on the
+    budget unmoved): where the process's own RSS can be held against the budget.
+    ``available_fn`` and ``rss_fn`` are injectable so tests can play another app taking memory; ``limits_fn`` returns the memory cgroups on the
     process's path (default: read them, unless ``available_fn`` is injected).
     """
 

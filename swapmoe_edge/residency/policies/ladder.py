@@ -107,21 +107,29 @@ class Ladder(Policy):
         out = {(k.layer_key, k.expert) for k in residents.unavailable}
         ranges = {}
         for key, bad in residents.degraded.items():
-            names = [r.name for r in self.ladders[key.layer_key]]
-            ok = [i for i, name in enumerate(names) if name not in bad]
-            if not ok:
+            span = self._readable(key, bad)
+            if span is None:
                 out.add((key.layer_key, key.expert))
-                continue
-            top = ok[0]
-            while top + 1 < len(names) and names[top + 1] not in bad:
-                top += 1
-            ranges[(key.layer_key, key.expert)] = (ok[0], top)
+            else:
+                ranges[(key.layer_key, key.expert)] = span
         return frozenset(out), ranges
+
+    def _readable(self, key: ExpertKey, bad: frozenset[str]) -> tuple[int, int] | None:
+        """The rung indices ``key`` may be held at, its copies at ``bad`` unreadable: from its lowest
+        readable rung up to the next unreadable one (None: none can be read)."""
+        names = [r.name for r in self.ladders[key.layer_key]]
+        ok = [i for i, name in enumerate(names) if name not in bad]
+        if not ok:
+            return None
+        top = ok[0]
+        while top + 1 < len(names) and names[top + 1] not in bad:
+            top += 1
+        return ok[0], top
 
     def _lowest_readable(self, engine, key: ExpertKey):
         """The expert's lowest rung whose copy can be read (None: none can)."""
-        bad = engine.residents.unreadable_rungs(key)
-        return next((r for r in self.ladders[key.layer_key] if r.name not in bad), None)
+        span = self._readable(key, engine.residents.unreadable_rungs(key))
+        return None if span is None else self.ladders[key.layer_key][span[0]]
 
     def _copies(self, capacity: int) -> dict[LayerKey, int] | None:
         """How many copies each layer holds, by the measured loss of keeping k experts (None: no

@@ -36,11 +36,10 @@ class OnDemand(CountPolicy):
 
     def route(self, engine, layer, normed, logits, token_mask):
         r = engine.route(logits)  # unmasked: every token gets its first choices
-        engine.count(r, engine.residents.view(layer.key), token_mask)
-        first = r.first_choice if token_mask is None else r.first_choice[np.asarray(token_mask, bool)]
+        first = engine.count(r, engine.residents.view(layer.key), token_mask)
         with engine.lock:
             chosen = self._chosen[layer.key]
-            chosen += np.bincount(np.ravel(first), minlength=chosen.size)[: chosen.size]
+            chosen += np.bincount(first.ravel(), minlength=chosen.size)
         return dispatch(r, normed, lambda e, x: engine.kernel(self.expert(engine, layer, e), x))
 
     def expert(self, engine, layer, e: int):
